@@ -1,0 +1,10 @@
+//! dgl-agent: one per host. Receives files into its root and runs supervised jobs there.
+//!
+//! `service` is the gRPC surface and only translates; `files` owns transfers and the hash
+//! cache, `jobs` owns processes and leases, `confine` decides which paths are allowed.
+
+pub mod confine;
+pub mod files;
+pub mod jobs;
+pub mod server;
+pub mod service;

@@ -1,0 +1,101 @@
+//! Builds the agent from its configuration and serves it until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dglrun_proto::meta::ServerCheck;
+use dglrun_proto::pb::agent_server::AgentServer;
+use dglrun_proto::MAX_MESSAGE_BYTES;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::confine::Root;
+use crate::files::Files;
+use crate::jobs::{Jobs, JobsConfig};
+use crate::service::AgentService;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub root: PathBuf,
+    pub token: Option<String>,
+    pub insecure: bool,
+    pub jobs: JobsConfig,
+}
+
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    if config.token.is_none() && !config.listen.ip().is_loopback() && !config.insecure {
+        anyhow::bail!(
+            "refusing to listen on {} without authentication: give --token-file, or --insecure \
+             to accept commands from anyone who can reach this address",
+            config.listen
+        );
+    }
+    if config.token.is_none() {
+        if config.insecure && !config.listen.ip().is_loopback() {
+            tracing::warn!(listen = %config.listen, "no token: anyone who can reach this address can run commands as this user");
+        } else {
+            tracing::info!("no token: listening on loopback only");
+        }
+    }
+    let root = Root::new(&config.root)
+        .with_context(|| format!("cannot use {} as the agent root", config.root.display()))?;
+    let files = Arc::new(Files::new(root.clone()));
+    let jobs = Jobs::start(root.clone(), config.jobs.clone())?;
+    let service = AgentService {
+        root: root.clone(),
+        files,
+        jobs: jobs.clone(),
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let local = listener.local_addr()?;
+    // One stdout line tests and scripts can wait for; logs go to stderr.
+    println!("dgl-agent listening on {local} root {}", root.path().display());
+    tracing::info!(%local, root = %root.path().display(), "dgl-agent ready");
+
+    let svc = InterceptedService::new(
+        AgentServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ServerCheck::new(config.token.clone()),
+    );
+    let shutdown = async {
+        wait_for_shutdown_signal().await;
+        tracing::info!("shutting down: stopping jobs");
+    };
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(32 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("agent server failed")?;
+    jobs.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the agent still serves; it just cannot shut down gracefully.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

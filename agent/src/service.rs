@@ -1,0 +1,103 @@
+//! The gRPC surface: translates calls to `files` and `jobs`, owns nothing itself.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use dglrun_proto::pb::{self, agent_server::Agent};
+use dglrun_proto::{PROTOCOL_VERSION, VERSION};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::confine::Root;
+use crate::files::Files;
+use crate::jobs::Jobs;
+
+pub struct AgentService {
+    pub root: Root,
+    pub files: Arc<Files>,
+    pub jobs: Arc<Jobs>,
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+/// Free bytes on the file system that holds `path`.
+pub fn free_bytes(path: &std::path::Path) -> u64 {
+    nix::sys::statvfs::statvfs(path)
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn hello(
+        &self,
+        _req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloReply>, Status> {
+        Ok(Response::new(pb::HelloReply {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: VERSION.to_string(),
+            hostname: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+            root: self.root.path().display().to_string(),
+            free_bytes: free_bytes(self.root.path()),
+            pid: std::process::id(),
+        }))
+    }
+
+    async fn prepare_files(
+        &self,
+        req: Request<pb::PrepareFilesRequest>,
+    ) -> Result<Response<pb::PrepareFilesReply>, Status> {
+        self.files.prepare(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn put_file(
+        &self,
+        req: Request<Streaming<pb::PutFileMessage>>,
+    ) -> Result<Response<pb::PutFileReply>, Status> {
+        self.files.put(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn preflight(
+        &self,
+        req: Request<pb::PreflightRequest>,
+    ) -> Result<Response<pb::PreflightReply>, Status> {
+        self.jobs.preflight(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn spawn(
+        &self,
+        req: Request<pb::SpawnRequest>,
+    ) -> Result<Response<pb::SpawnReply>, Status> {
+        self.jobs.spawn(req.into_inner()).await.map(Response::new)
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.jobs.watch(req.into_inner()).map(Response::new)
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewReply>, Status> {
+        self.jobs.renew(req.into_inner()).map(Response::new)
+    }
+
+    async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::StopReply>, Status> {
+        self.jobs.stop(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn list_jobs(
+        &self,
+        _req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsReply>, Status> {
+        Ok(Response::new(self.jobs.list()))
+    }
+}

@@ -1,0 +1,7 @@
+//! DGL's configuration files, parsed and checked the way DGL itself reads them.
+
+pub mod ip_config;
+pub mod part_config;
+
+pub use ip_config::{IpConfig, Machine};
+pub use part_config::PartConfig;

@@ -1,0 +1,9 @@
+//! dgl-coord's library: everything but the command line.
+//!
+//! `config` reads DGL's own files, `cluster` reaches the agents, `copy` and `launch` are the
+//! two commands, each a pure plan plus a driver that carries the plan out.
+
+pub mod cluster;
+pub mod config;
+pub mod copy;
+pub mod launch;

@@ -1,0 +1,10 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A vendored protoc keeps `cargo build` free of system packages.
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+    tonic_prost_build::configure()
+        .bytes(".dglrun.v1.Chunk.data")
+        .compile_protos(&["proto/dglrun.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/dglrun.proto");
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! The dglrun wire protocol and the conventions both ends must share.
+//!
+//! Only this crate knows the wire format: the generated gRPC types live in [`pb`], and the
+//! rules that are part of the protocol (chunking, the file digest, the metadata each call
+//! carries) live next to them, so agent and coordinator cannot disagree.
+
+pub mod digest;
+pub mod meta;
+
+/// Generated protobuf and gRPC types.
+pub mod pb {
+    tonic::include_proto!("dglrun.v1");
+}
+
+/// Bumped on every incompatible change of `dglrun.proto`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The version of this build, reported in handshakes.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Files travel in chunks of this size; chunk hashes and resume offsets follow it.
+pub const CHUNK_SIZE: usize = 4 << 20;
+
+/// Largest gRPC message either side accepts: a chunk plus headroom for the header of a
+/// very large file (its chunk hash list).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Default TCP port of dgl-agent; far from DGL's server ports (30050 and up).
+pub const DEFAULT_AGENT_PORT: u16 = 47001;
