@@ -1,1 +1,331 @@
+//! Test harness: real `dgl-agent` processes on their own 127.x.y.z addresses, each with its own
+//! root directory, as if each were a separate machine.
 
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub mod partitions;
+
+pub use partitions::gen_partitions;
+
+/// Directory holding the built binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+/// Path of a workspace binary; panics with the command to run when it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace first (`cargo build --workspace --all-targets`)",
+        p.display()
+    );
+    p
+}
+
+/// The repository's root directory.
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// `shared/compat` beside the repository, when it is there.
+pub fn compat_dir() -> Option<PathBuf> {
+    let p = repo_dir().join("../shared/compat");
+    p.exists().then_some(p)
+}
+
+/// Python fixtures (stand-in DGL workload and torchrun).
+pub fn fixtures_dir() -> PathBuf {
+    repo_dir().join("integration-tests/fixtures")
+}
+
+/// A block of loopback addresses no other test uses: 127.B.C.2, 127.B.C.3, ...
+fn unique_ip_block() -> (u8, u8) {
+    // Tests run as separate processes in parallel; a random block makes collisions unlikely,
+    // and agents fail loudly (address in use) if one happens.
+    let b = rand::random_range(16u8..250);
+    let c = rand::random_range(0u8..=255);
+    (b, c)
+}
+
+pub struct Agent {
+    pub ip: IpAddr,
+    pub root: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl Agent {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub agents: Vec<Agent>,
+}
+
+impl TestCluster {
+    /// Starts `n` agents, machine i on 127.B.C.(i+2), root `<dir>/host<i>`.
+    pub fn start(n: usize) -> Self {
+        Self::start_with(n, &[])
+    }
+
+    /// As [`start`](Self::start), with extra `dgl-agent` flags for every agent.
+    pub fn start_with(n: usize, extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (b, c) = unique_ip_block();
+        let mut cluster = Self {
+            dir,
+            port: dglrun_proto::DEFAULT_AGENT_PORT,
+            agents: Vec::new(),
+        };
+        for i in 0..n {
+            let ip = IpAddr::V4(Ipv4Addr::new(127, b, c, i as u8 + 2));
+            let root = cluster.dir.path().join(format!("host{i}"));
+            fs::create_dir_all(&root).expect("agent root");
+            cluster.agents.push(Agent {
+                ip,
+                root,
+                log: cluster.dir.path().join(format!("agent{i}.log")),
+                child: None,
+                extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            });
+            cluster.spawn_agent(i).expect("start agent");
+        }
+        cluster
+    }
+
+    fn spawn_agent(&mut self, i: usize) -> Result<()> {
+        let port = self.port;
+        let a = &mut self.agents[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a.log)?;
+        let mut child = Command::new(bin("dgl-agent"))
+            .arg("--listen")
+            .arg(format!("{}:{}", a.ip, port))
+            .arg("--root")
+            .arg(&a.root)
+            .args(&a.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawn dgl-agent")?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the agent never blocks on a full pipe.
+            for _ in lines {}
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if line.contains("listening on") => {
+                a.child = Some(child);
+                Ok(())
+            }
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = fs::read_to_string(&a.log).unwrap_or_default();
+                bail!(
+                    "agent {i} at {} did not start ({other:?}); log:\n{log}",
+                    a.ip
+                )
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    pub fn ip(&self, i: usize) -> IpAddr {
+        self.agents[i].ip
+    }
+
+    pub fn root(&self, i: usize) -> &Path {
+        &self.agents[i].root
+    }
+
+    /// A scratch directory on the "master host" (outside every agent root).
+    pub fn local(&self) -> PathBuf {
+        let p = self.dir.path().join("local");
+        fs::create_dir_all(&p).expect("local dir");
+        p
+    }
+
+    /// Writes `<local>/ip_config.txt` listing every agent with DGL server port `server_port`.
+    pub fn ip_config_file_with_port(&self, server_port: u16) -> PathBuf {
+        let p = self.local().join("ip_config.txt");
+        let mut f = fs::File::create(&p).expect("ip_config");
+        for a in &self.agents {
+            writeln!(f, "{} {}", a.ip, server_port).expect("write ip_config");
+        }
+        p
+    }
+
+    pub fn ip_config_file(&self) -> PathBuf {
+        self.ip_config_file_with_port(30050)
+    }
+
+    /// A `dgl-coord` command aimed at this cluster's agents.
+    pub fn coord(&self) -> Command {
+        let mut c = Command::new(bin("dgl-coord"));
+        c.env("DGL_AGENT_PORT", self.port.to_string())
+            .env_remove("DGL_AGENT_TOKEN")
+            .current_dir(self.local());
+        c
+    }
+
+    /// SIGKILLs agent i (no clean-up: as if the host crashed).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM to agent i and waits for it to exit.
+    pub fn stop_agent(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let mut c = self.agents[i].child.take()?;
+        terminate(&mut c, Duration::from_secs(20))
+    }
+
+    pub fn restart_agent(&mut self, i: usize) {
+        self.kill_agent(i);
+        self.spawn_agent(i).expect("restart agent");
+    }
+
+    pub fn agent_log(&self, i: usize) -> String {
+        fs::read_to_string(&self.agents[i].log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            if let Some(mut c) = a.child.take() {
+                terminate(&mut c, Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL.
+pub fn terminate(c: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    c.wait().ok()
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Waits until none of `pids` is alive; returns those still alive after `timeout`.
+pub fn wait_gone(pids: &[u32], timeout: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let live: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        if live.is_empty() || Instant::now() >= deadline {
+            return live;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every live process whose environment carries `KEY=VALUE`.
+pub fn pids_with_env(key: &str, value: &str) -> Vec<u32> {
+    let needle = format!("{key}={value}");
+    let mut out = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(env) = fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) && alive(pid) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::io::copy(&mut f, &mut h).expect("read");
+    hex::encode(h.finalize())
+}
+
+/// Every regular file under `dir`, relative to it, sorted.
+pub fn list_files(dir: &Path) -> Vec<PathBuf> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else if let Ok(rel) = p.strip_prefix(base) {
+                out.push(rel.to_path_buf());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}

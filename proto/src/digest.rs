@@ -171,7 +171,11 @@ impl HashCache {
                 chunk_hashes: Vec::new(),
             });
         }
-        let chunk_hashes = e.chunks.iter().map(|c| decode(c)).collect::<Option<Vec<_>>>()?;
+        let chunk_hashes = e
+            .chunks
+            .iter()
+            .map(|c| decode(c))
+            .collect::<Option<Vec<_>>>()?;
         (chunk_hashes.len() == chunk_count(meta.len())).then_some(FileDigest {
             size: meta.len(),
             digest,

@@ -29,7 +29,10 @@ impl ClientMeta {
 impl tonic::service::Interceptor for ClientMeta {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let md = req.metadata_mut();
-        md.insert(PROTOCOL_HEADER, MetadataValue::from(crate::PROTOCOL_VERSION));
+        md.insert(
+            PROTOCOL_HEADER,
+            MetadataValue::from(crate::PROTOCOL_VERSION),
+        );
         if let Some(a) = &self.auth {
             md.insert(AUTH_HEADER, a.clone());
         }
