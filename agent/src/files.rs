@@ -15,12 +15,18 @@ impl Files {
         Self { root }
     }
 
-    pub async fn prepare(&self, _req: pb::PrepareFilesRequest) -> Result<pb::PrepareFilesReply, Status> {
+    pub async fn prepare(
+        &self,
+        _req: pb::PrepareFilesRequest,
+    ) -> Result<pb::PrepareFilesReply, Status> {
         let _ = &self.root;
         Err(Status::unimplemented("prepare"))
     }
 
-    pub async fn put(&self, _stream: Streaming<pb::PutFileMessage>) -> Result<pb::PutFileReply, Status> {
+    pub async fn put(
+        &self,
+        _stream: Streaming<pb::PutFileMessage>,
+    ) -> Result<pb::PutFileReply, Status> {
         Err(Status::unimplemented("put"))
     }
 }

@@ -6,5 +6,6 @@
 pub mod confine;
 pub mod files;
 pub mod jobs;
+pub mod limits;
 pub mod server;
 pub mod service;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use dglrun_proto::meta::ServerCheck;
 use dglrun_proto::pb::agent_server::AgentServer;
+use dglrun_proto::tls::TlsFiles;
 use dglrun_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -24,18 +25,21 @@ pub struct AgentConfig {
     pub root: PathBuf,
     pub token: Option<String>,
     pub insecure: bool,
+    pub tls: Option<TlsFiles>,
     pub jobs: JobsConfig,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    if config.token.is_none() && !config.listen.ip().is_loopback() && !config.insecure {
+    let authenticated = config.token.is_some() || config.tls.is_some();
+    if !authenticated && !config.listen.ip().is_loopback() && !config.insecure {
         anyhow::bail!(
-            "refusing to listen on {} without authentication: give --token-file, or --insecure \
-             to accept commands from anyone who can reach this address",
+            "refusing to listen on {} without authentication: give --token-file or \
+             --tls-cert/--tls-key/--tls-ca, or --insecure to accept commands from anyone who \
+             can reach this address",
             config.listen
         );
     }
-    if config.token.is_none() {
+    if !authenticated {
         if config.insecure && !config.listen.ip().is_loopback() {
             tracing::warn!(listen = %config.listen, "no token: anyone who can reach this address can run commands as this user");
         } else {
@@ -46,17 +50,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot use {} as the agent root", config.root.display()))?;
     let files = Arc::new(Files::new(root.clone()));
     let jobs = Jobs::start(root.clone(), config.jobs.clone())?;
-    let service = AgentService {
-        root: root.clone(),
-        files,
-        jobs: jobs.clone(),
-    };
+    let service = AgentService::new(root.clone(), files, jobs.clone());
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local = listener.local_addr()?;
     // One stdout line tests and scripts can wait for; logs go to stderr.
-    println!("dgl-agent listening on {local} root {}", root.path().display());
+    println!(
+        "dgl-agent listening on {local} root {}",
+        root.path().display()
+    );
     tracing::info!(%local, root = %root.path().display(), "dgl-agent ready");
 
     let svc = InterceptedService::new(
@@ -69,7 +72,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         wait_for_shutdown_signal().await;
         tracing::info!("shutting down: stopping jobs");
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.server().map_err(anyhow::Error::msg)?)
+            .context("invalid TLS configuration")?;
+    }
+    builder
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(32 << 20))
         .initial_connection_window_size(Some(64 << 20))

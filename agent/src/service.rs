@@ -8,14 +8,30 @@ use dglrun_proto::{PROTOCOL_VERSION, VERSION};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use tokio::sync::Semaphore;
+
 use crate::confine::Root;
 use crate::files::Files;
 use crate::jobs::Jobs;
+use crate::limits;
 
 pub struct AgentService {
     pub root: Root,
     pub files: Arc<Files>,
     pub jobs: Arc<Jobs>,
+    /// Bounds the transfers served at once.
+    pub transfers: Arc<Semaphore>,
+}
+
+impl AgentService {
+    pub fn new(root: Root, files: Arc<Files>, jobs: Arc<Jobs>) -> Self {
+        Self {
+            root,
+            files,
+            jobs,
+            transfers: Arc::new(Semaphore::new(limits::MAX_CONCURRENT_TRANSFERS)),
+        }
+    }
 }
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
@@ -50,13 +66,21 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::PrepareFilesRequest>,
     ) -> Result<Response<pb::PrepareFilesReply>, Status> {
-        self.files.prepare(req.into_inner()).await.map(Response::new)
+        let req = req.into_inner();
+        limits::check_prepare(&req)?;
+        self.files.prepare(req).await.map(Response::new)
     }
 
     async fn put_file(
         &self,
         req: Request<Streaming<pb::PutFileMessage>>,
     ) -> Result<Response<pb::PutFileReply>, Status> {
+        let _permit = self.transfers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the agent already serves {} transfers; retry later",
+                limits::MAX_CONCURRENT_TRANSFERS
+            ))
+        })?;
         self.files.put(req.into_inner()).await.map(Response::new)
     }
 
@@ -64,14 +88,25 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::PreflightRequest>,
     ) -> Result<Response<pb::PreflightReply>, Status> {
-        self.jobs.preflight(req.into_inner()).await.map(Response::new)
+        let req = req.into_inner();
+        limits::check_preflight(&req)?;
+        self.jobs.preflight(req).await.map(Response::new)
     }
 
     async fn spawn(
         &self,
         req: Request<pb::SpawnRequest>,
     ) -> Result<Response<pb::SpawnReply>, Status> {
-        self.jobs.spawn(req.into_inner()).await.map(Response::new)
+        let req = req.into_inner();
+        limits::check_spawn(&req)?;
+        let jobs = self.jobs.list().jobs;
+        if jobs.len() >= limits::MAX_JOBS && !jobs.iter().any(|j| j.job_id == req.job_id) {
+            return Err(Status::resource_exhausted(format!(
+                "the agent already holds {} jobs",
+                limits::MAX_JOBS
+            )));
+        }
+        self.jobs.spawn(req).await.map(Response::new)
     }
 
     type WatchStream = EventStream;
@@ -80,18 +115,24 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.jobs.watch(req.into_inner()).map(Response::new)
+        let req = req.into_inner();
+        limits::check_job_id(&req.job_id)?;
+        self.jobs.watch(req).map(Response::new)
     }
 
     async fn renew(
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewReply>, Status> {
-        self.jobs.renew(req.into_inner()).map(Response::new)
+        let req = req.into_inner();
+        limits::check_job_id(&req.job_id)?;
+        self.jobs.renew(req).map(Response::new)
     }
 
     async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::StopReply>, Status> {
-        self.jobs.stop(req.into_inner()).await.map(Response::new)
+        let req = req.into_inner();
+        limits::check_job_id(&req.job_id)?;
+        self.jobs.stop(req).await.map(Response::new)
     }
 
     async fn list_jobs(

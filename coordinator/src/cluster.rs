@@ -7,6 +7,7 @@ use std::time::Duration;
 use dglrun_proto::meta::ClientMeta;
 use dglrun_proto::pb::agent_client::AgentClient;
 use dglrun_proto::pb::{HelloReply, HelloRequest};
+use dglrun_proto::tls::TlsFiles;
 use dglrun_proto::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION, VERSION};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -25,6 +26,7 @@ pub const TOKEN_ENV: &str = "DGL_AGENT_TOKEN";
 pub struct AgentAccess {
     pub port: u16,
     pub token: Option<String>,
+    pub tls: Option<TlsFiles>,
 }
 
 impl AgentAccess {
@@ -34,7 +36,40 @@ impl AgentAccess {
             Some(f) => Some(read_token(f)?),
             None => std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
         };
-        Ok(Self { port, token })
+        Ok(Self {
+            port,
+            token,
+            tls: None,
+        })
+    }
+
+    /// Use mutual TLS (`--tls-cert --tls-key --tls-ca`).
+    pub fn with_tls(mut self, tls: Option<TlsFiles>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The endpoint of the agent at `addr`, with TLS when configured. Every connection to an
+    /// agent must be made from here, so none bypasses TLS.
+    pub fn endpoint(&self, addr: SocketAddr) -> anyhow::Result<Endpoint> {
+        match &self.tls {
+            None => Ok(endpoint(addr, "http")),
+            Some(tls) => {
+                let config = tls
+                    .client(&addr.ip().to_string())
+                    .map_err(anyhow::Error::msg)?;
+                Ok(endpoint(addr, "https").tls_config(config)?)
+            }
+        }
+    }
+
+    /// A new connection (not shared with other clients) to the agent at `addr`.
+    pub async fn channel(&self, addr: SocketAddr) -> anyhow::Result<Channel> {
+        Ok(self
+            .endpoint(addr)?
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?)
     }
 }
 
@@ -81,17 +116,23 @@ pub enum ConnectError {
     },
 }
 
-pub fn endpoint(addr: SocketAddr) -> Endpoint {
+fn endpoint(addr: SocketAddr, scheme: &str) -> Endpoint {
     // Large HTTP/2 windows keep a 4 MiB chunk stream from stalling on flow control.
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("a socket address is a valid URI")
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(Some(32 << 20))
-        .initial_connection_window_size(Some(64 << 20))
+    Endpoint::from(
+        tonic::transport::Uri::builder()
+            .scheme(scheme)
+            .authority(addr.to_string())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_default(),
+    )
+    .connect_timeout(Duration::from_secs(5))
+    .tcp_nodelay(true)
+    .http2_keep_alive_interval(Duration::from_secs(5))
+    .keep_alive_timeout(Duration::from_secs(10))
+    .keep_alive_while_idle(true)
+    .initial_stream_window_size(Some(32 << 20))
+    .initial_connection_window_size(Some(64 << 20))
 }
 
 pub fn client(channel: Channel, access: &AgentAccess) -> anyhow::Result<Client> {
@@ -102,17 +143,13 @@ pub fn client(channel: Channel, access: &AgentAccess) -> anyhow::Result<Client> 
 }
 
 /// Connects to one agent and shakes hands.
-pub async fn connect(
-    rank: usize,
-    ip: IpAddr,
-    access: &AgentAccess,
-) -> Result<Host, ConnectError> {
+pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Host, ConnectError> {
     let addr = SocketAddr::new(ip, access.port);
     let unreachable = |reason: String| ConnectError::Unreachable { rank, addr, reason };
-    let channel = endpoint(addr)
-        .connect()
+    let channel = access
+        .channel(addr)
         .await
-        .map_err(|e| unreachable(error_chain(&e)))?;
+        .map_err(|e| unreachable(e.to_string()))?;
     let mut client = client(channel, access).map_err(|e| unreachable(e.to_string()))?;
     let hello = client
         .hello(HelloRequest {
@@ -140,10 +177,7 @@ pub async fn connect(
 
 /// Connects to every machine's agent at once; fails naming every agent that could not be reached.
 pub async fn connect_all(ips: &IpConfig, access: &AgentAccess) -> anyhow::Result<Vec<Host>> {
-    let attempts = ips
-        .machines
-        .iter()
-        .map(|m| connect(m.rank, m.ip, access));
+    let attempts = ips.machines.iter().map(|m| connect(m.rank, m.ip, access));
     let results = futures::future::join_all(attempts).await;
     let mut hosts = Vec::new();
     let mut errors = Vec::new();

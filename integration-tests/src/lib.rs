@@ -117,6 +117,27 @@ impl TestCluster {
         cluster
     }
 
+    /// One agent at a given loopback address (for certificates that must name it).
+    pub fn start_at(ip: &str, extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("host0");
+        fs::create_dir_all(&root).expect("agent root");
+        let mut cluster = Self {
+            dir,
+            port: dglrun_proto::DEFAULT_AGENT_PORT,
+            agents: Vec::new(),
+        };
+        cluster.agents.push(Agent {
+            ip: ip.parse().expect("an IP address"),
+            root,
+            log: cluster.dir.path().join("agent0.log"),
+            child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        });
+        cluster.spawn_agent(0).expect("start agent");
+        cluster
+    }
+
     fn spawn_agent(&mut self, i: usize) -> Result<()> {
         let port = self.port;
         let a = &mut self.agents[i];
@@ -130,6 +151,7 @@ impl TestCluster {
             .arg("--root")
             .arg(&a.root)
             .args(&a.extra_args)
+            .args(root_flag())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -241,6 +263,11 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// Tests and CI run as root; the agent refuses that unless told.
+pub fn root_flag() -> Option<&'static str> {
+    nix::unistd::geteuid().is_root().then_some("--allow-root")
 }
 
 /// SIGTERM, wait up to `grace`, then SIGKILL.

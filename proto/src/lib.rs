@@ -6,6 +6,7 @@
 
 pub mod digest;
 pub mod meta;
+pub mod tls;
 
 /// Generated protobuf and gRPC types.
 pub mod pb {

@@ -25,7 +25,10 @@ impl Jobs {
         Ok(Arc::new(Self { root, config }))
     }
 
-    pub async fn preflight(&self, _req: pb::PreflightRequest) -> Result<pb::PreflightReply, Status> {
+    pub async fn preflight(
+        &self,
+        _req: pb::PreflightRequest,
+    ) -> Result<pb::PreflightReply, Status> {
         let _ = (&self.root, &self.config);
         Err(Status::unimplemented("preflight"))
     }

@@ -73,12 +73,7 @@ impl IpConfig {
                 [] => return Err(bad("blank line".into())),
                 [ip] => (*ip, None),
                 [ip, port] => (*ip, Some(*port)),
-                more => {
-                    return Err(bad(format!(
-                        "{} fields, at most 2 allowed",
-                        more.len()
-                    )))
-                }
+                more => return Err(bad(format!("{} fields, at most 2 allowed", more.len()))),
             };
             let ip: IpAddr = ip
                 .parse()
@@ -145,7 +140,10 @@ mod tests {
 
     #[test]
     fn parses_like_dgl() {
-        check_ok("10.0.0.1 30050\n10.0.0.2 30060\n", &[("10.0.0.1", 30050), ("10.0.0.2", 30060)]);
+        check_ok(
+            "10.0.0.1 30050\n10.0.0.2 30060\n",
+            &[("10.0.0.1", 30050), ("10.0.0.2", 30060)],
+        );
         check_ok("10.0.0.1\n", &[("10.0.0.1", 30050)]);
         check_ok("  10.0.0.1\t 4000  ", &[("10.0.0.1", 4000)]);
         check_ok("::1 5000\n", &[("::1", 5000)]);
@@ -159,6 +157,9 @@ mod tests {
         check_err("10.0.0.1 99999\n", "`99999` is not a port");
         check_err("10.0.0.1 0\n", "`0` is not a port");
         check_err("", "no machines");
-        check_err("10.0.0.1\n10.0.0.1 4000\n", "ip.txt:2: 10.0.0.1 is listed twice (first on line 1)");
+        check_err(
+            "10.0.0.1\n10.0.0.1 4000\n",
+            "ip.txt:2: 10.0.0.1 is listed twice (first on line 1)",
+        );
     }
 }

@@ -68,11 +68,11 @@ impl PartConfig {
             return Err(invalid("the top level must be a JSON object".into()));
         };
         let num_parts = match doc.get("num_parts") {
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| invalid(format!("num_parts must be a positive integer, not {n}")))?
-                as usize,
+            Some(Value::Number(n)) => {
+                n.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                    invalid(format!("num_parts must be a positive integer, not {n}"))
+                })? as usize
+            }
             Some(other) => return Err(invalid(format!("num_parts must be a number, not {other}"))),
             None => return Err(invalid("num_parts is missing".into())),
         };
@@ -170,7 +170,11 @@ mod tests {
         let files: Vec<String> = cfg.part_files(1).into_iter().map(|f| f.written).collect();
         assert_eq!(
             files,
-            ["part1/node_feat.dgl", "part1/edge_feat.dgl", "part1/graph.dgl"]
+            [
+                "part1/node_feat.dgl",
+                "part1/edge_feat.dgl",
+                "part1/graph.dgl"
+            ]
         );
         assert!(cfg.shared_files().is_empty());
         assert!(cfg.part_files(1).iter().all(|f| f.local.exists()));
@@ -206,8 +210,14 @@ mod tests {
         assert_eq!(
             keys,
             [
-                ("part-0.node_feats".to_string(), PathBuf::from("/d/p0/n.dgl")),
-                ("part-0.gb.graph".to_string(), PathBuf::from("/d/p0/fused.pt")),
+                (
+                    "part-0.node_feats".to_string(),
+                    PathBuf::from("/d/p0/n.dgl")
+                ),
+                (
+                    "part-0.gb.graph".to_string(),
+                    PathBuf::from("/d/p0/fused.pt")
+                ),
             ]
         );
         let shared: Vec<String> = cfg.shared_files().into_iter().map(|f| f.key).collect();

@@ -1,0 +1,223 @@
+//! The agent authenticates every call before doing anything, and stays inside its root.
+
+use std::path::Path;
+use std::process::Command;
+
+use dglrun_integration_tests::{bin, list_files, repo_dir, root_flag, TestCluster};
+use dglrun_proto::digest::hash_reader;
+use dglrun_proto::meta::ClientMeta;
+use dglrun_proto::pb::agent_client::AgentClient;
+use dglrun_proto::pb::{self, put_file_message::Msg};
+use dglrun_proto::tls::TlsFiles;
+use dglrun_proto::{PROTOCOL_VERSION, VERSION};
+use tonic::transport::{Channel, Endpoint};
+
+fn hello() -> pb::HelloRequest {
+    pb::HelloRequest {
+        protocol_version: PROTOCOL_VERSION,
+        client_version: VERSION.into(),
+    }
+}
+
+async fn channel(cluster: &TestCluster, scheme: &str) -> Channel {
+    let uri = format!("{scheme}://{}:{}", cluster.ip(0), cluster.port);
+    Endpoint::from_shared(uri).unwrap().connect_lazy()
+}
+
+async fn client(
+    cluster: &TestCluster,
+    token: Option<&str>,
+) -> AgentClient<tonic::service::interceptor::InterceptedService<Channel, ClientMeta>> {
+    AgentClient::with_interceptor(
+        channel(cluster, "http").await,
+        ClientMeta::new(token).unwrap(),
+    )
+}
+
+/// A PutFile stream for `data` at `path`: header, then one chunk.
+fn put_stream(path: &str, data: &[u8]) -> impl tokio_stream::Stream<Item = pb::PutFileMessage> {
+    let d = hash_reader(data, |_| {}).unwrap();
+    let header = pb::PutFileMessage {
+        msg: Some(Msg::Header(pb::PutFileHeader {
+            manifest: Some(pb::FileManifest {
+                path: path.into(),
+                size: d.size,
+                digest: d.digest.to_vec(),
+                chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
+                mode: 0o644,
+            }),
+            offset: 0,
+        })),
+    };
+    let chunk = pb::PutFileMessage {
+        msg: Some(Msg::Chunk(pb::Chunk {
+            offset: 0,
+            data: data.to_vec().into(),
+        })),
+    };
+    tokio_stream::iter(vec![header, chunk])
+}
+
+fn token_file(dir: &Path, token: &str) -> String {
+    let p = dir.join("token");
+    std::fs::write(&p, format!("{token}\n")).unwrap();
+    p.display().to_string()
+}
+
+#[tokio::test]
+async fn wrong_or_missing_token_is_refused_before_any_side_effect() {
+    let secrets = tempfile::tempdir().unwrap();
+    let tf = token_file(secrets.path(), "s3cret-token");
+    let cluster = TestCluster::start_with(1, &["--token-file", &tf]);
+
+    for token in [
+        None,
+        Some("wrong"),
+        Some("s3cret-toke"),
+        Some("s3cret-tokenX"),
+    ] {
+        let mut c = client(&cluster, token).await;
+        let err = c.hello(hello()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "token {token:?}");
+        let err = c
+            .put_file(put_stream("ws/f.txt", b"data"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+    assert!(
+        list_files(cluster.root(0)).is_empty(),
+        "nothing may be written"
+    );
+
+    let mut c = client(&cluster, Some("s3cret-token")).await;
+    let reply = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(reply.protocol_version, PROTOCOL_VERSION);
+    let log = cluster.agent_log(0);
+    assert!(
+        !log.contains("s3cret-token"),
+        "the token must never be logged"
+    );
+}
+
+#[tokio::test]
+async fn incompatible_protocol_versions_refuse_each_other_naming_both() {
+    let cluster = TestCluster::start(1);
+    let mut c = AgentClient::with_interceptor(
+        channel(&cluster, "http").await,
+        |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("dglrun-protocol", 999.into());
+            Ok(req)
+        },
+    );
+    let err = c.hello(hello()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("999"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains(&format!("speaks {PROTOCOL_VERSION}")),
+        "{}",
+        err.message()
+    );
+}
+
+#[test]
+fn unauthenticated_agent_refuses_non_loopback_addresses() {
+    let root = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("dgl-agent"))
+        .args(["--listen", "0.0.0.0:0", "--root"])
+        .arg(root.path())
+        .args(root_flag())
+        .env_remove("DGL_AGENT_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without authentication"),
+        "{err}"
+    );
+}
+
+#[test]
+fn agent_refuses_root_without_allow_root() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // Only root can see this refusal.
+    }
+    let root = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("dgl-agent"))
+        .args(["--listen", "127.0.0.1:0", "--root"])
+        .arg(root.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to run as root"));
+}
+
+fn make_certs(dir: &Path, host: &str) {
+    let st = Command::new(repo_dir().join("scripts/make-certs.sh"))
+        .arg(dir)
+        .arg(host)
+        .status()
+        .unwrap();
+    assert!(st.success(), "make-certs.sh failed");
+}
+
+#[tokio::test]
+async fn mutual_tls_accepts_our_ca_and_refuses_another() {
+    // The agent's address must be known before its certificate is made.
+    let probe = TestCluster::start(1);
+    let ip = probe.ip(0).to_string();
+    drop(probe);
+
+    let ours = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    make_certs(ours.path(), &ip);
+    make_certs(theirs.path(), &ip);
+    let o = |f: &str| ours.path().join(f).display().to_string();
+    let cluster = TestCluster::start_at(
+        &ip,
+        &[
+            "--tls-cert",
+            &o(&format!("agent-{ip}.pem")),
+            "--tls-key",
+            &o(&format!("agent-{ip}.key")),
+            "--tls-ca",
+            &o("ca.pem"),
+        ],
+    );
+
+    let tls = |dir: &Path| TlsFiles {
+        cert: dir.join("coordinator.pem"),
+        key: dir.join("coordinator.key"),
+        ca: ours.path().join("ca.pem"),
+    };
+    let connect = |files: TlsFiles| {
+        let uri = format!("https://{}:{}", cluster.ip(0), cluster.port);
+        let ip = ip.clone();
+        async move {
+            let ch = Endpoint::from_shared(uri)
+                .unwrap()
+                .tls_config(files.client(&ip).unwrap())
+                .unwrap()
+                .connect()
+                .await?;
+            let mut c = AgentClient::with_interceptor(ch, ClientMeta::new(None).unwrap());
+            c.hello(hello())
+                .await
+                .map_err(|s| -> Box<dyn std::error::Error> { s.into() })?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        }
+    };
+    connect(tls(ours.path()))
+        .await
+        .expect("a certificate of our CA is accepted");
+    assert!(
+        connect(tls(theirs.path())).await.is_err(),
+        "a client certificate from another CA must be refused"
+    );
+    // Plain text to a TLS agent gets nowhere either.
+    let mut plain = client(&cluster, None).await;
+    assert!(plain.hello(hello()).await.is_err());
+    assert!(list_files(cluster.root(0)).is_empty());
+}
