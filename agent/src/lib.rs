@@ -8,4 +8,5 @@ pub mod files;
 pub mod jobs;
 pub mod limits;
 pub mod server;
+pub mod settings;
 pub mod service;

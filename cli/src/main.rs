@@ -1,8 +1,10 @@
 //! dgl-coord: the command line. Each subcommand parses its flags here and hands plain options
 //! to the coordinator library.
 
+mod access;
 mod copy_cmd;
 mod launch_cmd;
+mod ops_cmd;
 
 use std::process::ExitCode;
 
@@ -22,6 +24,10 @@ enum Command {
     Copy(copy_cmd::CopyArgs),
     /// Start DGL servers and trainers on every machine and supervise them (replaces launch.py).
     Launch(launch_cmd::LaunchArgs),
+    /// Show every agent: reachable, version, root, free disk, jobs and their processes.
+    Status(ops_cmd::StatusArgs),
+    /// Stop jobs on every agent by hand (all of them, or one with --job).
+    Kill(ops_cmd::KillArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +56,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Copy(args) => copy_cmd::run(args).await,
             Command::Launch(args) => launch_cmd::run(args).await,
+            Command::Status(args) => ops_cmd::status(args).await,
+            Command::Kill(args) => ops_cmd::kill(args).await,
         }
     });
     match result {

@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod config;
 pub mod copy;
 pub mod launch;
+pub mod ops;

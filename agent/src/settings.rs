@@ -1,0 +1,259 @@
+//! The agent's settings: flags, then `DGL_AGENT_*` environment variables, then an optional
+//! TOML file (`--config`), then defaults. The first that gives a value wins.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::jobs::JobsConfig;
+use crate::server::AgentConfig;
+
+const DEFAULT_LEASE_SECS: f64 = 10.0;
+const DEFAULT_GRACE_SECS: f64 = 3.0;
+
+/// dgl-agent: runs on every host of a DGL cluster; dgl-coord sends it files and processes.
+///
+/// Settings come from flags, then DGL_AGENT_* environment variables, then the --config TOML
+/// file, then defaults. `--print-config` shows the result.
+#[derive(Parser, Debug, Default)]
+#[command(name = "dgl-agent", version, about, long_about)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the flags, with `_`: lease_timeout).
+    #[arg(long, env = "DGL_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective settings as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
+    /// Address to listen on, IP:PORT [default: 127.0.0.1:47001]. Without a token or TLS only
+    /// loopback addresses are allowed.
+    #[arg(long, env = "DGL_AGENT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// The only directory tree this agent writes to and runs processes in [default: $HOME].
+    #[arg(long, env = "DGL_AGENT_ROOT")]
+    pub root: Option<PathBuf>,
+
+    /// File holding the shared token every call must carry (or set DGL_AGENT_TOKEN).
+    #[arg(long, env = "DGL_AGENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// This agent's certificate (PEM), for mutual TLS; with --tls-key and --tls-ca.
+    #[arg(long, env = "DGL_AGENT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// This agent's private key (PEM).
+    #[arg(long, env = "DGL_AGENT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificate (PEM) that coordinators' certificates must be signed by.
+    #[arg(long, env = "DGL_AGENT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Listen on a non-loopback address without authentication (anyone who reaches it can
+    /// run commands as this user).
+    #[arg(long, env = "DGL_AGENT_INSECURE")]
+    pub insecure: bool,
+
+    /// Run although the agent is root (every job would run as root).
+    #[arg(long, env = "DGL_AGENT_ALLOW_ROOT")]
+    pub allow_root: bool,
+
+    /// Seconds a job survives without its coordinator renewing the lease [default: 10].
+    #[arg(long, env = "DGL_AGENT_LEASE_TIMEOUT")]
+    pub lease_timeout: Option<f64>,
+
+    /// Seconds between SIGTERM and SIGKILL when the agent stops a job on its own [default: 3].
+    #[arg(long, env = "DGL_AGENT_GRACE")]
+    pub grace: Option<f64>,
+}
+
+/// The TOML file: every key optional, unknown keys refused (a typo must not be ignored).
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub insecure: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_root: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_timeout: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace: Option<f64>,
+}
+
+impl FileSettings {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+}
+
+/// Settings after precedence, before secrets are read.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Effective {
+    pub listen: SocketAddr,
+    pub root: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    pub insecure: bool,
+    pub allow_root: bool,
+    pub lease_timeout: f64,
+    pub grace: f64,
+}
+
+impl Effective {
+    pub fn resolve(args: &Args, home: Option<PathBuf>) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(p) => FileSettings::load(p)?,
+            None => FileSettings::default(),
+        };
+        let root = match args.root.clone().or(file.root) {
+            Some(r) => r,
+            None => home.ok_or_else(|| anyhow::anyhow!("--root not given and HOME is not set"))?,
+        };
+        let eff = Self {
+            listen: args.listen.or(file.listen).unwrap_or(SocketAddr::from((
+                [127, 0, 0, 1],
+                dglrun_proto::DEFAULT_AGENT_PORT,
+            ))),
+            root,
+            token_file: args.token_file.clone().or(file.token_file),
+            tls_cert: args.tls_cert.clone().or(file.tls_cert),
+            tls_key: args.tls_key.clone().or(file.tls_key),
+            tls_ca: args.tls_ca.clone().or(file.tls_ca),
+            // A flag can only switch these on; the file decides when no flag is given.
+            insecure: args.insecure || file.insecure.unwrap_or(false),
+            allow_root: args.allow_root || file.allow_root.unwrap_or(false),
+            lease_timeout: args
+                .lease_timeout
+                .or(file.lease_timeout)
+                .unwrap_or(DEFAULT_LEASE_SECS),
+            grace: args.grace.or(file.grace).unwrap_or(DEFAULT_GRACE_SECS),
+        };
+        secs("lease-timeout", eff.lease_timeout)?;
+        secs("grace", eff.grace)?;
+        Ok(eff)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// The server configuration, with the token already read.
+    pub fn into_config(self, token: Option<String>) -> anyhow::Result<AgentConfig> {
+        let tls = dglrun_proto::tls::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca)
+            .map_err(anyhow::Error::msg)?;
+        Ok(AgentConfig {
+            listen: self.listen,
+            root: self.root,
+            token,
+            insecure: self.insecure,
+            tls,
+            jobs: JobsConfig {
+                lease_timeout: secs("lease-timeout", self.lease_timeout)?,
+                grace: secs("grace", self.grace)?,
+            },
+        })
+    }
+}
+
+fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
+    if v.is_finite() && v > 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        anyhow::bail!("{name} must be a positive number of seconds, not {v}")
+    }
+}
+
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", path.display()))?;
+    let token = text.trim().to_string();
+    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("agent.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn flags_beat_file_beats_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(d.path(), "listen = \"127.0.0.9:5000\"\nroot = \"/srv/r\"\ngrace = 7.5\n");
+        let args = Args {
+            config: Some(cfg),
+            listen: Some("127.0.0.2:6000".parse().unwrap()),
+            ..Args::default()
+        };
+        let eff = Effective::resolve(&args, Some("/home/u".into())).unwrap();
+        assert_eq!(eff.listen, "127.0.0.2:6000".parse().unwrap());
+        assert_eq!(eff.root, PathBuf::from("/srv/r"));
+        assert_eq!(eff.grace, 7.5);
+        assert_eq!(eff.lease_timeout, DEFAULT_LEASE_SECS);
+    }
+
+    #[test]
+    fn defaults_without_file() {
+        let eff = Effective::resolve(&Args::default(), Some("/home/u".into())).unwrap();
+        assert_eq!(eff.root, PathBuf::from("/home/u"));
+        assert_eq!(eff.listen.port(), dglrun_proto::DEFAULT_AGENT_PORT);
+        assert!(!eff.insecure);
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = write(d.path(), "lease_timout = 3\n");
+        let args = Args {
+            config: Some(cfg.clone()),
+            ..Args::default()
+        };
+        let err = Effective::resolve(&args, None).unwrap_err().to_string();
+        assert!(err.contains(&cfg.display().to_string()) && err.contains("lease_timout"), "{err}");
+        let bad = Args {
+            grace: Some(-1.0),
+            ..Args::default()
+        };
+        assert!(Effective::resolve(&bad, Some("/h".into())).is_err());
+    }
+
+    #[test]
+    fn printed_config_reads_back() {
+        let eff = Effective::resolve(&Args::default(), Some("/home/u".into())).unwrap();
+        let back: FileSettings = toml::from_str(&eff.to_toml()).unwrap();
+        assert_eq!(back.root, Some(PathBuf::from("/home/u")));
+        assert_eq!(back.lease_timeout, Some(DEFAULT_LEASE_SECS));
+    }
+}

@@ -1,0 +1,95 @@
+//! `dgl-coord status` and `dgl-coord kill`: for operators.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dglrun_coordinator::config::IpConfig;
+use dglrun_coordinator::ops;
+
+use crate::access::AccessArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// ip_config.txt listing the machines (a local file).
+    #[arg(long = "ip_config", alias = "ip-config")]
+    ip_config: PathBuf,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KillArgs {
+    /// ip_config.txt listing the machines (a local file).
+    #[arg(long = "ip_config", alias = "ip-config")]
+    ip_config: PathBuf,
+
+    /// Stop only this job (default: every job on every agent).
+    #[arg(long)]
+    job: Option<String>,
+
+    /// Seconds between SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = 5.0)]
+    grace: f64,
+
+    /// SIGKILL at once.
+    #[arg(long)]
+    force: bool,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+/// Exit 0 when every agent answered, 1 otherwise.
+pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
+    let ips = IpConfig::load(&args.ip_config)?;
+    let hosts = ops::status(&ips, &args.access.access()?).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&hosts)?);
+    } else {
+        print!("{}", ops::render_status(&hosts));
+    }
+    Ok(if hosts.iter().all(|h| h.reachable && h.error.is_none()) {
+        0
+    } else {
+        1
+    })
+}
+
+pub async fn kill(args: KillArgs) -> anyhow::Result<u8> {
+    anyhow::ensure!(
+        args.grace.is_finite() && args.grace >= 0.0,
+        "--grace must be a number of seconds, not {}",
+        args.grace
+    );
+    let ips = IpConfig::load(&args.ip_config)?;
+    let killed = ops::kill(
+        &ips,
+        &args.access.access()?,
+        args.job.as_deref(),
+        Duration::from_secs_f64(args.grace),
+        args.force,
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&killed)?);
+    } else if killed.is_empty() {
+        println!("no jobs to stop");
+    } else {
+        for k in &killed {
+            println!(
+                "m{}: stopped job {} ({} processes signalled)",
+                k.machine, k.job_id, k.signalled
+            );
+        }
+    }
+    Ok(0)
+}
