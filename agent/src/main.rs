@@ -18,7 +18,7 @@ fn main() {
     // Read the token, then scrub it before any thread exists: jobs inherit the agent's
     // environment.
     let token = match &settings.token_file {
-        Some(f) => read_token(f).unwrap_or_else(|e| fail(e)),
+        Some(f) => Some(read_token(f).unwrap_or_else(|e| fail(e))),
         None => std::env::var("DGL_AGENT_TOKEN").ok().filter(|t| !t.is_empty()),
     };
     for k in SECRET_ENV {

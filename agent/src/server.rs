@@ -26,6 +26,7 @@ pub struct AgentConfig {
     pub token: Option<String>,
     pub insecure: bool,
     pub tls: Option<TlsFiles>,
+    pub metrics_listen: Option<SocketAddr>,
     pub jobs: JobsConfig,
 }
 
@@ -51,6 +52,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let files = Arc::new(Files::new(root.clone()));
     let jobs = Jobs::start(root.clone(), config.jobs.clone())?;
     let service = AgentService::new(root.clone(), files, jobs.clone());
+    if let Some(addr) = config.metrics_listen {
+        let serving = crate::metrics::serve(crate::metrics::bind(addr).await?, jobs.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serving.await {
+                tracing::error!("metrics server stopped: {e:#}");
+            }
+        });
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

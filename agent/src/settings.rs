@@ -71,6 +71,10 @@ pub struct Args {
     /// Seconds between SIGTERM and SIGKILL when the agent stops a job on its own [default: 3].
     #[arg(long, env = "DGL_AGENT_GRACE")]
     pub grace: Option<f64>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
+    #[arg(long, env = "DGL_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The TOML file: every key optional, unknown keys refused (a typo must not be ignored).
@@ -97,6 +101,8 @@ pub struct FileSettings {
     pub lease_timeout: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl FileSettings {
@@ -124,6 +130,8 @@ pub struct Effective {
     pub allow_root: bool,
     pub lease_timeout: f64,
     pub grace: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Effective {
@@ -154,6 +162,7 @@ impl Effective {
                 .or(file.lease_timeout)
                 .unwrap_or(DEFAULT_LEASE_SECS),
             grace: args.grace.or(file.grace).unwrap_or(DEFAULT_GRACE_SECS),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
         };
         secs("lease-timeout", eff.lease_timeout)?;
         secs("grace", eff.grace)?;
@@ -174,6 +183,7 @@ impl Effective {
             token,
             insecure: self.insecure,
             tls,
+            metrics_listen: self.metrics_listen,
             jobs: JobsConfig {
                 lease_timeout: secs("lease-timeout", self.lease_timeout)?,
                 grace: secs("grace", self.grace)?,

@@ -1,0 +1,120 @@
+//! Prometheus metrics, served on `--metrics-listen` when given.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::jobs::Jobs;
+
+/// Counters the rest of the agent bumps; gauges are read from `Jobs` at scrape time.
+pub struct Counters {
+    pub bytes_received: AtomicU64,
+    pub files_verified: AtomicU64,
+    pub files_skipped: AtomicU64,
+    pub verification_failures: AtomicU64,
+    pub processes_started: AtomicU64,
+    exits: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+pub static COUNTERS: Counters = Counters {
+    bytes_received: AtomicU64::new(0),
+    files_verified: AtomicU64::new(0),
+    files_skipped: AtomicU64::new(0),
+    verification_failures: AtomicU64::new(0),
+    processes_started: AtomicU64::new(0),
+    exits: Mutex::new(BTreeMap::new()),
+};
+
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Records a process exit under `status`: "success", "failure", "signal" or "stopped".
+pub fn process_exited(code: i32, signal: i32, stopped_by_agent: bool) {
+    let status = if stopped_by_agent {
+        "stopped"
+    } else if signal != 0 {
+        "signal"
+    } else if code == 0 {
+        "success"
+    } else {
+        "failure"
+    };
+    if let Ok(mut m) = COUNTERS.exits.lock() {
+        *m.entry(status).or_default() += 1;
+    }
+}
+
+/// The text exposition format.
+pub fn render(jobs_running: usize, processes_running: usize) -> String {
+    let c = &COUNTERS;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
+    counter("dglrun_agent_bytes_received_total", "File bytes received and verified.", c.bytes_received.load(Ordering::Relaxed));
+    counter("dglrun_agent_files_verified_total", "Files written after their digest matched.", c.files_verified.load(Ordering::Relaxed));
+    counter("dglrun_agent_files_skipped_total", "Files already present with the same digest.", c.files_skipped.load(Ordering::Relaxed));
+    counter("dglrun_agent_verification_failures_total", "Chunks or files whose hash did not match; never written.", c.verification_failures.load(Ordering::Relaxed));
+    counter("dglrun_agent_processes_started_total", "Processes spawned for jobs.", c.processes_started.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP dglrun_agent_process_exits_total Process exits by status.\n# TYPE dglrun_agent_process_exits_total counter");
+    if let Ok(m) = c.exits.lock() {
+        for (status, n) in m.iter() {
+            let _ = writeln!(out, "dglrun_agent_process_exits_total{{status=\"{status}\"}} {n}");
+        }
+    }
+    let _ = writeln!(out, "# HELP dglrun_agent_jobs_running Jobs with live processes.\n# TYPE dglrun_agent_jobs_running gauge\ndglrun_agent_jobs_running {jobs_running}");
+    let _ = writeln!(out, "# HELP dglrun_agent_processes_running Job processes running.\n# TYPE dglrun_agent_processes_running gauge\ndglrun_agent_processes_running {processes_running}");
+    out
+}
+
+/// Binds the metrics address; failing here fails the agent's start, not a later scrape.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))
+}
+
+/// Serves `/metrics` until the runtime shuts down.
+pub async fn serve(listener: tokio::net::TcpListener, jobs: Arc<Jobs>) -> anyhow::Result<()> {
+    tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let jobs = jobs.clone();
+            async move {
+                let list = jobs.list().jobs;
+                let running: usize = list
+                    .iter()
+                    .map(|j| j.processes.iter().filter(|p| p.running).count())
+                    .sum();
+                let live_jobs = list.iter().filter(|j| j.processes.iter().any(|p| p.running)).count();
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    render(live_jobs, running),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_exits() {
+        add(&COUNTERS.bytes_received, 42);
+        process_exited(0, 0, false);
+        process_exited(-1, 9, false);
+        let text = render(1, 3);
+        assert!(text.contains("dglrun_agent_bytes_received_total "), "{text}");
+        assert!(text.contains("dglrun_agent_process_exits_total{status=\"signal\"}"));
+        assert!(text.contains("dglrun_agent_processes_running 3"));
+        assert!(text.contains("# TYPE dglrun_agent_jobs_running gauge"));
+    }
+}
