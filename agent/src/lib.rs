@@ -7,6 +7,7 @@ pub mod confine;
 pub mod files;
 pub mod jobs;
 pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod settings;
 pub mod service;

@@ -1,8 +1,123 @@
-//! `dgl-coord copy`: the flags of DGL's copy_files.py.
+//! `dgl-coord copy`: the flags of DGL's copy_files.py, plus dglrun's own.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use dglrun_coordinator::copy::{self, hashing, CopyOptions, ProgressMode, SendOptions};
+
+use crate::access::AccessArgs;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Progress {
+    /// A bar when stderr is a terminal, plain lines otherwise.
+    Auto,
+    /// One line per finished file and a status line every 5 s.
+    Plain,
+    /// Nothing but errors and the summary.
+    Quiet,
+}
+
+/// DGL's copy_files.py flags keep their names; kebab-case spellings work too.
 #[derive(clap::Args, Debug)]
-pub struct CopyArgs {}
+#[command(after_help = "\
+Placement (on every machine, under its agent's root):
+  <workspace>/<ip_config name>                      ip_config, every machine
+  <workspace>/<rel_data_path>/<part_config name>    part_config rewritten so its paths are relative
+                                                    to its own directory, as DGL resolves them
+  <workspace>/<rel_data_path>/<name>                node_map / edge_map files (older DGL), every machine
+  <workspace>/<rel_data_path>/part<i>/<name>        every file named under part-<i>, machine i only
+  <workspace>/<script_folder name>/...              the script folder, every machine, modes kept
 
-pub async fn run(_args: CopyArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("not implemented")
+Symlinks in the script folder are followed and copied as the files they point to (as scp -r
+does); a dangling link or a link loop is refused, naming it.
+
+Files already on a host with the same size and SHA-256 are not sent again; a transfer cut off
+midway resumes from its last verified chunk (a hidden `.<name>.dglrun-partial` beside the file).
+Exit status: 0 only if every host verified every file.
+
+Example:
+  dgl-coord copy --workspace ~/graphsage --rel_data_path data \\
+    --part_config data/ogb-product.json --ip_config ip_config.txt --script_folder code")]
+pub struct CopyArgs {
+    /// Workspace on every host: relative to the agent's root, or absolute inside it.
+    #[arg(long, value_name = "DIR")]
+    workspace: String,
+
+    /// Where the partitions go, relative to the workspace.
+    #[arg(long = "rel_data_path", visible_alias = "rel-data-path", value_name = "DIR")]
+    rel_data_path: String,
+
+    /// The partition config JSON written by dgl.distributed.partition_graph (local path).
+    #[arg(long = "part_config", visible_alias = "part-config", value_name = "FILE")]
+    part_config: PathBuf,
+
+    /// ip_config.txt: one machine a line, `IP [PORT]` (local path).
+    #[arg(long = "ip_config", visible_alias = "ip-config", value_name = "FILE")]
+    ip_config: PathBuf,
+
+    /// Folder of training scripts, copied to <workspace>/<its name> on every machine.
+    #[arg(long = "script_folder", visible_alias = "script-folder", value_name = "DIR")]
+    script_folder: Option<PathBuf>,
+
+    #[command(flatten)]
+    access: AccessArgs,
+
+    /// Files in flight per host.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
+    jobs: u32,
+
+    /// Further attempts for a transfer whose agent dropped (backoff 0.5 s, doubling).
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=20))]
+    retries: u32,
+
+    /// HTTP/2 connections per host over which the transfers are spread.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    connections: u32,
+
+    /// Progress display on stderr.
+    #[arg(long, value_enum, default_value_t = Progress::Auto)]
+    progress: Progress,
+
+    /// Print the summary as JSON on stdout (per host and per file).
+    #[arg(long)]
+    json: bool,
+
+    /// Hash every local file again instead of trusting the hash cache.
+    #[arg(long = "no-hash-cache")]
+    no_hash_cache: bool,
+}
+
+pub async fn run(args: CopyArgs) -> anyhow::Result<u8> {
+    let opts = CopyOptions {
+        workspace: args.workspace,
+        rel_data_path: args.rel_data_path,
+        part_config: args.part_config,
+        ip_config: args.ip_config,
+        script_folder: args.script_folder,
+        access: args.access.access()?,
+        send: SendOptions {
+            jobs: args.jobs as usize,
+            retries: args.retries,
+            backoff: Duration::from_millis(500),
+            connections: args.connections as usize,
+        },
+        progress: match args.progress {
+            Progress::Auto => ProgressMode::Auto,
+            Progress::Plain => ProgressMode::Plain,
+            Progress::Quiet => ProgressMode::Quiet,
+        },
+        cache_path: if args.no_hash_cache {
+            None
+        } else {
+            hashing::default_cache_path()
+        },
+    };
+    let report = copy::run(opts).await?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_human());
+    }
+    Ok(if report.ok { 0 } else { 1 })
 }

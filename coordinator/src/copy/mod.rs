@@ -1,1 +1,94 @@
-//! dgl-coord copy.
+//! dgl-coord copy: DGL's copy_files.py, verified, resumable and parallel.
+//!
+//! `plan` decides what goes where (pure), `scripts` lists the script folder, `hashing` digests
+//! the local files once (with a cache across runs), `send` drives the agents (`reader` fans
+//! each file out to every host that needs it), `progress` and `summary` report.
+//!
+//! Order matters: every input is checked and every agent reached and asked (PrepareFiles,
+//! free disk) before the first byte is written anywhere, so bad input changes nothing.
+
+pub mod hashing;
+pub mod plan;
+pub mod progress;
+pub mod reader;
+pub mod scripts;
+pub mod send;
+pub mod summary;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::cluster::{self, AgentAccess};
+use crate::config::{IpConfig, PartConfig};
+pub use progress::{Progress, ProgressMode};
+pub use send::SendOptions;
+pub use summary::{CopyReport, FileOutcome, HostReport};
+
+/// Everything `dgl-coord copy` was asked.
+#[derive(Clone, Debug)]
+pub struct CopyOptions {
+    /// Workspace on the hosts: relative to each agent's root, or absolute inside it.
+    pub workspace: String,
+    /// Where the partitions go, relative to the workspace.
+    pub rel_data_path: String,
+    /// Local partition config JSON.
+    pub part_config: PathBuf,
+    /// Local ip_config.txt.
+    pub ip_config: PathBuf,
+    /// Local folder copied to `<workspace>/<its name>`.
+    pub script_folder: Option<PathBuf>,
+    pub access: AgentAccess,
+    pub send: SendOptions,
+    pub progress: ProgressMode,
+    /// Hash cache of the local files; `None` disables it.
+    pub cache_path: Option<PathBuf>,
+}
+
+pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
+    let started = Instant::now();
+    // 1. Inputs, all checked before any host is contacted.
+    let ip = IpConfig::load(&opts.ip_config)?;
+    let pc = PartConfig::load(&opts.part_config)?;
+    let scripts = opts
+        .script_folder
+        .as_deref()
+        .map(scripts::scan)
+        .transpose()?;
+    let plan = plan::plan(&plan::PlanInput {
+        workspace: &opts.workspace,
+        rel_data_path: &opts.rel_data_path,
+        ip_config_path: &opts.ip_config,
+        ip_config: &ip,
+        part_config: &pc,
+        scripts: scripts.as_ref(),
+    })?;
+    hashing::check_sources(&plan.sources, &opts.part_config)?;
+
+    // 2. Every agent, before the (possibly long) hashing: an unreachable one fails fast.
+    let hosts = cluster::connect_all(&ip, &opts.access)
+        .await
+        .context("nothing was sent to any host")?;
+
+    // 3. Digests of the local files.
+    let progress = Progress::new(opts.progress);
+    let (digests, hashing) = hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
+
+    // 4. Prepare, check disk, send, verify.
+    let hosts = send::send(&plan, &digests, hosts, &opts.access, opts.send.clone(), progress).await?;
+    let ok = hosts.iter().all(HostReport::ok);
+    let bytes_sent = hosts.iter().map(|h| h.bytes_sent).sum();
+    Ok(CopyReport {
+        ok,
+        hosts,
+        bytes_sent,
+        seconds: started.elapsed().as_secs_f64(),
+        hashing,
+        launch: summary::LaunchHint {
+            workspace: opts.workspace.clone(),
+            part_config: plan.launch_part_config.clone(),
+            ip_config: plan.launch_ip_config.clone(),
+        },
+    })
+}

@@ -1,1 +1,180 @@
-//! dgl-coord launch.
+//! dgl-coord launch: DGL's process graph on every host, supervised, without ssh.
+//!
+//! `plan` turns the options and the cluster into the list of processes (pure, tested against
+//! DGL's own behaviour); `command` handles the user command (argv or `sh -c`, the torchrun
+//! wrap); `preflight` checks the hosts; `driver` runs the plan; `output` and `summary` are
+//! what the user sees.
+
+pub mod command;
+pub mod driver;
+pub mod output;
+pub mod plan;
+pub mod preflight;
+pub mod summary;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cluster::{self, AgentAccess};
+use crate::config::IpConfig;
+pub use plan::{ClusterFacts, LaunchOptions, PlannedProcess, Role, TrainerMode};
+
+/// How dgl-coord itself behaves, beyond launch.py's options.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub access: AgentAccess,
+    pub grace: Duration,
+    pub lease: Duration,
+    pub kill_stale: bool,
+    pub dry_run: bool,
+    pub json: bool,
+    /// When the command started.
+    pub started: Instant,
+}
+
+/// A fresh job id: unique enough that two launches never share one.
+pub fn new_job_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("dglrun-{secs}-{:08x}", rand::random::<u32>())
+}
+
+/// Finds ip_config on this machine, as DGL's launch.py reads it: the path as given (relative
+/// to the current directory), else inside the workspace path if that exists here too.
+pub fn local_ip_config(o: &LaunchOptions) -> anyhow::Result<(PathBuf, IpConfig)> {
+    let given = PathBuf::from(&o.ip_config);
+    let mut candidates = vec![given.clone()];
+    if given.is_relative() {
+        candidates.push(Path::new(&o.workspace).join(&given));
+    }
+    for c in &candidates {
+        if c.is_file() {
+            let cfg = IpConfig::load(c)?;
+            return Ok((c.clone(), cfg));
+        }
+    }
+    let looked: Vec<String> = candidates
+        .iter()
+        .map(|c| format!("{}", c.display()))
+        .collect();
+    anyhow::bail!(
+        "cannot find ip_config {:?} on this machine (looked at {}). dgl-coord reads it here to \
+         learn the machines and reach their agents: run from the directory that holds it, or \
+         give its path",
+        o.ip_config,
+        looked.join(" and ")
+    )
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The facts of this launching machine; `master_port` is filled in after preflight.
+pub fn facts(machines: &IpConfig, job_id: &str) -> ClusterFacts {
+    ClusterFacts {
+        machines: machines.machines.clone(),
+        master_port: None,
+        pythonpath: env_nonempty("PYTHONPATH"),
+        omp_num_threads_env: std::env::var("OMP_NUM_THREADS").ok(),
+        cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        job_id: job_id.to_string(),
+    }
+}
+
+#[derive(Serialize)]
+struct DryRun<'a> {
+    job_id: &'a str,
+    workspace: &'a str,
+    machines: Vec<String>,
+    master_port: &'a str,
+    processes: &'a [PlannedProcess],
+}
+
+fn print_plan(
+    o: &LaunchOptions,
+    f: &ClusterFacts,
+    plan: &[PlannedProcess],
+    json: bool,
+) -> anyhow::Result<()> {
+    let text = if json {
+        let doc = DryRun {
+            job_id: &f.job_id,
+            workspace: &o.workspace,
+            machines: f
+                .machines
+                .iter()
+                .map(|m| format!("{}:{}", m.ip, m.port))
+                .collect(),
+            master_port: "<PORT>",
+            processes: plan,
+        };
+        serde_json::to_string_pretty(&doc)? + "\n"
+    } else {
+        plan_text(o, f, plan)
+    };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn plan_text(o: &LaunchOptions, f: &ClusterFacts, plan: &[PlannedProcess]) -> String {
+    let mut out = format!(
+        "{} machines, {} processes, workspace {} (the master port is chosen by machine 0's \
+         agent at launch; shown as <PORT>)\n",
+        f.machines.len(),
+        plan.len(),
+        o.workspace
+    );
+    for p in plan {
+        let how = match p.command {
+            command::CommandLine::Argv(_) => "argv",
+            command::CommandLine::Shell(_) => "sh -c",
+        };
+        let env: Vec<String> = p.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!(
+            "[m{} {}] {} on {}\n  {how}: {}\n  env: {}\n",
+            p.machine,
+            p.label,
+            p.role.as_str(),
+            f.machines[p.machine].ip,
+            p.command.display(),
+            env.join(" ")
+        ));
+    }
+    out
+}
+
+/// The whole command: returns the exit code.
+pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
+    let (_path, machines) = local_ip_config(&o)?;
+    let job_id = new_job_id();
+    let mut f = facts(&machines, &job_id);
+    // Planned once without the port, so a bad command fails before any agent is contacted.
+    let dry = plan::plan(&o, &f)?;
+    if r.dry_run {
+        print_plan(&o, &f, &dry, r.json)?;
+        return Ok(0);
+    }
+    let hosts = cluster::connect_all(&machines, &r.access).await?;
+    let checked = preflight::check_all(&hosts, &o, &machines, r.kill_stale, r.grace).await?;
+    f.master_port = Some(checked.master_port);
+    let planned = plan::plan(&o, &f)?;
+    driver::run(
+        hosts,
+        planned,
+        driver::DriverOptions {
+            job_id,
+            workspace: o.workspace.clone(),
+            grace: r.grace,
+            lease: r.lease,
+            started: r.started,
+        },
+    )
+    .await
+}

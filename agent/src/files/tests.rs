@@ -1,0 +1,404 @@
+//! Prepare and put against a real gRPC server on 127.0.0.1 (PutFile needs a real stream).
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use dglrun_proto::digest::{hash_reader, FileDigest};
+use dglrun_proto::pb::agent_client::AgentClient;
+use dglrun_proto::pb::agent_server::AgentServer;
+use dglrun_proto::pb::FileStatus;
+use dglrun_proto::MAX_MESSAGE_BYTES;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use super::*;
+use crate::jobs::{Jobs, JobsConfig};
+use crate::service::AgentService;
+
+struct Agent {
+    _dir: tempfile::TempDir,
+    root: Root,
+    client: AgentClient<Channel>,
+}
+
+impl Agent {
+    fn path(&self, p: &str) -> PathBuf {
+        self.root.path().join(p)
+    }
+}
+
+async fn agent() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::new(&dir.path().join("root")).unwrap();
+    let files = Arc::new(Files::new(root.clone()));
+    let jobs = Jobs::start(
+        root.clone(),
+        JobsConfig {
+            lease_timeout: std::time::Duration::from_secs(10),
+            grace: std::time::Duration::from_secs(1),
+        },
+    )
+    .unwrap();
+    let service = AgentService::new(root.clone(), files, jobs);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                AgentServer::new(service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = AgentClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Agent {
+        _dir: dir,
+        root,
+        client,
+    }
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+}
+
+fn manifest(path: &str, d: &FileDigest, mode: u32) -> pb::FileManifest {
+    pb::FileManifest {
+        path: path.into(),
+        size: d.size,
+        digest: d.digest.to_vec(),
+        chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
+        mode,
+    }
+}
+
+fn digest(bytes: &[u8]) -> FileDigest {
+    hash_reader(bytes, |_| {}).unwrap()
+}
+
+/// Header, then the chunks of `bytes` from `offset` (a chunk may be replaced by `tamper`).
+fn messages(m: pb::FileManifest, bytes: &[u8], offset: u64) -> Vec<pb::PutFileMessage> {
+    let mut out = vec![pb::PutFileMessage {
+        msg: Some(Msg::Header(pb::PutFileHeader {
+            manifest: Some(m),
+            offset,
+        })),
+    }];
+    let mut at = offset as usize;
+    while at < bytes.len() {
+        let end = (at + CHUNK_SIZE).min(bytes.len());
+        out.push(pb::PutFileMessage {
+            msg: Some(Msg::Chunk(pb::Chunk {
+                offset: at as u64,
+                data: bytes[at..end].to_vec().into(),
+            })),
+        });
+        at = end;
+    }
+    out
+}
+
+async fn put(a: &Agent, msgs: Vec<pb::PutFileMessage>) -> Result<pb::PutFileReply, Status> {
+    a.client
+        .clone()
+        .put_file(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn prepare(a: &Agent, files: Vec<pb::FileManifest>) -> Result<Vec<(i32, u64)>, Status> {
+    let reply = a
+        .client
+        .clone()
+        .prepare_files(pb::PrepareFilesRequest { files })
+        .await?
+        .into_inner();
+    assert!(reply.free_bytes > 0);
+    Ok(reply
+        .files
+        .iter()
+        .map(|f| (f.status, f.resume_offset))
+        .collect())
+}
+
+const SEND: i32 = FileStatus::Send as i32;
+const PRESENT: i32 = FileStatus::Present as i32;
+
+#[tokio::test]
+async fn put_lands_whole_with_its_mode_and_then_is_present() {
+    let a = agent().await;
+    let bytes = data(2 * CHUNK_SIZE + 17, 1);
+    let d = digest(&bytes);
+    let m = manifest("ws/data/part0/graph.dgl", &d, 0o640);
+    assert_eq!(prepare(&a, vec![m.clone()]).await.unwrap(), [(SEND, 0)]);
+    let reply = put(&a, messages(m.clone(), &bytes, 0)).await.unwrap();
+    assert_eq!(reply.bytes_written, bytes.len() as u64);
+    let target = a.path("ws/data/part0/graph.dgl");
+    assert_eq!(fs::read(&target).unwrap(), bytes);
+    assert_eq!(
+        fs::metadata(&target).unwrap().permissions().mode() & 0o7777,
+        0o640
+    );
+    assert!(!partial_path(&target).exists());
+    assert_eq!(prepare(&a, vec![m.clone()]).await.unwrap(), [(PRESENT, 0)]);
+
+    // Only the mode differs: fixed in place, nothing to send.
+    let m755 = pb::FileManifest { mode: 0o755, ..m };
+    assert_eq!(prepare(&a, vec![m755]).await.unwrap(), [(PRESENT, 0)]);
+    assert_eq!(
+        fs::metadata(&target).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+}
+
+#[tokio::test]
+async fn empty_files_are_sent_too() {
+    let a = agent().await;
+    let d = digest(b"");
+    let m = manifest("ws/empty", &d, 0o644);
+    assert_eq!(prepare(&a, vec![m.clone()]).await.unwrap(), [(SEND, 0)]);
+    put(&a, messages(m.clone(), b"", 0)).await.unwrap();
+    assert_eq!(fs::read(a.path("ws/empty")).unwrap(), b"");
+    assert_eq!(prepare(&a, vec![m]).await.unwrap(), [(PRESENT, 0)]);
+}
+
+#[tokio::test]
+async fn changed_target_is_sent_again() {
+    let a = agent().await;
+    let bytes = data(1000, 2);
+    let m = manifest("ws/f", &digest(&bytes), 0o644);
+    put(&a, messages(m.clone(), &bytes, 0)).await.unwrap();
+    let mut other = bytes.clone();
+    other[10] ^= 1;
+    fs::write(a.path("ws/f"), &other).unwrap();
+    assert_eq!(prepare(&a, vec![m]).await.unwrap(), [(SEND, 0)]);
+}
+
+#[tokio::test]
+async fn a_bad_chunk_is_not_written_and_nothing_appears() {
+    let a = agent().await;
+    let bytes = data(3 * CHUNK_SIZE, 3);
+    let m = manifest("ws/big", &digest(&bytes), 0o644);
+    let mut msgs = messages(m.clone(), &bytes, 0);
+    if let Some(Msg::Chunk(c)) = &mut msgs[2].msg {
+        let mut v = c.data.to_vec();
+        v[5] ^= 0xff;
+        c.data = v.into();
+    }
+    let err = put(&a, msgs).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(
+        err.message().contains("ws/big") && err.message().contains(&format!("offset {CHUNK_SIZE}")),
+        "{}",
+        err.message()
+    );
+    assert!(!a.path("ws/big").exists());
+    // The verified first chunk is kept, so the next run resumes after it.
+    assert_eq!(
+        prepare(&a, vec![m.clone()]).await.unwrap(),
+        [(SEND, CHUNK_SIZE as u64)]
+    );
+    put(&a, messages(m.clone(), &bytes, CHUNK_SIZE as u64))
+        .await
+        .unwrap();
+    assert_eq!(fs::read(a.path("ws/big")).unwrap(), bytes);
+    assert!(!partial_path(&a.path("ws/big")).exists());
+}
+
+#[tokio::test]
+async fn resume_keeps_verified_chunks_and_drops_the_rest() {
+    let a = agent().await;
+    let bytes = data(3 * CHUNK_SIZE + 5, 4);
+    let m = manifest("ws/r", &digest(&bytes), 0o644);
+    fs::create_dir_all(a.path("ws")).unwrap();
+    let partial = partial_path(&a.path("ws/r"));
+    // Two good chunks, then garbage.
+    let mut content = bytes[..2 * CHUNK_SIZE].to_vec();
+    content.extend_from_slice(&[0u8; 1000]);
+    fs::write(&partial, &content).unwrap();
+    assert_eq!(
+        prepare(&a, vec![m.clone()]).await.unwrap(),
+        [(SEND, 2 * CHUNK_SIZE as u64)]
+    );
+    assert_eq!(fs::metadata(&partial).unwrap().len(), 2 * CHUNK_SIZE as u64);
+    let reply = put(&a, messages(m, &bytes, 2 * CHUNK_SIZE as u64))
+        .await
+        .unwrap();
+    assert_eq!(reply.bytes_written, CHUNK_SIZE as u64 + 5);
+    assert_eq!(fs::read(a.path("ws/r")).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_complete_partial_is_finished_without_data() {
+    let a = agent().await;
+    let bytes = data(CHUNK_SIZE + 3, 5);
+    let m = manifest("ws/c", &digest(&bytes), 0o644);
+    fs::create_dir_all(a.path("ws")).unwrap();
+    fs::write(partial_path(&a.path("ws/c")), &bytes).unwrap();
+    let size = bytes.len() as u64;
+    assert_eq!(prepare(&a, vec![m.clone()]).await.unwrap(), [(SEND, size)]);
+    put(&a, messages(m, &bytes, size)).await.unwrap();
+    assert_eq!(fs::read(a.path("ws/c")).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn resume_without_prepare_verifies_the_partial_first() {
+    let a = agent().await;
+    let bytes = data(2 * CHUNK_SIZE, 6);
+    let m = manifest("ws/p", &digest(&bytes), 0o644);
+    fs::create_dir_all(a.path("ws")).unwrap();
+    let partial = partial_path(&a.path("ws/p"));
+    let mut wrong = bytes[..CHUNK_SIZE].to_vec();
+    wrong[0] ^= 1;
+    fs::write(&partial, &wrong).unwrap();
+    let err = put(&a, messages(m.clone(), &bytes, CHUNK_SIZE as u64))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("ws/p"), "{}", err.message());
+    assert!(!a.path("ws/p").exists());
+
+    fs::write(&partial, &bytes[..CHUNK_SIZE]).unwrap();
+    put(&a, messages(m, &bytes, CHUNK_SIZE as u64))
+        .await
+        .unwrap();
+    assert_eq!(fs::read(a.path("ws/p")).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_partial_changed_after_prepare_is_verified_again() {
+    let a = agent().await;
+    let bytes = data(2 * CHUNK_SIZE, 7);
+    let m = manifest("ws/q", &digest(&bytes), 0o644);
+    fs::create_dir_all(a.path("ws")).unwrap();
+    let partial = partial_path(&a.path("ws/q"));
+    fs::write(&partial, &bytes[..CHUNK_SIZE]).unwrap();
+    assert_eq!(
+        prepare(&a, vec![m.clone()]).await.unwrap(),
+        [(SEND, CHUNK_SIZE as u64)]
+    );
+    let mut wrong = bytes[..CHUNK_SIZE].to_vec();
+    wrong[7] ^= 1;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::write(&partial, &wrong).unwrap();
+    let err = put(&a, messages(m, &bytes, CHUNK_SIZE as u64))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}
+
+#[tokio::test]
+async fn protocol_violations_are_refused() {
+    let a = agent().await;
+    let bytes = data(2 * CHUNK_SIZE, 8);
+    let m = manifest("ws/v", &digest(&bytes), 0o644);
+    let check = |msgs: Vec<pb::PutFileMessage>, needle: &'static str| {
+        let a = &a;
+        async move {
+            let err = put(a, msgs).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            assert!(
+                err.message().contains(needle),
+                "{:?} lacks {needle:?}",
+                err.message()
+            );
+        }
+    };
+    // No header.
+    let mut msgs = messages(m.clone(), &bytes, 0);
+    msgs.remove(0);
+    check(msgs, "first message").await;
+    // Chunks out of order.
+    let mut msgs = messages(m.clone(), &bytes, 0);
+    msgs.swap(1, 2);
+    check(msgs, "expected 0").await;
+    // Stream ends early.
+    let mut msgs = messages(m.clone(), &bytes, 0);
+    msgs.pop();
+    check(msgs, "ended at 4194304").await;
+    // Offset not on a chunk boundary.
+    check(messages(m.clone(), &bytes, 10), "not a chunk boundary").await;
+    // A short chunk in the middle.
+    let mut msgs = messages(m.clone(), &bytes, 0);
+    if let Some(Msg::Chunk(c)) = &mut msgs[1].msg {
+        c.data = c.data.slice(..100);
+    }
+    check(msgs, "has 100 bytes").await;
+    // A manifest whose chunk list does not fit its size.
+    let bad = pb::FileManifest {
+        size: 5,
+        ..m.clone()
+    };
+    check(messages(bad, &bytes, 0), "chunk hashes").await;
+    assert!(!a.path("ws/v").exists());
+}
+
+#[tokio::test]
+async fn escapes_are_refused_naming_the_path() {
+    let a = agent().await;
+    let d = digest(b"x");
+    for p in ["../out", "/etc/x", "ws/../../x"] {
+        let err = prepare(&a, vec![manifest(p, &d, 0o644)]).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains(p), "{}", err.message());
+        let err = put(&a, messages(manifest(p, &d, 0o644), b"x", 0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    }
+    assert!(fs::read_dir(a.root.path()).unwrap().next().is_none());
+}
+
+#[tokio::test]
+async fn a_directory_in_the_way_is_reported() {
+    let a = agent().await;
+    fs::create_dir_all(a.path("ws/d")).unwrap();
+    let d = digest(b"x");
+    let err = prepare(&a, vec![manifest("ws/d", &d, 0o644)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("ws/d"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn concurrent_puts_of_one_path_do_not_mix() {
+    let a = agent().await;
+    let one = data(3 * CHUNK_SIZE, 9);
+    let two = data(3 * CHUNK_SIZE, 10);
+    let m1 = manifest("ws/same", &digest(&one), 0o644);
+    let m2 = manifest("ws/same", &digest(&two), 0o644);
+    let (r1, r2) = tokio::join!(
+        put(&a, messages(m1.clone(), &one, 0)),
+        put(&a, messages(m2.clone(), &two, 0))
+    );
+    r1.unwrap();
+    r2.unwrap();
+    let got = fs::read(a.path("ws/same")).unwrap();
+    assert!(got == one || got == two, "the file mixes both transfers");
+    assert!(!partial_path(&a.path("ws/same")).exists());
+}
+
+#[tokio::test]
+async fn the_cache_survives_a_restart_and_spares_a_re_read() {
+    let a = agent().await;
+    let bytes = data(CHUNK_SIZE + 1, 11);
+    let m = manifest("ws/k", &digest(&bytes), 0o644);
+    put(&a, messages(m.clone(), &bytes, 0)).await.unwrap();
+    assert_eq!(prepare(&a, vec![m.clone()]).await.unwrap(), [(PRESENT, 0)]);
+    assert!(a.root.state_dir().join("hashes.json").exists());
+    // A new agent on the same root finds the saved digest, so it need not read the file.
+    let target = a.path("ws/k");
+    let b = Files::new(a.root.clone());
+    let meta = fs::symlink_metadata(&target).unwrap();
+    assert_eq!(b.cache.lookup(&target, &meta), Some(digest(&bytes).digest));
+}

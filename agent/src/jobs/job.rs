@@ -1,0 +1,236 @@
+//! One job: its processes, its event log and its lease.
+//!
+//! State sits behind one short-held mutex; watchers wait on a `watch` channel that carries the
+//! newest seq, so a wake-up is never missed between reading the log and waiting.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dglrun_proto::pb::{self, job_event::Event, OutputStream};
+use tokio::sync::watch;
+
+use super::log::EventLog;
+use super::output::Piece;
+use super::process::{AGENT_VAR, JOB_ID_VAR};
+use super::reaper::Exit;
+use super::tree::MemberQuery;
+
+#[derive(Debug)]
+pub struct Proc {
+    pub label: String,
+    pub pid: u32,
+    pub started: Instant,
+    pub exit: Option<pb::ProcessExited>,
+}
+
+#[derive(Debug)]
+pub struct JobState {
+    pub log: EventLog,
+    pub procs: Vec<Proc>,
+    pub lease: Duration,
+    pub renewed: Instant,
+    /// Set by Stop (or lease expiry, or shutdown): exits from then on were caused by the agent.
+    pub stopping: bool,
+    /// The lease ran out and the agent stopped the job on its own.
+    pub lease_stopped: bool,
+    /// When the last process exited.
+    pub finished_at: Option<Instant>,
+    /// A watcher has been sent every exit event.
+    pub exits_seen: bool,
+    /// Forgotten by the agent: watchers end their streams.
+    pub gone: bool,
+    /// A stop found nothing left: no process of the job can exist any more (nothing is left
+    /// to fork one, and Spawn refuses a stopped job), so scans can be skipped.
+    pub clean: bool,
+}
+
+pub struct Job {
+    pub id: String,
+    pub workspace: PathBuf,
+    marker: Vec<Vec<u8>>,
+    state: Mutex<JobState>,
+    seq_tx: watch::Sender<u64>,
+}
+
+impl Job {
+    pub fn new(
+        id: String,
+        workspace: PathBuf,
+        agent_root: &std::path::Path,
+        lease: Duration,
+    ) -> Self {
+        let marker = vec![
+            format!("{JOB_ID_VAR}={id}").into_bytes(),
+            format!("{AGENT_VAR}={}", agent_root.display()).into_bytes(),
+        ];
+        Self {
+            id,
+            workspace,
+            marker,
+            state: Mutex::new(JobState {
+                log: EventLog::default(),
+                procs: Vec::new(),
+                lease,
+                renewed: Instant::now(),
+                stopping: false,
+                lease_stopped: false,
+                finished_at: None,
+                exits_seen: false,
+                gone: false,
+                clean: false,
+            }),
+            seq_tx: watch::Sender::new(0),
+        }
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, JobState> {
+        // The state stays consistent across a panicking holder (every update is one step).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, seq: u64) {
+        self.seq_tx.send_replace(seq);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.seq_tx.subscribe()
+    }
+
+    pub fn renew(&self) {
+        self.state().renewed = Instant::now();
+    }
+
+    /// Registers a spawned process, publishes its `started` event and returns its index.
+    pub fn add_process(&self, label: &str, pid: u32, started: Instant) -> u32 {
+        let mut st = self.state();
+        let index = st.procs.len() as u32;
+        st.procs.push(Proc {
+            label: label.to_string(),
+            pid,
+            started,
+            exit: None,
+        });
+        st.finished_at = None;
+        st.exits_seen = false;
+        let seq = st.log.push(Event::Started(pb::ProcessStarted {
+            index,
+            label: label.to_string(),
+            pid,
+        }));
+        drop(st);
+        self.publish(seq);
+        index
+    }
+
+    pub fn push_lines(
+        &self,
+        index: u32,
+        stream: OutputStream,
+        pieces: impl Iterator<Item = Piece>,
+    ) {
+        let mut st = self.state();
+        let mut last = None;
+        for p in pieces {
+            last = Some(st.log.push(Event::Line(pb::OutputLine {
+                index,
+                stream: stream as i32,
+                text: p.text,
+                partial: p.partial,
+            })));
+        }
+        drop(st);
+        if let Some(seq) = last {
+            self.publish(seq);
+        }
+    }
+
+    /// Records how process `index` ended and publishes the `exited` event.
+    pub fn record_exit(&self, index: u32, exit: Exit) {
+        let mut st = self.state();
+        let stopped_by_agent = st.stopping;
+        let Some(p) = st.procs.get_mut(index as usize) else {
+            return;
+        };
+        let (code, signal) = match exit {
+            Exit::Code(c) => (c, 0),
+            Exit::Signal(s) => (-1, s),
+        };
+        let ev = pb::ProcessExited {
+            index,
+            code,
+            signal,
+            runtime_ms: p.started.elapsed().as_millis() as u64,
+            stopped_by_agent,
+        };
+        p.exit = Some(ev);
+        crate::metrics::process_exited(code, signal, stopped_by_agent);
+        if st.procs.iter().all(|p| p.exit.is_some()) {
+            st.finished_at = Some(Instant::now());
+        }
+        let seq = st.log.push(Event::Exited(ev));
+        drop(st);
+        self.publish(seq);
+    }
+
+    /// Ends every watcher's stream.
+    pub fn forget(&self) {
+        self.state().gone = true;
+        // Wakes every receiver even though the seq did not change.
+        self.seq_tx.send_modify(|_| {});
+    }
+
+    /// Up to `max` events after `after`; also notes when a watcher has seen every exit.
+    pub fn events_after(&self, after: u64, max: usize) -> (Vec<pb::JobEvent>, bool) {
+        let mut st = self.state();
+        let events = st.log.after(after, max);
+        let upto = events.last().map_or(after, |e| e.seq);
+        if st.finished_at.is_some() && upto >= st.log.last_seq() {
+            st.exits_seen = true;
+        }
+        (events, st.gone)
+    }
+
+    /// What identifies this job's processes right now.
+    pub fn member_query(&self) -> MemberQuery {
+        let st = self.state();
+        MemberQuery {
+            seeds: st
+                .procs
+                .iter()
+                .filter(|p| p.exit.is_none())
+                .map(|p| p.pid as i32)
+                .collect(),
+            marker: self.marker.clone(),
+            exclude: std::process::id() as i32,
+            within: Some(std::process::id() as i32),
+        }
+    }
+
+    pub fn lease_expired(&self, now: Instant) -> bool {
+        let st = self.state();
+        now.duration_since(st.renewed) > st.lease
+    }
+
+    pub fn info(&self, live_pids: u32) -> pb::JobInfo {
+        let st = self.state();
+        pb::JobInfo {
+            job_id: self.id.clone(),
+            workspace: self.workspace.display().to_string(),
+            processes: st
+                .procs
+                .iter()
+                .enumerate()
+                .map(|(i, p)| pb::ProcessInfo {
+                    index: i as u32,
+                    label: p.label.clone(),
+                    pid: p.pid,
+                    running: p.exit.is_none(),
+                    code: p.exit.map_or(0, |e| e.code),
+                    signal: p.exit.map_or(0, |e| e.signal),
+                })
+                .collect(),
+            live_pids,
+        }
+    }
+}

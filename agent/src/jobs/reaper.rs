@@ -1,0 +1,169 @@
+//! The only code in the agent that waits for children.
+//!
+//! The agent is a child subreaper, so besides its direct children it inherits every orphaned
+//! descendant of a job (torchrun workers, samplers, daemons). All of them must be reaped, so
+//! one thread waits for any child (`waitid(P_ALL)`) and hands the exit status of the
+//! processes the agent spawned to whoever registered them; adopted orphans are just reaped.
+//! Nothing else in the agent may wait for children (no `tokio::process`, no
+//! `Command::output`): the reaper would steal their exit status.
+//!
+//! Races: a child can exit before its pid is registered, and `std::process::Command::spawn`
+//! itself waits for a child whose exec failed. Both are closed by one lock: spawning happens
+//! with the registry locked, and the reaper only reaps with the registry locked. The reaper
+//! first waits *without reaping* (`WNOWAIT`), so it never blocks while holding the lock.
+
+use std::collections::HashMap;
+use std::process::{Child, Command};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+#[derive(Default)]
+struct Registry {
+    waiting: HashMap<i32, oneshot::Sender<Exit>>,
+}
+
+pub struct Reaper {
+    registry: Mutex<Registry>,
+    /// Wakes the reaper thread when it slept for lack of children.
+    spawned: Condvar,
+}
+
+static REAPER: OnceLock<Arc<Reaper>> = OnceLock::new();
+
+impl Reaper {
+    /// The process-wide reaper (waiting for "any child" is process-wide, so there is one).
+    /// The first call makes this process a child subreaper and starts the thread.
+    pub fn get() -> anyhow::Result<Arc<Reaper>> {
+        if let Some(r) = REAPER.get() {
+            return Ok(r.clone());
+        }
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| anyhow::anyhow!("cannot become a child subreaper: {e}"))?;
+        // A parent may have left SIGCHLD ignored, which makes the kernel discard exit statuses.
+        // SAFETY: restoring the default disposition installs no handler code.
+        unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGCHLD,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("cannot reset SIGCHLD: {e}"))?;
+        let reaper = REAPER
+            .get_or_init(|| {
+                let r = Arc::new(Reaper {
+                    registry: Mutex::new(Registry::default()),
+                    spawned: Condvar::new(),
+                });
+                let thread_ref = r.clone();
+                let started = std::thread::Builder::new()
+                    .name("dgl-agent-reaper".into())
+                    .spawn(move || thread_ref.run());
+                if let Err(e) = started {
+                    tracing::error!("cannot start the reaper thread: {e}");
+                }
+                r
+            })
+            .clone();
+        Ok(reaper)
+    }
+
+    /// Spawns `cmd` and registers it; its exit status arrives on the returned receiver.
+    /// Blocking (fork/exec): call from a blocking context.
+    pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<(Child, oneshot::Receiver<Exit>)> {
+        let mut reg = self.lock();
+        let child = cmd.spawn()?;
+        let (tx, rx) = oneshot::channel();
+        reg.waiting.insert(child.id() as i32, tx);
+        drop(reg);
+        self.spawned.notify_one();
+        Ok((child, rx))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic elsewhere while holding the lock leaves a usable map; keep going.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(&self) {
+        loop {
+            match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                Ok(_) => self.reap_all(),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::ECHILD) => {
+                    // No children: sleep until a spawn (bounded, in case one is missed).
+                    let reg = self.lock();
+                    let _ = self.spawned.wait_timeout(reg, Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::error!("waitid failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Reaps every child that has exited, delivering statuses of registered ones.
+    fn reap_all(&self) {
+        loop {
+            let mut reg = self.lock();
+            let (pid, exit) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Exit::Signal(sig as i32)),
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::error!("waitpid failed: {e}");
+                    return;
+                }
+            };
+            if let Some(tx) = reg.waiting.remove(&pid.as_raw()) {
+                let _ = tx.send(exit);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_and_signals_are_delivered() {
+        let r = Reaper::get().unwrap();
+        let (_c, rx) = r.spawn(Command::new("sh").args(["-c", "exit 7"])).unwrap();
+        assert_eq!(rx.blocking_recv().unwrap(), Exit::Code(7));
+        let (_c, rx) = r
+            .spawn(Command::new("sh").args(["-c", "kill -9 $$"]))
+            .unwrap();
+        assert_eq!(rx.blocking_recv().unwrap(), Exit::Signal(9));
+        // Instant exits, many at once: none may be lost to the registration race.
+        let rxs: Vec<_> = (0..50)
+            .map(|_| r.spawn(&mut Command::new("true")).unwrap().1)
+            .collect();
+        for rx in rxs {
+            assert_eq!(rx.blocking_recv().unwrap(), Exit::Code(0));
+        }
+    }
+
+    #[test]
+    fn a_failed_exec_is_an_error_not_a_panic() {
+        let r = Reaper::get().unwrap();
+        for _ in 0..20 {
+            assert!(r
+                .spawn(&mut Command::new("/nonexistent/dglrun-test"))
+                .is_err());
+        }
+    }
+}

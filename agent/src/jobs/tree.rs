@@ -1,0 +1,364 @@
+//! Which live processes belong to a job, read from `/proc`.
+//!
+//! A process group is not enough to find a job's processes: torchrun starts each worker in a
+//! new session, DGL's samplers are children of the trainers, and a daemon may `setsid()` and
+//! double-fork. So a job's members are
+//!   * its direct children still running (the seeds),
+//!   * every process whose initial environment carries the job's marker variables (inherited by
+//!     all descendants unless one deliberately scrubs its environment, even across setsid), and
+//!   * every descendant of either, by parent pid.
+//!
+//! Orphans are reparented to the agent (it is a child subreaper), so they never escape to init
+//! and the marker still identifies them.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+
+/// Largest `/proc/<pid>/environ` the scan reads; the marker is looked for in this prefix only.
+const MAX_ENVIRON_BYTES: u64 = 4 << 20;
+
+/// One process as `/proc/<pid>/stat` describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcEntry {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    /// The state letter: R, S, D, Z (zombie), T, X (dead), ...
+    pub state: char,
+}
+
+impl ProcEntry {
+    /// A zombie has finished running; it only waits to be reaped, so it is not "left over".
+    pub fn is_alive(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parses the content of `/proc/<pid>/stat`: `pid (comm) state ppid pgrp ...`.
+///
+/// `comm` may contain spaces and parentheses, so the fields are taken after the *last* `)`.
+pub fn parse_stat(text: &str) -> Option<ProcEntry> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let pid = text.get(..open)?.trim().parse().ok()?;
+    let mut rest = text.get(close + 1..)?.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    let pgid = rest.next()?.parse().ok()?;
+    Some(ProcEntry {
+        pid,
+        ppid,
+        pgid,
+        state,
+    })
+}
+
+/// True when every entry of `marker` (each `NAME=value`) is one of the NUL-separated
+/// entries of `environ`.
+pub fn environ_has(environ: &[u8], marker: &[Vec<u8>]) -> bool {
+    marker.iter().all(|m| {
+        environ
+            .split(|&b| b == 0)
+            .any(|entry| entry == m.as_slice())
+    })
+}
+
+/// All processes visible under `proc_root` (normally `/proc`). Processes that vanish while
+/// being read are skipped.
+pub fn snapshot(proc_root: &Path) -> Vec<ProcEntry> {
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.parse::<i32>().is_err() {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some(p) = parse_stat(&text) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A process's initial environment (bounded); None when it is gone or not readable.
+pub fn read_environ(proc_root: &Path, pid: i32) -> Option<Vec<u8>> {
+    let f = std::fs::File::open(proc_root.join(pid.to_string()).join("environ")).ok()?;
+    let mut buf = Vec::new();
+    f.take(MAX_ENVIRON_BYTES).read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
+/// What identifies a job's processes.
+#[derive(Clone, Debug, Default)]
+pub struct MemberQuery {
+    /// Direct children not yet reaped.
+    pub seeds: Vec<i32>,
+    /// Environment entries (`NAME=value`) every process of the job inherited.
+    pub marker: Vec<Vec<u8>>,
+    /// Never reported as a member: the agent itself.
+    pub exclude: i32,
+    /// Only processes descending from this pid are checked for the marker. The agent is a
+    /// child subreaper, so every orphan of its jobs is reparented into its own subtree; reading
+    /// just those environments keeps a scan cheap on a busy host and keeps agents that share a
+    /// host out of each other's jobs. None: every process is checked.
+    pub within: Option<i32>,
+}
+
+/// The live members of a job among `procs`; `environ` reads a process's environment.
+pub fn members_in(
+    procs: &[ProcEntry],
+    query: &MemberQuery,
+    mut environ: impl FnMut(i32) -> Option<Vec<u8>>,
+) -> Vec<ProcEntry> {
+    let seeds: HashSet<i32> = query.seeds.iter().copied().collect();
+    let mut children: HashMap<i32, Vec<usize>> = HashMap::new();
+    for (i, p) in procs.iter().enumerate() {
+        children.entry(p.ppid).or_default().push(i);
+    }
+    let inside = match query.within {
+        Some(top) => subtree(procs, &children, top),
+        None => vec![true; procs.len()],
+    };
+    let mut chosen = vec![false; procs.len()];
+    let mut queue = Vec::new();
+    for (i, p) in procs.iter().enumerate() {
+        if p.pid == query.exclude || p.pid <= 1 || !inside[i] {
+            continue;
+        }
+        // Zombies have no environ to read and no children left; skipping them saves reads.
+        let mut by_marker = || {
+            p.is_alive()
+                && !query.marker.is_empty()
+                && environ(p.pid).is_some_and(|e| environ_has(&e, &query.marker))
+        };
+        if seeds.contains(&p.pid) || by_marker() {
+            chosen[i] = true;
+            queue.push(p.pid);
+        }
+    }
+    while let Some(pid) = queue.pop() {
+        for &c in children.get(&pid).map(Vec::as_slice).unwrap_or(&[]) {
+            if !chosen[c] && procs[c].pid != query.exclude {
+                chosen[c] = true;
+                queue.push(procs[c].pid);
+            }
+        }
+    }
+    procs
+        .iter()
+        .zip(chosen)
+        .filter(|(p, c)| *c && p.is_alive())
+        .map(|(p, _)| *p)
+        .collect()
+}
+
+/// Marks the processes below `top` (not `top` itself).
+fn subtree(procs: &[ProcEntry], children: &HashMap<i32, Vec<usize>>, top: i32) -> Vec<bool> {
+    let mut inside = vec![false; procs.len()];
+    let mut queue = vec![top];
+    while let Some(pid) = queue.pop() {
+        for &c in children.get(&pid).map(Vec::as_slice).unwrap_or(&[]) {
+            if !inside[c] {
+                inside[c] = true;
+                queue.push(procs[c].pid);
+            }
+        }
+    }
+    inside
+}
+
+/// The live members of a job right now, from `proc_root` (normally `/proc`).
+/// Blocking: reads many small files.
+pub fn members(proc_root: &Path, query: &MemberQuery) -> Vec<ProcEntry> {
+    let procs = snapshot(proc_root);
+    members_in(&procs, query, |pid| read_environ(proc_root, pid))
+}
+
+/// Process groups that may be signalled as a whole: every process of the group in `all`
+/// is a member, and it is not the agent's own group. Signalling the group as well as each
+/// pid catches a child forked between the scan and the signal.
+pub fn whole_groups(members: &[ProcEntry], all: &[ProcEntry], own_pgid: i32) -> Vec<i32> {
+    let member_pids: HashSet<i32> = members.iter().map(|p| p.pid).collect();
+    let mut groups: Vec<i32> = members.iter().map(|p| p.pgid).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups.retain(|&g| {
+        g > 1
+            && g != own_pgid
+            && all
+                .iter()
+                .filter(|p| p.pgid == g && p.is_alive())
+                .all(|p| member_pids.contains(&p.pid))
+    });
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pid: i32, ppid: i32, pgid: i32, state: char) -> ProcEntry {
+        ProcEntry {
+            pid,
+            ppid,
+            pgid,
+            state,
+        }
+    }
+
+    #[test]
+    fn stat_lines_with_odd_command_names_parse() {
+        let e = parse_stat("1234 (python3) S 1 1234 1234 0 -1 4194560 100").unwrap();
+        assert_eq!(e, p(1234, 1, 1234, 'S'));
+        let e = parse_stat("77 (a) b (c)) Z 5 9 9 0").unwrap();
+        assert_eq!(e, p(77, 5, 9, 'Z'));
+        assert!(!e.is_alive());
+        assert!(parse_stat("garbage").is_none());
+        assert!(parse_stat("12 (x) S notanumber 3").is_none());
+    }
+
+    #[test]
+    fn environ_marker_matches_whole_entries_only() {
+        let env = b"A=1\0DGLRUN_JOB_ID=j1\0DGLRUN_AGENT=/r\0".to_vec();
+        let m = |s: &[&str]| s.iter().map(|x| x.as_bytes().to_vec()).collect::<Vec<_>>();
+        assert!(environ_has(
+            &env,
+            &m(&["DGLRUN_JOB_ID=j1", "DGLRUN_AGENT=/r"])
+        ));
+        assert!(!environ_has(&env, &m(&["DGLRUN_JOB_ID=j"])));
+        assert!(!environ_has(
+            &env,
+            &m(&["DGLRUN_JOB_ID=j1", "DGLRUN_AGENT=/r2"])
+        ));
+        assert!(environ_has(b"X=1", &m(&["X=1"])));
+    }
+
+    #[test]
+    fn members_are_seeds_marked_processes_and_their_descendants() {
+        // 100 = agent. 200 direct child; 201 its child; 202 grandchild in its own session;
+        // 300 an orphan adopted by the agent that still carries the marker; 301 its child
+        // whose environment was scrubbed; 400 unrelated; 500 marked zombie; 600 marked but of
+        // another job.
+        let procs = vec![
+            p(1, 0, 1, 'S'),
+            p(100, 1, 100, 'S'),
+            p(200, 100, 200, 'S'),
+            p(201, 200, 200, 'R'),
+            p(202, 201, 202, 'S'),
+            p(300, 100, 300, 'S'),
+            p(301, 300, 300, 'S'),
+            p(400, 1, 400, 'S'),
+            p(500, 100, 500, 'Z'),
+            p(600, 100, 600, 'S'),
+        ];
+        let marker = vec![b"DGLRUN_JOB_ID=j".to_vec()];
+        let envs = |pid: i32| -> Option<Vec<u8>> {
+            match pid {
+                300 | 500 => Some(b"DGLRUN_JOB_ID=j".to_vec()),
+                600 => Some(b"DGLRUN_JOB_ID=other".to_vec()),
+                _ => Some(Vec::new()),
+            }
+        };
+        let mut q = MemberQuery {
+            seeds: vec![200],
+            marker,
+            exclude: 100,
+            within: Some(100),
+        };
+        let mut got: Vec<i32> = members_in(&procs, &q, envs).iter().map(|p| p.pid).collect();
+        got.sort();
+        assert_eq!(got, [200, 201, 202, 300, 301]);
+        // A marked process outside the agent's subtree belongs to another agent's job.
+        let mut procs = procs;
+        procs.push(p(700, 1, 700, 'S'));
+        let envs = |pid: i32| (pid == 700 || pid == 300).then(|| b"DGLRUN_JOB_ID=j".to_vec());
+        let mut got: Vec<i32> = members_in(&procs, &q, envs).iter().map(|p| p.pid).collect();
+        got.sort();
+        assert_eq!(got, [200, 201, 202, 300, 301]);
+        q.within = None;
+        let mut got: Vec<i32> = members_in(&procs, &q, envs).iter().map(|p| p.pid).collect();
+        got.sort();
+        assert_eq!(got, [200, 201, 202, 300, 301, 700]);
+    }
+
+    #[test]
+    fn the_agent_itself_is_never_a_member() {
+        let procs = vec![p(100, 1, 100, 'S'), p(200, 100, 200, 'S')];
+        let q = MemberQuery {
+            seeds: vec![100, 200],
+            marker: vec![],
+            exclude: 100,
+            within: None,
+        };
+        let got: Vec<i32> = members_in(&procs, &q, |_| None)
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        assert_eq!(got, [200]);
+    }
+
+    #[test]
+    fn groups_are_signalled_whole_only_when_all_theirs() {
+        let procs = vec![
+            p(100, 1, 100, 'S'),
+            p(200, 100, 200, 'S'),
+            p(201, 200, 200, 'S'),
+            p(300, 100, 300, 'S'),
+            p(301, 1, 300, 'S'),   // not a member, same group
+            p(400, 100, 100, 'S'), // in the agent's group
+        ];
+        let members = vec![procs[1], procs[2], procs[3], procs[5]];
+        assert_eq!(whole_groups(&members, &procs, 100), [200]);
+    }
+
+    #[test]
+    fn a_real_process_tree_is_found_by_marker_after_setsid() {
+        use std::process::{Command, Stdio};
+        let tag = format!("DGLRUN_TREE_TEST={}", std::process::id());
+        let (name, value) = tag.split_once('=').unwrap();
+        // The shell starts a setsid'd sleeper and exits at once; the sleeper keeps the marker.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $!")
+            .env(name, value)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        // The agent's reaper may run in this test process and collect the status first.
+        let _ = child.wait();
+        let sleeper: i32 = out.trim().parse().unwrap();
+        let q = MemberQuery {
+            seeds: vec![],
+            marker: vec![tag.into_bytes()],
+            exclude: std::process::id() as i32,
+            within: None,
+        };
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = members(Path::new("/proc"), &q);
+            if found.iter().any(|p| p.pid == sleeper) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sleeper),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        assert!(found.iter().any(|p| p.pid == sleeper), "{found:?}");
+    }
+}

@@ -1,0 +1,134 @@
+//! The outcome of a copy: per host and per file, as a table for people and JSON for scripts.
+
+use std::fmt::Write;
+
+use indicatif::HumanBytes;
+use serde::Serialize;
+
+use super::hashing::HashStats;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileOutcome {
+    /// Sent (whole or resumed) and verified by the agent.
+    Sent,
+    /// Already on the host with the same size and digest.
+    Skipped,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FileReport {
+    /// Path on the host (relative to the agent's root unless the workspace is absolute).
+    pub path: String,
+    pub status: FileOutcome,
+    pub size: u64,
+    /// Bytes sent in this run (less than `size` when a transfer resumed).
+    pub bytes_sent: u64,
+    /// Where the last attempt started: > 0 when it resumed a partial file.
+    pub resumed_from: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HostReport {
+    pub rank: usize,
+    pub addr: String,
+    pub files_sent: usize,
+    pub files_skipped: usize,
+    pub files_failed: usize,
+    pub bytes_sent: u64,
+    pub seconds: f64,
+    pub bytes_per_second: f64,
+    /// Problems of the host as a whole (unreachable, not verified).
+    pub errors: Vec<String>,
+    pub files: Vec<FileReport>,
+}
+
+impl HostReport {
+    pub fn name(&self) -> String {
+        format!("m{} ({})", self.rank, self.addr)
+    }
+
+    pub fn ok(&self) -> bool {
+        self.files_failed == 0 && self.errors.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LaunchHint {
+    pub workspace: String,
+    pub part_config: String,
+    pub ip_config: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CopyReport {
+    /// True only if every host verified every file.
+    pub ok: bool,
+    pub hosts: Vec<HostReport>,
+    pub bytes_sent: u64,
+    pub seconds: f64,
+    pub hashing: HashStats,
+    /// The values to pass to `dgl-coord launch`.
+    pub launch: LaunchHint,
+}
+
+impl CopyReport {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The table printed at the end of a copy.
+    pub fn to_human(&self) -> String {
+        let mut out = String::new();
+        let width = self.hosts.iter().map(|h| h.name().len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(
+            out,
+            "{:width$}  {:>6}  {:>7}  {:>6}  {:>11}  {:>8}  {:>12}",
+            "host", "sent", "skipped", "failed", "bytes", "time", "rate"
+        );
+        for h in &self.hosts {
+            let _ = writeln!(
+                out,
+                "{:width$}  {:>6}  {:>7}  {:>6}  {:>11}  {:>7.2}s  {:>10}/s",
+                h.name(),
+                h.files_sent,
+                h.files_skipped,
+                h.files_failed,
+                HumanBytes(h.bytes_sent).to_string(),
+                h.seconds,
+                HumanBytes(h.bytes_per_second as u64).to_string(),
+            );
+        }
+        for h in self.hosts.iter().filter(|h| !h.ok()) {
+            for e in &h.errors {
+                let _ = writeln!(out, "error: {}: {e}", h.name());
+            }
+            for f in h.files.iter().filter(|f| f.status == FileOutcome::Failed) {
+                let why = f.error.as_deref().unwrap_or("failed");
+                let _ = writeln!(out, "error: {}: {}: {why}", h.name(), f.path);
+            }
+        }
+        let files: usize = self.hosts.iter().map(|h| h.files.len()).sum();
+        if self.ok {
+            let _ = writeln!(
+                out,
+                "all {} hosts verified all {files} files ({} sent in {:.2}s)",
+                self.hosts.len(),
+                HumanBytes(self.bytes_sent),
+                self.seconds
+            );
+            let _ = writeln!(
+                out,
+                "launch with: dgl-coord launch --workspace {} --part_config {} --ip_config {} ...",
+                self.launch.workspace, self.launch.part_config, self.launch.ip_config
+            );
+        } else {
+            let bad = self.hosts.iter().filter(|h| !h.ok()).count();
+            let _ = writeln!(out, "copy failed on {bad} of {} hosts", self.hosts.len());
+        }
+        out
+    }
+}

@@ -1,0 +1,269 @@
+//! The user's command: where its python is, how torchrun is wrapped around it, and whether it
+//! can run as a plain argv or needs `sh -c`.
+
+use serde::Serialize;
+
+/// How a process is started on its host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandLine {
+    /// Executed directly: no shell, so nothing in it is interpreted.
+    Argv(Vec<String>),
+    /// Run by `sh -c`: the user wrote a shell chain (`cd code && python3 ...`), redirections,
+    /// variables or globs.
+    Shell(String),
+}
+
+impl CommandLine {
+    /// The command as one line, as a shell would read it (for display and comparisons).
+    pub fn display(&self) -> String {
+        match self {
+            CommandLine::Shell(s) => s.clone(),
+            CommandLine::Argv(args) => args.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "),
+        }
+    }
+}
+
+/// `word` as a POSIX shell reads it back: bare when it has only safe characters, else in
+/// single quotes.
+pub fn quote(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// Argv when the command is a plain list of words (quotes allowed), `sh -c` as soon as it uses
+/// anything a shell would interpret: operators, redirections, expansions, globs, comments,
+/// `~`, or a leading `NAME=value` assignment.
+pub fn parse(command: &str) -> CommandLine {
+    if needs_shell(command) {
+        return CommandLine::Shell(command.to_string());
+    }
+    match shlex::split(command) {
+        Some(words) if !words.is_empty() && !is_assignment(&words[0]) => CommandLine::Argv(words),
+        // Unbalanced quotes and the like: let the shell report it in its own words.
+        _ => CommandLine::Shell(command.to_string()),
+    }
+}
+
+fn is_assignment(word: &str) -> bool {
+    word.split_once('=').is_some_and(|(name, _)| {
+        let mut c = name.chars();
+        matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_')
+            && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+    })
+}
+
+/// True if a POSIX shell would do more with `s` than split it into (possibly quoted) words.
+fn needs_shell(s: &str) -> bool {
+    #[derive(PartialEq)]
+    enum Q {
+        None,
+        Single,
+        Double,
+    }
+    let mut q = Q::None;
+    let mut escaped = false;
+    let mut word_start = true;
+    for c in s.chars() {
+        if escaped {
+            escaped = false;
+            word_start = false;
+            continue;
+        }
+        match q {
+            Q::Single => {
+                if c == '\'' {
+                    q = Q::None;
+                }
+            }
+            Q::Double => match c {
+                '"' => q = Q::None,
+                '\\' => escaped = true,
+                '$' | '`' => return true,
+                _ => {}
+            },
+            Q::None => match c {
+                '\'' => q = Q::Single,
+                '"' => q = Q::Double,
+                '\\' => escaped = true,
+                '|' | '&' | ';' | '<' | '>' | '(' | ')' | '$' | '`' | '*' | '?' | '[' | ']'
+                | '{' | '}' | '\n' | '\r' => return true,
+                '#' | '~' if word_start => return true,
+                _ => {}
+            },
+        }
+        word_start = q == Q::None && c.is_whitespace();
+    }
+    false
+}
+
+/// Where the python interpreter is in a command: the first whitespace-separated word whose file
+/// name is `python`, `python3`, `python3.11`, ... (possibly a path such as `/usr/bin/python3`).
+/// Returns the byte range of that word.
+pub fn find_python(command: &str) -> Option<std::ops::Range<usize>> {
+    let mut pos = 0;
+    for word in command.split_whitespace() {
+        // `split_whitespace` hands out subslices; find this one's offset.
+        let start = command[pos..].find(word).map(|i| i + pos)?;
+        let end = start + word.len();
+        pos = end;
+        let name = word.rsplit('/').next().unwrap_or(word);
+        if is_python_name(name) {
+            return Some(start..end);
+        }
+    }
+    None
+}
+
+/// `python\d*(\.\d+)?`
+fn is_python_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("python") else {
+        return false;
+    };
+    let (major, minor) = match rest.split_once('.') {
+        Some((a, b)) => (a, Some(b)),
+        None => (rest, None),
+    };
+    major.chars().all(|c| c.is_ascii_digit())
+        && minor.is_none_or(|m| {
+            !m.is_empty() && !major.is_empty() && m.chars().all(|c| c.is_ascii_digit())
+        })
+}
+
+/// torchrun's options as DGL's launch.py passes them.
+#[derive(Clone, Debug)]
+pub struct TorchRun {
+    pub nproc_per_node: u32,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    pub master_port: String,
+}
+
+/// Inserts `-m torch.distributed.run ...` right after the command's python interpreter.
+///
+/// DGL replaces every occurrence of the first allowlisted name it finds (so `python3.11` gets
+/// wrapped as `python3 -m ... .11`); this wraps exactly the first interpreter word.
+pub fn wrap_torchrun(command: &str, t: &TorchRun) -> Result<String, String> {
+    let at = find_python(command).ok_or_else(|| {
+        format!(
+            "no python interpreter found in the command {command:?}: torchrun mode starts \
+             `python -m torch.distributed.run` in its place. Name the interpreter (python, \
+             python3, python3.11 or a path to one), or use --trainer-mode direct"
+        )
+    })?;
+    let args = format!(
+        " -m torch.distributed.run --nproc_per_node={} --nnodes={} --node_rank={} \
+         --master_addr={} --master_port={}",
+        t.nproc_per_node, t.nnodes, t.node_rank, t.master_addr, t.master_port
+    );
+    let mut out = String::with_capacity(command.len() + args.len());
+    out.push_str(&command[..at.end]);
+    out.push_str(&args);
+    out.push_str(&command[at.end..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(v: &[&str]) -> CommandLine {
+        CommandLine::Argv(v.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn quoting_round_trips() {
+        for w in ["--x=1", "a b", "it's", "", "$HOME", "a\"b"] {
+            assert_eq!(shlex::split(&quote(w)).unwrap(), [w]);
+        }
+        assert_eq!(quote("--master_port=1"), "--master_port=1");
+    }
+
+    #[test]
+    fn plain_words_run_without_a_shell() {
+        assert_eq!(
+            parse("python3 train.py --lr 0.1 --name 'my graph'"),
+            argv(&["python3", "train.py", "--lr", "0.1", "--name", "my graph"])
+        );
+        assert_eq!(
+            parse("python3 a.py --x=a#b"),
+            argv(&["python3", "a.py", "--x=a#b"])
+        );
+        assert_eq!(
+            parse("python3 'a;b' \"c&d\""),
+            argv(&["python3", "a;b", "c&d"])
+        );
+    }
+
+    #[test]
+    fn shell_syntax_runs_under_sh() {
+        for s in [
+            "cd code && python3 train.py",
+            "python3 a.py > log.txt",
+            "python3 a.py; echo done",
+            "python3 a.py $HOME",
+            "python3 a.py \"$HOME\"",
+            "python3 *.py",
+            "python3 ~/a.py",
+            "OMP_NUM_THREADS=1 python3 a.py",
+            "python3 a.py # comment",
+            "python3 a.py `date`",
+            "python3 'unbalanced",
+            "python3 a.py | tee x",
+        ] {
+            assert!(matches!(parse(s), CommandLine::Shell(_)), "{s}");
+        }
+    }
+
+    #[test]
+    fn the_interpreter_is_found_by_file_name() {
+        let find = |s: &str| find_python(s).map(|r| s[r].to_string());
+        assert_eq!(find("python3 a.py").as_deref(), Some("python3"));
+        assert_eq!(
+            find("cd x && python3.11 a.py").as_deref(),
+            Some("python3.11")
+        );
+        assert_eq!(
+            find("/usr/bin/python3 a.py").as_deref(),
+            Some("/usr/bin/python3")
+        );
+        assert_eq!(find("python a.py").as_deref(), Some("python"));
+        assert_eq!(find("ipython a.py"), None);
+        assert_eq!(find("python3x a.py"), None);
+        assert_eq!(find("python3. a.py"), None);
+        assert_eq!(
+            find("./mypython_script.py python3 x"),
+            Some("python3".into())
+        );
+        assert_eq!(find("bash run.sh"), None);
+    }
+
+    #[test]
+    fn torchrun_goes_right_after_the_interpreter() {
+        let t = TorchRun {
+            nproc_per_node: 2,
+            nnodes: 3,
+            node_rank: 1,
+            master_addr: "10.0.0.1".into(),
+            master_port: "1234".into(),
+        };
+        let args = "-m torch.distributed.run --nproc_per_node=2 --nnodes=3 --node_rank=1 \
+                    --master_addr=10.0.0.1 --master_port=1234";
+        assert_eq!(
+            wrap_torchrun("cd code && python3.11 train.py --x python3", &t).unwrap(),
+            format!("cd code && python3.11 {args} train.py --x python3")
+        );
+        assert_eq!(
+            wrap_torchrun("/opt/py/bin/python train.py", &t).unwrap(),
+            format!("/opt/py/bin/python {args} train.py")
+        );
+        assert!(wrap_torchrun("./train.sh", &t)
+            .unwrap_err()
+            .contains("--trainer-mode direct"));
+    }
+}

@@ -1,0 +1,677 @@
+//! Carrying out a plan: spawn servers then trainers on every host, follow every host's events,
+//! keep the leases, and tear the whole job down on the first failure, a lost agent, or a
+//! signal.
+//!
+//! One loop owns all state. Per host, a watch task forwards the job's events (reconnecting
+//! from the last seq it saw) and a renew task keeps the lease; both report a lost agent. Stops
+//! run as tasks too, so output keeps flowing while the agents stop the job.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use dglrun_proto::pb::{self, job_event::Event, OutputStream};
+use futures::FutureExt;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::output::{note, print_line};
+use super::plan::{PlannedProcess, Role};
+use super::summary::{self, Row};
+use crate::cluster::Host;
+
+/// stderr lines kept per process for the failure report.
+const TAIL_LINES: usize = 10;
+/// Longest tail line kept (characters).
+const TAIL_LINE_CHARS: usize = 500;
+/// After every agent confirmed the stop, how long to wait for the last exit events.
+const DRAIN: Duration = Duration::from_secs(3);
+/// A Spawn is a fork per process; anything slower means the agent is in trouble.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug)]
+pub struct DriverOptions {
+    pub job_id: String,
+    pub workspace: String,
+    /// SIGTERM to SIGKILL when stopping.
+    pub grace: Duration,
+    /// Lease sent to the agents; renewed every lease/4.
+    pub lease: Duration,
+    /// When the command started (for the start-up figure).
+    pub started: Instant,
+}
+
+enum Msg {
+    Event {
+        host: usize,
+        ev: pb::JobEvent,
+    },
+    /// The agent ended the event stream (it forgot the job or is shutting down).
+    StreamEnded {
+        host: usize,
+    },
+    Lost {
+        host: usize,
+        reason: String,
+    },
+    Stopped {
+        host: usize,
+        result: Result<pb::StopReply, String>,
+    },
+}
+
+/// Why the job is being stopped.
+#[derive(Clone, Debug)]
+enum Reason {
+    Success,
+    Failed { host: usize, label: String },
+    SpawnFailed { host: usize, message: String },
+    Lost { host: usize, reason: String },
+    Signal(i32),
+}
+
+struct Proc {
+    role: Role,
+    pid: Option<u32>,
+    exit: Option<pb::ProcessExited>,
+    stderr_tail: VecDeque<String>,
+}
+
+struct Stopping {
+    reason: Reason,
+    since: Instant,
+    pending: HashSet<usize>,
+    forced: bool,
+    confirmed: Option<Instant>,
+}
+
+struct Driver {
+    hosts: Vec<Host>,
+    o: DriverOptions,
+    plan: Vec<PlannedProcess>,
+    /// (host rank, label) -> state; labels are unique per machine.
+    procs: HashMap<(usize, String), Proc>,
+    /// (host rank, agent index) -> label.
+    index: HashMap<(usize, u32), String>,
+    trainers_left: usize,
+    stopping: Option<Stopping>,
+    /// Hosts whose events can no longer arrive.
+    silent: HashSet<usize>,
+    tx: mpsc::Sender<Msg>,
+    tasks: JoinSet<()>,
+    all_started: Option<Instant>,
+    signals: u32,
+}
+
+pub async fn run(
+    hosts: Vec<Host>,
+    plan: Vec<PlannedProcess>,
+    o: DriverOptions,
+) -> anyhow::Result<u8> {
+    let (tx, mut rx) = mpsc::channel(4096);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let procs = plan
+        .iter()
+        .map(|p| {
+            (
+                (p.machine, p.label.clone()),
+                Proc {
+                    role: p.role,
+                    pid: None,
+                    exit: None,
+                    stderr_tail: VecDeque::new(),
+                },
+            )
+        })
+        .collect();
+    let mut d = Driver {
+        trainers_left: plan.iter().filter(|p| p.role.is_trainer()).count(),
+        hosts,
+        o,
+        plan,
+        procs,
+        index: HashMap::new(),
+        stopping: None,
+        silent: HashSet::new(),
+        tx,
+        tasks: JoinSet::new(),
+        all_started: None,
+        signals: 0,
+    };
+
+    // Servers everywhere first, then trainers: DGL's clients expect their servers up.
+    for trainers in [false, true] {
+        d.spawn_phase(trainers).await;
+        if !trainers {
+            // The job now exists on every host: follow its events and keep its lease.
+            for h in 0..d.hosts.len() {
+                d.start_host_tasks(h);
+            }
+        }
+        // A signal that arrived while spawning is handled before the next phase.
+        if sigint.recv().now_or_never().is_some() {
+            d.on_signal(2);
+        }
+        if sigterm.recv().now_or_never().is_some() {
+            d.on_signal(15);
+        }
+        if d.stopping.is_some() {
+            break;
+        }
+    }
+    if d.stopping.is_none() {
+        d.all_started = Some(Instant::now());
+    }
+
+    loop {
+        if d.finished() {
+            break;
+        }
+        let drain_deadline = d
+            .stopping
+            .as_ref()
+            .and_then(|s| s.confirmed)
+            .map(|t| tokio::time::Instant::from_std(t + DRAIN));
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => d.handle(m),
+                None => break,
+            },
+            _ = sigint.recv() => d.on_signal(2),
+            _ = sigterm.recv() => d.on_signal(15),
+            _ = sleep_until(drain_deadline) => break,
+        }
+        if d.signals >= 3 {
+            note("third signal: leaving without waiting; the agents stop what is left when the lease runs out");
+            break;
+        }
+    }
+    d.tasks.abort_all();
+    Ok(d.finish())
+}
+
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    d.as_millis().min(u32::MAX as u128) as u32
+}
+
+impl Driver {
+    fn prefix(&self, host: usize, label: &str) -> String {
+        format!("m{host} {label}")
+    }
+
+    /// Spawns the servers (`trainers` false) or the trainers of every host at once.
+    async fn spawn_phase(&mut self, trainers: bool) {
+        let calls = self.hosts.iter().map(|h| {
+            let specs: Vec<pb::ProcessSpec> = self
+                .plan
+                .iter()
+                .filter(|p| p.machine == h.rank && p.role.is_trainer() == trainers)
+                .map(to_spec)
+                .collect();
+            let req = pb::SpawnRequest {
+                job_id: self.o.job_id.clone(),
+                workspace: self.o.workspace.clone(),
+                processes: specs,
+                lease_ms: millis(self.o.lease),
+            };
+            let mut client = h.client.clone();
+            let rank = h.rank;
+            async move {
+                if req.processes.is_empty() {
+                    return (rank, Ok(pb::SpawnReply::default()));
+                }
+                let r = tokio::time::timeout(SPAWN_TIMEOUT, client.spawn(req)).await;
+                let r = match r {
+                    Ok(Ok(reply)) => Ok(reply.into_inner()),
+                    Ok(Err(s)) => Err(s.message().to_string()),
+                    Err(_) => Err("the agent did not answer Spawn in time".to_string()),
+                };
+                (rank, r)
+            }
+        });
+        for (rank, r) in futures::future::join_all(calls).await {
+            match r {
+                Ok(reply) => {
+                    for p in reply.processes {
+                        self.note_started(rank, p.index, &p.label, p.pid);
+                    }
+                }
+                Err(message) => {
+                    if self.stopping.is_none() {
+                        note(&format!("{}: {message}", self.hosts[rank].name()));
+                        self.begin_stop(Reason::SpawnFailed {
+                            host: rank,
+                            message,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn note_started(&mut self, host: usize, index: u32, label: &str, pid: u32) {
+        self.index.insert((host, index), label.to_string());
+        if let Some(p) = self.procs.get_mut(&(host, label.to_string())) {
+            p.pid = Some(pid);
+        }
+    }
+
+    fn start_host_tasks(&mut self, host: usize) {
+        let h = &self.hosts[host];
+        self.tasks.spawn(watch_host(
+            host,
+            h.client.clone(),
+            self.o.job_id.clone(),
+            self.tx.clone(),
+            self.o.lease,
+        ));
+        self.tasks.spawn(renew_host(
+            host,
+            h.client.clone(),
+            self.o.job_id.clone(),
+            self.tx.clone(),
+            self.o.lease,
+        ));
+    }
+
+    fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Event { host, ev } => self.on_event(host, ev),
+            Msg::StreamEnded { host } => {
+                self.silent.insert(host);
+                if self.stopping.is_none() {
+                    let reason = "the agent ended the job's event stream (is it shutting down?)";
+                    self.lost(host, reason.to_string());
+                }
+            }
+            Msg::Lost { host, reason } => {
+                if !self.silent.contains(&host) {
+                    self.lost(host, reason);
+                }
+            }
+            Msg::Stopped { host, result } => {
+                match result {
+                    Ok(r) if r.remaining > 0 => note(&format!(
+                        "{}: {} processes survived SIGKILL",
+                        self.hosts[host].name(),
+                        r.remaining
+                    )),
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.silent.insert(host);
+                        note(&format!("{}: stop failed: {e}", self.hosts[host].name()));
+                    }
+                }
+                if let Some(s) = &mut self.stopping {
+                    s.pending.remove(&host);
+                    if s.pending.is_empty() && s.confirmed.is_none() {
+                        s.confirmed = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    fn lost(&mut self, host: usize, reason: String) {
+        self.silent.insert(host);
+        if self.stopping.is_none() {
+            let name = self.hosts[host].name();
+            note(&format!("lost the agent of {name}: {reason}"));
+            self.begin_stop(Reason::Lost { host, reason });
+        } else if let Some(s) = &mut self.stopping {
+            // Its Stop may never return; don't wait for it.
+            s.pending.remove(&host);
+            if s.pending.is_empty() && s.confirmed.is_none() {
+                s.confirmed = Some(Instant::now());
+            }
+        }
+    }
+
+    fn on_event(&mut self, host: usize, ev: pb::JobEvent) {
+        match ev.event {
+            Some(Event::Started(s)) => self.note_started(host, s.index, &s.label, s.pid),
+            Some(Event::Line(l)) => {
+                let label = self
+                    .index
+                    .get(&(host, l.index))
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{}", l.index));
+                let stream = OutputStream::try_from(l.stream).unwrap_or(OutputStream::Stdout);
+                print_line(&self.prefix(host, &label), stream, &l.text);
+                if stream == OutputStream::Stderr {
+                    if let Some(p) = self.procs.get_mut(&(host, label)) {
+                        if p.stderr_tail.len() == TAIL_LINES {
+                            p.stderr_tail.pop_front();
+                        }
+                        let text = String::from_utf8_lossy(&l.text);
+                        p.stderr_tail
+                            .push_back(text.chars().take(TAIL_LINE_CHARS).collect());
+                    }
+                }
+            }
+            Some(Event::LostLines(n)) => note(&format!(
+                "{}: {n} output lines were dropped by the agent before they could be read",
+                self.hosts[host].name()
+            )),
+            Some(Event::Exited(x)) => self.on_exit(host, x),
+            None => {}
+        }
+    }
+
+    fn on_exit(&mut self, host: usize, x: pb::ProcessExited) {
+        let Some(label) = self.index.get(&(host, x.index)).cloned() else {
+            return;
+        };
+        let key = (host, label.clone());
+        let Some(p) = self.procs.get_mut(&key) else {
+            return;
+        };
+        if p.exit.is_some() {
+            return;
+        }
+        p.exit = Some(x);
+        let role = p.role;
+        if summary::is_failure(&x) {
+            if self.stopping.is_none() {
+                note(&format!(
+                    "{} {label} {}; stopping the job on every host",
+                    self.hosts[host].name(),
+                    summary::status_text(&x)
+                ));
+                self.begin_stop(Reason::Failed { host, label });
+            }
+        } else if role.is_trainer() && x.code == 0 && x.signal == 0 {
+            self.trainers_left = self.trainers_left.saturating_sub(1);
+            if self.trainers_left == 0 && self.stopping.is_none() {
+                self.begin_stop(Reason::Success);
+            }
+        }
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        self.signals += 1;
+        let name = summary::signal_name(sig);
+        match &self.stopping {
+            None => {
+                note(&format!(
+                    "{name}: stopping the job on every host (again to kill at once)"
+                ));
+                self.begin_stop(Reason::Signal(sig));
+            }
+            Some(s) if !s.forced => {
+                note(&format!("{name} again: killing every process now"));
+                self.send_stops(true);
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn begin_stop(&mut self, reason: Reason) {
+        self.stopping = Some(Stopping {
+            reason,
+            since: Instant::now(),
+            pending: (0..self.hosts.len())
+                .filter(|h| !self.silent.contains(h))
+                .collect(),
+            forced: false,
+            confirmed: None,
+        });
+        if let Some(s) = &mut self.stopping {
+            if s.pending.is_empty() {
+                s.confirmed = Some(Instant::now());
+            }
+        }
+        self.send_stops(false);
+    }
+
+    fn send_stops(&mut self, force: bool) {
+        let Some(s) = &mut self.stopping else { return };
+        s.forced |= force;
+        let targets: Vec<usize> = s.pending.iter().copied().collect();
+        for host in targets {
+            let mut client = self.hosts[host].client.clone();
+            let tx = self.tx.clone();
+            let req = pb::StopRequest {
+                job_id: self.o.job_id.clone(),
+                grace_ms: millis(self.o.grace),
+                force,
+            };
+            // The agent gives up after grace plus a few seconds of SIGKILL.
+            let limit = self.o.grace + Duration::from_secs(15);
+            self.tasks.spawn(async move {
+                let result = match tokio::time::timeout(limit, client.stop(req)).await {
+                    Ok(Ok(r)) => Ok(r.into_inner()),
+                    // The job never reached that host (or is long gone): nothing to stop.
+                    Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(pb::StopReply::default()),
+                    Ok(Err(s)) => Err(s.message().to_string()),
+                    Err(_) => Err("no answer".to_string()),
+                };
+                let _ = tx.send(Msg::Stopped { host, result }).await;
+            });
+        }
+    }
+
+    /// Stopped everywhere and every started process's exit is known (or cannot come).
+    fn finished(&self) -> bool {
+        let Some(s) = &self.stopping else {
+            return false;
+        };
+        s.confirmed.is_some()
+            && self.procs.iter().all(|((host, _), p)| {
+                p.exit.is_some() || p.pid.is_none() || self.silent.contains(host)
+            })
+    }
+
+    fn finish(self) -> u8 {
+        let worst = self
+            .procs
+            .values()
+            .filter_map(|p| p.exit.as_ref())
+            .filter(|e| summary::is_failure(e))
+            .map(summary::exit_code)
+            .max()
+            .unwrap_or(0);
+        let reason = self.stopping.as_ref().map(|s| s.reason.clone());
+        let code = match &reason {
+            Some(Reason::Success) | None => worst,
+            Some(Reason::Failed { .. }) => worst.max(1),
+            Some(Reason::Signal(sig)) if worst == 0 => (128 + sig) as u8,
+            Some(Reason::Signal(_)) => worst,
+            Some(Reason::SpawnFailed { .. } | Reason::Lost { .. }) => worst.max(1),
+        };
+        match &reason {
+            Some(Reason::Failed { host, label }) => self.report_failure(*host, label),
+            Some(Reason::SpawnFailed { host, message }) => note(&format!(
+                "job failed: {}: {message}",
+                self.hosts[*host].name()
+            )),
+            Some(Reason::Lost { host, reason }) => note(&format!(
+                "job failed: lost the agent of {}: {reason}; its processes are stopped by \
+                 that agent when the lease runs out ({} s)",
+                self.hosts[*host].name(),
+                self.o.lease.as_secs_f64()
+            )),
+            _ => {}
+        }
+        let rows: Vec<Row> = self
+            .plan
+            .iter()
+            .map(|pp| {
+                let p = &self.procs[&(pp.machine, pp.label.clone())];
+                Row {
+                    host: self.hosts[pp.machine].name(),
+                    process: pp.label.clone(),
+                    pid: p.pid,
+                    exit: p.exit,
+                    started: p.pid.is_some(),
+                }
+            })
+            .collect();
+        let mut text = format!("\n{}", summary::render(&rows));
+        if let Some(t) = self.all_started {
+            text.push_str(&format!(
+                "all {} processes started {} ms after the command\n",
+                self.plan.len(),
+                t.duration_since(self.o.started).as_millis()
+            ));
+        }
+        if let Some(s) = &self.stopping {
+            if let Some(c) = s.confirmed {
+                let what = match s.reason {
+                    Reason::Success => "servers stopped",
+                    _ => "job torn down",
+                };
+                text.push_str(&format!(
+                    "{what} {} ms after the stop began\n",
+                    c.duration_since(s.since).as_millis()
+                ));
+            }
+        }
+        text.push_str(&format!("exit code {code}\n"));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
+        code
+    }
+
+    fn report_failure(&self, host: usize, label: &str) {
+        let Some(p) = self.procs.get(&(host, label.to_string())) else {
+            return;
+        };
+        let status = p
+            .exit
+            .as_ref()
+            .map_or("failed".to_string(), summary::status_text);
+        let pid = p.pid.map_or(String::new(), |pid| format!(" (pid {pid})"));
+        let mut msg = format!(
+            "job failed: {} {label}{pid}: {status}\n",
+            self.hosts[host].name()
+        );
+        if p.stderr_tail.is_empty() {
+            msg.push_str("  (it wrote nothing to stderr)");
+        } else {
+            msg.push_str("  last lines of its stderr:");
+            for l in &p.stderr_tail {
+                msg.push_str(&format!("\n  | {l}"));
+            }
+        }
+        note(&msg);
+    }
+}
+
+fn to_spec(p: &PlannedProcess) -> pb::ProcessSpec {
+    use super::command::CommandLine;
+    pb::ProcessSpec {
+        label: p.label.clone(),
+        role: p.role.as_str().to_string(),
+        command: Some(match &p.command {
+            CommandLine::Argv(a) => pb::process_spec::Command::Argv(pb::Argv { args: a.clone() }),
+            CommandLine::Shell(s) => pb::process_spec::Command::Shell(s.clone()),
+        }),
+        env: p.env.clone().into_iter().collect(),
+        cwd: p.cwd.clone(),
+    }
+}
+
+/// Forwards one host's job events; on a broken stream, resumes from the last seq seen. Gives
+/// up (reporting the host lost) when reconnecting fails for a whole lease: by then the agent
+/// has stopped the job anyway.
+async fn watch_host(
+    host: usize,
+    mut client: crate::cluster::Client,
+    job_id: String,
+    tx: mpsc::Sender<Msg>,
+    give_up_after: Duration,
+) {
+    let mut after = 0;
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        let last_error;
+        let req = pb::WatchRequest {
+            job_id: job_id.clone(),
+            after_seq: after,
+        };
+        match client.watch(req).await {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => {
+                            failing_since = None;
+                            after = after.max(ev.seq);
+                            if tx.send(Msg::Event { host, ev }).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            let _ = tx.send(Msg::StreamEnded { host }).await;
+                            return;
+                        }
+                        Err(s) => {
+                            last_error = s.message().to_string();
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                let reason = "the agent no longer knows the job (was it restarted?)".to_string();
+                let _ = tx.send(Msg::Lost { host, reason }).await;
+                return;
+            }
+            Err(s) => last_error = s.message().to_string(),
+        }
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= give_up_after {
+            let reason = format!(
+                "its event stream broke and reconnecting failed for {:.0} s: {last_error}",
+                give_up_after.as_secs_f64()
+            );
+            let _ = tx.send(Msg::Lost { host, reason }).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Renews the job's lease on one host every lease/4; reports the host lost when no renewal
+/// succeeded for a whole lease, or when the agent no longer knows the job.
+async fn renew_host(
+    host: usize,
+    mut client: crate::cluster::Client,
+    job_id: String,
+    tx: mpsc::Sender<Msg>,
+    lease: Duration,
+) {
+    let period = lease / 4;
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(period).await;
+        let req = pb::RenewRequest {
+            job_id: job_id.clone(),
+        };
+        match tokio::time::timeout(lease / 2, client.renew(req)).await {
+            Ok(Ok(r)) if r.get_ref().known => last_ok = Instant::now(),
+            Ok(Ok(_)) => {
+                let reason = "the agent no longer knows the job (was it restarted?)".to_string();
+                let _ = tx.send(Msg::Lost { host, reason }).await;
+                return;
+            }
+            _ if last_ok.elapsed() >= lease => {
+                let reason = format!(
+                    "no answer to lease renewals for {:.1} s",
+                    lease.as_secs_f64()
+                );
+                let _ = tx.send(Msg::Lost { host, reason }).await;
+                return;
+            }
+            _ => {}
+        }
+    }
+}

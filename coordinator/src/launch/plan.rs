@@ -1,0 +1,271 @@
+//! The launch plan: a pure function from the options and the cluster to every process that
+//! will run, with its exact environment and command. It reproduces DGL's tools/launch.py
+//! (checked against `shared/compat/launch_cases.json`), plus the direct trainer mode.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::command::{self, CommandLine, TorchRun};
+use crate::config::Machine;
+
+/// How trainers are started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainerMode {
+    /// As DGL does: one `python -m torch.distributed.run` per machine, which forks the trainers.
+    #[default]
+    Torchrun,
+    /// dglrun starts each trainer itself with the environment torchrun would give it, so
+    /// every rank is supervised and labelled on its own.
+    Direct,
+}
+
+/// launch.py's options.
+#[derive(Clone, Debug)]
+pub struct LaunchOptions {
+    pub workspace: String,
+    pub num_trainers: u32,
+    pub num_samplers: u32,
+    pub num_servers: u32,
+    pub part_config: String,
+    pub ip_config: String,
+    pub num_server_threads: u32,
+    /// None: DGL's default, `max(cpu_count // 2 // num_trainers, 1)` on the launching machine.
+    pub num_omp_threads: Option<u32>,
+    pub graph_format: String,
+    /// `K=V` pairs in the order given.
+    pub extra_envs: Vec<(String, String)>,
+    pub udf_command: String,
+    pub trainer_mode: TrainerMode,
+}
+
+/// Facts about the cluster and the launching machine the plan depends on.
+#[derive(Clone, Debug)]
+pub struct ClusterFacts {
+    pub machines: Vec<Machine>,
+    /// Chosen by machine 0's agent; None for a dry run (shown as `<PORT>`).
+    pub master_port: Option<u16>,
+    /// The launching shell's PYTHONPATH, passed on as DGL does.
+    pub pythonpath: Option<String>,
+    /// The launching shell's OMP_NUM_THREADS: DGL gives it to trainers instead of
+    /// --num_omp_threads.
+    pub omp_num_threads_env: Option<String>,
+    /// CPUs of the launching machine (for DGL's default of --num_omp_threads).
+    pub cpu_count: usize,
+    /// Also torchrun's run id in direct mode.
+    pub job_id: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Server,
+    /// One trainer process (direct mode).
+    Trainer,
+    /// torchrun, which starts the machine's trainers (torchrun mode).
+    TrainerGroup,
+}
+
+impl Role {
+    /// The name on the wire and in `launch_cases.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Trainer => "trainer",
+            Role::TrainerGroup => "trainer-group",
+        }
+    }
+
+    pub fn is_trainer(self) -> bool {
+        self != Role::Server
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlannedProcess {
+    /// Machine rank (line of ip_config).
+    pub machine: usize,
+    pub role: Role,
+    /// `server0`, `trainer1`, `trainers`.
+    pub label: String,
+    pub command: CommandLine,
+    pub env: BTreeMap<String, String>,
+    /// Relative to the workspace; empty: the workspace itself (DGL `cd`s there).
+    pub cwd: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("the user command is empty")]
+    EmptyCommand,
+    #[error("{0}")]
+    Torchrun(String),
+    #[error("no machines in ip_config")]
+    NoMachines,
+}
+
+/// DGL's default for --num_omp_threads.
+pub fn default_omp_threads(cpu_count: usize, num_trainers: u32) -> u32 {
+    ((cpu_count / 2) as u32 / num_trainers.max(1)).max(1)
+}
+
+/// Every process of the job: servers of every machine first, then the trainers.
+pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, PlanError> {
+    if o.num_trainers == 0 {
+        return Err(PlanError::Zero("--num_trainers"));
+    }
+    if o.num_servers == 0 {
+        return Err(PlanError::Zero("--num_servers"));
+    }
+    if o.udf_command.trim().is_empty() {
+        return Err(PlanError::EmptyCommand);
+    }
+    let m_count = f.machines.len();
+    let master = f.machines.first().ok_or(PlanError::NoMachines)?;
+    let num_client = o.num_trainers as usize * (1 + o.num_samplers as usize) * m_count;
+    let master_port = f
+        .master_port
+        .map_or_else(|| "<PORT>".to_string(), |p| p.to_string());
+    let client_omp = f.omp_num_threads_env.clone().unwrap_or_else(|| {
+        o.num_omp_threads
+            .unwrap_or_else(|| default_omp_threads(f.cpu_count, o.num_trainers))
+            .to_string()
+    });
+
+    // extra_envs first: DGL exports them in an outer scope, so its own variables win.
+    let base = |pairs: &[(&str, String)]| {
+        let mut env: BTreeMap<String, String> = o.extra_envs.iter().cloned().collect();
+        for (k, v) in pairs {
+            env.insert(k.to_string(), v.clone());
+        }
+        if let Some(pp) = &f.pythonpath {
+            env.insert("PYTHONPATH".into(), pp.clone());
+        }
+        env
+    };
+    let shared = [
+        ("DGL_NUM_SAMPLER", o.num_samplers.to_string()),
+        ("DGL_NUM_CLIENT", num_client.to_string()),
+        ("DGL_CONF_PATH", o.part_config.clone()),
+        ("DGL_IP_CONFIG", o.ip_config.clone()),
+        ("DGL_NUM_SERVER", o.num_servers.to_string()),
+        ("DGL_GRAPH_FORMAT", o.graph_format.clone()),
+    ];
+
+    let mut out = Vec::new();
+    let user_command = command::parse(&o.udf_command);
+    for m in &f.machines {
+        for j in 0..o.num_servers {
+            let mut pairs = vec![
+                ("DGL_ROLE", "server".to_string()),
+                ("OMP_NUM_THREADS", o.num_server_threads.to_string()),
+                (
+                    "DGL_SERVER_ID",
+                    (m.rank * o.num_servers as usize + j as usize).to_string(),
+                ),
+            ];
+            pairs.extend(shared.iter().cloned());
+            out.push(PlannedProcess {
+                machine: m.rank,
+                role: Role::Server,
+                label: format!("server{j}"),
+                command: user_command.clone(),
+                env: base(&pairs),
+                cwd: String::new(),
+            });
+        }
+    }
+    for m in &f.machines {
+        let mut client = vec![
+            ("DGL_DIST_MODE", "distributed".to_string()),
+            ("DGL_ROLE", "client".to_string()),
+            ("OMP_NUM_THREADS", client_omp.clone()),
+            ("DGL_GROUP_ID", "0".to_string()),
+        ];
+        client.extend(shared.iter().cloned());
+        match o.trainer_mode {
+            TrainerMode::Torchrun => {
+                let wrapped = command::wrap_torchrun(
+                    &o.udf_command,
+                    &TorchRun {
+                        nproc_per_node: o.num_trainers,
+                        nnodes: m_count,
+                        node_rank: m.rank,
+                        master_addr: master.ip.to_string(),
+                        master_port: master_port.clone(),
+                    },
+                )
+                .map_err(PlanError::Torchrun)?;
+                out.push(PlannedProcess {
+                    machine: m.rank,
+                    role: Role::TrainerGroup,
+                    label: "trainers".into(),
+                    command: command::parse(&wrapped),
+                    env: base(&client),
+                    cwd: String::new(),
+                });
+            }
+            TrainerMode::Direct => {
+                for l in 0..o.num_trainers {
+                    let mut pairs = client.clone();
+                    pairs.extend(worker_env(
+                        o.num_trainers,
+                        m_count,
+                        m.rank,
+                        l,
+                        &master.ip.to_string(),
+                        &master_port,
+                        &f.job_id,
+                    ));
+                    out.push(PlannedProcess {
+                        machine: m.rank,
+                        role: Role::Trainer,
+                        label: format!("trainer{l}"),
+                        command: user_command.clone(),
+                        env: base(&pairs),
+                        cwd: String::new(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The environment torchrun gives worker `local_rank` of node `node_rank` — except
+/// TORCHELASTIC_USE_AGENT_STORE: there is no torchrun agent hosting the store, so rank 0 must.
+fn worker_env(
+    nproc: u32,
+    nnodes: usize,
+    node_rank: usize,
+    local_rank: u32,
+    master_addr: &str,
+    master_port: &str,
+    run_id: &str,
+) -> Vec<(&'static str, String)> {
+    let world = nproc as usize * nnodes;
+    let rank = node_rank * nproc as usize + local_rank as usize;
+    vec![
+        ("RANK", rank.to_string()),
+        ("LOCAL_RANK", local_rank.to_string()),
+        ("WORLD_SIZE", world.to_string()),
+        ("LOCAL_WORLD_SIZE", nproc.to_string()),
+        ("GROUP_RANK", node_rank.to_string()),
+        ("GROUP_WORLD_SIZE", nnodes.to_string()),
+        ("ROLE_RANK", rank.to_string()),
+        ("ROLE_WORLD_SIZE", world.to_string()),
+        ("ROLE_NAME", "default".to_string()),
+        ("MASTER_ADDR", master_addr.to_string()),
+        ("MASTER_PORT", master_port.to_string()),
+        ("TORCHELASTIC_RUN_ID", run_id.to_string()),
+        ("TORCHELASTIC_RESTART_COUNT", "0".to_string()),
+        ("TORCHELASTIC_MAX_RESTARTS", "0".to_string()),
+        ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1".to_string()),
+    ]
+}
+
+#[cfg(test)]
+mod tests;

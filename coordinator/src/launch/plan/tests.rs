@@ -1,0 +1,273 @@
+//! The plan against DGL's real behaviour (`shared/compat/launch_cases.json`) and the rules
+//! launch.py applies that the cases do not exercise.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::*;
+use crate::config::IpConfig;
+
+const CASES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/compat/launch_cases.json"
+);
+const PORT: u16 = 41234;
+const WORKSPACE: &str = "/home/u/graphsage";
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    num_trainers: u32,
+    num_samplers: u32,
+    num_servers: u32,
+    extra_envs: Vec<String>,
+    num_omp_threads: u32,
+    ip_config: Vec<String>,
+    udf_command: String,
+    part_config: String,
+    graph_format: String,
+    num_server_threads: u32,
+    processes: Vec<Expected>,
+}
+
+#[derive(Deserialize, Debug, PartialEq, Eq, PartialOrd, Ord, Clone)]
+struct Expected {
+    machine: usize,
+    role: String,
+    env: BTreeMap<String, String>,
+    command: String,
+}
+
+fn options(c: &Case, mode: TrainerMode) -> LaunchOptions {
+    LaunchOptions {
+        workspace: WORKSPACE.into(),
+        num_trainers: c.num_trainers,
+        num_samplers: c.num_samplers,
+        num_servers: c.num_servers,
+        part_config: c.part_config.clone(),
+        ip_config: "ip_config.txt".into(),
+        num_server_threads: c.num_server_threads,
+        num_omp_threads: Some(c.num_omp_threads),
+        graph_format: c.graph_format.clone(),
+        extra_envs: c
+            .extra_envs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_string(), v.to_string())
+            })
+            .collect(),
+        udf_command: c.udf_command.clone(),
+        trainer_mode: mode,
+    }
+}
+
+fn facts(ip_lines: &[String]) -> ClusterFacts {
+    ClusterFacts {
+        machines: IpConfig::parse(&ip_lines.join("\n"), "case")
+            .unwrap()
+            .machines,
+        master_port: Some(PORT),
+        pythonpath: None,
+        omp_num_threads_env: None,
+        cpu_count: 8,
+        job_id: "job-1".into(),
+    }
+}
+
+fn load_cases() -> Option<Vec<Case>> {
+    let text = match std::fs::read_to_string(CASES) {
+        Ok(t) => t,
+        Err(_) => {
+            // shared/ sits beside the repository in developer checkouts and CI only.
+            eprintln!("skipping: {CASES} not found");
+            return None;
+        }
+    };
+    Some(serde_json::from_str(&text).unwrap())
+}
+
+#[test]
+fn plan_matches_dgl_for_every_compat_case() {
+    let Some(cases) = load_cases() else { return };
+    assert!(!cases.is_empty());
+    for c in &cases {
+        let planned = plan(&options(c, TrainerMode::Torchrun), &facts(&c.ip_config))
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let mut got: Vec<Expected> = planned
+            .iter()
+            .map(|p| Expected {
+                machine: p.machine,
+                role: p.role.as_str().to_string(),
+                env: p.env.clone(),
+                command: p.command.display(),
+            })
+            .collect();
+        let mut want: Vec<Expected> = c
+            .processes
+            .iter()
+            .map(|e| Expected {
+                command: e
+                    .command
+                    .replace("<PORT>", &PORT.to_string())
+                    .replace("<WORKSPACE>", WORKSPACE),
+                ..e.clone()
+            })
+            .collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got.len(), want.len(), "{}: process count", c.name);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w, "case {}", c.name);
+        }
+        // Labels are unique per machine: they name processes in logs.
+        let mut labels: Vec<(usize, &str)> = planned
+            .iter()
+            .map(|p| (p.machine, p.label.as_str()))
+            .collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), planned.len(), "{}", c.name);
+    }
+}
+
+#[test]
+fn shell_chains_run_under_sh_and_plain_commands_as_argv() {
+    let Some(cases) = load_cases() else { return };
+    for c in &cases {
+        let planned = plan(&options(c, TrainerMode::Torchrun), &facts(&c.ip_config)).unwrap();
+        for p in planned {
+            let is_shell = matches!(p.command, CommandLine::Shell(_));
+            assert_eq!(
+                is_shell,
+                c.udf_command.contains("&&"),
+                "{}: {:?}",
+                c.name,
+                p.command
+            );
+        }
+    }
+}
+
+fn simple_options() -> LaunchOptions {
+    LaunchOptions {
+        workspace: WORKSPACE.into(),
+        num_trainers: 2,
+        num_samplers: 1,
+        num_servers: 1,
+        part_config: "data/g.json".into(),
+        ip_config: "ip_config.txt".into(),
+        num_server_threads: 1,
+        num_omp_threads: None,
+        graph_format: "csc".into(),
+        extra_envs: vec![],
+        udf_command: "python3 train.py".into(),
+        trainer_mode: TrainerMode::Direct,
+    }
+}
+
+fn two_machines() -> ClusterFacts {
+    facts(&["10.0.0.1 30050".to_string(), "10.0.0.2".to_string()])
+}
+
+#[test]
+fn direct_mode_gives_each_trainer_torchruns_worker_environment() {
+    let planned = plan(&simple_options(), &two_machines()).unwrap();
+    let t = planned
+        .iter()
+        .find(|p| p.machine == 1 && p.label == "trainer1")
+        .unwrap();
+    assert_eq!(t.role, Role::Trainer);
+    assert_eq!(
+        t.command,
+        CommandLine::Argv(vec!["python3".into(), "train.py".into()])
+    );
+    let want: BTreeMap<String, String> = [
+        ("DGL_DIST_MODE", "distributed"),
+        ("DGL_ROLE", "client"),
+        ("DGL_NUM_SAMPLER", "1"),
+        ("DGL_NUM_CLIENT", "8"),
+        ("DGL_CONF_PATH", "data/g.json"),
+        ("DGL_IP_CONFIG", "ip_config.txt"),
+        ("DGL_NUM_SERVER", "1"),
+        ("DGL_GRAPH_FORMAT", "csc"),
+        ("OMP_NUM_THREADS", "2"),
+        ("DGL_GROUP_ID", "0"),
+        ("RANK", "3"),
+        ("LOCAL_RANK", "1"),
+        ("WORLD_SIZE", "4"),
+        ("LOCAL_WORLD_SIZE", "2"),
+        ("GROUP_RANK", "1"),
+        ("GROUP_WORLD_SIZE", "2"),
+        ("ROLE_RANK", "3"),
+        ("ROLE_WORLD_SIZE", "4"),
+        ("ROLE_NAME", "default"),
+        ("MASTER_ADDR", "10.0.0.1"),
+        ("MASTER_PORT", "41234"),
+        ("TORCHELASTIC_RUN_ID", "job-1"),
+        ("TORCHELASTIC_RESTART_COUNT", "0"),
+        ("TORCHELASTIC_MAX_RESTARTS", "0"),
+        ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(t.env, want);
+    let labels: Vec<String> = planned
+        .iter()
+        .map(|p| format!("m{} {}", p.machine, p.label))
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "m0 server0",
+            "m1 server0",
+            "m0 trainer0",
+            "m0 trainer1",
+            "m1 trainer0",
+            "m1 trainer1"
+        ]
+    );
+}
+
+#[test]
+fn launcher_environment_is_passed_on_as_dgl_does() {
+    let mut f = two_machines();
+    f.pythonpath = Some("/opt/lib".into());
+    f.omp_num_threads_env = Some("7".into());
+    let mut o = simple_options();
+    o.num_omp_threads = Some(3);
+    o.extra_envs = vec![
+        ("DGL_ROLE".into(), "ignored".into()),
+        ("LD_LIBRARY_PATH".into(), "/x:$LD_LIBRARY_PATH".into()),
+    ];
+    let planned = plan(&o, &f).unwrap();
+    for p in &planned {
+        assert_eq!(p.env["PYTHONPATH"], "/opt/lib");
+        assert_eq!(p.env["LD_LIBRARY_PATH"], "/x:$LD_LIBRARY_PATH");
+        assert_ne!(p.env["DGL_ROLE"], "ignored", "DGL's own variables win");
+        let omp = if p.role == Role::Server { "1" } else { "7" };
+        assert_eq!(p.env["OMP_NUM_THREADS"], omp, "{}", p.label);
+    }
+}
+
+#[test]
+fn defaults_and_refusals() {
+    assert_eq!(default_omp_threads(2, 2), 1);
+    assert_eq!(default_omp_threads(64, 4), 8);
+    assert_eq!(default_omp_threads(1, 1), 1);
+    let mut f = two_machines();
+    f.master_port = None;
+    let mut o = simple_options();
+    o.trainer_mode = TrainerMode::Torchrun;
+    let planned = plan(&o, &f).unwrap();
+    assert!(planned[2]
+        .command
+        .display()
+        .contains("--master_port=<PORT> train.py"));
+    o.udf_command = "./run.sh".into();
+    assert!(matches!(plan(&o, &f), Err(PlanError::Torchrun(_))));
+    o.num_trainers = 0;
+    assert_eq!(plan(&o, &f), Err(PlanError::Zero("--num_trainers")));
+}

@@ -1,0 +1,200 @@
+//! Checks on every host before anything starts: the workspace, ip_config and part_config are
+//! there and agree with each other and with the local ip_config; no process of an earlier job
+//! of the same workspace is still alive; and machine 0's agent picks the master port.
+
+use std::path::Path;
+use std::time::Duration;
+
+use dglrun_proto::pb;
+
+use super::output::note;
+use super::plan::LaunchOptions;
+use crate::cluster::Host;
+use crate::config::{IpConfig, PartConfig};
+
+/// What the hosts said, once every check passed.
+#[derive(Debug)]
+pub struct Checked {
+    pub master_port: u16,
+}
+
+/// Problems of one host, or None when it is fine. `live` collects jobs that still run.
+fn check_host(
+    host: &Host,
+    reply: &pb::PreflightReply,
+    o: &LaunchOptions,
+    local: &IpConfig,
+    live: &mut Vec<(usize, pb::JobInfo)>,
+) -> Vec<String> {
+    let name = host.name();
+    let mut problems = Vec::new();
+    if !reply.workspace_exists {
+        problems.push(format!(
+            "{name}: workspace {} does not exist (agent root {}); copy the job there first \
+             (dgl-coord copy)",
+            o.workspace, host.hello.root
+        ));
+        return problems;
+    }
+    let file = |p: &str| reply.files.iter().find(|f| f.path == p);
+    let content = |p: &str, what: &str, problems: &mut Vec<String>| -> Option<String> {
+        match file(p) {
+            Some(f) if !f.error.is_empty() => {
+                problems.push(format!("{name}: cannot read {what} {p}: {}", f.error));
+                None
+            }
+            Some(f) if f.exists => match String::from_utf8(f.content.clone()) {
+                Ok(s) => Some(s),
+                Err(_) => {
+                    problems.push(format!("{name}: {what} {p} is not UTF-8 text"));
+                    None
+                }
+            },
+            _ => {
+                problems.push(format!(
+                    "{name}: {what} {p} not found in the workspace {}",
+                    reply.workspace
+                ));
+                None
+            }
+        }
+    };
+    if let Some(text) = content(&o.ip_config, "ip_config", &mut problems) {
+        let origin = format!("{name}:{}", o.ip_config);
+        match IpConfig::parse(&text, &origin) {
+            Ok(theirs) if theirs == *local => {}
+            Ok(_) => problems.push(format!(
+                "{name}: its {} lists other machines than the local one; copy the current \
+                 ip_config to every host",
+                o.ip_config
+            )),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if let Some(text) = content(&o.part_config, "part_config", &mut problems) {
+        match PartConfig::parse(&text, Path::new(&format!("{name}:{}", o.part_config))) {
+            Ok(pc) if pc.num_parts == local.len() => {}
+            Ok(pc) => problems.push(format!(
+                "{name}: part_config {} has num_parts {} but ip_config lists {} machines",
+                o.part_config,
+                pc.num_parts,
+                local.len()
+            )),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    live.extend(reply.live_jobs.iter().cloned().map(|j| (host.rank, j)));
+    problems
+}
+
+/// Runs Preflight on every host at once and checks the replies. With `kill_stale`, live jobs
+/// of the workspace are stopped (with `grace`); without, they are an error.
+pub async fn check_all(
+    hosts: &[Host],
+    o: &LaunchOptions,
+    local: &IpConfig,
+    kill_stale: bool,
+    grace: Duration,
+) -> anyhow::Result<Checked> {
+    let calls = hosts.iter().map(|h| {
+        let mut client = h.client.clone();
+        let req = pb::PreflightRequest {
+            workspace: o.workspace.clone(),
+            read_files: vec![o.ip_config.clone(), o.part_config.clone()],
+            free_port_on: if h.rank == 0 {
+                h.ip.to_string()
+            } else {
+                String::new()
+            },
+        };
+        async move { client.preflight(req).await.map(|r| r.into_inner()) }
+    });
+    let replies = futures::future::join_all(calls).await;
+    let mut problems = Vec::new();
+    let mut live = Vec::new();
+    let mut master_port = 0;
+    for (h, r) in hosts.iter().zip(replies) {
+        match r {
+            Err(s) => problems.push(format!("{}: preflight failed: {}", h.name(), s.message())),
+            Ok(reply) => {
+                if h.rank == 0 {
+                    master_port = reply.free_port;
+                }
+                problems.extend(check_host(h, &reply, o, local, &mut live));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("cannot launch:\n  {}", problems.join("\n  "));
+    }
+    let master_port = u16::try_from(master_port)
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| anyhow::anyhow!("machine 0's agent reported no free port"))?;
+    if !live.is_empty() {
+        let listing: Vec<String> = live
+            .iter()
+            .map(|(rank, j)| {
+                let pids: Vec<String> = j
+                    .processes
+                    .iter()
+                    .filter(|p| p.running)
+                    .map(|p| format!("{} pid {}", p.label, p.pid))
+                    .collect();
+                format!(
+                    "{}: job {} ({} live processes: {})",
+                    hosts[*rank].name(),
+                    j.job_id,
+                    j.live_pids,
+                    pids.join(", ")
+                )
+            })
+            .collect();
+        if !kill_stale {
+            anyhow::bail!(
+                "processes of an earlier job in workspace {} are still running:\n  {}\n\
+                 They may hold DGL's ports. Stop them with --kill-stale.",
+                o.workspace,
+                listing.join("\n  ")
+            );
+        }
+        for l in &listing {
+            note(&format!("stopping stale {l}"));
+        }
+        stop_stale(hosts, &live, grace).await?;
+    }
+    Ok(Checked { master_port })
+}
+
+async fn stop_stale(
+    hosts: &[Host],
+    live: &[(usize, pb::JobInfo)],
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let calls = live.iter().map(|(rank, j)| {
+        let mut client = hosts[*rank].client.clone();
+        let req = pb::StopRequest {
+            job_id: j.job_id.clone(),
+            grace_ms: grace.as_millis().min(u32::MAX as u128) as u32,
+            force: false,
+        };
+        async move { (*rank, client.stop(req).await) }
+    });
+    for (rank, r) in futures::future::join_all(calls).await {
+        match r {
+            Ok(reply) if reply.get_ref().remaining == 0 => {}
+            Ok(reply) => anyhow::bail!(
+                "{}: {} processes of the stale job survived SIGKILL",
+                hosts[rank].name(),
+                reply.get_ref().remaining
+            ),
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => anyhow::bail!(
+                "{}: cannot stop the stale job: {}",
+                hosts[rank].name(),
+                s.message()
+            ),
+        }
+    }
+    Ok(())
+}
