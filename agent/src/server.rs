@@ -77,9 +77,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ServerCheck::new(config.token.clone()),
     );
-    let shutdown = async {
+    // Jobs are stopped before the server stops accepting: open Watch streams would otherwise
+    // hold the server up, and their coordinators should see the exits.
+    let jobs_at_shutdown = jobs.clone();
+    let shutdown = async move {
         wait_for_shutdown_signal().await;
         tracing::info!("shutting down: stopping jobs");
+        jobs_at_shutdown.shutdown().await;
     };
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
@@ -94,12 +98,24 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .context("agent server failed")?;
-    jobs.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Accepted connections with Nagle off: the builder's `tcp_nodelay` does not reach sockets we
+/// accept ourselves, and every small unary reply would wait for a delayed ACK.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
 
 async fn wait_for_shutdown_signal() {

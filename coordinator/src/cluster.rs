@@ -65,11 +65,10 @@ impl AgentAccess {
 
     /// A new connection (not shared with other clients) to the agent at `addr`.
     pub async fn channel(&self, addr: SocketAddr) -> anyhow::Result<Channel> {
-        Ok(self
-            .endpoint(addr)?
+        self.endpoint(addr)?
             .connect()
             .await
-            .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?)
+            .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
     }
 }
 
