@@ -192,3 +192,80 @@ mod tests {
         assert!(r.resolve("link/f").is_ok());
     }
 }
+
+/// Checks what an open file descriptor really refers to. A path checked before `open` can be
+/// swapped for a symlink before the open happens; the kernel's own record of the opened file
+/// cannot.
+pub fn verify_opened(
+    root: &Root,
+    file: &std::fs::File,
+    shown_as: &str,
+) -> Result<(), ConfineError> {
+    use std::os::fd::AsRawFd;
+    let real =
+        std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(|source| {
+            ConfineError::Io {
+                path: shown_as.to_string(),
+                source,
+            }
+        })?;
+    if real.starts_with(root.path()) {
+        Ok(())
+    } else {
+        Err(ConfineError::Symlink {
+            path: shown_as.to_string(),
+            resolved: real.display().to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("..".to_string()),
+            Just(".".to_string()),
+            Just("".to_string()),
+            Just("/".to_string()),
+            "[a-z]{1,8}",
+            "[\\PC]{1,6}",
+            Just("a\0b".to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever the input, an accepted path lies inside the root and has no `..`.
+        #[test]
+        fn lexical_never_escapes(parts in proptest::collection::vec(segment(), 0..8), absolute in any::<bool>()) {
+            let d = tempfile::tempdir().unwrap();
+            let root = Root::new(d.path()).unwrap();
+            let mut p = parts.join("/");
+            if absolute {
+                p = format!("/{p}");
+            }
+            if let Ok(resolved) = root.lexical(&p) {
+                prop_assert!(resolved.starts_with(root.path()), "{p:?} -> {resolved:?}");
+                prop_assert!(!resolved.components().any(|c| c == Component::ParentDir));
+                prop_assert!(!p.contains('\0'));
+            }
+        }
+    }
+
+    #[test]
+    fn opened_file_outside_the_root_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let root = Root::new(&d.path().join("root")).unwrap();
+        std::fs::write(d.path().join("outside"), b"x").unwrap();
+        std::fs::write(root.path().join("inside"), b"x").unwrap();
+        let inside = std::fs::File::open(root.path().join("inside")).unwrap();
+        assert!(verify_opened(&root, &inside, "inside").is_ok());
+        std::os::unix::fs::symlink(d.path().join("outside"), root.path().join("link")).unwrap();
+        let via_link = std::fs::File::open(root.path().join("link")).unwrap();
+        assert!(verify_opened(&root, &via_link, "link").is_err());
+    }
+}

@@ -215,3 +215,59 @@ mod tests {
         assert!(check_manifest(&ok).is_ok());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn spec() -> impl Strategy<Value = pb::ProcessSpec> {
+        (
+            "[\\PC]{0,40}",
+            proptest::collection::vec("[\\PC]{0,20}", 0..5),
+            proptest::collection::hash_map("[\\PC]{0,10}", "[\\PC]{0,10}", 0..5),
+            any::<bool>(),
+        )
+            .prop_map(|(label, args, env, shell)| pb::ProcessSpec {
+                label,
+                role: "trainer".into(),
+                command: Some(if shell {
+                    pb::process_spec::Command::Shell(args.join(" "))
+                } else {
+                    pb::process_spec::Command::Argv(pb::Argv { args })
+                }),
+                env,
+                cwd: String::new(),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Accepted requests satisfy every invariant the spawner relies on; none panics.
+        #[test]
+        fn accepted_spawns_are_well_formed(id in "[\\PC]{0,20}", procs in proptest::collection::vec(spec(), 0..4)) {
+            let req = pb::SpawnRequest { job_id: id, workspace: "ws".into(), processes: procs, lease_ms: 0 };
+            if check_spawn(&req).is_ok() {
+                prop_assert!(!req.job_id.is_empty() && !req.job_id.contains('/'));
+                for p in &req.processes {
+                    for (k, v) in &p.env {
+                        prop_assert!(!k.is_empty() && !k.contains('=') && !k.contains('\0') && !v.contains('\0'));
+                    }
+                    if let Some(pb::process_spec::Command::Argv(a)) = &p.command {
+                        prop_assert!(!a.args.is_empty() && !a.args[0].is_empty());
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn manifests_are_checked_without_panicking(size in 0u64..(1 << 40), n in 0usize..4, dlen in 0usize..40, mode in any::<u32>()) {
+            let m = pb::FileManifest { path: "f".into(), size, digest: vec![0; dlen], chunk_hashes: vec![vec![0; 32]; n], mode };
+            if check_manifest(&m).is_ok() {
+                prop_assert_eq!(dglrun_proto::digest::chunk_count(size), n);
+                prop_assert_eq!(dlen, 32);
+            }
+        }
+    }
+}

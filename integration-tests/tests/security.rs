@@ -221,3 +221,84 @@ async fn mutual_tls_accepts_our_ca_and_refuses_another() {
     assert!(plain.hello(hello()).await.is_err());
     assert!(list_files(cluster.root(0)).is_empty());
 }
+
+#[tokio::test]
+async fn oversized_messages_are_refused_and_write_nothing() {
+    let cluster = TestCluster::start(1);
+    let mut c = client(&cluster, None).await;
+    // Larger than any message the agent decodes.
+    let huge = vec![7u8; dglrun_proto::MAX_MESSAGE_BYTES + 1];
+    let err = c
+        .put_file(put_stream("ws/huge.bin", &huge))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{err:?}"
+    );
+    // Within the message limit but a chunk larger than the protocol's chunk size.
+    let big = vec![7u8; dglrun_proto::CHUNK_SIZE * 2];
+    let mut stream: Vec<pb::PutFileMessage> =
+        futures::StreamExt::collect(put_stream("ws/big.bin", &big)).await;
+    if let Some(Msg::Chunk(ch)) = stream.get_mut(1).and_then(|m| m.msg.as_mut()) {
+        ch.data = big.clone().into();
+    }
+    let err = c.put_file(tokio_stream::iter(stream)).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+    let files: Vec<_> = list_files(cluster.root(0))
+        .into_iter()
+        .filter(|p| !p.starts_with(".dglrun"))
+        .collect();
+    assert!(
+        files
+            .iter()
+            .all(|p| !p.ends_with("huge.bin") && !p.ends_with("big.bin")),
+        "no file may appear: {files:?}"
+    );
+}
+
+#[tokio::test]
+async fn traversal_attempts_write_nothing_outside_the_root() {
+    let cluster = TestCluster::start(1);
+    let outside = cluster.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, cluster.root(0).join("planted")).unwrap();
+    let mut c = client(&cluster, None).await;
+    let long = format!("ws/{}", "n".repeat(5000));
+    let abs_outside = outside.join("abs.txt").display().to_string();
+    for path in [
+        "../x.txt",
+        "ws/../../x.txt",
+        "/etc/dglrun-test-x",
+        abs_outside.as_str(),
+        "planted/x.txt",
+        "ws/a\0b",
+        long.as_str(),
+        "",
+    ] {
+        let err = c.put_file(put_stream(path, b"data")).await;
+        assert!(err.is_err(), "{path:?} must be refused");
+        let prep = c
+            .prepare_files(pb::PrepareFilesRequest {
+                files: vec![pb::FileManifest {
+                    path: path.into(),
+                    size: 0,
+                    digest: dglrun_proto::digest::digest_of(0, &[]).to_vec(),
+                    chunk_hashes: vec![],
+                    mode: 0o644,
+                }],
+            })
+            .await;
+        assert!(prep.is_err(), "prepare {path:?} must be refused");
+    }
+    assert!(
+        list_files(&outside).is_empty(),
+        "written outside the root: {:?}",
+        list_files(&outside)
+    );
+    assert!(!Path::new("/etc/dglrun-test-x").exists());
+    assert!(!cluster.dir.path().join("x.txt").exists());
+}
