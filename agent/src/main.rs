@@ -19,7 +19,9 @@ fn main() {
     // environment.
     let token = match &settings.token_file {
         Some(f) => Some(read_token(f).unwrap_or_else(|e| fail(e))),
-        None => std::env::var("DGL_AGENT_TOKEN").ok().filter(|t| !t.is_empty()),
+        None => std::env::var("DGL_AGENT_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
     };
     for k in SECRET_ENV {
         std::env::remove_var(k);

@@ -52,17 +52,43 @@ pub fn render(jobs_running: usize, processes_running: usize) -> String {
     let c = &COUNTERS;
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, v: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
     };
-    counter("dglrun_agent_bytes_received_total", "File bytes received and verified.", c.bytes_received.load(Ordering::Relaxed));
-    counter("dglrun_agent_files_verified_total", "Files written after their digest matched.", c.files_verified.load(Ordering::Relaxed));
-    counter("dglrun_agent_files_skipped_total", "Files already present with the same digest.", c.files_skipped.load(Ordering::Relaxed));
-    counter("dglrun_agent_verification_failures_total", "Chunks or files whose hash did not match; never written.", c.verification_failures.load(Ordering::Relaxed));
-    counter("dglrun_agent_processes_started_total", "Processes spawned for jobs.", c.processes_started.load(Ordering::Relaxed));
+    counter(
+        "dglrun_agent_bytes_received_total",
+        "File bytes received and verified.",
+        c.bytes_received.load(Ordering::Relaxed),
+    );
+    counter(
+        "dglrun_agent_files_verified_total",
+        "Files written after their digest matched.",
+        c.files_verified.load(Ordering::Relaxed),
+    );
+    counter(
+        "dglrun_agent_files_skipped_total",
+        "Files already present with the same digest.",
+        c.files_skipped.load(Ordering::Relaxed),
+    );
+    counter(
+        "dglrun_agent_verification_failures_total",
+        "Chunks or files whose hash did not match; never written.",
+        c.verification_failures.load(Ordering::Relaxed),
+    );
+    counter(
+        "dglrun_agent_processes_started_total",
+        "Processes spawned for jobs.",
+        c.processes_started.load(Ordering::Relaxed),
+    );
     let _ = writeln!(out, "# HELP dglrun_agent_process_exits_total Process exits by status.\n# TYPE dglrun_agent_process_exits_total counter");
     if let Ok(m) = c.exits.lock() {
         for (status, n) in m.iter() {
-            let _ = writeln!(out, "dglrun_agent_process_exits_total{{status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "dglrun_agent_process_exits_total{{status=\"{status}\"}} {n}"
+            );
         }
     }
     let _ = writeln!(out, "# HELP dglrun_agent_jobs_running Jobs with live processes.\n# TYPE dglrun_agent_jobs_running gauge\ndglrun_agent_jobs_running {jobs_running}");
@@ -90,9 +116,15 @@ pub async fn serve(listener: tokio::net::TcpListener, jobs: Arc<Jobs>) -> anyhow
                     .iter()
                     .map(|j| j.processes.iter().filter(|p| p.running).count())
                     .sum();
-                let live_jobs = list.iter().filter(|j| j.processes.iter().any(|p| p.running)).count();
+                let live_jobs = list
+                    .iter()
+                    .filter(|j| j.processes.iter().any(|p| p.running))
+                    .count();
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
                     render(live_jobs, running),
                 )
             }
@@ -112,7 +144,10 @@ mod tests {
         process_exited(0, 0, false);
         process_exited(-1, 9, false);
         let text = render(1, 3);
-        assert!(text.contains("dglrun_agent_bytes_received_total "), "{text}");
+        assert!(
+            text.contains("dglrun_agent_bytes_received_total "),
+            "{text}"
+        );
         assert!(text.contains("dglrun_agent_process_exits_total{status=\"signal\"}"));
         assert!(text.contains("dglrun_agent_processes_running 3"));
         assert!(text.contains("# TYPE dglrun_agent_jobs_running gauge"));

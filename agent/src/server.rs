@@ -49,6 +49,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let root = Root::new(&config.root)
         .with_context(|| format!("cannot use {} as the agent root", config.root.display()))?;
+    // Before anything else touches the root: a previous run's jobs may still hold its ports.
+    let (r, grace) = (root.clone(), config.jobs.grace);
+    let _root_lock = tokio::task::spawn_blocking(move || crate::restart::take_over(&r, grace))
+        .await
+        .context("start-up clean-up failed")??;
     let files = Arc::new(Files::new(root.clone()));
     let jobs = Jobs::start(root.clone(), config.jobs.clone())?;
     let service = AgentService::new(root.clone(), files, jobs.clone());

@@ -221,7 +221,10 @@ mod tests {
     #[test]
     fn flags_beat_file_beats_defaults() {
         let d = tempfile::tempdir().unwrap();
-        let cfg = write(d.path(), "listen = \"127.0.0.9:5000\"\nroot = \"/srv/r\"\ngrace = 7.5\n");
+        let cfg = write(
+            d.path(),
+            "listen = \"127.0.0.9:5000\"\nroot = \"/srv/r\"\ngrace = 7.5\n",
+        );
         let args = Args {
             config: Some(cfg),
             listen: Some("127.0.0.2:6000".parse().unwrap()),
@@ -251,7 +254,10 @@ mod tests {
             ..Args::default()
         };
         let err = Effective::resolve(&args, None).unwrap_err().to_string();
-        assert!(err.contains(&cfg.display().to_string()) && err.contains("lease_timout"), "{err}");
+        assert!(
+            err.contains(&cfg.display().to_string()) && err.contains("lease_timout"),
+            "{err}"
+        );
         let bad = Args {
             grace: Some(-1.0),
             ..Args::default()

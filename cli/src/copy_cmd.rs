@@ -45,11 +45,19 @@ pub struct CopyArgs {
     workspace: String,
 
     /// Where the partitions go, relative to the workspace.
-    #[arg(long = "rel_data_path", visible_alias = "rel-data-path", value_name = "DIR")]
+    #[arg(
+        long = "rel_data_path",
+        visible_alias = "rel-data-path",
+        value_name = "DIR"
+    )]
     rel_data_path: String,
 
     /// The partition config JSON written by dgl.distributed.partition_graph (local path).
-    #[arg(long = "part_config", visible_alias = "part-config", value_name = "FILE")]
+    #[arg(
+        long = "part_config",
+        visible_alias = "part-config",
+        value_name = "FILE"
+    )]
     part_config: PathBuf,
 
     /// ip_config.txt: one machine a line, `IP [PORT]` (local path).
@@ -57,7 +65,11 @@ pub struct CopyArgs {
     ip_config: PathBuf,
 
     /// Folder of training scripts, copied to <workspace>/<its name> on every machine.
-    #[arg(long = "script_folder", visible_alias = "script-folder", value_name = "DIR")]
+    #[arg(
+        long = "script_folder",
+        visible_alias = "script-folder",
+        value_name = "DIR"
+    )]
     script_folder: Option<PathBuf>,
 
     #[command(flatten)]
@@ -89,6 +101,7 @@ pub struct CopyArgs {
 }
 
 pub async fn run(args: CopyArgs) -> anyhow::Result<u8> {
+    copy::alloc::tune();
     let opts = CopyOptions {
         workspace: args.workspace,
         rel_data_path: args.rel_data_path,
@@ -101,6 +114,7 @@ pub async fn run(args: CopyArgs) -> anyhow::Result<u8> {
             retries: args.retries,
             backoff: Duration::from_millis(500),
             connections: args.connections as usize,
+            ..SendOptions::default()
         },
         progress: match args.progress {
             Progress::Auto => ProgressMode::Auto,

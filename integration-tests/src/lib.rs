@@ -1,5 +1,6 @@
 //! Test harness: real `dgl-agent` processes on their own 127.x.y.z addresses, each with its own
-//! root directory, as if each were a separate machine.
+//! root directory, as if each were a separate machine. `netns` builds truly separate hosts
+//! (network namespaces on a bridge) for tests that cut links.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod netns;
 pub mod partitions;
 
 pub use partitions::gen_partitions;

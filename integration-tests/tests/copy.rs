@@ -20,10 +20,24 @@ struct Run {
 }
 
 /// `dgl-coord copy --json` with DGL's flags (workspace `ws`, data under `data`) plus `extra`.
-fn copy_cmd(cluster: &TestCluster, part_config: &Path, scripts: Option<&Path>, extra: &[&str]) -> Command {
+fn copy_cmd(
+    cluster: &TestCluster,
+    part_config: &Path,
+    scripts: Option<&Path>,
+    extra: &[&str],
+) -> Command {
     let mut c = cluster.coord();
     c.env("XDG_CACHE_HOME", cluster.dir.path().join("cache"))
-        .args(["copy", "--workspace", "ws", "--rel_data_path", "data", "--json", "--progress", "plain"])
+        .args([
+            "copy",
+            "--workspace",
+            "ws",
+            "--rel_data_path",
+            "data",
+            "--json",
+            "--progress",
+            "plain",
+        ])
         .arg("--part_config")
         .arg(part_config)
         .arg("--ip_config")
@@ -54,7 +68,13 @@ fn copy(cluster: &TestCluster, part_config: &Path, scripts: Option<&Path>) -> Ru
 }
 
 fn assert_ok(r: &Run) {
-    assert!(r.status.success(), "copy failed ({:?}):\n{}\n{}", r.status, r.stderr, r.json);
+    assert!(
+        r.status.success(),
+        "copy failed ({:?}):\n{}\n{}",
+        r.status,
+        r.stderr,
+        r.json
+    );
     assert_eq!(r.json["ok"], true, "{}", r.json);
 }
 
@@ -114,14 +134,21 @@ fn check_machine(cluster: &TestCluster, i: usize, part_config: &Path, code: Opti
         let key = format!("part-{p}");
         let here = doc[&key].as_object().unwrap();
         let there = src[&key].as_object().unwrap();
-        assert_eq!(here.keys().collect::<Vec<_>>(), there.keys().collect::<Vec<_>>());
+        assert_eq!(
+            here.keys().collect::<Vec<_>>(),
+            there.keys().collect::<Vec<_>>()
+        );
         for (k, v) in here {
             let rel = v.as_str().unwrap();
             assert!(rel.starts_with(&format!("part{p}/")), "{key}.{k} = {rel}");
             if p == i {
                 let on_host = landed.parent().unwrap().join(rel);
                 let source = src_dir.join(there[k].as_str().unwrap());
-                assert_eq!(sha256_file(&on_host), sha256_file(&source), "m{i} {key}.{k}");
+                assert_eq!(
+                    sha256_file(&on_host),
+                    sha256_file(&source),
+                    "m{i} {key}.{k}"
+                );
                 expected.push(on_host.strip_prefix(root).unwrap().to_path_buf());
             }
         }
@@ -136,9 +163,19 @@ fn check_machine(cluster: &TestCluster, i: usize, part_config: &Path, code: Opti
     if let Some(code) = code {
         for f in list_files(code) {
             let on_host = ws.join("code").join(&f);
-            assert_eq!(sha256_file(&on_host), sha256_file(&code.join(&f)), "m{i} code/{}", f.display());
+            assert_eq!(
+                sha256_file(&on_host),
+                sha256_file(&code.join(&f)),
+                "m{i} code/{}",
+                f.display()
+            );
             let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode(&on_host), mode(&code.join(&f)), "mode of code/{}", f.display());
+            assert_eq!(
+                mode(&on_host),
+                mode(&code.join(&f)),
+                "mode of code/{}",
+                f.display()
+            );
             expected.push(Path::new("ws/code").join(f));
         }
     }
@@ -178,7 +215,15 @@ fn places_every_file_verifies_it_and_sends_nothing_the_second_time() {
     let human = cluster
         .coord()
         .env("XDG_CACHE_HOME", cluster.dir.path().join("cache"))
-        .args(["copy", "--workspace", "ws", "--rel_data_path", "data", "--progress", "quiet"])
+        .args([
+            "copy",
+            "--workspace",
+            "ws",
+            "--rel_data_path",
+            "data",
+            "--progress",
+            "quiet",
+        ])
         .arg("--part_config")
         .arg(&pc)
         .arg("--ip_config")
@@ -187,7 +232,10 @@ fn places_every_file_verifies_it_and_sends_nothing_the_second_time() {
         .unwrap();
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(human.status.success(), "{text}");
-    assert!(text.contains("--part_config data/synth.json --ip_config ip_config.txt"), "{text}");
+    assert!(
+        text.contains("--part_config data/synth.json --ip_config ip_config.txt"),
+        "{text}"
+    );
     assert!(text.contains("skipped"), "{text}");
 }
 
@@ -204,7 +252,12 @@ fn a_corrupted_file_is_detected_and_repaired() {
 
     let r = copy(&cluster, &pc, None);
     assert_ok(&r);
-    assert_eq!(file_report(&r, 2, "ws/data/part2/graph.dgl")["status"], "sent", "{}", r.json);
+    assert_eq!(
+        file_report(&r, 2, "ws/data/part2/graph.dgl")["status"],
+        "sent",
+        "{}",
+        r.json
+    );
     assert_eq!(count(&r, 2, "files_sent"), 1);
     assert_eq!(count(&r, 1, "files_sent"), 1);
     assert_eq!(count(&r, 0, "files_sent"), 0);
@@ -214,7 +267,12 @@ fn a_corrupted_file_is_detected_and_repaired() {
 }
 
 /// Waits until machine `i` has a partial file of at least `min` bytes.
-fn wait_for_partial(cluster: &TestCluster, i: usize, min: u64, child: &mut std::process::Child) -> PathBuf {
+fn wait_for_partial(
+    cluster: &TestCluster,
+    i: usize,
+    min: u64,
+    child: &mut std::process::Child,
+) -> PathBuf {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         for p in partials(cluster.root(i)) {
@@ -223,7 +281,10 @@ fn wait_for_partial(cluster: &TestCluster, i: usize, min: u64, child: &mut std::
                 return full;
             }
         }
-        assert!(child.try_wait().unwrap().is_none(), "the copy ended before a partial file showed up");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the copy ended before a partial file showed up"
+        );
         assert!(Instant::now() < deadline, "no partial file on m{i}");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -255,18 +316,30 @@ fn an_agent_killed_mid_copy_completes_on_rerun_without_a_visible_partial() {
     assert_eq!(count(&r, 0, "files_failed"), 0, "{}", r.json);
     check_machine(&cluster, 0, &pc, None);
     let errors = r.json["hosts"][1].to_string();
-    assert!(errors.contains("unreachable") || errors.contains("gave up"), "{errors}");
+    assert!(
+        errors.contains("unreachable") || errors.contains("gave up"),
+        "{errors}"
+    );
     // Nothing half-written under a final name.
     let big = cluster.root(1).join("ws/data/part1/graph.dgl");
     if big.exists() {
-        assert_eq!(sha256_file(&big), sha256_file(&pc.parent().unwrap().join("part1/graph.dgl")));
+        assert_eq!(
+            sha256_file(&big),
+            sha256_file(&pc.parent().unwrap().join("part1/graph.dgl"))
+        );
     }
 
     cluster.restart_agent(1);
     let r = copy(&cluster, &pc, None);
     assert_ok(&r);
-    let resumed = file_report(&r, 1, "ws/data/part1/graph.dgl")["resumed_from"].as_u64().unwrap();
-    assert!(resumed >= 4 * MIB, "the rerun should resume the partial file: {}", r.json);
+    let resumed = file_report(&r, 1, "ws/data/part1/graph.dgl")["resumed_from"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        resumed >= 4 * MIB,
+        "the rerun should resume the partial file: {}",
+        r.json
+    );
     for i in 0..2 {
         check_machine(&cluster, i, &pc, None);
         assert!(partials(cluster.root(i)).is_empty());
@@ -302,7 +375,11 @@ fn check_refused(cluster: &TestCluster, c: Command, needles: &[&str]) {
         assert!(r.stderr.contains(n), "stderr lacks {n:?}:\n{}", r.stderr);
     }
     for i in 0..cluster.len() {
-        assert_eq!(host_files(cluster.root(i)), Vec::<PathBuf>::new(), "m{i} was touched");
+        assert_eq!(
+            host_files(cluster.root(i)),
+            Vec::<PathBuf>::new(),
+            "m{i} was touched"
+        );
     }
 }
 
@@ -320,13 +397,25 @@ fn bad_input_is_refused_naming_it_and_changes_nothing() {
     check_refused(
         &cluster,
         copy_cmd(&cluster, &two, None, &[]),
-        &[&format!("{} has num_parts 2", two.display()), "ip_config.txt lists 3 machine(s)"],
+        &[
+            &format!("{} has num_parts 2", two.display()),
+            "ip_config.txt lists 3 machine(s)",
+        ],
     );
 
     // An ip_config line DGL cannot read, named by file and line.
     let bad_ip = local.join("bad_ip.txt");
     let lines: Vec<&str> = ip_text.lines().collect();
-    fs::write(&bad_ip, format!("{}\n{} 30050 extra\n{}\n", lines[0], cluster.ip(1), lines[2])).unwrap();
+    fs::write(
+        &bad_ip,
+        format!(
+            "{}\n{} 30050 extra\n{}\n",
+            lines[0],
+            cluster.ip(1),
+            lines[2]
+        ),
+    )
+    .unwrap();
     let mut c = copy_cmd(&cluster, &pc, None, &[]);
     c.arg("--ip_config").arg(&bad_ip);
     check_refused(&cluster, c, &["bad_ip.txt:2: 3 fields"]);
@@ -338,7 +427,11 @@ fn bad_input_is_refused_naming_it_and_changes_nothing() {
     check_refused(
         &cluster,
         copy_cmd(&cluster, &pc, None, &[]),
-        &["part-1.edge_feats", &missing.display().to_string(), "does not exist"],
+        &[
+            "part-1.edge_feats",
+            &missing.display().to_string(),
+            "does not exist",
+        ],
     );
     fs::write(&missing, keep).unwrap();
 
@@ -348,7 +441,11 @@ fn bad_input_is_refused_naming_it_and_changes_nothing() {
         bad["part-2"]["node_feats"] = Value::String(value.into());
         let bad_pc = pc.parent().unwrap().join("bad.json");
         fs::write(&bad_pc, serde_json::to_vec(&bad).unwrap()).unwrap();
-        check_refused(&cluster, copy_cmd(&cluster, &bad_pc, None, &[]), &["part-2.node_feats", value, needle]);
+        check_refused(
+            &cluster,
+            copy_cmd(&cluster, &bad_pc, None, &[]),
+            &["part-2.node_feats", value, needle],
+        );
     }
 
     // `..` in the data path; a workspace outside the agents' roots (each host named).
@@ -357,7 +454,9 @@ fn bad_input_is_refused_naming_it_and_changes_nothing() {
     check_refused(&cluster, c, &["--rel_data_path \"../escape\"", "`..`"]);
     let mut c = copy_cmd(&cluster, &pc, None, &[]);
     c.args(["--workspace", "/tmp/elsewhere"]);
-    let names: Vec<String> = (0..3).map(|i| format!("m{i} ({}:", cluster.ip(i))).collect();
+    let names: Vec<String> = (0..3)
+        .map(|i| format!("m{i} ({}:", cluster.ip(i)))
+        .collect();
     let mut needles: Vec<&str> = names.iter().map(String::as_str).collect();
     needles.push("outside the agent root");
     check_refused(&cluster, c, &needles);
@@ -365,7 +464,11 @@ fn bad_input_is_refused_naming_it_and_changes_nothing() {
     // A symlink loop in the script folder.
     let code = scripts(&local);
     std::os::unix::fs::symlink(&code, code.join("lib/again")).unwrap();
-    check_refused(&cluster, copy_cmd(&cluster, &pc, Some(&code), &[]), &["lib/again", "loop"]);
+    check_refused(
+        &cluster,
+        copy_cmd(&cluster, &pc, Some(&code), &[]),
+        &["lib/again", "loop"],
+    );
     fs::remove_file(code.join("lib/again")).unwrap();
 
     // An unreachable agent: which one.
@@ -373,7 +476,10 @@ fn bad_input_is_refused_naming_it_and_changes_nothing() {
     check_refused(
         &cluster,
         copy_cmd(&cluster, &pc, None, &[]),
-        &[&format!("agent of machine 2 at {}:", cluster.ip(2)), "unreachable"],
+        &[
+            &format!("agent of machine 2 at {}:", cluster.ip(2)),
+            "unreachable",
+        ],
     );
 }
 
@@ -410,7 +516,11 @@ fn too_little_disk_is_found_before_anything_is_sent() {
     check_refused(
         &cluster,
         copy_cmd(&cluster, &pc, None, &[]),
-        &[&format!("m1 ({}:", cluster.ip(1)), "not enough free disk", "nothing was sent"],
+        &[
+            &format!("m1 ({}:", cluster.ip(1)),
+            "not enough free disk",
+            "nothing was sent",
+        ],
     );
 }
 

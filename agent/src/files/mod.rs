@@ -5,6 +5,7 @@
 //! file rule, `writer` does the blocking work of one transfer, `locks` keeps two requests for
 //! the same path apart, `cache` remembers digests of files already held.
 
+mod alloc;
 mod cache;
 mod locks;
 mod manifest;
@@ -15,6 +16,7 @@ use std::fs::{self, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dglrun_proto::digest::hash_file;
@@ -44,16 +46,38 @@ pub struct Files {
     cache: Arc<SharedCache>,
     locks: PathLocks,
     verified: Arc<Verified>,
+    active: Arc<AtomicUsize>,
+}
+
+/// Counts a running transfer; the last one to end gives the heap back to the system.
+pub(crate) struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn start(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Dropped on the writer's blocking thread: trimming may take a moment.
+            alloc::trim_idle();
+        }
+    }
 }
 
 impl Files {
     pub fn new(root: Root) -> Self {
+        alloc::tune();
         let cache = Arc::new(SharedCache::open(root.state_dir().join("hashes.json")));
         Self {
             root,
             cache,
             locks: PathLocks::default(),
             verified: Arc::new(Verified::default()),
+            active: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -73,9 +97,12 @@ impl Files {
                 let lock = self.locks.lock(&target).await;
                 let cache = self.cache.clone();
                 let verified = self.verified.clone();
-                tokio::task::spawn_blocking(move || prepare_one(m, target, &cache, &verified, lock))
-                    .await
-                    .map_err(|e| Status::internal(format!("prepare failed: {e}")))?
+                let root = self.root.clone();
+                tokio::task::spawn_blocking(move || {
+                    prepare_one(m, target, &root, &cache, &verified, lock)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("prepare failed: {e}")))?
             })
             .buffered(PREPARE_PARALLELISM)
             .try_collect()
@@ -130,6 +157,7 @@ impl Files {
         let lock = self.locks.lock(&target).await;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let transfer = Transfer {
+            root: self.root.clone(),
             partial: partial_path(&target),
             manifest: m.clone(),
             target,
@@ -137,6 +165,7 @@ impl Files {
             cache: self.cache.clone(),
             verified: self.verified.clone(),
             _lock: lock,
+            _active: Active::start(&self.active),
         };
         let writer = tokio::task::spawn_blocking(move || writer::run(transfer, rx));
         let received = receive(&mut stream, &m, offset, &tx).await;
@@ -220,6 +249,7 @@ async fn receive(
 fn prepare_one(
     m: Manifest,
     target: PathBuf,
+    root: &Root,
     cache: &SharedCache,
     verified: &Verified,
     _lock: OwnedMutexGuard<()>,
@@ -242,7 +272,7 @@ fn prepare_one(
         Err(e) => return Err(io_status("cannot stat", &m.path, e)),
     }
     let partial = partial_path(&target);
-    let resume = resumable_prefix(&m, &partial, verified)?;
+    let resume = resumable_prefix(&m, &partial, root, verified)?;
     Ok((state(pb::FileStatus::Send, resume), m.size - resume))
 }
 
@@ -302,7 +332,12 @@ fn same_file_state(a: &fs::Metadata, b: &fs::Metadata) -> bool {
 
 /// Verifies an existing partial against the manifest, cuts off what does not match, and
 /// returns where the transfer can resume (0 when there is no partial).
-fn resumable_prefix(m: &Manifest, partial: &Path, verified: &Verified) -> Result<u64, Status> {
+fn resumable_prefix(
+    m: &Manifest,
+    partial: &Path,
+    root: &Root,
+    verified: &Verified,
+) -> Result<u64, Status> {
     let file = match OpenOptions::new()
         .read(true)
         .write(true)
@@ -315,6 +350,7 @@ fn resumable_prefix(m: &Manifest, partial: &Path, verified: &Verified) -> Result
         Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => return Ok(0),
         Err(e) => return Err(io_status("cannot open the partial file of", &m.path, e)),
     };
+    crate::confine::verify_opened(root, &file, &m.path)?;
     let read_err = |e| io_status("cannot read the partial file of", &m.path, e);
     let good = verified_prefix(&file, m, m.size).map_err(read_err)?;
     if file.metadata().map_err(read_err)?.len() != good {

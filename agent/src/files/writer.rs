@@ -19,6 +19,8 @@ use super::cache::SharedCache;
 use super::io_status;
 use super::manifest::Manifest;
 use super::partial::{verified_prefix, Verified};
+use super::Active;
+use crate::confine::{verify_opened, Root};
 
 pub enum ToWriter {
     /// A chunk whose offset and length the receiver already checked against the manifest.
@@ -28,6 +30,7 @@ pub enum ToWriter {
 }
 
 pub struct Transfer {
+    pub root: Root,
     pub manifest: Manifest,
     pub target: PathBuf,
     pub partial: PathBuf,
@@ -36,6 +39,7 @@ pub struct Transfer {
     pub verified: Arc<Verified>,
     /// Held until the writer is done, even if the request that started it is gone.
     pub _lock: OwnedMutexGuard<()>,
+    pub _active: Active,
 }
 
 /// Runs a transfer to its end. Without a `Finish` the partial is kept (with every chunk
@@ -94,6 +98,9 @@ fn open_partial(t: &Transfer) -> Result<File, Status> {
             .truncate(true)
             .open(&t.partial)
             .map_err(|e| io_status("cannot create the partial file of", &m.path, e))?;
+        // The directory was checked before the open; the kernel's record of what was opened
+        // cannot have been swapped in between.
+        verify_opened(&t.root, &file, &m.path)?;
         return Ok(file);
     }
     let file = opts.open(&t.partial).map_err(|e| {
@@ -106,6 +113,7 @@ fn open_partial(t: &Transfer) -> Result<File, Status> {
             io_status("cannot open the partial file of", &m.path, e)
         }
     })?;
+    verify_opened(&t.root, &file, &m.path)?;
     let meta = file
         .metadata()
         .map_err(|e| io_status("cannot stat the partial file of", &m.path, e))?;

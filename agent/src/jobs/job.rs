@@ -20,6 +20,8 @@ use super::tree::MemberQuery;
 pub struct Proc {
     pub label: String,
     pub pid: u32,
+    /// Start time in clock ticks after boot (see `tree::ProcEntry::start`).
+    pub start_ticks: Option<u64>,
     pub started: Instant,
     pub exit: Option<pb::ProcessExited>,
 }
@@ -102,12 +104,19 @@ impl Job {
     }
 
     /// Registers a spawned process, publishes its `started` event and returns its index.
-    pub fn add_process(&self, label: &str, pid: u32, started: Instant) -> u32 {
+    pub fn add_process(
+        &self,
+        label: &str,
+        pid: u32,
+        start_ticks: Option<u64>,
+        started: Instant,
+    ) -> u32 {
         let mut st = self.state();
         let index = st.procs.len() as u32;
         st.procs.push(Proc {
             label: label.to_string(),
             pid,
+            start_ticks,
             started,
             exit: None,
         });

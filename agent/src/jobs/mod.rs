@@ -8,6 +8,8 @@
 //! * `job` holds one job's state and event `log`; Watch replays the log and follows it.
 //! * `tree` finds a job's processes in /proc (direct children, marker variable, descendants);
 //!   `stop` terminates them all; `lease` stops jobs whose coordinator went silent.
+//! * `state_file` records the running jobs under the root; `recover` reads it when the agent
+//!   starts and stops whatever a previous run of the agent left behind.
 
 pub mod job;
 mod lease;
@@ -16,6 +18,8 @@ pub mod output;
 mod preflight;
 pub mod process;
 pub mod reaper;
+pub mod recover;
+pub mod state_file;
 pub mod stop;
 pub mod tree;
 
@@ -34,6 +38,7 @@ use crate::confine::Root;
 use crate::service::EventStream;
 use job::Job;
 use reaper::{Exit, Reaper};
+use state_file::StateFile;
 
 #[derive(Clone, Debug)]
 pub struct JobsConfig {
@@ -63,6 +68,7 @@ pub struct Jobs {
     reaper: Arc<Reaper>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     shutting_down: AtomicBool,
+    state_file: Arc<StateFile>,
 }
 
 fn not_found(id: &str) -> Status {
@@ -89,15 +95,63 @@ impl Jobs {
     /// Makes the agent a child subreaper, starts the reaper and the lease monitor.
     /// Must be called within a tokio runtime.
     pub fn start(root: Root, config: JobsConfig) -> anyhow::Result<Arc<Self>> {
+        let state_file = Arc::new(StateFile::new(root.state_dir()));
         let jobs = Arc::new(Self {
             root,
             config,
             reaper: Reaper::get()?,
             jobs: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
+            state_file,
         });
         lease::spawn_monitor(Arc::downgrade(&jobs));
         Ok(jobs)
+    }
+
+    /// What the state file should say now: every job not known to be over, with its direct
+    /// children that still run.
+    fn record(&self) -> state_file::Record {
+        let mut jobs: Vec<state_file::JobRecord> = self
+            .all()
+            .iter()
+            .filter_map(|j| {
+                let st = j.state();
+                let processes: Vec<state_file::ProcRecord> = st
+                    .procs
+                    .iter()
+                    .filter(|p| p.exit.is_none())
+                    .filter_map(|p| {
+                        Some(state_file::ProcRecord {
+                            label: p.label.clone(),
+                            pid: p.pid as i32,
+                            start: p.start_ticks?,
+                        })
+                    })
+                    .collect();
+                (!st.clean || !processes.is_empty()).then(|| state_file::JobRecord {
+                    id: j.id.clone(),
+                    workspace: j.workspace.clone(),
+                    processes,
+                })
+            })
+            .collect();
+        jobs.sort_by(|a, b| a.id.cmp(&b.id));
+        state_file::Record {
+            agent_pid: std::process::id(),
+            jobs,
+        }
+    }
+
+    /// Writes the state file in the background. Must be called within a tokio runtime.
+    fn save_state_soon(&self) -> tokio::task::JoinHandle<()> {
+        let pending = self.state_file.snapshot(|| self.record());
+        let file = self.state_file.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = file.write(pending) {
+                // The marker scan still finds the jobs after a restart; only seeds are lost.
+                tracing::warn!(path = %file.path().display(), "cannot write the job record: {e}");
+            }
+        })
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Job>>> {
@@ -220,7 +274,11 @@ impl Jobs {
             let job = registering;
             let mut started = Vec::new();
             for (label, what, mut cmd) in commands {
-                let (mut child, exit) = match reaper.spawn(&mut cmd) {
+                let reaper::Spawned {
+                    mut child,
+                    exit,
+                    start,
+                } = match reaper.spawn(&mut cmd) {
                     Ok(x) => x,
                     // Processes started before the failure stay in the job: the coordinator
                     // stops the whole job when a Spawn fails.
@@ -229,7 +287,7 @@ impl Jobs {
                     }
                 };
                 let pid = child.id();
-                let index = job.add_process(&label, pid, Instant::now());
+                let index = job.add_process(&label, pid, start, Instant::now());
                 crate::metrics::add(&crate::metrics::COUNTERS.processes_started, 1);
                 let stdout = child.stdout.take().map(OwnedFd::from);
                 let stderr = child.stderr.take().map(OwnedFd::from);
@@ -241,6 +299,8 @@ impl Jobs {
         })
         .await
         .map_err(|e| Status::internal(format!("spawn task failed: {e}")))?;
+        // Recorded before the reply: once the coordinator knows of a process, so does the disk.
+        let _ = self.save_state_soon().await;
         if let Some(msg) = failure {
             return Err(Status::failed_precondition(msg));
         }
@@ -341,6 +401,8 @@ impl Jobs {
             }
         });
         futures::future::join_all(stops).await;
+        // Anything that survived the stop stays on record for the next run to find.
+        let _ = self.save_state_soon().await;
         for j in &jobs {
             j.forget();
         }
@@ -352,6 +414,7 @@ impl Jobs {
         if let Some(job) = self.map().remove(id) {
             job.forget();
             tracing::debug!(job = %id, "job forgotten");
+            drop(self.save_state_soon());
         }
     }
 }

@@ -28,6 +28,16 @@ pub enum Exit {
     Signal(i32),
 }
 
+/// A process the reaper started.
+pub struct Spawned {
+    pub child: Child,
+    /// Its exit status, once reaped.
+    pub exit: oneshot::Receiver<Exit>,
+    /// Its start time (see `tree::ProcEntry::start`), recorded so a later run of the agent
+    /// never mistakes a process that reused the pid for this one.
+    pub start: Option<u64>,
+}
+
 #[derive(Default)]
 struct Registry {
     waiting: HashMap<i32, oneshot::Sender<Exit>>,
@@ -80,14 +90,21 @@ impl Reaper {
 
     /// Spawns `cmd` and registers it; its exit status arrives on the returned receiver.
     /// Blocking (fork/exec): call from a blocking context.
-    pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<(Child, oneshot::Receiver<Exit>)> {
+    pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<Spawned> {
         let mut reg = self.lock();
         let child = cmd.spawn()?;
+        // Read while the registry is locked: the child cannot be reaped yet, so its pid cannot
+        // have been reused by another process (a zombie still has its start time).
+        let start = super::tree::start_time(std::path::Path::new("/proc"), child.id() as i32);
         let (tx, rx) = oneshot::channel();
         reg.waiting.insert(child.id() as i32, tx);
         drop(reg);
         self.spawned.notify_one();
-        Ok((child, rx))
+        Ok(Spawned {
+            child,
+            exit: rx,
+            start,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -142,15 +159,16 @@ mod tests {
     #[test]
     fn exit_codes_and_signals_are_delivered() {
         let r = Reaper::get().unwrap();
-        let (_c, rx) = r.spawn(Command::new("sh").args(["-c", "exit 7"])).unwrap();
-        assert_eq!(rx.blocking_recv().unwrap(), Exit::Code(7));
-        let (_c, rx) = r
+        let s = r.spawn(Command::new("sh").args(["-c", "exit 7"])).unwrap();
+        assert!(s.start.is_some());
+        assert_eq!(s.exit.blocking_recv().unwrap(), Exit::Code(7));
+        let s = r
             .spawn(Command::new("sh").args(["-c", "kill -9 $$"]))
             .unwrap();
-        assert_eq!(rx.blocking_recv().unwrap(), Exit::Signal(9));
+        assert_eq!(s.exit.blocking_recv().unwrap(), Exit::Signal(9));
         // Instant exits, many at once: none may be lost to the registration race.
         let rxs: Vec<_> = (0..50)
-            .map(|_| r.spawn(&mut Command::new("true")).unwrap().1)
+            .map(|_| r.spawn(&mut Command::new("true")).unwrap().exit)
             .collect();
         for rx in rxs {
             assert_eq!(rx.blocking_recv().unwrap(), Exit::Code(0));

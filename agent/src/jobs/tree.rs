@@ -26,6 +26,9 @@ pub struct ProcEntry {
     pub pgid: i32,
     /// The state letter: R, S, D, Z (zombie), T, X (dead), ...
     pub state: char,
+    /// Start time in clock ticks after boot (field 22). With the pid it names one process for
+    /// the life of the system: a pid may be reused, the pair never is.
+    pub start: Option<u64>,
 }
 
 impl ProcEntry {
@@ -46,12 +49,21 @@ pub fn parse_stat(text: &str) -> Option<ProcEntry> {
     let state = rest.next()?.chars().next()?;
     let ppid = rest.next()?.parse().ok()?;
     let pgid = rest.next()?.parse().ok()?;
+    // Fields 6..21 are not needed; starttime is field 22 (the 17th after pgrp).
+    let start = rest.nth(16).and_then(|t| t.parse().ok());
     Some(ProcEntry {
         pid,
         ppid,
         pgid,
         state,
+        start,
     })
+}
+
+/// Start time (clock ticks after boot) of `pid`, None when it is gone.
+pub fn start_time(proc_root: &Path, pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    parse_stat(&text)?.start
 }
 
 /// True when every entry of `marker` (each `NAME=value`) is one of the NUL-separated
@@ -210,6 +222,7 @@ mod tests {
             ppid,
             pgid,
             state,
+            start: None,
         }
     }
 
@@ -220,6 +233,11 @@ mod tests {
         let e = parse_stat("77 (a) b (c)) Z 5 9 9 0").unwrap();
         assert_eq!(e, p(77, 5, 9, 'Z'));
         assert!(!e.is_alive());
+        let full = "42 (x y) S 1 42 42 0 -1 4194560 9 0 0 0 3 1 0 0 20 0 1 0 987654 1000 20";
+        assert_eq!(parse_stat(full).unwrap().start, Some(987654));
+        let me = std::process::id() as i32;
+        let mine = start_time(Path::new("/proc"), me).unwrap();
+        assert_eq!(start_time(Path::new("/proc"), me), Some(mine));
         assert!(parse_stat("garbage").is_none());
         assert!(parse_stat("12 (x) S notanumber 3").is_none());
     }

@@ -72,7 +72,11 @@ pub async fn hash_sources(
     let stats = HashStats {
         files: results.len(),
         from_cache: results.iter().filter(|(_, hit)| *hit).count(),
-        bytes_read: results.iter().filter(|(_, hit)| !hit).map(|(d, _)| d.size).sum(),
+        bytes_read: results
+            .iter()
+            .filter(|(_, hit)| !hit)
+            .map(|(d, _)| d.size)
+            .sum(),
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((results.into_iter().map(|(d, _)| d).collect(), stats))
@@ -86,7 +90,11 @@ fn size_hint(s: &Source) -> u64 {
 }
 
 /// Returns the digest and whether it came from the cache.
-fn hash_one(src: &Source, cache: &Mutex<HashCache>, progress: &Progress) -> anyhow::Result<(FileDigest, bool)> {
+fn hash_one(
+    src: &Source,
+    cache: &Mutex<HashCache>,
+    progress: &Progress,
+) -> anyhow::Result<(FileDigest, bool)> {
     let path = match &src.content {
         Content::Bytes(b) => {
             let d = hash_reader(&b[..], |n| progress.advance(n))?;
@@ -99,7 +107,11 @@ fn hash_one(src: &Source, cache: &Mutex<HashCache>, progress: &Progress) -> anyh
     let key = path.canonicalize().with_context(|| err("resolve"))?;
     let file = File::open(&key).with_context(|| err("open"))?;
     let before = file.metadata().with_context(|| err("stat"))?;
-    if let Some(d) = cache.lock().unwrap_or_else(|p| p.into_inner()).lookup(&key, &before) {
+    if let Some(d) = cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .lookup(&key, &before)
+    {
         progress.advance(d.size);
         return Ok((d, true));
     }
@@ -120,15 +132,32 @@ fn hash_one(src: &Source, cache: &Mutex<HashCache>, progress: &Progress) -> anyh
 }
 
 fn unchanged(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-    (a.len(), a.mtime(), a.mtime_nsec(), a.ctime(), a.ctime_nsec(), a.ino(), a.dev())
-        == (b.len(), b.mtime(), b.mtime_nsec(), b.ctime(), b.ctime_nsec(), b.ino(), b.dev())
+    (
+        a.len(),
+        a.mtime(),
+        a.mtime_nsec(),
+        a.ctime(),
+        a.ctime_nsec(),
+        a.ino(),
+        a.dev(),
+    ) == (
+        b.len(),
+        b.mtime(),
+        b.mtime_nsec(),
+        b.ctime(),
+        b.ctime_nsec(),
+        b.ino(),
+        b.dev(),
+    )
 }
 
 /// Checks that every local file exists and is a regular file before any host is contacted.
 pub fn check_sources(sources: &[Source], part_config: &Path) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     for s in sources {
-        let Content::File(p) = &s.content else { continue };
+        let Content::File(p) = &s.content else {
+            continue;
+        };
         let problem = match fs::metadata(p) {
             Ok(m) if m.is_file() => continue,
             Ok(_) => "is not a regular file".to_string(),

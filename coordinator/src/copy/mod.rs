@@ -7,6 +7,7 @@
 //! Order matters: every input is checked and every agent reached and asked (PrepareFiles,
 //! free disk) before the first byte is written anywhere, so bad input changes nothing.
 
+pub mod alloc;
 pub mod hashing;
 pub mod plan;
 pub mod progress;
@@ -73,10 +74,19 @@ pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
 
     // 3. Digests of the local files.
     let progress = Progress::new(opts.progress);
-    let (digests, hashing) = hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
+    let (digests, hashing) =
+        hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
 
     // 4. Prepare, check disk, send, verify.
-    let hosts = send::send(&plan, &digests, hosts, &opts.access, opts.send.clone(), progress).await?;
+    let hosts = send::send(
+        &plan,
+        &digests,
+        hosts,
+        &opts.access,
+        opts.send.clone(),
+        progress,
+    )
+    .await?;
     let ok = hosts.iter().all(HostReport::ok);
     let bytes_sent = hosts.iter().map(|h| h.bytes_sent).sum();
     Ok(CopyReport {

@@ -149,8 +149,11 @@ pub fn plan(input: &PlanInput) -> Result<CopyPlan, PlanError> {
     let mut b = Builder::new(machines, input.ip_config);
     let mut doc = pc.doc.clone();
 
-    let ip = b.source("ip_config", Content::File(input.ip_config_path.to_path_buf()));
-    b.to_all(ip, &remote_join(&[ws, &ip_name]), DATA_MODE)?;
+    let ip = b.source(
+        "ip_config",
+        Content::File(input.ip_config_path.to_path_buf()),
+    );
+    b.place_everywhere(ip, &remote_join(&[ws, &ip_name]), DATA_MODE)?;
 
     // Old DGL formats: node_map / edge_map as paths to .npy files every machine needs.
     let mut new_value = HashMap::new();
@@ -158,7 +161,7 @@ pub fn plan(input: &PlanInput) -> Result<CopyPlan, PlanError> {
         check_part_path(pc, &f.key, &f.written)?;
         let name = file_name(&f.local)?;
         let src = b.source(&f.key, Content::File(f.local.clone()));
-        b.to_all(src, &remote_join(&[&data_dir, &name]), DATA_MODE)?;
+        b.place_everywhere(src, &remote_join(&[&data_dir, &name]), DATA_MODE)?;
         new_value.insert(f.written.clone(), name);
     }
     for key in ["node_map", "edge_map"] {
@@ -176,7 +179,12 @@ pub fn plan(input: &PlanInput) -> Result<CopyPlan, PlanError> {
             check_part_path(pc, &f.key, &f.written)?;
             let name = file_name(&f.local)?;
             let src = b.source(&f.key, Content::File(f.local.clone()));
-            b.to_one(rank, src, &remote_join(&[&data_dir, &dir, &name]), DATA_MODE)?;
+            b.place_on(
+                rank,
+                src,
+                &remote_join(&[&data_dir, &dir, &name]),
+                DATA_MODE,
+            )?;
             new_value.insert(f.written.clone(), format!("{dir}/{name}"));
         }
         if let Some(part) = doc.get_mut(&format!("part-{rank}")) {
@@ -188,13 +196,16 @@ pub fn plan(input: &PlanInput) -> Result<CopyPlan, PlanError> {
     let mut json = serde_json::to_vec_pretty(&Value::Object(doc)).unwrap_or_default();
     json.push(b'\n');
     let pc_src = b.source("part_config (rewritten)", Content::Bytes(json));
-    b.to_all(pc_src, &remote_join(&[&data_dir, &pc_name]), DATA_MODE)?;
+    b.place_everywhere(pc_src, &remote_join(&[&data_dir, &pc_name]), DATA_MODE)?;
 
     if let Some(scripts) = input.scripts {
         for f in &scripts.files {
-            let origin = format!("script_folder {}", Path::new(&scripts.name).join(&f.rel).display());
+            let origin = format!(
+                "script_folder {}",
+                Path::new(&scripts.name).join(&f.rel).display()
+            );
             let src = b.source(&origin, Content::File(f.local.clone()));
-            b.to_all(src, &remote_join(&[ws, &scripts.name, &f.rel]), f.mode)?;
+            b.place_everywhere(src, &remote_join(&[ws, &scripts.name, &f.rel]), f.mode)?;
         }
     }
 
@@ -247,14 +258,20 @@ impl Builder {
         self.sources.len() - 1
     }
 
-    fn to_all(&mut self, source: usize, remote: &str, mode: u32) -> Result<(), PlanError> {
+    fn place_everywhere(&mut self, source: usize, remote: &str, mode: u32) -> Result<(), PlanError> {
         for rank in 0..self.machines.len() {
-            self.to_one(rank, source, remote, mode)?;
+            self.place_on(rank, source, remote, mode)?;
         }
         Ok(())
     }
 
-    fn to_one(&mut self, rank: usize, source: usize, remote: &str, mode: u32) -> Result<(), PlanError> {
+    fn place_on(
+        &mut self,
+        rank: usize,
+        source: usize,
+        remote: &str,
+        mode: u32,
+    ) -> Result<(), PlanError> {
         if let Some(&other) = self.placed[rank].get(remote) {
             if other == source {
                 return Ok(());
@@ -313,10 +330,14 @@ fn check_part_path(pc: &PartConfig, key: &str, value: &str) -> Result<(), PlanEr
         return Err(bad("an empty path"));
     }
     if p.is_absolute() {
-        return Err(bad("an absolute path; DGL's partitioner writes paths relative to the JSON file"));
+        return Err(bad(
+            "an absolute path; DGL's partitioner writes paths relative to the JSON file",
+        ));
     }
     if p.components().any(|c| c == Component::ParentDir) {
-        return Err(bad("a path with `..` that leaves the directory of the JSON file"));
+        return Err(bad(
+            "a path with `..` that leaves the directory of the JSON file",
+        ));
     }
     Ok(())
 }

@@ -93,12 +93,19 @@ impl Progress {
             return;
         }
         // try_lock: a status line is never worth waiting for.
-        let Ok(mut phase) = self.phase.try_lock() else { return };
+        let Ok(mut phase) = self.phase.try_lock() else {
+            return;
+        };
         if phase.last_line.elapsed() < PLAIN_EVERY {
             return;
         }
         phase.last_line = Instant::now();
-        let line = status_line(phase.name, done, self.total.load(Ordering::Relaxed), phase.started.elapsed());
+        let line = status_line(
+            phase.name,
+            done,
+            self.total.load(Ordering::Relaxed),
+            phase.started.elapsed(),
+        );
         drop(phase);
         eprintln_flush(&line);
     }
@@ -122,17 +129,29 @@ impl Progress {
 
     pub fn finish_phase(&self) {
         let phase = self.phase_state();
-        let (done, total) = (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed));
+        let (done, total) = (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        );
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         } else if self.plain && !phase.name.is_empty() {
-            eprintln_flush(&status_line(phase.name, done, total, phase.started.elapsed()));
+            eprintln_flush(&status_line(
+                phase.name,
+                done,
+                total,
+                phase.started.elapsed(),
+            ));
         }
     }
 }
 
 fn status_line(phase: &str, done: u64, total: u64, elapsed: Duration) -> String {
-    let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+    let pct = if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    };
     let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
     format!(
         "{phase}: {} of {} ({pct:.0}%), {}/s",

@@ -78,7 +78,9 @@ fn fan_out(
     let mut offset = start;
     while offset < size && !outs.is_empty() {
         let len = (size - offset).min(CHUNK_SIZE as u64) as usize;
-        let chunk = source.next(len).map_err(|e| format!("cannot read at offset {offset}: {e}"))?;
+        let chunk = source
+            .next(len)
+            .map_err(|e| format!("cannot read at offset {offset}: {e}"))?;
         if chunk.len() < len {
             return Err(format!(
                 "the file shrank while being copied (ended at {} of {size} bytes)",
@@ -86,7 +88,9 @@ fn fan_out(
             ));
         }
         // A host whose stream ended (failed, or will retry on its own) drops out.
-        outs.retain(|(from, tx)| *from > offset || tx.blocking_send((offset, chunk.clone())).is_ok());
+        outs.retain(|(from, tx)| {
+            *from > offset || tx.blocking_send((offset, chunk.clone())).is_ok()
+        });
         offset += len as u64;
     }
     Ok(())
@@ -102,7 +106,8 @@ impl<'a> Chunks<'a> {
     fn open(content: &'a Content, start: u64) -> Result<Self, String> {
         match content {
             Content::File(p) => {
-                let mut f = File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()))?;
+                let mut f =
+                    File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()))?;
                 f.seek(SeekFrom::Start(start))
                     .map_err(|e| format!("cannot seek in {}: {e}", p.display()))?;
                 Ok(Self::File(f))
@@ -152,7 +157,12 @@ mod tests {
         let p = dir.path().join("f");
         std::fs::write(&p, &data).unwrap();
         for content in [Content::File(p.clone()), Content::Bytes(data.clone())] {
-            let feeds = spawn(content, "f".into(), data.len() as u64, &[c as u64, 0, 2 * c as u64 + 10]);
+            let feeds = spawn(
+                content,
+                "f".into(),
+                data.len() as u64,
+                &[c as u64, 0, 2 * c as u64 + 10],
+            );
             // Concurrently, as the hosts' streams do: the reader goes at the slowest one's pace.
             let got = futures::future::join_all(feeds.into_iter().map(collect)).await;
             assert_eq!(got[0], (data[c..].to_vec(), vec![c as u64, 2 * c as u64]));
@@ -164,7 +174,12 @@ mod tests {
     #[tokio::test]
     async fn a_host_that_hangs_up_does_not_stop_the_others() {
         let data = vec![5u8; 3 * CHUNK_SIZE];
-        let mut feeds = spawn(Content::Bytes(data.clone()), "f".into(), data.len() as u64, &[0, 0]);
+        let mut feeds = spawn(
+            Content::Bytes(data.clone()),
+            "f".into(),
+            data.len() as u64,
+            &[0, 0],
+        );
         let second = feeds.pop().unwrap();
         drop(feeds);
         let (got, _) = collect(second).await;

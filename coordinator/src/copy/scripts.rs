@@ -143,7 +143,11 @@ mod tests {
         fs::write(code.join("train.py"), "x").unwrap();
         fs::set_permissions(code.join("train.py"), fs::Permissions::from_mode(0o755)).unwrap();
         fs::write(code.join("lib/deep/u.py"), "y").unwrap();
-        fs::set_permissions(code.join("lib/deep/u.py"), fs::Permissions::from_mode(0o640)).unwrap();
+        fs::set_permissions(
+            code.join("lib/deep/u.py"),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
         fs::write(d.path().join("outside.txt"), "z").unwrap();
         symlink(d.path().join("outside.txt"), code.join("link.txt")).unwrap();
         symlink(code.join("lib"), code.join("lib2")).unwrap();
@@ -168,7 +172,10 @@ mod tests {
         fs::create_dir_all(code.join("sub")).unwrap();
         symlink(d.path().join("nope"), code.join("sub/dead")).unwrap();
         let err = scan(&code).unwrap_err().to_string();
-        assert!(err.contains("sub/dead") && err.contains("symlink to nothing"), "{err}");
+        assert!(
+            err.contains("sub/dead") && err.contains("symlink to nothing"),
+            "{err}"
+        );
 
         fs::remove_file(code.join("sub/dead")).unwrap();
         symlink(&code, code.join("sub/up")).unwrap();
@@ -178,7 +185,10 @@ mod tests {
         fs::remove_file(code.join("sub/up")).unwrap();
         nix::unistd::mkfifo(&code.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         let err = scan(&code).unwrap_err().to_string();
-        assert!(err.contains("fifo") && err.contains("neither a file"), "{err}");
+        assert!(
+            err.contains("fifo") && err.contains("neither a file"),
+            "{err}"
+        );
 
         let err = scan(&d.path().join("missing")).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");

@@ -29,6 +29,9 @@ pub struct SendOptions {
     pub backoff: Duration,
     /// HTTP/2 connections per host (streams are spread over them).
     pub connections: usize,
+    /// PutFile streams open at once over all hosts. Each holds a few chunks in memory, so this
+    /// bounds the coordinator's memory however many hosts there are.
+    pub max_streams: usize,
 }
 
 impl Default for SendOptions {
@@ -38,6 +41,7 @@ impl Default for SendOptions {
             retries: 5,
             backoff: Duration::from_millis(500),
             connections: 1,
+            max_streams: 64,
         }
     }
 }
@@ -89,6 +93,7 @@ struct Ctx {
     /// Per host, per planned file: what is sent in PrepareFiles and PutFile headers.
     manifests: Vec<Vec<pb::FileManifest>>,
     progress: Arc<Progress>,
+    streams: Arc<Semaphore>,
     opts: SendOptions,
 }
 
@@ -135,7 +140,10 @@ pub async fn send(
 
     // 1. What each host has, and whether it has room: nothing is sent before all agree.
     let prepared = futures::future::join_all(
-        hosts.iter().zip(&manifests).map(|(h, ms)| prepare(h.client.clone(), ms)),
+        hosts
+            .iter()
+            .zip(&manifests)
+            .map(|(h, ms)| prepare(h.client.clone(), ms)),
     )
     .await;
     let mut errors = Vec::new();
@@ -191,7 +199,11 @@ pub async fn send(
             let present = st.status == FileStatus::Present as i32;
             reports[hi].files.push(FileReport {
                 path: f.remote.clone(),
-                status: if present { FileOutcome::Skipped } else { FileOutcome::Failed },
+                status: if present {
+                    FileOutcome::Skipped
+                } else {
+                    FileOutcome::Failed
+                },
                 size,
                 bytes_sent: 0,
                 resumed_from: 0,
@@ -236,6 +248,7 @@ pub async fn send(
             .collect(),
         manifests,
         progress: progress.clone(),
+        streams: Arc::new(Semaphore::new(opts.max_streams.max(1))),
         opts,
     });
     let started = Instant::now();
@@ -265,24 +278,23 @@ pub async fn send(
     progress.finish_phase();
 
     // 4. Verify: every host must now report every file present.
-    let verified = futures::future::join_all(
-        ctx.hosts
-            .iter()
-            .zip(&ctx.manifests)
-            .map(|(h, ms)| async move {
-                if h.dead().is_some() {
-                    return None;
-                }
-                Some(prepare(h.client(), ms).await)
-            }),
-    )
+    let verified = futures::future::join_all(ctx.hosts.iter().zip(&ctx.manifests).map(
+        |(h, ms)| async move {
+            if h.dead().is_some() {
+                return None;
+            }
+            Some(prepare(h.client(), ms).await)
+        },
+    ))
     .await;
     for (hi, v) in verified.into_iter().enumerate() {
         let h = &ctx.hosts[hi];
         let r = &mut reports[hi];
         match v {
             None => r.errors.push(h.dead().unwrap_or_default()),
-            Some(Err(s)) => r.errors.push(format!("cannot verify the files: {}", status_text(&s))),
+            Some(Err(s)) => r
+                .errors
+                .push(format!("cannot verify the files: {}", status_text(&s))),
             Some(Ok((st, _))) => {
                 for (f, s) in r.files.iter_mut().zip(st) {
                     if f.status != FileOutcome::Failed && s.status != FileStatus::Present as i32 {
@@ -300,13 +312,29 @@ pub async fn send(
                 f.error = Some("not sent".into());
             }
         }
-        r.files_sent = r.files.iter().filter(|f| f.status == FileOutcome::Sent).count();
-        r.files_skipped = r.files.iter().filter(|f| f.status == FileOutcome::Skipped).count();
-        r.files_failed = r.files.iter().filter(|f| f.status == FileOutcome::Failed).count();
+        r.files_sent = r
+            .files
+            .iter()
+            .filter(|f| f.status == FileOutcome::Sent)
+            .count();
+        r.files_skipped = r
+            .files
+            .iter()
+            .filter(|f| f.status == FileOutcome::Skipped)
+            .count();
+        r.files_failed = r
+            .files
+            .iter()
+            .filter(|f| f.status == FileOutcome::Failed)
+            .count();
         r.bytes_sent = r.files.iter().map(|f| f.bytes_sent).sum();
         let last = *h.last_done.lock().unwrap_or_else(|p| p.into_inner());
         r.seconds = last.map_or(0.0, |t| t.duration_since(started).as_secs_f64());
-        r.bytes_per_second = if r.seconds > 0.0 { r.bytes_sent as f64 / r.seconds } else { 0.0 };
+        r.bytes_per_second = if r.seconds > 0.0 {
+            r.bytes_sent as f64 / r.seconds
+        } else {
+            0.0
+        };
     }
     Ok(reports)
 }
@@ -336,7 +364,10 @@ async fn connections(h: &Host, access: &AgentAccess, n: usize) -> Vec<Client> {
 }
 
 /// PrepareFiles for all of `ms`, in batches; returns the states in order and the free bytes.
-async fn prepare(client: Client, ms: &[pb::FileManifest]) -> Result<(Vec<pb::FileState>, u64), Status> {
+async fn prepare(
+    client: Client,
+    ms: &[pb::FileManifest],
+) -> Result<(Vec<pb::FileState>, u64), Status> {
     let mut states = Vec::with_capacity(ms.len());
     let mut free = 0;
     let mut start = 0;
@@ -359,7 +390,9 @@ async fn prepare(client: Client, ms: &[pb::FileManifest]) -> Result<(Vec<pb::Fil
             })
             .await?
             .into_inner();
-        if reply.files.len() != batch.len() || reply.files.iter().zip(batch).any(|(s, m)| s.path != m.path) {
+        if reply.files.len() != batch.len()
+            || reply.files.iter().zip(batch).any(|(s, m)| s.path != m.path)
+        {
             return Err(Status::internal(format!(
                 "the agent answered for {} files of {} asked, or out of order",
                 reply.files.len(),
@@ -375,9 +408,11 @@ async fn prepare(client: Client, ms: &[pb::FileManifest]) -> Result<(Vec<pb::Fil
 
 /// Sends one source to all its targets: one reader, one stream per host.
 async fn transfer(ctx: Arc<Ctx>, source: usize, mut targets: Vec<Target>) -> Vec<Delivered> {
-    // Slots are taken in host order: two sources both waiting for slots on the same hosts
-    // can then never hold one each of the other's.
+    // Permits are taken in one order (global streams, then hosts by rank): two sources both
+    // waiting for slots on the same hosts can then never hold one each of the other's.
     targets.sort_by_key(|t| t.host);
+    let want = targets.len().min(ctx.opts.max_streams.max(1)) as u32;
+    let _streams = ctx.streams.clone().acquire_many_owned(want).await.ok();
     let mut permits = Vec::with_capacity(targets.len());
     for t in &targets {
         permits.push(ctx.hosts[t.host].slots.clone().acquire_owned().await.ok());
@@ -415,13 +450,18 @@ async fn deliver(
         let outcome = match feed.take() {
             Some(f) => put(h, m, offset, f, &ctx.progress).await,
             None => match prepare(h.client(), std::slice::from_ref(m)).await {
-                Ok((st, _)) if st.first().is_some_and(|s| s.status == FileStatus::Present as i32) => {
+                Ok((st, _))
+                    if st
+                        .first()
+                        .is_some_and(|s| s.status == FileStatus::Present as i32) =>
+                {
                     // The previous attempt completed; only its reply was lost.
                     Ok(m.size - offset)
                 }
                 Ok((st, _)) => {
                     offset = st.first().map_or(0, |s| s.resume_offset.min(m.size));
-                    let mut feeds = reader::spawn(src.content.clone(), src.origin.clone(), src.size, &[offset]);
+                    let mut feeds =
+                        reader::spawn(src.content.clone(), src.origin.clone(), src.size, &[offset]);
                     match feeds.pop() {
                         Some(f) => put(h, m, offset, f, &ctx.progress).await,
                         None => Err(Put::Local("internal error: no reader".into())),
@@ -437,7 +477,11 @@ async fn deliver(
                     h.name,
                     m.path,
                     HumanBytes(n),
-                    if offset > 0 { format!(", resumed at {}", HumanBytes(offset)) } else { String::new() }
+                    if offset > 0 {
+                        format!(", resumed at {}", HumanBytes(offset))
+                    } else {
+                        String::new()
+                    }
                 ));
                 break Ok(n);
             }
@@ -487,7 +531,13 @@ enum Put {
 }
 
 /// One PutFile stream: header, then the feed's chunks. Returns the bytes the agent wrote.
-async fn put(h: &HostCtx, m: &pb::FileManifest, offset: u64, feed: Feed, progress: &Arc<Progress>) -> Result<u64, Put> {
+async fn put(
+    h: &HostCtx,
+    m: &pb::FileManifest,
+    offset: u64,
+    feed: Feed,
+    progress: &Arc<Progress>,
+) -> Result<u64, Put> {
     let header = pb::PutFileMessage {
         msg: Some(Msg::Header(pb::PutFileHeader {
             manifest: Some(m.clone()),
@@ -532,7 +582,10 @@ fn retryable(s: &Status) -> bool {
 
 /// The agent cannot be reached at all.
 fn connection_lost(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
 }
 
 /// A status as one line: the agent's message, or the transport's cause.
@@ -542,7 +595,11 @@ pub fn status_text(s: &Status) -> String {
     while let Some(e) = cur {
         let part = e.to_string();
         if !text.contains(&part) {
-            text = if text.is_empty() { part } else { format!("{text}: {part}") };
+            text = if text.is_empty() {
+                part
+            } else {
+                format!("{text}: {part}")
+            };
         }
         cur = e.source();
     }

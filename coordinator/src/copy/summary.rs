@@ -83,7 +83,13 @@ impl CopyReport {
     /// The table printed at the end of a copy.
     pub fn to_human(&self) -> String {
         let mut out = String::new();
-        let width = self.hosts.iter().map(|h| h.name().len()).max().unwrap_or(4).max(4);
+        let width = self
+            .hosts
+            .iter()
+            .map(|h| h.name().len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
         let _ = writeln!(
             out,
             "{:width$}  {:>6}  {:>7}  {:>6}  {:>11}  {:>8}  {:>12}",

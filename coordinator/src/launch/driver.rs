@@ -5,6 +5,11 @@
 //! One loop owns all state. Per host, a watch task forwards the job's events (reconnecting
 //! from the last seq it saw) and a renew task keeps the lease; both report a lost agent. Stops
 //! run as tasks too, so output keeps flowing while the agents stop the job.
+//!
+//! When a host's calls fail, the kind of failure decides how long to wait (`loss`): a refused
+//! connection (the agent process is gone) or an agent that no longer knows the job (it was
+//! restarted) fail the job at once; a call that gets no answer (a link down) is retried until
+//! the lease would have expired, since a blip shorter than that must not kill a healthy job.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -15,10 +20,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::follow::{renew_host, watch_host, Reconnect};
+use super::loss::Loss;
 use super::output::{note, print_line};
 use super::plan::{PlannedProcess, Role};
 use super::summary::{self, Row};
-use crate::cluster::Host;
+use crate::cluster::{AgentAccess, Host};
 
 /// stderr lines kept per process for the failure report.
 const TAIL_LINES: usize = 10;
@@ -39,9 +46,11 @@ pub struct DriverOptions {
     pub lease: Duration,
     /// When the command started (for the start-up figure).
     pub started: Instant,
+    /// How to reach the agents: lease renewals open fresh connections when one stalls.
+    pub access: AgentAccess,
 }
 
-enum Msg {
+pub(super) enum Msg {
     Event {
         host: usize,
         ev: pb::JobEvent,
@@ -52,7 +61,7 @@ enum Msg {
     },
     Lost {
         host: usize,
-        reason: String,
+        loss: Loss,
     },
     Stopped {
         host: usize,
@@ -66,7 +75,7 @@ enum Reason {
     Success,
     Failed { host: usize, label: String },
     SpawnFailed { host: usize, message: String },
-    Lost { host: usize, reason: String },
+    Lost { host: usize, loss: Loss },
     Signal(i32),
 }
 
@@ -275,7 +284,7 @@ impl Driver {
         ));
         self.tasks.spawn(renew_host(
             host,
-            h.client.clone(),
+            Reconnect::new(h.client.clone(), self.o.access.clone(), h.addr),
             self.o.job_id.clone(),
             self.tx.clone(),
             self.o.lease,
@@ -288,13 +297,12 @@ impl Driver {
             Msg::StreamEnded { host } => {
                 self.silent.insert(host);
                 if self.stopping.is_none() {
-                    let reason = "the agent ended the job's event stream (is it shutting down?)";
-                    self.lost(host, reason.to_string());
+                    self.lost(host, Loss::StreamEnded);
                 }
             }
-            Msg::Lost { host, reason } => {
+            Msg::Lost { host, loss } => {
                 if !self.silent.contains(&host) {
-                    self.lost(host, reason);
+                    self.lost(host, loss);
                 }
             }
             Msg::Stopped { host, result } => {
@@ -320,12 +328,15 @@ impl Driver {
         }
     }
 
-    fn lost(&mut self, host: usize, reason: String) {
+    fn lost(&mut self, host: usize, loss: Loss) {
         self.silent.insert(host);
         if self.stopping.is_none() {
             let name = self.hosts[host].name();
-            note(&format!("lost the agent of {name}: {reason}"));
-            self.begin_stop(Reason::Lost { host, reason });
+            note(&format!(
+                "lost the agent of {name}: {}; stopping the job on every other host",
+                loss.reason()
+            ));
+            self.begin_stop(Reason::Lost { host, loss });
         } else if let Some(s) = &mut self.stopping {
             // Its Stop may never return; don't wait for it.
             s.pending.remove(&host);
@@ -493,11 +504,11 @@ impl Driver {
                 "job failed: {}: {message}",
                 self.hosts[*host].name()
             )),
-            Some(Reason::Lost { host, reason }) => note(&format!(
-                "job failed: lost the agent of {}: {reason}; its processes are stopped by \
-                 that agent when the lease runs out ({} s)",
+            Some(Reason::Lost { host, loss }) => note(&format!(
+                "job failed: lost the agent of {}: {}; {}",
                 self.hosts[*host].name(),
-                self.o.lease.as_secs_f64()
+                loss.reason(),
+                loss.aftermath(self.o.lease)
             )),
             _ => {}
         }
@@ -576,102 +587,5 @@ fn to_spec(p: &PlannedProcess) -> pb::ProcessSpec {
         }),
         env: p.env.clone().into_iter().collect(),
         cwd: p.cwd.clone(),
-    }
-}
-
-/// Forwards one host's job events; on a broken stream, resumes from the last seq seen. Gives
-/// up (reporting the host lost) when reconnecting fails for a whole lease: by then the agent
-/// has stopped the job anyway.
-async fn watch_host(
-    host: usize,
-    mut client: crate::cluster::Client,
-    job_id: String,
-    tx: mpsc::Sender<Msg>,
-    give_up_after: Duration,
-) {
-    let mut after = 0;
-    let mut failing_since: Option<Instant> = None;
-    loop {
-        let last_error;
-        let req = pb::WatchRequest {
-            job_id: job_id.clone(),
-            after_seq: after,
-        };
-        match client.watch(req).await {
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(ev)) => {
-                            failing_since = None;
-                            after = after.max(ev.seq);
-                            if tx.send(Msg::Event { host, ev }).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => {
-                            let _ = tx.send(Msg::StreamEnded { host }).await;
-                            return;
-                        }
-                        Err(s) => {
-                            last_error = s.message().to_string();
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                let reason = "the agent no longer knows the job (was it restarted?)".to_string();
-                let _ = tx.send(Msg::Lost { host, reason }).await;
-                return;
-            }
-            Err(s) => last_error = s.message().to_string(),
-        }
-        let since = *failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= give_up_after {
-            let reason = format!(
-                "its event stream broke and reconnecting failed for {:.0} s: {last_error}",
-                give_up_after.as_secs_f64()
-            );
-            let _ = tx.send(Msg::Lost { host, reason }).await;
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Renews the job's lease on one host every lease/4; reports the host lost when no renewal
-/// succeeded for a whole lease, or when the agent no longer knows the job.
-async fn renew_host(
-    host: usize,
-    mut client: crate::cluster::Client,
-    job_id: String,
-    tx: mpsc::Sender<Msg>,
-    lease: Duration,
-) {
-    let period = lease / 4;
-    let mut last_ok = Instant::now();
-    loop {
-        tokio::time::sleep(period).await;
-        let req = pb::RenewRequest {
-            job_id: job_id.clone(),
-        };
-        match tokio::time::timeout(lease / 2, client.renew(req)).await {
-            Ok(Ok(r)) if r.get_ref().known => last_ok = Instant::now(),
-            Ok(Ok(_)) => {
-                let reason = "the agent no longer knows the job (was it restarted?)".to_string();
-                let _ = tx.send(Msg::Lost { host, reason }).await;
-                return;
-            }
-            _ if last_ok.elapsed() >= lease => {
-                let reason = format!(
-                    "no answer to lease renewals for {:.1} s",
-                    lease.as_secs_f64()
-                );
-                let _ = tx.send(Msg::Lost { host, reason }).await;
-                return;
-            }
-            _ => {}
-        }
     }
 }

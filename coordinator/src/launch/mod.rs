@@ -2,11 +2,13 @@
 //!
 //! `plan` turns the options and the cluster into the list of processes (pure, tested against
 //! DGL's own behaviour); `command` handles the user command (argv or `sh -c`, the torchrun
-//! wrap); `preflight` checks the hosts; `driver` runs the plan; `output` and `summary` are
-//! what the user sees.
+//! wrap); `preflight` checks the hosts; `driver` runs the plan (`loss` decides when a host is
+//! lost); `output` and `summary` are what the user sees.
 
 pub mod command;
 pub mod driver;
+mod follow;
+pub mod loss;
 pub mod output;
 pub mod plan;
 pub mod preflight;
@@ -174,6 +176,7 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
             grace: r.grace,
             lease: r.lease,
             started: r.started,
+            access: r.access.clone(),
         },
     )
     .await

@@ -25,7 +25,11 @@ fn parse_args() -> Result<Args> {
     let mut a = Args {
         gib: 2.0,
         parts: 4,
-        dir: PathBuf::from(if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" }),
+        dir: PathBuf::from(if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        }),
         extra: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -46,12 +50,26 @@ fn parse_args() -> Result<Args> {
 }
 
 /// One `dgl-coord copy --json` run: wall seconds and the parsed summary.
-fn copy(cluster: &TestCluster, part_config: &Path, cache: &Path, extra: &[String]) -> Result<(f64, serde_json::Value)> {
+fn copy(
+    cluster: &TestCluster,
+    part_config: &Path,
+    cache: &Path,
+    extra: &[String],
+) -> Result<(f64, serde_json::Value)> {
     let started = Instant::now();
     let out = cluster
         .coord()
         .env("XDG_CACHE_HOME", cache)
-        .args(["copy", "--workspace", "ws", "--rel_data_path", "data", "--json", "--progress", "quiet"])
+        .args([
+            "copy",
+            "--workspace",
+            "ws",
+            "--rel_data_path",
+            "data",
+            "--json",
+            "--progress",
+            "quiet",
+        ])
         .arg("--part_config")
         .arg(part_config)
         .arg("--ip_config")
@@ -61,7 +79,10 @@ fn copy(cluster: &TestCluster, part_config: &Path, cache: &Path, extra: &[String
         .output()?;
     let secs = started.elapsed().as_secs_f64();
     if !out.status.success() {
-        bail!("dgl-coord copy failed: {}", String::from_utf8_lossy(&out.stdout));
+        bail!(
+            "dgl-coord copy failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     Ok((secs, serde_json::from_slice(&out.stdout)?))
 }
@@ -137,7 +158,9 @@ fn main() -> Result<()> {
     let cluster = TestCluster::start(1);
     let (one, summary) = copy(&cluster, &single, &cache, &args.extra)?;
     let one_bytes = summary["bytes_sent"].as_u64().unwrap_or(0);
-    let host_rate = summary["hosts"][0]["bytes_per_second"].as_f64().unwrap_or(0.0);
+    let host_rate = summary["hosts"][0]["bytes_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
     println!(
         "one agent receiving {:.2} GiB: {:.2}s wall, {:.2} GB/s wall, {:.2} GB/s send phase",
         one_bytes as f64 / (1u64 << 30) as f64,
@@ -163,7 +186,8 @@ fn main() -> Result<()> {
 /// copy_files.py's transfer: for each machine in turn, scp its part, the JSON and ip_config.
 /// Needs `sshd` and `scp`, and runs its own sshd on a loopback port with a throwaway key.
 fn scp_baseline(part_config: &Path, parts: usize, work: &Path) -> Result<f64> {
-    let sshd = which("sshd").or_else(|| Some(PathBuf::from("/usr/sbin/sshd")).filter(|p| p.exists()));
+    let sshd =
+        which("sshd").or_else(|| Some(PathBuf::from("/usr/sbin/sshd")).filter(|p| p.exists()));
     let (Some(sshd), Some(_)) = (sshd, which("scp")) else {
         bail!("no sshd/scp on this machine (install openssh-server to include it)");
     };
@@ -187,7 +211,14 @@ fn scp_baseline(part_config: &Path, parts: usize, work: &Path) -> Result<f64> {
         .arg(&hostkey)
         .arg("-o")
         .arg(format!("AuthorizedKeysFile={}", auth.display()))
-        .args(["-o", "PidFile=none", "-o", "StrictModes=no", "-o", "PermitRootLogin=yes"])
+        .args([
+            "-o",
+            "PidFile=none",
+            "-o",
+            "StrictModes=no",
+            "-o",
+            "PermitRootLogin=yes",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -201,7 +232,13 @@ fn scp_baseline(part_config: &Path, parts: usize, work: &Path) -> Result<f64> {
         let st = Command::new("scp")
             .args(["-q", "-P", port, "-i"])
             .arg(&key)
-            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-r"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-r",
+            ])
             .arg(src.join(format!("part{i}")))
             .arg(part_config)
             .arg(format!("127.0.0.1:{}/data/", dest.display()))

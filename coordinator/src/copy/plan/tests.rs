@@ -164,7 +164,12 @@ fn rewritten_part_config_is_relative_to_where_it_lands() {
     let pcs: Vec<usize> = p
         .machines
         .iter()
-        .flat_map(|m| m.files.iter().filter(|f| f.remote.ends_with("g.json")).map(|f| f.source))
+        .flat_map(|m| {
+            m.files
+                .iter()
+                .filter(|f| f.remote.ends_with("g.json"))
+                .map(|f| f.source)
+        })
         .collect();
     assert_eq!(pcs.len(), 2);
     assert_eq!(pcs[0], pcs[1]);
@@ -203,7 +208,12 @@ fn a_file_named_twice_is_one_source() {
     let shared: Vec<usize> = p
         .machines
         .iter()
-        .flat_map(|m| m.files.iter().filter(|f| f.remote.ends_with("shared.bin")).map(|f| f.source))
+        .flat_map(|m| {
+            m.files
+                .iter()
+                .filter(|f| f.remote.ends_with("shared.bin"))
+                .map(|f| f.source)
+        })
         .collect();
     assert_eq!(shared.len(), 2);
     assert_eq!(shared[0], shared[1]);
@@ -217,17 +227,38 @@ fn refuses_bad_input_naming_it() {
         "/in/out/g.json has num_parts 2 but /in/ip_config.txt lists 3 machine(s)",
     );
     let abs = r#"{"num_parts": 1, "part-0": {"node_feats": "/etc/passwd"}}"#;
-    check_err(Input::new(abs, "10.0.0.1\n"), "/in/out/g.json: part-0.node_feats is \"/etc/passwd\", an absolute path");
+    check_err(
+        Input::new(abs, "10.0.0.1\n"),
+        "/in/out/g.json: part-0.node_feats is \"/etc/passwd\", an absolute path",
+    );
     let up = r#"{"num_parts": 1, "part-0": {"g": {"x": "p0/../../secret"}}}"#;
-    check_err(Input::new(up, "10.0.0.1\n"), "part-0.g.x is \"p0/../../secret\", a path with `..`");
+    check_err(
+        Input::new(up, "10.0.0.1\n"),
+        "part-0.g.x is \"p0/../../secret\", a path with `..`",
+    );
     let map = r#"{"num_parts": 1, "node_map": "../nm.npy", "part-0": {}}"#;
     check_err(Input::new(map, "10.0.0.1\n"), "node_map is \"../nm.npy\"");
     let empty = r#"{"num_parts": 1, "part-0": {"g": ""}}"#;
-    check_err(Input::new(empty, "10.0.0.1\n"), "part-0.g is \"\", an empty path");
-    check_err(Input::new(P2, IPS2).ws("ws", "../up"), "--rel_data_path \"../up\": must not contain `..`");
-    check_err(Input::new(P2, IPS2).ws("ws", "/abs"), "--rel_data_path \"/abs\": must be relative");
-    check_err(Input::new(P2, IPS2).ws("a/../../b", "d"), "--workspace \"a/../../b\": must not contain `..`");
-    check_err(Input::new(P2, IPS2).ws("", "d"), "--workspace \"\": must not be empty");
+    check_err(
+        Input::new(empty, "10.0.0.1\n"),
+        "part-0.g is \"\", an empty path",
+    );
+    check_err(
+        Input::new(P2, IPS2).ws("ws", "../up"),
+        "--rel_data_path \"../up\": must not contain `..`",
+    );
+    check_err(
+        Input::new(P2, IPS2).ws("ws", "/abs"),
+        "--rel_data_path \"/abs\": must be relative",
+    );
+    check_err(
+        Input::new(P2, IPS2).ws("a/../../b", "d"),
+        "--workspace \"a/../../b\": must not contain `..`",
+    );
+    check_err(
+        Input::new(P2, IPS2).ws("", "d"),
+        "--workspace \"\": must not be empty",
+    );
 }
 
 #[test]
@@ -238,11 +269,16 @@ fn refuses_two_files_at_one_place() {
         "part-0.a and part-0.b would both land at ws/data/part0/graph.dgl on machine 0",
     );
     let json = r#"{"num_parts": 1, "node_map": "m/g.json", "part-0": {}}"#;
-    check_err(Input::new(json, "10.0.0.1\n"), "node_map and part_config (rewritten) would both land at ws/data/g.json");
+    check_err(
+        Input::new(json, "10.0.0.1\n"),
+        "node_map and part_config (rewritten) would both land at ws/data/g.json",
+    );
     // The script folder named like the data path.
     let one = r#"{"num_parts": 1, "part-0": {"g": "p/graph.dgl"}}"#;
     check_err(
-        Input::new(one, "10.0.0.1\n").ws("ws", "code").scripts(&[("g.json", 0o644)]),
+        Input::new(one, "10.0.0.1\n")
+            .ws("ws", "code")
+            .scripts(&[("g.json", 0o644)]),
         "would both land at ws/code/g.json",
     );
 }

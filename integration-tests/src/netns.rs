@@ -1,0 +1,395 @@
+//! Real separate hosts for fault tests: Linux network namespaces joined by veth pairs to a
+//! bridge, each host running its own `dgl-agent` on its own address, and a coordinator
+//! namespace from which `dgl-coord` runs (`ip netns exec`).
+//!
+//! Layout of one cluster, `T` being its 4-hex-digit id and `198.A.B.0/24` its block (inside
+//! the RFC 2544 benchmarking range 198.18.0.0/15, never any other):
+//!
+//! ```text
+//!   netns dgT-sw:  bridge br0 ── veth co ─┬─ netns dgT-co: eth0 198.A.B.1   (dgl-coord)
+//!                              ── veth h0 ─┼─ netns dgT-h0: eth0 198.A.B.10  (dgl-agent 0)
+//!                              ── veth h1 ─┴─ netns dgT-h1: eth0 198.A.B.11  (dgl-agent 1) ...
+//! ```
+//!
+//! Nothing is created in the root namespace: each veth pair is made inside the switch
+//! namespace with its peer placed straight into its host's namespace, so interface names
+//! (all short, well under Linux's 15 characters) can clash with nothing outside the cluster,
+//! and all test traffic stays inside these namespaces (and their loopbacks). Deleting the
+//! namespaces on drop removes every link with them.
+//!
+//! Processes in the namespaces share the test's pid namespace and file system: /proc scans and
+//! record files work as on one host.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{alive, bin, root_flag, terminate};
+
+/// The agents' port in every host namespace (each namespace has its own ports).
+pub const AGENT_PORT: u16 = dglrun_proto::DEFAULT_AGENT_PORT;
+
+/// Why namespaces cannot be made here, or None when they can. Only these reasons justify
+/// skipping a test: anything failing after this check fails the test.
+pub fn unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not running as root".into());
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => {}
+        _ => return Some("the `ip` command (iproute2) is not available".into()),
+    }
+    let probe = format!("dg{:04x}-pr", rand::random::<u16>());
+    match Command::new("ip").args(["netns", "add", &probe]).output() {
+        Ok(o) if o.status.success() => {
+            let _ = Command::new("ip").args(["netns", "del", &probe]).output();
+            None
+        }
+        Ok(o) => Some(format!(
+            "`ip netns add` failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run `ip netns add`: {e}")),
+    }
+}
+
+/// Starts a cluster, or prints why the test is skipped and returns None.
+pub fn start_or_skip(test: &str, hosts: usize, agent_args: &[&str]) -> Option<NetCluster> {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED {test}: cannot make network namespaces here ({why}); run as root with iproute2");
+        return None;
+    }
+    Some(NetCluster::start(hosts, agent_args).expect("build the namespace cluster"))
+}
+
+pub struct NsHost {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub root: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct NetCluster {
+    pub dir: tempfile::TempDir,
+    /// The token every agent requires; the coordinator gets it through `DGL_AGENT_TOKEN`.
+    pub token: String,
+    pub token_file: PathBuf,
+    pub hosts: Vec<NsHost>,
+    pub coord_ns: String,
+    pub coord_ip: Ipv4Addr,
+    switch_ns: String,
+    /// Namespaces made so far, deleted on drop (also after a failure half-way).
+    made: Vec<String>,
+    agent_args: Vec<String>,
+}
+
+/// Runs `ip ARGS`, failing with its stderr.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("run ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl NetCluster {
+    /// `hosts` host namespaces, each with an agent started with `agent_args` (plus its
+    /// address, root, token and, as root, `--allow-root`).
+    pub fn start(hosts: usize, agent_args: &[&str]) -> Result<Self> {
+        assert!(hosts <= 200, "at most 200 hosts per block");
+        let dir = tempfile::tempdir().context("temp dir")?;
+        let token = format!("{:032x}", rand::random::<u128>());
+        let token_file = dir.path().join("token");
+        fs::write(&token_file, &token).context("token file")?;
+        // Any /24 inside 198.18.0.0/15; the namespaces keep clusters apart anyway, the random
+        // block just keeps a leak from one test visible as a different address.
+        let (a, b) = (18 + rand::random_range(0u8..2), rand::random::<u8>());
+        let mut c = Self {
+            dir,
+            token,
+            token_file,
+            hosts: Vec::new(),
+            coord_ns: String::new(),
+            coord_ip: Ipv4Addr::new(198, a, b, 1),
+            switch_ns: String::new(),
+            made: Vec::new(),
+            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+        };
+        let id = c.make_switch()?;
+        c.coord_ns = format!("dg{id}-co");
+        c.make_host_ns(&c.coord_ns.clone(), "co", c.coord_ip)?;
+        for i in 0..hosts {
+            let ns = format!("dg{id}-h{i}");
+            let host_ip = Ipv4Addr::new(198, a, b, 10 + i as u8);
+            c.make_host_ns(&ns, &format!("h{i}"), host_ip)?;
+            let root = c.dir.path().join(format!("host{i}"));
+            fs::create_dir_all(&root)?;
+            c.hosts.push(NsHost {
+                ns,
+                ip: host_ip,
+                root,
+                log: c.dir.path().join(format!("agent{i}.log")),
+                child: None,
+            });
+        }
+        for i in 0..hosts {
+            c.spawn_agent(i)?;
+        }
+        Ok(c)
+    }
+
+    /// Creates the switch namespace under a fresh id; returns the id.
+    fn make_switch(&mut self) -> Result<String> {
+        for _ in 0..20 {
+            let id = format!("{:04x}", rand::random::<u16>());
+            let ns = format!("dg{id}-sw");
+            // `ip netns add` refuses a name in use: that is how ids stay unique per test.
+            if ip(&["netns", "add", &ns]).is_err() {
+                continue;
+            }
+            self.made.push(ns.clone());
+            self.switch_ns = ns.clone();
+            ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+            return Ok(id);
+        }
+        bail!("no free namespace name after 20 tries")
+    }
+
+    /// A namespace with `lo`, and `eth0` at `addr` joined to the bridge by the veth `port`.
+    fn make_host_ns(&mut self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
+        ip(&["netns", "add", ns])?;
+        self.made.push(ns.to_string());
+        let sw = self.switch_ns.clone();
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", &sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
+        ip(&["-n", &sw, "link", "set", port, "master", "br0"])?;
+        ip(&["-n", &sw, "link", "set", port, "up"])?;
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    fn spawn_agent(&mut self, i: usize) -> Result<()> {
+        let h = &mut self.hosts[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log)?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(bin("dgl-agent"))
+            .arg("--listen")
+            .arg(format!("{}:{AGENT_PORT}", h.ip))
+            .arg("--root")
+            .arg(&h.root)
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .args(&self.agent_args)
+            .args(root_flag())
+            .env("RUST_LOG", "info")
+            .env_remove("DGL_AGENT_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawn dgl-agent")?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("listening on") => {
+                h.child = Some(child);
+                Ok(())
+            }
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = fs::read_to_string(&h.log).unwrap_or_default();
+                bail!("agent {i} in {} did not start ({other:?}); log:\n{log}", h.ns)
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    pub fn ip(&self, i: usize) -> Ipv4Addr {
+        self.hosts[i].ip
+    }
+
+    pub fn root(&self, i: usize) -> &Path {
+        &self.hosts[i].root
+    }
+
+    /// How dgl-coord names host i in its messages.
+    pub fn host_name(&self, i: usize) -> String {
+        format!("m{i} ({}:{AGENT_PORT})", self.hosts[i].ip)
+    }
+
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.hosts[i].child.as_ref().map(Child::id)
+    }
+
+    pub fn agent_log(&self, i: usize) -> String {
+        fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
+    }
+
+    /// A scratch directory of the coordinator (outside every agent root).
+    pub fn local(&self) -> PathBuf {
+        let p = self.dir.path().join("local");
+        let _ = fs::create_dir_all(&p);
+        p
+    }
+
+    /// Writes `<local>/ip_config.txt` listing every host with DGL server port `server_port`.
+    pub fn ip_config_file(&self, server_port: u16) -> PathBuf {
+        let p = self.local().join("ip_config.txt");
+        let text: String = self
+            .hosts
+            .iter()
+            .map(|h| format!("{} {server_port}\n", h.ip))
+            .collect();
+        fs::write(&p, text).expect("write ip_config");
+        p
+    }
+
+    /// `dgl-coord` in the coordinator namespace, with the agents' port and token.
+    pub fn coord(&self) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.coord_ns])
+            .arg(bin("dgl-coord"))
+            .env("DGL_AGENT_PORT", AGENT_PORT.to_string())
+            .env("DGL_AGENT_TOKEN", &self.token)
+            .env_remove("DGL_AGENT_TOKEN_FILE")
+            .current_dir(self.local());
+        c
+    }
+
+    /// Takes host i's link down (at the switch): its packets are dropped both ways, nothing is
+    /// refused or reset, as when a cable is pulled.
+    pub fn cut_link(&self, i: usize) {
+        ip(&["-n", &self.switch_ns, "link", "set", &format!("h{i}"), "down"]).expect("cut link");
+    }
+
+    pub fn restore_link(&self, i: usize) {
+        ip(&["-n", &self.switch_ns, "link", "set", &format!("h{i}"), "up"])
+            .expect("restore link");
+    }
+
+    /// SIGKILLs agent i: no clean-up, its jobs' processes are orphaned.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.hosts[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERMs agent i and waits for it to exit (SIGKILL after `grace`).
+    pub fn stop_agent(&mut self, i: usize, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.hosts[i].child.take()?;
+        terminate(&mut c, grace)
+    }
+
+    /// Starts agent i again (same address, root and flags); returns once it listens, that is
+    /// after its start-up clean-up.
+    pub fn restart_agent(&mut self, i: usize) {
+        self.kill_agent(i);
+        self.spawn_agent(i).expect("restart agent");
+    }
+
+    /// Runs `f` on a thread inside the coordinator's namespace (sockets it opens live there),
+    /// e.g. a proxy between dgl-coord and an agent.
+    pub fn spawn_in_coord_ns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
+        let path = Path::new("/var/run/netns").join(&self.coord_ns);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            // SAFETY: setns on a valid namespace descriptor; it changes only this thread's
+            // network namespace (threads it spawns inherit it).
+            let r = unsafe { nix::libc::setns(ns.as_raw_fd(), nix::libc::CLONE_NEWNET) };
+            if r != 0 {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+    }
+
+    /// Pids of every live process in the cluster's namespaces (agents, jobs, dgl-coord).
+    pub fn pids_in_namespaces(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for ns in &self.made {
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                out.extend(
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok())
+                        .filter(|&p| alive(p)),
+                );
+            }
+        }
+        out
+    }
+}
+
+impl Drop for NetCluster {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            if let Some(mut c) = h.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // A test that failed half-way may leave jobs behind; they die with the cluster. A
+        // namespace lives on while a process is in it, so they go before the namespaces.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.pids_in_namespaces();
+            if pids.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            for p in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for ns in self.made.iter().rev() {
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("netns teardown: {e:#}");
+            }
+        }
+    }
+}

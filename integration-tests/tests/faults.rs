@@ -1,0 +1,278 @@
+//! Faults across real separate hosts (network namespaces on a bridge, see `netns`): a killed
+//! coordinator, a cut link, a short blip, a killed and restarted agent, an agent stopped with
+//! SIGTERM, and copy faults.
+//!
+//! Every test asserts on processes by pid (records written by `fixtures/fake_dgl.py`, the
+//! `*.pid` files of samplers and setsid grandchildren, and /proc scans for the job's marker
+//! variables) and on files by SHA-256. Each prints one `FIGURES` line: time to a clean state,
+//! processes left, bytes lost or corrupted.
+//!
+//! Agents and coordinator use a 3 s lease and a 1 s grace, so a lease expiry is quick.
+
+mod faults_support;
+
+use std::time::{Duration, Instant};
+
+use dglrun_integration_tests::netns::start_or_skip;
+use dglrun_integration_tests::{pids_with_env, wait_gone};
+use faults_support::*;
+
+#[test]
+fn a_killed_coordinator_leaves_nothing_on_any_host_once_the_lease_expires() {
+    let Some(c) = start_or_skip("coordinator SIGKILL", 3, AGENT_FLAGS) else {
+        return;
+    };
+    setup_workspaces(&c);
+    let mut coord = Coord::start(launch(
+        &c,
+        &["--num_trainers", "1", "--num_samplers", "1"],
+        "python3 fake_dgl.py --hang --samplers --spawn-setsid-child",
+    ));
+    coord.wait_for("hanging", 3);
+    let job = job_id(&c);
+    let pids = job_pids(&c, &job, None);
+    // Per host: a server, a trainer, its sampler and its setsid grandchild.
+    assert!(pids.len() >= 12, "{pids:?}");
+
+    let t = Instant::now();
+    coord.kill();
+    std::thread::sleep(LEASE / 3);
+    let early = live(&pids);
+    assert_eq!(
+        early.len(),
+        pids.len(),
+        "the job lives until its lease runs out"
+    );
+    let left = wait_gone(&pids, LEASE + GRACE + SLACK);
+    let clean_after = t.elapsed();
+    let marked = pids_with_env("DGLRUN_JOB_ID", &job);
+    print_figures(
+        "coordinator SIGKILLed mid-job",
+        clean_after,
+        left.len() + marked.len(),
+        0,
+    );
+    assert!(left.is_empty(), "alive {clean_after:?} after the kill: {left:?}");
+    assert!(marked.is_empty(), "still carrying the job's marker: {marked:?}");
+    for i in 0..c.len() {
+        assert!(
+            c.agent_log(i).contains("lease expired"),
+            "agent {i} says why:\n{}",
+            c.agent_log(i)
+        );
+    }
+}
+
+#[test]
+fn a_cut_link_fails_the_job_naming_the_host_and_both_sides_clean_up() {
+    let Some(c) = start_or_skip("link cut", 3, AGENT_FLAGS) else {
+        return;
+    };
+    setup_workspaces(&c);
+    let mut coord = Coord::start(launch(
+        &c,
+        &["--num_trainers", "1", "--num_samplers", "1"],
+        "python3 fake_dgl.py --hang --samplers",
+    ));
+    coord.wait_for("hanging", 3);
+    let job = job_id(&c);
+    let cut_side = job_pids(&c, &job, Some(1));
+    let other_side: Vec<u32> = (0..c.len())
+        .filter(|&h| h != 1)
+        .flat_map(|h| job_pids(&c, &job, Some(h)))
+        .collect();
+    assert!(cut_side.len() >= 3 && other_side.len() >= 6);
+
+    let t = Instant::now();
+    c.cut_link(1);
+    let r = coord.wait(LEASE + Duration::from_secs(20));
+    let failed_after = t.elapsed();
+    assert_ne!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stderr
+            .contains(&format!("lost the agent of {}", c.host_name(1))),
+        "names the host: {r:?}"
+    );
+    // No answer is not proof of death: the coordinator waits out the lease first.
+    assert!(failed_after >= LEASE - Duration::from_millis(300), "{failed_after:?}");
+    let others_left = wait_gone(&other_side, Duration::from_secs(1));
+    // The cut host never hears from the coordinator again: its agent's lease runs out.
+    let cut_left = wait_gone(&cut_side, (LEASE + GRACE + SLACK).saturating_sub(t.elapsed()));
+    let clean_after = t.elapsed();
+    let marked = pids_with_env("DGLRUN_JOB_ID", &job);
+    let log = c.agent_log(1);
+    c.restore_link(1);
+    print_figures(
+        "link to one host cut mid-job",
+        clean_after,
+        others_left.len() + cut_left.len() + marked.len(),
+        0,
+    );
+    assert!(others_left.is_empty(), "other hosts: {others_left:?}");
+    assert!(cut_left.is_empty(), "cut host: {cut_left:?}\n{log}");
+    assert!(marked.is_empty(), "{marked:?}");
+    assert!(log.contains("lease expired"), "{log}");
+}
+
+#[test]
+fn a_link_blip_shorter_than_the_lease_loses_neither_the_job_nor_a_line() {
+    let Some(c) = start_or_skip("link blip", 3, AGENT_FLAGS) else {
+        return;
+    };
+    setup_workspaces(&c);
+    const TICKS: usize = 60;
+    for i in 0..c.len() {
+        std::fs::write(c.root(i).join(WS).join("tick.py"), tick_script(TICKS)).expect("tick.py");
+    }
+    let mut coord = Coord::start(launch(
+        &c,
+        &["--num_trainers", "1"],
+        "python3 tick.py && python3 fake_dgl.py",
+    ));
+    // Every process ticks every 0.1 s; cut once all are under way.
+    coord.wait_for("tick 5 of", 6);
+    let blip = Duration::from_secs(1);
+    let t = Instant::now();
+    c.cut_link(1);
+    std::thread::sleep(blip);
+    c.restore_link(1);
+    let r = coord.wait(Duration::from_secs(90));
+    let done_after = t.elapsed();
+    let mut lost = 0usize;
+    let mut lost_bytes = 0usize;
+    for host in 0..c.len() {
+        for label in ["server0", "trainer0"] {
+            let prefix = format!("[m{host} {label}] tick ");
+            let got: Vec<usize> = r
+                .stdout
+                .lines()
+                .filter_map(|l| l.strip_prefix(&prefix))
+                .filter_map(|n| n.split_whitespace().next()?.parse().ok())
+                .collect();
+            let want: Vec<usize> = (0..TICKS).collect();
+            if got != want {
+                eprintln!("{prefix}: got {got:?}");
+            }
+            let missing = want.iter().filter(|i| !got.contains(i)).count();
+            lost += missing;
+            lost_bytes += missing * format!("tick {TICKS} of {TICKS}\n").len();
+        }
+    }
+    let recs = records(&c);
+    let pids: Vec<u32> = recs.iter().map(|r| r.pid).collect();
+    let left = wait_gone(&pids, Duration::from_secs(1));
+    print_figures(
+        &format!("link cut for {blip:?} (lease {LEASE:?})"),
+        done_after,
+        left.len(),
+        lost_bytes,
+    );
+    assert_eq!(r.code, Some(0), "the job survives the blip: {r:?}");
+    assert_eq!(lost, 0, "every line arrives once, in order");
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        !c.agent_log(1).contains("lease expired"),
+        "{}",
+        c.agent_log(1)
+    );
+}
+
+#[test]
+fn a_killed_and_restarted_agent_leaves_no_orphans_and_fails_the_job_at_once() {
+    let Some(mut c) = start_or_skip("agent SIGKILL and restart", 3, AGENT_FLAGS) else {
+        return;
+    };
+    setup_workspaces(&c);
+    let mut coord = Coord::start(launch(
+        &c,
+        &["--num_trainers", "1", "--num_samplers", "1"],
+        "python3 fake_dgl.py --hang --samplers --spawn-setsid-child",
+    ));
+    coord.wait_for("hanging", 3);
+    let job = job_id(&c);
+    let on_host1 = job_pids(&c, &job, Some(1));
+    let elsewhere: Vec<u32> = [0, 2]
+        .iter()
+        .flat_map(|&h| job_pids(&c, &job, Some(h)))
+        .collect();
+    assert!(on_host1.len() >= 4, "{on_host1:?}");
+    // The agent keeps its direct children on record, with their start times.
+    let record = std::fs::read_to_string(c.root(1).join(".dglrun/jobs.json")).expect("record");
+    assert!(record.contains(&job), "{record}");
+
+    let t = Instant::now();
+    c.kill_agent(1);
+    let r = coord.wait(Duration::from_secs(20));
+    let failed_after = t.elapsed();
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "lost the agent of {}: the agent is not running (connection refused",
+            c.host_name(1)
+        )),
+        "{r:?}"
+    );
+    assert!(failed_after < LEASE, "fails fast, not after the lease: {failed_after:?}");
+    let elsewhere_left = wait_gone(&elsewhere, Duration::from_secs(1));
+    assert!(elsewhere_left.is_empty(), "{elsewhere_left:?}");
+    // Orphaned: nothing stops them until the agent comes back.
+    assert_eq!(live(&on_host1).len(), on_host1.len(), "orphans run on");
+
+    let t = Instant::now();
+    c.restart_agent(1);
+    let restarted_after = t.elapsed();
+    let left = wait_gone(&on_host1, Duration::from_millis(500));
+    let marked = pids_with_env("DGLRUN_JOB_ID", &job);
+    print_figures(
+        "agent SIGKILLed, restarted",
+        restarted_after,
+        left.len() + marked.len(),
+        0,
+    );
+    assert!(left.is_empty(), "the restarted agent stopped them: {left:?}");
+    assert!(marked.is_empty(), "{marked:?}");
+    let log = c.agent_log(1);
+    assert!(
+        log.contains("a previous run of this agent left running") && log.contains(&job),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_sigtermed_agent_stops_its_jobs_before_it_exits() {
+    let Some(mut c) = start_or_skip("agent SIGTERM", 3, AGENT_FLAGS) else {
+        return;
+    };
+    setup_workspaces(&c);
+    let mut coord = Coord::start(launch(
+        &c,
+        &["--num_trainers", "1", "--num_samplers", "1"],
+        "python3 fake_dgl.py --hang --samplers --spawn-setsid-child",
+    ));
+    coord.wait_for("hanging", 3);
+    let job = job_id(&c);
+    let on_host1 = job_pids(&c, &job, Some(1));
+    let agent = c.agent_pid(1).expect("agent pid");
+
+    let t = Instant::now();
+    let status = c.stop_agent(1, Duration::from_secs(20)).expect("agent exits");
+    let stopped_after = t.elapsed();
+    // Checked the moment the agent is gone: it stopped them before it exited.
+    let left = live(&on_host1);
+    let r = coord.wait(Duration::from_secs(20));
+    print_figures("agent SIGTERMed", stopped_after, left.len(), 0);
+    assert!(status.success(), "{status:?}");
+    assert!(left.is_empty(), "agent {agent} exited leaving {left:?}");
+    assert_ne!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stderr
+            .contains(&format!("lost the agent of {}", c.host_name(1))),
+        "{r:?}"
+    );
+    let everywhere = job_pids(&c, &job, None);
+    assert!(wait_gone(&everywhere, Duration::from_secs(1)).is_empty());
+    let log = c.agent_log(1);
+    assert!(log.contains("job stopped: agent shutting down"), "{log}");
+    let record = std::fs::read_to_string(c.root(1).join(".dglrun/jobs.json")).expect("record");
+    assert!(!record.contains(&job), "nothing left on record: {record}");
+}

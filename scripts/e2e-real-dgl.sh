@@ -1,0 +1,404 @@
+#!/usr/bin/env bash
+# Opt-in end-to-end test with the real DGL and torch (not run by CI or scripts/test.sh).
+#
+# Builds dglrun, makes N "machines" on this box as network namespaces on one bridge (addresses
+# in 198.18.77.0/24, the RFC 2544 benchmarking range), each with its own /dev/shm (a private
+# tmpfs in its own mount namespace) and its own dgl-agent. Partitions a small random graph with
+# dgl.distributed.partition_graph, pushes it with `dgl-coord copy`, then runs a real DGL job
+# (DistGraph + DistNodeDataLoader + 2-layer GraphSAGE + DDP over gloo, a few steps) with
+# `dgl-coord launch` in both trainer modes, and checks every run. See DESIGN.md, "How DGL
+# processes find each other", for why every host needs its own namespaces.
+#
+# Usage: scripts/e2e-real-dgl.sh [--install] [--hosts N] [--runs "MODE:TRAINERS:SAMPLERS ..."]
+#                                [--keep] [--no-build]
+#   --install   if `import dgl, torch` fails, install DGL 2.1.0 + torch 2.2.1 (CPU use of the
+#               PyPI wheel) into a venv under ~/.cache/dglrun-e2e (about 3 GB) and use it
+#   --hosts N   number of machines (2 or 3; default 3)
+#   --runs      launches to run (default "torchrun:1:0 direct:1:0 torchrun:1:1 direct:1:1")
+#   --keep      keep the work directory (agents' roots, logs) after the run
+#   --no-build  use target/release/dgl-agent and dgl-coord as they are (no cargo build)
+# Environment: E2E_PYTHON (the python with dgl and torch), E2E_TIMEOUT (seconds per launch,
+# default 300), E2E_NODES (graph size, default 4000), E2E_PART_METHOD (metis|random).
+#
+# Needs root (network and mount namespaces), iproute2 (`ip`) and util-linux (`unshare`).
+# Without dgl/torch it prints how to get them and exits 0 with SKIP.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+E2E_DIR=$REPO/integration-tests/e2e
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/dglrun-e2e
+VENV=$CACHE/venv
+
+INSTALL=0
+HOSTS=3
+RUNS="torchrun:1:0 direct:1:0 torchrun:1:1 direct:1:1"
+KEEP=0
+BUILD=1
+while (($#)); do
+    case $1 in
+    --install) INSTALL=1 ;;
+    --hosts) HOSTS=$2 && shift ;;
+    --runs) RUNS=$2 && shift ;;
+    --keep) KEEP=1 ;;
+    --no-build) BUILD=0 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' && exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2 && exit 2 ;;
+    esac
+    shift
+done
+if ! [[ $HOSTS =~ ^[2-9]$ ]]; then
+    echo "--hosts must be 2..9" >&2
+    exit 2
+fi
+
+TIMEOUT=${E2E_TIMEOUT:-300}
+NODES=${E2E_NODES:-4000}
+PART_METHOD=${E2E_PART_METHOD:-metis}
+NET=198.18.77 # RFC 2544 benchmarking range; the coordinator is .1, machine m is .(m+2)
+AGENT_PORT=47001
+SERVER_PORT=30050
+GRAPH=e2e
+
+section() { printf '\n===== %s =====\n' "$*"; }
+skip() {
+    printf '\nSKIP: %s\n' "$*"
+    exit 0
+}
+
+# ---------------------------------------------------------------------------------------------
+# Prerequisites
+# ---------------------------------------------------------------------------------------------
+if [[ $(id -u) != 0 ]]; then
+    skip "needs root to create network and mount namespaces (run it with sudo)"
+fi
+for tool in ip unshare nsenter timeout; do
+    command -v "$tool" >/dev/null || skip "needs '$tool' (iproute2, util-linux, coreutils)"
+done
+
+has_dgl() { "$1" -c "import dgl, torch" >/dev/null 2>&1; }
+
+# DGL 2.1.0 (the newest Linux wheel on PyPI) with torch 2.2.1 also needs, undeclared or
+# mis-declared: pandas, pyyaml and pydantic (imported by dgl.graphbolt), numpy < 2 (torch 2.2
+# is built against numpy 1), pandas < 2.3 (newer pandas needs numpy 2), and torchdata 0.7.1
+# (DGL imports torchdata.datapipes, which torchdata >= 0.9 removed and 0.8 needs torch >= 2.3;
+# 0.7.1 declares torch==2.1.1 but works with 2.2.1, hence --no-deps).
+PIP_STEP1='dgl==2.1.0 torch==2.2.1 "numpy<2" "pandas<2.3" pyyaml pydantic'
+PIP_STEP2='--no-deps torchdata==0.7.1'
+
+install_deps() {
+    section "Installing dgl 2.1.0 + torch 2.2.1 into $VENV (large download, several minutes)"
+    mkdir -p "$CACHE"
+    [[ -x $VENV/bin/python3 ]] || python3 -m venv "$VENV"
+    eval "\"$VENV/bin/pip\" install $PIP_STEP1"
+    eval "\"$VENV/bin/pip\" install $PIP_STEP2"
+}
+
+PY=
+for cand in "${E2E_PYTHON:-}" "$VENV/bin/python3" python3; do
+    if [[ -n $cand ]] && command -v "$cand" >/dev/null && has_dgl "$cand"; then
+        PY=$cand
+        break
+    fi
+done
+if [[ -z $PY && $INSTALL == 1 ]]; then
+    install_deps
+    has_dgl "$VENV/bin/python3" || {
+        echo "FAIL: installed into $VENV but 'import dgl, torch' still fails:" >&2
+        "$VENV/bin/python3" -c "import dgl, torch" 2>&1 | tail -n 5 >&2
+        exit 1
+    }
+    PY=$VENV/bin/python3
+fi
+if [[ -z $PY ]]; then
+    cat <<EOF
+
+'python3 -c "import dgl, torch"' does not work here. To run this test, either:
+  $0 --install
+which installs them into a venv under $CACHE, or by hand:
+  python3 -m venv $VENV
+  $VENV/bin/pip install $PIP_STEP1
+  $VENV/bin/pip install $PIP_STEP2
+(PyPI's torch 2.2.1 wheel is the CUDA build, about 3 GB with its nvidia-* dependencies; it runs
+on CPU. Set E2E_PYTHON to use another interpreter that has dgl and torch.)
+EOF
+    skip "dgl and torch are not installed"
+fi
+# An absolute interpreter path, so that every host (and torchrun) runs the same python.
+PY=$("$PY" -c 'import sys; print(sys.executable)')
+"$PY" -c 'import sys, dgl, torch; print(f"using {sys.executable}: dgl {dgl.__version__}, torch {torch.__version__}")' 2>/dev/null | tail -n 1
+
+# ---------------------------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------------------------
+AGENT=$REPO/target/release/dgl-agent
+COORD=$REPO/target/release/dgl-coord
+if ((BUILD)); then
+    section "Building dgl-agent and dgl-coord (release)"
+    cargo build --release --bins
+fi
+for bin in "$AGENT" "$COORD"; do
+    [[ -x $bin ]] || { echo "FAIL: $bin is missing (build it, or drop --no-build)" >&2; exit 1; }
+done
+
+# ---------------------------------------------------------------------------------------------
+# Hosts: network namespaces on a bridge, each agent with its own /dev/shm
+# ---------------------------------------------------------------------------------------------
+PREFIX=dglrun-e2e-$$
+NS_COORD=$PREFIX-c
+NS_HOST=()
+for ((m = 0; m < HOSTS; m++)); do NS_HOST+=("$PREFIX-h$m"); done
+host_ip() { echo "$NET.$(($1 + 2))"; }
+
+WORK=$(mktemp -d /tmp/dglrun-e2e.XXXXXX)
+# Private copies: a rebuild during the run must not change the binaries under test.
+mkdir -p "$WORK/bin"
+cp "$AGENT" "$COORD" "$WORK/bin/"
+AGENT=$WORK/bin/dgl-agent
+COORD=$WORK/bin/dgl-coord
+SRC=$WORK/src
+TOKEN=$WORK/token
+AGENT_PIDS=()
+
+# Namespaces left by an earlier run that was killed before its cleanup (its pid is gone).
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^dglrun-e2e-[0-9]+-' || true); do
+    pid=${ns#dglrun-e2e-}
+    pid=${pid%%-*}
+    if ! kill -0 "$pid" 2>/dev/null; then
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+        ip netns del "$ns" 2>/dev/null && echo "removed stale namespace $ns"
+    fi
+done
+
+# shellcheck disable=SC2317 # (invoked by the trap)
+cleanup() {
+    local status=$?
+    set +e
+    trap - EXIT INT TERM
+    for pid in "${AGENT_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    for pid in "${AGENT_PIDS[@]}"; do
+        for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    # Anything still living in our namespaces was started by this run: stop it by pid.
+    for ns in "${NS_HOST[@]}" "$NS_COORD"; do
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+        ip netns del "$ns" 2>/dev/null
+    done
+    if ((KEEP)); then
+        echo "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+section "Creating $HOSTS hosts: namespaces $PREFIX-h0..h$((HOSTS - 1)) on a bridge in $NS_COORD"
+ip netns add "$NS_COORD"
+ip -n "$NS_COORD" link set lo up
+ip -n "$NS_COORD" link add br0 type bridge
+ip -n "$NS_COORD" addr add "$NET.1/24" dev br0
+ip -n "$NS_COORD" link set br0 up
+for ((m = 0; m < HOSTS; m++)); do
+    ns=${NS_HOST[m]}
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    # The host's end is eth0 in every namespace, so one GLOO_SOCKET_IFNAME fits all hosts.
+    ip -n "$ns" link add eth0 type veth peer name "h$m" netns "$NS_COORD"
+    ip -n "$ns" addr add "$(host_ip "$m")/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$NS_COORD" link set "h$m" master br0
+    ip -n "$NS_COORD" link set "h$m" up
+    echo "host m$m: namespace $ns, eth0 $(host_ip "$m")/24"
+done
+
+head -c 32 /dev/urandom | base64 >"$TOKEN"
+chmod 600 "$TOKEN"
+ALLOW_ROOT=()
+[[ $(id -u) == 0 ]] && ALLOW_ROOT=(--allow-root)
+
+section "Starting one dgl-agent per host, each with a private /dev/shm (logs in $WORK/agent-m*.log)"
+for ((m = 0; m < HOSTS; m++)); do
+    mkdir -p "$WORK/root$m"
+    # shellcheck disable=SC2016 # $@ is expanded by the inner sh
+    ip netns exec "${NS_HOST[m]}" unshare --mount --propagation private \
+        sh -c 'mount -t tmpfs -o size=2g tmpfs /dev/shm && exec "$@"' agent \
+        "$AGENT" --listen "$(host_ip "$m"):$AGENT_PORT" --root "$WORK/root$m" \
+        --token-file "$TOKEN" "${ALLOW_ROOT[@]}" >"$WORK/agent-m$m.log" 2>&1 &
+    AGENT_PIDS+=("$!")
+done
+for ((m = 0; m < HOSTS; m++)); do
+    ip=$(host_ip "$m")
+    for ((tries = 0; ; tries++)); do
+        if ip netns exec "$NS_COORD" bash -c "</dev/tcp/$ip/$AGENT_PORT" 2>/dev/null; then
+            echo "agent $ip:$AGENT_PORT is up (pid ${AGENT_PIDS[m]}, root $WORK/root$m)"
+            break
+        fi
+        if ! kill -0 "${AGENT_PIDS[m]}" 2>/dev/null || ((tries >= 100)); then
+            echo "FAIL: agent on $ip did not start; its log:" >&2
+            tail -n 20 "$WORK/agent-m$m.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: a real partition set, ip_config, the training script
+# ---------------------------------------------------------------------------------------------
+section "Partitioning a random graph of $NODES nodes into $HOSTS parts with dgl.distributed.partition_graph"
+mkdir -p "$SRC/code"
+"$PY" "$E2E_DIR/partition_graph.py" --out "$SRC/data" --parts "$HOSTS" --graph-name "$GRAPH" \
+    --nodes "$NODES" --method "$PART_METHOD" 2>&1 | grep -E '^(graph|partitioned|part [0-9]+ has [0-9]+ nodes)' || true
+[[ -f $SRC/data/$GRAPH.json ]] || { echo "FAIL: partition_graph wrote no $SRC/data/$GRAPH.json" >&2; exit 1; }
+for ((m = 0; m < HOSTS; m++)); do echo "$(host_ip "$m") $SERVER_PORT"; done >"$SRC/ip_config.txt"
+cp "$E2E_DIR/train_dist.py" "$SRC/code/"
+echo "ip_config.txt:"
+sed 's/^/    /' "$SRC/ip_config.txt"
+
+# dgl-coord runs in the coordinator's namespace, where the inputs are (the cwd carries over).
+# PYTHONPATH is cleared: launch passes it on to every process, as DGL does.
+coord() { (cd "$SRC" && ip netns exec "$NS_COORD" env -u PYTHONPATH "$COORD" "$@"); }
+
+RESULTS=()
+FAILED=0
+pass() { RESULTS+=("PASS  $1"); }
+fail() {
+    RESULTS+=("FAIL  $1: $2")
+    FAILED=1
+    echo "FAIL: $1: $2" >&2
+}
+
+# ---------------------------------------------------------------------------------------------
+# dgl-coord copy
+# ---------------------------------------------------------------------------------------------
+section "dgl-coord copy"
+copy_status=0
+coord copy --workspace ws --rel_data_path data --part_config "$SRC/data/$GRAPH.json" \
+    --ip_config "$SRC/ip_config.txt" --script_folder "$SRC/code" --token-file "$TOKEN" ||
+    copy_status=$?
+if ((copy_status != 0)); then
+    fail "copy" "dgl-coord copy exited $copy_status"
+    printf '\n%s\n' "${RESULTS[@]}"
+    exit 1
+fi
+copy_ok=1
+for ((m = 0; m < HOSTS; m++)); do
+    ws=$WORK/root$m/ws
+    echo "files on m$m:"
+    (cd "$ws" && find . -type f | sort | sed 's/^/    /')
+    for f in ip_config.txt "data/$GRAPH.json" code/train_dist.py "data/part$m/graph.dgl" "data/part$m/node_feat.dgl"; do
+        [[ -f $ws/$f ]] || { fail "copy" "m$m lacks $f"; copy_ok=0; }
+    done
+    for ((o = 0; o < HOSTS; o++)); do
+        ((o == m)) || [[ ! -e $ws/data/part$o ]] || { fail "copy" "m$m got part$o"; copy_ok=0; }
+    done
+done
+((copy_ok)) && pass "copy: every host has the configs, the script and only its own partition"
+
+# ---------------------------------------------------------------------------------------------
+# dgl-coord launch, once per entry of RUNS
+# ---------------------------------------------------------------------------------------------
+# Process ids in host namespace m other than its agent (the agent is the namespace's first).
+leftovers() {
+    local m=$1 p out=()
+    for p in $(ip netns pids "${NS_HOST[m]}" 2>/dev/null); do
+        [[ $p == "${AGENT_PIDS[m]}" ]] || out+=("$p")
+    done
+    echo "${out[*]}"
+}
+
+check_run() { # name mode trainers samplers log status
+    local name=$1 mode=$2 trainers=$3 log=$5 status=$6
+    local world=$((HOSTS * trainers)) r m t label ok=1 line
+    if ((status != 0)); then
+        fail "$name" "dgl-coord launch exited $status (log: $log)"
+        ok=0
+    fi
+    for ((r = 0; r < world; r++)); do
+        m=$((r / trainers))
+        t=$((r % trainers))
+        if [[ $mode == torchrun ]]; then label="m$m trainers"; else label="m$m trainer$t"; fi
+        line=$(grep -F "[$label] E2E_START rank=$r " "$log" | head -n 1 || true)
+        if [[ -z $line ]]; then
+            fail "$name" "no E2E_START line of rank $r labelled [$label]"
+            ok=0
+        elif [[ $line != *" world=$world "* || $line != *" machine_ip=$(host_ip "$m") "* || $line != *" partition=$m "* ]]; then
+            fail "$name" "rank $r: expected world=$world machine_ip=$(host_ip "$m") partition=$m, got: $line"
+            ok=0
+        fi
+        if ! grep -qF "[$label] E2E_LOSS rank=$r " "$log"; then
+            fail "$name" "rank $r printed no loss line labelled [$label]"
+            ok=0
+        fi
+        if ! grep -qF "[$label] E2E_DONE rank=$r " "$log"; then
+            fail "$name" "rank $r did not finish (no E2E_DONE line labelled [$label])"
+            ok=0
+        fi
+    done
+    if grep -q 'E2E_ERROR' "$log"; then
+        fail "$name" "$(grep -m1 'E2E_ERROR' "$log")"
+        ok=0
+    fi
+    # After the job, nothing of it may be left on any host: servers, trainers, torchrun's agent
+    # and the samplers the trainers forked.
+    local left
+    for ((m = 0; m < HOSTS; m++)); do
+        left=
+        for ((tries = 0; tries < 50; tries++)); do
+            left=$(leftovers "$m")
+            [[ -z $left ]] && break
+            sleep 0.2
+        done
+        if [[ -n $left ]]; then
+            fail "$name" "processes left on m$m after the job: $(ps -o pid=,args= -p "${left// /,}" | tr '\n' ';')"
+            ok=0
+        fi
+    done
+    if ((ok)); then
+        local losses
+        losses=$(grep -c 'E2E_LOSS rank=' "$log" || true)
+        pass "$name: $world trainers, $losses loss lines, all exited 0, nothing left running"
+    fi
+}
+
+n=0
+for run in $RUNS; do
+    IFS=: read -r mode trainers samplers <<<"$run"
+    n=$((n + 1))
+    name="launch $n (--trainer-mode $mode --num_trainers $trainers --num_samplers $samplers --num_servers 1)"
+    log=$WORK/launch-$n-$mode-t$trainers-s$samplers.log
+    section "$name"
+    status=0
+    set +e
+    # (A subshell that execs: $! is dgl-coord itself.)
+    (cd "$SRC" && exec ip netns exec "$NS_COORD" env -u PYTHONPATH "$COORD" launch --workspace ws --num_trainers "$trainers" --num_samplers "$samplers" \
+        --num_servers 1 --num_omp_threads 1 --part_config "data/$GRAPH.json" \
+        --ip_config ip_config.txt --trainer-mode "$mode" --token-file "$TOKEN" \
+        --extra_envs GLOO_SOCKET_IFNAME=eth0 TP_SOCKET_IFNAME=eth0 PYTHONUNBUFFERED=1 \
+        "$PY code/train_dist.py --graph_name $GRAPH --ip_config ip_config.txt --num_epochs 2 --max_steps 3") \
+        > >(tee "$log") 2>&1 &
+    coord_pid=$!
+    # dgl-coord stops the whole job on SIGINT; a hung job is stopped that way after TIMEOUT.
+    (sleep "$TIMEOUT" && kill -INT "$coord_pid" 2>/dev/null && sleep 60 && kill -KILL "$coord_pid" 2>/dev/null) &
+    watchdog=$!
+    wait "$coord_pid"
+    status=$?
+    kill "$watchdog" 2>/dev/null
+    wait "$watchdog" 2>/dev/null
+    set -e
+    sleep 0.2 # let tee finish writing the log
+    check_run "$name" "$mode" "$trainers" "$samplers" "$log" "$status"
+done
+
+section "Summary"
+printf '%s\n' "${RESULTS[@]}"
+if ((FAILED)); then
+    echo "e2e-real-dgl: FAIL (logs in $WORK; rerun with --keep to keep them)"
+    exit 1
+fi
+echo "e2e-real-dgl: PASS"
