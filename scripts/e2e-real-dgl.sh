@@ -18,7 +18,8 @@
 #   --keep      keep the work directory (agents' roots, logs) after the run
 #   --no-build  use target/release/dgl-agent and dgl-coord as they are (no cargo build)
 # Environment: E2E_PYTHON (the python with dgl and torch), E2E_TIMEOUT (seconds per launch,
-# default 300), E2E_NODES (graph size, default 4000), E2E_PART_METHOD (metis|random).
+# default 300), E2E_NODES (graph size, default 4000), E2E_PART_METHOD (metis|random),
+# E2E_HOLD_ON_FAIL (seconds to keep the hosts up after a failed launch, to look around).
 #
 # Needs root (network and mount namespaces), iproute2 (`ip`) and util-linux (`unshare`).
 # Without dgl/torch it prints how to get them and exits 0 with SKIP.
@@ -392,7 +393,18 @@ for run in $RUNS; do
     wait "$watchdog" 2>/dev/null
     set -e
     sleep 0.2 # let tee finish writing the log
+    failed_before=$FAILED
+    FAILED=0
     check_run "$name" "$mode" "$trainers" "$samplers" "$log" "$status"
+    if ((FAILED)); then
+        echo "--- dgl-coord status after the failed launch:"
+        coord status --ip_config ip_config.txt --token-file "$TOKEN" 2>&1 || true
+        if [[ -n ${E2E_HOLD_ON_FAIL:-} ]]; then
+            echo "holding the hosts for ${E2E_HOLD_ON_FAIL}s (E2E_HOLD_ON_FAIL): coordinator namespace $NS_COORD, token $TOKEN, work $WORK"
+            sleep "$E2E_HOLD_ON_FAIL"
+        fi
+    fi
+    FAILED=$((FAILED | failed_before))
 done
 
 section "Summary"

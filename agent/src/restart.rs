@@ -96,8 +96,12 @@ fn remove_temporaries(dir: &Path) {
             continue;
         }
         match fs::remove_file(e.path()) {
-            Ok(()) => tracing::info!(file = %e.path().display(), "removed a temporary file of an interrupted write"),
-            Err(err) => tracing::warn!(file = %e.path().display(), "cannot remove a stale temporary file: {err}"),
+            Ok(()) => {
+                tracing::info!(file = %e.path().display(), "removed a temporary file of an interrupted write")
+            }
+            Err(err) => {
+                tracing::warn!(file = %e.path().display(), "cannot remove a stale temporary file: {err}")
+            }
         }
     }
 }

@@ -93,10 +93,7 @@ pub struct NetCluster {
 
 /// Runs `ip ARGS`, failing with its stderr.
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("run ip")?;
+    let out = Command::new("ip").args(args).output().context("run ip")?;
     if !out.status.success() {
         bail!(
             "ip {}: {}",
@@ -182,7 +179,15 @@ impl NetCluster {
         ])?;
         ip(&["-n", &sw, "link", "set", port, "master", "br0"])?;
         ip(&["-n", &sw, "link", "set", port, "up"])?;
-        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -229,7 +234,10 @@ impl NetCluster {
                 let _ = child.kill();
                 let _ = child.wait();
                 let log = fs::read_to_string(&h.log).unwrap_or_default();
-                bail!("agent {i} in {} did not start ({other:?}); log:\n{log}", h.ns)
+                bail!(
+                    "agent {i} in {} did not start ({other:?}); log:\n{log}",
+                    h.ns
+                )
             }
         }
     }
@@ -297,12 +305,19 @@ impl NetCluster {
     /// Takes host i's link down (at the switch): its packets are dropped both ways, nothing is
     /// refused or reset, as when a cable is pulled.
     pub fn cut_link(&self, i: usize) {
-        ip(&["-n", &self.switch_ns, "link", "set", &format!("h{i}"), "down"]).expect("cut link");
+        ip(&[
+            "-n",
+            &self.switch_ns,
+            "link",
+            "set",
+            &format!("h{i}"),
+            "down",
+        ])
+        .expect("cut link");
     }
 
     pub fn restore_link(&self, i: usize) {
-        ip(&["-n", &self.switch_ns, "link", "set", &format!("h{i}"), "up"])
-            .expect("restore link");
+        ip(&["-n", &self.switch_ns, "link", "set", &format!("h{i}"), "up"]).expect("restore link");
     }
 
     /// SIGKILLs agent i: no clean-up, its jobs' processes are orphaned.

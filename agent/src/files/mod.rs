@@ -363,7 +363,7 @@ fn resumable_prefix(
 }
 
 fn in_the_way(path: &str) -> Status {
-    Status::failed_precondition(format!("{path}: a directory is in the way on this host"))
+    Status::already_exists(format!("{path}: a directory is in the way on this host"))
 }
 
 /// An I/O error as a Status that says what failed on which path; a full disk is

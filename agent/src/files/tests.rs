@@ -366,7 +366,7 @@ async fn a_directory_in_the_way_is_reported() {
     let err = prepare(&a, vec![manifest("ws/d", &d, 0o644)])
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(err.code(), Code::AlreadyExists);
     assert!(err.message().contains("ws/d"), "{}", err.message());
 }
 

@@ -294,7 +294,9 @@ mod tests {
         let _ = other.wait();
         assert_eq!(r.remaining, 0);
         assert!(
-            r.stopped.get("old-job").is_some_and(|p| p.contains(&orphan)),
+            r.stopped
+                .get("old-job")
+                .is_some_and(|p| p.contains(&orphan)),
             "{r:?}"
         );
         assert!(!pid_alive(orphan));

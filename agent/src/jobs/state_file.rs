@@ -6,7 +6,9 @@
 //! belong to an unrelated process. Descendants are not listed: they carry the marker variables.
 //!
 //! Written whenever a Spawn started processes and whenever a job is forgotten, atomically
-//! (temporary file, fsync, rename), so a crash mid-write leaves the previous record whole.
+//! (temporary file, rename), so an agent dying mid-write leaves the previous record whole.
+//! Not fsynced: the record only matters while the machine stays up (a power cut ends the
+//! processes it names too), and an agent crash does not lose the page cache.
 
 use std::fs;
 use std::io::{self, Write};
@@ -88,14 +90,8 @@ impl StateFile {
         fs::create_dir_all(&self.dir)?;
         let tmp = self.dir.join(TMP_NAME);
         let bytes = serde_json::to_vec_pretty(&p.record).map_err(io::Error::other)?;
-        {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
+        fs::File::create(&tmp)?.write_all(&bytes)?;
         fs::rename(&tmp, self.path())?;
-        // The rename itself must survive a power cut too.
-        fs::File::open(&self.dir)?.sync_all()?;
         *written = p.number;
         Ok(())
     }

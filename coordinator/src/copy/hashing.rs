@@ -72,10 +72,12 @@ pub async fn hash_sources(
     let stats = HashStats {
         files: results.len(),
         from_cache: results.iter().filter(|(_, hit)| *hit).count(),
+        // Generated contents (the rewritten part_config) are hashed in memory, not read.
         bytes_read: results
             .iter()
-            .filter(|(_, hit)| !hit)
-            .map(|(d, _)| d.size)
+            .zip(sources)
+            .filter(|((_, hit), s)| !hit && matches!(s.content, Content::File(_)))
+            .map(|((d, _), _)| d.size)
             .sum(),
         seconds: started.elapsed().as_secs_f64(),
     };

@@ -573,7 +573,9 @@ fn retryable(s: &Status) -> bool {
         | Code::Aborted
         | Code::DeadlineExceeded
         | Code::Internal
-        | Code::FailedPrecondition => true,
+        | Code::FailedPrecondition
+        // A chunk that failed its hash on the agent was damaged on the way: send it again.
+        | Code::DataLoss => true,
         // The agent serves a bounded number of transfers and says so.
         Code::ResourceExhausted => s.message().contains("retry later"),
         _ => false,

@@ -5,7 +5,7 @@
 //! connection that is backing off its retransmissions (0.2, 0.6, 1.4, 3, 6, 12 s after the
 //! link went down) could arrive after the lease although the link came back well before. So
 //! a renewal that gets no answer in time is retried on a fresh connection, whose first packet
-//! goes out at once.
+//! goes out at once, and again on another one each time the deadline passes.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -119,6 +119,11 @@ pub async fn watch_host(
 
 /// Renews the job's lease on one host every lease/4; reports the host lost when no renewal
 /// succeeded for a whole lease, and at once when the agent is gone or no longer knows the job.
+///
+/// After a renewal went unanswered, the next ones go out back to back on fresh connections
+/// with a shorter deadline (lease/8), so one gets through within lease/8 of the link coming
+/// back. The last renewal before a blip may be a quarter lease old, so a blip shorter than
+/// 5/8 of the lease never costs the job.
 pub async fn renew_host(
     host: usize,
     mut conn: Reconnect,
@@ -127,17 +132,18 @@ pub async fn renew_host(
     lease: Duration,
 ) {
     let period = lease / 4;
+    let quick = lease / 8;
     let mut last_ok = Instant::now();
-    let mut wait = period;
+    let (mut wait, mut limit) = (period, period);
     loop {
         tokio::time::sleep(wait).await;
-        wait = period;
         let req = pb::RenewRequest {
             job_id: job_id.clone(),
         };
-        let last_error = match tokio::time::timeout(period, conn.client.renew(req)).await {
+        let last_error = match tokio::time::timeout(limit, conn.client.renew(req)).await {
             Ok(Ok(r)) if r.get_ref().known => {
                 last_ok = Instant::now();
+                (wait, limit) = (period, period);
                 continue;
             }
             Ok(Ok(_)) => {
@@ -150,14 +156,15 @@ pub async fn renew_host(
                     let _ = tx.send(Msg::Lost { host, loss: l }).await;
                     return;
                 }
-                wait = RETRY.min(period);
+                (wait, limit) = (RETRY.min(quick), quick);
                 loss::describe(&s)
             }
             Err(_) => {
+                let text = format!("no answer within {:.2} s", limit.as_secs_f64());
                 // Its connection may be stuck in retransmission backoff: try a new one now.
                 conn.renew_connection();
-                wait = Duration::ZERO;
-                format!("no answer within {:.1} s", period.as_secs_f64())
+                (wait, limit) = (Duration::ZERO, quick);
+                text
             }
         };
         if last_ok.elapsed() >= lease {

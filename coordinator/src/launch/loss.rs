@@ -16,7 +16,7 @@ use crate::cluster::error_chain;
 #[derive(Clone, Debug)]
 pub enum Loss {
     /// Connection refused: the agent process is gone.
-    Gone { error: String },
+    Gone,
     /// The agent no longer knows the job: it was restarted.
     Forgot,
     /// The agent ended the job's event stream (it is shutting down).
@@ -32,9 +32,7 @@ pub enum Loss {
 impl Loss {
     pub fn reason(&self) -> String {
         match self {
-            Loss::Gone { error } => {
-                format!("the agent is not running (connection refused: {error})")
-            }
+            Loss::Gone => "the agent is not running (connection refused)".to_string(),
             Loss::Forgot => "the agent no longer knows the job (it was restarted)".to_string(),
             Loss::StreamEnded => {
                 "the agent ended the job's event stream (it is shutting down)".to_string()
@@ -53,7 +51,7 @@ impl Loss {
     /// What became of the job's processes on that host.
     pub fn aftermath(&self, lease: Duration) -> String {
         match self {
-            Loss::Gone { .. } => "the processes it started there run until that agent starts \
+            Loss::Gone => "the processes it started there run until that agent starts \
                                   again: it stops them before it serves"
                 .to_string(),
             Loss::Forgot => {
@@ -81,9 +79,7 @@ pub fn fatal(s: &Status) -> Option<Loss> {
     if s.code() == Code::NotFound {
         return Some(Loss::Forgot);
     }
-    connection_refused(s).then(|| Loss::Gone {
-        error: describe(s),
-    })
+    connection_refused(s).then_some(Loss::Gone)
 }
 
 /// True when the call failed because the agent's address refused the TCP connection.

@@ -3,15 +3,19 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::netns::NetCluster;
-use dglrun_integration_tests::{alive, fixtures_dir, gen_partitions, pids_with_env};
+use dglrun_integration_tests::{
+    alive, fixtures_dir, gen_partitions, list_files, pids_with_env, sha256_file,
+};
 use serde_json::Value;
 
 pub const WS: &str = "ws";
@@ -39,8 +43,20 @@ pub fn setup_workspaces(c: &NetCluster) {
 pub fn launch(c: &NetCluster, flags: &[&str], command: &str) -> Command {
     let mut cmd = c.coord();
     cmd.args(["launch", "--workspace", WS, "--num_servers", "1"])
-        .args(["--part_config", "data/g.json", "--ip_config", "ip_config.txt"])
-        .args(["--trainer-mode", "direct", "--grace", "1", "--lease-timeout", "3"])
+        .args([
+            "--part_config",
+            "data/g.json",
+            "--ip_config",
+            "ip_config.txt",
+        ])
+        .args([
+            "--trainer-mode",
+            "direct",
+            "--grace",
+            "1",
+            "--lease-timeout",
+            "3",
+        ])
         .args(flags)
         .arg(command)
         .env_remove("OMP_NUM_THREADS")
@@ -101,6 +117,10 @@ impl Coord {
         self.child.id()
     }
 
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits for `n` lines containing `marker` (60 s at most; panics with the output).
     pub fn wait_for(&mut self, marker: &str, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -155,7 +175,10 @@ impl Coord {
             stdout: text(&self.stdout),
             stderr: text(&self.stderr),
         };
-        assert!(status.is_some(), "dgl-coord did not finish in {timeout:?}: {f:?}");
+        assert!(
+            status.is_some(),
+            "dgl-coord did not finish in {timeout:?}: {f:?}"
+        );
         f
     }
 }
@@ -310,4 +333,89 @@ pub fn print_figures(fault: &str, clean_after: Duration, processes_left: usize, 
          bytes lost or corrupted {bytes_lost}",
         clean_after.as_millis()
     );
+}
+
+/// `dgl-coord copy --json` of `part_config` to the machines of `ip_config` (workspace `ws`,
+/// data under `data`), plus `extra` flags.
+pub fn copy_cmd(c: &NetCluster, ip_config: &Path, part_config: &Path, extra: &[&str]) -> Command {
+    let mut cmd = c.coord();
+    cmd.env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .args(["copy", "--json", "--progress", "plain", "--workspace", WS])
+        .args(["--rel_data_path", "data", "--part_config"])
+        .arg(part_config)
+        .arg("--ip_config")
+        .arg(ip_config)
+        .args(extra);
+    cmd
+}
+
+/// How machine `i`'s partition files compare with their sources, by SHA-256.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub files: usize,
+    /// Bytes of files that are not there (not delivered).
+    pub missing: u64,
+    /// Bytes of files that are there but differ (corrupted).
+    pub corrupted: u64,
+}
+
+pub fn delivery(c: &NetCluster, i: usize, part_config: &Path) -> Delivery {
+    let src_dir = part_config
+        .parent()
+        .expect("part_config dir")
+        .join(format!("part{i}"));
+    let dst_dir = c.root(i).join(WS).join("data").join(format!("part{i}"));
+    let mut d = Delivery::default();
+    for rel in list_files(&src_dir) {
+        let (src, dst) = (src_dir.join(&rel), dst_dir.join(&rel));
+        let len = std::fs::metadata(&src).map(|m| m.len()).unwrap_or(0);
+        d.files += 1;
+        if !dst.is_file() {
+            d.missing += len;
+        } else if sha256_file(&src) != sha256_file(&dst) {
+            d.corrupted += len;
+        }
+    }
+    d
+}
+
+/// Partials under host `i`'s `ws/data` that hold anything but a prefix of their source file
+/// (a partial `.<name>.dglrun-partial` stands for `<name>` in the same directory).
+pub fn partials_not_prefix_of_source(c: &NetCluster, i: usize, part_config: &Path) -> Vec<PathBuf> {
+    let data = c.root(i).join(WS).join("data");
+    let src_dir = part_config.parent().expect("part_config dir");
+    partials(c, i)
+        .into_iter()
+        .filter(|p| {
+            let (Ok(rel), Some(name)) = (p.strip_prefix(&data), p.file_name()) else {
+                return false;
+            };
+            let name = name.to_string_lossy();
+            let target = name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(".dglrun-partial"))
+                .unwrap_or(&name);
+            let src = src_dir.join(rel.with_file_name(target));
+            let (got, want) = (
+                std::fs::read(p).unwrap_or_default(),
+                std::fs::read(src).unwrap_or_default(),
+            );
+            got.len() > want.len() || got[..] != want[..got.len()]
+        })
+        .collect()
+}
+
+/// Partial files (`.<name>.dglrun-partial`) under host `i`'s workspace.
+pub fn partials(c: &NetCluster, i: usize) -> Vec<PathBuf> {
+    let ws = c.root(i).join(WS);
+    list_files(&ws)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".dglrun-partial"))
+        .map(|p| ws.join(p))
+        .collect()
+}
+
+/// The JSON report of a finished copy.
+pub fn report(f: &Finished) -> Value {
+    serde_json::from_str(&f.stdout).unwrap_or(Value::Null)
 }
