@@ -41,10 +41,16 @@ show_agent_log() {
     tail -n 20 "$1" >&2 || true
 }
 
+# The agent refuses to run jobs as root unless told; the demo runs as whoever starts it.
+ROOT_FLAG=()
+if [ "$(id -u)" -eq 0 ]; then
+    ROOT_FLAG=(--allow-root)
+fi
+
 section "Starting agents on 127.0.0.{2,3,4}:$AGENT_PORT (logs in $TMP/agent-*.log)"
 for i in "${HOST_IDS[@]}"; do
     mkdir -p "$TMP/host$i"
-    "$AGENT" --listen "127.0.0.$i:$AGENT_PORT" --root "$TMP/host$i" >"$TMP/agent-$i.log" 2>&1 &
+    "$AGENT" --listen "127.0.0.$i:$AGENT_PORT" --root "$TMP/host$i" "${ROOT_FLAG[@]}" >"$TMP/agent-$i.log" 2>&1 &
     AGENT_PIDS+=("$!")
 done
 for n in "${!HOST_IDS[@]}"; do
