@@ -13,13 +13,14 @@
 #                                [--keep] [--no-build]
 #   --install   if `import dgl, torch` fails, install DGL 2.1.0 + torch 2.2.1 (CPU use of the
 #               PyPI wheel) into a venv under ~/.cache/dglrun-e2e (about 3 GB) and use it
-#   --hosts N   number of machines (2 or 3; default 3)
+#   --hosts N   number of machines (2..9; default 3)
 #   --runs      launches to run (default "torchrun:1:0 direct:1:0 torchrun:1:1 direct:1:1")
 #   --keep      keep the work directory (agents' roots, logs) after the run
 #   --no-build  use target/release/dgl-agent and dgl-coord as they are (no cargo build)
 # Environment: E2E_PYTHON (the python with dgl and torch), E2E_TIMEOUT (seconds per launch,
 # default 300), E2E_NODES (graph size, default 4000), E2E_PART_METHOD (metis|random),
-# E2E_HOLD_ON_FAIL (seconds to keep the hosts up after a failed launch, to look around).
+# E2E_HOLD_ON_FAIL (seconds to keep the hosts up after a failed launch, to look around),
+# E2E_BIN_DIR (test the dgl-agent and dgl-coord in this directory; implies --no-build).
 #
 # Needs root (network and mount namespaces), iproute2 (`ip`) and util-linux (`unshare`).
 # Without dgl/torch it prints how to get them and exits 0 with SKIP.
@@ -73,7 +74,7 @@ skip() {
 if [[ $(id -u) != 0 ]]; then
     skip "needs root to create network and mount namespaces (run it with sudo)"
 fi
-for tool in ip unshare nsenter timeout; do
+for tool in ip unshare mount timeout; do
     command -v "$tool" >/dev/null || skip "needs '$tool' (iproute2, util-linux, coreutils)"
 done
 
@@ -132,14 +133,17 @@ PY=$("$PY" -c 'import sys; print(sys.executable)')
 # ---------------------------------------------------------------------------------------------
 # Build
 # ---------------------------------------------------------------------------------------------
-AGENT=$REPO/target/release/dgl-agent
-COORD=$REPO/target/release/dgl-coord
+if [[ -n ${E2E_BIN_DIR:-} ]]; then
+    BUILD=0
+fi
+AGENT=${E2E_BIN_DIR:-$REPO/target/release}/dgl-agent
+COORD=${E2E_BIN_DIR:-$REPO/target/release}/dgl-coord
 if ((BUILD)); then
     section "Building dgl-agent and dgl-coord (release)"
     cargo build --release --bins
 fi
 for bin in "$AGENT" "$COORD"; do
-    [[ -x $bin ]] || { echo "FAIL: $bin is missing (build it, or drop --no-build)" >&2; exit 1; }
+    [[ -x $bin ]] || { echo "FAIL: $bin is missing (build it, or drop --no-build / E2E_BIN_DIR)" >&2; exit 1; }
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -150,26 +154,6 @@ NS_COORD=$PREFIX-c
 NS_HOST=()
 for ((m = 0; m < HOSTS; m++)); do NS_HOST+=("$PREFIX-h$m"); done
 host_ip() { echo "$NET.$(($1 + 2))"; }
-
-WORK=$(mktemp -d /tmp/dglrun-e2e.XXXXXX)
-# Private copies: a rebuild during the run must not change the binaries under test.
-mkdir -p "$WORK/bin"
-cp "$AGENT" "$COORD" "$WORK/bin/"
-AGENT=$WORK/bin/dgl-agent
-COORD=$WORK/bin/dgl-coord
-SRC=$WORK/src
-TOKEN=$WORK/token
-AGENT_PIDS=()
-
-# Namespaces left by an earlier run that was killed before its cleanup (its pid is gone).
-for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^dglrun-e2e-[0-9]+-' || true); do
-    pid=${ns#dglrun-e2e-}
-    pid=${pid%%-*}
-    if ! kill -0 "$pid" 2>/dev/null; then
-        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
-        ip netns del "$ns" 2>/dev/null && echo "removed stale namespace $ns"
-    fi
-done
 
 # shellcheck disable=SC2317 # (invoked by the trap)
 cleanup() {
@@ -194,9 +178,30 @@ cleanup() {
     fi
     exit "$status"
 }
+
+AGENT_PIDS=()
+WORK=$(mktemp -d /tmp/dglrun-e2e.XXXXXX)
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+# Private copies: a rebuild during the run must not change the binaries under test.
+mkdir -p "$WORK/bin"
+cp "$AGENT" "$COORD" "$WORK/bin/"
+AGENT=$WORK/bin/dgl-agent
+COORD=$WORK/bin/dgl-coord
+SRC=$WORK/src
+TOKEN=$WORK/token
+
+# Namespaces left by an earlier run that was killed before its cleanup (its pid is gone).
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^dglrun-e2e-[0-9]+-' || true); do
+    pid=${ns#dglrun-e2e-}
+    pid=${pid%%-*}
+    if ! kill -0 "$pid" 2>/dev/null; then
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+        ip netns del "$ns" 2>/dev/null && echo "removed stale namespace $ns"
+    fi
+done
+
 
 section "Creating $HOSTS hosts: namespaces $PREFIX-h0..h$((HOSTS - 1)) on a bridge in $NS_COORD"
 ip netns add "$NS_COORD"
@@ -219,8 +224,6 @@ done
 
 head -c 32 /dev/urandom | base64 >"$TOKEN"
 chmod 600 "$TOKEN"
-ALLOW_ROOT=()
-[[ $(id -u) == 0 ]] && ALLOW_ROOT=(--allow-root)
 
 section "Starting one dgl-agent per host, each with a private /dev/shm (logs in $WORK/agent-m*.log)"
 for ((m = 0; m < HOSTS; m++)); do
@@ -229,7 +232,7 @@ for ((m = 0; m < HOSTS; m++)); do
     ip netns exec "${NS_HOST[m]}" unshare --mount --propagation private \
         sh -c 'mount -t tmpfs -o size=2g tmpfs /dev/shm && exec "$@"' agent \
         "$AGENT" --listen "$(host_ip "$m"):$AGENT_PORT" --root "$WORK/root$m" \
-        --token-file "$TOKEN" "${ALLOW_ROOT[@]}" >"$WORK/agent-m$m.log" 2>&1 &
+        --token-file "$TOKEN" --allow-root >"$WORK/agent-m$m.log" 2>&1 &
     AGENT_PIDS+=("$!")
 done
 for ((m = 0; m < HOSTS; m++)); do
@@ -253,9 +256,13 @@ done
 # ---------------------------------------------------------------------------------------------
 section "Partitioning a random graph of $NODES nodes into $HOSTS parts with dgl.distributed.partition_graph"
 mkdir -p "$SRC/code"
-"$PY" "$E2E_DIR/partition_graph.py" --out "$SRC/data" --parts "$HOSTS" --graph-name "$GRAPH" \
-    --nodes "$NODES" --method "$PART_METHOD" 2>&1 | grep -E '^(graph|partitioned|part [0-9]+ has [0-9]+ nodes)' || true
-[[ -f $SRC/data/$GRAPH.json ]] || { echo "FAIL: partition_graph wrote no $SRC/data/$GRAPH.json" >&2; exit 1; }
+if ! "$PY" "$E2E_DIR/partition_graph.py" --out "$SRC/data" --parts "$HOSTS" --graph-name "$GRAPH" \
+    --nodes "$NODES" --method "$PART_METHOD" >"$WORK/partition.log" 2>&1; then
+    tail -n 20 "$WORK/partition.log" >&2
+    echo "FAIL: partition_graph.py failed" >&2
+    exit 1
+fi
+grep -E '^(graph|partitioned|part [0-9]+ has [0-9]+ nodes)' "$WORK/partition.log" || true
 for ((m = 0; m < HOSTS; m++)); do echo "$(host_ip "$m") $SERVER_PORT"; done >"$SRC/ip_config.txt"
 cp "$E2E_DIR/train_dist.py" "$SRC/code/"
 echo "ip_config.txt:"
@@ -265,13 +272,23 @@ sed 's/^/    /' "$SRC/ip_config.txt"
 # PYTHONPATH is cleared: launch passes it on to every process, as DGL does.
 coord() { (cd "$SRC" && ip netns exec "$NS_COORD" env -u PYTHONPATH "$COORD" "$@"); }
 
-RESULTS=()
+RESULTS=()  # one PASS/FAIL line per check, for the summary
+PROBLEMS=() # what went wrong in the current check
 FAILED=0
-pass() { RESULTS+=("PASS  $1"); }
-fail() {
-    RESULTS+=("FAIL  $1: $2")
-    FAILED=1
-    echo "FAIL: $1: $2" >&2
+problem() {
+    PROBLEMS+=("$1")
+    echo "FAIL: $1" >&2
+}
+verdict() { # name, what a pass means
+    if ((${#PROBLEMS[@]} == 0)); then
+        RESULTS+=("PASS  $1: $2")
+    else
+        local more=""
+        ((${#PROBLEMS[@]} > 1)) && more=" (and $((${#PROBLEMS[@]} - 1)) more problems, above)"
+        RESULTS+=("FAIL  $1: ${PROBLEMS[0]}$more")
+        FAILED=1
+    fi
+    PROBLEMS=()
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -283,23 +300,23 @@ coord copy --workspace ws --rel_data_path data --part_config "$SRC/data/$GRAPH.j
     --ip_config "$SRC/ip_config.txt" --script_folder "$SRC/code" --token-file "$TOKEN" ||
     copy_status=$?
 if ((copy_status != 0)); then
-    fail "copy" "dgl-coord copy exited $copy_status"
+    problem "dgl-coord copy exited $copy_status"
+    verdict copy ""
     printf '\n%s\n' "${RESULTS[@]}"
     exit 1
 fi
-copy_ok=1
 for ((m = 0; m < HOSTS; m++)); do
     ws=$WORK/root$m/ws
     echo "files on m$m:"
     (cd "$ws" && find . -type f | sort | sed 's/^/    /')
     for f in ip_config.txt "data/$GRAPH.json" code/train_dist.py "data/part$m/graph.dgl" "data/part$m/node_feat.dgl"; do
-        [[ -f $ws/$f ]] || { fail "copy" "m$m lacks $f"; copy_ok=0; }
+        [[ -f $ws/$f ]] || problem "m$m lacks $f after the copy"
     done
     for ((o = 0; o < HOSTS; o++)); do
-        ((o == m)) || [[ ! -e $ws/data/part$o ]] || { fail "copy" "m$m got part$o"; copy_ok=0; }
+        ((o == m)) || [[ ! -e $ws/data/part$o ]] || problem "m$m got part$o"
     done
 done
-((copy_ok)) && pass "copy: every host has the configs, the script and only its own partition"
+verdict copy "every host has ip_config, the part_config, the script and only its own partition"
 
 # ---------------------------------------------------------------------------------------------
 # dgl-coord launch, once per entry of RUNS
@@ -313,95 +330,82 @@ leftovers() {
     echo "${out[*]}"
 }
 
-check_run() { # name mode trainers samplers log status
-    local name=$1 mode=$2 trainers=$3 log=$5 status=$6
-    local world=$((HOSTS * trainers)) r m t label ok=1 line
-    if ((status != 0)); then
-        fail "$name" "dgl-coord launch exited $status (log: $log)"
-        ok=0
+check_run() { # name mode trainers log status
+    local name=$1 mode=$2 trainers=$3 log=$4 status=$5
+    local world=$((HOSTS * trainers)) r m t label line left
+    if ((status == 124)); then
+        problem "dgl-coord launch did not finish within ${TIMEOUT}s (E2E_TIMEOUT); stopped it with SIGINT"
+    elif ((status != 0)); then
+        problem "dgl-coord launch exited $status"
     fi
     for ((r = 0; r < world; r++)); do
+        # torchrun and direct mode both give the ranks of machine m as m*trainers + local rank.
         m=$((r / trainers))
         t=$((r % trainers))
         if [[ $mode == torchrun ]]; then label="m$m trainers"; else label="m$m trainer$t"; fi
         line=$(grep -F "[$label] E2E_START rank=$r " "$log" | head -n 1 || true)
         if [[ -z $line ]]; then
-            fail "$name" "no E2E_START line of rank $r labelled [$label]"
-            ok=0
-        elif [[ $line != *" world=$world "* || $line != *" machine_ip=$(host_ip "$m") "* || $line != *" partition=$m "* ]]; then
-            fail "$name" "rank $r: expected world=$world machine_ip=$(host_ip "$m") partition=$m, got: $line"
-            ok=0
+            problem "rank $r printed no E2E_START line labelled [$label]"
+            continue
         fi
-        if ! grep -qF "[$label] E2E_LOSS rank=$r " "$log"; then
-            fail "$name" "rank $r printed no loss line labelled [$label]"
-            ok=0
+        # DGL took the right machine (by its address in ip_config) and so the right partition.
+        if [[ $line != *" world=$world "* || $line != *" machine_ip=$(host_ip "$m") "* || $line != *" partition=$m "* ]]; then
+            problem "rank $r: expected world=$world machine_ip=$(host_ip "$m") partition=$m, got: $line"
         fi
-        if ! grep -qF "[$label] E2E_DONE rank=$r " "$log"; then
-            fail "$name" "rank $r did not finish (no E2E_DONE line labelled [$label])"
-            ok=0
-        fi
+        grep -qF "[$label] E2E_LOSS rank=$r " "$log" ||
+            problem "rank $r printed no loss line labelled [$label]"
+        grep -qF "[$label] E2E_DONE rank=$r " "$log" ||
+            problem "rank $r did not finish (no E2E_DONE line labelled [$label])"
     done
     if grep -q 'E2E_ERROR' "$log"; then
-        fail "$name" "$(grep -m1 'E2E_ERROR' "$log")"
-        ok=0
+        problem "$(grep -m1 -o 'E2E_ERROR.*' "$log")"
     fi
-    # After the job, nothing of it may be left on any host: servers, trainers, torchrun's agent
-    # and the samplers the trainers forked.
-    local left
+    # Nothing of the job may be left on any host: servers, trainers, torchrun's agent process
+    # and the sampler processes the trainers forked.
     for ((m = 0; m < HOSTS; m++)); do
-        left=
         for ((tries = 0; tries < 50; tries++)); do
             left=$(leftovers "$m")
             [[ -z $left ]] && break
             sleep 0.2
         done
         if [[ -n $left ]]; then
-            fail "$name" "processes left on m$m after the job: $(ps -o pid=,args= -p "${left// /,}" | tr '\n' ';')"
-            ok=0
+            problem "processes left on m$m 10 s after the job: $(ps -o pid=,args= -p "${left// /,}" | cut -c1-150 | tr '\n' ';')"
         fi
     done
-    if ((ok)); then
-        local losses
-        losses=$(grep -c 'E2E_LOSS rank=' "$log" || true)
-        pass "$name: $world trainers, $losses loss lines, all exited 0, nothing left running"
-    fi
+    local losses
+    losses=$(grep -o 'E2E_LOSS rank=' "$log" | wc -l || true)
+    verdict "$name" "$world trainers, $losses loss lines, dgl-coord exited 0, nothing left running"
 }
 
 n=0
 for run in $RUNS; do
     IFS=: read -r mode trainers samplers <<<"$run"
     n=$((n + 1))
-    name="launch $n (--trainer-mode $mode --num_trainers $trainers --num_samplers $samplers --num_servers 1)"
+    name="launch $n: --trainer-mode $mode --num_trainers $trainers --num_samplers $samplers --num_servers 1"
     log=$WORK/launch-$n-$mode-t$trainers-s$samplers.log
     section "$name"
-    status=0
+    # A hung job is stopped as a user would: SIGINT to dgl-coord, which stops it everywhere.
     set +e
-    # (A subshell that execs: $! is dgl-coord itself.)
-    (cd "$SRC" && exec ip netns exec "$NS_COORD" env -u PYTHONPATH "$COORD" launch --workspace ws --num_trainers "$trainers" --num_samplers "$samplers" \
-        --num_servers 1 --num_omp_threads 1 --part_config "data/$GRAPH.json" \
-        --ip_config ip_config.txt --trainer-mode "$mode" --token-file "$TOKEN" \
+    (cd "$SRC" && exec ip netns exec "$NS_COORD" env -u PYTHONPATH \
+        timeout --foreground -s INT -k 60 "$TIMEOUT" "$COORD" launch \
+        --workspace ws --num_trainers "$trainers" --num_samplers "$samplers" --num_servers 1 \
+        --num_omp_threads 1 --part_config "data/$GRAPH.json" --ip_config ip_config.txt \
+        --trainer-mode "$mode" --token-file "$TOKEN" \
         --extra_envs GLOO_SOCKET_IFNAME=eth0 TP_SOCKET_IFNAME=eth0 PYTHONUNBUFFERED=1 \
         "$PY code/train_dist.py --graph_name $GRAPH --ip_config ip_config.txt --num_epochs 2 --max_steps 3") \
-        > >(tee "$log") 2>&1 &
-    coord_pid=$!
-    # dgl-coord stops the whole job on SIGINT; a hung job is stopped that way after TIMEOUT.
-    (sleep "$TIMEOUT" && kill -INT "$coord_pid" 2>/dev/null && sleep 60 && kill -KILL "$coord_pid" 2>/dev/null) &
-    watchdog=$!
-    wait "$coord_pid"
-    status=$?
-    kill "$watchdog" 2>/dev/null
-    wait "$watchdog" 2>/dev/null
+        2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
     set -e
-    sleep 0.2 # let tee finish writing the log
     failed_before=$FAILED
     FAILED=0
-    check_run "$name" "$mode" "$trainers" "$samplers" "$log" "$status"
+    check_run "$name" "$mode" "$trainers" "$log" "$status"
     if ((FAILED)); then
+        echo "(log of this launch: $log)"
         echo "--- dgl-coord status after the failed launch:"
         coord status --ip_config ip_config.txt --token-file "$TOKEN" 2>&1 || true
         if [[ -n ${E2E_HOLD_ON_FAIL:-} ]]; then
             echo "holding the hosts for ${E2E_HOLD_ON_FAIL}s (E2E_HOLD_ON_FAIL): coordinator namespace $NS_COORD, token $TOKEN, work $WORK"
-            sleep "$E2E_HOLD_ON_FAIL"
+            sleep "$E2E_HOLD_ON_FAIL" || true
         fi
     fi
     FAILED=$((FAILED | failed_before))
@@ -410,7 +414,11 @@ done
 section "Summary"
 printf '%s\n' "${RESULTS[@]}"
 if ((FAILED)); then
-    echo "e2e-real-dgl: FAIL (logs in $WORK; rerun with --keep to keep them)"
+    if ((KEEP)); then
+        echo "e2e-real-dgl: FAIL (logs in $WORK)"
+    else
+        echo "e2e-real-dgl: FAIL (rerun with --keep to keep the logs and the agents' roots)"
+    fi
     exit 1
 fi
 echo "e2e-real-dgl: PASS"

@@ -1,4 +1,4 @@
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use dglrun_agent::server;
 use dglrun_agent::settings::{read_token, Args, Effective};
 
@@ -7,6 +7,23 @@ const SECRET_ENV: &[&str] = &["DGL_AGENT_TOKEN", "DGL_AGENT_TOKEN_FILE"];
 
 fn main() {
     let args = Args::parse();
+    // Documentation first: it needs no settings (and must work where they are broken).
+    if let Some(shell) = args.completions {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Args::command(), "dgl-agent", &mut out);
+        write_stdout(&out);
+        return;
+    }
+    if args.man {
+        // The man page's NAME line already says "dgl-agent -".
+        let cmd = Args::command().about("runs DGL jobs for dgl-coord on every host, without ssh");
+        let mut out = Vec::new();
+        if let Err(e) = clap_mangen::Man::new(cmd).render(&mut out) {
+            fail(e.into());
+        }
+        write_stdout(&out);
+        return;
+    }
     let settings = match Effective::resolve(&args, std::env::var_os("HOME").map(Into::into)) {
         Ok(s) => s,
         Err(e) => fail(e),
@@ -43,6 +60,15 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| fail(e.into()));
     if let Err(e) = runtime.block_on(server::run(config)) {
         fail(e);
+    }
+}
+
+/// A closed pipe (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(e.into()),
+        _ => {}
     }
 }
 

@@ -23,36 +23,44 @@ const DEFAULT_GRACE_SECS: f64 = 3.0;
 #[command(name = "dgl-agent", version, about, long_about)]
 pub struct Args {
     /// TOML file with any of the settings below (keys as the flags, with `_`: lease_timeout).
-    #[arg(long, env = "DGL_AGENT_CONFIG")]
+    #[arg(long, value_name = "FILE", env = "DGL_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
 
     /// Print the effective settings as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
 
+    /// Print a shell completion script for SHELL (bash, zsh, fish, ...) and exit.
+    #[arg(long, value_name = "SHELL")]
+    pub completions: Option<clap_complete::Shell>,
+
+    /// Print the man page (dgl-agent.1) and exit.
+    #[arg(long)]
+    pub man: bool,
+
     /// Address to listen on, IP:PORT [default: 127.0.0.1:47001]. Without a token or TLS only
     /// loopback addresses are allowed.
-    #[arg(long, env = "DGL_AGENT_LISTEN")]
+    #[arg(long, value_name = "IP:PORT", env = "DGL_AGENT_LISTEN")]
     pub listen: Option<SocketAddr>,
 
     /// The only directory tree this agent writes to and runs processes in [default: $HOME].
-    #[arg(long, env = "DGL_AGENT_ROOT")]
+    #[arg(long, value_name = "DIR", env = "DGL_AGENT_ROOT")]
     pub root: Option<PathBuf>,
 
     /// File holding the shared token every call must carry (or set DGL_AGENT_TOKEN).
-    #[arg(long, env = "DGL_AGENT_TOKEN_FILE")]
+    #[arg(long, value_name = "FILE", env = "DGL_AGENT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
     /// This agent's certificate (PEM), for mutual TLS; with --tls-key and --tls-ca.
-    #[arg(long, env = "DGL_AGENT_TLS_CERT")]
+    #[arg(long, value_name = "PEM", env = "DGL_AGENT_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// This agent's private key (PEM).
-    #[arg(long, env = "DGL_AGENT_TLS_KEY")]
+    #[arg(long, value_name = "PEM", env = "DGL_AGENT_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// CA certificate (PEM) that coordinators' certificates must be signed by.
-    #[arg(long, env = "DGL_AGENT_TLS_CA")]
+    #[arg(long, value_name = "PEM", env = "DGL_AGENT_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 
     /// Listen on a non-loopback address without authentication (anyone who reaches it can
@@ -65,15 +73,15 @@ pub struct Args {
     pub allow_root: bool,
 
     /// Seconds a job survives without its coordinator renewing the lease [default: 10].
-    #[arg(long, env = "DGL_AGENT_LEASE_TIMEOUT")]
+    #[arg(long, value_name = "SECONDS", env = "DGL_AGENT_LEASE_TIMEOUT")]
     pub lease_timeout: Option<f64>,
 
     /// Seconds between SIGTERM and SIGKILL when the agent stops a job on its own [default: 3].
-    #[arg(long, env = "DGL_AGENT_GRACE")]
+    #[arg(long, value_name = "SECONDS", env = "DGL_AGENT_GRACE")]
     pub grace: Option<f64>,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
-    #[arg(long, env = "DGL_AGENT_METRICS_LISTEN")]
+    /// Serve Prometheus metrics at http://IP:PORT/metrics (off by default).
+    #[arg(long, value_name = "IP:PORT", env = "DGL_AGENT_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 }
 

@@ -7,23 +7,28 @@ use dglrun_coordinator::cluster::AgentAccess;
 #[derive(clap::Args, Debug, Clone)]
 pub struct AccessArgs {
     /// TCP port of dgl-agent on every machine.
-    #[arg(long = "agent-port", alias = "agent_port", env = "DGL_AGENT_PORT", default_value_t = dglrun_proto::DEFAULT_AGENT_PORT)]
+    #[arg(long = "agent-port", alias = "agent_port", value_name = "PORT", env = "DGL_AGENT_PORT", default_value_t = dglrun_proto::DEFAULT_AGENT_PORT)]
     pub agent_port: u16,
 
     /// File with the agents' shared token (default: the DGL_AGENT_TOKEN variable, if set).
-    #[arg(long = "token-file", alias = "token_file", env = "DGL_AGENT_TOKEN_FILE")]
+    #[arg(
+        long = "token-file",
+        alias = "token_file",
+        value_name = "FILE",
+        env = "DGL_AGENT_TOKEN_FILE"
+    )]
     pub token_file: Option<PathBuf>,
 
     /// Coordinator certificate (PEM) for mutual TLS; with --tls-key and --tls-ca.
-    #[arg(long = "tls-cert", env = "DGL_COORD_TLS_CERT")]
+    #[arg(long = "tls-cert", value_name = "PEM", env = "DGL_COORD_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// Coordinator private key (PEM).
-    #[arg(long = "tls-key", env = "DGL_COORD_TLS_KEY")]
+    #[arg(long = "tls-key", value_name = "PEM", env = "DGL_COORD_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// CA certificate (PEM) the agents' certificates are signed by.
-    #[arg(long = "tls-ca", env = "DGL_COORD_TLS_CA")]
+    #[arg(long = "tls-ca", value_name = "PEM", env = "DGL_COORD_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 }
 

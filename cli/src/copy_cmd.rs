@@ -21,13 +21,13 @@ pub enum Progress {
 /// DGL's copy_files.py flags keep their names; kebab-case spellings work too.
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
-Placement (on every machine, under its agent's root):
-  <workspace>/<ip_config name>                      ip_config, every machine
-  <workspace>/<rel_data_path>/<part_config name>    part_config rewritten so its paths are relative
+Placement (under each agent's root; (all): on every machine):
+  <workspace>/<ip_config name>                      ip_config (all)
+  <workspace>/<rel_data_path>/<part_config name>    part_config (all), its paths rewritten relative
                                                     to its own directory, as DGL resolves them
-  <workspace>/<rel_data_path>/<name>                node_map / edge_map files (older DGL), every machine
+  <workspace>/<rel_data_path>/<name>                node_map / edge_map .npy files (old DGL) (all)
   <workspace>/<rel_data_path>/part<i>/<name>        every file named under part-<i>, machine i only
-  <workspace>/<script_folder name>/...              the script folder, every machine, modes kept
+  <workspace>/<script_folder name>/...              the script folder, modes kept (all)
 
 Symlinks in the script folder are followed and copied as the files they point to (as scp -r
 does); a dangling link or a link loop is refused, naming it.
@@ -84,7 +84,7 @@ pub struct CopyArgs {
     retries: u32,
 
     /// HTTP/2 connections per host over which the transfers are spread.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     connections: u32,
 
     /// Progress display on stderr.

@@ -2,17 +2,36 @@
 //! to the coordinator library.
 
 mod access;
+mod argv;
 mod copy_cmd;
+mod docs_cmd;
 mod launch_cmd;
 mod ops_cmd;
+mod run_cmd;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 /// Copy DGL graph partitions to dgl-agents and launch distributed DGL jobs on them, without ssh.
+///
+/// A dgl-agent runs on every host of ip_config.txt; dgl-coord reaches them at IP:47001.
 #[derive(Parser, Debug)]
-#[command(name = "dgl-coord", version, about, long_about = None)]
+#[command(
+    name = "dgl-coord",
+    version,
+    about,
+    after_help = "\
+Typical use (the flags are DGL's own, see `dgl-coord <COMMAND> --help`):
+  dgl-coord copy   --workspace ~/ws --rel_data_path data --part_config out/g.json \\
+                   --ip_config ip_config.txt --script_folder code
+  dgl-coord launch --workspace ~/ws --num_trainers 2 --num_servers 1 \\
+                   --part_config data/g.json --ip_config ip_config.txt \"python3 code/train.py ...\"
+  dgl-coord status --ip_config ip_config.txt
+
+Exit status: 0 success; 1 failure (a host, a file or the job); 2 usage error; launch and run:
+the worst exit code of a failed process (128+N for signal N), 130/143 on Ctrl-C/SIGTERM."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,10 +43,16 @@ enum Command {
     Copy(copy_cmd::CopyArgs),
     /// Start DGL servers and trainers on every machine and supervise them (replaces launch.py).
     Launch(launch_cmd::LaunchArgs),
+    /// Copy, then launch what was copied: `copy` and `launch` in one command.
+    Run(run_cmd::RunArgs),
     /// Show every agent: reachable, version, root, free disk, jobs and their processes.
     Status(ops_cmd::StatusArgs),
     /// Stop jobs on every agent by hand (all of them, or one with --job).
     Kill(ops_cmd::KillArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs_cmd::CompletionsArgs),
+    /// Print the man page, or write one per subcommand into a directory.
+    Man(docs_cmd::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,33 +63,40 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = match launch_cmd::preprocess_args(std::env::args_os().collect()) {
+    // clap exits 2 on a usage error (0 for --help and --version); so do our own checks.
+    let cli = match argv::preprocess_args(std::env::args_os().collect()) {
         Ok(argv) => Cli::parse_from(argv),
         Err(e) => {
             eprintln!("dgl-coord: error: {e}");
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("dgl-coord: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let result = match cli.command {
+        // These need no runtime.
+        Command::Completions(args) => docs_cmd::completions(args),
+        Command::Man(args) => docs_cmd::man(args),
+        command => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(run(command)),
+            Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+        },
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Copy(args) => copy_cmd::run(args).await,
-            Command::Launch(args) => launch_cmd::run(args).await,
-            Command::Status(args) => ops_cmd::status(args).await,
-            Command::Kill(args) => ops_cmd::kill(args).await,
-        }
-    });
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("dgl-coord: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Copy(args) => copy_cmd::run(args).await,
+        Command::Launch(args) => launch_cmd::run(args).await,
+        Command::Run(args) => run_cmd::run(args).await,
+        Command::Status(args) => ops_cmd::status(args).await,
+        Command::Kill(args) => ops_cmd::kill(args).await,
+        Command::Completions(args) => docs_cmd::completions(args),
+        Command::Man(args) => docs_cmd::man(args),
     }
 }

@@ -166,7 +166,10 @@ pub fn render_status(hosts: &[HostStatus]) -> String {
                         j.job_id, j.workspace, j.live_pids
                     ));
                     for p in &j.processes {
-                        out.push_str(&format!("      {:<12} pid {:<8} {}\n", p.label, p.pid, p.exit));
+                        out.push_str(&format!(
+                            "      {:<12} pid {:<8} {}\n",
+                            p.label, p.pid, p.exit
+                        ));
                     }
                 }
             }
@@ -213,7 +216,10 @@ pub async fn kill(
             .await
             .map_err(|s| format!("{}: cannot list jobs: {}", host.name(), s.message()))?;
         let mut done = Vec::new();
-        for j in jobs.into_iter().filter(|j| job.is_none_or(|id| id == j.job_id)) {
+        for j in jobs
+            .into_iter()
+            .filter(|j| job.is_none_or(|id| id == j.job_id))
+        {
             let reply = host
                 .client
                 .stop(pb::StopRequest {
@@ -222,7 +228,14 @@ pub async fn kill(
                     force,
                 })
                 .await
-                .map_err(|s| format!("{}: cannot stop job {}: {}", host.name(), j.job_id, s.message()))?
+                .map_err(|s| {
+                    format!(
+                        "{}: cannot stop job {}: {}",
+                        host.name(),
+                        j.job_id,
+                        s.message()
+                    )
+                })?
                 .into_inner();
             done.push(Killed {
                 machine: host.rank,

@@ -40,6 +40,12 @@ class SAGE(nn.Module):
         return h
 
 
+def say(line):
+    """Prints one line with a single write(2), so that lines of trainers sharing one pipe (the
+    workers of one torchrun) are never spliced together."""
+    os.write(1, (line + "\n").encode())
+
+
 def local_ip(peer):
     """The address this host uses to reach `peer` (its address in its network namespace)."""
     try:
@@ -61,6 +67,7 @@ def main():
     p.add_argument("--fan_out", default="5,10")
     p.add_argument("--num_hidden", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--num_classes", type=int, default=4, help="as partition_graph.py --classes")
     args = p.parse_args()
 
     dgl.distributed.initialize(args.ip_config)  # servers never return from here
@@ -73,12 +80,11 @@ def main():
     pb = g.get_partition_book()
     train_nid = dgl.distributed.node_split(g.ndata["train_mask"], pb, force_even=True)
     ip = local_ip(os.environ.get("MASTER_ADDR", "198.18.0.1"))
-    print(
+    say(
         f"E2E_START rank={rank} world={world} machine_ip={ip} partition={pb.partid} "
         f"local_rank={os.environ.get('LOCAL_RANK')} group_rank={os.environ.get('GROUP_RANK')} "
         f"train_nodes={len(train_nid)} num_samplers={os.environ.get('DGL_NUM_SAMPLER')} "
-        f"pid={os.getpid()}",
-        flush=True,
+        f"pid={os.getpid()}"
     )
 
     sampler = dgl.dataloading.NeighborSampler([int(f) for f in args.fan_out.split(",")])
@@ -91,11 +97,11 @@ def main():
     torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN)
     steps = int(steps)
     if steps == 0:
-        print(f"E2E_ERROR rank={rank} no training batch on some rank", flush=True)
+        say(f"E2E_ERROR rank={rank} no training batch on some rank")
         sys.exit(3)
 
     in_feats = g.ndata["feat"].shape[1]
-    n_classes = 4  # as partition_graph.py makes them; checked below against the labels
+    n_classes = args.num_classes  # checked below against the labels
     model = torch.nn.parallel.DistributedDataParallel(SAGE(in_feats, args.num_hidden, n_classes))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 
@@ -116,10 +122,9 @@ def main():
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            print(
+            say(
                 f"E2E_LOSS rank={rank} epoch={epoch} step={step} loss={loss.item():.4f} "
-                f"batch={len(seeds)} inputs={len(input_nodes)}",
-                flush=True,
+                f"batch={len(seeds)} inputs={len(input_nodes)}"
             )
     # The parameters must be the same on every rank after DDP.
     flat = torch.cat([q.detach().flatten() for q in model.parameters()])
@@ -127,12 +132,11 @@ def main():
     torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
     torch.distributed.all_reduce(mn, op=torch.distributed.ReduceOp.MIN)
     if not torch.equal(mx, mn):
-        print(f"E2E_ERROR rank={rank} parameters differ between ranks", flush=True)
+        say(f"E2E_ERROR rank={rank} parameters differ between ranks")
         sys.exit(3)
-    print(
+    say(
         f"E2E_DONE rank={rank} steps={len(losses)} first_loss={losses[0]:.4f} "
-        f"last_loss={losses[-1]:.4f} seconds={time.time() - t0:.1f}",
-        flush=True,
+        f"last_loss={losses[-1]:.4f} seconds={time.time() - t0:.1f}"
     )
     torch.distributed.barrier()
 

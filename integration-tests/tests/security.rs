@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use dglrun_integration_tests::{bin, list_files, repo_dir, root_flag, TestCluster};
+use dglrun_integration_tests::{bin, repo_dir, root_flag, TestCluster};
 use dglrun_proto::digest::hash_reader;
 use dglrun_proto::meta::ClientMeta;
 use dglrun_proto::pb::agent_client::AgentClient;
@@ -11,6 +11,14 @@ use dglrun_proto::pb::{self, put_file_message::Msg};
 use dglrun_proto::tls::TlsFiles;
 use dglrun_proto::{PROTOCOL_VERSION, VERSION};
 use tonic::transport::{Channel, Endpoint};
+
+/// Files under `dir`, leaving out the agent's own state directory.
+fn list_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    dglrun_integration_tests::list_files(dir)
+        .into_iter()
+        .filter(|p| !p.starts_with(".dglrun"))
+        .collect()
+}
 
 fn hello() -> pb::HelloRequest {
     pb::HelloRequest {
@@ -248,10 +256,7 @@ async fn oversized_messages_are_refused_and_write_nothing() {
     }
     let err = c.put_file(tokio_stream::iter(stream)).await.unwrap_err();
     assert_ne!(err.code(), tonic::Code::Ok);
-    let files: Vec<_> = list_files(cluster.root(0))
-        .into_iter()
-        .filter(|p| !p.starts_with(".dglrun"))
-        .collect();
+    let files = list_files(cluster.root(0));
     assert!(
         files
             .iter()

@@ -69,7 +69,8 @@ impl Manifest {
 
     /// A resume offset is valid at a chunk boundary or at the very end.
     pub fn is_valid_offset(&self, offset: u64) -> bool {
-        offset <= self.size && (offset.checked_rem(CHUNK_SIZE as u64) == Some(0) || offset == self.size)
+        offset <= self.size
+            && (offset.checked_rem(CHUNK_SIZE as u64) == Some(0) || offset == self.size)
     }
 }
 

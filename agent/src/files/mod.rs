@@ -109,8 +109,14 @@ impl Files {
             .await?;
         let cache = self.cache.clone();
         let root = self.root.path().to_path_buf();
+        let idle = self.active.load(Ordering::SeqCst) == 0;
         let free_bytes = tokio::task::spawn_blocking(move || {
             cache.save_now();
+            if idle {
+                // A copy ends with a prepare (its check) once every transfer has let go of its
+                // buffers: the moment to give the memory back.
+                alloc::trim_idle();
+            }
             crate::service::free_bytes(&root)
         })
         .await
@@ -263,6 +269,7 @@ fn prepare_one(
         Ok(meta) if meta.is_dir() => return Err(in_the_way(&m.path)),
         Ok(meta) if meta.is_file() && meta.len() == m.size => {
             if is_present(&m, &target, &meta, cache)? {
+                crate::metrics::add(&crate::metrics::COUNTERS.files_skipped, 1);
                 return Ok((state(pb::FileStatus::Present, 0), 0));
             }
         }

@@ -402,3 +402,43 @@ async fn the_cache_survives_a_restart_and_spares_a_re_read() {
     let meta = fs::symlink_metadata(&target).unwrap();
     assert_eq!(b.cache.lookup(&target, &meta), Some(digest(&bytes).digest));
 }
+
+/// The Prometheus counters follow what happened. They are process-wide and other tests run in
+/// parallel, so only lower bounds of the increase are checked.
+#[tokio::test]
+async fn counters_count_bytes_files_skips_and_bad_chunks() {
+    use crate::metrics::COUNTERS;
+    use std::sync::atomic::Ordering::Relaxed;
+    let read = || {
+        (
+            COUNTERS.bytes_received.load(Relaxed),
+            COUNTERS.files_verified.load(Relaxed),
+            COUNTERS.files_skipped.load(Relaxed),
+            COUNTERS.verification_failures.load(Relaxed),
+        )
+    };
+    let a = agent().await;
+    let bytes = data(CHUNK_SIZE + 5, 4);
+    let m = manifest("ws/counted", &digest(&bytes), 0o644);
+    let before = read();
+    let mut bad = messages(m.clone(), &bytes, 0);
+    if let Some(Msg::Chunk(c)) = &mut bad[1].msg {
+        let mut v = c.data.to_vec();
+        v[0] ^= 1;
+        c.data = v.into();
+    }
+    assert!(put(&a, bad).await.is_err());
+    put(&a, messages(m.clone(), &bytes, 0)).await.unwrap();
+    assert_eq!(prepare(&a, vec![m]).await.unwrap(), [(PRESENT, 0)]);
+    let after = read();
+    assert!(
+        after.0 - before.0 >= bytes.len() as u64,
+        "{before:?} {after:?}"
+    );
+    assert!(after.1 > before.1, "files verified: {before:?} {after:?}");
+    assert!(after.2 > before.2, "files skipped: {before:?} {after:?}");
+    assert!(
+        after.3 > before.3,
+        "verification failures: {before:?} {after:?}"
+    );
+}

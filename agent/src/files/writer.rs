@@ -21,6 +21,7 @@ use super::manifest::Manifest;
 use super::partial::{verified_prefix, Verified};
 use super::Active;
 use crate::confine::{verify_opened, Root};
+use crate::metrics;
 
 pub enum ToWriter {
     /// A chunk whose offset and length the receiver already checked against the manifest.
@@ -54,6 +55,7 @@ pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileR
                 let idx = (offset / CHUNK_SIZE as u64) as usize;
                 if offset != next || m.chunks.get(idx) != Some(&chunk_hash(&data)) {
                     // Not written: the partial keeps only verified bytes.
+                    metrics::add(&metrics::COUNTERS.verification_failures, 1);
                     return Err(Status::data_loss(format!(
                         "{}: the chunk at offset {offset} does not match its SHA-256 in the \
                          manifest; nothing from it was written",
@@ -62,6 +64,7 @@ pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileR
                 }
                 file.write_all_at(&data, offset)
                     .map_err(|e| io_status("cannot write", &m.path, e))?;
+                metrics::add(&metrics::COUNTERS.bytes_received, data.len() as u64);
                 next += data.len() as u64;
             }
             ToWriter::Finish => {
@@ -169,6 +172,7 @@ fn finish(t: &Transfer, file: File) -> Result<pb::PutFileReply, Status> {
         Err(_) => t.cache.remove(&t.target),
     }
     t.cache.save_soon();
+    metrics::add(&metrics::COUNTERS.files_verified, 1);
     Ok(pb::PutFileReply {
         path: m.path.clone(),
         bytes_written: m.size - t.offset,

@@ -50,13 +50,16 @@ pub struct CopyOptions {
 pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
     let started = Instant::now();
     // 1. Inputs, all checked before any host is contacted.
-    let ip = IpConfig::load(&opts.ip_config)?;
-    let pc = PartConfig::load(&opts.part_config)?;
+    // These errors already say what failed and why; `msg` keeps anyhow from printing their
+    // source a second time.
+    let ip = IpConfig::load(&opts.ip_config).map_err(one_line)?;
+    let pc = PartConfig::load(&opts.part_config).map_err(one_line)?;
     let scripts = opts
         .script_folder
         .as_deref()
         .map(scripts::scan)
-        .transpose()?;
+        .transpose()
+        .map_err(one_line)?;
     let plan = plan::plan(&plan::PlanInput {
         workspace: &opts.workspace,
         rel_data_path: &opts.rel_data_path,
@@ -101,4 +104,8 @@ pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
             ip_config: plan.launch_ip_config.clone(),
         },
     })
+}
+
+fn one_line(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::msg(e.to_string())
 }

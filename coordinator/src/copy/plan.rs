@@ -258,7 +258,12 @@ impl Builder {
         self.sources.len() - 1
     }
 
-    fn place_everywhere(&mut self, source: usize, remote: &str, mode: u32) -> Result<(), PlanError> {
+    fn place_everywhere(
+        &mut self,
+        source: usize,
+        remote: &str,
+        mode: u32,
+    ) -> Result<(), PlanError> {
         for rank in 0..self.machines.len() {
             self.place_on(rank, source, remote, mode)?;
         }

@@ -20,10 +20,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::events::{ExitInfo, Outcome, ProcessSummary, Summary, Who};
 use super::follow::{renew_host, watch_host, Reconnect};
 use super::loss::Loss;
-use super::output::{note, print_line};
 use super::plan::{PlannedProcess, Role};
+use super::sink::Sink;
 use super::summary::{self, Row};
 use crate::cluster::{AgentAccess, Host};
 
@@ -35,6 +36,8 @@ const TAIL_LINE_CHARS: usize = 500;
 const DRAIN: Duration = Duration::from_secs(3);
 /// A Spawn is a fork per process; anything slower means the agent is in trouble.
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often buffered `--log-dir` files are flushed, so `tail -f` keeps up.
+const LOG_FLUSH: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct DriverOptions {
@@ -81,6 +84,7 @@ enum Reason {
 
 struct Proc {
     role: Role,
+    who: Who,
     pid: Option<u32>,
     exit: Option<pb::ProcessExited>,
     stderr_tail: VecDeque<String>,
@@ -110,12 +114,14 @@ struct Driver {
     tasks: JoinSet<()>,
     all_started: Option<Instant>,
     signals: u32,
+    out: Sink,
 }
 
 pub async fn run(
     hosts: Vec<Host>,
     plan: Vec<PlannedProcess>,
     o: DriverOptions,
+    out: Sink,
 ) -> anyhow::Result<u8> {
     let (tx, mut rx) = mpsc::channel(4096);
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -127,6 +133,14 @@ pub async fn run(
                 (p.machine, p.label.clone()),
                 Proc {
                     role: p.role,
+                    who: Who {
+                        machine: p.machine,
+                        host: hosts
+                            .get(p.machine)
+                            .map_or_else(String::new, |h| h.ip.to_string()),
+                        label: p.label.clone(),
+                        role: p.role.as_str().to_string(),
+                    },
                     pid: None,
                     exit: None,
                     stderr_tail: VecDeque::new(),
@@ -147,6 +161,7 @@ pub async fn run(
         tasks: JoinSet::new(),
         all_started: None,
         signals: 0,
+        out,
     };
 
     // Servers everywhere first, then trainers: DGL's clients expect their servers up.
@@ -173,6 +188,7 @@ pub async fn run(
         d.all_started = Some(Instant::now());
     }
 
+    let mut flush = tokio::time::interval(LOG_FLUSH);
     loop {
         if d.finished() {
             break;
@@ -190,9 +206,10 @@ pub async fn run(
             _ = sigint.recv() => d.on_signal(2),
             _ = sigterm.recv() => d.on_signal(15),
             _ = sleep_until(drain_deadline) => break,
+            _ = flush.tick() => d.out.flush(),
         }
         if d.signals >= 3 {
-            note("third signal: leaving without waiting; the agents stop what is left when the lease runs out");
+            d.out.note("third signal: leaving without waiting; the agents stop what is left when the lease runs out");
             break;
         }
     }
@@ -212,10 +229,6 @@ fn millis(d: Duration) -> u32 {
 }
 
 impl Driver {
-    fn prefix(&self, host: usize, label: &str) -> String {
-        format!("m{host} {label}")
-    }
-
     /// Spawns the servers (`trainers` false) or the trainers of every host at once.
     async fn spawn_phase(&mut self, trainers: bool) {
         let calls = self.hosts.iter().map(|h| {
@@ -255,7 +268,8 @@ impl Driver {
                 }
                 Err(message) => {
                     if self.stopping.is_none() {
-                        note(&format!("{}: {message}", self.hosts[rank].name()));
+                        let name = self.hosts[rank].name();
+                        self.out.note(&format!("{name}: {message}"));
                         self.begin_stop(Reason::SpawnFailed {
                             host: rank,
                             message,
@@ -266,10 +280,26 @@ impl Driver {
         }
     }
 
+    /// From the Spawn reply and again from the replayed Started event: reported once.
     fn note_started(&mut self, host: usize, index: u32, label: &str, pid: u32) {
         self.index.insert((host, index), label.to_string());
         if let Some(p) = self.procs.get_mut(&(host, label.to_string())) {
-            p.pid = Some(pid);
+            if p.pid.replace(pid).is_none() {
+                self.out.started(&p.who, pid);
+            }
+        }
+    }
+
+    /// Who an event is about; an index the plan does not know is named `#index`.
+    fn who(&self, host: usize, label: &str) -> Who {
+        match self.procs.get(&(host, label.to_string())) {
+            Some(p) => p.who.clone(),
+            None => Who {
+                machine: host,
+                host: self.hosts[host].ip.to_string(),
+                label: label.to_string(),
+                role: String::new(),
+            },
         }
     }
 
@@ -307,15 +337,19 @@ impl Driver {
             }
             Msg::Stopped { host, result } => {
                 match result {
-                    Ok(r) if r.remaining > 0 => note(&format!(
-                        "{}: {} processes survived SIGKILL",
-                        self.hosts[host].name(),
-                        r.remaining
-                    )),
+                    Ok(r) if r.remaining > 0 => {
+                        let msg = format!(
+                            "{}: {} processes survived SIGKILL",
+                            self.hosts[host].name(),
+                            r.remaining
+                        );
+                        self.out.note(&msg);
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         self.silent.insert(host);
-                        note(&format!("{}: stop failed: {e}", self.hosts[host].name()));
+                        let msg = format!("{}: stop failed: {e}", self.hosts[host].name());
+                        self.out.note(&msg);
                     }
                 }
                 if let Some(s) = &mut self.stopping {
@@ -332,7 +366,7 @@ impl Driver {
         self.silent.insert(host);
         if self.stopping.is_none() {
             let name = self.hosts[host].name();
-            note(&format!(
+            self.out.note(&format!(
                 "lost the agent of {name}: {}; stopping the job on every other host",
                 loss.reason()
             ));
@@ -356,7 +390,8 @@ impl Driver {
                     .cloned()
                     .unwrap_or_else(|| format!("#{}", l.index));
                 let stream = OutputStream::try_from(l.stream).unwrap_or(OutputStream::Stdout);
-                print_line(&self.prefix(host, &label), stream, &l.text);
+                let who = self.who(host, &label);
+                self.out.line(&who, stream, &l.text);
                 if stream == OutputStream::Stderr {
                     if let Some(p) = self.procs.get_mut(&(host, label)) {
                         if p.stderr_tail.len() == TAIL_LINES {
@@ -368,10 +403,10 @@ impl Driver {
                     }
                 }
             }
-            Some(Event::LostLines(n)) => note(&format!(
-                "{}: {n} output lines were dropped by the agent before they could be read",
-                self.hosts[host].name()
-            )),
+            Some(Event::LostLines(n)) => {
+                let (ip, name) = (self.hosts[host].ip.to_string(), self.hosts[host].name());
+                self.out.lost_lines(host, &ip, n, &name);
+            }
             Some(Event::Exited(x)) => self.on_exit(host, x),
             None => {}
         }
@@ -390,9 +425,10 @@ impl Driver {
         }
         p.exit = Some(x);
         let role = p.role;
+        self.out.exited(&p.who, p.pid, &x);
         if summary::is_failure(&x) {
             if self.stopping.is_none() {
-                note(&format!(
+                self.out.note(&format!(
                     "{} {label} {}; stopping the job on every host",
                     self.hosts[host].name(),
                     summary::status_text(&x)
@@ -412,13 +448,14 @@ impl Driver {
         let name = summary::signal_name(sig);
         match &self.stopping {
             None => {
-                note(&format!(
+                self.out.note(&format!(
                     "{name}: stopping the job on every host (again to kill at once)"
                 ));
                 self.begin_stop(Reason::Signal(sig));
             }
             Some(s) if !s.forced => {
-                note(&format!("{name} again: killing every process now"));
+                self.out
+                    .note(&format!("{name} again: killing every process now"));
                 self.send_stops(true);
             }
             Some(_) => {}
@@ -481,7 +518,7 @@ impl Driver {
             })
     }
 
-    fn finish(self) -> u8 {
+    fn finish(mut self) -> u8 {
         let worst = self
             .procs
             .values()
@@ -498,19 +535,29 @@ impl Driver {
             Some(Reason::Signal(_)) => worst,
             Some(Reason::SpawnFailed { .. } | Reason::Lost { .. }) => worst.max(1),
         };
-        match &reason {
-            Some(Reason::Failed { host, label }) => self.report_failure(*host, label),
-            Some(Reason::SpawnFailed { host, message }) => note(&format!(
+        let error = match &reason {
+            Some(Reason::Failed { host, label }) => self.failure_text(*host, label),
+            Some(Reason::SpawnFailed { host, message }) => Some(format!(
                 "job failed: {}: {message}",
                 self.hosts[*host].name()
             )),
-            Some(Reason::Lost { host, loss }) => note(&format!(
+            Some(Reason::Lost { host, loss }) => Some(format!(
                 "job failed: lost the agent of {}: {}; {}",
                 self.hosts[*host].name(),
                 loss.reason(),
                 loss.aftermath(self.o.lease)
             )),
-            _ => {}
+            Some(Reason::Signal(sig)) => {
+                Some(format!("job stopped by {}", summary::signal_name(*sig)))
+            }
+            _ => None,
+        };
+        // The signal was already announced when it came; the other reasons are told here.
+        if let Some(e) = error
+            .as_ref()
+            .filter(|_| !matches!(reason, Some(Reason::Signal(_))))
+        {
+            self.out.note(e);
         }
         let rows: Vec<Row> = self
             .plan
@@ -526,35 +573,77 @@ impl Driver {
                 }
             })
             .collect();
-        let mut text = format!("\n{}", summary::render(&rows));
-        if let Some(t) = self.all_started {
+        let table = summary::render(&rows);
+        let mut text = format!("\n{table}");
+        let all_started_ms = self
+            .all_started
+            .map(|t| t.duration_since(self.o.started).as_millis() as u64);
+        if let Some(ms) = all_started_ms {
             text.push_str(&format!(
-                "all {} processes started {} ms after the command\n",
+                "all {} processes started {ms} ms after the command\n",
                 self.plan.len(),
-                t.duration_since(self.o.started).as_millis()
             ));
         }
+        let mut teardown_ms = None;
         if let Some(s) = &self.stopping {
             if let Some(c) = s.confirmed {
                 let what = match s.reason {
                     Reason::Success => "servers stopped",
                     _ => "job torn down",
                 };
-                text.push_str(&format!(
-                    "{what} {} ms after the stop began\n",
-                    c.duration_since(s.since).as_millis()
-                ));
+                let ms = c.duration_since(s.since).as_millis() as u64;
+                teardown_ms = Some(ms);
+                text.push_str(&format!("{what} {ms} ms after the stop began\n"));
             }
         }
         text.push_str(&format!("exit code {code}\n"));
-        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
+        let (failed_process, failed_stderr_tail) = match &reason {
+            Some(Reason::Failed { host, label }) => match self.procs.get(&(*host, label.clone())) {
+                Some(p) => (Some(p.who.clone()), p.stderr_tail.iter().cloned().collect()),
+                None => (None, Vec::new()),
+            },
+            _ => (None, Vec::new()),
+        };
+        let processes = self
+            .plan
+            .iter()
+            .zip(&rows)
+            .map(|(pp, row)| {
+                let p = &self.procs[&(pp.machine, pp.label.clone())];
+                ProcessSummary {
+                    who: p.who.clone(),
+                    pid: p.pid,
+                    started: p.pid.is_some(),
+                    exit: p.exit.as_ref().map(ExitInfo::from_pb),
+                    status: summary::row_status(row),
+                }
+            })
+            .collect();
+        let doc = Summary {
+            job_id: self.o.job_id.clone(),
+            outcome: match reason {
+                Some(Reason::Success) | None => Outcome::Success,
+                Some(Reason::Failed { .. }) => Outcome::Failed,
+                Some(Reason::SpawnFailed { .. }) => Outcome::SpawnFailed,
+                Some(Reason::Lost { .. }) => Outcome::Lost,
+                Some(Reason::Signal(_)) => Outcome::Signal,
+            },
+            exit_code: code,
+            error,
+            failed_process,
+            failed_stderr_tail,
+            all_started_ms,
+            teardown_ms,
+            elapsed_ms: self.o.started.elapsed().as_millis() as u64,
+            processes,
+        };
+        self.out.summary(&doc, &text);
         code
     }
 
-    fn report_failure(&self, host: usize, label: &str) {
-        let Some(p) = self.procs.get(&(host, label.to_string())) else {
-            return;
-        };
+    /// `job failed: <host> <label> (pid N): <status>` and the last lines of its stderr.
+    fn failure_text(&self, host: usize, label: &str) -> Option<String> {
+        let p = self.procs.get(&(host, label.to_string()))?;
         let status = p
             .exit
             .as_ref()
@@ -572,7 +661,7 @@ impl Driver {
                 msg.push_str(&format!("\n  | {l}"));
             }
         }
-        note(&msg);
+        Some(msg)
     }
 }
 

@@ -3,15 +3,19 @@
 //! `plan` turns the options and the cluster into the list of processes (pure, tested against
 //! DGL's own behaviour); `command` handles the user command (argv or `sh -c`, the torchrun
 //! wrap); `preflight` checks the hosts; `driver` runs the plan (`loss` decides when a host is
-//! lost); `output` and `summary` are what the user sees.
+//! lost); `sink` takes everything the user sees: `output` (labelled text) or `events` (JSON
+//! lines), `logdir` (files), `summary` (the table and exit codes).
 
 pub mod command;
 pub mod driver;
+pub mod events;
 mod follow;
+pub mod logdir;
 pub mod loss;
 pub mod output;
 pub mod plan;
 pub mod preflight;
+pub mod sink;
 pub mod summary;
 
 use std::path::{Path, PathBuf};
@@ -31,7 +35,13 @@ pub struct RunOptions {
     pub lease: Duration,
     pub kill_stale: bool,
     pub dry_run: bool,
+    /// The plan as JSON (with `dry_run`), else the event stream on stdout.
     pub json: bool,
+    /// `--log-dir`: per-process files, the merged log, the events and the summary.
+    pub log_dir: Option<PathBuf>,
+    /// Where ip_config is on this machine when it is not `LaunchOptions::ip_config` (which
+    /// is its path in the workspace): `dgl-coord run` knows the file it copied.
+    pub local_ip_config: Option<PathBuf>,
     /// When the command started.
     pub started: Instant,
 }
@@ -152,32 +162,92 @@ fn plan_text(o: &LaunchOptions, f: &ClusterFacts, plan: &[PlannedProcess]) -> St
     out
 }
 
-/// The whole command: returns the exit code.
+/// The whole command: returns the exit code. With `--json` (and in `--log-dir`) a launch
+/// that fails before anything started still ends with a `summary` event (outcome `error`).
 pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
-    let (_path, machines) = local_ip_config(&o)?;
     let job_id = new_job_id();
-    let mut f = facts(&machines, &job_id);
+    let mut log = match &r.log_dir {
+        Some(dir) if !r.dry_run => Some(logdir::LogDir::create(dir)?),
+        _ => None,
+    };
+    let result = start(&o, &r, &job_id).await;
+    match result {
+        Ok(Started::DryRun) => Ok(0),
+        Ok(Started::Running { hosts, planned }) => {
+            let out = sink::Sink::new(r.json, r.started, log);
+            driver::run(
+                hosts,
+                planned,
+                driver::DriverOptions {
+                    job_id,
+                    workspace: o.workspace.clone(),
+                    grace: r.grace,
+                    lease: r.lease,
+                    started: r.started,
+                    access: r.access.clone(),
+                },
+                out,
+            )
+            .await
+        }
+        Err(e) => {
+            if r.json || log.is_some() {
+                error_summary(&job_id, r.json, log.take(), r.started, &e);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The `summary` event (outcome `error`) of a launch that failed before it started anything,
+/// on stdout with `json` and into the log dir if there is one. The error itself is still
+/// printed on stderr by the caller.
+fn error_summary(
+    job_id: &str,
+    json: bool,
+    log: Option<logdir::LogDir>,
+    started: Instant,
+    e: &anyhow::Error,
+) {
+    let s = events::Summary::error(
+        job_id,
+        format!("{e:#}"),
+        started.elapsed().as_millis() as u64,
+    );
+    let text = format!("dgl-coord: error: {e:#}\n");
+    sink::Sink::new(json, started, log).error_summary(&s, &text);
+}
+
+/// For `--json`: the `summary` event of a launch whose arguments were refused before a job id
+/// was made (its `job_id` is empty).
+pub fn print_error_summary(started: Instant, e: &anyhow::Error) {
+    error_summary("", true, None, started, e);
+}
+
+enum Started {
+    DryRun,
+    Running {
+        hosts: Vec<cluster::Host>,
+        planned: Vec<PlannedProcess>,
+    },
+}
+
+/// Everything before the first process: the plan, the agents, preflight.
+async fn start(o: &LaunchOptions, r: &RunOptions, job_id: &str) -> anyhow::Result<Started> {
+    let machines = match &r.local_ip_config {
+        Some(p) => IpConfig::load(p)?,
+        None => local_ip_config(o)?.1,
+    };
+    let mut f = facts(&machines, job_id);
     // Planned once without the port, so a bad command fails before any agent is contacted.
-    let dry = plan::plan(&o, &f)?;
+    let dry = plan::plan(o, &f)?;
     if r.dry_run {
-        print_plan(&o, &f, &dry, r.json)?;
-        return Ok(0);
+        print_plan(o, &f, &dry, r.json)?;
+        return Ok(Started::DryRun);
     }
     let hosts = cluster::connect_all(&machines, &r.access).await?;
-    let checked = preflight::check_all(&hosts, &o, &machines, r.kill_stale, r.grace).await?;
+    let checked = preflight::check_all(&hosts, o, &machines, r.kill_stale, r.grace).await?;
     f.master_port = Some(checked.master_port);
-    let planned = plan::plan(&o, &f)?;
-    driver::run(
-        hosts,
-        planned,
-        driver::DriverOptions {
-            job_id,
-            workspace: o.workspace.clone(),
-            grace: r.grace,
-            lease: r.lease,
-            started: r.started,
-            access: r.access.clone(),
-        },
-    )
-    .await
+    let planned = plan::plan(o, &f)?;
+    Ok(Started::Running { hosts, planned })
 }

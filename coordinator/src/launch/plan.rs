@@ -1,6 +1,7 @@
 //! The launch plan: a pure function from the options and the cluster to every process that
 //! will run, with its exact environment and command. It reproduces DGL's tools/launch.py
-//! (checked against `shared/compat/launch_cases.json`), plus the direct trainer mode.
+//! (checked against `shared/compat/launch_cases.json`), plus the direct trainer mode and
+//! per-host trainer counts (which DGL cannot express: its ip_config has no room for them).
 
 use std::collections::BTreeMap;
 
@@ -25,7 +26,10 @@ pub enum TrainerMode {
 #[derive(Clone, Debug)]
 pub struct LaunchOptions {
     pub workspace: String,
+    /// Trainers on every machine; ignored when `trainers_per_host` is given.
     pub num_trainers: u32,
+    /// Trainers of each machine, in ip_config order (dglrun's own `--trainers-per-host`).
+    pub trainers_per_host: Option<Vec<u32>>,
     pub num_samplers: u32,
     pub num_servers: u32,
     pub part_config: String,
@@ -105,6 +109,8 @@ pub enum PlanError {
     Torchrun(String),
     #[error("no machines in ip_config")]
     NoMachines,
+    #[error("{0}")]
+    HostCounts(String),
 }
 
 /// DGL's default for --num_omp_threads.
@@ -112,11 +118,50 @@ pub fn default_omp_threads(cpu_count: usize, num_trainers: u32) -> u32 {
     ((cpu_count / 2) as u32 / num_trainers.max(1)).max(1)
 }
 
+/// The trainer count of every machine, checked: one count per ip_config line, each at least
+/// 1 (torch has no node without workers), and equal counts in torchrun mode.
+pub fn trainer_counts(o: &LaunchOptions, machines: usize) -> Result<Vec<u32>, PlanError> {
+    let Some(counts) = &o.trainers_per_host else {
+        if o.num_trainers == 0 {
+            return Err(PlanError::Zero("--num_trainers"));
+        }
+        return Ok(vec![o.num_trainers; machines]);
+    };
+    if counts.len() != machines {
+        return Err(PlanError::HostCounts(format!(
+            "--trainers-per-host gives {} counts but ip_config lists {machines} machines: give \
+             one count per ip_config line, in its order",
+            counts.len()
+        )));
+    }
+    if let Some(m) = counts.iter().position(|&n| n == 0) {
+        return Err(PlanError::HostCounts(format!(
+            "--trainers-per-host: machine {m} has 0 trainers; every machine needs at least 1"
+        )));
+    }
+    let uniform = counts.windows(2).all(|w| w[0] == w[1]);
+    if o.trainer_mode == TrainerMode::Torchrun && !uniform {
+        // torchrun numbers the ranks itself, from each node's --nproc_per_node; DGL's launch.py
+        // (which torchrun mode reproduces) gives every node the same count, and dglrun cannot
+        // check or supervise ranks it did not assign.
+        return Err(PlanError::HostCounts(format!(
+            "--trainers-per-host {} differs between machines, which torchrun mode cannot run: \
+             there torchrun assigns RANK and WORLD_SIZE itself and DGL's launch.py gives every \
+             node the same --nproc_per_node. Add --trainer-mode direct: dglrun then starts each \
+             trainer itself with its global RANK, WORLD_SIZE and LOCAL_WORLD_SIZE",
+            counts
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )));
+    }
+    Ok(counts.clone())
+}
+
 /// Every process of the job: servers of every machine first, then the trainers.
 pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, PlanError> {
-    if o.num_trainers == 0 {
-        return Err(PlanError::Zero("--num_trainers"));
-    }
+    let counts = trainer_counts(o, f.machines.len())?;
     if o.num_servers == 0 {
         return Err(PlanError::Zero("--num_servers"));
     }
@@ -125,15 +170,21 @@ pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, 
     }
     let m_count = f.machines.len();
     let master = f.machines.first().ok_or(PlanError::NoMachines)?;
-    let num_client = o.num_trainers as usize * (1 + o.num_samplers as usize) * m_count;
+    let world: usize = counts.iter().map(|&n| n as usize).sum();
+    // Every trainer and each of its samplers is one DGL client of every server.
+    let num_client = world * (1 + o.num_samplers as usize);
     let master_port = f
         .master_port
         .map_or_else(|| "<PORT>".to_string(), |p| p.to_string());
-    let client_omp = f.omp_num_threads_env.clone().unwrap_or_else(|| {
-        o.num_omp_threads
-            .unwrap_or_else(|| default_omp_threads(f.cpu_count, o.num_trainers))
-            .to_string()
-    });
+    // DGL's default divides the launching machine's CPUs by the trainer count; with per-host
+    // counts, by that host's count.
+    let client_omp = |trainers: u32| {
+        f.omp_num_threads_env.clone().unwrap_or_else(|| {
+            o.num_omp_threads
+                .unwrap_or_else(|| default_omp_threads(f.cpu_count, trainers))
+                .to_string()
+        })
+    };
 
     // extra_envs first: DGL exports them in an outer scope, so its own variables win.
     let base = |pairs: &[(&str, String)]| {
@@ -178,11 +229,13 @@ pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, 
             });
         }
     }
+    let mut rank_base = 0;
     for m in &f.machines {
+        let local_world = counts[m.rank];
         let mut client = vec![
             ("DGL_DIST_MODE", "distributed".to_string()),
             ("DGL_ROLE", "client".to_string()),
-            ("OMP_NUM_THREADS", client_omp.clone()),
+            ("OMP_NUM_THREADS", client_omp(local_world)),
             ("DGL_GROUP_ID", "0".to_string()),
         ];
         client.extend(shared.iter().cloned());
@@ -191,7 +244,7 @@ pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, 
                 let wrapped = command::wrap_torchrun(
                     &o.udf_command,
                     &TorchRun {
-                        nproc_per_node: o.num_trainers,
+                        nproc_per_node: local_world,
                         nnodes: m_count,
                         node_rank: m.rank,
                         master_addr: master.ip.to_string(),
@@ -209,13 +262,17 @@ pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, 
                 });
             }
             TrainerMode::Direct => {
-                for l in 0..o.num_trainers {
+                for l in 0..local_world {
                     let mut pairs = client.clone();
                     pairs.extend(worker_env(
-                        o.num_trainers,
-                        m_count,
-                        m.rank,
-                        l,
+                        &Worker {
+                            rank: rank_base + l as usize,
+                            world,
+                            local_rank: l,
+                            local_world,
+                            node_rank: m.rank,
+                            nnodes: m_count,
+                        },
                         &master.ip.to_string(),
                         &master_port,
                         &f.job_id,
@@ -231,32 +288,39 @@ pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, 
                 }
             }
         }
+        // Ranks are global and contiguous by machine, as torchrun numbers them.
+        rank_base += local_world as usize;
     }
     Ok(out)
+}
+
+/// Where one trainer sits in the job.
+struct Worker {
+    rank: usize,
+    world: usize,
+    local_rank: u32,
+    local_world: u32,
+    node_rank: usize,
+    nnodes: usize,
 }
 
 /// The environment torchrun gives worker `local_rank` of node `node_rank` — except
 /// TORCHELASTIC_USE_AGENT_STORE: there is no torchrun agent hosting the store, so rank 0 must.
 fn worker_env(
-    nproc: u32,
-    nnodes: usize,
-    node_rank: usize,
-    local_rank: u32,
+    w: &Worker,
     master_addr: &str,
     master_port: &str,
     run_id: &str,
 ) -> Vec<(&'static str, String)> {
-    let world = nproc as usize * nnodes;
-    let rank = node_rank * nproc as usize + local_rank as usize;
     vec![
-        ("RANK", rank.to_string()),
-        ("LOCAL_RANK", local_rank.to_string()),
-        ("WORLD_SIZE", world.to_string()),
-        ("LOCAL_WORLD_SIZE", nproc.to_string()),
-        ("GROUP_RANK", node_rank.to_string()),
-        ("GROUP_WORLD_SIZE", nnodes.to_string()),
-        ("ROLE_RANK", rank.to_string()),
-        ("ROLE_WORLD_SIZE", world.to_string()),
+        ("RANK", w.rank.to_string()),
+        ("LOCAL_RANK", w.local_rank.to_string()),
+        ("WORLD_SIZE", w.world.to_string()),
+        ("LOCAL_WORLD_SIZE", w.local_world.to_string()),
+        ("GROUP_RANK", w.node_rank.to_string()),
+        ("GROUP_WORLD_SIZE", w.nnodes.to_string()),
+        ("ROLE_RANK", w.rank.to_string()),
+        ("ROLE_WORLD_SIZE", w.world.to_string()),
         ("ROLE_NAME", "default".to_string()),
         ("MASTER_ADDR", master_addr.to_string()),
         ("MASTER_PORT", master_port.to_string()),

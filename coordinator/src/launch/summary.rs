@@ -59,6 +59,15 @@ fn runtime_text(d: Duration) -> String {
     }
 }
 
+/// The STATUS column of a row.
+pub fn row_status(r: &Row) -> String {
+    match (&r.exit, r.started) {
+        (Some(e), _) => status_text(e),
+        (None, true) => "no exit reported".to_string(),
+        (None, false) => "not started".to_string(),
+    }
+}
+
 /// The table, columns aligned.
 pub fn render(rows: &[Row]) -> String {
     let mut cells = vec![[
@@ -69,14 +78,10 @@ pub fn render(rows: &[Row]) -> String {
         "RUNTIME".to_string(),
     ]];
     for r in rows {
-        let (status, runtime) = match (&r.exit, r.started) {
-            (Some(e), _) => (
-                status_text(e),
-                runtime_text(Duration::from_millis(e.runtime_ms)),
-            ),
-            (None, true) => ("no exit reported".to_string(), "-".to_string()),
-            (None, false) => ("not started".to_string(), "-".to_string()),
-        };
+        let status = row_status(r);
+        let runtime = r.exit.as_ref().map_or("-".to_string(), |e| {
+            runtime_text(Duration::from_millis(e.runtime_ms))
+        });
         cells.push([
             r.host.clone(),
             r.process.clone(),

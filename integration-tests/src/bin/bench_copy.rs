@@ -191,6 +191,11 @@ fn scp_baseline(part_config: &Path, parts: usize, work: &Path) -> Result<f64> {
     let (Some(sshd), Some(_)) = (sshd, which("scp")) else {
         bail!("no sshd/scp on this machine (install openssh-server to include it)");
     };
+    // sshd started as root insists on its privilege separation directory, which only its
+    // service unit creates.
+    if nix::unistd::geteuid().is_root() {
+        std::fs::create_dir_all("/run/sshd")?;
+    }
     let dir = work.join("ssh");
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("key");

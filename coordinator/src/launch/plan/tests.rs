@@ -60,6 +60,7 @@ fn options(c: &Case, mode: TrainerMode) -> LaunchOptions {
             .collect(),
         udf_command: c.udf_command.clone(),
         trainer_mode: mode,
+        trainers_per_host: None,
     }
 }
 
@@ -164,6 +165,7 @@ fn simple_options() -> LaunchOptions {
         extra_envs: vec![],
         udf_command: "python3 train.py".into(),
         trainer_mode: TrainerMode::Direct,
+        trainers_per_host: None,
     }
 }
 
@@ -270,4 +272,146 @@ fn defaults_and_refusals() {
     assert!(matches!(plan(&o, &f), Err(PlanError::Torchrun(_))));
     o.num_trainers = 0;
     assert_eq!(plan(&o, &f), Err(PlanError::Zero("--num_trainers")));
+}
+
+fn three_machines() -> ClusterFacts {
+    facts(&[
+        "10.0.0.1".to_string(),
+        "10.0.0.2".to_string(),
+        "10.0.0.3".to_string(),
+    ])
+}
+
+/// One heterogeneous case: per-host counts and samplers, and what every trainer must get,
+/// `(machine, label, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE)`, plus WORLD_SIZE and DGL_NUM_CLIENT.
+struct HostCase {
+    counts: &'static [u32],
+    samplers: u32,
+    world: usize,
+    num_client: usize,
+    trainers: &'static [(usize, &'static str, usize, u32, u32)],
+}
+
+const HOST_CASES: &[HostCase] = &[
+    HostCase {
+        counts: &[2, 2, 1],
+        samplers: 0,
+        world: 5,
+        num_client: 5,
+        trainers: &[
+            (0, "trainer0", 0, 0, 2),
+            (0, "trainer1", 1, 1, 2),
+            (1, "trainer0", 2, 0, 2),
+            (1, "trainer1", 3, 1, 2),
+            (2, "trainer0", 4, 0, 1),
+        ],
+    },
+    HostCase {
+        counts: &[1, 3, 2],
+        samplers: 2,
+        world: 6,
+        num_client: 18,
+        trainers: &[
+            (0, "trainer0", 0, 0, 1),
+            (1, "trainer0", 1, 0, 3),
+            (1, "trainer1", 2, 1, 3),
+            (1, "trainer2", 3, 2, 3),
+            (2, "trainer0", 4, 0, 2),
+            (2, "trainer1", 5, 1, 2),
+        ],
+    },
+    // A uniform list is the same as --num_trainers.
+    HostCase {
+        counts: &[1, 1, 1],
+        samplers: 1,
+        world: 3,
+        num_client: 6,
+        trainers: &[
+            (0, "trainer0", 0, 0, 1),
+            (1, "trainer0", 1, 0, 1),
+            (2, "trainer0", 2, 0, 1),
+        ],
+    },
+];
+
+#[test]
+fn per_host_trainer_counts_give_global_contiguous_ranks_in_direct_mode() {
+    let f = three_machines();
+    for case in HOST_CASES {
+        let mut o = simple_options();
+        o.num_trainers = 0; // ignored when per-host counts are given
+        o.num_samplers = case.samplers;
+        o.trainers_per_host = Some(case.counts.to_vec());
+        let planned = plan(&o, &f).unwrap_or_else(|e| panic!("{:?}: {e}", case.counts));
+        let servers: Vec<&PlannedProcess> =
+            planned.iter().filter(|p| p.role == Role::Server).collect();
+        assert_eq!(servers.len(), 3, "{:?}", case.counts);
+        let trainers: Vec<&PlannedProcess> =
+            planned.iter().filter(|p| p.role == Role::Trainer).collect();
+        assert_eq!(trainers.len(), case.trainers.len(), "{:?}", case.counts);
+        for p in planned.iter() {
+            assert_eq!(
+                p.env["DGL_NUM_CLIENT"],
+                case.num_client.to_string(),
+                "{:?} {}",
+                case.counts,
+                p.label
+            );
+        }
+        for (t, &(machine, label, rank, local, local_world)) in trainers.iter().zip(case.trainers) {
+            let what = format!("{:?} m{} {}", case.counts, t.machine, t.label);
+            assert_eq!((t.machine, t.label.as_str()), (machine, label), "{what}");
+            let env = |k: &str| t.env[k].clone();
+            assert_eq!(env("RANK"), rank.to_string(), "{what}");
+            assert_eq!(env("ROLE_RANK"), rank.to_string(), "{what}");
+            assert_eq!(env("LOCAL_RANK"), local.to_string(), "{what}");
+            assert_eq!(env("LOCAL_WORLD_SIZE"), local_world.to_string(), "{what}");
+            assert_eq!(env("WORLD_SIZE"), case.world.to_string(), "{what}");
+            assert_eq!(env("ROLE_WORLD_SIZE"), case.world.to_string(), "{what}");
+            assert_eq!(env("GROUP_RANK"), machine.to_string(), "{what}");
+            assert_eq!(env("GROUP_WORLD_SIZE"), "3", "{what}");
+            // fake_dgl.py's rule, and DGL's: every trainer and sampler is a client.
+            assert_eq!(
+                case.world * (1 + case.samplers as usize),
+                case.num_client,
+                "{what}"
+            );
+            // DGL's default OMP threads, divided by this host's count (8 CPUs).
+            assert_eq!(
+                env("OMP_NUM_THREADS"),
+                default_omp_threads(8, local_world).to_string(),
+                "{what}"
+            );
+        }
+    }
+}
+
+#[test]
+fn per_host_counts_are_checked_and_refused_in_torchrun_mode_when_they_differ() {
+    let f = three_machines();
+    let mut o = simple_options();
+    o.trainers_per_host = Some(vec![2, 1]);
+    let err = plan(&o, &f).unwrap_err().to_string();
+    assert!(
+        err.contains("gives 2 counts but ip_config lists 3"),
+        "{err}"
+    );
+    o.trainers_per_host = Some(vec![2, 0, 1]);
+    let err = plan(&o, &f).unwrap_err().to_string();
+    assert!(err.contains("machine 1 has 0 trainers"), "{err}");
+
+    o.trainer_mode = TrainerMode::Torchrun;
+    o.trainers_per_host = Some(vec![2, 2, 1]);
+    let err = plan(&o, &f).unwrap_err().to_string();
+    assert!(
+        err.contains("2,2,1") && err.contains("--trainer-mode direct"),
+        "{err}"
+    );
+    // Equal counts are just --num_trainers, torchrun mode included.
+    o.trainers_per_host = Some(vec![3, 3, 3]);
+    let listed = plan(&o, &f).unwrap();
+    o.trainers_per_host = None;
+    o.num_trainers = 3;
+    assert_eq!(listed, plan(&o, &f).unwrap());
+    assert!(listed[3].command.display().contains("--nproc_per_node=3"));
 }

@@ -1,0 +1,343 @@
+//! The command line of `launch` and `run` before clap sees it. DGL's launch.py takes the user
+//! command as ONE quoted argument and `--extra_envs K=V ...` as a list that ends at the first
+//! word that is not `K=V`; clap cannot say either, so argv is rewritten here first, and a
+//! command the shell split into words is explained with the quoting that fixes it.
+
+use std::ffi::OsString;
+
+/// Subcommands that take a user command the way launch.py does.
+const WITH_COMMAND: &[&str] = &["launch", "run"];
+
+/// The flags of subcommand `sub`: (every name including aliases, takes a value).
+fn known_flags(sub: &str) -> Vec<(Vec<String>, bool)> {
+    let cli = <crate::Cli as clap::CommandFactory>::command();
+    let Some(cmd) = cli.find_subcommand(sub) else {
+        return Vec::new();
+    };
+    cmd.get_arguments()
+        .filter_map(|a| {
+            let long = a.get_long()?;
+            let mut names = vec![format!("--{long}")];
+            names.extend(
+                a.get_all_aliases()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| format!("--{n}")),
+            );
+            if let Some(s) = a.get_short() {
+                names.push(format!("-{s}"));
+            }
+            Some((names, a.get_action().takes_values()))
+        })
+        .collect()
+}
+
+/// `NAME=value` with a shell-style variable name.
+pub(crate) fn is_kv(word: &str) -> bool {
+    word.split_once('=').is_some_and(|(k, _)| {
+        let mut c = k.chars();
+        matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_')
+            && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+    })
+}
+
+/// A word for the user's shell to read back as-is (inside double quotes if needed).
+fn shell_word(w: &str) -> String {
+    if !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-~".contains(c))
+    {
+        w.to_string()
+    } else {
+        double_quote(w)
+    }
+}
+
+fn double_quote(w: &str) -> String {
+    let mut s = String::from("\"");
+    for c in w.chars() {
+        if matches!(c, '"' | '\\' | '$' | '`') {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s.push('"');
+    s
+}
+
+/// Rewrites argv before clap sees it (DGL's `--extra_envs K=V...` ends at the first word
+/// that is not `K=V`). Returns a clear message for arguments clap cannot explain well: a
+/// missing user command, or one the shell split into several words.
+pub fn preprocess_args(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    // Only `dgl-coord [global flags] launch ...` is touched.
+    let Some(sub) = argv
+        .iter()
+        .skip(1)
+        .position(|a| !a.to_string_lossy().starts_with('-'))
+        .map(|i| i + 1)
+    else {
+        return Ok(argv);
+    };
+    let Some(&name) = WITH_COMMAND.iter().find(|n| argv[sub] == **n) else {
+        return Ok(argv);
+    };
+    let mut words = Vec::new();
+    for a in &argv[sub + 1..] {
+        match a.to_str() {
+            Some(s) => words.push(s.to_string()),
+            None => return Err(format!("argument {a:?} is not valid UTF-8")),
+        }
+    }
+    if words.iter().any(|w| w == "-h" || w == "--help") {
+        return Ok(argv);
+    }
+    let flags = known_flags(name);
+    let find = |name: &str| {
+        flags
+            .iter()
+            .find(|(names, _)| names.iter().any(|n| n == name))
+    };
+    let is_extra_envs = |name: &str| name == "--extra_envs" || name == "--extra-envs";
+
+    let mut out: Vec<String> = Vec::new();
+    let mut positionals: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let w = &words[i];
+        i += 1;
+        if w == "--" {
+            positionals.extend(words[i..].iter().cloned());
+            break;
+        }
+        if !w.starts_with('-') || w == "-" {
+            positionals.push(w.clone());
+            continue;
+        }
+        let (name, inline) = match w.split_once('=') {
+            Some((n, _)) => (n, true),
+            None => (w.as_str(), false),
+        };
+        if is_extra_envs(name) && !inline {
+            let start = i;
+            while i < words.len() && !words[i].starts_with('-') && is_kv(&words[i]) {
+                i += 1;
+            }
+            let mut taken: Vec<String> = words[start..i].to_vec();
+            // `--extra_envs A=1 "OMP_NUM_THREADS=2 python3 train.py"` with no other command:
+            // the last word is the command, a shell assignment and all.
+            let rest_has_positional = words[i..].iter().any(|x| !x.starts_with('-'));
+            if !rest_has_positional
+                && positionals.is_empty()
+                && taken
+                    .last()
+                    .is_some_and(|t| t.contains(char::is_whitespace))
+            {
+                if let Some(cmd) = taken.pop() {
+                    positionals.push(cmd);
+                }
+            }
+            if taken.is_empty() {
+                out.push(w.clone()); // clap says a value is missing
+            }
+            out.extend(taken.into_iter().map(|kv| format!("--extra_envs={kv}")));
+            continue;
+        }
+        match find(name) {
+            Some((_, takes_value)) => {
+                out.push(w.clone());
+                if *takes_value && !inline && i < words.len() {
+                    out.push(words[i].clone());
+                    i += 1;
+                }
+            }
+            // An unknown flag after the command began is part of a split command.
+            None if !positionals.is_empty() => positionals.push(w.clone()),
+            None => out.push(w.clone()),
+        }
+    }
+
+    let flags_shown: Vec<String> = out.iter().map(|w| shell_word(w)).collect();
+    let example = |cmd: &str| format!("dgl-coord {name} {} {cmd}", flags_shown.join(" "));
+    match positionals.len() {
+        1 => {}
+        0 => {
+            return Err(format!(
+                "missing the user command. Give it as the last argument, quoted as one word:\n  {}",
+                example("\"python3 train_dist.py --ip_config ip_config.txt ...\"")
+            ))
+        }
+        n => {
+            let joined: Vec<String> = positionals
+                .iter()
+                .map(|p| {
+                    if p.contains(char::is_whitespace) {
+                        shell_word(p)
+                    } else {
+                        p.clone()
+                    }
+                })
+                .collect();
+            return Err(format!(
+                "the user command must be one argument, but the shell split it into {n} words \
+                 ({}). Quote the whole command, as DGL's launch.py requires:\n  {}",
+                positionals
+                    .iter()
+                    .map(|p| format!("`{p}`"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                example(&double_quote(&joined.join(" ")))
+            ));
+        }
+    }
+    let mut result: Vec<OsString> = argv[..=sub].to_vec();
+    result.extend(out.into_iter().map(OsString::from));
+    result.push("--".into());
+    result.extend(positionals.into_iter().map(OsString::from));
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch_cmd::{LaunchArgs, Mode};
+    use clap::Parser;
+
+    /// Splits like a shell that knows only single quotes (enough for these tests).
+    fn words(s: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cur = String::new();
+        let (mut quoted, mut any) = (false, false);
+        for c in s.chars() {
+            match c {
+                '\'' => {
+                    quoted = !quoted;
+                    any = true;
+                }
+                c if c.is_whitespace() && !quoted => {
+                    if any {
+                        out.push(std::mem::take(&mut cur));
+                    }
+                    any = false;
+                }
+                c => {
+                    cur.push(c);
+                    any = true;
+                }
+            }
+        }
+        if any {
+            out.push(cur);
+        }
+        out
+    }
+
+    fn pre(args: &str) -> Result<Vec<String>, String> {
+        let mut argv: Vec<OsString> = vec!["dgl-coord".into()];
+        argv.extend(words(args).into_iter().map(OsString::from));
+        preprocess_args(argv).map(|v| v.into_iter().map(|a| a.into_string().unwrap()).collect())
+    }
+
+    const BASE: &str =
+        "--workspace /ws --num_trainers 2 --num_servers 1 --part_config p.json --ip_config ip.txt";
+
+    fn parse(args: &str) -> LaunchArgs {
+        let argv = pre(&format!("launch {args}")).unwrap();
+        match crate::Cli::try_parse_from(argv).unwrap().command {
+            crate::Command::Launch(a) => a,
+            _ => panic!("not launch"),
+        }
+    }
+
+    #[test]
+    fn the_seed_example_parses() {
+        let a = parse(
+            "--workspace ~/graphsage/ --num_trainers 2 --num_samplers 4 --num_servers 1 \
+             --part_config data/ogb-product.json --ip_config ip_config.txt \
+             'python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt --num-epochs 5'",
+        );
+        assert_eq!(a.job.num_samplers, 4);
+        assert_eq!(a.workspace, "~/graphsage/");
+        assert_eq!(
+            a.job.command,
+            ["python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt --num-epochs 5"]
+        );
+        assert_eq!(a.job.graph_format, "csc");
+        assert_eq!(a.job.num_server_threads, 1);
+    }
+
+    #[test]
+    fn extra_envs_end_at_the_first_word_that_is_not_k_v() {
+        let a = parse(&format!(
+            "{BASE} --extra_envs A=1 B=x:$y 'python3 t.py' --grace 1"
+        ));
+        assert_eq!(a.job.extra_envs, ["A=1", "B=x:$y"]);
+        assert_eq!(a.job.command, ["python3 t.py"]);
+        assert_eq!(a.job.grace, 1.0);
+        let a = parse(&format!(
+            "{BASE} --extra_envs A=1 --num_samplers 3 'python3 t.py'"
+        ));
+        assert_eq!(
+            (a.job.extra_envs.as_slice(), a.job.num_samplers),
+            (&["A=1".to_string()][..], 3)
+        );
+        // The command itself may start with an assignment when nothing else is positional.
+        let a = parse(&format!(
+            "{BASE} --extra_envs A=1 'OMP_NUM_THREADS=2 python3 t.py'"
+        ));
+        assert_eq!(a.job.extra_envs, ["A=1"]);
+        assert_eq!(a.job.command, ["OMP_NUM_THREADS=2 python3 t.py"]);
+        let a = parse(&format!("{BASE} --extra-envs=A=1 -- 'python3 t.py'"));
+        assert_eq!(a.job.extra_envs, ["A=1"]);
+        assert_eq!(
+            crate::launch_cmd::parse_extra_envs(&a.job.extra_envs).unwrap(),
+            [("A".into(), "1".into())]
+        );
+    }
+
+    #[test]
+    fn flags_may_follow_the_command_and_kebab_case_works() {
+        let a = parse("'python3 t.py' --workspace w --num-trainers 1 --num-servers 1 --part-config p --ip-config i --trainer-mode direct --ssh_port 22");
+        assert_eq!(a.job.command, ["python3 t.py"]);
+        assert!(matches!(a.job.trainer_mode, Mode::Direct));
+        assert_eq!(a.job.ssh_port.as_deref(), Some("22"));
+    }
+
+    #[test]
+    fn a_split_command_gets_the_right_quoting_shown() {
+        let err = pre(&format!(
+            "launch {BASE} python3 train.py --graph-name 'my g' --lr 0.1"
+        ))
+        .unwrap_err();
+        assert!(err.contains("split it into 6 words"), "{err}");
+        assert!(
+            err.contains(
+                "--ip_config ip.txt \"python3 train.py --graph-name \\\"my g\\\" --lr 0.1\""
+            ),
+            "{err}"
+        );
+        let err = pre(&format!("launch {BASE} -- python3 train.py")).unwrap_err();
+        assert!(err.contains("2 words"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_command_is_explained() {
+        let err = pre(&format!("launch {BASE}")).unwrap_err();
+        assert!(err.starts_with("missing the user command"), "{err}");
+        assert!(err.contains("dgl-coord launch --workspace /ws"), "{err}");
+        let err = pre(&format!("launch {BASE} --extra_envs A=1 B=2")).unwrap_err();
+        assert!(err.starts_with("missing the user command"), "{err}");
+    }
+
+    #[test]
+    fn other_subcommands_and_help_are_untouched() {
+        assert_eq!(
+            pre("copy --x a b").unwrap(),
+            ["dgl-coord", "copy", "--x", "a", "b"]
+        );
+        assert_eq!(
+            pre("launch --help").unwrap(),
+            ["dgl-coord", "launch", "--help"]
+        );
+        assert_eq!(pre("").unwrap(), ["dgl-coord"]);
+    }
+}

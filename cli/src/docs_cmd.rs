@@ -1,0 +1,105 @@
+//! `dgl-coord completions SHELL` and `dgl-coord man`: generated from the clap definitions, so
+//! they can never disagree with the flags.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::CommandFactory;
+use clap_complete::Shell;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Install, for example:
+  dgl-coord completions bash > ~/.local/share/bash-completion/completions/dgl-coord
+  dgl-coord completions zsh > \"${fpath[1]}/_dgl-coord\"
+  dgl-coord completions fish > ~/.config/fish/completions/dgl-coord.fish")]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    shell: Shell,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Example:
+  dgl-coord man --dir ~/.local/share/man/man1 && man dgl-coord-launch")]
+pub struct ManArgs {
+    /// Write dgl-coord.1 and one page per subcommand (dgl-coord-launch.1, ...) into DIR
+    /// instead of printing dgl-coord.1 on stdout.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+pub fn completions(args: CompletionsArgs) -> anyhow::Result<u8> {
+    let mut cmd = crate::Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(args.shell, &mut cmd, "dgl-coord", &mut out);
+    write_stdout(&out)
+}
+
+pub fn man(args: ManArgs) -> anyhow::Result<u8> {
+    let cmd = crate::Cli::command();
+    match args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(cmd, &dir)
+                .map_err(|e| anyhow::anyhow!("cannot write man pages to {}: {e}", dir.display()))?;
+            Ok(0)
+        }
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            write_stdout(&out)
+        }
+    }
+}
+
+/// A closed pipe (`| head`) is not an error worth reporting.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<u8> {
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_know_every_subcommand_in_every_shell() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut crate::Cli::command(), "dgl-coord", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for word in [
+                "launch",
+                "copy",
+                "run",
+                "status",
+                "num_trainers",
+                "trainers-per-host",
+            ] {
+                assert!(text.contains(word), "{shell}: {word}");
+            }
+        }
+    }
+
+    #[test]
+    fn man_pages_are_written_per_subcommand() {
+        let d = tempfile_dir();
+        man(ManArgs {
+            dir: Some(d.clone()),
+        })
+        .unwrap();
+        for page in ["dgl-coord.1", "dgl-coord-launch.1", "dgl-coord-run.1"] {
+            let text = std::fs::read_to_string(d.join(page)).unwrap();
+            assert!(text.contains(".TH"), "{page}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        std::env::temp_dir().join(format!("dglrun-man-{}", std::process::id()))
+    }
+}

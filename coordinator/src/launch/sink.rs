@@ -1,0 +1,148 @@
+//! Where everything a launch reports goes: labelled text on the terminal, or (`--json`) one
+//! JSON event per line on stdout; and with `--log-dir`, files as well. The driver reports
+//! every start, line, exit and message here and never prints itself.
+
+use std::io::Write;
+use std::time::Instant;
+
+use dglrun_proto::pb::{OutputStream, ProcessExited};
+
+use super::events::{self, Event, ExitInfo, Summary, Who};
+use super::logdir::LogDir;
+use super::output::{format_line, note, print_line};
+
+pub struct Sink {
+    json: bool,
+    started: Instant,
+    log: Option<LogDir>,
+}
+
+/// Writes one line to stdout; a closed pipe is ignored (the job goes on).
+fn stdout_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+impl Sink {
+    pub fn new(json: bool, started: Instant, log: Option<LogDir>) -> Self {
+        Self { json, started, log }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Runs a log-dir write; on the first failure reports it and stops using the log dir.
+    fn log_with(&mut self, f: impl FnOnce(&mut LogDir) -> std::io::Result<()>) {
+        let Some(log) = &mut self.log else { return };
+        if let Err(e) = f(log) {
+            let dir = log.dir().display().to_string();
+            self.log = None;
+            note(&format!(
+                "cannot write to --log-dir {dir}: {e}; the job goes on without it"
+            ));
+        }
+    }
+
+    fn event(&mut self, e: &Event<'_>) {
+        if !self.json && self.log.is_none() {
+            return;
+        }
+        let line = events::to_line(e);
+        if self.json {
+            stdout_line(&line);
+        }
+        self.log_with(|l| l.event(&line));
+    }
+
+    pub fn started(&mut self, who: &Who, pid: u32) {
+        let elapsed_ms = self.elapsed_ms();
+        self.event(&Event::Started {
+            who,
+            pid,
+            elapsed_ms,
+        });
+        self.log_with(|l| l.started(who.machine, &who.label));
+    }
+
+    pub fn line(&mut self, who: &Who, stream: OutputStream, text: &[u8]) {
+        let prefix = format!("m{} {}", who.machine, who.label);
+        let stderr = stream == OutputStream::Stderr;
+        if !self.json {
+            print_line(&prefix, stream, text);
+        }
+        let elapsed_ms = self.elapsed_ms();
+        self.event(&Event::Line {
+            who,
+            stream: if stderr { "stderr" } else { "stdout" },
+            text: String::from_utf8_lossy(text),
+            elapsed_ms,
+        });
+        if self.log.is_some() {
+            let labelled = format_line(&prefix, text);
+            self.log_with(|l| l.line(who.machine, &who.label, stderr, &labelled, text));
+        }
+    }
+
+    pub fn lost_lines(&mut self, machine: usize, host: &str, count: u64, name: &str) {
+        self.note(&format!(
+            "{name}: {count} output lines were dropped by the agent before they could be read"
+        ));
+        let elapsed_ms = self.elapsed_ms();
+        self.event(&Event::LostLines {
+            machine,
+            host,
+            count,
+            elapsed_ms,
+        });
+    }
+
+    pub fn exited(&mut self, who: &Who, pid: Option<u32>, x: &ProcessExited) {
+        let elapsed_ms = self.elapsed_ms();
+        self.event(&Event::Exited {
+            who,
+            pid,
+            exit: ExitInfo::from_pb(x),
+            elapsed_ms,
+        });
+    }
+
+    /// A message of dgl-coord itself: always on stderr (also with `--json`, whose stdout
+    /// carries events only), and in the merged log.
+    pub fn note(&mut self, msg: &str) {
+        note(msg);
+        let line = format!("dgl-coord: {msg}\n");
+        self.log_with(|l| l.merged(line.as_bytes()));
+    }
+
+    /// The end: the table on stderr (text mode) or the summary event (JSON), and both into
+    /// the log dir. Flushes everything.
+    pub fn summary(&mut self, s: &Summary, text: &str) {
+        self.end(s, text, !self.json);
+    }
+
+    /// The summary of a launch that failed before it started: the caller prints the error,
+    /// so nothing more goes to the terminal in text mode.
+    pub fn error_summary(&mut self, s: &Summary, text: &str) {
+        self.end(s, text, false);
+    }
+
+    fn end(&mut self, s: &Summary, text: &str, show_text: bool) {
+        if show_text {
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        }
+        self.event(&Event::Summary(s));
+        let json = serde_json::to_string_pretty(s).unwrap_or_default();
+        self.log_with(|l| {
+            l.merged(text.as_bytes())?;
+            l.summary(text, &json)
+        });
+        self.flush();
+    }
+
+    pub fn flush(&mut self) {
+        self.log_with(LogDir::flush);
+    }
+}

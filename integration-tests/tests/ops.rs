@@ -1,0 +1,740 @@
+//! Operations (issue 7): the machine-readable outputs (`launch --json`, `--log-dir`,
+//! `status --json`, `run --json`), exit codes, agent settings precedence, completions and man
+//! pages, and per-host trainer counts — against real agents and the stand-in DGL workload.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use dglrun_integration_tests::{bin, fixtures_dir, gen_partitions, TestCluster};
+use serde_json::Value;
+
+const WS: &str = "ws";
+
+/// Three agents whose workspace holds what `dgl-coord copy` would have put there.
+fn cluster() -> TestCluster {
+    let c = TestCluster::start(3);
+    let ip_config = std::fs::read(c.ip_config_file()).expect("ip_config");
+    for i in 0..c.len() {
+        let ws = c.root(i).join(WS);
+        std::fs::create_dir_all(&ws).expect("workspace");
+        std::fs::copy(fixtures_dir().join("fake_dgl.py"), ws.join("fake_dgl.py")).expect("script");
+        std::fs::write(ws.join("ip_config.txt"), &ip_config).expect("ip_config");
+        gen_partitions(&ws.join("data"), c.len(), 64, "g").expect("partitions");
+    }
+    c
+}
+
+fn launch(c: &TestCluster, flags: &[&str], command: &str) -> Command {
+    let mut cmd = c.coord();
+    cmd.args(["launch", "--workspace", WS, "--num_servers", "1"])
+        .args([
+            "--part_config",
+            "data/g.json",
+            "--ip_config",
+            "ip_config.txt",
+        ])
+        .args(["--grace", "1"])
+        .args(flags)
+        .arg(command)
+        .env_remove("OMP_NUM_THREADS")
+        .env_remove("PYTHONPATH");
+    cmd
+}
+
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    /// Every stdout line as JSON; panics naming a line that is not.
+    fn events(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}\n{self:?}"))
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+fn reader<R: Read + Send + 'static>(r: R) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = BufReader::new(r).read_to_string(&mut s);
+        s
+    })
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Runs to completion; a run that hangs is killed and fails the test with its output.
+fn run(mut cmd: Command, timeout: Duration) -> Run {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let out = reader(child.stdout.take().expect("stdout"));
+    let err = reader(child.stderr.take().expect("stderr"));
+    let status = wait_with_timeout(&mut child, timeout);
+    let r = Run {
+        status: status.unwrap_or_else(|| {
+            let _ = child.kill();
+            child.wait().expect("wait")
+        }),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    };
+    assert!(status.is_some(), "did not finish in {timeout:?}: {r:?}");
+    r
+}
+
+fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["event"] == kind).collect()
+}
+
+/// The summary is the last event, and the only one.
+fn summary(events: &[Value]) -> &Value {
+    let last = events.last().expect("at least one event");
+    assert_eq!(last["event"], "summary", "last event: {last}");
+    assert_eq!(of_kind(events, "summary").len(), 1);
+    last
+}
+
+fn records(c: &TestCluster, role: &str) -> Vec<(usize, BTreeMap<String, String>)> {
+    let mut out = Vec::new();
+    for host in 0..c.len() {
+        let Ok(dir) = std::fs::read_dir(c.root(host).join(WS).join("records")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') || !name.starts_with(&format!("{role}-")) {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&std::fs::read(e.path()).expect("record"))
+                .expect("record JSON");
+            let env = v["env"]
+                .as_object()
+                .expect("env")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect();
+            out.push((host, env));
+        }
+    }
+    out
+}
+
+#[test]
+fn launch_json_streams_every_event_and_log_dir_keeps_them() {
+    let c = cluster();
+    let logs = c.dir.path().join("logs");
+    let logs_arg = logs.display().to_string();
+    let r = run(
+        launch(
+            &c,
+            &[
+                "--num_trainers",
+                "1",
+                "--trainer-mode",
+                "direct",
+                "--json",
+                "--log-dir",
+                &logs_arg,
+            ],
+            "python3 fake_dgl.py --ip_config ip_config.txt --lines 4",
+        ),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(!r.stdout.contains("[m0 "), "no labelled text on stdout");
+    let events = r.events();
+    let kinds = ["started", "line", "lost_lines", "exited", "summary"];
+    for e in &events {
+        let kind = e["event"].as_str().unwrap_or_default();
+        assert!(kinds.contains(&kind), "undocumented event {e}");
+        assert!(e["elapsed_ms"].is_u64(), "{e}");
+        if kind != "summary" {
+            assert!(e["machine"].is_u64() && e["host"].is_string(), "{e}");
+        }
+    }
+
+    // started: one per process, with its pid, host and role.
+    let started = of_kind(&events, "started");
+    assert_eq!(started.len(), 6, "3 servers and 3 trainers: {r:?}");
+    for s in &started {
+        let m = s["machine"].as_u64().expect("machine") as usize;
+        assert_eq!(s["host"], c.ip(m).to_string());
+        assert!(s["pid"].as_u64().is_some_and(|p| p > 0), "{s}");
+        assert!(["server", "trainer"].contains(&s["role"].as_str().unwrap_or_default()));
+    }
+    // line: the trainers' lines, on the stream they were written to.
+    let lines = of_kind(&events, "line");
+    let find = |label: &str, machine: u64, text: &str| {
+        lines.iter().find(|l| {
+            l["label"] == label
+                && l["machine"] == machine
+                && l["text"].as_str().unwrap_or_default().starts_with(text)
+        })
+    };
+    let out = find("trainer0", 1, "trainer 1 out 0").expect("a stdout line");
+    assert_eq!(out["stream"], "stdout");
+    let err = find("trainer0", 2, "trainer 2 err 1").expect("a stderr line");
+    assert_eq!(err["stream"], "stderr");
+    // exited: one per process; trainers exited 0, servers too (the stand-in ends once every
+    // trainer said bye) or were stopped: never a failure.
+    let exited = of_kind(&events, "exited");
+    assert_eq!(exited.len(), 6, "{r:?}");
+    for x in &exited {
+        assert_eq!(x["failed"], false, "{x}");
+        assert!(x["runtime_ms"].is_u64(), "{x}");
+        if x["role"] == "trainer" || x["stopped_by_agent"] == false {
+            assert_eq!((&x["code"], &x["exit_code"]), (&0.into(), &0.into()), "{x}");
+            assert_eq!(
+                (&x["signal"], &x["status"]),
+                (&Value::Null, &"exit 0".into())
+            );
+        }
+    }
+    // summary: last, complete.
+    let s = summary(&events);
+    assert_eq!(s["outcome"], "success");
+    assert_eq!(s["exit_code"], 0);
+    assert!(s["error"].is_null());
+    assert!(s["job_id"]
+        .as_str()
+        .is_some_and(|j| j.starts_with("dglrun-")));
+    assert!(
+        s["all_started_ms"].is_u64() && s["teardown_ms"].is_u64(),
+        "{s}"
+    );
+    let procs = s["processes"].as_array().expect("processes");
+    assert_eq!(procs.len(), 6);
+    for p in procs {
+        assert_eq!(p["started"], true, "{p}");
+        assert!(p["exit"].is_object() && p["status"].is_string(), "{p}");
+    }
+
+    // --log-dir: one .out/.err per process, the merged log, the events, the summary.
+    let read = |name: &str| {
+        std::fs::read_to_string(logs.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    for m in 0..3 {
+        for label in ["server0", "trainer0"] {
+            read(&format!("m{m}-{label}.out"));
+            read(&format!("m{m}-{label}.err"));
+        }
+    }
+    let (out1, err1) = (read("m1-trainer0.out"), read("m1-trainer0.err"));
+    assert!(out1.contains("trainer 1 out 0"), "{out1}");
+    assert!(err1.contains("trainer 1 err 1"), "{err1}");
+    assert!(!read("m1-trainer0.out").contains(" err "));
+    let merged = read("launch.log");
+    assert!(merged.contains("[m2 trainer0] trainer 2 out 2"), "{merged}");
+    assert!(
+        merged.contains("[m0 server0] server 0 listening on"),
+        "{merged}"
+    );
+    assert!(merged.contains("exit code 0"), "the table too: {merged}");
+    assert_eq!(
+        read("events.jsonl"),
+        r.stdout,
+        "events.jsonl is the --json stream"
+    );
+    assert!(read("summary.txt").contains("exit code 0"));
+    let sj: Value = serde_json::from_str(&read("summary.json")).expect("summary.json");
+    assert_eq!(&sj["event"], &Value::Null, "the summary object itself");
+    assert_eq!(sj["job_id"], s["job_id"]);
+    assert_eq!(sj["processes"], s["processes"]);
+}
+
+#[test]
+fn a_failed_job_says_who_and_why_in_json_and_text_logs() {
+    let c = cluster();
+    let logs = c.dir.path().join("logs");
+    let logs_arg = logs.display().to_string();
+    let r = run(
+        launch(
+            &c,
+            &[
+                "--num_trainers",
+                "1",
+                "--trainer-mode",
+                "direct",
+                "--json",
+                "--log-dir",
+                &logs_arg,
+            ],
+            "python3 fake_dgl.py --fail-rank 1 --fail-code 7 --hang",
+        ),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 7, "worst exit code: {r:?}");
+    let events = r.events();
+    let failed: Vec<&Value> = of_kind(&events, "exited")
+        .into_iter()
+        .filter(|x| x["failed"] == true)
+        .collect();
+    assert_eq!(failed.len(), 1, "{r:?}");
+    assert_eq!(
+        (&failed[0]["machine"], &failed[0]["code"]),
+        (&1.into(), &7.into())
+    );
+    let s = summary(&events);
+    assert_eq!(s["outcome"], "failed");
+    assert_eq!(s["exit_code"], 7);
+    assert_eq!(s["failed_process"]["machine"], 1);
+    assert_eq!(s["failed_process"]["label"], "trainer0");
+    let tail = s["failed_stderr_tail"].as_array().expect("tail");
+    assert!(
+        tail.iter().any(|l| l == "trainer 1 failing on purpose"),
+        "{s}"
+    );
+    assert!(s["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("trainer0") && e.contains("exit 7")));
+    // The messages of dgl-coord stay on stderr, and reach the merged log.
+    assert!(r.stderr.contains("job failed"), "{r:?}");
+    let merged = std::fs::read_to_string(logs.join("launch.log")).expect("launch.log");
+    assert!(merged.contains("dgl-coord: job failed"), "{merged}");
+    assert!(merged.contains("exit code 7"), "{merged}");
+}
+
+#[test]
+fn errors_before_anything_starts_exit_1_with_a_summary_and_usage_errors_exit_2() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let coord = || {
+        let mut c = Command::new(bin("dgl-coord"));
+        c.current_dir(dir.path()).env_remove("DGL_AGENT_TOKEN");
+        c
+    };
+    // No such ip_config: exit 1, and --json still ends with its summary.
+    let mut c = coord();
+    c.args(["launch", "--workspace", "ws", "--num_trainers", "1"])
+        .args(["--num_servers", "1", "--part_config", "p.json"])
+        .args(["--ip_config", "missing.txt", "--json", "python3 x.py"]);
+    let r = run(c, Duration::from_secs(30));
+    assert_eq!(r.code(), 1, "{r:?}");
+    let events = r.events();
+    let s = summary(&events);
+    assert_eq!(
+        (&s["outcome"], &s["exit_code"]),
+        (&"error".into(), &1.into())
+    );
+    assert!(s["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("missing.txt")));
+    assert!(r.stderr.contains("dgl-coord: error:"), "{r:?}");
+
+    // Usage errors: clap's, and a user command the shell split.
+    for args in [
+        &["launch", "--bogus"][..],
+        &[
+            "launch",
+            "--workspace",
+            "w",
+            "--num_trainers",
+            "1",
+            "--num_servers",
+            "1",
+        ],
+        &[
+            "launch",
+            "--workspace",
+            "w",
+            "--num_servers",
+            "1",
+            "--part_config",
+            "p",
+            "--ip_config",
+            "i",
+            "python3",
+            "x.py",
+        ],
+        &["completions", "tcsh"],
+        &[
+            "launch",
+            "--workspace",
+            "w",
+            "--num_trainers",
+            "1",
+            "--trainers-per-host",
+            "1,1",
+            "--num_servers",
+            "1",
+            "--part_config",
+            "p",
+            "--ip_config",
+            "i",
+            "python3 x.py",
+        ],
+    ] {
+        let mut c = coord();
+        c.args(args);
+        let r = run(c, Duration::from_secs(30));
+        assert_eq!(r.code(), 2, "{args:?}: {r:?}");
+    }
+}
+
+#[test]
+fn per_host_trainer_counts_give_global_ranks_in_direct_mode_and_are_refused_by_torchrun() {
+    let c = cluster();
+    let r = run(
+        launch(
+            &c,
+            &[
+                "--trainers-per-host",
+                "2,1,3",
+                "--num_samplers",
+                "1",
+                "--trainer-mode",
+                "direct",
+            ],
+            "python3 fake_dgl.py --ip_config ip_config.txt --samplers",
+        ),
+        Duration::from_secs(90),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    let counts = [2usize, 1, 3];
+    let trainers = records(&c, "trainer");
+    assert_eq!(trainers.len(), 6, "{r:?}");
+    let mut ranks: Vec<usize> = Vec::new();
+    for (host, env) in &trainers {
+        let get = |k: &str| env.get(k).cloned().unwrap_or_else(|| format!("<no {k}>"));
+        let rank: usize = get("RANK").parse().expect("RANK");
+        let local: usize = get("LOCAL_RANK").parse().expect("LOCAL_RANK");
+        let base: usize = counts[..*host].iter().sum();
+        assert_eq!(
+            rank,
+            base + local,
+            "rank {rank} on machine {host}: contiguous"
+        );
+        assert!(local < counts[*host]);
+        assert_eq!(get("LOCAL_WORLD_SIZE"), counts[*host].to_string());
+        assert_eq!(get("WORLD_SIZE"), "6");
+        assert_eq!(get("GROUP_RANK"), host.to_string());
+        assert_eq!(get("GROUP_WORLD_SIZE"), "3");
+        // sum over hosts of trainers * (1 + samplers)
+        assert_eq!(get("DGL_NUM_CLIENT"), "12");
+        ranks.push(rank);
+    }
+    ranks.sort();
+    assert_eq!(ranks, (0..6).collect::<Vec<_>>());
+    for (_, env) in records(&c, "server") {
+        assert_eq!(env.get("DGL_NUM_CLIENT").map(String::as_str), Some("12"));
+    }
+    // Exit 0 means each trainer passed the stand-in's WORLD_SIZE * (1 + samplers) ==
+    // DGL_NUM_CLIENT check and met all WORLD_SIZE trainers on the store.
+    assert!(
+        r.stdout
+            .contains("[m2 trainer2] trainer 5 talked to 3 servers"),
+        "{r:?}"
+    );
+
+    // torchrun mode cannot give hosts different counts: refused before anything starts.
+    let before = records(&c, "trainer").len() + records(&c, "server").len();
+    let r = run(
+        launch(
+            &c,
+            &["--trainers-per-host", "2,1,3"],
+            "python3 fake_dgl.py --ip_config ip_config.txt",
+        ),
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr.contains("--trainer-mode direct"), "{r:?}");
+    let after = records(&c, "trainer").len() + records(&c, "server").len();
+    assert_eq!(before, after, "nothing ran");
+}
+
+/// Starts a job that hangs, reads `status --json` while it runs, then Ctrl-C: exit 130.
+#[test]
+fn status_json_shows_the_running_job_and_ctrl_c_exits_130() {
+    let c = cluster();
+    let mut child = launch(
+        &c,
+        &["--num_trainers", "1", "--trainer-mode", "direct", "--json"],
+        "python3 fake_dgl.py --ip_config ip_config.txt --hang",
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start dgl-coord");
+    let stdout = child.stdout.take().expect("stdout");
+    let err = reader(child.stderr.take().expect("stderr"));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen
+        .iter()
+        .filter(|l: &&String| l.contains("hanging"))
+        .count()
+        < 3
+    {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the trainers never hung: {seen:#?}");
+            }
+        }
+    }
+    let mut status = c.coord();
+    status
+        .args(["status", "--json", "--ip_config"])
+        .arg(c.ip_config_file());
+    let st = run(status, Duration::from_secs(30));
+    assert_eq!(st.code(), 0, "{st:?}");
+    let hosts: Value = serde_json::from_str(&st.stdout).expect("status JSON");
+    let hosts = hosts.as_array().expect("one entry per host");
+    assert_eq!(hosts.len(), 3);
+    for (m, h) in hosts.iter().enumerate() {
+        assert_eq!(h["machine"], m);
+        assert_eq!(h["address"], format!("{}:{}", c.ip(m), c.port));
+        assert_eq!(h["reachable"], true);
+        let agent = &h["agent"];
+        assert!(
+            agent["version"].is_string() && agent["free_bytes"].is_u64(),
+            "{h}"
+        );
+        assert_eq!(agent["root"], c.root(m).display().to_string());
+        let jobs = h["jobs"].as_array().expect("jobs");
+        assert_eq!(jobs.len(), 1, "{h}");
+        let procs = jobs[0]["processes"].as_array().expect("processes");
+        let labels: Vec<&str> = procs.iter().filter_map(|p| p["label"].as_str()).collect();
+        assert_eq!(labels, ["server0", "trainer0"], "{h}");
+        assert!(procs.iter().all(|p| p["running"] == true), "{h}");
+        assert!(jobs[0]["job_id"]
+            .as_str()
+            .is_some_and(|j| j.starts_with("dglrun-")));
+    }
+
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let code = wait_with_timeout(&mut child, Duration::from_secs(30));
+    let stderr = err.join().unwrap_or_default();
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert_eq!(code.and_then(|s| s.code()), Some(130), "{stderr}");
+    let last: Value = serde_json::from_str(rest.last().expect("summary")).expect("JSON");
+    assert_eq!(last["event"], "summary");
+    assert_eq!(
+        (&last["outcome"], &last["exit_code"]),
+        (&"signal".into(), &130.into())
+    );
+}
+
+#[test]
+fn run_copies_then_launches_what_it_copied() {
+    let c = TestCluster::start(3);
+    let local = c.local();
+    let part_config = gen_partitions(&local.join("parts"), 3, 1000, "g").expect("partitions");
+    let code = local.join("code");
+    std::fs::create_dir_all(&code).expect("code");
+    std::fs::copy(fixtures_dir().join("fake_dgl.py"), code.join("fake_dgl.py")).expect("script");
+    let mut cmd = c.coord();
+    cmd.env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .args(["run", "--workspace", WS, "--rel_data_path", "data"])
+        .arg("--part_config")
+        .arg(&part_config)
+        .arg("--ip_config")
+        .arg(c.ip_config_file())
+        .arg("--script_folder")
+        .arg(&code)
+        .args([
+            "--progress",
+            "quiet",
+            "--num_trainers",
+            "1",
+            "--num_servers",
+            "1",
+        ])
+        .args(["--trainer-mode", "direct", "--grace", "1", "--json"])
+        .arg("python3 code/fake_dgl.py --ip_config ip_config.txt")
+        .env_remove("OMP_NUM_THREADS")
+        .env_remove("PYTHONPATH");
+    let r = run(cmd, Duration::from_secs(90));
+    assert_eq!(r.code(), 0, "{r:?}");
+    let events = r.events();
+    let copy = &events[0];
+    assert_eq!(copy["event"], "copy", "the copy report comes first");
+    assert_eq!(copy["ok"], true);
+    assert_eq!(copy["launch"]["part_config"], "data/g.json");
+    assert_eq!(of_kind(&events, "started").len(), 6);
+    let s = summary(&events);
+    assert_eq!(
+        (&s["outcome"], &s["exit_code"]),
+        (&"success".into(), &0.into())
+    );
+    // The processes ran in the copied workspace with the copied configs.
+    let servers = records(&c, "server");
+    assert_eq!(servers.len(), 3);
+    for (_, env) in &servers {
+        assert_eq!(env["DGL_CONF_PATH"], "data/g.json");
+        assert_eq!(env["DGL_IP_CONFIG"], "ip_config.txt");
+    }
+}
+
+/// `dgl-agent --print-config ARGS` with only the given `DGL_AGENT_*` variables.
+fn print_config(args: &[&str], env: &[(&str, &str)]) -> toml::Table {
+    let mut c = Command::new(bin("dgl-agent"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DGL_AGENT_") {
+            c.env_remove(k);
+        }
+    }
+    c.arg("--print-config").args(args).envs(env.iter().copied());
+    let r = run(c, Duration::from_secs(30));
+    assert_eq!(r.code(), 0, "{r:?}");
+    r.stdout
+        .parse()
+        .unwrap_or_else(|e| panic!("not TOML ({e}): {r:?}"))
+}
+
+#[test]
+fn agent_settings_come_from_flags_then_env_then_toml() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &toml,
+        "root = \"/from/toml\"\ngrace = 7.0\nlease_timeout = 8.0\nlisten = \"127.0.0.9:5000\"\n",
+    )
+    .expect("toml");
+    let toml_arg = toml.display().to_string();
+    let only_toml = print_config(&["--config", &toml_arg], &[]);
+    assert_eq!(only_toml["root"].as_str(), Some("/from/toml"));
+    assert_eq!(only_toml["listen"].as_str(), Some("127.0.0.9:5000"));
+    assert_eq!(only_toml["grace"].as_float(), Some(7.0));
+
+    let env = [
+        ("DGL_AGENT_ROOT", "/from/env"),
+        ("DGL_AGENT_GRACE", "5"),
+        ("DGL_AGENT_CONFIG", toml_arg.as_str()),
+    ];
+    let all = print_config(&["--root", "/from/flag"], &env);
+    assert_eq!(
+        all["root"].as_str(),
+        Some("/from/flag"),
+        "flag beats env and TOML"
+    );
+    assert_eq!(all["grace"].as_float(), Some(5.0), "env beats TOML");
+    assert_eq!(
+        all["lease_timeout"].as_float(),
+        Some(8.0),
+        "TOML beats the default"
+    );
+    assert_eq!(all["listen"].as_str(), Some("127.0.0.9:5000"));
+    let defaults = print_config(&["--root", "/r"], &[]);
+    assert_eq!(defaults["lease_timeout"].as_float(), Some(10.0));
+    assert_eq!(defaults["listen"].as_str(), Some("127.0.0.1:47001"));
+}
+
+#[test]
+fn completions_and_man_pages_generate() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for shell in ["bash", "zsh", "fish"] {
+        for (prog, args) in [
+            ("dgl-coord", vec!["completions", shell]),
+            ("dgl-agent", vec!["--completions", shell]),
+        ] {
+            let mut c = Command::new(bin(prog));
+            c.args(&args);
+            let r = run(c, Duration::from_secs(30));
+            assert_eq!(r.code(), 0, "{prog} {args:?}: {r:?}");
+            assert!(r.stdout.contains(prog), "{prog} {shell}");
+            // The script must at least parse in its shell, where that shell is installed.
+            let path: PathBuf = dir.path().join(format!("{prog}.{shell}"));
+            std::fs::write(&path, &r.stdout).expect("write");
+            if has(shell) {
+                let check = Command::new(shell)
+                    .arg("-n")
+                    .arg(&path)
+                    .output()
+                    .expect("shell");
+                assert!(
+                    check.status.success(),
+                    "{prog} {shell}: {}",
+                    String::from_utf8_lossy(&check.stderr)
+                );
+            }
+        }
+    }
+    assert!(has("bash"), "bash checks the bash script");
+    // And it completes: `dgl-coord la<TAB>` gives `launch`.
+    let script = dir.path().join("dgl-coord.bash");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(
+            "source \"$1\"; COMP_WORDS=(dgl-coord la); COMP_CWORD=1; \
+             _dgl__coord dgl-coord la dgl-coord; echo \"${COMPREPLY[*]}\"",
+        )
+        .arg("bash")
+        .arg(&script)
+        .output()
+        .expect("bash");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "launch");
+    let mut c = Command::new(bin("dgl-coord"));
+    c.args(["man", "--dir"]).arg(dir.path().join("man"));
+    assert_eq!(run(c, Duration::from_secs(30)).code(), 0);
+    for sub in ["", "-copy", "-launch", "-run", "-status", "-kill"] {
+        let page = dir.path().join(format!("man/dgl-coord{sub}.1"));
+        let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{sub}: {e}"));
+        assert!(
+            text.contains(".TH") && text.contains(".SH OPTIONS"),
+            "{sub}"
+        );
+    }
+    let mut c = Command::new(bin("dgl-agent"));
+    c.arg("--man");
+    let r = run(c, Duration::from_secs(30));
+    assert!(
+        r.stdout.contains(".TH dgl-agent") && r.stdout.contains("metrics"),
+        "{r:?}"
+    );
+}
+
+fn has(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
