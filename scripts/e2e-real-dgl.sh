@@ -53,6 +53,12 @@ if ! [[ $HOSTS =~ ^[2-9]$ ]]; then
     echo "--hosts must be 2..9" >&2
     exit 2
 fi
+for run in $RUNS; do
+    if ! [[ $run =~ ^(torchrun|direct):[1-9][0-9]*:[0-9]+$ ]]; then
+        echo "--runs: '$run' is not MODE:TRAINERS:SAMPLERS (MODE torchrun or direct, e.g. direct:1:1)" >&2
+        exit 2
+    fi
+done
 
 TIMEOUT=${E2E_TIMEOUT:-300}
 NODES=${E2E_NODES:-4000}
@@ -321,7 +327,7 @@ verdict copy "every host has ip_config, the part_config, the script and only its
 # ---------------------------------------------------------------------------------------------
 # dgl-coord launch, once per entry of RUNS
 # ---------------------------------------------------------------------------------------------
-# Process ids in host namespace m other than its agent (the agent is the namespace's first).
+# Process ids in host namespace m other than its agent's.
 leftovers() {
     local m=$1 p out=()
     for p in $(ip netns pids "${NS_HOST[m]}" 2>/dev/null); do

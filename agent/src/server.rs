@@ -98,6 +98,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     builder
         .tcp_nodelay(true)
+        // 1 MiB frames instead of 16 KiB: a 4 MiB chunk costs 4 frames, not 256 (about 20%
+        // of the agent's CPU per received byte).
+        .max_frame_size(Some(1 << 20))
         .initial_stream_window_size(Some(32 << 20))
         .initial_connection_window_size(Some(64 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(5)))

@@ -12,6 +12,9 @@ use super::{job::Job, stop_job, tree, Jobs};
 
 /// How often leases are checked.
 const TICK: Duration = Duration::from_millis(100);
+/// How often an agent without jobs looks: an idle agent should cost next to no CPU. A job
+/// spawned meanwhile is checked at the next look, at most this much later.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 /// A finished job stays listed (and its events replayable) this long.
 const KEEP_FINISHED: Duration = Duration::from_secs(60);
 
@@ -21,12 +24,12 @@ pub fn spawn_monitor(jobs: Weak<Jobs>) {
         return;
     };
     handle.spawn(async move {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut idle = false;
         loop {
-            tick.tick().await;
+            tokio::time::sleep(if idle { IDLE_TICK } else { TICK }).await;
             let Some(jobs) = jobs.upgrade() else { return };
             check(&jobs, Instant::now());
+            idle = jobs.all().is_empty();
         }
     });
 }

@@ -411,7 +411,9 @@ impl Jobs {
 
     /// Removes a job from the agent (its watchers' streams end).
     fn remove(&self, id: &str) {
-        if let Some(job) = self.map().remove(id) {
+        // The map's guard must be gone before saving: the snapshot locks the map again.
+        let removed = self.map().remove(id);
+        if let Some(job) = removed {
             job.forget();
             tracing::debug!(job = %id, "job forgotten");
             drop(self.save_state_soon());

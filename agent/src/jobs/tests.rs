@@ -246,3 +246,26 @@ async fn preflight_reports_live_jobs_of_the_workspace() {
         .unwrap();
     assert!(r.live_jobs.is_empty());
 }
+
+/// Forgetting a finished job must leave the agent responsive (the job record is saved after
+/// the job leaves the map, which locks the map again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_job_keeps_the_agent_responsive() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    jobs.spawn(spawn_req("done-1", vec![shell("t", "true")]))
+        .await
+        .unwrap();
+    collect_until_exited(&jobs, "done-1", 1).await;
+    // A plain thread: a deadlocked one is abandoned when the test fails, not waited for.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        let _in_runtime = runtime.enter();
+        jobs.remove("done-1");
+        let _ = tx.send(jobs.list().jobs.len());
+    });
+    let n = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("forgetting a job must not deadlock the job map");
+    assert_eq!(n, 0);
+}

@@ -53,6 +53,7 @@ fn parse_args() -> Result<Args> {
 fn copy(
     cluster: &TestCluster,
     part_config: &Path,
+    scripts: &Path,
     cache: &Path,
     extra: &[String],
 ) -> Result<(f64, serde_json::Value)> {
@@ -74,6 +75,8 @@ fn copy(
         .arg(part_config)
         .arg("--ip_config")
         .arg(cluster.ip_config_file())
+        .arg("--script_folder")
+        .arg(scripts)
         .args(extra)
         .stderr(Stdio::inherit())
         .output()?;
@@ -107,12 +110,20 @@ fn main() -> Result<()> {
     );
     let t = Instant::now();
     let multi = gen_partitions(&work.path().join("multi"), args.parts, per_file, "bench")?;
+    // A small script folder, as every DGL copy has.
+    let scripts = work.path().join("code");
+    std::fs::create_dir_all(scripts.join("utils"))?;
+    std::fs::write(scripts.join("train_dist.py"), "import dgl\n".repeat(200))?;
+    std::fs::write(
+        scripts.join("utils/load.py"),
+        "def load(): pass\n".repeat(50),
+    )?;
     println!("generated in {:.1}s", t.elapsed().as_secs_f64());
 
     // 1. N agents: a first copy (cold coordinator hash cache), then a re-copy.
     let cache = work.path().join("cache");
     let cluster = TestCluster::start(args.parts);
-    let (first, summary) = copy(&cluster, &multi, &cache, &args.extra)?;
+    let (first, summary) = copy(&cluster, &multi, &scripts, &cache, &args.extra)?;
     let bytes = summary["bytes_sent"].as_u64().unwrap_or(0);
     let hash_secs = summary["hashing"]["seconds"].as_f64().unwrap_or(0.0);
     println!(
@@ -123,7 +134,7 @@ fn main() -> Result<()> {
         bytes,
         hash_secs
     );
-    let (again, summary) = copy(&cluster, &multi, &cache, &args.extra)?;
+    let (again, summary) = copy(&cluster, &multi, &scripts, &cache, &args.extra)?;
     let resent = summary["bytes_sent"].as_u64().unwrap_or(0);
     println!(
         "re-copy (unchanged): {:.3}s, {resent} bytes sent: {:.0}x faster than the first copy",
@@ -134,7 +145,7 @@ fn main() -> Result<()> {
 
     // 2. The same data to fresh agents, hashes already cached: the transfer alone.
     let cluster = TestCluster::start(args.parts);
-    let (warm, summary) = copy(&cluster, &multi, &cache, &args.extra)?;
+    let (warm, summary) = copy(&cluster, &multi, &scripts, &cache, &args.extra)?;
     println!(
         "first copy, coordinator hashes cached: {:.2}s, {:.2} GB/s aggregate",
         warm,
@@ -153,10 +164,10 @@ fn main() -> Result<()> {
     // 3. One agent receiving everything of a one-part set of the same size.
     let single = gen_partitions(&work.path().join("single"), 1, total / 3, "one")?;
     let cluster = TestCluster::start(1);
-    let _ = copy(&cluster, &single, &cache, &args.extra)?; // hashes the set
+    let _ = copy(&cluster, &single, &scripts, &cache, &args.extra)?; // hashes the set
     drop(cluster);
     let cluster = TestCluster::start(1);
-    let (one, summary) = copy(&cluster, &single, &cache, &args.extra)?;
+    let (one, summary) = copy(&cluster, &single, &scripts, &cache, &args.extra)?;
     let one_bytes = summary["bytes_sent"].as_u64().unwrap_or(0);
     let host_rate = summary["hosts"][0]["bytes_per_second"]
         .as_f64()
@@ -171,21 +182,34 @@ fn main() -> Result<()> {
     drop(cluster);
 
     // 4. scp to N "machines" over loopback ssh, as copy_files.py does (serially).
-    match scp_baseline(&multi, args.parts, work.path()) {
+    let ip_config = work.path().join("ip_config.txt");
+    let lines: String = (0..args.parts)
+        .map(|i| format!("127.0.0.{} 30050\n", i + 2))
+        .collect();
+    std::fs::write(&ip_config, lines)?;
+    match scp_baseline(&multi, &ip_config, &scripts, args.parts, work.path()) {
         Ok(scp) => println!(
-            "scp over loopback ssh, {} machines one after another: {:.2}s; dgl-coord copy is {:.1}x faster",
+            "copy_files.py's ssh/scp commands over loopback ssh, {} machines: {:.2}s; dgl-coord \
+             copy is {:.1}x faster ({:.1}x with its hashes cached)",
             args.parts,
             scp,
-            scp / first
+            scp / first,
+            scp / warm
         ),
         Err(e) => println!("scp baseline skipped: {e}"),
     }
     Ok(())
 }
 
-/// copy_files.py's transfer: for each machine in turn, scp its part, the JSON and ip_config.
+/// copy_files.py's transfer: for each machine in turn, the same ssh and scp commands it runs.
 /// Needs `sshd` and `scp`, and runs its own sshd on a loopback port with a throwaway key.
-fn scp_baseline(part_config: &Path, parts: usize, work: &Path) -> Result<f64> {
+fn scp_baseline(
+    part_config: &Path,
+    ip_config: &Path,
+    scripts: &Path,
+    parts: usize,
+    work: &Path,
+) -> Result<f64> {
     let sshd =
         which("sshd").or_else(|| Some(PathBuf::from("/usr/sbin/sshd")).filter(|p| p.exists()));
     let (Some(sshd), Some(_)) = (sshd, which("scp")) else {
@@ -228,31 +252,54 @@ fn scp_baseline(part_config: &Path, parts: usize, work: &Path) -> Result<f64> {
         .stderr(Stdio::null())
         .spawn()?;
     std::thread::sleep(std::time::Duration::from_millis(500));
+    let ssh_opts = |c: &mut Command| {
+        c.arg("-i").arg(&key).args([
+            "-q",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ]);
+    };
+    let run = |mut c: Command| -> Result<()> {
+        let st = c.stdout(Stdio::null()).status()?;
+        anyhow::ensure!(st.success(), "{c:?} failed");
+        Ok(())
+    };
+    let ssh = |cmd: String| -> Result<()> {
+        let mut c = Command::new("ssh");
+        ssh_opts(&mut c);
+        c.args(["-p", port, "127.0.0.1"]).arg(cmd);
+        run(c)
+    };
+    let scp = |from: &Path, to: String| -> Result<()> {
+        let mut c = Command::new("scp");
+        ssh_opts(&mut c);
+        c.args(["-P", port, "-r"])
+            .arg(from)
+            .arg(format!("127.0.0.1:{to}"));
+        run(c)
+    };
     let src = part_config.parent().context("part_config dir")?;
     let started = Instant::now();
-    let mut result = Ok(());
-    for i in 0..parts {
-        let dest = work.join(format!("scp-host{i}"));
-        std::fs::create_dir_all(dest.join(format!("data/part{i}")))?;
-        let st = Command::new("scp")
-            .args(["-q", "-P", port, "-i"])
-            .arg(&key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-r",
-            ])
-            .arg(src.join(format!("part{i}")))
-            .arg(part_config)
-            .arg(format!("127.0.0.1:{}/data/", dest.display()))
-            .status()?;
-        if !st.success() {
-            result = Err(anyhow::anyhow!("scp failed"));
-            break;
+    // The commands of DGL's tools/copy_files.py, machine after machine.
+    let result = (|| -> Result<()> {
+        for i in 0..parts {
+            let ws = work.join(format!("scp-host{i}/ws")).display().to_string();
+            ssh(format!("mkdir -p {ws}/data"))?;
+            scp(ip_config, ws.clone())?;
+            scp(part_config, format!("{ws}/data"))?;
+            ssh(format!("mkdir -p {ws}/data/part{i}"))?;
+            for f in ["node_feat.dgl", "edge_feat.dgl", "graph.dgl"] {
+                scp(
+                    &src.join(format!("part{i}/{f}")),
+                    format!("{ws}/data/part{i}"),
+                )?;
+            }
+            scp(scripts, ws)?;
         }
-    }
+        Ok(())
+    })();
     let secs = started.elapsed().as_secs_f64();
     let _ = server.kill();
     let _ = server.wait();

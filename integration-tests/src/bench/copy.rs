@@ -1,0 +1,305 @@
+//! Copy: `dgl-coord copy` of a generated 4-part set to 4 agents against scp over the loopback
+//! sshd the way DGL's copy_files.py does it (one host after another, one scp per file); the
+//! re-copy of unchanged data; and broadcast of one big file (in the script folder, which every
+//! host gets) to 1, 4, 16 agents.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+
+use super::sshd::Sshd;
+use super::{free_bytes, Opts, Row};
+use crate::TestCluster;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// One `dgl-coord copy --json`: wall seconds and the report.
+fn copy(
+    cluster: &TestCluster,
+    part_config: &Path,
+    cache: &Path,
+    script_folder: Option<&Path>,
+) -> Result<(f64, Value)> {
+    let mut c = cluster.coord();
+    c.env("XDG_CACHE_HOME", cache)
+        .args([
+            "copy",
+            "--workspace",
+            "ws",
+            "--rel_data_path",
+            "data",
+            "--json",
+            "--progress",
+            "quiet",
+        ])
+        .arg("--part_config")
+        .arg(part_config)
+        .arg("--ip_config")
+        .arg(cluster.ip_config_file());
+    if let Some(s) = script_folder {
+        c.arg("--script_folder").arg(s);
+    }
+    c.stderr(Stdio::null());
+    let t = Instant::now();
+    let out = c.output().context("run dgl-coord copy")?;
+    let secs = t.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "dgl-coord copy failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok((
+        secs,
+        serde_json::from_slice(&out.stdout).context("copy JSON")?,
+    ))
+}
+
+/// copy_files.py's way: for each host in turn, `ssh mkdir -p`, then one scp per file.
+fn scp_copy(
+    sshd: &Sshd,
+    part_config: &Path,
+    ip_config: &Path,
+    dest: &Path,
+    parts: usize,
+) -> Result<f64> {
+    let src = part_config.parent().context("part_config dir")?;
+    let t = Instant::now();
+    for i in 0..parts {
+        let ws = dest.join(format!("host{i}/ws"));
+        let data = ws.join("data");
+        let st = sshd
+            .ssh()
+            .arg(format!("mkdir -p {}/part{i}", data.display()))
+            .status()?;
+        ensure!(st.success(), "ssh mkdir failed");
+        let mut files: Vec<(PathBuf, PathBuf)> = vec![
+            (ip_config.to_path_buf(), ws.clone()),
+            (part_config.to_path_buf(), data.clone()),
+        ];
+        for f in ["node_feat.dgl", "edge_feat.dgl", "graph.dgl"] {
+            files.push((
+                src.join(format!("part{i}/{f}")),
+                data.join(format!("part{i}")),
+            ));
+        }
+        for (from, to) in files {
+            let st = sshd.scp().arg(&from).arg(sshd.remote(&to)).status()?;
+            ensure!(st.success(), "scp {} failed", from.display());
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn set_bytes(part_config: &Path) -> u64 {
+    crate::list_files(part_config.parent().unwrap_or(Path::new(".")))
+        .iter()
+        .filter_map(|f| fs::metadata(part_config.parent().unwrap_or(Path::new(".")).join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+pub fn run(opts: &Opts, with_copy: bool, with_bcast: bool) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let work = tempfile::tempdir_in(&opts.dir)?;
+    if with_copy {
+        match copy_vs_scp(opts, work.path()) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("copy", &e)),
+        }
+    }
+    if with_bcast {
+        match broadcast(opts, work.path()) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("broadcast", &e)),
+        }
+    }
+    Ok(rows)
+}
+
+fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
+    let parts = 4;
+    let total = (opts.size_gib * GIB) as u64;
+    let need = total * 3 + (64 << 20);
+    if let Some(free) = free_bytes(&opts.dir) {
+        ensure!(
+            free > need,
+            "copy needs {:.1} GiB free in {} (has {:.1}); use --size-gib or --dir",
+            need as f64 / GIB,
+            opts.dir.display(),
+            free as f64 / GIB
+        );
+    }
+    let t = Instant::now();
+    let pc = crate::gen_partitions(&work.join("src"), parts, total / 12, "bench")?;
+    let bytes = set_bytes(&pc);
+    eprintln!(
+        "bench copy: generated {:.2} GiB in {:.1}s under {}",
+        bytes as f64 / GIB,
+        t.elapsed().as_secs_f64(),
+        opts.dir.display()
+    );
+    let sshd = Sshd::start()?;
+    let reps = opts.reps.clamp(1, 3);
+    let (mut first, mut again, mut scp) = (vec![], vec![], vec![]);
+    for rep in 0..reps {
+        let cache = tempfile::tempdir_in(work)?;
+        let cluster = TestCluster::start(parts);
+        let (t1, _) = copy(&cluster, &pc, cache.path(), None)?;
+        let (t2, rep2) = copy(&cluster, &pc, cache.path(), None)?;
+        let resent = rep2["bytes_sent"].as_u64().unwrap_or(0);
+        let ip_config = work.join("ip_config.txt");
+        fs::copy(cluster.ip_config_file(), &ip_config)?;
+        drop(cluster);
+        let dest = work.join("scp");
+        let t3 = scp_copy(&sshd, &pc, &ip_config, &dest, parts)?;
+        let _ = fs::remove_dir_all(&dest);
+        eprintln!(
+            "bench copy rep {rep}: dglrun {t1:.2}s ({:.2} GB/s), re-copy {t2:.3}s ({resent} bytes resent), scp {t3:.2}s ({:.2} GB/s)",
+            bytes as f64 / t1 / 1e9,
+            bytes as f64 / t3 / 1e9
+        );
+        first.push(t1);
+        again.push(t2);
+        scp.push(t3);
+    }
+    let gbps = |v: &[f64]| v.iter().map(|t| bytes as f64 / t / 1e9).collect::<Vec<_>>();
+    let size = format!("{:.2} GiB", bytes as f64 / GIB);
+    Ok(vec![
+        Row::new(
+            format!("copy {size} to 4 agents: dglrun (cold hash cache)"),
+            "GB/s",
+            &gbps(&first),
+            "",
+            None,
+        ),
+        Row::new(
+            format!("copy {size}: scp, host after host"),
+            "GB/s",
+            &gbps(&scp),
+            "baseline",
+            None,
+        ),
+        Row::new(
+            "copy: scp time / dglrun time",
+            "x",
+            &scp.iter()
+                .zip(&first)
+                .map(|(s, d)| s / d)
+                .collect::<Vec<_>>(),
+            ">= 3x",
+            Some(&|x| x >= 3.0),
+        ),
+        Row::new(
+            "re-copy unchanged: first / re-copy",
+            "x",
+            &first
+                .iter()
+                .zip(&again)
+                .map(|(f, a)| f / a)
+                .collect::<Vec<_>>(),
+            ">= 50x",
+            Some(&|x| x >= 50.0),
+        ),
+        Row::new(
+            "re-copy unchanged: time",
+            "ms",
+            &again.iter().map(|a| a * 1000.0).collect::<Vec<_>>(),
+            "",
+            None,
+        ),
+    ])
+}
+
+fn broadcast(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
+    let size = (opts.bcast_gib * GIB) as u64;
+    let mut rows = Vec::new();
+    let code = work.join("bcast-code");
+    fs::create_dir_all(&code)?;
+    crate::partitions::write_random(&code.join("big.bin"), size, 77)?;
+    let mut base: Vec<f64> = Vec::new();
+    let reps = opts.reps.clamp(1, 3);
+    for &n in &opts.bcast_hosts {
+        let need = size * (n as u64 + 1);
+        if let Some(free) = free_bytes(&opts.dir) {
+            if free < need {
+                rows.push(Row::error(
+                    format!("broadcast to {n}"),
+                    &anyhow::anyhow!(
+                        "skipped: needs {:.1} GiB free in {}, has {:.1}",
+                        need as f64 / GIB,
+                        opts.dir.display(),
+                        free as f64 / GIB
+                    ),
+                ));
+                continue;
+            }
+        }
+        let pc = crate::gen_partitions(&work.join(format!("bcast-set{n}")), n, 1024, "bcast")?;
+        let (mut times, mut warm) = (Vec::new(), Vec::new());
+        for rep in 0..reps {
+            let cache = tempfile::tempdir_in(work)?;
+            let cluster = TestCluster::start(n);
+            let (t, _) = copy(&cluster, &pc, cache.path(), Some(&code))?;
+            drop(cluster);
+            if n == 1 {
+                // Fresh agent, coordinator hash cache warm: the transfer without local hashing.
+                let cluster = TestCluster::start(n);
+                let (w, _) = copy(&cluster, &pc, cache.path(), Some(&code))?;
+                drop(cluster);
+                eprintln!("bench broadcast to 1 agent, hashes cached, rep {rep}: {w:.2}s");
+                warm.push(w);
+            }
+            eprintln!(
+                "bench broadcast {:.2} GiB to {n} agents rep {rep}: {t:.2}s",
+                size as f64 / GIB
+            );
+            times.push(t);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let g = format!("{:.2} GiB", size as f64 / GIB);
+        if n == 1 {
+            rows.push(Row::new(
+                format!("broadcast {g} into 1 agent"),
+                "GB/s",
+                &times
+                    .iter()
+                    .map(|t| size as f64 / t / 1e9)
+                    .collect::<Vec<_>>(),
+                ">= 1 GB/s",
+                Some(&|x| x >= 1.0),
+            ));
+            rows.push(Row::new(
+                format!("broadcast {g} into 1 agent, hashes cached"),
+                "GB/s",
+                &warm
+                    .iter()
+                    .map(|t| size as f64 / t / 1e9)
+                    .collect::<Vec<_>>(),
+                ">= 1 GB/s",
+                Some(&|x| x >= 1.0),
+            ));
+            base = times;
+        } else if let Some(b) = super::Stat::of(&base) {
+            rows.push(Row::new(
+                format!("broadcast {g}: time to {n} / to 1"),
+                "x",
+                &times.iter().map(|t| t / b.median).collect::<Vec<_>>(),
+                "",
+                None,
+            ));
+        } else {
+            rows.push(Row::new(
+                format!("broadcast {g} to {n} agents"),
+                "s",
+                &times,
+                "",
+                None,
+            ));
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,98 @@
+//! The benchmark suite (issue 6). Sets up its own agents on loopback addresses, runs every
+//! figure several times and prints min/median/max, ratios against baselines measured in the
+//! same run, and a pass/fail table.
+//!
+//!     cargo build --release --bins
+//!     cargo run --release -p dglrun-integration-tests --bin bench -- [WHICH...] [OPTIONS]
+//!
+//! WHICH: launch, teardown, scale, copy, broadcast (default: all). Options: --reps N (5),
+//! --size-gib G (copy set, 2), --bcast-gib G (1), --bcast-hosts 1,4,16, --dir DIR (agent roots
+//! and generated data for copy/broadcast; default /dev/shm), --scale-agents N (256), --no-ssh.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use dglrun_integration_tests::bench::{self, Opts, Row};
+
+fn main() -> Result<()> {
+    let mut opts = Opts {
+        reps: 5,
+        size_gib: 2.0,
+        bcast_gib: 1.0,
+        bcast_hosts: vec![1, 4, 16],
+        dir: PathBuf::from(if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        }),
+        scale_agents: 256,
+    };
+    let mut which: Vec<String> = Vec::new();
+    let mut ssh = true;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--reps" => opts.reps = value()?.parse::<usize>()?.max(1),
+            "--size-gib" => opts.size_gib = value()?.parse()?,
+            "--bcast-gib" => opts.bcast_gib = value()?.parse()?,
+            "--bcast-hosts" => {
+                opts.bcast_hosts = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()?
+            }
+            "--dir" => opts.dir = PathBuf::from(value()?),
+            "--scale-agents" => opts.scale_agents = value()?.parse::<usize>()?.clamp(1, 1000),
+            "--no-ssh" => ssh = false,
+            "-h" | "--help" => {
+                println!(
+                    "bench [launch|teardown|scale|copy|broadcast...] [--reps N] [--size-gib G] \
+                     [--bcast-gib G] [--bcast-hosts 1,4,16] [--dir DIR] [--scale-agents N] [--no-ssh]"
+                );
+                return Ok(());
+            }
+            w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast") => which.push(w.into()),
+            other => bail!("unknown argument {other} (try --help)"),
+        }
+    }
+    if which.is_empty() {
+        which = ["launch", "teardown", "scale", "copy", "broadcast"]
+            .map(String::from)
+            .to_vec();
+    }
+    bench::release_bin("dgl-agent")?;
+    bench::release_bin("dgl-coord")?;
+    // Agent roots made by the test harness go into temp dirs: put them under --dir.
+    std::env::set_var("TMPDIR", &opts.dir);
+    let has = |w: &str| which.iter().any(|x| x == w);
+    let mut rows: Vec<Row> = Vec::new();
+    if has("launch") || has("teardown") {
+        match bench::launch::run(&opts, has("launch"), ssh && has("launch"), has("teardown")) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("launch", &e)),
+        }
+    }
+    if has("scale") {
+        match bench::scale::run(&opts) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("scale", &e)),
+        }
+    }
+    if has("copy") || has("broadcast") {
+        match bench::copy::run(&opts, has("copy") && ssh, has("broadcast")) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("copy", &e)),
+        }
+    }
+    println!();
+    println!(
+        "dglrun bench: {} reps, {} CPUs; loopback only; shared machine, figures are noisy",
+        opts.reps,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    bench::print_table(&rows);
+    Ok(())
+}
