@@ -764,7 +764,7 @@ fn a_lost_agent_fails_the_job_and_the_others_are_stopped() {
         wait_gone(&others, Duration::from_millis(500)).is_empty(),
         "other hosts stopped"
     );
-    // The killed agent could not stop its own processes (issue 4: its restart cleans up);
+    // The killed agent could not stop its own processes (its restart cleans up);
     // don't leak them from the test.
     for p in on_lost_host {
         let _ = nix::sys::signal::kill(

@@ -1,4 +1,4 @@
-//! Operations (issue 7): the machine-readable outputs (`launch --json`, `--log-dir`,
+//! Operations: the machine-readable outputs (`launch --json`, `--log-dir`,
 //! `status --json`, `run --json`), exit codes, agent settings precedence, completions and man
 //! pages, and per-host trainer counts — against real agents and the stand-in DGL workload.
 

@@ -1,4 +1,4 @@
-//! The benchmark suite (issue 6). Sets up its own agents on loopback addresses, runs every
+//! The benchmark suite. Sets up its own agents on loopback addresses, runs every
 //! figure several times and prints min/median/max, ratios against baselines measured in the
 //! same run, and a pass/fail table.
 //!
