@@ -18,6 +18,9 @@ pub mod partitions;
 
 pub use partitions::gen_partitions;
 
+/// The workspace directory (under each agent root) of [`TestCluster::with_workspace`].
+pub const WS: &str = "ws";
+
 /// Directory holding the built binaries (`target/debug` or `target/release`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
@@ -232,6 +235,41 @@ impl TestCluster {
             .env_remove("DGL_AGENT_TOKEN")
             .current_dir(self.local());
         c
+    }
+
+    /// Starts `n` agents whose workspace [`WS`] holds what `dgl-coord copy` would have left: the
+    /// stand-in DGL script, ip_config and a partition set. Written directly, so launch tests do
+    /// not depend on copy.
+    pub fn with_workspace(n: usize) -> Self {
+        let c = Self::start(n);
+        let ip_config = fs::read(c.ip_config_file()).expect("ip_config");
+        for i in 0..c.len() {
+            let ws = c.root(i).join(WS);
+            fs::create_dir_all(&ws).expect("workspace");
+            fs::copy(fixtures_dir().join("fake_dgl.py"), ws.join("fake_dgl.py")).expect("script");
+            fs::write(ws.join("ip_config.txt"), &ip_config).expect("ip_config");
+            gen_partitions(&ws.join("data"), c.len(), 64, "g").expect("partitions");
+        }
+        c
+    }
+
+    /// `dgl-coord launch` of `command` on the [`with_workspace`](Self::with_workspace) layout,
+    /// one server per machine, a 1 s grace, and no inherited OMP_NUM_THREADS or PYTHONPATH.
+    pub fn launch(&self, flags: &[&str], command: &str) -> Command {
+        let mut cmd = self.coord();
+        cmd.args(["launch", "--workspace", WS, "--num_servers", "1"])
+            .args([
+                "--part_config",
+                "data/g.json",
+                "--ip_config",
+                "ip_config.txt",
+            ])
+            .args(["--grace", "1"])
+            .args(flags)
+            .arg(command)
+            .env_remove("OMP_NUM_THREADS")
+            .env_remove("PYTHONPATH");
+        cmd
     }
 
     /// SIGKILLs agent i (no clean-up: as if the host crashed).

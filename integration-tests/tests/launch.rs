@@ -13,43 +13,18 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::{
-    compat_dir, fixtures_dir, gen_partitions, pids_with_env, wait_gone, TestCluster,
+    compat_dir, fixtures_dir, pids_with_env, wait_gone, TestCluster, WS,
 };
 use serde_json::Value;
 
-const WS: &str = "ws";
 const MACHINES: usize = 3;
 
-/// Three agents, each with the workspace a `dgl-coord copy` would have left: the script,
-/// ip_config and a partition set. Written directly so these tests do not depend on copy.
 fn cluster() -> TestCluster {
-    let c = TestCluster::start(MACHINES);
-    let ip_config = std::fs::read(c.ip_config_file()).expect("ip_config");
-    for i in 0..c.len() {
-        let ws = c.root(i).join(WS);
-        std::fs::create_dir_all(&ws).expect("workspace");
-        std::fs::copy(fixtures_dir().join("fake_dgl.py"), ws.join("fake_dgl.py")).expect("script");
-        std::fs::write(ws.join("ip_config.txt"), &ip_config).expect("ip_config");
-        gen_partitions(&ws.join("data"), c.len(), 64, "g").expect("partitions");
-    }
-    c
+    TestCluster::with_workspace(MACHINES)
 }
 
 fn launch(c: &TestCluster, flags: &[&str], command: &str) -> Command {
-    let mut cmd = c.coord();
-    cmd.args(["launch", "--workspace", WS, "--num_servers", "1"])
-        .args([
-            "--part_config",
-            "data/g.json",
-            "--ip_config",
-            "ip_config.txt",
-        ])
-        .args(["--grace", "1"])
-        .args(flags)
-        .arg(command)
-        .env_remove("OMP_NUM_THREADS")
-        .env_remove("PYTHONPATH");
-    cmd
+    c.launch(flags, command)
 }
 
 fn torch_pythonpath() -> String {

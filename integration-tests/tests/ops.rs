@@ -9,40 +9,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use dglrun_integration_tests::{bin, fixtures_dir, gen_partitions, TestCluster};
+use dglrun_integration_tests::{bin, fixtures_dir, gen_partitions, TestCluster, WS};
 use serde_json::Value;
 
-const WS: &str = "ws";
-
-/// Three agents whose workspace holds what `dgl-coord copy` would have put there.
 fn cluster() -> TestCluster {
-    let c = TestCluster::start(3);
-    let ip_config = std::fs::read(c.ip_config_file()).expect("ip_config");
-    for i in 0..c.len() {
-        let ws = c.root(i).join(WS);
-        std::fs::create_dir_all(&ws).expect("workspace");
-        std::fs::copy(fixtures_dir().join("fake_dgl.py"), ws.join("fake_dgl.py")).expect("script");
-        std::fs::write(ws.join("ip_config.txt"), &ip_config).expect("ip_config");
-        gen_partitions(&ws.join("data"), c.len(), 64, "g").expect("partitions");
-    }
-    c
+    TestCluster::with_workspace(3)
 }
 
 fn launch(c: &TestCluster, flags: &[&str], command: &str) -> Command {
-    let mut cmd = c.coord();
-    cmd.args(["launch", "--workspace", WS, "--num_servers", "1"])
-        .args([
-            "--part_config",
-            "data/g.json",
-            "--ip_config",
-            "ip_config.txt",
-        ])
-        .args(["--grace", "1"])
-        .args(flags)
-        .arg(command)
-        .env_remove("OMP_NUM_THREADS")
-        .env_remove("PYTHONPATH");
-    cmd
+    c.launch(flags, command)
 }
 
 struct Run {
