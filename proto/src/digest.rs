@@ -124,6 +124,11 @@ impl Stamp {
     }
 }
 
+/// True when the file system shows no sign that the contents changed between two stats.
+pub fn unchanged(a: &Metadata, b: &Metadata) -> bool {
+    Stamp::of(a) == Stamp::of(b)
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Entry {
     stamp: Stamp,

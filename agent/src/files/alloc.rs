@@ -6,43 +6,21 @@
 //! a quarter of the copy's CPU. Keeping them in the heap lets freed buffers be reused warm;
 //! `trim_idle` hands the memory back once no transfer is running, so an idle agent stays small.
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-mod glibc {
-    use std::os::raw::c_int;
-
-    // From glibc's <malloc.h>.
-    const M_TRIM_THRESHOLD: c_int = -1;
-    const M_MMAP_THRESHOLD: c_int = -3;
-
-    extern "C" {
-        fn mallopt(param: c_int, value: c_int) -> c_int;
-        fn malloc_trim(pad: usize) -> c_int;
-    }
-
-    pub fn tune() {
-        // SAFETY: mallopt only changes allocator parameters; any value is accepted or refused.
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, 64 << 20);
-            mallopt(M_TRIM_THRESHOLD, 512 << 20);
-        }
-    }
-
-    pub fn trim() {
-        // SAFETY: malloc_trim releases free heap memory; it has no preconditions.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
-}
-
 /// Applies the tuning; called once when `Files` is created.
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    glibc::tune();
+    // SAFETY: mallopt only changes allocator parameters; any value is accepted or refused.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
 }
 
 /// Returns free heap memory to the system. Blocking (may take a few milliseconds).
 pub fn trim_idle() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    glibc::trim();
+    // SAFETY: malloc_trim releases free heap memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

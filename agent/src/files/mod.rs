@@ -317,24 +317,7 @@ fn is_present(
 }
 
 fn same_file_state(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    (
-        a.len(),
-        a.mtime(),
-        a.mtime_nsec(),
-        a.ctime(),
-        a.ctime_nsec(),
-        a.ino(),
-        a.dev(),
-    ) == (
-        b.len(),
-        b.mtime(),
-        b.mtime_nsec(),
-        b.ctime(),
-        b.ctime_nsec(),
-        b.ino(),
-        b.dev(),
-    )
+    dglrun_proto::digest::unchanged(a, b)
 }
 
 /// Verifies an existing partial against the manifest, cuts off what does not match, and

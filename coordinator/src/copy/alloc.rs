@@ -9,18 +9,9 @@
 /// Applies the tuning; call once before a copy.
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::os::raw::c_int;
-        // From glibc's <malloc.h>.
-        const M_TRIM_THRESHOLD: c_int = -1;
-        const M_MMAP_THRESHOLD: c_int = -3;
-        extern "C" {
-            fn mallopt(param: c_int, value: c_int) -> c_int;
-        }
-        // SAFETY: mallopt only changes allocator parameters; any value is accepted or refused.
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, 64 << 20);
-            mallopt(M_TRIM_THRESHOLD, 1 << 30);
-        }
+    // SAFETY: mallopt only changes allocator parameters; any value is accepted or refused.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }

@@ -3,7 +3,6 @@
 //! `~/.cache/dglrun/hashes.json`), so an unchanged partition is not read again to re-copy it.
 
 use std::fs::{self, File};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -134,23 +133,7 @@ fn hash_one(
 }
 
 fn unchanged(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-    (
-        a.len(),
-        a.mtime(),
-        a.mtime_nsec(),
-        a.ctime(),
-        a.ctime_nsec(),
-        a.ino(),
-        a.dev(),
-    ) == (
-        b.len(),
-        b.mtime(),
-        b.mtime_nsec(),
-        b.ctime(),
-        b.ctime_nsec(),
-        b.ino(),
-        b.dev(),
-    )
+    dglrun_proto::digest::unchanged(a, b)
 }
 
 /// Checks that every local file exists and is a regular file before any host is contacted.
