@@ -25,10 +25,11 @@ pub struct IpConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpConfigError {
-    #[error("cannot read ip_config {path}: {source}")]
+    #[error("cannot read ip_config {path}: {error}")]
     Read {
         path: String,
-        source: std::io::Error,
+        // Not `source`: the message already carries it, and error chains would repeat it.
+        error: std::io::Error,
     },
     #[error("{path}:{line}: {reason} (DGL expects `IP [PORT]` on every line)")]
     Line {
@@ -49,9 +50,9 @@ pub enum IpConfigError {
 
 impl IpConfig {
     pub fn load(path: &Path) -> Result<Self, IpConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| IpConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| IpConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::parse(&text, &path.display().to_string())
     }

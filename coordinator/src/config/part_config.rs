@@ -27,10 +27,11 @@ pub struct NamedFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PartConfigError {
-    #[error("cannot read part_config {path}: {source}")]
+    #[error("cannot read part_config {path}: {error}")]
     Read {
         path: String,
-        source: std::io::Error,
+        // Not `source`: the message already carries it, and error chains would repeat it.
+        error: std::io::Error,
     },
     #[error("{path}:{line}:{column}: not valid JSON: {reason}")]
     Json {
@@ -45,9 +46,9 @@ pub enum PartConfigError {
 
 impl PartConfig {
     pub fn load(path: &Path) -> Result<Self, PartConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PartConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| PartConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::parse(&text, path)
     }
