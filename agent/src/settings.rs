@@ -209,11 +209,7 @@ fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
 }
 
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", path.display()))?;
-    let token = text.trim().to_string();
-    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
-    Ok(token)
+    dglrun_proto::meta::read_token_file(path).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]

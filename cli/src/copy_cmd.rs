@@ -6,6 +6,8 @@ use std::time::Duration;
 use clap::ValueEnum;
 use dglrun_coordinator::copy::{self, hashing, CopyOptions, ProgressMode, SendOptions};
 
+use dglrun_coordinator::cluster::AgentAccess;
+
 use crate::access::AccessArgs;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -40,9 +42,23 @@ Example:
   dgl-coord copy --workspace ~/graphsage --rel_data_path data \\
     --part_config data/ogb-product.json --ip_config ip_config.txt --script_folder code")]
 pub struct CopyArgs {
+    #[command(flatten)]
+    copy: CopyFlags,
+
+    #[command(flatten)]
+    access: AccessArgs,
+
+    /// Print the summary as JSON on stdout (per host and per file).
+    #[arg(long)]
+    json: bool,
+}
+
+/// What to copy and how: the flags `copy` and `run` share.
+#[derive(clap::Args, Debug)]
+pub struct CopyFlags {
     /// Workspace on every host: relative to the agent's root, or absolute inside it.
     #[arg(long, value_name = "DIR")]
-    workspace: String,
+    pub workspace: String,
 
     /// Where the partitions go, relative to the workspace.
     #[arg(
@@ -62,7 +78,7 @@ pub struct CopyArgs {
 
     /// ip_config.txt: one machine a line, `IP [PORT]` (local path).
     #[arg(long = "ip_config", visible_alias = "ip-config", value_name = "FILE")]
-    ip_config: PathBuf,
+    pub ip_config: PathBuf,
 
     /// Folder of training scripts, copied to <workspace>/<its name> on every machine.
     #[arg(
@@ -71,9 +87,6 @@ pub struct CopyArgs {
         value_name = "DIR"
     )]
     script_folder: Option<PathBuf>,
-
-    #[command(flatten)]
-    access: AccessArgs,
 
     /// Files in flight per host.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
@@ -91,43 +104,45 @@ pub struct CopyArgs {
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     progress: Progress,
 
-    /// Print the summary as JSON on stdout (per host and per file).
-    #[arg(long)]
-    json: bool,
-
     /// Hash every local file again instead of trusting the hash cache.
     #[arg(long = "no-hash-cache")]
     no_hash_cache: bool,
 }
 
+impl CopyFlags {
+    /// The copy's options; also tunes the allocator for streaming, so call it once per copy.
+    pub fn options(self, access: AgentAccess) -> CopyOptions {
+        copy::alloc::tune();
+        CopyOptions {
+            workspace: self.workspace,
+            rel_data_path: self.rel_data_path,
+            part_config: self.part_config,
+            ip_config: self.ip_config,
+            script_folder: self.script_folder,
+            access,
+            send: SendOptions {
+                jobs: self.jobs as usize,
+                retries: self.retries,
+                backoff: Duration::from_millis(500),
+                connections: self.connections as usize,
+                ..SendOptions::default()
+            },
+            progress: match self.progress {
+                Progress::Auto => ProgressMode::Auto,
+                Progress::Plain => ProgressMode::Plain,
+                Progress::Quiet => ProgressMode::Quiet,
+            },
+            cache_path: if self.no_hash_cache {
+                None
+            } else {
+                hashing::default_cache_path()
+            },
+        }
+    }
+}
+
 pub async fn run(args: CopyArgs) -> anyhow::Result<u8> {
-    copy::alloc::tune();
-    let opts = CopyOptions {
-        workspace: args.workspace,
-        rel_data_path: args.rel_data_path,
-        part_config: args.part_config,
-        ip_config: args.ip_config,
-        script_folder: args.script_folder,
-        access: args.access.access()?,
-        send: SendOptions {
-            jobs: args.jobs as usize,
-            retries: args.retries,
-            backoff: Duration::from_millis(500),
-            connections: args.connections as usize,
-            ..SendOptions::default()
-        },
-        progress: match args.progress {
-            Progress::Auto => ProgressMode::Auto,
-            Progress::Plain => ProgressMode::Plain,
-            Progress::Quiet => ProgressMode::Quiet,
-        },
-        cache_path: if args.no_hash_cache {
-            None
-        } else {
-            hashing::default_cache_path()
-        },
-    };
-    let report = copy::run(opts).await?;
+    let report = copy::run(args.copy.options(args.access.access()?)).await?;
     if args.json {
         println!("{}", report.to_json());
     } else {

@@ -73,13 +73,7 @@ impl AgentAccess {
 }
 
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", path.display()))?;
-    let token = text.trim().to_string();
-    if token.is_empty() {
-        anyhow::bail!("token file {} is empty", path.display());
-    }
-    Ok(token)
+    dglrun_proto::meta::read_token_file(path).map_err(anyhow::Error::msg)
 }
 
 /// One machine of the cluster and a connection to its agent.

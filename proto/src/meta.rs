@@ -6,6 +6,18 @@ use tonic::{Request, Status};
 pub const PROTOCOL_HEADER: &str = "dglrun-protocol";
 pub const AUTH_HEADER: &str = "authorization";
 
+/// Reads a token file (both sides use the same rule): surrounding whitespace is not part of
+/// the token, and an empty file is an error rather than "no token".
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    Ok(token.to_string())
+}
+
 /// Adds the protocol version and, when given, the token to an outgoing request.
 #[derive(Clone)]
 pub struct ClientMeta {

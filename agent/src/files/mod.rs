@@ -296,7 +296,9 @@ fn is_present(
         None => {
             let d = hash_file(target).map_err(|e| io_status("cannot read", &m.path, e))?;
             // Only cached when the file did not change while it was read.
-            if fs::symlink_metadata(target).is_ok_and(|after| same_file_state(meta, &after)) {
+            if fs::symlink_metadata(target)
+                .is_ok_and(|after| dglrun_proto::digest::unchanged(meta, &after))
+            {
                 cache.insert(target, meta, d.digest);
             }
             d.digest
@@ -314,10 +316,6 @@ fn is_present(
         }
     }
     Ok(true)
-}
-
-fn same_file_state(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-    dglrun_proto::digest::unchanged(a, b)
 }
 
 /// Verifies an existing partial against the manifest, cuts off what does not match, and

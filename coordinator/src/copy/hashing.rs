@@ -118,7 +118,7 @@ fn hash_one(
     }
     let d = hash_reader(file, |n| progress.advance(n)).with_context(|| err("read"))?;
     let after = fs::metadata(&key).with_context(|| err("stat"))?;
-    if !unchanged(&before, &after) || d.size != before.len() {
+    if !dglrun_proto::digest::unchanged(&before, &after) || d.size != before.len() {
         anyhow::bail!(
             "{}: {} changed while it was being hashed; copy again once it is complete",
             src.origin,
@@ -130,10 +130,6 @@ fn hash_one(
         .unwrap_or_else(|p| p.into_inner())
         .insert(&key, &before, &d);
     Ok((d, false))
-}
-
-fn unchanged(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-    dglrun_proto::digest::unchanged(a, b)
 }
 
 /// Checks that every local file exists and is a regular file before any host is contacted.
