@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 pub mod bench;
 pub mod netns;
 pub mod partitions;
+pub mod run;
 
 pub use partitions::gen_partitions;
 
@@ -151,7 +152,7 @@ impl TestCluster {
             .create(true)
             .append(true)
             .open(&a.log)?;
-        let mut child = Command::new(bin("dgl-agent"))
+        let child = Command::new(bin("dgl-agent"))
             .arg("--listen")
             .arg(format!("{}:{}", a.ip, port))
             .arg("--root")
@@ -164,31 +165,10 @@ impl TestCluster {
             .stderr(log)
             .spawn()
             .context("spawn dgl-agent")?;
-        let stdout = child.stdout.take().context("agent stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the agent never blocks on a full pipe.
-            for _ in lines {}
-        });
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) if line.contains("listening on") => {
-                a.child = Some(child);
-                Ok(())
-            }
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log = fs::read_to_string(&a.log).unwrap_or_default();
-                bail!(
-                    "agent {i} at {} did not start ({other:?}); log:\n{log}",
-                    a.ip
-                )
-            }
-        }
+        let child = wait_until_listening(child, &a.log, Duration::from_secs(20))
+            .with_context(|| format!("agent {i} at {}", a.ip))?;
+        a.child = Some(child);
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -302,6 +282,30 @@ impl Drop for TestCluster {
             if let Some(mut c) = a.child.take() {
                 terminate(&mut c, Duration::from_secs(10));
             }
+        }
+    }
+}
+
+/// Waits for the first stdout line of a freshly spawned `dgl-agent` ("listening on ...") and
+/// keeps draining the rest so the agent never blocks on a full pipe. On failure the agent is
+/// killed and the error carries its log.
+pub fn wait_until_listening(mut child: Child, log: &Path, timeout: Duration) -> Result<Child> {
+    let stdout = child.stdout.take().context("agent stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(line) if line.contains("listening on") => Ok(child),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = fs::read_to_string(log).unwrap_or_default();
+            bail!("did not start ({other:?}); log:\n{log}")
         }
     }
 }

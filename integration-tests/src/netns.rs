@@ -21,17 +21,15 @@
 //! record files work as on one host.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{alive, bin, root_flag, terminate};
+use crate::{alive, bin, root_flag, terminate, wait_until_listening};
 
 /// The agents' port in every host namespace (each namespace has its own ports).
 pub const AGENT_PORT: u16 = dglrun_proto::DEFAULT_AGENT_PORT;
@@ -198,7 +196,7 @@ impl NetCluster {
             .create(true)
             .append(true)
             .open(&h.log)?;
-        let mut child = Command::new("ip")
+        let child = Command::new("ip")
             .args(["netns", "exec", &h.ns])
             .arg(bin("dgl-agent"))
             .arg("--listen")
@@ -216,30 +214,10 @@ impl NetCluster {
             .stderr(log)
             .spawn()
             .context("spawn dgl-agent")?;
-        let stdout = child.stdout.take().context("agent stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            for _ in lines {}
-        });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains("listening on") => {
-                h.child = Some(child);
-                Ok(())
-            }
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log = fs::read_to_string(&h.log).unwrap_or_default();
-                bail!(
-                    "agent {i} in {} did not start ({other:?}); log:\n{log}",
-                    h.ns
-                )
-            }
-        }
+        let child = wait_until_listening(child, &h.log, Duration::from_secs(30))
+            .with_context(|| format!("agent {i} in {}", h.ns))?;
+        h.child = Some(child);
+        Ok(())
     }
 
     pub fn len(&self) -> usize {

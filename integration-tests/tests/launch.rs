@@ -6,12 +6,13 @@
 //! process names.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use dglrun_integration_tests::run::{reader, run, wait_with_timeout};
 use dglrun_integration_tests::{
     compat_dir, fixtures_dir, pids_with_env, wait_gone, TestCluster, WS,
 };
@@ -29,76 +30,6 @@ fn launch(c: &TestCluster, flags: &[&str], command: &str) -> Command {
 
 fn torch_pythonpath() -> String {
     fixtures_dir().join("pythonpath").display().to_string()
-}
-
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-impl Run {
-    fn code(&self) -> i32 {
-        self.status.code().unwrap_or(-1)
-    }
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?} after {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.status, self.elapsed, self.stdout, self.stderr
-        )
-    }
-}
-
-fn reader<R: Read + Send + 'static>(r: R) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = BufReader::new(r).read_to_string(&mut s);
-        s
-    })
-}
-
-/// Runs to completion; a run that hangs is killed and fails the test with its output.
-fn run(mut cmd: Command, timeout: Duration) -> Run {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start dgl-coord");
-    let out = reader(child.stdout.take().expect("stdout"));
-    let err = reader(child.stderr.take().expect("stderr"));
-    let status = wait_with_timeout(&mut child, timeout);
-    let r = Run {
-        status: status.unwrap_or_else(|| {
-            let _ = child.kill();
-            child.wait().expect("wait")
-        }),
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-        elapsed: start.elapsed(),
-    };
-    assert!(
-        status.is_some(),
-        "dgl-coord did not finish in {timeout:?}: {r:?}"
-    );
-    r
-}
-
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(st)) = child.try_wait() {
-            return Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 #[derive(Debug, Clone)]
