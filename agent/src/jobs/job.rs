@@ -216,11 +216,6 @@ impl Job {
         }
     }
 
-    pub fn lease_expired(&self, now: Instant) -> bool {
-        let st = self.state();
-        now.duration_since(st.renewed) > st.lease
-    }
-
     pub fn info(&self, live_pids: u32) -> pb::JobInfo {
         let st = self.state();
         pb::JobInfo {

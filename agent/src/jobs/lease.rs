@@ -3,45 +3,64 @@
 //! Renewal is an explicit Renew (the coordinator sends one every lease/4) or a Spawn or Watch
 //! call naming the job. An open Watch stream alone does not count: a cut link may leave it
 //! open on this side for a long time. The same monitor forgets finished jobs after a while.
+//! It wakes only when something is due, or when told a deadline moved earlier.
 
 use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use super::{job::Job, stop_job, tree, Jobs};
 
-/// How often leases are checked.
-const TICK: Duration = Duration::from_millis(100);
-/// How often an agent without jobs looks: an idle agent should cost next to no CPU. A job
-/// spawned meanwhile is checked at the next look, at most this much later.
-const IDLE_TICK: Duration = Duration::from_secs(1);
+/// The monitor sleeps until the next lease expiry or forget time, so an idle agent costs no
+/// CPU. This bounds a sleep all the same, in case a deadline moved earlier without a wake-up.
+const MAX_SLEEP: Duration = Duration::from_secs(10);
+/// Shortest sleep: a deadline that is due but not yet actionable is not polled in a busy loop.
+const MIN_SLEEP: Duration = Duration::from_millis(50);
 /// A finished job stays listed (and its events replayable) this long.
-const KEEP_FINISHED: Duration = Duration::from_secs(60);
+pub(super) const KEEP_FINISHED: Duration = Duration::from_secs(60);
 
-pub fn spawn_monitor(jobs: Weak<Jobs>) {
+/// Starts the monitor; `wake` makes it look again at once (a job was added or its lease
+/// changed, so a deadline may have moved earlier).
+pub fn spawn_monitor(jobs: Weak<Jobs>, wake: Arc<Notify>) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         tracing::error!("no async runtime: leases will not be enforced");
         return;
     };
     handle.spawn(async move {
-        let mut idle = false;
         loop {
-            tokio::time::sleep(if idle { IDLE_TICK } else { TICK }).await;
-            let Some(jobs) = jobs.upgrade() else { return };
-            check(&jobs, Instant::now());
-            idle = jobs.all().is_empty();
+            let now = Instant::now();
+            let next = {
+                let Some(jobs) = jobs.upgrade() else { return };
+                check(&jobs, now)
+            };
+            let sleep = next
+                .map_or(MAX_SLEEP, |t| t.saturating_duration_since(now))
+                .clamp(MIN_SLEEP, MAX_SLEEP);
+            // A wake-up sent while `check` ran is kept by the Notify and ends this at once.
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = wake.notified() => {}
+            }
         }
     });
 }
 
-fn check(jobs: &Arc<Jobs>, now: Instant) {
+/// Stops expired jobs and forgets old finished ones; returns when something is next due.
+pub(super) fn check(jobs: &Arc<Jobs>, now: Instant) -> Option<Instant> {
+    let mut next: Option<Instant> = None;
+    let mut due = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
     for job in jobs.all() {
-        let expired = job.lease_expired(now);
         let (start_stop, forget) = {
             let mut st = job.state();
+            let expiry = st.renewed + st.lease;
+            let expired = now > expiry;
             let start_stop = expired && !st.lease_stopped && !st.gone;
             if start_stop {
                 st.lease_stopped = true;
+            } else if !expired && !st.lease_stopped && !st.gone {
+                due(expiry);
             }
             let done_since = match st.finished_at {
                 Some(t) => Some(t),
@@ -51,6 +70,11 @@ fn check(jobs: &Arc<Jobs>, now: Instant) {
             let forget = done_since.is_some_and(|t| now.duration_since(t) >= KEEP_FINISHED)
                 && (st.exits_seen || expired)
                 && !start_stop;
+            if let (Some(t), false) = (done_since, forget) {
+                // Forgotten once kept long enough and either watched to the end or abandoned.
+                let at = t + KEEP_FINISHED;
+                due(if st.exits_seen { at } else { at.max(expiry) });
+            }
             (start_stop, forget)
         };
         if start_stop {
@@ -60,6 +84,7 @@ fn check(jobs: &Arc<Jobs>, now: Instant) {
             jobs.remove(&job.id);
         }
     }
+    next
 }
 
 /// Stops a job whose lease ran out, if anything of it still runs, and says so in the log.

@@ -12,7 +12,7 @@
 //!   starts and stops whatever a previous run of the agent left behind.
 
 pub mod job;
-mod lease;
+pub(crate) mod lease;
 pub mod log;
 pub mod output;
 mod preflight;
@@ -69,6 +69,8 @@ pub struct Jobs {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     shutting_down: AtomicBool,
     state_file: Arc<StateFile>,
+    /// Tells the lease monitor that a deadline may have moved earlier.
+    lease_wake: Arc<tokio::sync::Notify>,
 }
 
 fn not_found(id: &str) -> Status {
@@ -103,8 +105,9 @@ impl Jobs {
             jobs: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             state_file,
+            lease_wake: Arc::new(tokio::sync::Notify::new()),
         });
-        lease::spawn_monitor(Arc::downgrade(&jobs));
+        lease::spawn_monitor(Arc::downgrade(&jobs), jobs.lease_wake.clone());
         Ok(jobs)
     }
 
@@ -263,6 +266,7 @@ impl Jobs {
             job
         };
         job.renew();
+        self.lease_wake.notify_one();
 
         // Forking and registering happen in one blocking task that runs to completion even if
         // the caller goes away mid-call: a started process is always in the job (supervised,

@@ -117,16 +117,33 @@ impl Reaper {
             match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
                 Ok(_) => self.reap_all(),
                 Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::ECHILD) => {
-                    // No children: sleep until a spawn (bounded, in case one is missed).
-                    let reg = self.lock();
-                    let _ = self.spawned.wait_timeout(reg, Duration::from_secs(1));
-                }
+                Err(nix::errno::Errno::ECHILD) => self.sleep_until_spawned(),
                 Err(e) => {
                     tracing::error!("waitid failed: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
+        }
+    }
+
+    /// Sleeps while the agent has no children at all, without polling: an idle agent costs
+    /// no CPU. Children only come from `spawn` (orphans are adopted only from descendants),
+    /// which forks with the registry locked; so "no children" checked under the lock stays
+    /// true until the condvar releases it, and the spawn's notification cannot be missed.
+    fn sleep_until_spawned(&self) {
+        let mut reg = self.lock();
+        loop {
+            let none = matches!(
+                waitid(
+                    Id::All,
+                    WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG,
+                ),
+                Err(nix::errno::Errno::ECHILD)
+            );
+            if !none {
+                return;
+            }
+            reg = self.spawned.wait(reg).unwrap_or_else(|p| p.into_inner());
         }
     }
 

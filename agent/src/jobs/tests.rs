@@ -269,3 +269,58 @@ async fn forgetting_a_job_keeps_the_agent_responsive() {
         .expect("forgetting a job must not deadlock the job map");
     assert_eq!(n, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_monitor_sleeps_until_the_next_deadline() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    let now = Instant::now();
+    assert_eq!(lease::check(&jobs, now), None, "no jobs: nothing is due");
+
+    let mut req = spawn_req("j-due", vec![shell("t0", "sleep 60")]);
+    req.lease_ms = 2_000;
+    jobs.spawn(req).await.unwrap();
+    let now = Instant::now();
+    let due = lease::check(&jobs, now).expect("a running job's lease expiry is due");
+    let left = due.saturating_duration_since(now);
+    assert!(
+        left > Duration::from_millis(1_500) && left <= Duration::from_secs(2),
+        "due in {left:?}, expected the 2 s lease expiry"
+    );
+
+    // Finished and watched to the end: next due when it is to be forgotten.
+    jobs.stop(pb::StopRequest {
+        job_id: "j-due".into(),
+        grace_ms: 100,
+        force: false,
+    })
+    .await
+    .unwrap();
+    collect_until_exited(&jobs, "j-due", 1).await;
+    jobs.renew(pb::RenewRequest {
+        job_id: "j-due".into(),
+    })
+    .unwrap();
+    let now = Instant::now();
+    let due = lease::check(&jobs, now).expect("the finished job's forget time is due");
+    let left = due.saturating_duration_since(now);
+    assert!(
+        left <= Duration::from_secs(2),
+        "the lease expiry still comes first: {left:?}"
+    );
+    // Past both: the first look marks the lease as run out (nothing is left to stop), the
+    // next forgets the job.
+    let later = now + lease::KEEP_FINISHED + Duration::from_secs(1);
+    lease::check(&jobs, later);
+    assert_eq!(
+        lease::check(&jobs, later),
+        None,
+        "forgotten once kept long enough"
+    );
+    let known = jobs
+        .renew(pb::RenewRequest {
+            job_id: "j-due".into(),
+        })
+        .unwrap()
+        .known;
+    assert!(!known, "a forgotten job is unknown");
+}
