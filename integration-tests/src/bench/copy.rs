@@ -1,5 +1,6 @@
 //! Copy: `dgl-coord copy` of a generated 4-part set to 4 agents against scp over the loopback
-//! sshd the way DGL's copy_files.py does it (one host after another, one scp per file); the
+//! sshd the way DGL's copy_files.py does it (one host after another, one scp per file) and
+//! against one `rsync -a` per host; the
 //! re-copy of unchanged data; and broadcast of one big file (in the script folder, which every
 //! host gets) to 1, 4, 16 agents.
 
@@ -94,6 +95,37 @@ fn scp_copy(
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// The same placement with one `rsync -a` per host, host after host (how an rsync user would
+/// script copy_files.py); run again on unchanged data it only compares sizes and mtimes.
+fn rsync_copy(
+    sshd: &Sshd,
+    part_config: &Path,
+    ip_config: &Path,
+    dest: &Path,
+    parts: usize,
+) -> Result<f64> {
+    let src = part_config.parent().context("part_config dir")?;
+    let t = Instant::now();
+    for i in 0..parts {
+        let ws = dest.join(format!("host{i}/ws"));
+        let data = ws.join("data");
+        let st = sshd
+            .rsync()
+            .arg(ip_config)
+            .arg(sshd.remote(&ws.join("")))
+            .status()?;
+        ensure!(st.success(), "rsync of the ip_config failed");
+        let st = sshd
+            .rsync()
+            .arg(part_config)
+            .arg(src.join(format!("part{i}")))
+            .arg(sshd.remote(&data.join("")))
+            .status()?;
+        ensure!(st.success(), "rsync of part{i} failed");
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 fn set_bytes(part_config: &Path) -> u64 {
     crate::list_files(part_config.parent().unwrap_or(Path::new(".")))
         .iter()
@@ -145,6 +177,7 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
     let sshd = Sshd::start()?;
     let reps = opts.reps.clamp(1, 3);
     let (mut first, mut again, mut scp) = (vec![], vec![], vec![]);
+    let (mut rsync, mut rsync_again) = (vec![], vec![]);
     for rep in 0..reps {
         let cache = tempfile::tempdir_in(work)?;
         let cluster = TestCluster::start(parts);
@@ -157,14 +190,19 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
         let dest = work.join("scp");
         let t3 = scp_copy(&sshd, &pc, &ip_config, &dest, parts)?;
         let _ = fs::remove_dir_all(&dest);
+        let t4 = rsync_copy(&sshd, &pc, &ip_config, &dest, parts)?;
+        let t5 = rsync_copy(&sshd, &pc, &ip_config, &dest, parts)?;
+        let _ = fs::remove_dir_all(&dest);
         eprintln!(
-            "bench copy rep {rep}: dglrun {t1:.2}s ({:.2} GB/s), re-copy {t2:.3}s ({resent} bytes resent), scp {t3:.2}s ({:.2} GB/s)",
+            "bench copy rep {rep}: dglrun {t1:.2}s ({:.2} GB/s), re-copy {t2:.3}s ({resent} bytes resent), scp {t3:.2}s ({:.2} GB/s), rsync {t4:.2}s, rsync again {t5:.3}s",
             bytes as f64 / t1 / 1e9,
             bytes as f64 / t3 / 1e9
         );
         first.push(t1);
         again.push(t2);
         scp.push(t3);
+        rsync.push(t4);
+        rsync_again.push(t5);
     }
     let gbps = |v: &[f64]| v.iter().map(|t| bytes as f64 / t / 1e9).collect::<Vec<_>>();
     let size = format!("{:.2} GiB", bytes as f64 / GIB);
@@ -194,6 +232,24 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
             Some(&|x| x >= 3.0),
         ),
         Row::new(
+            format!("copy {size}: rsync -a, host after host"),
+            "GB/s",
+            &gbps(&rsync),
+            "baseline",
+            None,
+        ),
+        Row::new(
+            "copy: rsync time / dglrun time",
+            "x",
+            &rsync
+                .iter()
+                .zip(&first)
+                .map(|(s, d)| s / d)
+                .collect::<Vec<_>>(),
+            ">= 3x",
+            Some(&|x| x >= 3.0),
+        ),
+        Row::new(
             "re-copy unchanged: first / re-copy",
             "x",
             &first
@@ -209,6 +265,17 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
             "ms",
             &again.iter().map(|a| a * 1000.0).collect::<Vec<_>>(),
             "",
+            None,
+        ),
+        Row::new(
+            "re-copy unchanged: rsync again / dglrun re-copy",
+            "x",
+            &rsync_again
+                .iter()
+                .zip(&again)
+                .map(|(r, d)| r / d)
+                .collect::<Vec<_>>(),
+            "(rsync trusts size+mtime)",
             None,
         ),
     ])

@@ -24,24 +24,30 @@ fn find(name: &str, extra: &[&str]) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// Installs openssh-server/client from the distribution's packages when sshd, ssh or scp is
-/// missing (`apt-get update` once, then `apt-get install`).
+/// Installs openssh-server/client and rsync from the distribution's packages when sshd, ssh,
+/// scp or rsync is missing (`apt-get update` once, then `apt-get install`).
 pub fn ensure_installed() -> Result<()> {
     let have = find("sshd", &["/usr/sbin/sshd"]).is_some()
-        && find("ssh", &[]).is_some()
-        && find("scp", &[]).is_some()
-        && find("ssh-keygen", &[]).is_some();
+        && ["ssh", "scp", "ssh-keygen", "rsync"]
+            .iter()
+            .all(|b| find(b, &[]).is_some());
     if have {
         return Ok(());
     }
-    eprintln!("bench: installing openssh-server and openssh-client (apt-get)");
+    const PACKAGES: [&str; 3] = ["openssh-server", "openssh-client", "rsync"];
+    eprintln!("bench: installing {} (apt-get)", PACKAGES.join(", "));
     let st = Command::new("apt-get").arg("update").status()?;
     ensure!(st.success(), "apt-get update failed");
     let st = Command::new("apt-get")
-        .args(["install", "-y", "openssh-server", "openssh-client"])
+        .args(["install", "-y"])
+        .args(PACKAGES)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()?;
-    ensure!(st.success(), "apt-get install openssh-server failed");
+    ensure!(
+        st.success(),
+        "apt-get install {} failed",
+        PACKAGES.join(" ")
+    );
     Ok(())
 }
 
@@ -146,7 +152,18 @@ impl Sshd {
         c
     }
 
-    /// The remote-path prefix for scp.
+    /// `rsync -a` over this sshd (append sources and `127.0.0.1:dest`).
+    pub fn rsync(&self) -> Command {
+        let mut c = Command::new("rsync");
+        let ssh = std::iter::once("ssh".to_string())
+            .chain(self.client_opts("-p"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        c.args(["-a", "--mkpath", "-e"]).arg(ssh);
+        c
+    }
+
+    /// The remote-path prefix for scp and rsync.
     pub fn remote(&self, path: &Path) -> String {
         format!("127.0.0.1:{}", path.display())
     }
