@@ -585,6 +585,8 @@ fn stale_processes_of_the_workspace_block_a_new_launch_until_killed() {
                 "--trainer-mode",
                 "direct",
                 "--kill-stale",
+                "--log-dir",
+                "stale-logs",
             ],
             "python3 fake_dgl.py",
         ),
@@ -592,6 +594,11 @@ fn stale_processes_of_the_workspace_block_a_new_launch_until_killed() {
     );
     assert_eq!(r.code(), 0, "{r:?}");
     assert!(r.stderr.contains("stopping stale"), "{r:?}");
+    let log = std::fs::read_to_string(c.local().join("stale-logs/launch.log")).unwrap();
+    assert!(
+        log.contains("stopping stale"),
+        "the log dir has the note too: {log}"
+    );
     assert!(wait_gone(&stale, Duration::from_millis(100)).is_empty());
     assert_nothing_left(&c, "after --kill-stale");
 }

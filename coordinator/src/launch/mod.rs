@@ -166,15 +166,16 @@ fn plan_text(o: &LaunchOptions, f: &ClusterFacts, plan: &[PlannedProcess]) -> St
 /// that fails before anything started still ends with a `summary` event (outcome `error`).
 pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
     let job_id = new_job_id();
-    let mut log = match &r.log_dir {
+    let log = match &r.log_dir {
         Some(dir) if !r.dry_run => Some(logdir::LogDir::create(dir)?),
         _ => None,
     };
-    let result = start(&o, &r, &job_id).await;
+    // Made before preflight, so what it reports (stale jobs stopped) reaches the log dir too.
+    let mut out = sink::Sink::new(r.json, r.started, log);
+    let result = start(&o, &r, &job_id, &mut out).await;
     match result {
         Ok(Started::DryRun) => Ok(0),
         Ok(Started::Running { hosts, planned }) => {
-            let out = sink::Sink::new(r.json, r.started, log);
             driver::run(
                 hosts,
                 planned,
@@ -191,37 +192,29 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
             .await
         }
         Err(e) => {
-            if r.json || log.is_some() {
-                error_summary(&job_id, r.json, log.take(), r.started, &e);
-            }
+            error_summary(&job_id, &mut out, r.started, &e);
             Err(e)
         }
     }
 }
 
 /// The `summary` event (outcome `error`) of a launch that failed before it started anything,
-/// on stdout with `json` and into the log dir if there is one. The error itself is still
+/// on stdout with `--json` and into the log dir if there is one. The error itself is still
 /// printed on stderr by the caller.
-fn error_summary(
-    job_id: &str,
-    json: bool,
-    log: Option<logdir::LogDir>,
-    started: Instant,
-    e: &anyhow::Error,
-) {
+fn error_summary(job_id: &str, out: &mut sink::Sink, started: Instant, e: &anyhow::Error) {
     let s = events::Summary::error(
         job_id,
         format!("{e:#}"),
         started.elapsed().as_millis() as u64,
     );
     let text = format!("dgl-coord: error: {e:#}\n");
-    sink::Sink::new(json, started, log).error_summary(&s, &text);
+    out.error_summary(&s, &text);
 }
 
 /// For `--json`: the `summary` event of a launch whose arguments were refused before a job id
 /// was made (its `job_id` is empty).
 pub fn print_error_summary(started: Instant, e: &anyhow::Error) {
-    error_summary("", true, None, started, e);
+    error_summary("", &mut sink::Sink::new(true, started, None), started, e);
 }
 
 enum Started {
@@ -233,7 +226,12 @@ enum Started {
 }
 
 /// Everything before the first process: the plan, the agents, preflight.
-async fn start(o: &LaunchOptions, r: &RunOptions, job_id: &str) -> anyhow::Result<Started> {
+async fn start(
+    o: &LaunchOptions,
+    r: &RunOptions,
+    job_id: &str,
+    out: &mut sink::Sink,
+) -> anyhow::Result<Started> {
     let machines = match &r.local_ip_config {
         Some(p) => IpConfig::load(p)?,
         None => local_ip_config(o)?.1,
@@ -246,7 +244,8 @@ async fn start(o: &LaunchOptions, r: &RunOptions, job_id: &str) -> anyhow::Resul
         return Ok(Started::DryRun);
     }
     let hosts = cluster::connect_all(&machines, &r.access).await?;
-    let checked = preflight::check_all(&hosts, o, &machines, r.kill_stale, r.grace).await?;
+    let kill_stale = r.kill_stale.then_some(out);
+    let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace).await?;
     f.master_port = Some(checked.master_port);
     let planned = plan::plan(o, &f)?;
     Ok(Started::Running { hosts, planned })

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use dglrun_proto::pb;
 
-use super::output::note;
 use super::plan::LaunchOptions;
+use super::sink::Sink;
 use crate::cluster::Host;
 use crate::config::{IpConfig, PartConfig};
 
@@ -87,13 +87,14 @@ fn check_host(
     problems
 }
 
-/// Runs Preflight on every host at once and checks the replies. With `kill_stale`, live jobs
-/// of the workspace are stopped (with `grace`); without, they are an error.
+/// Runs Preflight on every host at once and checks the replies. With `kill_stale` (where to
+/// report it), live jobs of the workspace are stopped (with `grace`); without, they are an
+/// error.
 pub async fn check_all(
     hosts: &[Host],
     o: &LaunchOptions,
     local: &IpConfig,
-    kill_stale: bool,
+    kill_stale: Option<&mut Sink>,
     grace: Duration,
 ) -> anyhow::Result<Checked> {
     let calls = hosts.iter().map(|h| {
@@ -150,16 +151,16 @@ pub async fn check_all(
                 )
             })
             .collect();
-        if !kill_stale {
+        let Some(out) = kill_stale else {
             anyhow::bail!(
                 "processes of an earlier job in workspace {} are still running:\n  {}\n\
                  They may hold DGL's ports. Stop them with --kill-stale.",
                 o.workspace,
                 listing.join("\n  ")
             );
-        }
+        };
         for l in &listing {
-            note(&format!("stopping stale {l}"));
+            out.note(&format!("stopping stale {l}"));
         }
         stop_stale(hosts, &live, grace).await?;
     }
