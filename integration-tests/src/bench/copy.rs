@@ -208,7 +208,11 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
     let _ = fs::remove_dir_all(work.join("src"));
     let (one_cold, one_warm, one_bytes) = into_one_agent(work, total, reps)?;
     let gbps = |v: &[f64]| v.iter().map(|t| bytes as f64 / t / 1e9).collect::<Vec<_>>();
-    let one_gbps = |v: &[f64]| v.iter().map(|t| one_bytes as f64 / t / 1e9).collect::<Vec<_>>();
+    let one_gbps = |v: &[f64]| {
+        v.iter()
+            .map(|t| one_bytes as f64 / t / 1e9)
+            .collect::<Vec<_>>()
+    };
     let size = format!("{:.2} GiB", bytes as f64 / GIB);
     Ok(vec![
         Row::new(
