@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use dglrun_integration_tests::bench::compress::dgl_like_partitions;
 use dglrun_integration_tests::partitions::write_random;
 use dglrun_integration_tests::{compat_dir, gen_partitions, list_files, sha256_file, TestCluster};
 use serde_json::Value;
@@ -565,4 +566,93 @@ fn real_dgl_partitions_land_where_dgl_loads_them() {
             check_machine(&cluster, i, &pc, None);
         }
     }
+}
+
+/// `bytes_sent` and `wire_bytes` of host `i`, checked against the sum of its files.
+fn host_bytes(r: &Run, i: usize) -> (u64, u64) {
+    let files = r.json["hosts"][i]["files"].as_array().unwrap();
+    let sum = |k: &str| files.iter().map(|f| f[k].as_u64().unwrap()).sum::<u64>();
+    let (logical, wire) = (count(r, i, "bytes_sent"), count(r, i, "wire_bytes"));
+    assert_eq!((logical, wire), (sum("bytes_sent"), sum("wire_bytes")));
+    (logical, wire)
+}
+
+#[test]
+fn compressed_copy_lands_byte_identical_and_puts_far_fewer_bytes_on_the_wire() {
+    let cluster = TestCluster::start(2);
+    let local = cluster.local();
+    // Shaped like DGL's files (sparse float32 features, int64 ids), several chunks each.
+    let pc = dgl_like_partitions(&local.join("out"), 2, 16 * MIB + 4099, "z").unwrap();
+    let code = scripts(&local);
+    let r = run(copy_cmd(
+        &cluster,
+        &pc,
+        Some(&code),
+        &["--compress", "zstd"],
+    ));
+    assert_ok(&r);
+    assert_eq!(r.json["compression"], "zstd");
+    for i in 0..2 {
+        check_machine(&cluster, i, &pc, Some(&code));
+        let (logical, wire) = host_bytes(&r, i);
+        assert!(logical > 16 * MIB, "m{i}: {logical}");
+        assert!(
+            wire * 2 < logical,
+            "m{i}: {wire} bytes on the wire for {logical}"
+        );
+    }
+    let (logical, wire) = (
+        r.json["bytes_sent"].as_u64().unwrap(),
+        r.json["wire_bytes"].as_u64().unwrap(),
+    );
+    assert!(wire * 2 < logical, "{wire} on the wire for {logical}");
+
+    // The agents keep nothing of the compression: an uncompressed re-copy sends nothing.
+    let again = copy(&cluster, &pc, Some(&code));
+    assert_ok(&again);
+    assert_eq!(again.json["bytes_sent"], 0, "{}", again.json);
+    assert_eq!(again.json["compression"], "none");
+}
+
+#[test]
+fn incompressible_data_goes_raw_under_compress_zstd() {
+    let cluster = TestCluster::start(2);
+    let local = cluster.local();
+    // Random data: every chunk of the partition files falls back to raw.
+    let pc = gen_partitions(&local.join("out"), 2, 9 * MIB + 1, "r").unwrap();
+    let r = run(copy_cmd(
+        &cluster,
+        &pc,
+        None,
+        &["--compress", "zstd", "--compress-level", "1"],
+    ));
+    assert_ok(&r);
+    for i in 0..2 {
+        check_machine(&cluster, i, &pc, None);
+        let (logical, wire) = host_bytes(&r, i);
+        assert!(logical >= 27 * MIB, "m{i}: {logical}");
+        // Only the small JSON and ip_config shrink.
+        assert!(
+            wire <= logical && wire * 1000 >= logical * 999,
+            "m{i}: {wire} bytes on the wire for {logical}"
+        );
+        let part = file_report(&r, i, &format!("ws/data/part{i}/graph.dgl"));
+        assert_eq!(part["wire_bytes"], part["bytes_sent"], "{part}");
+    }
+}
+
+#[test]
+fn compress_flags_are_checked() {
+    let cluster = TestCluster::start(1);
+    let pc = gen_partitions(&cluster.local().join("out"), 1, 10, "c").unwrap();
+    for (flags, needle) in [
+        (&["--compress", "gzip"][..], "invalid value 'gzip'"),
+        (&["--compress", "zstd", "--compress-level", "20"], "20"),
+        (&["--compress", "zstd", "--compress-level", "0"], "0"),
+    ] {
+        let r = run(copy_cmd(&cluster, &pc, None, flags));
+        assert_eq!(r.status.code(), Some(2), "{flags:?}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{flags:?}: {}", r.stderr);
+    }
+    assert!(host_files(cluster.root(0)).is_empty());
 }

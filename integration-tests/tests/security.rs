@@ -61,6 +61,7 @@ fn put_stream(path: &str, data: &[u8]) -> impl tokio_stream::Stream<Item = pb::P
         msg: Some(Msg::Chunk(pb::Chunk {
             offset: 0,
             data: data.to_vec().into(),
+            ..Default::default()
         })),
     };
     tokio_stream::iter(vec![header, chunk])

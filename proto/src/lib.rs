@@ -4,6 +4,7 @@
 //! rules that are part of the protocol (chunking, the file digest, the metadata each call
 //! carries) live next to them, so agent and coordinator cannot disagree.
 
+pub mod compress;
 pub mod digest;
 pub mod meta;
 pub mod tls;
@@ -14,7 +15,10 @@ pub mod pb {
 }
 
 /// Bumped on every incompatible change of `dglrun.proto`.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: chunks may be zstd-compressed (`Chunk.compression`). An agent of version 1 would take a
+/// compressed chunk for raw bytes, so the two must not talk.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The version of this build, reported in handshakes.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

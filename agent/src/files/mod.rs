@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use dglrun_proto::compress::max_frame_len;
 use dglrun_proto::digest::hash_file;
 use dglrun_proto::pb::{self, put_file_message::Msg};
-use dglrun_proto::CHUNK_SIZE;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{mpsc, OwnedMutexGuard};
 use tonic::{Status, Streaming};
@@ -198,7 +198,8 @@ enum Received {
 }
 
 /// Passes the chunks of the stream to the writer after checking they are exactly the next
-/// chunk the manifest expects: in order, from `offset`, each of its full length.
+/// chunk the manifest expects: in order, from `offset`, each of its full length (a compressed
+/// one: a frame no longer than a frame of that length can be; the writer checks what it holds).
 async fn receive(
     stream: &mut Streaming<pb::PutFileMessage>,
     m: &Manifest,
@@ -228,15 +229,35 @@ async fn receive(
         }
         let len = chunk.data.len() as u64;
         let expected = m.chunk_len_at(next);
-        if len != expected || len > CHUNK_SIZE as u64 {
-            return Err(refuse(format!(
-                "chunk at offset {next} has {len} bytes, expected {expected}"
-            )));
+        // An unknown value is refused, not read as raw: it would be taken for the chunk's bytes.
+        let compression = pb::Compression::try_from(chunk.compression).map_err(|_| {
+            refuse(format!(
+                "chunk at offset {next} uses an unknown compression ({}); is dgl-coord newer \
+                 than this agent?",
+                chunk.compression
+            ))
+        })?;
+        match compression {
+            pb::Compression::None if len != expected => {
+                return Err(refuse(format!(
+                    "chunk at offset {next} has {len} bytes, expected {expected}"
+                )));
+            }
+            // Bounded here, before it is queued; what it holds is checked by the writer.
+            pb::Compression::Zstd if len > max_frame_len(expected as usize) as u64 => {
+                return Err(refuse(format!(
+                    "chunk at offset {next} is a zstd frame of {len} bytes, longer than any \
+                     frame of its {expected} bytes can be"
+                )));
+            }
+            _ => {}
         }
-        next += len;
+        next += expected;
         let msg = ToWriter::Chunk {
             offset: chunk.offset,
+            len: expected,
             data: chunk.data,
+            compression,
         };
         if tx.send(msg).await.is_err() {
             return Err(Received::WriterStopped);

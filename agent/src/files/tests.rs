@@ -7,7 +7,7 @@ use dglrun_proto::digest::{hash_reader, FileDigest};
 use dglrun_proto::pb::agent_client::AgentClient;
 use dglrun_proto::pb::agent_server::AgentServer;
 use dglrun_proto::pb::FileStatus;
-use dglrun_proto::MAX_MESSAGE_BYTES;
+use dglrun_proto::{CHUNK_SIZE, MAX_MESSAGE_BYTES};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -100,6 +100,7 @@ fn messages(m: pb::FileManifest, bytes: &[u8], offset: u64) -> Vec<pb::PutFileMe
             msg: Some(Msg::Chunk(pb::Chunk {
                 offset: at as u64,
                 data: bytes[at..end].to_vec().into(),
+                ..Default::default()
             })),
         });
         at = end;
@@ -441,4 +442,168 @@ async fn counters_count_bytes_files_skips_and_bad_chunks() {
         after.3 > before.3,
         "verification failures: {before:?} {after:?}"
     );
+}
+
+/// `messages`, with the chunk at index `i` (0-based, after the header) sent as `frame` with
+/// the given compression instead of raw.
+fn with_chunk(
+    mut msgs: Vec<pb::PutFileMessage>,
+    i: usize,
+    frame: Vec<u8>,
+    compression: pb::Compression,
+) -> Vec<pb::PutFileMessage> {
+    if let Some(Msg::Chunk(c)) = &mut msgs[i + 1].msg {
+        c.data = frame.into();
+        c.compression = compression as i32;
+    }
+    msgs
+}
+
+fn zstd(bytes: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(bytes, 3).unwrap()
+}
+
+#[tokio::test]
+async fn zstd_chunks_are_decompressed_verified_and_written() {
+    let a = agent().await;
+    let bytes = data(2 * CHUNK_SIZE + 17, 12);
+    let m = manifest("ws/z", &digest(&bytes), 0o644);
+    // Compressed, raw and compressed again (the short last chunk): any mix is fine.
+    let c = CHUNK_SIZE;
+    let mut msgs = messages(m.clone(), &bytes, 0);
+    msgs = with_chunk(msgs, 0, zstd(&bytes[..c]), pb::Compression::Zstd);
+    msgs = with_chunk(msgs, 2, zstd(&bytes[2 * c..]), pb::Compression::Zstd);
+    let reply = put(&a, msgs).await.unwrap();
+    assert_eq!(reply.bytes_written, bytes.len() as u64);
+    assert_eq!(fs::read(a.path("ws/z")).unwrap(), bytes);
+    assert_eq!(prepare(&a, vec![m.clone()]).await.unwrap(), [(PRESENT, 0)]);
+
+    // A resumed transfer may be compressed too.
+    fs::remove_file(a.path("ws/z")).unwrap();
+    fs::write(partial_path(&a.path("ws/z")), &bytes[..c]).unwrap();
+    assert_eq!(
+        prepare(&a, vec![m.clone()]).await.unwrap(),
+        [(SEND, c as u64)]
+    );
+    let msgs = with_chunk(
+        messages(m, &bytes, c as u64),
+        0,
+        zstd(&bytes[c..2 * c]),
+        pb::Compression::Zstd,
+    );
+    put(&a, msgs).await.unwrap();
+    assert_eq!(fs::read(a.path("ws/z")).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_zstd_frame_that_is_not_exactly_its_chunk_is_refused_and_nothing_of_it_written() {
+    use crate::metrics::COUNTERS;
+    use std::sync::atomic::Ordering::Relaxed;
+    let a = agent().await;
+    let c = CHUNK_SIZE;
+    let bytes = data(3 * c, 13);
+    let m = manifest("ws/bomb", &digest(&bytes), 0o644);
+    let other = data(c, 14);
+    let mut longer = bytes[c..2 * c].to_vec();
+    longer.push(0);
+    let cases: [(&str, Vec<u8>, &str); 6] = [
+        // 256 MiB of zeros in a frame of a few KiB: must never be decompressed whole.
+        (
+            "bomb",
+            zstd(&vec![0u8; 64 * c]),
+            "does not decompress to its 4194304 bytes",
+        ),
+        (
+            "one byte more",
+            zstd(&longer),
+            "does not decompress to its 4194304 bytes",
+        ),
+        (
+            "one byte less",
+            zstd(&bytes[c..2 * c - 1]),
+            "decompresses to 4194303 bytes",
+        ),
+        (
+            "garbage",
+            b"this is not a zstd frame".to_vec(),
+            "does not decompress",
+        ),
+        (
+            "cut off",
+            zstd(&bytes[c..2 * c])[..100].to_vec(),
+            "does not decompress",
+        ),
+        ("another chunk", zstd(&other), "does not match its SHA-256"),
+    ];
+    let partial = partial_path(&a.path("ws/bomb"));
+    for (what, frame, needle) in cases {
+        let failures = COUNTERS.verification_failures.load(Relaxed);
+        let msgs = with_chunk(
+            messages(m.clone(), &bytes, 0),
+            1,
+            frame,
+            pb::Compression::Zstd,
+        );
+        let err = put(&a, msgs).await.unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss, "{what}: {err:?}");
+        let msg = err.message();
+        assert!(
+            msg.contains("ws/bomb") && msg.contains(&format!("offset {c}")) && msg.contains(needle),
+            "{what}: {msg}"
+        );
+        assert!(msg.contains("nothing from it was written"), "{what}: {msg}");
+        assert!(
+            COUNTERS.verification_failures.load(Relaxed) > failures,
+            "{what}: counted as a verification failure"
+        );
+        // The good first chunk is kept, nothing of the bad one is.
+        assert_eq!(fs::metadata(&partial).unwrap().len(), c as u64, "{what}");
+        assert_eq!(fs::read(&partial).unwrap(), bytes[..c], "{what}");
+        assert!(!a.path("ws/bomb").exists(), "{what}");
+    }
+    // A bad first chunk leaves an empty partial.
+    let msgs = with_chunk(
+        messages(m.clone(), &bytes, 0),
+        0,
+        zstd(&vec![0u8; 64 * c]),
+        pb::Compression::Zstd,
+    );
+    assert_eq!(put(&a, msgs).await.unwrap_err().code(), Code::DataLoss);
+    assert_eq!(fs::metadata(&partial).unwrap().len(), 0);
+    // Raw chunks still land as before.
+    put(&a, messages(m, &bytes, 0)).await.unwrap();
+    assert_eq!(fs::read(a.path("ws/bomb")).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn oversized_frames_and_unknown_compressions_are_refused_before_the_writer() {
+    let a = agent().await;
+    let bytes = data(2 * CHUNK_SIZE, 15);
+    let m = manifest("ws/w", &digest(&bytes), 0o644);
+    let too_long = vec![0u8; dglrun_proto::compress::max_frame_len(CHUNK_SIZE) + 1];
+    let msgs = with_chunk(
+        messages(m.clone(), &bytes, 0),
+        0,
+        too_long,
+        pb::Compression::Zstd,
+    );
+    let err = put(&a, msgs).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("ws/w") && err.message().contains("longer than any frame"),
+        "{}",
+        err.message()
+    );
+    let mut msgs = messages(m, &bytes, 0);
+    if let Some(Msg::Chunk(c)) = &mut msgs[1].msg {
+        c.compression = 7;
+    }
+    let err = put(&a, msgs).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("unknown compression (7)"),
+        "{}",
+        err.message()
+    );
+    assert!(!a.path("ws/w").exists());
 }

@@ -1,8 +1,9 @@
 //! The blocking half of a PutFile: verify each chunk, write it to the partial, and at the end
 //! make the file durable and visible under its name.
 //!
-//! It runs on its own blocking thread fed by a bounded channel, so hashing and disk writes of
-//! one chunk overlap the network receive of the next, and the async runtime never hashes.
+//! It runs on its own blocking thread fed by a bounded channel, so decompression, hashing and
+//! disk writes of one chunk overlap the network receive of the next, and the async runtime
+//! never does any of them.
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use dglrun_proto::compress::Unpacker;
 use dglrun_proto::digest::chunk_hash;
 use dglrun_proto::{pb, CHUNK_SIZE};
 use tokio::sync::{mpsc, OwnedMutexGuard};
@@ -24,8 +26,15 @@ use crate::confine::{verify_opened, Root};
 use crate::metrics;
 
 pub enum ToWriter {
-    /// A chunk whose offset and length the receiver already checked against the manifest.
-    Chunk { offset: u64, data: Bytes },
+    /// A chunk whose offset and length (`len`, as the manifest has it) the receiver already
+    /// checked against the manifest. Raw, `data` is those `len` bytes; compressed, a zstd frame
+    /// the receiver only bounded, which must hold exactly `len` bytes.
+    Chunk {
+        offset: u64,
+        len: u64,
+        data: Bytes,
+        compression: pb::Compression,
+    },
     /// Every chunk has been sent: make the file durable and rename it into place.
     Finish,
 }
@@ -49,11 +58,33 @@ pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileR
     let m = &t.manifest;
     let file = open_partial(&t)?;
     let mut next = t.offset;
+    let mut unpacker = Unpacker::new();
     while let Some(msg) = rx.blocking_recv() {
         match msg {
-            ToWriter::Chunk { offset, data } => {
+            ToWriter::Chunk {
+                offset,
+                len,
+                data,
+                compression,
+            } => {
+                let data: &[u8] = match compression {
+                    pb::Compression::None => &data,
+                    // Into a buffer of exactly `len` bytes: a frame holding more (a "bomb") or
+                    // less, or no frame at all, is refused like a chunk with a wrong hash.
+                    pb::Compression::Zstd => unpacker.unpack(&data, len as usize).map_err(|e| {
+                        metrics::add(&metrics::COUNTERS.verification_failures, 1);
+                        Status::data_loss(format!(
+                            "{}: the compressed chunk at offset {offset} {e}; nothing from it \
+                             was written",
+                            m.path
+                        ))
+                    })?,
+                };
                 let idx = (offset / CHUNK_SIZE as u64) as usize;
-                if offset != next || m.chunks.get(idx) != Some(&chunk_hash(&data)) {
+                if offset != next
+                    || data.len() as u64 != len
+                    || m.chunks.get(idx) != Some(&chunk_hash(data))
+                {
                     // Not written: the partial keeps only verified bytes.
                     metrics::add(&metrics::COUNTERS.verification_failures, 1);
                     return Err(Status::data_loss(format!(
@@ -62,7 +93,7 @@ pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileR
                         m.path
                     )));
                 }
-                file.write_all_at(&data, offset)
+                file.write_all_at(data, offset)
                     .map_err(|e| io_status("cannot write", &m.path, e))?;
                 metrics::add(&metrics::COUNTERS.bytes_received, data.len() as u64);
                 next += data.len() as u64;

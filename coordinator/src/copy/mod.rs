@@ -24,6 +24,7 @@ use anyhow::Context;
 use crate::cluster::{self, AgentAccess};
 use crate::config::{IpConfig, PartConfig};
 pub use progress::{Progress, ProgressMode};
+pub use reader::Compression;
 pub use send::SendOptions;
 pub use summary::{CopyReport, FileOutcome, HostReport};
 
@@ -92,10 +93,13 @@ pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
     .await?;
     let ok = hosts.iter().all(HostReport::ok);
     let bytes_sent = hosts.iter().map(|h| h.bytes_sent).sum();
+    let wire_bytes = hosts.iter().map(|h| h.wire_bytes).sum();
     Ok(CopyReport {
         ok,
         hosts,
         bytes_sent,
+        wire_bytes,
+        compression: opts.send.compression.name(),
         seconds: started.elapsed().as_secs_f64(),
         hashing,
         launch: summary::LaunchHint {

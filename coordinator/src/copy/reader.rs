@@ -4,12 +4,17 @@
 //! hosts; each chunk (a `Bytes`, shared, never copied) goes to every host whose own resume
 //! offset it has reached. The channels are bounded, so memory stays at a few chunks per host
 //! whatever the file size, and the reader runs at the pace of its slowest host.
+//!
+//! With compression on, the same thread compresses each chunk once, before the fan-out: every
+//! host gets the same frame, and the async runtime never compresses.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use dglrun_proto::compress::Packer;
+use dglrun_proto::pb;
 use dglrun_proto::CHUNK_SIZE;
 use tokio::sync::mpsc;
 
@@ -18,8 +23,38 @@ use super::plan::Content;
 /// Chunks queued per host: one being sent, one ready, one being read.
 pub const QUEUE_CHUNKS: usize = 2;
 
-/// A chunk and its offset in the file.
-pub type ChunkMsg = (u64, Bytes);
+/// How chunks travel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// As they are.
+    #[default]
+    None,
+    /// zstd at this level (see `dglrun_proto::compress`); a chunk that does not shrink is sent
+    /// as it is.
+    Zstd { level: i32 },
+}
+
+impl Compression {
+    /// As the report names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Zstd { .. } => "zstd",
+        }
+    }
+}
+
+/// A chunk as it goes on the wire.
+#[derive(Clone, Debug)]
+pub struct ChunkMsg {
+    /// Offset in the file.
+    pub offset: u64,
+    /// The chunk's length in the file (what progress and reports count).
+    pub len: u64,
+    /// What is sent: the chunk's bytes, or its zstd frame.
+    pub data: Bytes,
+    pub compression: pb::Compression,
+}
 
 /// Set when the reader fails: the streams it fed ended early, and this says why.
 #[derive(Clone, Default)]
@@ -43,7 +78,13 @@ pub struct Feed {
 
 /// Starts a reader for `content` (`size` bytes, `origin` for messages) feeding one stream per
 /// entry of `offsets`, each from its own offset. Returns the feeds in the same order.
-pub fn spawn(content: Content, origin: String, size: u64, offsets: &[u64]) -> Vec<Feed> {
+pub fn spawn(
+    content: Content,
+    origin: String,
+    size: u64,
+    offsets: &[u64],
+    compression: Compression,
+) -> Vec<Feed> {
     let error = ReadError::default();
     let mut outs = Vec::new();
     let mut feeds = Vec::new();
@@ -57,7 +98,7 @@ pub fn spawn(content: Content, origin: String, size: u64, offsets: &[u64]) -> Ve
     }
     tokio::task::spawn_blocking(move || {
         let mut outs = outs;
-        if let Err(e) = fan_out(&content, size, &mut outs) {
+        if let Err(e) = fan_out(&content, size, &mut outs, compression) {
             // Set before the senders drop: a stream that sees its end can then find the cause.
             error.set(format!("{origin}: {e}"));
         }
@@ -70,9 +111,16 @@ fn fan_out(
     content: &Content,
     size: u64,
     outs: &mut Vec<(u64, mpsc::Sender<ChunkMsg>)>,
+    compression: Compression,
 ) -> Result<(), String> {
     let Some(start) = outs.iter().map(|(o, _)| *o).min() else {
         return Ok(());
+    };
+    let mut packer = match compression {
+        Compression::None => None,
+        Compression::Zstd { level } => Some(
+            Packer::new(level).map_err(|e| format!("cannot start zstd at level {level}: {e}"))?,
+        ),
     };
     let mut source = Chunks::open(content, start)?;
     let mut offset = start;
@@ -87,10 +135,23 @@ fn fan_out(
                 offset + chunk.len() as u64
             ));
         }
+        // Once for all hosts; the raw chunk is dropped as soon as its frame is made.
+        let msg = match packer.as_mut().and_then(|p| p.pack(&chunk)) {
+            Some(frame) => ChunkMsg {
+                offset,
+                len: len as u64,
+                data: Bytes::from(frame),
+                compression: pb::Compression::Zstd,
+            },
+            None => ChunkMsg {
+                offset,
+                len: len as u64,
+                data: chunk,
+                compression: pb::Compression::None,
+            },
+        };
         // A host whose stream ended (failed, or will retry on its own) drops out.
-        outs.retain(|(from, tx)| {
-            *from > offset || tx.blocking_send((offset, chunk.clone())).is_ok()
-        });
+        outs.retain(|(from, tx)| *from > offset || tx.blocking_send(msg.clone()).is_ok());
         offset += len as u64;
     }
     Ok(())
@@ -138,13 +199,30 @@ impl<'a> Chunks<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dglrun_proto::compress::Unpacker;
 
-    async fn collect(mut feed: Feed) -> (Vec<u8>, Vec<u64>) {
+    /// The chunks of a feed, as sent.
+    async fn chunks(mut feed: Feed) -> Vec<ChunkMsg> {
+        let mut out = Vec::new();
+        while let Some(c) = feed.rx.recv().await {
+            out.push(c);
+        }
+        out
+    }
+
+    /// The bytes (decompressed) and offsets of a feed.
+    async fn collect(feed: Feed) -> (Vec<u8>, Vec<u64>) {
         let mut data = Vec::new();
         let mut offsets = Vec::new();
-        while let Some((off, chunk)) = feed.rx.recv().await {
-            offsets.push(off);
-            data.extend_from_slice(&chunk);
+        let mut u = Unpacker::new();
+        for c in chunks(feed).await {
+            offsets.push(c.offset);
+            match c.compression {
+                pb::Compression::None => data.extend_from_slice(&c.data),
+                pb::Compression::Zstd => {
+                    data.extend_from_slice(u.unpack(&c.data, c.len as usize).unwrap())
+                }
+            }
         }
         (data, offsets)
     }
@@ -156,18 +234,58 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, &data).unwrap();
-        for content in [Content::File(p.clone()), Content::Bytes(data.clone())] {
-            let feeds = spawn(
-                content,
-                "f".into(),
-                data.len() as u64,
-                &[c as u64, 0, 2 * c as u64 + 10],
-            );
-            // Concurrently, as the hosts' streams do: the reader goes at the slowest one's pace.
-            let got = futures::future::join_all(feeds.into_iter().map(collect)).await;
-            assert_eq!(got[0], (data[c..].to_vec(), vec![c as u64, 2 * c as u64]));
-            assert_eq!(got[1], (data.clone(), vec![0, c as u64, 2 * c as u64]));
-            assert_eq!(got[2], (vec![], vec![]));
+        for compression in [Compression::None, Compression::Zstd { level: 1 }] {
+            for content in [Content::File(p.clone()), Content::Bytes(data.clone())] {
+                let feeds = spawn(
+                    content,
+                    "f".into(),
+                    data.len() as u64,
+                    &[c as u64, 0, 2 * c as u64 + 10],
+                    compression,
+                );
+                // Concurrently, as the hosts' streams do: the reader goes at the slowest one's
+                // pace.
+                let got = futures::future::join_all(feeds.into_iter().map(collect)).await;
+                assert_eq!(got[0], (data[c..].to_vec(), vec![c as u64, 2 * c as u64]));
+                assert_eq!(got[1], (data.clone(), vec![0, c as u64, 2 * c as u64]));
+                assert_eq!(got[2], (vec![], vec![]));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_is_compressed_once_for_all_hosts_and_only_if_it_shrinks() {
+        // One compressible chunk, then one of noise, then a short compressible one.
+        let mut data = vec![7u8; CHUNK_SIZE];
+        let mut x = 1u64;
+        data.extend((0..CHUNK_SIZE).map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        }));
+        data.extend([1u8; 5000]);
+        let feeds = spawn(
+            Content::Bytes(data.clone()),
+            "f".into(),
+            data.len() as u64,
+            &[0, 0],
+            Compression::Zstd { level: 3 },
+        );
+        let got = futures::future::join_all(feeds.into_iter().map(chunks)).await;
+        let kinds: Vec<_> = got[0].iter().map(|c| (c.compression, c.len)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (pb::Compression::Zstd, CHUNK_SIZE as u64),
+                (pb::Compression::None, CHUNK_SIZE as u64),
+                (pb::Compression::Zstd, 5000),
+            ]
+        );
+        assert!(got[0][0].data.len() < 1000, "{}", got[0][0].data.len());
+        // Both hosts were handed the very same buffers: compressed once, never copied.
+        for (a, b) in got[0].iter().zip(&got[1]) {
+            assert_eq!(a.data.as_ptr(), b.data.as_ptr());
         }
     }
 
@@ -179,6 +297,7 @@ mod tests {
             "f".into(),
             data.len() as u64,
             &[0, 0],
+            Compression::None,
         );
         let second = feeds.pop().unwrap();
         drop(feeds);
@@ -191,7 +310,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"short").unwrap();
-        let mut feeds = spawn(Content::File(p), "part-0.x".into(), 100, &[0]);
+        let mut feeds = spawn(
+            Content::File(p),
+            "part-0.x".into(),
+            100,
+            &[0],
+            Compression::None,
+        );
         let feed = feeds.pop().unwrap();
         let err = feed.error.clone();
         let (got, _) = collect(feed).await;

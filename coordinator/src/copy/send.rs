@@ -1,7 +1,7 @@
 //! Carries a plan out on the hosts: prepare everywhere, check free disk, send (each source
 //! read once and fanned out), retry dropped streams, and verify at the end.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use tonic::{Code, Status};
 
 use super::plan::{Content, CopyPlan};
 use super::progress::Progress;
-use super::reader::{self, Feed};
+use super::reader::{self, ChunkMsg, Compression, Feed};
 use super::summary::{FileOutcome, FileReport, HostReport};
 use crate::cluster::{self, AgentAccess, Client, Host};
 
@@ -32,6 +32,8 @@ pub struct SendOptions {
     /// PutFile streams open at once over all hosts. Each holds a few chunks in memory, so this
     /// bounds the coordinator's memory however many hosts there are.
     pub max_streams: usize,
+    /// How chunks travel.
+    pub compression: Compression,
 }
 
 impl Default for SendOptions {
@@ -44,6 +46,7 @@ impl Default for SendOptions {
             // percent faster into one agent than one connection).
             connections: 2,
             max_streams: 64,
+            compression: Compression::None,
         }
     }
 }
@@ -112,6 +115,8 @@ struct Delivered {
     file: usize,
     result: Result<u64, String>,
     resumed_from: u64,
+    /// Chunk bytes handed to the connection, every attempt included.
+    wire_bytes: u64,
 }
 
 /// Sends the plan to `hosts` (in ip_config order). Errors before anything is sent (a host
@@ -187,6 +192,7 @@ pub async fn send(
             files_skipped: 0,
             files_failed: 0,
             bytes_sent: 0,
+            wire_bytes: 0,
             seconds: 0.0,
             bytes_per_second: 0.0,
             errors: Vec::new(),
@@ -208,6 +214,7 @@ pub async fn send(
                 },
                 size,
                 bytes_sent: 0,
+                wire_bytes: 0,
                 resumed_from: 0,
                 error: None,
             });
@@ -272,6 +279,7 @@ pub async fn send(
         for d in delivered {
             let r = &mut reports[d.host].files[d.file];
             r.resumed_from = d.resumed_from;
+            r.wire_bytes = d.wire_bytes;
             match d.result {
                 Ok(n) => {
                     r.status = FileOutcome::Sent;
@@ -334,6 +342,7 @@ pub async fn send(
             .filter(|f| f.status == FileOutcome::Failed)
             .count();
         r.bytes_sent = r.files.iter().map(|f| f.bytes_sent).sum();
+        r.wire_bytes = r.files.iter().map(|f| f.wire_bytes).sum();
         let last = *h.last_done.lock().unwrap_or_else(|p| p.into_inner());
         r.seconds = last.map_or(0.0, |t| t.duration_since(started).as_secs_f64());
         r.bytes_per_second = if r.seconds > 0.0 {
@@ -425,7 +434,13 @@ async fn transfer(ctx: Arc<Ctx>, source: usize, mut targets: Vec<Target>) -> Vec
     }
     let src = &ctx.sources[source];
     let offsets: Vec<u64> = targets.iter().map(|t| t.offset).collect();
-    let feeds = reader::spawn(src.content.clone(), src.origin.clone(), src.size, &offsets);
+    let feeds = reader::spawn(
+        src.content.clone(),
+        src.origin.clone(),
+        src.size,
+        &offsets,
+        ctx.opts.compression,
+    );
     let deliveries = targets
         .into_iter()
         .zip(feeds)
@@ -449,12 +464,13 @@ async fn deliver(
     let mut offset = t.offset;
     let mut feed = Some(first);
     let mut attempt = 0u32;
+    let wire = Arc::new(AtomicU64::new(0));
     let result = loop {
         if let Some(reason) = h.dead() {
             break Err(format!("not sent: {reason}"));
         }
         let outcome = match feed.take() {
-            Some(f) => put(h, m, offset, f, &ctx.progress).await,
+            Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
             None => match prepare(h.client(), std::slice::from_ref(m)).await {
                 Ok((st, _))
                     if st
@@ -466,10 +482,15 @@ async fn deliver(
                 }
                 Ok((st, _)) => {
                     offset = st.first().map_or(0, |s| s.resume_offset.min(m.size));
-                    let mut feeds =
-                        reader::spawn(src.content.clone(), src.origin.clone(), src.size, &[offset]);
+                    let mut feeds = reader::spawn(
+                        src.content.clone(),
+                        src.origin.clone(),
+                        src.size,
+                        &[offset],
+                        ctx.opts.compression,
+                    );
                     match feeds.pop() {
-                        Some(f) => put(h, m, offset, f, &ctx.progress).await,
+                        Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
                         None => Err(Put::Local("internal error: no reader".into())),
                     }
                 }
@@ -526,6 +547,7 @@ async fn deliver(
         file: t.file,
         result,
         resumed_from: offset,
+        wire_bytes: wire.load(Ordering::Relaxed),
     }
 }
 
@@ -536,13 +558,15 @@ enum Put {
     Local(String),
 }
 
-/// One PutFile stream: header, then the feed's chunks. Returns the bytes the agent wrote.
+/// One PutFile stream: header, then the feed's chunks. Returns the bytes the agent wrote;
+/// adds the chunk bytes handed to the connection to `wire`.
 async fn put(
     h: &HostCtx,
     m: &pb::FileManifest,
     offset: u64,
     feed: Feed,
     progress: &Arc<Progress>,
+    wire: &Arc<AtomicU64>,
 ) -> Result<u64, Put> {
     let header = pb::PutFileMessage {
         msg: Some(Msg::Header(pb::PutFileHeader {
@@ -551,10 +575,18 @@ async fn put(
         })),
     };
     let progress = progress.clone();
-    let chunks = ReceiverStream::new(feed.rx).map(move |(offset, data)| {
-        progress.advance(data.len() as u64);
+    let wire = wire.clone();
+    let chunks = ReceiverStream::new(feed.rx).map(move |c: ChunkMsg| {
+        // Progress counts the file's bytes, so its rate and ETA stay comparable with and
+        // without compression; the report has the wire bytes.
+        progress.advance(c.len);
+        wire.fetch_add(c.data.len() as u64, Ordering::Relaxed);
         pb::PutFileMessage {
-            msg: Some(Msg::Chunk(pb::Chunk { offset, data })),
+            msg: Some(Msg::Chunk(pb::Chunk {
+                offset: c.offset,
+                data: c.data,
+                compression: c.compression as i32,
+            })),
         }
     });
     let stream = tokio_stream::once(header).chain(chunks);

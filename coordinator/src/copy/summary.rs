@@ -25,6 +25,9 @@ pub struct FileReport {
     pub size: u64,
     /// Bytes sent in this run (less than `size` when a transfer resumed).
     pub bytes_sent: u64,
+    /// What that took on the wire: chunk bytes as sent (compressed or not), every attempt
+    /// included, so a retried transfer counts what it sent again.
+    pub wire_bytes: u64,
     /// Where the last attempt started: > 0 when it resumed a partial file.
     pub resumed_from: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -39,6 +42,8 @@ pub struct HostReport {
     pub files_skipped: usize,
     pub files_failed: usize,
     pub bytes_sent: u64,
+    /// The sum of the files' `wire_bytes`.
+    pub wire_bytes: u64,
     pub seconds: f64,
     pub bytes_per_second: f64,
     /// Problems of the host as a whole (unreachable, not verified).
@@ -69,6 +74,10 @@ pub struct CopyReport {
     pub ok: bool,
     pub hosts: Vec<HostReport>,
     pub bytes_sent: u64,
+    /// Chunk bytes put on the wire for `bytes_sent` (see `FileReport::wire_bytes`).
+    pub wire_bytes: u64,
+    /// How chunks travelled: "none" or "zstd".
+    pub compression: &'static str,
     pub seconds: f64,
     pub hashing: HashStats,
     /// The values to pass to `dgl-coord launch`.
@@ -90,20 +99,37 @@ impl CopyReport {
             .max()
             .unwrap_or(4)
             .max(4);
+        // The wire column only when compressed: otherwise it would repeat `bytes`.
+        let compressed = self.compression != "none";
+        let wire = |text: String| {
+            if compressed {
+                format!("  {text:>11}")
+            } else {
+                String::new()
+            }
+        };
         let _ = writeln!(
             out,
-            "{:width$}  {:>6}  {:>7}  {:>6}  {:>11}  {:>8}  {:>12}",
-            "host", "sent", "skipped", "failed", "bytes", "time", "rate"
+            "{:width$}  {:>6}  {:>7}  {:>6}  {:>11}{}  {:>8}  {:>12}",
+            "host",
+            "sent",
+            "skipped",
+            "failed",
+            "bytes",
+            wire("on the wire".into()),
+            "time",
+            "rate"
         );
         for h in &self.hosts {
             let _ = writeln!(
                 out,
-                "{:width$}  {:>6}  {:>7}  {:>6}  {:>11}  {:>7.2}s  {:>10}/s",
+                "{:width$}  {:>6}  {:>7}  {:>6}  {:>11}{}  {:>7.2}s  {:>10}/s",
                 h.name(),
                 h.files_sent,
                 h.files_skipped,
                 h.files_failed,
                 HumanBytes(h.bytes_sent).to_string(),
+                wire(HumanBytes(h.wire_bytes).to_string()),
                 h.seconds,
                 HumanBytes(h.bytes_per_second as u64).to_string(),
             );
@@ -119,9 +145,18 @@ impl CopyReport {
         }
         let files: usize = self.hosts.iter().map(|h| h.files.len()).sum();
         if self.ok {
+            let on_wire = if compressed {
+                format!(
+                    ", {} on the wire with {}",
+                    HumanBytes(self.wire_bytes),
+                    self.compression
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "all {} hosts verified all {files} files ({} sent in {:.2}s)",
+                "all {} hosts verified all {files} files ({} sent in {:.2}s{on_wire})",
                 self.hosts.len(),
                 HumanBytes(self.bytes_sent),
                 self.seconds
@@ -136,5 +171,64 @@ impl CopyReport {
             let _ = writeln!(out, "copy failed on {bad} of {} hosts", self.hosts.len());
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(compression: &'static str) -> CopyReport {
+        let file = |path: &str, bytes_sent, wire_bytes| FileReport {
+            path: path.into(),
+            status: FileOutcome::Sent,
+            size: bytes_sent,
+            bytes_sent,
+            wire_bytes,
+            resumed_from: 0,
+            error: None,
+        };
+        let (bytes_sent, wire_bytes) = (8 << 20, 2 << 20);
+        CopyReport {
+            ok: true,
+            hosts: vec![HostReport {
+                rank: 0,
+                addr: "10.0.0.1:47001".into(),
+                files_sent: 2,
+                files_skipped: 0,
+                files_failed: 0,
+                bytes_sent,
+                wire_bytes,
+                seconds: 1.0,
+                bytes_per_second: bytes_sent as f64,
+                errors: vec![],
+                files: vec![file("ws/a", 4 << 20, 4 << 20), file("ws/b", 4 << 20, 0)],
+            }],
+            bytes_sent,
+            wire_bytes,
+            compression,
+            seconds: 1.0,
+            hashing: HashStats::default(),
+            launch: LaunchHint {
+                workspace: "ws".into(),
+                part_config: "data/g.json".into(),
+                ip_config: "ip_config.txt".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn wire_bytes_are_shown_only_when_compressed() {
+        let text = report("zstd").to_human();
+        assert!(text.contains("on the wire"), "{text}");
+        assert!(text.contains("8.00 MiB     2.00 MiB"), "{text}");
+        assert!(text.contains("2.00 MiB on the wire with zstd"), "{text}");
+        let text = report("none").to_human();
+        assert!(!text.contains("on the wire"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&report("zstd").to_json()).unwrap();
+        assert_eq!(json["wire_bytes"], 2 << 20);
+        assert_eq!(json["compression"], "zstd");
+        assert_eq!(json["hosts"][0]["wire_bytes"], 2 << 20);
+        assert_eq!(json["hosts"][0]["files"][1]["wire_bytes"], 0);
     }
 }

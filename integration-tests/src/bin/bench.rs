@@ -5,9 +5,10 @@
 //!     cargo build --release --bins
 //!     cargo run --release -p dglrun-integration-tests --bin bench -- [WHICH...] [OPTIONS]
 //!
-//! WHICH: launch, teardown, scale, copy, broadcast (default: all). Options: --reps N (5),
-//! --size-gib G (copy set, 2), --bcast-gib G (1), --bcast-hosts 1,4,16, --dir DIR (agent roots
-//! and generated data for copy/broadcast; default /dev/shm), --scale-agents N (256), --no-ssh.
+//! WHICH: launch, teardown, scale, copy, broadcast, compress (default: all). Options:
+//! --reps N (5), --size-gib G (copy set, 2), --bcast-gib G (1), --bcast-hosts 1,4,16, --dir DIR
+//! (agent roots and generated data for copy/broadcast/compress; default /dev/shm),
+//! --scale-agents N (256), --no-ssh.
 
 use std::path::{Path, PathBuf};
 
@@ -47,19 +48,29 @@ fn main() -> Result<()> {
             "--no-ssh" => ssh = false,
             "-h" | "--help" => {
                 println!(
-                    "bench [launch|teardown|scale|copy|broadcast...] [--reps N] [--size-gib G] \
-                     [--bcast-gib G] [--bcast-hosts 1,4,16] [--dir DIR] [--scale-agents N] [--no-ssh]"
+                    "bench [launch|teardown|scale|copy|broadcast|compress...] [--reps N] \
+                     [--size-gib G] [--bcast-gib G] [--bcast-hosts 1,4,16] [--dir DIR] \
+                     [--scale-agents N] [--no-ssh]"
                 );
                 return Ok(());
             }
-            w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast") => which.push(w.into()),
+            w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast" | "compress") => {
+                which.push(w.into())
+            }
             other => bail!("unknown argument {other} (try --help)"),
         }
     }
     if which.is_empty() {
-        which = ["launch", "teardown", "scale", "copy", "broadcast"]
-            .map(String::from)
-            .to_vec();
+        which = [
+            "launch",
+            "teardown",
+            "scale",
+            "copy",
+            "broadcast",
+            "compress",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     bench::release_bin("dgl-agent")?;
     bench::release_bin("dgl-coord")?;
@@ -85,9 +96,16 @@ fn main() -> Result<()> {
             Err(e) => rows.push(Row::error("copy", &e)),
         }
     }
+    if has("compress") {
+        match bench::compress::run(&opts) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("compress", &e)),
+        }
+    }
     println!();
     println!(
-        "dglrun bench: {} reps, {} CPUs; loopback only; shared machine, figures are noisy",
+        "dglrun bench: {} reps, {} CPUs; loopback and local namespaces only; shared machine, \
+         figures are noisy",
         opts.reps,
         std::thread::available_parallelism()
             .map(|n| n.get())
