@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use dglrun_integration_tests::bench::compress::write_features;
 use dglrun_integration_tests::netns::{start_or_skip, NetCluster, AGENT_PORT};
 use dglrun_integration_tests::partitions::write_random;
 use dglrun_integration_tests::{gen_partitions, pids_with_env, wait_gone};
@@ -399,15 +400,47 @@ fn an_agent_killed_mid_copy_keeps_its_partial_and_the_rerun_resumes_and_verifies
 
 #[test]
 fn a_chunk_corrupted_in_transit_is_refused_resent_and_never_written() {
-    let Some(c) = start_or_skip("chunk corrupted in transit", 2, AGENT_FLAGS) else {
+    corrupted_in_transit(false);
+}
+
+#[test]
+fn a_compressed_chunk_corrupted_in_transit_is_refused_resent_and_never_written() {
+    corrupted_in_transit(true);
+}
+
+/// One byte of a chunk message flipped on the way to machine 1; with `compress`, the data
+/// compresses, so the byte lands in a zstd frame (which then fails to decompress, or
+/// decompresses to bytes whose SHA-256 is wrong).
+fn corrupted_in_transit(compress: bool) {
+    let what = if compress {
+        "compressed chunk corrupted in transit"
+    } else {
+        "chunk corrupted in transit"
+    };
+    let Some(c) = start_or_skip(what, 2, AGENT_FLAGS) else {
         return;
     };
     let pc = copy_set(&c, 12 * MIB + 3);
+    let extra: &[&str] = if compress {
+        // Every file of machine 1 compresses, so every chunk to it travels as a zstd frame.
+        let part = pc.parent().expect("dir").join("part1");
+        for (i, f) in ["graph.dgl", "node_feat.dgl", "edge_feat.dgl"]
+            .iter()
+            .enumerate()
+        {
+            let len = if i == 0 { 12 * MIB + 3 } else { MIB };
+            write_features(&part.join(f), len, 77 + i as u64).expect("compressible file");
+        }
+        &["--compress", "zstd"]
+    } else {
+        &[]
+    };
     // Machine 1 is reached through the proxy, on the coordinator's own address.
     let listen = SocketAddr::new(c.coord_ip.into(), AGENT_PORT);
     let upstream = SocketAddr::new(c.ip(1).into(), AGENT_PORT);
-    // Two MiB into the data: inside the payload of a 4 MiB chunk message.
-    let flip_at = 2 * MIB + 12_345;
+    // Inside the payload of a chunk message: two MiB into the data (a 4 MiB chunk), or half a
+    // MiB into the frames when they are compressed (about 3 MiB in all, over 2 connections).
+    let flip_at = if compress { MIB / 2 } else { 2 * MIB } + 12_345;
     let proxy = c
         .spawn_in_coord_ns(move || Proxy::start(listen, upstream, flip_at))
         .join()
@@ -421,7 +454,7 @@ fn a_chunk_corrupted_in_transit_is_refused_resent_and_never_written() {
     )
     .expect("ip_config");
     let t = Instant::now();
-    let r = Coord::start(copy_cmd(&c, &ip_config, &pc, &[])).wait(Duration::from_secs(120));
+    let r = Coord::start(copy_cmd(&c, &ip_config, &pc, extra)).wait(Duration::from_secs(120));
     let took = t.elapsed();
     let flipped = proxy
         .tally
@@ -434,23 +467,28 @@ fn a_chunk_corrupted_in_transit_is_refused_resent_and_never_written() {
     let corrupt_partials = partials_not_prefix_of_source(&c, 1, &pc);
     drop(proxy);
     print_figures(
-        "one byte flipped in a chunk in transit",
+        &format!("one byte flipped in transit ({what})"),
         took,
         0,
         (corrupted + missing) as usize,
     );
     eprintln!(
-        "FIGURES | one byte flipped in transit | corrupted bytes on disk {corrupted}, bytes not \
-         delivered {missing}"
+        "FIGURES | one byte flipped in transit ({what}) | corrupted bytes on disk {corrupted}, \
+         bytes not delivered {missing}"
     );
     assert!(flipped, "the proxy corrupted the stream");
     assert_eq!(corrupted, 0, "no corrupted file under its name");
     assert!(corrupt_partials.is_empty(), "{corrupt_partials:?}");
-    let refused = "does not match its SHA-256 in the manifest; nothing from it was written";
+    let refused = |reason: &str| r.stderr.contains(reason) || r.stdout.contains(reason);
+    let bad_hash = "does not match its SHA-256 in the manifest; nothing from it was written";
+    let bad_frame = "the compressed chunk at offset";
     assert!(
-        r.stderr.contains(refused) || r.stdout.contains(refused),
+        refused(bad_hash) || (compress && refused(bad_frame)),
         "the agent refused the chunk: {r:?}"
     );
+    if compress {
+        assert!(r.stdout.contains("\"wire_bytes\""), "{r:?}");
+    }
     assert_eq!(
         r.code,
         Some(0),
