@@ -206,7 +206,7 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
     }
     drop(sshd);
     let _ = fs::remove_dir_all(work.join("src"));
-    let (one_cold, one_warm, one_bytes) = into_one_agent(work, total, reps)?;
+    let (one_cold, one_warm, one_bytes) = into_one_agent(work, total, opts.reps.max(1))?;
     let gbps = |v: &[f64]| v.iter().map(|t| bytes as f64 / t / 1e9).collect::<Vec<_>>();
     let one_gbps = |v: &[f64]| {
         v.iter()
