@@ -7,7 +7,7 @@
 use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
@@ -15,6 +15,7 @@ use dglrun_proto::compress::{Packer, DEFAULT_LEVEL};
 use dglrun_proto::CHUNK_SIZE;
 use serde_json::Value;
 
+use super::copy::timed_copy;
 use super::{free_bytes, Opts, Row};
 use crate::netns::NetCluster;
 use crate::TestCluster;
@@ -159,38 +160,6 @@ fn wire_size(dir: &Path) -> Result<(u64, u64)> {
     Ok((logical, wire))
 }
 
-/// One `dgl-coord copy --json` (`cmd` aimed at the cluster, `extra` flags added): wall
-/// seconds and the report.
-fn copy(
-    mut cmd: Command,
-    pc: &Path,
-    ip_config: &Path,
-    cache: &Path,
-    extra: &[&str],
-) -> Result<(f64, Value)> {
-    cmd.env("XDG_CACHE_HOME", cache)
-        .args(["copy", "--json", "--progress", "quiet"])
-        .args(["--workspace", "ws", "--rel_data_path", "data"])
-        .arg("--part_config")
-        .arg(pc)
-        .arg("--ip_config")
-        .arg(ip_config)
-        .args(extra)
-        .stderr(Stdio::null());
-    let t = Instant::now();
-    let out = cmd.output().context("run dgl-coord copy")?;
-    let secs = t.elapsed().as_secs_f64();
-    ensure!(
-        out.status.success(),
-        "dgl-coord copy {extra:?} failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    Ok((
-        secs,
-        serde_json::from_slice(&out.stdout).context("copy JSON")?,
-    ))
-}
-
 /// Times with and without compression, and the wire ratios of the compressed runs.
 #[derive(Default)]
 struct Runs {
@@ -311,7 +280,7 @@ fn loopback(dgl: &Set, random: &Set, cache: &Path, reps: usize) -> Result<Vec<Ro
     let ip = cluster.ip_config_file();
     let roots: Vec<PathBuf> = (0..HOSTS).map(|i| cluster.root(i).to_path_buf()).collect();
     let runs = measure("loopback", reps, &roots, |extra| {
-        copy(cluster.coord(), &dgl.pc, &ip, cache, extra)
+        timed_copy(cluster.coord(), &dgl.pc, &ip, cache, extra)
     })?;
     let mut out = vec![Row::new(
         format!(
@@ -327,7 +296,7 @@ fn loopback(dgl: &Set, random: &Set, cache: &Path, reps: usize) -> Result<Vec<Ro
     out.extend(rows(&label, dgl.bytes, &runs, "GB/s", None));
     // What trying costs when nothing shrinks: every chunk is compressed in vain, sent raw.
     let runs = measure("loopback random", reps, &roots, |extra| {
-        copy(cluster.coord(), &random.pc, &ip, cache, extra)
+        timed_copy(cluster.coord(), &random.pc, &ip, cache, extra)
     })?;
     out.push(Row::new(
         format!(
@@ -379,7 +348,7 @@ fn slow_link(pc: &Path, cache: &Path, bytes: u64, reps: usize) -> Result<Vec<Row
     let ip = c.ip_config_file(30050);
     let roots: Vec<PathBuf> = (0..HOSTS).map(|i| c.root(i).to_path_buf()).collect();
     let runs = measure("slow link", reps, &roots, |extra| {
-        copy(c.coord(), pc, &ip, cache, extra)
+        timed_copy(c.coord(), pc, &ip, cache, extra)
     })?;
     let label = format!("{RATE} link, {HOSTS} agents, {} MiB", bytes / MIB);
     Ok(rows(&label, bytes, &runs, "MB/s", Some(1.5)))
@@ -451,11 +420,11 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
         // and warms the page cache.
         let cluster = TestCluster::start(HOSTS);
         let ip = cluster.ip_config_file();
-        copy(cluster.coord(), &dgl.pc, &ip, &cache, &[])?;
+        timed_copy(cluster.coord(), &dgl.pc, &ip, &cache, &[])?;
         for i in 0..HOSTS {
             let _ = fs::remove_dir_all(cluster.root(i).join("ws"));
         }
-        copy(cluster.coord(), &random.pc, &ip, &cache, &[])?;
+        timed_copy(cluster.coord(), &random.pc, &ip, &cache, &[])?;
     }
     match loopback(&dgl, &random, &cache, reps) {
         Ok(r) => rows.extend(r),

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -18,39 +18,30 @@ use crate::TestCluster;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// One `dgl-coord copy --json`: wall seconds and the report.
-fn copy(
-    cluster: &TestCluster,
+/// One `dgl-coord copy --json` (`cmd` aimed at the cluster, `extra` flags added): wall
+/// seconds and the report.
+pub(super) fn timed_copy(
+    mut cmd: Command,
     part_config: &Path,
+    ip_config: &Path,
     cache: &Path,
-    script_folder: Option<&Path>,
+    extra: &[&str],
 ) -> Result<(f64, Value)> {
-    let mut c = cluster.coord();
-    c.env("XDG_CACHE_HOME", cache)
-        .args([
-            "copy",
-            "--workspace",
-            "ws",
-            "--rel_data_path",
-            "data",
-            "--json",
-            "--progress",
-            "quiet",
-        ])
+    cmd.env("XDG_CACHE_HOME", cache)
+        .args(["copy", "--json", "--progress", "quiet"])
+        .args(["--workspace", "ws", "--rel_data_path", "data"])
         .arg("--part_config")
         .arg(part_config)
         .arg("--ip_config")
-        .arg(cluster.ip_config_file());
-    if let Some(s) = script_folder {
-        c.arg("--script_folder").arg(s);
-    }
-    c.stderr(Stdio::null());
+        .arg(ip_config)
+        .args(extra)
+        .stderr(Stdio::null());
     let t = Instant::now();
-    let out = c.output().context("run dgl-coord copy")?;
+    let out = cmd.output().context("run dgl-coord copy")?;
     let secs = t.elapsed().as_secs_f64();
     ensure!(
         out.status.success(),
-        "dgl-coord copy failed: {}",
+        "dgl-coord copy {extra:?} failed: {}",
         String::from_utf8_lossy(&out.stdout)
     );
     Ok((
@@ -59,45 +50,36 @@ fn copy(
     ))
 }
 
-/// copy_files.py's way: for each host in turn, `ssh mkdir -p`, then one scp per file.
-fn scp_copy(
-    sshd: &Sshd,
+/// [`timed_copy`] to every agent of `cluster`, with `script_folder` if given.
+fn copy(
+    cluster: &TestCluster,
     part_config: &Path,
-    ip_config: &Path,
-    dest: &Path,
-    parts: usize,
-) -> Result<f64> {
-    let src = part_config.parent().context("part_config dir")?;
-    let t = Instant::now();
-    for i in 0..parts {
-        let ws = dest.join(format!("host{i}/ws"));
-        let data = ws.join("data");
-        let st = sshd
-            .ssh()
-            .arg(format!("mkdir -p {}/part{i}", data.display()))
-            .status()?;
-        ensure!(st.success(), "ssh mkdir failed");
-        let mut files: Vec<(PathBuf, PathBuf)> = vec![
-            (ip_config.to_path_buf(), ws.clone()),
-            (part_config.to_path_buf(), data.clone()),
-        ];
-        for f in ["node_feat.dgl", "edge_feat.dgl", "graph.dgl"] {
-            files.push((
-                src.join(format!("part{i}/{f}")),
-                data.join(format!("part{i}")),
-            ));
-        }
-        for (from, to) in files {
-            let st = sshd.scp().arg(&from).arg(sshd.remote(&to)).status()?;
-            ensure!(st.success(), "scp {} failed", from.display());
-        }
-    }
-    Ok(t.elapsed().as_secs_f64())
+    cache: &Path,
+    script_folder: Option<&Path>,
+) -> Result<(f64, Value)> {
+    let scripts = script_folder.map(|s| s.to_string_lossy().into_owned());
+    let extra: Vec<&str> = match &scripts {
+        Some(s) => vec!["--script_folder", s],
+        None => Vec::new(),
+    };
+    let ip_config = cluster.ip_config_file();
+    timed_copy(cluster.coord(), part_config, &ip_config, cache, &extra)
 }
 
-/// The same placement with one `rsync -a` per host, host after host (how an rsync user would
-/// script copy_files.py); run again on unchanged data it only compares sizes and mtimes.
-fn rsync_copy(
+/// The ssh tools a DGL user has.
+#[derive(Clone, Copy)]
+enum SshTool {
+    /// copy_files.py's way: for each host, `ssh mkdir -p`, then one scp per file.
+    Scp,
+    /// One `rsync -a` per host for the configs and one for its partition (how an rsync user
+    /// would script it); run again on unchanged data it only compares sizes and mtimes.
+    Rsync,
+}
+
+/// The placement of `dgl-coord copy` made with `tool` over the loopback sshd, host after host
+/// as copy_files.py goes; wall seconds.
+fn ssh_copy(
+    tool: SshTool,
     sshd: &Sshd,
     part_config: &Path,
     ip_config: &Path,
@@ -109,19 +91,40 @@ fn rsync_copy(
     for i in 0..parts {
         let ws = dest.join(format!("host{i}/ws"));
         let data = ws.join("data");
-        let st = sshd
-            .rsync()
-            .arg(ip_config)
-            .arg(sshd.remote(&ws.join("")))
-            .status()?;
-        ensure!(st.success(), "rsync of the ip_config failed");
-        let st = sshd
-            .rsync()
-            .arg(part_config)
-            .arg(src.join(format!("part{i}")))
-            .arg(sshd.remote(&data.join("")))
-            .status()?;
-        ensure!(st.success(), "rsync of part{i} failed");
+        let part = src.join(format!("part{i}"));
+        let mut cmds = Vec::new();
+        // (sources, destination directory) of each transfer.
+        let transfers: Vec<(Vec<PathBuf>, PathBuf)> = match tool {
+            SshTool::Scp => {
+                let mut mkdir = sshd.ssh();
+                mkdir.arg(format!("mkdir -p {}/part{i}", data.display()));
+                cmds.push(mkdir);
+                let mut files = vec![
+                    (vec![ip_config.to_path_buf()], ws.clone()),
+                    (vec![part_config.to_path_buf()], data.clone()),
+                ];
+                for f in ["node_feat.dgl", "edge_feat.dgl", "graph.dgl"] {
+                    files.push((vec![part.join(f)], data.join(format!("part{i}"))));
+                }
+                files
+            }
+            SshTool::Rsync => vec![
+                (vec![ip_config.to_path_buf()], ws.join("")),
+                (vec![part_config.to_path_buf(), part.clone()], data.join("")),
+            ],
+        };
+        for (from, to) in transfers {
+            let mut c = match tool {
+                SshTool::Scp => sshd.scp(),
+                SshTool::Rsync => sshd.rsync(),
+            };
+            c.args(&from).arg(sshd.remote(&to));
+            cmds.push(c);
+        }
+        for mut c in cmds {
+            let st = c.status()?;
+            ensure!(st.success(), "{c:?} failed on host {i}");
+        }
     }
     Ok(t.elapsed().as_secs_f64())
 }
@@ -188,10 +191,10 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
         fs::copy(cluster.ip_config_file(), &ip_config)?;
         drop(cluster);
         let dest = work.join("scp");
-        let t3 = scp_copy(&sshd, &pc, &ip_config, &dest, parts)?;
+        let t3 = ssh_copy(SshTool::Scp, &sshd, &pc, &ip_config, &dest, parts)?;
         let _ = fs::remove_dir_all(&dest);
-        let t4 = rsync_copy(&sshd, &pc, &ip_config, &dest, parts)?;
-        let t5 = rsync_copy(&sshd, &pc, &ip_config, &dest, parts)?;
+        let t4 = ssh_copy(SshTool::Rsync, &sshd, &pc, &ip_config, &dest, parts)?;
+        let t5 = ssh_copy(SshTool::Rsync, &sshd, &pc, &ip_config, &dest, parts)?;
         let _ = fs::remove_dir_all(&dest);
         eprintln!(
             "bench copy rep {rep}: dglrun {t1:.2}s ({:.2} GB/s), re-copy {t2:.3}s ({resent} bytes resent), scp {t3:.2}s ({:.2} GB/s), rsync {t4:.2}s, rsync again {t5:.3}s",
