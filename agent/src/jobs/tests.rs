@@ -324,3 +324,23 @@ async fn the_lease_monitor_sleeps_until_the_next_deadline() {
         .known;
     assert!(!known, "a forgotten job is unknown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_spawned_on_an_idle_agent_wakes_the_lease_monitor() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    // Long enough for the monitor to find no jobs and go to sleep for its longest.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut req = spawn_req("j-idle", vec![shell("t0", "sleep 60")]);
+    req.lease_ms = 300;
+    let started = Instant::now();
+    let pid = jobs.spawn(req).await.unwrap().processes[0].pid as i32;
+    // Expiry at 300 ms plus the 300 ms grace; far below the monitor's longest sleep (10 s).
+    let deadline = started + Duration::from_secs(5);
+    while alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !alive(pid),
+        "the lease was not enforced within 5 s: the spawn did not wake the monitor"
+    );
+}
