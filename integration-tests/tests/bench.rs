@@ -1,0 +1,52 @@
+//! The benchmark suite itself runs: its smallest configuration, against the debug binaries,
+//! must measure every figure of the sections it is asked for. Only that it measures is
+//! asserted, never how fast (speed is what the suite reports, on release binaries).
+
+use std::time::Duration;
+
+use dglrun_integration_tests::bin;
+use dglrun_integration_tests::run::run;
+
+#[test]
+fn the_benchmark_suite_measures_every_figure_of_a_small_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cmd = std::process::Command::new(bin("bench"));
+    cmd.args(["launch", "teardown", "scale", "broadcast", "--no-ssh"])
+        .args(["--reps", "1", "--scale-agents", "4"])
+        .args(["--bcast-gib", "0.01", "--bcast-hosts", "1,2"])
+        .arg("--dir")
+        .arg(dir.path());
+    let r = run(cmd, Duration::from_secs(300));
+    assert_eq!(r.code(), 0, "{r:?}");
+    let rows: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("| ")).collect();
+    let errors: Vec<&&str> = rows
+        .iter()
+        .filter(|l| l.contains("error:") || l.contains("failed runs"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "figures not measured: {errors:#?}\n{r:?}"
+    );
+    for figure in [
+        "launch direct: all 12 running",
+        "launch torchrun: dglrun - floor",
+        "teardown direct: failure -> all gone",
+        "teardown torchrun: failure -> all gone",
+        "scale: 16 procs all started",
+        "scale: processes left after",
+        "scale: idle CPU, all 4 agents",
+        "broadcast 0.01 GiB into 1 agent",
+        "broadcast 0.01 GiB: time to 2 / to 1",
+    ] {
+        assert!(
+            rows.iter().any(|l| l.contains(figure)),
+            "no row {figure:?} in the table:\n{}",
+            r.stdout
+        );
+    }
+    let left = rows
+        .iter()
+        .find(|l| l.contains("scale: processes left after"))
+        .expect("row");
+    assert!(left.contains("| pass"), "processes were left: {left}");
+}
