@@ -3,12 +3,14 @@
 //! `~/.cache/dglrun/hashes.json`), so an unchanged partition is not read again to re-copy it.
 
 use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::Context;
-use dglrun_proto::digest::{hash_reader, FileDigest, HashCache};
-use futures::{StreamExt, TryStreamExt};
+use dglrun_proto::digest::{chunk_count, chunk_hash, hash_reader, FileDigest, Hash, HashCache};
+use dglrun_proto::CHUNK_SIZE;
 
 use super::plan::{Content, Source};
 use super::progress::Progress;
@@ -31,39 +33,34 @@ pub struct HashStats {
     pub seconds: f64,
 }
 
-/// Digests of every source, in order. Files are hashed in parallel on blocking threads, one
-/// thread per core (hashing is CPU-bound; more would only contend).
+/// Digests of every source, in order. The chunks of every file to hash are shared out over
+/// one thread per core (hashing is CPU-bound; more would only contend), so one big file is
+/// hashed on every core, not on one.
 pub async fn hash_sources(
     sources: &[Source],
     cache_path: Option<PathBuf>,
     progress: Arc<Progress>,
 ) -> anyhow::Result<(Vec<FileDigest>, HashStats)> {
     let started = std::time::Instant::now();
-    let cache = Arc::new(Mutex::new(match &cache_path {
-        // The sender keeps chunk hashes too: they go into every manifest.
-        Some(p) => HashCache::open(p.clone(), true),
-        None => HashCache::open(PathBuf::new(), true),
-    }));
     let total: u64 = sources.iter().map(size_hint).sum();
     progress.phase("hashing", total);
-    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let results: Vec<(FileDigest, bool)> = futures::stream::iter(sources.iter().cloned())
-        .map(|src| {
-            let cache = cache.clone();
-            let progress = progress.clone();
-            async move {
-                tokio::task::spawn_blocking(move || hash_one(&src, &cache, &progress))
-                    .await
-                    .context("a hashing thread failed")?
-            }
-        })
-        .buffered(parallel)
-        .try_collect()
-        .await?;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let work = sources.to_vec();
+    let keep = cache_path.clone();
+    let bar = progress.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        // The sender keeps chunk hashes too: they go into every manifest.
+        let mut cache = HashCache::open(keep.unwrap_or_default(), true);
+        let r = hash_all(&work, &mut cache, &bar, threads);
+        (r, cache)
+    })
+    .await
+    .context("the hashing thread failed")?;
+    let (results, mut cache) = results;
+    let results = results?;
     progress.finish_phase();
     if cache_path.is_some() {
-        let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = c.save() {
+        if let Err(e) = cache.save() {
             // Only costs a re-read next time.
             tracing::warn!("cannot save the hash cache: {e}");
         }
@@ -90,49 +87,146 @@ fn size_hint(s: &Source) -> u64 {
     }
 }
 
-/// Returns the digest and whether it came from the cache.
-fn hash_one(
-    src: &Source,
-    cache: &Mutex<HashCache>,
-    progress: &Progress,
-) -> anyhow::Result<(FileDigest, bool)> {
-    let path = match &src.content {
-        Content::Bytes(b) => {
-            let d = hash_reader(&b[..], |n| progress.advance(n))?;
-            return Ok((d, false));
-        }
-        Content::File(p) => p,
-    };
-    let err = |what: &str| format!("{}: cannot {what} {}", src.origin, path.display());
-    // The cache is keyed by the real path, so `./x` and `x` share an entry.
-    let key = path.canonicalize().with_context(|| err("resolve"))?;
-    let file = File::open(&key).with_context(|| err("open"))?;
-    let before = file.metadata().with_context(|| err("stat"))?;
-    if let Some(d) = cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .lookup(&key, &before)
-    {
-        progress.advance(d.size);
-        return Ok((d, true));
-    }
-    let d = hash_reader(file, |n| progress.advance(n)).with_context(|| err("read"))?;
-    let after = fs::metadata(&key).with_context(|| err("stat"))?;
-    if !dglrun_proto::digest::unchanged(&before, &after) || d.size != before.len() {
-        anyhow::bail!(
-            "{}: {} changed while it was being hashed; copy again once it is complete",
-            src.origin,
-            path.display()
-        );
-    }
-    cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(&key, &before, &d);
-    Ok((d, false))
+/// A local file the cache did not know: what it was when opened.
+struct ToHash {
+    source: usize,
+    key: PathBuf,
+    file: File,
+    before: fs::Metadata,
 }
 
-/// Checks that every local file exists and is a regular file before any host is contacted.
+/// Digests of `sources` in order, each with whether it came from the cache. Blocking.
+fn hash_all(
+    sources: &[Source],
+    cache: &mut HashCache,
+    progress: &Progress,
+    threads: usize,
+) -> anyhow::Result<Vec<(FileDigest, bool)>> {
+    let mut done: Vec<Option<(FileDigest, bool)>> = vec![None; sources.len()];
+    let mut misses = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        let path = match &src.content {
+            Content::Bytes(b) => {
+                done[i] = Some((hash_reader(&b[..], |n| progress.advance(n))?, false));
+                continue;
+            }
+            Content::File(p) => p,
+        };
+        let err = |what: &str| format!("{}: cannot {what} {}", src.origin, path.display());
+        // The cache is keyed by the real path, so `./x` and `x` share an entry.
+        let key = path.canonicalize().with_context(|| err("resolve"))?;
+        let file = File::open(&key).with_context(|| err("open"))?;
+        let before = file.metadata().with_context(|| err("stat"))?;
+        match cache.lookup(&key, &before) {
+            Some(d) => {
+                progress.advance(d.size);
+                done[i] = Some((d, true));
+            }
+            None => misses.push(ToHash {
+                source: i,
+                key,
+                file,
+                before,
+            }),
+        }
+    }
+    let hashed = hash_chunks(&misses, sources, progress, threads)?;
+    for (m, chunks) in misses.iter().zip(hashed) {
+        let src = &sources[m.source];
+        let d = FileDigest::from_chunks(m.before.len(), chunks);
+        let after = fs::metadata(&m.key)
+            .with_context(|| format!("{}: cannot stat {}", src.origin, m.key.display()))?;
+        if !dglrun_proto::digest::unchanged(&m.before, &after) {
+            anyhow::bail!(
+                "{}: {} changed while it was being hashed; copy again once it is complete",
+                src.origin,
+                m.key.display()
+            );
+        }
+        cache.insert(&m.key, &m.before, &d);
+        done[m.source] = Some((d, false));
+    }
+    Ok(done.into_iter().flatten().collect())
+}
+
+/// The chunk hashes of every file in `files`, computed by `threads` threads that each take the
+/// next chunk of the whole list (files in order, chunks in order within a file: neighbouring
+/// threads read neighbouring chunks, which keeps the reads close to sequential).
+fn hash_chunks(
+    files: &[ToHash],
+    sources: &[Source],
+    progress: &Progress,
+    threads: usize,
+) -> anyhow::Result<Vec<Vec<Hash>>> {
+    let mut work: Vec<(usize, u64)> = Vec::new();
+    for (f, m) in files.iter().enumerate() {
+        let n = chunk_count(m.before.len()) as u64;
+        work.extend((0..n).map(|c| (f, c * CHUNK_SIZE as u64)));
+    }
+    let slots: Vec<OnceLock<Hash>> = (0..work.len()).map(|_| OnceLock::new()).collect();
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let worker = || {
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(f, offset)) = work.get(k) else {
+                return;
+            };
+            let m = &files[f];
+            let len = (m.before.len() - offset).min(CHUNK_SIZE as u64) as usize;
+            match read_exact_at(&m.file, &mut buf[..len], offset) {
+                Ok(()) => {
+                    let _ = slots[k].set(chunk_hash(&buf[..len]));
+                    progress.advance(len as u64);
+                }
+                Err(e) => {
+                    let src = &sources[m.source];
+                    let e = anyhow::Error::new(e).context(format!(
+                        "{}: cannot read {} at offset {offset}",
+                        src.origin,
+                        m.key.display()
+                    ));
+                    failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                    // The others stop at their next chunk.
+                    next.store(work.len(), Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, work.len().max(1)) {
+            s.spawn(worker);
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let mut out: Vec<Vec<Hash>> = files.iter().map(|_| Vec::new()).collect();
+    for ((f, _), slot) in work.iter().zip(slots) {
+        let h = slot
+            .into_inner()
+            .context("internal error: a chunk was left unhashed")?;
+        out[*f].push(h);
+    }
+    Ok(out)
+}
+
+/// Fills `buf` from `offset`; a file that ends first has changed since it was opened.
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::other("the file got shorter while it was being hashed")
+        } else {
+            e
+        }
+    })
+}
+
 pub fn check_sources(sources: &[Source], part_config: &Path) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     for s in sources {
@@ -160,5 +254,76 @@ pub fn check_sources(sources: &[Source], part_config: &Path) -> anyhow::Result<(
         Ok(())
     } else {
         anyhow::bail!("{}", errors.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::ProgressMode;
+    use dglrun_proto::digest::hash_file;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn chunks_shared_over_threads_give_the_file_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CHUNK_SIZE;
+        let sizes = [0, 1, c - 1, c, c + 1, 3 * c + 5];
+        let mut sources = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let p = dir.path().join(format!("f{i}"));
+            fs::write(&p, pattern(len, i as u8)).unwrap();
+            sources.push(Source {
+                origin: format!("f{i}"),
+                content: Content::File(p),
+            });
+        }
+        sources.insert(
+            2,
+            Source {
+                origin: "generated".into(),
+                content: Content::Bytes(pattern(c + 7, 9)),
+            },
+        );
+        let progress = Progress::new(ProgressMode::Quiet);
+        for threads in [1, 3, 8] {
+            let mut cache = HashCache::open(PathBuf::new(), true);
+            let got = hash_all(&sources, &mut cache, &progress, threads).unwrap();
+            assert_eq!(got.len(), sources.len());
+            for ((d, hit), s) in got.iter().zip(&sources) {
+                let want = match &s.content {
+                    Content::File(p) => hash_file(p).unwrap(),
+                    Content::Bytes(b) => hash_reader(&b[..], |_| {}).unwrap(),
+                };
+                assert_eq!(d, &want, "{} with {threads} threads", s.origin);
+                assert!(!hit);
+            }
+            // Every file is now known: nothing is read again.
+            let again = hash_all(&sources, &mut cache, &progress, threads).unwrap();
+            let hits = again.iter().filter(|(_, hit)| *hit).count();
+            assert_eq!(hits, sizes.len(), "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_source_names_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = vec![Source {
+            origin: "part-0.node_feats".into(),
+            content: Content::File(dir.path().join("missing.dgl")),
+        }];
+        let mut cache = HashCache::open(PathBuf::new(), true);
+        let progress = Progress::new(ProgressMode::Quiet);
+        let e = hash_all(&sources, &mut cache, &progress, 2).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("part-0.node_feats") && msg.contains("missing.dgl"),
+            "{msg}"
+        );
     }
 }
