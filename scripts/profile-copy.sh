@@ -71,8 +71,8 @@ wait "$AGENT_PID" || true
 AGENT_PID=
 
 # SHA-256 is reported on its own line: valgrind's CPU hides SHA-NI, so under callgrind sha2
-# runs its portable code (about 55 instructions a byte, against about 2 with SHA-NI in a real
-# run). The rest of the table is what dglrun itself costs, comparable from run to run.
+# runs its portable code (about 55 instructions a byte; a real run uses SHA-NI, several times
+# faster). The rest of the table is what dglrun itself costs, comparable from run to run.
 for side in coord agent; do
     printf '\n===== %s: %s MiB copied, top %s functions by instructions (self) =====\n' \
         "$side" "$MIB" "$TOP"
