@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod bench;
+pub mod fake_dgl;
 pub mod netns;
 pub mod partitions;
 pub mod run;
@@ -217,39 +218,28 @@ impl TestCluster {
         c
     }
 
-    /// Starts `n` agents whose workspace [`WS`] holds what `dgl-coord copy` would have left: the
-    /// stand-in DGL script, ip_config and a partition set. Written directly, so launch tests do
-    /// not depend on copy.
+    /// Starts `n` agents whose workspace [`WS`] holds what `dgl-coord copy` would have left
+    /// (see [`fake_dgl::write_workspace`]).
     pub fn with_workspace(n: usize) -> Self {
         let c = Self::start(n);
         let ip_config = fs::read(c.ip_config_file()).expect("ip_config");
         for i in 0..c.len() {
-            let ws = c.root(i).join(WS);
-            fs::create_dir_all(&ws).expect("workspace");
-            fs::copy(fixtures_dir().join("fake_dgl.py"), ws.join("fake_dgl.py")).expect("script");
-            fs::write(ws.join("ip_config.txt"), &ip_config).expect("ip_config");
-            gen_partitions(&ws.join("data"), c.len(), 64, "g").expect("partitions");
+            fake_dgl::write_workspace(c.root(i), &ip_config, c.len());
         }
         c
     }
 
-    /// `dgl-coord launch` of `command` on the [`with_workspace`](Self::with_workspace) layout,
-    /// one server per machine, a 1 s grace, and no inherited OMP_NUM_THREADS or PYTHONPATH.
+    /// `dgl-coord launch` of `command` on the [`with_workspace`](Self::with_workspace) layout
+    /// (see [`fake_dgl::launch`]).
     pub fn launch(&self, flags: &[&str], command: &str) -> Command {
-        let mut cmd = self.coord();
-        cmd.args(["launch", "--workspace", WS, "--num_servers", "1"])
-            .args([
-                "--part_config",
-                "data/g.json",
-                "--ip_config",
-                "ip_config.txt",
-            ])
-            .args(["--grace", "1"])
-            .args(flags)
-            .arg(command)
-            .env_remove("OMP_NUM_THREADS")
-            .env_remove("PYTHONPATH");
-        cmd
+        fake_dgl::launch(self.coord(), flags, command)
+    }
+
+    /// [`launch`](Self::launch) in direct mode with `trainers` trainers per machine.
+    pub fn launch_direct(&self, trainers: &str, flags: &[&str], command: &str) -> Command {
+        let mut all = vec!["--num_trainers", trainers, "--trainer-mode", "direct"];
+        all.extend_from_slice(flags);
+        self.launch(&all, command)
     }
 
     /// SIGKILLs agent i (no clean-up: as if the host crashed).

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use dglrun_integration_tests::bench::compress::write_features;
 use dglrun_integration_tests::netns::{start_or_skip, NetCluster, AGENT_PORT};
 use dglrun_integration_tests::partitions::write_random;
-use dglrun_integration_tests::{gen_partitions, pids_with_env, wait_gone};
+use dglrun_integration_tests::{gen_partitions, pids_with_env, wait_gone, WS};
 use faults_support::proxy::Proxy;
 use faults_support::*;
 

@@ -7,14 +7,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::run::{reader, run, wait_with_timeout};
 use dglrun_integration_tests::{
-    compat_dir, fixtures_dir, pids_with_env, wait_gone, TestCluster, WS,
+    compat_dir, fake_dgl, fixtures_dir, pids_with_env, wait_gone, TestCluster, WS,
 };
 use serde_json::Value;
 
@@ -44,23 +44,10 @@ struct Record {
     env: BTreeMap<String, String>,
 }
 
-fn records_dir(c: &TestCluster, host: usize) -> PathBuf {
-    c.root(host).join(WS).join("records")
-}
-
 fn records(c: &TestCluster) -> Vec<Record> {
     let mut out = Vec::new();
     for host in 0..c.len() {
-        let Ok(dir) = std::fs::read_dir(records_dir(c, host)) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') || !name.ends_with(".json") {
-                continue;
-            }
-            let v: Value = serde_json::from_slice(&std::fs::read(e.path()).expect("record"))
-                .expect("record JSON");
+        for (_, v) in fake_dgl::records(c.root(host)) {
             let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
             out.push(Record {
                 host,
@@ -70,14 +57,7 @@ fn records(c: &TestCluster) -> Vec<Record> {
                 pgid: v["pgid"].as_i64().unwrap_or(-1),
                 sid: v["sid"].as_i64().unwrap_or(-1),
                 cwd: s("cwd"),
-                env: v["env"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                env: fake_dgl::env_of(&v),
             });
         }
     }
@@ -85,26 +65,11 @@ fn records(c: &TestCluster) -> Vec<Record> {
     out
 }
 
-/// Pids from `*.pid` files (samplers, setsid grandchildren).
+/// Pids from `*.pid` files on every host (samplers, setsid grandchildren).
 fn pid_files(c: &TestCluster, kind: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for host in 0..c.len() {
-        let Ok(dir) = std::fs::read_dir(records_dir(c, host)) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with(&format!("{kind}-")) && name.ends_with(".pid") {
-                if let Some(p) = std::fs::read_to_string(e.path())
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                {
-                    out.push(p);
-                }
-            }
-        }
-    }
-    out
+    (0..c.len())
+        .flat_map(|host| fake_dgl::pid_files(c.root(host), kind))
+        .collect()
 }
 
 /// Every process the job recorded, every process still in a recorded process group or
@@ -350,9 +315,9 @@ fn a_failing_trainer_stops_the_whole_job_everywhere() {
 fn a_trainer_killed_by_a_signal_gives_128_plus_signal() {
     let c = cluster();
     let r = run(
-        launch(
-            &c,
-            &["--num_trainers", "1", "--trainer-mode", "direct"],
+        c.launch_direct(
+            "1",
+            &[],
             "python3 fake_dgl.py --fail-rank 0 --fail-signal KILL --hang",
         ),
         Duration::from_secs(60),
@@ -452,9 +417,9 @@ fn a_setsid_grandchild_ignoring_sigterm_does_not_outlive_a_successful_job() {
     let c = cluster();
     // The grandchildren keep the trainers' stdout open, so the pipes never reach EOF.
     let r = run(
-        launch(
-            &c,
-            &["--num_trainers", "1", "--trainer-mode", "direct"],
+        c.launch_direct(
+            "1",
+            &[],
             "python3 fake_dgl.py --spawn-setsid-child --grandchild-keep-stdio",
         ),
         Duration::from_secs(60),
@@ -468,9 +433,9 @@ fn a_setsid_grandchild_ignoring_sigterm_does_not_outlive_a_successful_job() {
 fn lines_are_never_torn_or_interleaved() {
     let c = cluster();
     let r = run(
-        launch(
-            &c,
-            &["--num_trainers", "2", "--trainer-mode", "direct"],
+        c.launch_direct(
+            "2",
+            &[],
             "python3 fake_dgl.py --lines 3000 --line-bytes 300 --long-line 150000",
         ),
         Duration::from_secs(120),
@@ -542,16 +507,9 @@ fn lines_are_never_torn_or_interleaved() {
 fn stale_processes_of_the_workspace_block_a_new_launch_until_killed() {
     let c = cluster();
     let (mut first, _out, _err) = start_until(
-        launch(
-            &c,
-            &[
-                "--num_trainers",
-                "1",
-                "--trainer-mode",
-                "direct",
-                "--lease-timeout",
-                "30",
-            ],
+        c.launch_direct(
+            "1",
+            &["--lease-timeout", "30"],
             "python3 fake_dgl.py --hang",
         ),
         "hanging",
@@ -562,11 +520,7 @@ fn stale_processes_of_the_workspace_block_a_new_launch_until_killed() {
     let _ = first.wait();
     let stale: Vec<u32> = records(&c).iter().map(|r| r.pid).collect();
     let r = run(
-        launch(
-            &c,
-            &["--num_trainers", "1", "--trainer-mode", "direct"],
-            "python3 fake_dgl.py",
-        ),
+        c.launch_direct("1", &[], "python3 fake_dgl.py"),
         Duration::from_secs(30),
     );
     assert_ne!(r.code(), 0, "{r:?}");
@@ -577,17 +531,9 @@ fn stale_processes_of_the_workspace_block_a_new_launch_until_killed() {
         "refusal left them alone"
     );
     let r = run(
-        launch(
-            &c,
-            &[
-                "--num_trainers",
-                "1",
-                "--trainer-mode",
-                "direct",
-                "--kill-stale",
-                "--log-dir",
-                "stale-logs",
-            ],
+        c.launch_direct(
+            "1",
+            &["--kill-stale", "--log-dir", "stale-logs"],
             "python3 fake_dgl.py",
         ),
         Duration::from_secs(60),
@@ -607,16 +553,9 @@ fn stale_processes_of_the_workspace_block_a_new_launch_until_killed() {
 fn a_killed_coordinator_leaves_nothing_once_the_lease_expires() {
     let c = cluster();
     let (mut coord, _out, _err) = start_until(
-        launch(
-            &c,
-            &[
-                "--num_trainers",
-                "1",
-                "--trainer-mode",
-                "direct",
-                "--lease-timeout",
-                "1",
-            ],
+        c.launch_direct(
+            "1",
+            &["--lease-timeout", "1"],
             "python3 fake_dgl.py --hang --spawn-setsid-child",
         ),
         "hanging",
@@ -640,18 +579,7 @@ fn a_killed_coordinator_leaves_nothing_once_the_lease_expires() {
 fn a_lost_agent_fails_the_job_and_the_others_are_stopped() {
     let mut c = cluster();
     let (mut coord, _out, err) = start_until(
-        launch(
-            &c,
-            &[
-                "--num_trainers",
-                "1",
-                "--trainer-mode",
-                "direct",
-                "--lease-timeout",
-                "2",
-            ],
-            "python3 fake_dgl.py --hang",
-        ),
+        c.launch_direct("1", &["--lease-timeout", "2"], "python3 fake_dgl.py --hang"),
         "hanging",
         3,
     );

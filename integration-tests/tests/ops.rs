@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::run::{reader, run, wait_with_timeout};
-use dglrun_integration_tests::{bin, fixtures_dir, gen_partitions, TestCluster, WS};
+use dglrun_integration_tests::{bin, fake_dgl, fixtures_dir, gen_partitions, TestCluster, WS};
 use serde_json::Value;
 
 fn cluster() -> TestCluster {
@@ -36,23 +36,10 @@ fn summary(events: &[Value]) -> &Value {
 fn records(c: &TestCluster, role: &str) -> Vec<(usize, BTreeMap<String, String>)> {
     let mut out = Vec::new();
     for host in 0..c.len() {
-        let Ok(dir) = std::fs::read_dir(c.root(host).join(WS).join("records")) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') || !name.starts_with(&format!("{role}-")) {
-                continue;
+        for (name, v) in fake_dgl::records(c.root(host)) {
+            if name.starts_with(&format!("{role}-")) {
+                out.push((host, fake_dgl::env_of(&v)));
             }
-            let v: Value = serde_json::from_slice(&std::fs::read(e.path()).expect("record"))
-                .expect("record JSON");
-            let env = v["env"]
-                .as_object()
-                .expect("env")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                .collect();
-            out.push((host, env));
         }
     }
     out
@@ -64,17 +51,9 @@ fn launch_json_streams_every_event_and_log_dir_keeps_them() {
     let logs = c.dir.path().join("logs");
     let logs_arg = logs.display().to_string();
     let r = run(
-        launch(
-            &c,
-            &[
-                "--num_trainers",
-                "1",
-                "--trainer-mode",
-                "direct",
-                "--json",
-                "--log-dir",
-                &logs_arg,
-            ],
+        c.launch_direct(
+            "1",
+            &["--json", "--log-dir", &logs_arg],
             "python3 fake_dgl.py --ip_config ip_config.txt --lines 4",
         ),
         Duration::from_secs(60),
@@ -187,17 +166,9 @@ fn a_failed_job_says_who_and_why_in_json_and_text_logs() {
     let logs = c.dir.path().join("logs");
     let logs_arg = logs.display().to_string();
     let r = run(
-        launch(
-            &c,
-            &[
-                "--num_trainers",
-                "1",
-                "--trainer-mode",
-                "direct",
-                "--json",
-                "--log-dir",
-                &logs_arg,
-            ],
+        c.launch_direct(
+            "1",
+            &["--json", "--log-dir", &logs_arg],
             "python3 fake_dgl.py --fail-rank 1 --fail-code 7 --hang",
         ),
         Duration::from_secs(60),
@@ -384,16 +355,17 @@ fn per_host_trainer_counts_give_global_ranks_in_direct_mode_and_are_refused_by_t
 #[test]
 fn status_json_shows_the_running_job_and_ctrl_c_exits_130() {
     let c = cluster();
-    let mut child = launch(
-        &c,
-        &["--num_trainers", "1", "--trainer-mode", "direct", "--json"],
-        "python3 fake_dgl.py --ip_config ip_config.txt --hang",
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("start dgl-coord");
+    let mut child = c
+        .launch_direct(
+            "1",
+            &["--json"],
+            "python3 fake_dgl.py --ip_config ip_config.txt --hang",
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dgl-coord");
     let stdout = child.stdout.take().expect("stdout");
     let err = reader(child.stderr.take().expect("stderr"));
     let (tx, rx) = mpsc::channel();

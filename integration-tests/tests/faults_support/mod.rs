@@ -13,12 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::netns::NetCluster;
-use dglrun_integration_tests::{
-    alive, fixtures_dir, gen_partitions, list_files, pids_with_env, sha256_file,
-};
+use dglrun_integration_tests::{alive, fake_dgl, list_files, pids_with_env, sha256_file, WS};
 use serde_json::Value;
 
-pub const WS: &str = "ws";
 pub const LEASE: Duration = Duration::from_secs(3);
 pub const GRACE: Duration = Duration::from_secs(1);
 /// Scan rounds, process start-up and the 2-core machine shared with other builds.
@@ -30,38 +27,16 @@ pub const AGENT_FLAGS: &[&str] = &["--lease-timeout", "3", "--grace", "1"];
 pub fn setup_workspaces(c: &NetCluster) {
     let ip_config = std::fs::read(c.ip_config_file(30050)).expect("ip_config");
     for i in 0..c.len() {
-        let ws = c.root(i).join(WS);
-        std::fs::create_dir_all(&ws).expect("workspace");
-        std::fs::copy(fixtures_dir().join("fake_dgl.py"), ws.join("fake_dgl.py")).expect("script");
-        std::fs::write(ws.join("ip_config.txt"), &ip_config).expect("ip_config");
-        gen_partitions(&ws.join("data"), c.len(), 64, "g").expect("partitions");
+        fake_dgl::write_workspace(c.root(i), &ip_config, c.len());
     }
 }
 
 /// `dgl-coord launch` of `command` on the cluster: one server per host, direct trainers,
 /// the tests' lease and grace.
 pub fn launch(c: &NetCluster, flags: &[&str], command: &str) -> Command {
-    let mut cmd = c.coord();
-    cmd.args(["launch", "--workspace", WS, "--num_servers", "1"])
-        .args([
-            "--part_config",
-            "data/g.json",
-            "--ip_config",
-            "ip_config.txt",
-        ])
-        .args([
-            "--trainer-mode",
-            "direct",
-            "--grace",
-            "1",
-            "--lease-timeout",
-            "3",
-        ])
-        .args(flags)
-        .arg(command)
-        .env_remove("OMP_NUM_THREADS")
-        .env_remove("PYTHONPATH");
-    cmd
+    let mut all = vec!["--trainer-mode", "direct", "--lease-timeout", "3"];
+    all.extend_from_slice(flags);
+    fake_dgl::launch(c.coord(), &all, command)
 }
 
 /// A script printing `tick <i> of <n>` every 0.1 s, `n` times.
@@ -212,24 +187,11 @@ pub struct Record {
     pub job: String,
 }
 
-fn records_dir(c: &NetCluster, host: usize) -> PathBuf {
-    c.root(host).join(WS).join("records")
-}
-
 /// The records every process of fake_dgl.py wrote.
 pub fn records(c: &NetCluster) -> Vec<Record> {
     let mut out = Vec::new();
     for host in 0..c.len() {
-        let Ok(dir) = std::fs::read_dir(records_dir(c, host)) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') || !name.ends_with(".json") {
-                continue;
-            }
-            let v: Value = serde_json::from_slice(&std::fs::read(e.path()).expect("record"))
-                .expect("record JSON");
+        for (_, v) in fake_dgl::records(c.root(host)) {
             out.push(Record {
                 host,
                 role: v["role"].as_str().unwrap_or_default().to_string(),
@@ -247,16 +209,7 @@ pub fn records(c: &NetCluster) -> Vec<Record> {
 
 /// Pids from `<kind>-<pid>.pid` files on `host` (samplers, setsid grandchildren).
 pub fn pid_files(c: &NetCluster, host: usize, kind: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir(records_dir(c, host)) else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().to_string();
-            n.starts_with(&format!("{kind}-")) && n.ends_with(".pid")
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
-        .collect()
+    fake_dgl::pid_files(c.root(host), kind)
 }
 
 /// The id of the (one) job the records belong to.
