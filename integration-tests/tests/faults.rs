@@ -29,14 +29,7 @@ fn a_killed_coordinator_leaves_nothing_on_any_host_once_the_lease_expires() {
     let Some(c) = start_or_skip("coordinator SIGKILL", 3, AGENT_FLAGS) else {
         return;
     };
-    setup_workspaces(&c);
-    let mut coord = Coord::start(launch(
-        &c,
-        &["--num_trainers", "1", "--num_samplers", "1"],
-        "python3 fake_dgl.py --hang --samplers --spawn-setsid-child",
-    ));
-    coord.wait_for("hanging", 3);
-    let job = job_id(&c);
+    let (mut coord, job) = hanging_job(&c, true);
     let pids = job_pids(&c, &job, None);
     // Per host: a server, a trainer, its sampler and its setsid grandchild.
     assert!(pids.len() >= 12, "{pids:?}");
@@ -81,14 +74,7 @@ fn a_cut_link_fails_the_job_naming_the_host_and_both_sides_clean_up() {
     let Some(c) = start_or_skip("link cut", 3, AGENT_FLAGS) else {
         return;
     };
-    setup_workspaces(&c);
-    let mut coord = Coord::start(launch(
-        &c,
-        &["--num_trainers", "1", "--num_samplers", "1"],
-        "python3 fake_dgl.py --hang --samplers",
-    ));
-    coord.wait_for("hanging", 3);
-    let job = job_id(&c);
+    let (coord, job) = hanging_job(&c, false);
     let cut_side = job_pids(&c, &job, Some(1));
     let other_side: Vec<u32> = (0..c.len())
         .filter(|&h| h != 1)
@@ -204,14 +190,7 @@ fn a_killed_and_restarted_agent_leaves_no_orphans_and_fails_the_job_at_once() {
     let Some(mut c) = start_or_skip("agent SIGKILL and restart", 3, AGENT_FLAGS) else {
         return;
     };
-    setup_workspaces(&c);
-    let mut coord = Coord::start(launch(
-        &c,
-        &["--num_trainers", "1", "--num_samplers", "1"],
-        "python3 fake_dgl.py --hang --samplers --spawn-setsid-child",
-    ));
-    coord.wait_for("hanging", 3);
-    let job = job_id(&c);
+    let (mut coord, job) = hanging_job(&c, true);
     let on_host1 = job_pids(&c, &job, Some(1));
     let elsewhere: Vec<u32> = [0, 2]
         .iter()
@@ -280,14 +259,7 @@ fn a_sigtermed_agent_stops_its_jobs_before_it_exits() {
     let Some(mut c) = start_or_skip("agent SIGTERM", 3, AGENT_FLAGS) else {
         return;
     };
-    setup_workspaces(&c);
-    let mut coord = Coord::start(launch(
-        &c,
-        &["--num_trainers", "1", "--num_samplers", "1"],
-        "python3 fake_dgl.py --hang --samplers --spawn-setsid-child",
-    ));
-    coord.wait_for("hanging", 3);
-    let job = job_id(&c);
+    let (coord, job) = hanging_job(&c, true);
     let on_host1 = job_pids(&c, &job, Some(1));
     let agent = c.agent_pid(1).expect("agent pid");
 

@@ -39,6 +39,26 @@ pub fn launch(c: &NetCluster, flags: &[&str], command: &str) -> Command {
     fake_dgl::launch(c.coord(), &all, command)
 }
 
+/// Starts a job hanging on every host of `c` (a server, and a trainer with a sampler; with
+/// `setsid`, each trainer also forks a grandchild in its own session that ignores SIGTERM) and
+/// returns once all of it runs: the running dgl-coord and the job's id.
+pub fn hanging_job(c: &NetCluster, setsid: bool) -> (Coord, String) {
+    setup_workspaces(c);
+    let command = if setsid {
+        "python3 fake_dgl.py --hang --samplers --spawn-setsid-child"
+    } else {
+        "python3 fake_dgl.py --hang --samplers"
+    };
+    let mut coord = Coord::start(launch(
+        c,
+        &["--num_trainers", "1", "--num_samplers", "1"],
+        command,
+    ));
+    coord.wait_for("hanging", 3);
+    let job = job_id(c);
+    (coord, job)
+}
+
 /// A script printing `tick <i> of <n>` every 0.1 s, `n` times.
 pub fn tick_script(n: usize) -> String {
     format!(
