@@ -409,12 +409,7 @@ pub fn run(
             let (r, st) = match dglrun_once(&s, mode) {
                 Ok(x) => x,
                 Err(e) => {
-                    let logs = save_logs(&s, &format!("{e:#}"));
-                    eprintln!(
-                        "bench launch {} rep {rep}: FAILED: {e:#} (logs in {logs})",
-                        mode.name()
-                    );
-                    failures.push(anyhow::anyhow!("{e:#} (logs in {logs})"));
+                    failures.push(failed(&s, "launch", mode, rep, &e));
                     continue;
                 }
             };
@@ -439,17 +434,7 @@ pub fn run(
             );
         }
         let name = mode.name();
-        if !failures.is_empty() {
-            let mut r = Row::new(
-                format!("launch {name}: failed runs"),
-                "",
-                &[failures.len() as f64],
-                "0",
-                Some(&|x| x == 0.0),
-            );
-            r.target = format!("0 (first: {})", short(&failures[0]));
-            rows.push(r);
-        }
+        rows.extend(failures_row("launch", mode, &failures));
         let ms: Vec<f64> = run.iter().map(|x| x * 1000.0).collect();
         let started_ms: Vec<f64> = started.iter().map(|x| x * 1000.0).collect();
         let ssh_ms: Vec<f64> = ssh.iter().map(|x| x * 1000.0).collect();
@@ -559,27 +544,10 @@ pub fn run(
                         gone.push(g * 1000.0);
                         td.push(t * 1000.0);
                     }
-                    Err(e) => {
-                        let logs = save_logs(&s, &format!("{e:#}"));
-                        eprintln!(
-                            "bench teardown {} rep {rep}: FAILED: {e:#} (logs in {logs})",
-                            mode.name()
-                        );
-                        failures.push(anyhow::anyhow!("{e:#} (logs in {logs})"));
-                    }
+                    Err(e) => failures.push(failed(&s, "teardown", mode, rep, &e)),
                 }
             }
-            if !failures.is_empty() {
-                let mut r = Row::new(
-                    format!("teardown {}: failed runs", mode.name()),
-                    "",
-                    &[failures.len() as f64],
-                    "0",
-                    Some(&|x| x == 0.0),
-                );
-                r.target = format!("0 (first: {})", short(&failures[0]));
-                rows.push(r);
-            }
+            rows.extend(failures_row("teardown", mode, &failures));
             if !gone.is_empty() {
                 rows.push(Row::new(
                     format!("teardown {}: failure -> all gone", mode.name()),
@@ -599,6 +567,30 @@ pub fn run(
         }
     }
     Ok(rows)
+}
+
+/// Reports a failed repetition of `what` and keeps its logs; returns the error to count.
+fn failed(s: &Setup, what: &str, mode: Mode, rep: usize, e: &anyhow::Error) -> anyhow::Error {
+    let logs = save_logs(s, &format!("{e:#}"));
+    eprintln!(
+        "bench {what} {} rep {rep}: FAILED: {e:#} (logs in {logs})",
+        mode.name()
+    );
+    anyhow::anyhow!("{e:#} (logs in {logs})")
+}
+
+/// The "failed runs" row of `what`, when any repetition failed.
+fn failures_row(what: &str, mode: Mode, failures: &[anyhow::Error]) -> Option<Row> {
+    let first = failures.first()?;
+    let mut r = Row::new(
+        format!("{what} {}: failed runs", mode.name()),
+        "",
+        &[failures.len() as f64],
+        "0",
+        Some(&|x| x == 0.0),
+    );
+    r.target = format!("0 (first: {})", short(first));
+    Some(r)
 }
 
 fn short(e: &anyhow::Error) -> String {
