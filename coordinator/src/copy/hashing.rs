@@ -87,11 +87,11 @@ fn size_hint(s: &Source) -> u64 {
     }
 }
 
-/// A local file the cache did not know: what it was when opened.
+/// A local file the cache did not know: what it was when checked. Not kept open: a script
+/// folder may hold more files than a process may have open.
 struct ToHash {
     source: usize,
     key: PathBuf,
-    file: File,
     before: fs::Metadata,
 }
 
@@ -115,8 +115,11 @@ fn hash_all(
         let err = |what: &str| format!("{}: cannot {what} {}", src.origin, path.display());
         // The cache is keyed by the real path, so `./x` and `x` share an entry.
         let key = path.canonicalize().with_context(|| err("resolve"))?;
-        let file = File::open(&key).with_context(|| err("open"))?;
-        let before = file.metadata().with_context(|| err("stat"))?;
+        // Opened here so an unreadable file is named before any hashing starts.
+        let before = File::open(&key)
+            .with_context(|| err("open"))?
+            .metadata()
+            .with_context(|| err("stat"))?;
         match cache.lookup(&key, &before) {
             Some(d) => {
                 progress.advance(d.size);
@@ -125,7 +128,6 @@ fn hash_all(
             None => misses.push(ToHash {
                 source: i,
                 key,
-                file,
                 before,
             }),
         }
@@ -168,6 +170,8 @@ fn hash_chunks(
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let worker = || {
         let mut buf = vec![0u8; CHUNK_SIZE];
+        // The file of the last chunk taken: the next chunk is most often of the same file.
+        let mut open: Option<(usize, File)> = None;
         loop {
             let k = next.fetch_add(1, Ordering::Relaxed);
             let Some(&(f, offset)) = work.get(k) else {
@@ -175,7 +179,15 @@ fn hash_chunks(
             };
             let m = &files[f];
             let len = (m.before.len() - offset).min(CHUNK_SIZE as u64) as usize;
-            match read_exact_at(&m.file, &mut buf[..len], offset) {
+            let read = match &open {
+                Some((g, file)) if *g == f => read_exact_at(file, &mut buf[..len], offset),
+                _ => File::open(&m.key).and_then(|file| {
+                    let r = read_exact_at(&file, &mut buf[..len], offset);
+                    open = Some((f, file));
+                    r
+                }),
+            };
+            match read {
                 Ok(()) => {
                     let _ = slots[k].set(chunk_hash(&buf[..len]));
                     progress.advance(len as u64);
@@ -216,7 +228,7 @@ fn hash_chunks(
     Ok(out)
 }
 
-/// Fills `buf` from `offset`; a file that ends first has changed since it was opened.
+/// Fills `buf` from `offset`; a file that ends first has changed since it was checked.
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     file.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -307,6 +319,34 @@ mod tests {
             let again = hash_all(&sources, &mut cache, &progress, threads).unwrap();
             let hits = again.iter().filter(|(_, hit)| *hit).count();
             assert_eq!(hits, sizes.len(), "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn more_files_than_may_be_open_at_once_are_hashed() {
+        // This test runs in its own process (nextest), so the limit is its own.
+        let limit = 64;
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, limit, limit)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sources: Vec<Source> = (0..4 * limit)
+            .map(|i| {
+                let p = dir.path().join(format!("script{i}.py"));
+                fs::write(&p, pattern(100 + i as usize, i as u8)).unwrap();
+                Source {
+                    origin: format!("script_folder/script{i}.py"),
+                    content: Content::File(p),
+                }
+            })
+            .collect();
+        let mut cache = HashCache::open(PathBuf::new(), true);
+        let progress = Progress::new(ProgressMode::Quiet);
+        let got = hash_all(&sources, &mut cache, &progress, 2).unwrap();
+        for ((d, _), s) in got.iter().zip(&sources) {
+            let Content::File(p) = &s.content else {
+                unreachable!()
+            };
+            assert_eq!(d, &hash_file(p).unwrap(), "{}", s.origin);
         }
     }
 
