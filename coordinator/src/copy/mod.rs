@@ -99,7 +99,7 @@ pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
         hosts,
         bytes_sent,
         wire_bytes,
-        compression: opts.send.compression.name(),
+        compression: opts.send.compression,
         seconds: started.elapsed().as_secs_f64(),
         hashing,
         launch: summary::LaunchHint {

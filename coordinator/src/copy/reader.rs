@@ -44,6 +44,13 @@ impl Compression {
     }
 }
 
+/// Reports name the algorithm only: `"none"` or `"zstd"`.
+impl serde::Serialize for Compression {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 /// A chunk as it goes on the wire.
 #[derive(Clone, Debug)]
 pub struct ChunkMsg {

@@ -6,6 +6,7 @@ use indicatif::HumanBytes;
 use serde::Serialize;
 
 use super::hashing::HashStats;
+use super::reader::Compression;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -76,8 +77,8 @@ pub struct CopyReport {
     pub bytes_sent: u64,
     /// Chunk bytes put on the wire for `bytes_sent` (see `FileReport::wire_bytes`).
     pub wire_bytes: u64,
-    /// How chunks travelled: "none" or "zstd".
-    pub compression: &'static str,
+    /// How chunks travelled: "none" or "zstd" in JSON.
+    pub compression: Compression,
     pub seconds: f64,
     pub hashing: HashStats,
     /// The values to pass to `dgl-coord launch`.
@@ -100,7 +101,7 @@ impl CopyReport {
             .unwrap_or(4)
             .max(4);
         // The wire column only when compressed: otherwise it would repeat `bytes`.
-        let compressed = self.compression != "none";
+        let compressed = self.compression != Compression::None;
         let wire = |text: String| {
             if compressed {
                 format!("  {text:>11}")
@@ -149,7 +150,7 @@ impl CopyReport {
                 format!(
                     ", {} on the wire with {}",
                     HumanBytes(self.wire_bytes),
-                    self.compression
+                    self.compression.name()
                 )
             } else {
                 String::new()
@@ -178,7 +179,7 @@ impl CopyReport {
 mod tests {
     use super::*;
 
-    fn report(compression: &'static str) -> CopyReport {
+    fn report(compression: Compression) -> CopyReport {
         let file = |path: &str, bytes_sent, wire_bytes| FileReport {
             path: path.into(),
             status: FileOutcome::Sent,
@@ -219,13 +220,14 @@ mod tests {
 
     #[test]
     fn wire_bytes_are_shown_only_when_compressed() {
-        let text = report("zstd").to_human();
+        let text = report(Compression::Zstd { level: 3 }).to_human();
         assert!(text.contains("on the wire"), "{text}");
         assert!(text.contains("8.00 MiB     2.00 MiB"), "{text}");
         assert!(text.contains("2.00 MiB on the wire with zstd"), "{text}");
-        let text = report("none").to_human();
+        let text = report(Compression::None).to_human();
         assert!(!text.contains("on the wire"), "{text}");
-        let json: serde_json::Value = serde_json::from_str(&report("zstd").to_json()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&report(Compression::Zstd { level: 3 }).to_json()).unwrap();
         assert_eq!(json["wire_bytes"], 2 << 20);
         assert_eq!(json["compression"], "zstd");
         assert_eq!(json["hosts"][0]["wire_bytes"], 2 << 20);
