@@ -54,10 +54,24 @@ pub fn repo_dir() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// `shared/compat` beside the repository, when it is there.
-pub fn compat_dir() -> Option<PathBuf> {
-    let p = repo_dir().join("../shared/compat");
-    p.exists().then_some(p)
+/// DGL's real launch behaviour and real DGL partition sets (see its README.md).
+pub fn compat_dir() -> PathBuf {
+    fixtures_dir().join("dgl-compat")
+}
+
+/// True when running under CI (`CI` set to anything but empty, `0` or `false`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
+}
+
+/// Reports that `test` cannot run here. Outside CI it is skipped with the reason; under CI a
+/// test that cannot run fails, so a missing capability never passes as green.
+pub fn cannot_run(test: &str, why: &str) {
+    assert!(
+        !in_ci(),
+        "{test} cannot run here ({why}); under CI every test must run: .ci/run provides what it needs"
+    );
+    eprintln!("SKIPPED {test}: {why}");
 }
 
 /// Python fixtures (stand-in DGL workload and torchrun).
@@ -390,4 +404,36 @@ pub fn list_files(dir: &Path) -> Vec<PathBuf> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// nextest runs every test in its own process, so setting CI here reaches no other test.
+    #[test]
+    fn a_test_that_cannot_run_fails_under_ci_and_is_skipped_elsewhere() {
+        std::env::set_var("CI", "false");
+        super::cannot_run("probe", "nothing needed");
+        std::env::set_var("CI", "true");
+        let under_ci = std::panic::catch_unwind(|| super::cannot_run("probe", "no namespaces"));
+        let message = under_ci.expect_err("under CI=true a test that cannot run must fail");
+        let text = message
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            text.contains("probe cannot run here (no namespaces)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_compat_data_is_in_the_repository() {
+        let dir = super::compat_dir();
+        assert!(dir.join("launch_cases.json").is_file(), "{}", dir.display());
+        for n in [2, 4] {
+            assert!(dir
+                .join(format!("dgl-partitions/p{n}/synth.json"))
+                .is_file());
+        }
+    }
 }

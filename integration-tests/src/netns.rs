@@ -61,7 +61,10 @@ pub fn unavailable() -> Option<String> {
 /// Starts a cluster, or prints why the test is skipped and returns None.
 pub fn start_or_skip(test: &str, hosts: usize, agent_args: &[&str]) -> Option<NetCluster> {
     if let Some(why) = unavailable() {
-        eprintln!("SKIPPED {test}: cannot make network namespaces here ({why}); run as root with iproute2");
+        crate::cannot_run(
+            test,
+            &format!("cannot make network namespaces here ({why}); run as root with iproute2"),
+        );
         return None;
     }
     Some(NetCluster::start(hosts, agent_args).expect("build the namespace cluster"))

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::bench::compress::dgl_like_partitions;
 use dglrun_integration_tests::partitions::write_random;
-use dglrun_integration_tests::{compat_dir, gen_partitions, list_files, sha256_file, TestCluster};
+use dglrun_integration_tests::{
+    cannot_run, compat_dir, gen_partitions, list_files, sha256_file, TestCluster,
+};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -513,7 +515,10 @@ impl Drop for SmallDisk {
 fn too_little_disk_is_found_before_anything_is_sent() {
     let mut cluster = TestCluster::start(2);
     let Some(_disk) = SmallDisk::mount(cluster.root(1), "4m") else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        cannot_run(
+            "too_little_disk_is_found_before_anything_is_sent",
+            "cannot mount a tmpfs here (needs root)",
+        );
         return;
     };
     cluster.restart_agent(1);
@@ -545,19 +550,12 @@ fn an_absolute_workspace_inside_the_root_is_used_as_is() {
     assert!(ws.join("data/part0/graph.dgl").exists());
 }
 
-/// The partitions DGL itself wrote (shared/compat), to 2 and 4 machines.
+/// The partitions DGL itself wrote (fixtures/dgl-compat), to 2 and 4 machines.
 #[test]
 fn real_dgl_partitions_land_where_dgl_loads_them() {
-    let Some(compat) = compat_dir() else {
-        eprintln!("skipped: shared/compat is not beside the repository");
-        return;
-    };
+    let compat = compat_dir();
     for n in [2, 4] {
         let pc = compat.join(format!("dgl-partitions/p{n}/synth.json"));
-        if !pc.exists() {
-            eprintln!("skipped: {} is absent", pc.display());
-            continue;
-        }
         let cluster = TestCluster::start(n);
         let r = copy(&cluster, &pc, None);
         assert_ok(&r);

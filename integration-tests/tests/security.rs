@@ -151,7 +151,9 @@ fn unauthenticated_agent_refuses_non_loopback_addresses() {
 #[test]
 fn agent_refuses_root_without_allow_root() {
     if !nix::unistd::geteuid().is_root() {
-        return; // Only root can see this refusal.
+        // Only root can see this refusal.
+        dglrun_integration_tests::cannot_run("agent_refuses_root_without_allow_root", "not root");
+        return;
     }
     let root = tempfile::tempdir().unwrap();
     let out = Command::new(bin("dgl-agent"))

@@ -1,6 +1,6 @@
 //! The launch plan: a pure function from the options and the cluster to every process that
 //! will run, with its exact environment and command. It reproduces DGL's tools/launch.py
-//! (checked against `shared/compat/launch_cases.json`), plus the direct trainer mode and
+//! (checked against `integration-tests/fixtures/dgl-compat/launch_cases.json`), plus the direct trainer mode and
 //! per-host trainer counts (which DGL cannot express: its ip_config has no room for them).
 
 use std::collections::BTreeMap;

@@ -1,7 +1,7 @@
 //! Compression: `dgl-coord copy` with and without `--compress zstd`, in the same run, over
 //! loopback and over a slow link (network namespaces, the coordinator's uplink shaped to
 //! 200 Mbit/s with a token bucket), of a generated set shaped like DGL partitions; what it
-//! costs on random data (loopback); and how much the real DGL partitions in `shared/compat`
+//! costs on random data (loopback); and how much the real DGL partitions in `fixtures/dgl-compat`
 //! would shrink. About a minute: the uncompressed copies over the slow link take most of it.
 
 use std::fs;
@@ -354,12 +354,9 @@ fn slow_link(pc: &Path, cache: &Path, bytes: u64, reps: usize) -> Result<Vec<Row
     Ok(rows(&label, bytes, &runs, "MB/s", Some(1.5)))
 }
 
-/// How much the real partitions of `shared/compat` shrink, chunk by chunk as sent.
+/// How much the real DGL partitions (`fixtures/dgl-compat`) shrink, chunk by chunk as sent.
 fn real_partitions() -> Result<Row> {
-    let dir = crate::compat_dir()
-        .map(|d| d.join("dgl-partitions"))
-        .filter(|d| d.is_dir())
-        .context("shared/compat/dgl-partitions not found")?;
+    let dir = crate::compat_dir().join("dgl-partitions");
     let (logical, wire) = wire_size(&dir)?;
     Ok(Row::new(
         format!(

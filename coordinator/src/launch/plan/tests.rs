@@ -1,4 +1,4 @@
-//! The plan against DGL's real behaviour (`shared/compat/launch_cases.json`) and the rules
+//! The plan against DGL's real behaviour (`integration-tests/fixtures/dgl-compat/launch_cases.json`) and the rules
 //! launch.py applies that the cases do not exercise.
 
 use std::collections::BTreeMap;
@@ -10,7 +10,7 @@ use crate::config::IpConfig;
 
 const CASES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/compat/launch_cases.json"
+    "/../integration-tests/fixtures/dgl-compat/launch_cases.json"
 );
 const PORT: u16 = 41234;
 const WORKSPACE: &str = "/home/u/graphsage";
@@ -77,21 +77,14 @@ fn facts(ip_lines: &[String]) -> ClusterFacts {
     }
 }
 
-fn load_cases() -> Option<Vec<Case>> {
-    let text = match std::fs::read_to_string(CASES) {
-        Ok(t) => t,
-        Err(_) => {
-            // shared/ sits beside the repository in developer checkouts and CI only.
-            eprintln!("skipping: {CASES} not found");
-            return None;
-        }
-    };
-    Some(serde_json::from_str(&text).unwrap())
+fn load_cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(CASES).unwrap_or_else(|e| panic!("{CASES}: {e}"));
+    serde_json::from_str(&text).unwrap()
 }
 
 #[test]
 fn plan_matches_dgl_for_every_compat_case() {
-    let Some(cases) = load_cases() else { return };
+    let cases = load_cases();
     assert!(!cases.is_empty());
     for c in &cases {
         let planned = plan(&options(c, TrainerMode::Torchrun), &facts(&c.ip_config))
@@ -135,7 +128,7 @@ fn plan_matches_dgl_for_every_compat_case() {
 
 #[test]
 fn shell_chains_run_under_sh_and_plain_commands_as_argv() {
-    let Some(cases) = load_cases() else { return };
+    let cases = load_cases();
     for c in &cases {
         let planned = plan(&options(c, TrainerMode::Torchrun), &facts(&c.ip_config)).unwrap();
         for p in planned {
