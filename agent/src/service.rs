@@ -132,6 +132,6 @@ impl Agent for AgentService {
         &self,
         _req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsReply>, Status> {
-        Ok(Response::new(self.jobs.list()))
+        self.jobs.list().await.map(Response::new)
     }
 }

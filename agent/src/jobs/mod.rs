@@ -15,6 +15,7 @@ pub mod job;
 pub(crate) mod lease;
 pub mod log;
 pub mod output;
+pub mod pidfd;
 mod preflight;
 pub mod process;
 pub mod reaper;
@@ -193,7 +194,13 @@ impl Jobs {
             .filter(|j| j.workspace == workspace)
             .collect();
         for job in candidates {
-            let live = live_members(&job).await;
+            let live = live_members(&job).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot tell whether job {} still runs: {}",
+                    job.id,
+                    error_chain(&e)
+                ))
+            })?;
             if live > 0 {
                 reply.live_jobs.push(job.info(live));
             }
@@ -257,15 +264,27 @@ impl Jobs {
                     job.workspace.display()
                 )));
             }
-            if job.state().stopping {
+            let mut st = job.state();
+            // Closed for good: its coordinator went silent once, so nothing would renew (or
+            // stop) what a later Spawn starts in it.
+            if st.lease_stopped {
+                return Err(Status::failed_precondition(format!(
+                    "job {} is closed: its lease of {} ms expired; start a new job",
+                    job.id,
+                    st.lease.as_millis()
+                )));
+            }
+            if st.stopping {
                 return Err(Status::failed_precondition(format!(
                     "job {} is being stopped; start a new job",
                     job.id
                 )));
             }
+            // Renewed under the same lock as the check: the lease cannot run out in between.
+            st.renewed = Instant::now();
+            drop(st);
             job
         };
-        job.renew();
         self.lease_wake.notify_one();
 
         // Forking and registering happen in one blocking task that runs to completion even if
@@ -282,6 +301,7 @@ impl Jobs {
                     mut child,
                     exit,
                     start,
+                    pidfd,
                 } = match reaper.spawn(&mut cmd) {
                     Ok(x) => x,
                     // Processes started before the failure stay in the job: the coordinator
@@ -291,7 +311,7 @@ impl Jobs {
                     }
                 };
                 let pid = child.id();
-                let index = job.add_process(&label, pid, start, Instant::now());
+                let index = job.add_process(&label, pid, start, pidfd, Instant::now());
                 crate::metrics::add(&crate::metrics::COUNTERS.processes_started, 1);
                 let stdout = child.stdout.take().map(OwnedFd::from);
                 let stderr = child.stderr.take().map(OwnedFd::from);
@@ -313,6 +333,7 @@ impl Jobs {
             // A Stop began while these were forked: it may have scanned before they existed.
             let (j, grace) = (job.clone(), self.config.grace);
             tokio::spawn(async move { stop_job(&j, grace, false).await });
+
             return Err(Status::aborted(format!(
                 "job {} was stopped while its processes started",
                 job.id
@@ -366,7 +387,15 @@ impl Jobs {
         let j = job.clone();
         let outcome = tokio::spawn(async move { stop_job(&j, grace, req.force).await })
             .await
-            .map_err(|e| Status::internal(format!("stop task failed: {e}")))?;
+            .map_err(|e| Status::internal(format!("stop task failed: {e}")))?
+            .map_err(|e| {
+                tracing::error!(job = %job.id, "stop failed: {}", error_chain(&e));
+                Status::unavailable(format!(
+                    "job {}: the stop could not see every process of the job ({}); the job stays stopping and the agent retries",
+                    job.id,
+                    error_chain(&e)
+                ))
+            })?;
         tracing::info!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining, force = req.force, "job stopped on request");
         Ok(pb::StopReply {
             signalled: outcome.signalled,
@@ -374,23 +403,41 @@ impl Jobs {
         })
     }
 
-    pub fn list(&self) -> pb::ListJobsReply {
-        let all = tree::snapshot(Path::new("/proc"));
-        let mut jobs: Vec<pb::JobInfo> = self
-            .all()
-            .iter()
-            .map(|j| {
-                if j.state().clean {
-                    return j.info(0);
-                }
-                let live = tree::members_in(&all, &j.member_query(), |pid| {
-                    tree::read_environ(Path::new("/proc"), pid)
-                });
-                j.info(live.len() as u32)
-            })
-            .collect();
+    /// Every job and its direct children, without counting descendants (no /proc scan).
+    pub fn list_known(&self) -> pb::ListJobsReply {
+        let mut jobs: Vec<pb::JobInfo> = self.all().iter().map(|j| j.info(0)).collect();
         jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
         pb::ListJobsReply { jobs }
+    }
+
+    pub async fn list(&self) -> Result<pb::ListJobsReply, Status> {
+        let jobs = self.all();
+        // Off the runtime: a scan reads many small files.
+        let listed = tokio::task::spawn_blocking(move || {
+            let proc_root = Path::new("/proc");
+            let all = tree::snapshot(proc_root)?;
+            jobs.iter()
+                .map(|j| {
+                    if j.state().clean {
+                        return Ok(j.info(0));
+                    }
+                    let live = tree::members_in(&all, &j.member_query(), |pid| {
+                        tree::read_environ(proc_root, pid)
+                    })?;
+                    Ok(j.info(live.len() as u32))
+                })
+                .collect::<Result<Vec<_>, tree::ScanError>>()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("job list task failed: {e}")))?;
+        let mut jobs = listed.map_err(|e| {
+            Status::unavailable(format!(
+                "cannot count the jobs' processes: {}",
+                error_chain(&e)
+            ))
+        })?;
+        jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        Ok(pb::ListJobsReply { jobs })
     }
 
     /// Stops every job; called when the agent itself is asked to exit.
@@ -399,9 +446,14 @@ impl Jobs {
         let jobs = self.all();
         let grace = self.config.grace;
         let stops = jobs.iter().map(|j| async move {
-            let outcome = stop_job(j, grace, false).await;
-            if outcome.signalled > 0 {
-                tracing::info!(job = %j.id, signalled = outcome.signalled, remaining = outcome.remaining, "job stopped: agent shutting down");
+            match stop_job(j, grace, false).await {
+                Ok(outcome) if outcome.signalled > 0 => {
+                    tracing::info!(job = %j.id, signalled = outcome.signalled, remaining = outcome.remaining, "job stopped: agent shutting down");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(job = %j.id, "cannot stop the job before exiting: {}; the next run of the agent stops what is left", error_chain(&e));
+                }
             }
         });
         futures::future::join_all(stops).await;
@@ -434,26 +486,59 @@ fn describe(spec: &pb::ProcessSpec) -> String {
     }
 }
 
-/// Marks the job as being stopped and stops its whole tree.
-async fn stop_job(job: &Arc<Job>, grace: Duration, force: bool) -> stop::StopOutcome {
+/// The message of `e` followed by its causes, for a reply or a log line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// How long after a stop that could not finish the lease monitor tries again.
+const STOP_RETRY: Duration = Duration::from_secs(2);
+
+/// Marks the job as being stopped and stops its whole tree. A stop that could not see every
+/// process, or left some alive, leaves the job stopping and not clean, with a retry due.
+async fn stop_job(
+    job: &Arc<Job>,
+    grace: Duration,
+    force: bool,
+) -> Result<stop::StopOutcome, tree::ScanError> {
     job.state().stopping = true;
     let j = job.clone();
-    let outcome = stop::stop_tree(move || j.member_query(), grace, force).await;
-    if outcome.remaining == 0 {
-        job.state().clean = true;
+    let result = stop::stop_tree(move || j.member_query(), grace, force).await;
+    let mut st = job.state();
+    match &result {
+        Ok(outcome) if outcome.remaining == 0 => {
+            st.clean = true;
+            st.retry_stop_at = None;
+        }
+        _ => st.retry_stop_at = Some(Instant::now() + STOP_RETRY),
     }
-    outcome
+    drop(st);
+    result
 }
 
 /// Live processes of `job`, descendants included.
-async fn live_members(job: &Arc<Job>) -> u32 {
+async fn live_members(job: &Arc<Job>) -> Result<u32, tree::ScanError> {
     if job.state().clean {
-        return 0;
+        return Ok(0);
     }
     let query = job.member_query();
-    tokio::task::spawn_blocking(move || tree::members(Path::new("/proc"), &query).len() as u32)
-        .await
-        .unwrap_or(0)
+    tokio::task::spawn_blocking(move || {
+        tree::members(Path::new("/proc"), &query).map(|m| m.len() as u32)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(tree::ScanError::List {
+            path: "/proc".into(),
+            source: std::io::Error::other(e),
+        })
+    })
 }
 
 /// Watches one process: reads its output, waits for its exit, publishes both.
@@ -485,6 +570,7 @@ async fn supervise(
     }
     // The reaper never drops a registered sender; if it did, the status is unknown.
     let exit = exit.await.unwrap_or(Exit::Code(-1));
+    job.mark_reaped(index);
     let _ = exited_tx.send(true);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(drained)).await;
     job.record_exit(index, exit);

@@ -130,7 +130,7 @@ async fn stop_kills_a_setsid_grandchild_that_ignores_sigterm() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let gc = gc.expect("grandchild started");
-    let listed = jobs.list();
+    let listed = jobs.list().await.unwrap();
     assert_eq!(listed.jobs.len(), 1);
     assert!(listed.jobs[0].live_pids >= 2, "{listed:?}");
     let started = Instant::now();
@@ -262,7 +262,7 @@ async fn forgetting_a_job_keeps_the_agent_responsive() {
     std::thread::spawn(move || {
         let _in_runtime = runtime.enter();
         jobs.remove("done-1");
-        let _ = tx.send(jobs.list().jobs.len());
+        let _ = tx.send(jobs.list_known().jobs.len());
     });
     let n = rx
         .recv_timeout(Duration::from_secs(5))
@@ -343,4 +343,103 @@ async fn a_job_spawned_on_an_idle_agent_wakes_the_lease_monitor() {
         !alive(pid),
         "the lease was not enforced within 5 s: the spawn did not wake the monitor"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_lease_expired_is_closed() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    let mut req = spawn_req("j-closed", vec![shell("t0", "true")]);
+    req.lease_ms = 200;
+    jobs.spawn(req).await.unwrap();
+    collect_until_exited(&jobs, "j-closed", 1).await;
+    // The lease runs out with nothing running.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut req = spawn_req("j-closed", vec![shell("t1", "sleep 60")]);
+    req.lease_ms = 200;
+    match jobs.spawn(req).await {
+        Err(e) => {
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+            assert!(e.message().contains("j-closed"), "{e}");
+        }
+        Ok(reply) => {
+            let pid = reply.processes[0].pid as i32;
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            let survived = alive(pid);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("a Spawn into a job whose lease expired was accepted (still running after 1 s: {survived})");
+        }
+    }
+}
+
+/// Lowers the soft limit on open files to the lowest free descriptor, so that no new one can
+/// be opened (as when the agent's fds are exhausted); restores the limit on drop.
+struct NoFreeFds(u64, u64);
+
+impl NoFreeFds {
+    fn new() -> Self {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // SAFETY: dup of stdin returns a new descriptor or -1; it is closed at once.
+        let lowest = unsafe { libc::dup(0) };
+        assert!(lowest >= 0);
+        unsafe { libc::close(lowest) };
+        setrlimit(Resource::RLIMIT_NOFILE, lowest as u64, hard).unwrap();
+        Self(soft, hard)
+    }
+}
+
+impl Drop for NoFreeFds {
+    fn drop(&mut self) {
+        use nix::sys::resource::{setrlimit, Resource};
+        setrlimit(Resource::RLIMIT_NOFILE, self.0, self.1).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_proc_scan_is_an_error_and_the_job_stays_stopping() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    let argv = pb::ProcessSpec {
+        label: "t0".into(),
+        command: Some(Command::Argv(pb::Argv {
+            args: vec!["sleep".into(), "60".into()],
+        })),
+        ..Default::default()
+    };
+    let pid = jobs
+        .spawn(spawn_req("j-emfile", vec![argv]))
+        .await
+        .unwrap()
+        .processes[0]
+        .pid as i32;
+    let stop = || {
+        jobs.stop(pb::StopRequest {
+            job_id: "j-emfile".into(),
+            grace_ms: 200,
+            force: false,
+        })
+    };
+    let starved = NoFreeFds::new();
+    let reply = stop().await;
+    drop(starved);
+    assert!(
+        reply.as_ref().is_err_and(|e| e.message().contains("/proc"))
+            || reply.as_ref().is_ok_and(|r| r.remaining > 0),
+        "a stop that could not read /proc claimed success: {reply:?}"
+    );
+    {
+        let job = jobs.get("j-emfile").expect("the job is not forgotten");
+        let st = job.state();
+        assert!(
+            st.stopping && !st.clean,
+            "stopping {} clean {}",
+            st.stopping,
+            st.clean
+        );
+    }
+    let reply = stop().await.unwrap();
+    assert_eq!(reply.remaining, 0);
+    assert!(!alive(pid), "sleep {pid} survived the retried stop");
 }
