@@ -4,12 +4,13 @@
 //! newest seq, so a wake-up is never missed between reading the log and waiting.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use dglrun_proto::pb::{self, job_event::Event, OutputStream};
 use tokio::sync::watch;
 
+use super::cgroup::{Cgroups, JobCgroup};
 use super::log::EventLog;
 use super::output::Piece;
 use super::pidfd::PidFd;
@@ -61,6 +62,8 @@ pub struct Job {
     marker: Vec<Vec<u8>>,
     state: Mutex<JobState>,
     seq_tx: watch::Sender<u64>,
+    /// The job's cgroup, made by its first Spawn where the agent has cgroups.
+    cgroup: OnceLock<Arc<JobCgroup>>,
 }
 
 impl Job {
@@ -92,7 +95,17 @@ impl Job {
                 retry_stop_at: None,
             }),
             seq_tx: watch::Sender::new(0),
+            cgroup: OnceLock::new(),
         }
+    }
+
+    /// The job's cgroup, created on first use. Blocking (mkdir in the cgroup file system).
+    pub fn cgroup_in(&self, cgroups: &Cgroups) -> std::io::Result<Arc<JobCgroup>> {
+        if let Some(cg) = self.cgroup.get() {
+            return Ok(cg.clone());
+        }
+        let cg = Arc::new(cgroups.create_job(&self.id)?);
+        Ok(self.cgroup.get_or_init(|| cg).clone())
     }
 
     pub fn state(&self) -> MutexGuard<'_, JobState> {
@@ -240,6 +253,7 @@ impl Job {
             marker: self.marker.clone(),
             exclude: std::process::id() as i32,
             within: Some(std::process::id() as i32),
+            cgroup: self.cgroup.get().cloned(),
         }
     }
 

@@ -11,6 +11,7 @@
 //! * `state_file` records the running jobs under the root; `recover` reads it when the agent
 //!   starts and stops whatever a previous run of the agent left behind.
 
+pub mod cgroup;
 pub mod job;
 pub(crate) mod lease;
 pub mod log;
@@ -26,6 +27,7 @@ pub mod tree;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -72,6 +74,8 @@ pub struct Jobs {
     state_file: Arc<StateFile>,
     /// Tells the lease monitor that a deadline may have moved earlier.
     lease_wake: Arc<tokio::sync::Notify>,
+    /// Where jobs get cgroups of their own; None: found by markers only.
+    cgroups: Option<Arc<cgroup::Cgroups>>,
 }
 
 fn not_found(id: &str) -> Status {
@@ -99,6 +103,19 @@ impl Jobs {
     /// Must be called within a tokio runtime.
     pub fn start(root: Root, config: JobsConfig) -> anyhow::Result<Arc<Self>> {
         let state_file = Arc::new(StateFile::new(root.state_dir()));
+        let cgroups = match cgroup::Cgroups::detect(root.path()) {
+            Ok(c) => {
+                tracing::info!(cgroup = %c.base().display(), "job containment: a cgroup v2 per job (cgroup.kill), and the environment marker scan");
+                Some(Arc::new(c))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "job containment: environment marker scan only; no writable cgroup v2: {}",
+                    error_chain(&e)
+                );
+                None
+            }
+        };
         let jobs = Arc::new(Self {
             root,
             config,
@@ -107,9 +124,15 @@ impl Jobs {
             shutting_down: AtomicBool::new(false),
             state_file,
             lease_wake: Arc::new(tokio::sync::Notify::new()),
+            cgroups,
         });
         lease::spawn_monitor(Arc::downgrade(&jobs), jobs.lease_wake.clone());
         Ok(jobs)
+    }
+
+    /// The cgroup directory jobs are contained in; None when the agent could not make one.
+    pub fn cgroup_base(&self) -> Option<&Path> {
+        self.cgroups.as_deref().map(cgroup::Cgroups::base)
     }
 
     /// What the state file should say now: every job not known to be over, with its direct
@@ -293,10 +316,26 @@ impl Jobs {
         let reaper = self.reaper.clone();
         let runtime = tokio::runtime::Handle::current();
         let registering = job.clone();
+        let cgroups = self.cgroups.clone();
         let (started, failure) = tokio::task::spawn_blocking(move || {
             let job = registering;
             let mut started = Vec::new();
+            let cgroup = match cgroups.map(|c| job.cgroup_in(&c)).transpose() {
+                Ok(cg) => cg,
+                Err(e) => {
+                    return (
+                        started,
+                        Some(format!("cannot create the cgroup of job {}: {e}", job.id)),
+                    )
+                }
+            };
             for (label, what, mut cmd) in commands {
+                if let Some(cg) = &cgroup {
+                    let fd = cg.procs_fd();
+                    // SAFETY: `enter` only calls write(2) on a descriptor `cgroup` keeps open
+                    // until this loop ends; it allocates nothing (async-signal-safe).
+                    unsafe { cmd.pre_exec(move || cgroup::enter(fd)) };
+                }
                 let reaper::Spawned {
                     mut child,
                     exit,

@@ -184,6 +184,7 @@ impl Finder {
             marker: self.marker.clone(),
             exclude: self.me,
             within: None,
+            cgroup: None,
         };
         tree::members_in(&mine, &query, |pid| tree::read_environ(proc_root, pid))
     }

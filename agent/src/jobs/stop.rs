@@ -33,7 +33,7 @@ async fn scan(query: MemberQuery) -> Result<(Vec<ProcEntry>, Vec<ProcEntry>), Sc
     tokio::task::spawn_blocking(move || {
         let root = Path::new("/proc");
         let all = tree::snapshot(root)?;
-        let members = tree::members_in(&all, &query, |pid| tree::read_environ(root, pid))?;
+        let members = tree::job_members(root, &all, &query)?;
         Ok((members, all))
     })
     .await
@@ -155,10 +155,22 @@ pub async fn stop_tree(
         if members.is_empty() {
             return Ok(outcome(&signalled, 0));
         }
-        if Instant::now() >= deadline {
-            return Ok(outcome(&signalled, members.len()));
+        // Every scan that found something is followed by SIGKILL, however late it came back.
+        let give_up = Instant::now() >= deadline;
+        if let Some(cg) = q.cgroup.clone() {
+            // Everything in the cgroup, including what forks between the scan and the signal.
+            let killed = tokio::task::spawn_blocking(move || {
+                cg.kill().map_err(|e| (cg.dir().to_path_buf(), e))
+            })
+            .await;
+            if let Ok(Err((dir, e))) = killed {
+                tracing::warn!(cgroup = %dir.display(), "cgroup.kill failed: {e}");
+            }
         }
         send(Signal::SIGKILL, &members, &all, &q, &mut signalled);
+        if give_up {
+            return Ok(outcome(&signalled, members.len()));
+        }
         tokio::time::sleep(poll).await;
         poll = (poll * 2).min(POLL);
     }

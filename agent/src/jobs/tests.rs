@@ -443,3 +443,50 @@ async fn a_failed_proc_scan_is_an_error_and_the_job_stays_stopping() {
     assert_eq!(reply.remaining, 0);
     assert!(!alive(pid), "sleep {pid} survived the retried stop");
 }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_fork_with_a_scrubbed_environment_is_stopped() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    if jobs.cgroup_base().is_none() {
+        // Only a cgroup holds such a process; CI runs where one can be had.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no writable cgroup v2 here (see the agent's containment log line); CI must provide one"
+        );
+        eprintln!("skipped: no writable cgroup v2");
+        return;
+    }
+    let script = "setsid env -i /bin/sh -c '/bin/sleep 600 </dev/null >/dev/null 2>&1 & echo $! > esc.pid'; sleep 60";
+    jobs.spawn(spawn_req("j-esc", vec![shell("t0", script)]))
+        .await
+        .unwrap();
+    let pidfile = jobs.root.path().join("ws/esc.pid");
+    let mut esc = None;
+    for _ in 0..500 {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            esc = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let esc = esc.expect("the escaping sleep started");
+    let reply = jobs
+        .stop(pb::StopRequest {
+            job_id: "j-esc".into(),
+            grace_ms: 200,
+            force: false,
+        })
+        .await
+        .unwrap();
+    let survived = alive(esc);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(esc),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert!(
+        !survived,
+        "the double-forked sleep {esc} escaped Stop ({reply:?})"
+    );
+}

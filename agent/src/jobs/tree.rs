@@ -16,6 +16,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::cgroup::JobCgroup;
 use super::pidfd::PidFd;
 
 /// Largest `/proc/<pid>/environ` the scan reads; the marker is looked for in this prefix only.
@@ -190,6 +191,8 @@ pub struct MemberQuery {
     /// just those environments keeps a scan cheap on a busy host and keeps agents that share a
     /// host out of each other's jobs. None: every process is checked.
     pub within: Option<i32>,
+    /// The job's cgroup, where the agent could make one: every live process in it is a member.
+    pub cgroup: Option<Arc<JobCgroup>>,
 }
 
 /// The live members of a job among `procs`; `environ` reads a process's environment.
@@ -259,7 +262,35 @@ fn subtree(procs: &[ProcEntry], children: &HashMap<i32, Vec<usize>>, top: i32) -
 /// Blocking: reads many small files.
 pub fn members(proc_root: &Path, query: &MemberQuery) -> Result<Vec<ProcEntry>, ScanError> {
     let procs = snapshot(proc_root)?;
-    members_in(&procs, query, |pid| read_environ(proc_root, pid))
+    job_members(proc_root, &procs, query)
+}
+
+/// [`members_in`] `procs`, plus every live process of the job's cgroup (which finds what
+/// scrubbed its environment and left the tree). Blocking.
+pub fn job_members(
+    proc_root: &Path,
+    procs: &[ProcEntry],
+    query: &MemberQuery,
+) -> Result<Vec<ProcEntry>, ScanError> {
+    let mut found = members_in(procs, query, |pid| read_environ(proc_root, pid))?;
+    if let Some(cg) = &query.cgroup {
+        let pids: HashSet<i32> = cg
+            .pids()
+            .map_err(|source| ScanError::Read {
+                path: cg.procs_path(),
+                source,
+            })?
+            .into_iter()
+            .collect();
+        let known: HashSet<i32> = found.iter().map(|p| p.pid).collect();
+        found.extend(procs.iter().filter(|p| {
+            pids.contains(&p.pid)
+                && p.is_alive()
+                && p.pid != query.exclude
+                && !known.contains(&p.pid)
+        }));
+    }
+    Ok(found)
 }
 
 /// Process groups that may be signalled as a whole: every process of the group in `all`
@@ -358,6 +389,7 @@ mod tests {
             marker,
             exclude: 100,
             within: Some(100),
+            cgroup: None,
         };
         let mut got: Vec<i32> = members_in(&procs, &q, |pid| Ok(envs(pid)))
             .unwrap()
@@ -401,6 +433,7 @@ mod tests {
             marker: vec![],
             exclude: 100,
             within: None,
+            cgroup: None,
         };
         assert!(members_in(&procs, &q, |_| Ok(None)).unwrap().is_empty());
         q.seeds[0].start = Some(9);
@@ -423,6 +456,7 @@ mod tests {
             marker: vec![],
             exclude: 100,
             within: None,
+            cgroup: None,
         };
         let got: Vec<i32> = members_in(&procs, &q, |_| Ok(None))
             .unwrap()
@@ -474,6 +508,7 @@ mod tests {
             marker: vec![tag.into_bytes()],
             exclude: std::process::id() as i32,
             within: None,
+            cgroup: None,
         };
         let mut found = Vec::new();
         for _ in 0..100 {
