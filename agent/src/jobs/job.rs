@@ -16,6 +16,7 @@ use super::output::Piece;
 use super::pidfd::PidFd;
 use super::process::{AGENT_VAR, JOB_ID_VAR};
 use super::reaper::Exit;
+use super::spec::JobId;
 use super::tree::{MemberQuery, Seed};
 
 #[derive(Debug)]
@@ -57,7 +58,7 @@ pub struct JobState {
 }
 
 pub struct Job {
-    pub id: String,
+    pub id: JobId,
     pub workspace: PathBuf,
     marker: Vec<Vec<u8>>,
     state: Mutex<JobState>,
@@ -68,7 +69,7 @@ pub struct Job {
 
 impl Job {
     pub fn new(
-        id: String,
+        id: JobId,
         workspace: PathBuf,
         agent_root: &std::path::Path,
         lease: Duration,
@@ -104,7 +105,7 @@ impl Job {
         if let Some(cg) = self.cgroup.get() {
             return Ok(cg.clone());
         }
-        let cg = Arc::new(cgroups.create_job(&self.id)?);
+        let cg = Arc::new(cgroups.create_job(self.id.as_str())?);
         Ok(self.cgroup.get_or_init(|| cg).clone())
     }
 
@@ -260,7 +261,7 @@ impl Job {
     pub fn info(&self, live_pids: u32) -> pb::JobInfo {
         let st = self.state();
         pb::JobInfo {
-            job_id: self.id.clone(),
+            job_id: self.id.to_string(),
             workspace: self.workspace.display().to_string(),
             processes: st
                 .procs

@@ -93,7 +93,7 @@ pub(super) fn check(jobs: &Arc<Jobs>, now: Instant) -> Option<Instant> {
             let grace = jobs.config.grace;
             tokio::spawn(expire(job.clone(), grace));
         } else if forget {
-            jobs.remove(&job.id);
+            jobs.remove(job.id.as_str());
         }
     }
     next

@@ -12,6 +12,7 @@
 //!   starts and stops whatever a previous run of the agent left behind.
 
 pub mod cgroup;
+pub mod error;
 pub mod job;
 pub(crate) mod lease;
 pub mod log;
@@ -21,6 +22,7 @@ mod preflight;
 pub mod process;
 pub mod reaper;
 pub mod recover;
+pub mod spec;
 pub mod state_file;
 pub mod stop;
 pub mod tree;
@@ -38,9 +40,12 @@ use tokio::sync::{oneshot, watch};
 use tonic::Status;
 
 use crate::confine::Root;
+use crate::limits::MAX_JOBS;
 use crate::service::EventStream;
+pub use error::JobError;
 use job::Job;
 use reaper::{Exit, Reaper};
+use spec::{JobId, ProcessSpec, SpawnSpec, StopSpec, WatchSpec};
 use state_file::StateFile;
 
 #[derive(Clone, Debug)]
@@ -51,14 +56,6 @@ pub struct JobsConfig {
     pub grace: Duration,
 }
 
-/// Processes one Spawn call may start.
-const MAX_PROCESSES: usize = 4096;
-/// Longest lease a coordinator may ask for.
-const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
-/// Shortest lease: below this a coordinator could not renew in time.
-const MIN_LEASE: Duration = Duration::from_millis(200);
-/// Longest grace a Stop may ask for.
-const MAX_GRACE: Duration = Duration::from_secs(600);
 /// Events sent to a watcher per read of the log.
 const WATCH_BATCH: usize = 512;
 /// How long after its exit a process's pipes may still be drained before the exit is
@@ -69,33 +66,13 @@ pub struct Jobs {
     root: Root,
     config: JobsConfig,
     reaper: Arc<Reaper>,
-    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    jobs: Mutex<HashMap<JobId, Arc<Job>>>,
     shutting_down: AtomicBool,
     state_file: Arc<StateFile>,
     /// Tells the lease monitor that a deadline may have moved earlier.
     lease_wake: Arc<tokio::sync::Notify>,
     /// Where jobs get cgroups of their own; None: found by markers only.
     cgroups: Option<Arc<cgroup::Cgroups>>,
-}
-
-fn not_found(id: &str) -> Status {
-    Status::not_found(format!("job {id:?} is not known to this agent"))
-}
-
-/// Job ids are chosen by the coordinator; they end up in environments and logs.
-fn check_job_id(id: &str) -> Result<(), Status> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "job id {id:?} must be 1-128 characters of [A-Za-z0-9._:-]"
-        )))
-    }
 }
 
 impl Jobs {
@@ -156,7 +133,7 @@ impl Jobs {
                     })
                     .collect();
                 (!st.clean || !processes.is_empty()).then(|| state_file::JobRecord {
-                    id: j.id.clone(),
+                    id: j.id.to_string(),
                     workspace: j.workspace.clone(),
                     processes,
                 })
@@ -181,12 +158,15 @@ impl Jobs {
         })
     }
 
-    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Job>>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<JobId, Arc<Job>>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, id: &str) -> Result<Arc<Job>, Status> {
-        self.map().get(id).cloned().ok_or_else(|| not_found(id))
+    fn get(&self, id: &JobId) -> Result<Arc<Job>, JobError> {
+        self.map()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| JobError::NotFound(id.clone()))
     }
 
     fn all(&self) -> Vec<Arc<Job>> {
@@ -194,7 +174,7 @@ impl Jobs {
     }
 
     /// `p` relative to `base` (or absolute inside the root), confined to the root.
-    fn resolve_under(&self, base: &Path, p: &str) -> Result<PathBuf, Status> {
+    fn resolve_under(&self, base: &Path, p: &str) -> Result<PathBuf, JobError> {
         if p.is_empty() {
             return Ok(base.to_path_buf());
         }
@@ -204,13 +184,15 @@ impl Jobs {
         let joined = base.join(p);
         let joined = joined
             .to_str()
-            .ok_or_else(|| Status::invalid_argument("path is not valid UTF-8"))?;
+            .ok_or_else(|| JobError::NotUtf8(joined.clone()))?;
         Ok(self.root.resolve(joined)?)
     }
 
     pub async fn preflight(&self, req: pb::PreflightRequest) -> Result<pb::PreflightReply, Status> {
         let workspace = self.root.resolve(&req.workspace)?;
-        let mut reply = preflight::check(&workspace, &req, |base, p| self.resolve_under(base, p))?;
+        let mut reply = preflight::check(&workspace, &req, |base, p| {
+            self.resolve_under(base, p).map_err(Status::from)
+        })?;
         let candidates: Vec<Arc<Job>> = self
             .all()
             .into_iter()
@@ -231,25 +213,13 @@ impl Jobs {
         Ok(reply)
     }
 
-    pub async fn spawn(&self, req: pb::SpawnRequest) -> Result<pb::SpawnReply, Status> {
-        check_job_id(&req.job_id)?;
+    pub async fn spawn(&self, req: SpawnSpec) -> Result<pb::SpawnReply, JobError> {
         if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("the agent is shutting down"));
-        }
-        if req.processes.is_empty() || req.processes.len() > MAX_PROCESSES {
-            return Err(Status::invalid_argument(format!(
-                "a Spawn must name 1 to {MAX_PROCESSES} processes"
-            )));
-        }
-        for spec in &req.processes {
-            process::validate(spec).map_err(Status::invalid_argument)?;
+            return Err(JobError::ShuttingDown);
         }
         let workspace = self.root.resolve(&req.workspace)?;
         if !workspace.is_dir() {
-            return Err(Status::failed_precondition(format!(
-                "workspace {} does not exist on this host",
-                workspace.display()
-            )));
+            return Err(JobError::NoWorkspace(workspace));
         }
         let mut commands = Vec::with_capacity(req.processes.len());
         for spec in &req.processes {
@@ -257,17 +227,11 @@ impl Jobs {
             let cmd = process::command(spec, &cwd, &req.job_id, self.root.path());
             commands.push((spec.label.clone(), describe(spec), cmd));
         }
-        let lease = match req.lease_ms {
-            0 => self.config.lease_timeout,
-            ms => Duration::from_millis(ms.into()).clamp(MIN_LEASE, MAX_LEASE),
-        };
+        let lease = req.lease.unwrap_or(self.config.lease_timeout);
         let job = {
             let mut map = self.map();
-            if map.len() >= crate::limits::MAX_JOBS && !map.contains_key(&req.job_id) {
-                return Err(Status::resource_exhausted(format!(
-                    "the agent already holds {} jobs",
-                    crate::limits::MAX_JOBS
-                )));
+            if map.len() >= MAX_JOBS && !map.contains_key(&req.job_id) {
+                return Err(JobError::TooManyJobs(MAX_JOBS));
             }
             let job = map
                 .entry(req.job_id.clone())
@@ -281,27 +245,22 @@ impl Jobs {
                 })
                 .clone();
             if job.workspace != workspace {
-                return Err(Status::failed_precondition(format!(
-                    "job {} already runs in workspace {}",
-                    job.id,
-                    job.workspace.display()
-                )));
+                return Err(JobError::OtherWorkspace {
+                    job: job.id.clone(),
+                    workspace: job.workspace.clone(),
+                });
             }
             let mut st = job.state();
             // Closed for good: its coordinator went silent once, so nothing would renew (or
             // stop) what a later Spawn starts in it.
             if st.lease_stopped {
-                return Err(Status::failed_precondition(format!(
-                    "job {} is closed: its lease of {} ms expired; start a new job",
-                    job.id,
-                    st.lease.as_millis()
-                )));
+                return Err(JobError::Closed {
+                    job: job.id.clone(),
+                    lease_ms: st.lease.as_millis(),
+                });
             }
             if st.stopping {
-                return Err(Status::failed_precondition(format!(
-                    "job {} is being stopped; start a new job",
-                    job.id
-                )));
+                return Err(JobError::Stopping(job.id.clone()));
             }
             // Renewed under the same lock as the check: the lease cannot run out in between.
             st.renewed = Instant::now();
@@ -322,11 +281,9 @@ impl Jobs {
             let mut started = Vec::new();
             let cgroup = match cgroups.map(|c| job.cgroup_in(&c)).transpose() {
                 Ok(cg) => cg,
-                Err(e) => {
-                    return (
-                        started,
-                        Some(format!("cannot create the cgroup of job {}: {e}", job.id)),
-                    )
+                Err(source) => {
+                    let job = job.id.clone();
+                    return (started, Some(JobError::Cgroup { job, source }));
                 }
             };
             for (label, what, mut cmd) in commands {
@@ -345,8 +302,15 @@ impl Jobs {
                     Ok(x) => x,
                     // Processes started before the failure stay in the job: the coordinator
                     // stops the whole job when a Spawn fails.
-                    Err(e) => {
-                        return (started, Some(format!("cannot start {label} ({what}): {e}")))
+                    Err(source) => {
+                        return (
+                            started,
+                            Some(JobError::Start {
+                                label,
+                                what,
+                                source,
+                            }),
+                        )
                     }
                 };
                 let pid = child.id();
@@ -361,11 +325,11 @@ impl Jobs {
             (started, None)
         })
         .await
-        .map_err(|e| Status::internal(format!("spawn task failed: {e}")))?;
+        .map_err(|e| JobError::Task("spawn", e))?;
         // Recorded before the reply: once the coordinator knows of a process, so does the disk.
         let _ = self.save_state_soon().await;
-        if let Some(msg) = failure {
-            return Err(Status::failed_precondition(msg));
+        if let Some(e) = failure {
+            return Err(e);
         }
         let reply = pb::SpawnReply { processes: started };
         if job.state().stopping {
@@ -373,15 +337,12 @@ impl Jobs {
             let (j, grace) = (job.clone(), self.config.grace);
             tokio::spawn(async move { stop_job(&j, grace, false).await });
 
-            return Err(Status::aborted(format!(
-                "job {} was stopped while its processes started",
-                job.id
-            )));
+            return Err(JobError::StoppedWhileStarting(job.id.clone()));
         }
         Ok(reply)
     }
 
-    pub fn watch(&self, req: pb::WatchRequest) -> Result<EventStream, Status> {
+    pub fn watch(&self, req: WatchSpec) -> Result<EventStream, JobError> {
         let job = self.get(&req.job_id)?;
         job.renew();
         let rx = job.subscribe();
@@ -408,34 +369,33 @@ impl Jobs {
         Ok(Box::pin(stream))
     }
 
-    pub fn renew(&self, req: pb::RenewRequest) -> Result<pb::RenewReply, Status> {
-        match self.map().get(&req.job_id) {
+    pub fn renew(&self, id: &JobId) -> pb::RenewReply {
+        match self.map().get(id) {
             Some(job) => {
                 job.renew();
-                Ok(pb::RenewReply { known: true })
+                pb::RenewReply { known: true }
             }
-            None => Ok(pb::RenewReply { known: false }),
+            None => pb::RenewReply { known: false },
         }
     }
 
-    pub async fn stop(&self, req: pb::StopRequest) -> Result<pb::StopReply, Status> {
+    pub async fn stop(&self, req: StopSpec) -> Result<pb::StopReply, JobError> {
         let job = self.get(&req.job_id)?;
-        let grace = Duration::from_millis(req.grace_ms.into()).min(MAX_GRACE);
         // In a task of its own: a coordinator that gives up waiting must not cut a stop short
         // between SIGTERM and SIGKILL.
         let j = job.clone();
-        let outcome = tokio::spawn(async move { stop_job(&j, grace, req.force).await })
+        let (grace, force) = (req.grace, req.force);
+        let outcome = tokio::spawn(async move { stop_job(&j, grace, force).await })
             .await
-            .map_err(|e| Status::internal(format!("stop task failed: {e}")))?
-            .map_err(|e| {
-                tracing::error!(job = %job.id, "stop failed: {}", error_chain(&e));
-                Status::unavailable(format!(
-                    "job {}: the stop could not see every process of the job ({}); the job stays stopping and the agent retries",
-                    job.id,
-                    error_chain(&e)
-                ))
+            .map_err(|e| JobError::Task("stop", e))?
+            .map_err(|source| {
+                tracing::error!(job = %job.id, "stop failed: {}", error_chain(&source));
+                JobError::StopBlind {
+                    job: job.id.clone(),
+                    source,
+                }
             })?;
-        tracing::info!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining, force = req.force, "job stopped on request");
+        tracing::info!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining, force, "job stopped on request");
         Ok(pb::StopReply {
             signalled: outcome.signalled,
             remaining: outcome.remaining,
@@ -449,7 +409,7 @@ impl Jobs {
         pb::ListJobsReply { jobs }
     }
 
-    pub async fn list(&self) -> Result<pb::ListJobsReply, Status> {
+    pub async fn list(&self) -> Result<pb::ListJobsReply, JobError> {
         let jobs = self.all();
         // Off the runtime: a scan reads many small files.
         let listed = tokio::task::spawn_blocking(move || {
@@ -468,13 +428,8 @@ impl Jobs {
                 .collect::<Result<Vec<_>, tree::ScanError>>()
         })
         .await
-        .map_err(|e| Status::internal(format!("job list task failed: {e}")))?;
-        let mut jobs = listed.map_err(|e| {
-            Status::unavailable(format!(
-                "cannot count the jobs' processes: {}",
-                error_chain(&e)
-            ))
-        })?;
+        .map_err(|e| JobError::Task("job list", e))?;
+        let mut jobs = listed.map_err(JobError::Scan)?;
         jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
         Ok(pb::ListJobsReply { jobs })
     }
@@ -517,11 +472,10 @@ impl Jobs {
 }
 
 /// How a command is named in error messages.
-fn describe(spec: &pb::ProcessSpec) -> String {
+fn describe(spec: &ProcessSpec) -> String {
     match &spec.command {
-        Some(pb::process_spec::Command::Argv(a)) => a.args.first().cloned().unwrap_or_default(),
-        Some(pb::process_spec::Command::Shell(_)) => "/bin/sh".to_string(),
-        None => String::new(),
+        spec::Command::Argv(a) => a.first().cloned().unwrap_or_default(),
+        spec::Command::Shell(_) => "/bin/sh".to_string(),
     }
 }
 
