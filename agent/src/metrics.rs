@@ -111,7 +111,7 @@ pub async fn serve(listener: tokio::net::TcpListener, jobs: Arc<Jobs>) -> anyhow
         axum::routing::get(move || {
             let jobs = jobs.clone();
             async move {
-                let list = jobs.list().jobs;
+                let list = jobs.list_known().jobs;
                 let running: usize = list
                     .iter()
                     .map(|j| j.processes.iter().filter(|p| p.running).count())

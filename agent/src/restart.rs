@@ -35,7 +35,7 @@ pub fn take_over(root: &Root, grace: Duration) -> anyhow::Result<RootLock> {
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let lock = lock_root(&dir)?;
     let recovered = recover::stop_leftovers(root.path(), &dir, grace);
-    if recovered.remaining == 0 {
+    if recovered.all_stopped() {
         // Dealt with; this run writes its own record when it starts a job. (Kept otherwise, so
         // the next run tries again.)
         let record = dir.join(state_file::FILE_NAME);

@@ -1,4 +1,6 @@
-//! The gRPC surface: translates calls to `files` and `jobs`, owns nothing itself.
+//! The gRPC surface: translates calls to `files` and `jobs`, owns nothing itself. Each job
+//! request is parsed once here into its `jobs::spec` type (bounds from `limits`); a
+//! `JobError` becomes a status in one place (`jobs::error`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::confine::Root;
 use crate::files::Files;
+use crate::jobs::spec::{JobId, SpawnSpec, StopSpec, WatchSpec};
 use crate::jobs::Jobs;
 use crate::limits;
 
@@ -97,9 +100,8 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::SpawnRequest>,
     ) -> Result<Response<pb::SpawnReply>, Status> {
-        let req = req.into_inner();
-        limits::check_spawn(&req)?;
-        self.jobs.spawn(req).await.map(Response::new)
+        let spec = SpawnSpec::try_from(req.into_inner())?;
+        Ok(Response::new(self.jobs.spawn(spec).await?))
     }
 
     type WatchStream = EventStream;
@@ -108,30 +110,27 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let req = req.into_inner();
-        limits::check_job_id(&req.job_id)?;
-        self.jobs.watch(req).map(Response::new)
+        let spec = WatchSpec::try_from(req.into_inner())?;
+        Ok(Response::new(self.jobs.watch(spec)?))
     }
 
     async fn renew(
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewReply>, Status> {
-        let req = req.into_inner();
-        limits::check_job_id(&req.job_id)?;
-        self.jobs.renew(req).map(Response::new)
+        let id = JobId::try_from(req.into_inner())?;
+        Ok(Response::new(self.jobs.renew(&id)))
     }
 
     async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::StopReply>, Status> {
-        let req = req.into_inner();
-        limits::check_job_id(&req.job_id)?;
-        self.jobs.stop(req).await.map(Response::new)
+        let spec = StopSpec::try_from(req.into_inner())?;
+        Ok(Response::new(self.jobs.stop(spec).await?))
     }
 
     async fn list_jobs(
         &self,
         _req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsReply>, Status> {
-        Ok(Response::new(self.jobs.list()))
+        Ok(Response::new(self.jobs.list().await?))
     }
 }

@@ -4,17 +4,20 @@
 //! newest seq, so a wake-up is never missed between reading the log and waiting.
 
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use dglrun_proto::pb::{self, job_event::Event, OutputStream};
 use tokio::sync::watch;
 
+use super::cgroup::{Cgroups, JobCgroup};
 use super::log::EventLog;
 use super::output::Piece;
+use super::pidfd::PidFd;
 use super::process::{AGENT_VAR, JOB_ID_VAR};
 use super::reaper::Exit;
-use super::tree::MemberQuery;
+use super::spec::JobId;
+use super::tree::{MemberQuery, Seed};
 
 #[derive(Debug)]
 pub struct Proc {
@@ -24,6 +27,10 @@ pub struct Proc {
     pub start_ticks: Option<u64>,
     pub started: Instant,
     pub exit: Option<pb::ProcessExited>,
+    /// Held from the spawn until the child is reaped; every signal to it goes through this.
+    pub pidfd: Option<Arc<PidFd>>,
+    /// Reaped: its pid may already name another process, so it is no member seed any more.
+    pub reaped: bool,
 }
 
 #[derive(Debug)]
@@ -45,19 +52,24 @@ pub struct JobState {
     /// A stop found nothing left: no process of the job can exist any more (nothing is left
     /// to fork one, and Spawn refuses a stopped job), so scans can be skipped.
     pub clean: bool,
+    /// A stop could not finish (/proc unreadable, or processes survived SIGKILL): the lease
+    /// monitor stops the job again from this time on, until one finds nothing left.
+    pub retry_stop_at: Option<Instant>,
 }
 
 pub struct Job {
-    pub id: String,
+    pub id: JobId,
     pub workspace: PathBuf,
     marker: Vec<Vec<u8>>,
     state: Mutex<JobState>,
     seq_tx: watch::Sender<u64>,
+    /// The job's cgroup, made by its first Spawn where the agent has cgroups.
+    cgroup: OnceLock<Arc<JobCgroup>>,
 }
 
 impl Job {
     pub fn new(
-        id: String,
+        id: JobId,
         workspace: PathBuf,
         agent_root: &std::path::Path,
         lease: Duration,
@@ -81,9 +93,20 @@ impl Job {
                 exits_seen: false,
                 gone: false,
                 clean: false,
+                retry_stop_at: None,
             }),
             seq_tx: watch::Sender::new(0),
+            cgroup: OnceLock::new(),
         }
+    }
+
+    /// The job's cgroup, created on first use. Blocking (mkdir in the cgroup file system).
+    pub fn cgroup_in(&self, cgroups: &Cgroups) -> std::io::Result<Arc<JobCgroup>> {
+        if let Some(cg) = self.cgroup.get() {
+            return Ok(cg.clone());
+        }
+        let cg = Arc::new(cgroups.create_job(self.id.as_str())?);
+        Ok(self.cgroup.get_or_init(|| cg).clone())
     }
 
     pub fn state(&self) -> MutexGuard<'_, JobState> {
@@ -109,6 +132,7 @@ impl Job {
         label: &str,
         pid: u32,
         start_ticks: Option<u64>,
+        pidfd: Option<PidFd>,
         started: Instant,
     ) -> u32 {
         let mut st = self.state();
@@ -119,6 +143,8 @@ impl Job {
             start_ticks,
             started,
             exit: None,
+            pidfd: pidfd.map(Arc::new),
+            reaped: false,
         });
         st.finished_at = None;
         st.exits_seen = false;
@@ -151,6 +177,15 @@ impl Job {
         drop(st);
         if let Some(seq) = last {
             self.publish(seq);
+        }
+    }
+
+    /// Process `index` was reaped: from now on its pid is no member seed, and its pidfd is
+    /// closed (an agent running thousands of processes must not hold a descriptor per dead one).
+    pub fn mark_reaped(&self, index: u32) {
+        if let Some(p) = self.state().procs.get_mut(index as usize) {
+            p.reaped = true;
+            p.pidfd = None;
         }
     }
 
@@ -207,19 +242,26 @@ impl Job {
             seeds: st
                 .procs
                 .iter()
-                .filter(|p| p.exit.is_none())
-                .map(|p| p.pid as i32)
+                .filter(|p| p.exit.is_none() && !p.reaped)
+                // Exited but not yet reaped: it only waits for the reaper, nothing to signal.
+                .filter(|p| !p.pidfd.as_ref().is_some_and(|fd| fd.has_exited()))
+                .map(|p| Seed {
+                    pid: p.pid as i32,
+                    start: p.start_ticks,
+                    pidfd: p.pidfd.clone(),
+                })
                 .collect(),
             marker: self.marker.clone(),
             exclude: std::process::id() as i32,
             within: Some(std::process::id() as i32),
+            cgroup: self.cgroup.get().cloned(),
         }
     }
 
     pub fn info(&self, live_pids: u32) -> pb::JobInfo {
         let st = self.state();
         pb::JobInfo {
-            job_id: self.id.clone(),
+            job_id: self.id.to_string(),
             workspace: self.workspace.display().to_string(),
             processes: st
                 .procs

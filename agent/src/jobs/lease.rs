@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::{job::Job, stop_job, tree, Jobs};
+use super::{error_chain, job::Job, stop_job, tree, Jobs};
 
 /// The monitor sleeps until the next lease expiry or forget time, so an idle agent costs no
 /// CPU. This bounds a sleep all the same, in case a deadline moved earlier without a wake-up.
@@ -54,6 +54,15 @@ pub(super) fn check(jobs: &Arc<Jobs>, now: Instant) -> Option<Instant> {
     for job in jobs.all() {
         let (start_stop, forget) = {
             let mut st = job.state();
+            if let Some(at) = st.retry_stop_at {
+                if now >= at && !st.gone {
+                    st.retry_stop_at = None;
+                    let (j, grace) = (job.clone(), jobs.config.grace);
+                    tokio::spawn(async move { retry_stop(j, grace).await });
+                } else {
+                    due(at);
+                }
+            }
             let expiry = st.renewed + st.lease;
             let expired = now > expiry;
             let start_stop = expired && !st.lease_stopped && !st.gone;
@@ -67,9 +76,12 @@ pub(super) fn check(jobs: &Arc<Jobs>, now: Instant) -> Option<Instant> {
                 None if st.procs.is_empty() => Some(st.renewed),
                 None => None,
             };
+            // A job being stopped is kept until a stop found nothing left.
+            let unfinished_stop = st.stopping && !st.clean;
             let forget = done_since.is_some_and(|t| now.duration_since(t) >= KEEP_FINISHED)
                 && (st.exits_seen || expired)
-                && !start_stop;
+                && !start_stop
+                && !unfinished_stop;
             if let (Some(t), false) = (done_since, forget) {
                 // Forgotten once kept long enough and either watched to the end or abandoned.
                 let at = t + KEEP_FINISHED;
@@ -81,7 +93,7 @@ pub(super) fn check(jobs: &Arc<Jobs>, now: Instant) -> Option<Instant> {
             let grace = jobs.config.grace;
             tokio::spawn(expire(job.clone(), grace));
         } else if forget {
-            jobs.remove(&job.id);
+            jobs.remove(job.id.as_str());
         }
     }
     next
@@ -89,25 +101,58 @@ pub(super) fn check(jobs: &Arc<Jobs>, now: Instant) -> Option<Instant> {
 
 /// Stops a job whose lease ran out, if anything of it still runs, and says so in the log.
 async fn expire(job: Arc<Job>, grace: Duration) {
-    if job.state().clean {
-        return;
+    {
+        let mut st = job.state();
+        // A Spawn forking right now sees this when it is done and stops what it started.
+        st.stopping = true;
+        if st.clean {
+            return;
+        }
     }
     let query = job.member_query();
-    let pids: Vec<i32> = tokio::task::spawn_blocking(move || {
+    let pids = tokio::task::spawn_blocking(move || {
         tree::members(Path::new("/proc"), &query)
-            .iter()
-            .map(|p| p.pid)
-            .collect()
+            .map(|m| m.iter().map(|p| p.pid).collect::<Vec<i32>>())
     })
     .await
-    .unwrap_or_default();
-    if pids.is_empty() {
-        return;
-    }
+    .unwrap_or_else(|e| {
+        Err(tree::ScanError::List {
+            path: "/proc".into(),
+            source: std::io::Error::other(e),
+        })
+    });
+    // A failed scan stops the job all the same: it may well run.
+    let pids: Vec<i32> = match pids {
+        Ok(p) if p.is_empty() => return,
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(job = %job.id, "cannot see the job's processes: {}", error_chain(&e));
+            Vec::new()
+        }
+    };
     let lease = job.state().lease;
     tracing::warn!(job = %job.id, ?pids, lease_ms = lease.as_millis() as u64,
         "lease expired: no word from the coordinator; stopping the job's processes");
-    let outcome = stop_job(&job, grace, false).await;
-    tracing::warn!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining,
-        "job stopped after its lease expired");
+    match stop_job(&job, grace, false).await {
+        Ok(outcome) => {
+            tracing::warn!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining,
+            "job stopped after its lease expired")
+        }
+        Err(e) => {
+            tracing::error!(job = %job.id, "cannot stop the job after its lease expired: {}; retrying", error_chain(&e))
+        }
+    }
+}
+
+/// Stops again a job whose last stop could not finish.
+async fn retry_stop(job: Arc<Job>, grace: Duration) {
+    match stop_job(&job, grace, false).await {
+        Ok(outcome) => {
+            tracing::warn!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining,
+            "job stopped on a retry")
+        }
+        Err(e) => {
+            tracing::error!(job = %job.id, "the retried stop failed again: {}", error_chain(&e))
+        }
+    }
 }

@@ -11,20 +11,25 @@
 //! * `state_file` records the running jobs under the root; `recover` reads it when the agent
 //!   starts and stops whatever a previous run of the agent left behind.
 
+pub mod cgroup;
+pub mod error;
 pub mod job;
 pub(crate) mod lease;
 pub mod log;
 pub mod output;
+pub mod pidfd;
 mod preflight;
 pub mod process;
 pub mod reaper;
 pub mod recover;
+pub mod spec;
 pub mod state_file;
 pub mod stop;
 pub mod tree;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,9 +40,12 @@ use tokio::sync::{oneshot, watch};
 use tonic::Status;
 
 use crate::confine::Root;
+use crate::limits::MAX_JOBS;
 use crate::service::EventStream;
+pub use error::JobError;
 use job::Job;
 use reaper::{Exit, Reaper};
+use spec::{JobId, ProcessSpec, SpawnSpec, StopSpec, WatchSpec};
 use state_file::StateFile;
 
 #[derive(Clone, Debug)]
@@ -48,14 +56,6 @@ pub struct JobsConfig {
     pub grace: Duration,
 }
 
-/// Processes one Spawn call may start.
-const MAX_PROCESSES: usize = 4096;
-/// Longest lease a coordinator may ask for.
-const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
-/// Shortest lease: below this a coordinator could not renew in time.
-const MIN_LEASE: Duration = Duration::from_millis(200);
-/// Longest grace a Stop may ask for.
-const MAX_GRACE: Duration = Duration::from_secs(600);
 /// Events sent to a watcher per read of the log.
 const WATCH_BATCH: usize = 512;
 /// How long after its exit a process's pipes may still be drained before the exit is
@@ -66,31 +66,13 @@ pub struct Jobs {
     root: Root,
     config: JobsConfig,
     reaper: Arc<Reaper>,
-    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    jobs: Mutex<HashMap<JobId, Arc<Job>>>,
     shutting_down: AtomicBool,
     state_file: Arc<StateFile>,
     /// Tells the lease monitor that a deadline may have moved earlier.
     lease_wake: Arc<tokio::sync::Notify>,
-}
-
-fn not_found(id: &str) -> Status {
-    Status::not_found(format!("job {id:?} is not known to this agent"))
-}
-
-/// Job ids are chosen by the coordinator; they end up in environments and logs.
-fn check_job_id(id: &str) -> Result<(), Status> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "job id {id:?} must be 1-128 characters of [A-Za-z0-9._:-]"
-        )))
-    }
+    /// Where jobs get cgroups of their own; None: found by markers only.
+    cgroups: Option<Arc<cgroup::Cgroups>>,
 }
 
 impl Jobs {
@@ -98,6 +80,19 @@ impl Jobs {
     /// Must be called within a tokio runtime.
     pub fn start(root: Root, config: JobsConfig) -> anyhow::Result<Arc<Self>> {
         let state_file = Arc::new(StateFile::new(root.state_dir()));
+        let cgroups = match cgroup::Cgroups::detect(root.path()) {
+            Ok(c) => {
+                tracing::info!(cgroup = %c.base().display(), "job containment: a cgroup v2 per job (cgroup.kill), and the environment marker scan");
+                Some(Arc::new(c))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "job containment: environment marker scan only; no writable cgroup v2: {}",
+                    error_chain(&e)
+                );
+                None
+            }
+        };
         let jobs = Arc::new(Self {
             root,
             config,
@@ -106,9 +101,15 @@ impl Jobs {
             shutting_down: AtomicBool::new(false),
             state_file,
             lease_wake: Arc::new(tokio::sync::Notify::new()),
+            cgroups,
         });
         lease::spawn_monitor(Arc::downgrade(&jobs), jobs.lease_wake.clone());
         Ok(jobs)
+    }
+
+    /// The cgroup directory jobs are contained in; None when the agent could not make one.
+    pub fn cgroup_base(&self) -> Option<&Path> {
+        self.cgroups.as_deref().map(cgroup::Cgroups::base)
     }
 
     /// What the state file should say now: every job not known to be over, with its direct
@@ -132,7 +133,7 @@ impl Jobs {
                     })
                     .collect();
                 (!st.clean || !processes.is_empty()).then(|| state_file::JobRecord {
-                    id: j.id.clone(),
+                    id: j.id.to_string(),
                     workspace: j.workspace.clone(),
                     processes,
                 })
@@ -157,12 +158,15 @@ impl Jobs {
         })
     }
 
-    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Job>>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<JobId, Arc<Job>>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, id: &str) -> Result<Arc<Job>, Status> {
-        self.map().get(id).cloned().ok_or_else(|| not_found(id))
+    fn get(&self, id: &JobId) -> Result<Arc<Job>, JobError> {
+        self.map()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| JobError::NotFound(id.clone()))
     }
 
     fn all(&self) -> Vec<Arc<Job>> {
@@ -170,7 +174,7 @@ impl Jobs {
     }
 
     /// `p` relative to `base` (or absolute inside the root), confined to the root.
-    fn resolve_under(&self, base: &Path, p: &str) -> Result<PathBuf, Status> {
+    fn resolve_under(&self, base: &Path, p: &str) -> Result<PathBuf, JobError> {
         if p.is_empty() {
             return Ok(base.to_path_buf());
         }
@@ -180,20 +184,28 @@ impl Jobs {
         let joined = base.join(p);
         let joined = joined
             .to_str()
-            .ok_or_else(|| Status::invalid_argument("path is not valid UTF-8"))?;
+            .ok_or_else(|| JobError::NotUtf8(joined.clone()))?;
         Ok(self.root.resolve(joined)?)
     }
 
     pub async fn preflight(&self, req: pb::PreflightRequest) -> Result<pb::PreflightReply, Status> {
         let workspace = self.root.resolve(&req.workspace)?;
-        let mut reply = preflight::check(&workspace, &req, |base, p| self.resolve_under(base, p))?;
+        let mut reply = preflight::check(&workspace, &req, |base, p| {
+            self.resolve_under(base, p).map_err(Status::from)
+        })?;
         let candidates: Vec<Arc<Job>> = self
             .all()
             .into_iter()
             .filter(|j| j.workspace == workspace)
             .collect();
         for job in candidates {
-            let live = live_members(&job).await;
+            let live = live_members(&job).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot tell whether job {} still runs: {}",
+                    job.id,
+                    error_chain(&e)
+                ))
+            })?;
             if live > 0 {
                 reply.live_jobs.push(job.info(live));
             }
@@ -201,25 +213,13 @@ impl Jobs {
         Ok(reply)
     }
 
-    pub async fn spawn(&self, req: pb::SpawnRequest) -> Result<pb::SpawnReply, Status> {
-        check_job_id(&req.job_id)?;
+    pub async fn spawn(&self, req: SpawnSpec) -> Result<pb::SpawnReply, JobError> {
         if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("the agent is shutting down"));
-        }
-        if req.processes.is_empty() || req.processes.len() > MAX_PROCESSES {
-            return Err(Status::invalid_argument(format!(
-                "a Spawn must name 1 to {MAX_PROCESSES} processes"
-            )));
-        }
-        for spec in &req.processes {
-            process::validate(spec).map_err(Status::invalid_argument)?;
+            return Err(JobError::ShuttingDown);
         }
         let workspace = self.root.resolve(&req.workspace)?;
         if !workspace.is_dir() {
-            return Err(Status::failed_precondition(format!(
-                "workspace {} does not exist on this host",
-                workspace.display()
-            )));
+            return Err(JobError::NoWorkspace(workspace));
         }
         let mut commands = Vec::with_capacity(req.processes.len());
         for spec in &req.processes {
@@ -227,17 +227,11 @@ impl Jobs {
             let cmd = process::command(spec, &cwd, &req.job_id, self.root.path());
             commands.push((spec.label.clone(), describe(spec), cmd));
         }
-        let lease = match req.lease_ms {
-            0 => self.config.lease_timeout,
-            ms => Duration::from_millis(ms.into()).clamp(MIN_LEASE, MAX_LEASE),
-        };
+        let lease = req.lease.unwrap_or(self.config.lease_timeout);
         let job = {
             let mut map = self.map();
-            if map.len() >= crate::limits::MAX_JOBS && !map.contains_key(&req.job_id) {
-                return Err(Status::resource_exhausted(format!(
-                    "the agent already holds {} jobs",
-                    crate::limits::MAX_JOBS
-                )));
+            if map.len() >= MAX_JOBS && !map.contains_key(&req.job_id) {
+                return Err(JobError::TooManyJobs(MAX_JOBS));
             }
             let job = map
                 .entry(req.job_id.clone())
@@ -251,21 +245,28 @@ impl Jobs {
                 })
                 .clone();
             if job.workspace != workspace {
-                return Err(Status::failed_precondition(format!(
-                    "job {} already runs in workspace {}",
-                    job.id,
-                    job.workspace.display()
-                )));
+                return Err(JobError::OtherWorkspace {
+                    job: job.id.clone(),
+                    workspace: job.workspace.clone(),
+                });
             }
-            if job.state().stopping {
-                return Err(Status::failed_precondition(format!(
-                    "job {} is being stopped; start a new job",
-                    job.id
-                )));
+            let mut st = job.state();
+            // Closed for good: its coordinator went silent once, so nothing would renew (or
+            // stop) what a later Spawn starts in it.
+            if st.lease_stopped {
+                return Err(JobError::Closed {
+                    job: job.id.clone(),
+                    lease_ms: st.lease.as_millis(),
+                });
             }
+            if st.stopping {
+                return Err(JobError::Stopping(job.id.clone()));
+            }
+            // Renewed under the same lock as the check: the lease cannot run out in between.
+            st.renewed = Instant::now();
+            drop(st);
             job
         };
-        job.renew();
         self.lease_wake.notify_one();
 
         // Forking and registering happen in one blocking task that runs to completion even if
@@ -274,24 +275,46 @@ impl Jobs {
         let reaper = self.reaper.clone();
         let runtime = tokio::runtime::Handle::current();
         let registering = job.clone();
+        let cgroups = self.cgroups.clone();
         let (started, failure) = tokio::task::spawn_blocking(move || {
             let job = registering;
             let mut started = Vec::new();
+            let cgroup = match cgroups.map(|c| job.cgroup_in(&c)).transpose() {
+                Ok(cg) => cg,
+                Err(source) => {
+                    let job = job.id.clone();
+                    return (started, Some(JobError::Cgroup { job, source }));
+                }
+            };
             for (label, what, mut cmd) in commands {
+                if let Some(cg) = &cgroup {
+                    let fd = cg.procs_fd();
+                    // SAFETY: `enter` only calls write(2) on a descriptor `cgroup` keeps open
+                    // until this loop ends; it allocates nothing (async-signal-safe).
+                    unsafe { cmd.pre_exec(move || cgroup::enter(fd)) };
+                }
                 let reaper::Spawned {
                     mut child,
                     exit,
                     start,
+                    pidfd,
                 } = match reaper.spawn(&mut cmd) {
                     Ok(x) => x,
                     // Processes started before the failure stay in the job: the coordinator
                     // stops the whole job when a Spawn fails.
-                    Err(e) => {
-                        return (started, Some(format!("cannot start {label} ({what}): {e}")))
+                    Err(source) => {
+                        return (
+                            started,
+                            Some(JobError::Start {
+                                label,
+                                what,
+                                source,
+                            }),
+                        )
                     }
                 };
                 let pid = child.id();
-                let index = job.add_process(&label, pid, start, Instant::now());
+                let index = job.add_process(&label, pid, start, pidfd, Instant::now());
                 crate::metrics::add(&crate::metrics::COUNTERS.processes_started, 1);
                 let stdout = child.stdout.take().map(OwnedFd::from);
                 let stderr = child.stderr.take().map(OwnedFd::from);
@@ -302,26 +325,24 @@ impl Jobs {
             (started, None)
         })
         .await
-        .map_err(|e| Status::internal(format!("spawn task failed: {e}")))?;
+        .map_err(|e| JobError::Task("spawn", e))?;
         // Recorded before the reply: once the coordinator knows of a process, so does the disk.
         let _ = self.save_state_soon().await;
-        if let Some(msg) = failure {
-            return Err(Status::failed_precondition(msg));
+        if let Some(e) = failure {
+            return Err(e);
         }
         let reply = pb::SpawnReply { processes: started };
         if job.state().stopping {
             // A Stop began while these were forked: it may have scanned before they existed.
             let (j, grace) = (job.clone(), self.config.grace);
             tokio::spawn(async move { stop_job(&j, grace, false).await });
-            return Err(Status::aborted(format!(
-                "job {} was stopped while its processes started",
-                job.id
-            )));
+
+            return Err(JobError::StoppedWhileStarting(job.id.clone()));
         }
         Ok(reply)
     }
 
-    pub fn watch(&self, req: pb::WatchRequest) -> Result<EventStream, Status> {
+    pub fn watch(&self, req: WatchSpec) -> Result<EventStream, JobError> {
         let job = self.get(&req.job_id)?;
         job.renew();
         let rx = job.subscribe();
@@ -348,49 +369,69 @@ impl Jobs {
         Ok(Box::pin(stream))
     }
 
-    pub fn renew(&self, req: pb::RenewRequest) -> Result<pb::RenewReply, Status> {
-        match self.map().get(&req.job_id) {
+    pub fn renew(&self, id: &JobId) -> pb::RenewReply {
+        match self.map().get(id) {
             Some(job) => {
                 job.renew();
-                Ok(pb::RenewReply { known: true })
+                pb::RenewReply { known: true }
             }
-            None => Ok(pb::RenewReply { known: false }),
+            None => pb::RenewReply { known: false },
         }
     }
 
-    pub async fn stop(&self, req: pb::StopRequest) -> Result<pb::StopReply, Status> {
+    pub async fn stop(&self, req: StopSpec) -> Result<pb::StopReply, JobError> {
         let job = self.get(&req.job_id)?;
-        let grace = Duration::from_millis(req.grace_ms.into()).min(MAX_GRACE);
         // In a task of its own: a coordinator that gives up waiting must not cut a stop short
         // between SIGTERM and SIGKILL.
         let j = job.clone();
-        let outcome = tokio::spawn(async move { stop_job(&j, grace, req.force).await })
+        let (grace, force) = (req.grace, req.force);
+        let outcome = tokio::spawn(async move { stop_job(&j, grace, force).await })
             .await
-            .map_err(|e| Status::internal(format!("stop task failed: {e}")))?;
-        tracing::info!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining, force = req.force, "job stopped on request");
+            .map_err(|e| JobError::Task("stop", e))?
+            .map_err(|source| {
+                tracing::error!(job = %job.id, "stop failed: {}", error_chain(&source));
+                JobError::StopBlind {
+                    job: job.id.clone(),
+                    source,
+                }
+            })?;
+        tracing::info!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining, force, "job stopped on request");
         Ok(pb::StopReply {
             signalled: outcome.signalled,
             remaining: outcome.remaining,
         })
     }
 
-    pub fn list(&self) -> pb::ListJobsReply {
-        let all = tree::snapshot(Path::new("/proc"));
-        let mut jobs: Vec<pb::JobInfo> = self
-            .all()
-            .iter()
-            .map(|j| {
-                if j.state().clean {
-                    return j.info(0);
-                }
-                let live = tree::members_in(&all, &j.member_query(), |pid| {
-                    tree::read_environ(Path::new("/proc"), pid)
-                });
-                j.info(live.len() as u32)
-            })
-            .collect();
+    /// Every job and its direct children, without counting descendants (no /proc scan).
+    pub fn list_known(&self) -> pb::ListJobsReply {
+        let mut jobs: Vec<pb::JobInfo> = self.all().iter().map(|j| j.info(0)).collect();
         jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
         pb::ListJobsReply { jobs }
+    }
+
+    pub async fn list(&self) -> Result<pb::ListJobsReply, JobError> {
+        let jobs = self.all();
+        // Off the runtime: a scan reads many small files.
+        let listed = tokio::task::spawn_blocking(move || {
+            let proc_root = Path::new("/proc");
+            let all = tree::snapshot(proc_root)?;
+            jobs.iter()
+                .map(|j| {
+                    if j.state().clean {
+                        return Ok(j.info(0));
+                    }
+                    let live = tree::members_in(&all, &j.member_query(), |pid| {
+                        tree::read_environ(proc_root, pid)
+                    })?;
+                    Ok(j.info(live.len() as u32))
+                })
+                .collect::<Result<Vec<_>, tree::ScanError>>()
+        })
+        .await
+        .map_err(|e| JobError::Task("job list", e))?;
+        let mut jobs = listed.map_err(JobError::Scan)?;
+        jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        Ok(pb::ListJobsReply { jobs })
     }
 
     /// Stops every job; called when the agent itself is asked to exit.
@@ -399,9 +440,14 @@ impl Jobs {
         let jobs = self.all();
         let grace = self.config.grace;
         let stops = jobs.iter().map(|j| async move {
-            let outcome = stop_job(j, grace, false).await;
-            if outcome.signalled > 0 {
-                tracing::info!(job = %j.id, signalled = outcome.signalled, remaining = outcome.remaining, "job stopped: agent shutting down");
+            match stop_job(j, grace, false).await {
+                Ok(outcome) if outcome.signalled > 0 => {
+                    tracing::info!(job = %j.id, signalled = outcome.signalled, remaining = outcome.remaining, "job stopped: agent shutting down");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(job = %j.id, "cannot stop the job before exiting: {}; the next run of the agent stops what is left", error_chain(&e));
+                }
             }
         });
         futures::future::join_all(stops).await;
@@ -426,34 +472,66 @@ impl Jobs {
 }
 
 /// How a command is named in error messages.
-fn describe(spec: &pb::ProcessSpec) -> String {
+fn describe(spec: &ProcessSpec) -> String {
     match &spec.command {
-        Some(pb::process_spec::Command::Argv(a)) => a.args.first().cloned().unwrap_or_default(),
-        Some(pb::process_spec::Command::Shell(_)) => "/bin/sh".to_string(),
-        None => String::new(),
+        spec::Command::Argv(a) => a.first().cloned().unwrap_or_default(),
+        spec::Command::Shell(_) => "/bin/sh".to_string(),
     }
 }
 
-/// Marks the job as being stopped and stops its whole tree.
-async fn stop_job(job: &Arc<Job>, grace: Duration, force: bool) -> stop::StopOutcome {
+/// The message of `e` followed by its causes, for a reply or a log line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// How long after a stop that could not finish the lease monitor tries again.
+const STOP_RETRY: Duration = Duration::from_secs(2);
+
+/// Marks the job as being stopped and stops its whole tree. A stop that could not see every
+/// process, or left some alive, leaves the job stopping and not clean, with a retry due.
+async fn stop_job(
+    job: &Arc<Job>,
+    grace: Duration,
+    force: bool,
+) -> Result<stop::StopOutcome, tree::ScanError> {
     job.state().stopping = true;
     let j = job.clone();
-    let outcome = stop::stop_tree(move || j.member_query(), grace, force).await;
-    if outcome.remaining == 0 {
-        job.state().clean = true;
+    let result = stop::stop_tree(move || j.member_query(), grace, force).await;
+    let mut st = job.state();
+    match &result {
+        Ok(outcome) if outcome.remaining == 0 => {
+            st.clean = true;
+            st.retry_stop_at = None;
+        }
+        _ => st.retry_stop_at = Some(Instant::now() + STOP_RETRY),
     }
-    outcome
+    drop(st);
+    result
 }
 
 /// Live processes of `job`, descendants included.
-async fn live_members(job: &Arc<Job>) -> u32 {
+async fn live_members(job: &Arc<Job>) -> Result<u32, tree::ScanError> {
     if job.state().clean {
-        return 0;
+        return Ok(0);
     }
     let query = job.member_query();
-    tokio::task::spawn_blocking(move || tree::members(Path::new("/proc"), &query).len() as u32)
-        .await
-        .unwrap_or(0)
+    tokio::task::spawn_blocking(move || {
+        tree::members(Path::new("/proc"), &query).map(|m| m.len() as u32)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(tree::ScanError::List {
+            path: "/proc".into(),
+            source: std::io::Error::other(e),
+        })
+    })
 }
 
 /// Watches one process: reads its output, waits for its exit, publishes both.
@@ -485,6 +563,7 @@ async fn supervise(
     }
     // The reaper never drops a registered sender; if it did, the status is unknown.
     let exit = exit.await.unwrap_or(Exit::Code(-1));
+    job.mark_reaped(index);
     let _ = exited_tx.send(true);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(drained)).await;
     job.record_exit(index, exit);

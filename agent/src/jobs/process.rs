@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use dglrun_proto::pb::{process_spec, ProcessSpec};
+use super::spec::{self, JobId, ProcessSpec};
 
 /// Marker: the job id, inherited by every descendant.
 pub const JOB_ID_VAR: &str = "DGLRUN_JOB_ID";
@@ -24,72 +24,6 @@ pub const JOB_ID_VAR: &str = "DGLRUN_JOB_ID";
 pub const AGENT_VAR: &str = "DGLRUN_AGENT";
 /// Not passed on: a job has no business holding the agent's credentials.
 const HIDDEN_VARS: &[&str] = &["DGL_AGENT_TOKEN"];
-
-const MAX_ARGS: usize = 4096;
-const MAX_COMMAND_BYTES: usize = 1 << 20;
-const MAX_ENV: usize = 1024;
-const MAX_LABEL: usize = 128;
-
-/// Checks what a coordinator sent before anything is spawned; the error names the problem.
-pub fn validate(spec: &ProcessSpec) -> Result<(), String> {
-    let label = &spec.label;
-    if label.is_empty() || label.len() > MAX_LABEL || label.chars().any(char::is_control) {
-        return Err(format!(
-            "process label {label:?} must be 1-{MAX_LABEL} printable characters"
-        ));
-    }
-    if spec.role.len() > MAX_LABEL {
-        return Err(format!("{label}: role is too long"));
-    }
-    let nul = |s: &str| s.contains('\0');
-    match &spec.command {
-        None => return Err(format!("{label}: no command")),
-        Some(process_spec::Command::Argv(a)) => {
-            if a.args.is_empty() || a.args[0].is_empty() {
-                return Err(format!("{label}: empty argv"));
-            }
-            let bytes: usize = a.args.iter().map(String::len).sum();
-            if a.args.len() > MAX_ARGS || bytes > MAX_COMMAND_BYTES {
-                return Err(format!("{label}: argv is too large"));
-            }
-            if a.args.iter().any(|s| nul(s)) {
-                return Err(format!("{label}: argv contains a NUL byte"));
-            }
-        }
-        Some(process_spec::Command::Shell(s)) => {
-            if s.trim().is_empty() || s.len() > MAX_COMMAND_BYTES || nul(s) {
-                return Err(format!(
-                    "{label}: the shell command is empty, too long or has a NUL"
-                ));
-            }
-        }
-    }
-    if spec.env.len() > MAX_ENV {
-        return Err(format!(
-            "{label}: more than {MAX_ENV} environment variables"
-        ));
-    }
-    for (k, v) in &spec.env {
-        if !is_env_name(k) {
-            return Err(format!(
-                "{label}: {k:?} is not an environment variable name"
-            ));
-        }
-        if nul(v) || v.len() > MAX_COMMAND_BYTES {
-            return Err(format!(
-                "{label}: the value of {k} has a NUL byte or is too long"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `[A-Za-z_][A-Za-z0-9_]*`
-pub fn is_env_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
 
 /// Expands `$NAME`, `${NAME}` and `\$` in `value` (see the module docs).
 pub fn expand(value: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
@@ -152,20 +86,19 @@ pub fn expand(value: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
 }
 
 /// The command for `spec`, ready to spawn. `cwd` is already resolved inside the root.
-pub fn command(spec: &ProcessSpec, cwd: &Path, job_id: &str, agent_root: &Path) -> Command {
+pub fn command(spec: &ProcessSpec, cwd: &Path, job_id: &JobId, agent_root: &Path) -> Command {
     let mut cmd = match &spec.command {
-        Some(process_spec::Command::Argv(a)) => {
-            let mut c = Command::new(&a.args[0]);
-            c.args(&a.args[1..]);
+        spec::Command::Argv(a) => {
+            // Never empty (see `spec`); an empty one would fail at exec with a clear error.
+            let mut c = Command::new(a.first().map_or("", String::as_str));
+            c.args(a.iter().skip(1));
             c
         }
-        Some(process_spec::Command::Shell(s)) => {
+        spec::Command::Shell(s) => {
             let mut c = Command::new("/bin/sh");
             c.arg("-c").arg(s);
             c
         }
-        // `validate` refuses this; an argv-less command fails at exec with a clear error.
-        None => Command::new(""),
     };
     // vars_os: a variable that is not UTF-8 must not make the agent panic.
     let agent_env: HashMap<std::ffi::OsString, std::ffi::OsString> = std::env::vars_os().collect();
@@ -177,13 +110,11 @@ pub fn command(spec: &ProcessSpec, cwd: &Path, job_id: &str, agent_root: &Path) 
     for v in HIDDEN_VARS {
         cmd.env_remove(v);
     }
-    // Sorted so that the child's environment order does not depend on hashing.
-    let mut vars: Vec<(&String, &String)> = spec.env.iter().collect();
-    vars.sort();
-    for (k, v) in vars {
+    // Sorted (see `spec`) so that the child's environment order does not depend on hashing.
+    for (k, v) in &spec.env {
         cmd.env(k, expand(v, lookup));
     }
-    cmd.env(JOB_ID_VAR, job_id)
+    cmd.env(JOB_ID_VAR, job_id.as_str())
         .env(AGENT_VAR, agent_root)
         .current_dir(cwd)
         .stdin(Stdio::null())
@@ -216,30 +147,5 @@ mod tests {
         assert_eq!(expand("a\\b", env), "a\\b");
         assert_eq!(expand("ünï$HOME€", env), "ünï/home/u€");
         assert_eq!(expand("", env), "");
-    }
-
-    #[test]
-    fn specs_are_checked() {
-        let ok = ProcessSpec {
-            label: "server0".into(),
-            role: "server".into(),
-            command: Some(process_spec::Command::Shell("true".into())),
-            ..Default::default()
-        };
-        assert!(validate(&ok).is_ok());
-        let mut bad = ok.clone();
-        bad.env.insert("A=B".into(), "1".into());
-        assert!(validate(&bad)
-            .unwrap_err()
-            .contains("not an environment variable name"));
-        let mut bad = ok.clone();
-        bad.command = Some(process_spec::Command::Argv(Default::default()));
-        assert!(validate(&bad).unwrap_err().contains("empty argv"));
-        let mut bad = ok.clone();
-        bad.label = String::new();
-        assert!(validate(&bad).is_err());
-        let mut bad = ok;
-        bad.command = None;
-        assert!(validate(&bad).is_err());
     }
 }

@@ -21,6 +21,8 @@ use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
+use super::pidfd::PidFd;
+
 /// How a process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -36,6 +38,8 @@ pub struct Spawned {
     /// Its start time (see `tree::ProcEntry::start`), recorded so a later run of the agent
     /// never mistakes a process that reused the pid for this one.
     pub start: Option<u64>,
+    /// A pidfd for it, opened before it could be reaped; None only on kernels before 5.3.
+    pub pidfd: Option<PidFd>,
 }
 
 #[derive(Default)]
@@ -96,6 +100,23 @@ impl Reaper {
         // Read while the registry is locked: the child cannot be reaped yet, so its pid cannot
         // have been reused by another process (a zombie still has its start time).
         let start = super::tree::start_time(std::path::Path::new("/proc"), child.id() as i32);
+        let pidfd = match PidFd::open(child.id() as i32) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => None,
+            Err(e) => {
+                // Not stoppable safely without it; the child is not reaped yet, so its pid is
+                // still its own.
+                // The reaper collects it like an adopted orphan.
+                let mut child = child;
+                let _ = child.kill();
+                drop(reg);
+                self.spawned.notify_one();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot open a pidfd for the new process: {e}"),
+                ));
+            }
+        };
         let (tx, rx) = oneshot::channel();
         reg.waiting.insert(child.id() as i32, tx);
         drop(reg);
@@ -104,6 +125,7 @@ impl Reaper {
             child,
             exit: rx,
             start,
+            pidfd,
         })
     }
 

@@ -16,14 +16,13 @@
 //! never signalled.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::libc;
 use nix::sys::signal::Signal;
 
+use super::pidfd::signal_exact;
 use super::process::{AGENT_VAR, JOB_ID_VAR};
 use super::state_file::{self, Record};
 use super::tree::{self, MemberQuery, ProcEntry};
@@ -43,6 +42,15 @@ pub struct Recovered {
     pub stopped: BTreeMap<String, Vec<i32>>,
     /// Still alive after SIGKILL.
     pub remaining: usize,
+    /// /proc could not be read: what is left is unknown, so the record is kept.
+    pub scan_failed: Option<String>,
+}
+
+impl Recovered {
+    /// Everything the previous run left is known to be gone.
+    pub fn all_stopped(&self) -> bool {
+        self.remaining == 0 && self.scan_failed.is_none()
+    }
 }
 
 /// Finds and stops the leftovers of a previous run of the agent owning `root`, SIGTERM first,
@@ -63,7 +71,13 @@ pub fn stop_leftovers(root: &Path, state_dir: &Path, grace: Duration) -> Recover
     let mut signalled: HashSet<(i32, u64)> = HashSet::new();
     let deadline = Instant::now() + grace;
     loop {
-        let found = finder.find();
+        let found = match finder.find() {
+            Ok(f) => f,
+            Err(e) => {
+                out.scan_failed = Some(super::error_chain(&e));
+                break;
+            }
+        };
         if found.is_empty() {
             break;
         }
@@ -108,7 +122,9 @@ fn report(r: &Recovered) {
     for (job, pids) in &r.stopped {
         tracing::warn!(job = %job, ?pids, "stopped {} processes a previous run of this agent left running", pids.len());
     }
-    if r.remaining > 0 {
+    if let Some(e) = &r.scan_failed {
+        tracing::error!("cannot look for processes left by a previous run ({e}); the job record is kept for the next start");
+    } else if r.remaining > 0 {
         tracing::error!(
             remaining = r.remaining,
             "processes left by a previous run survived SIGKILL"
@@ -142,9 +158,9 @@ impl Finder {
     }
 
     /// The leftovers alive right now.
-    fn find(&self) -> Vec<ProcEntry> {
+    fn find(&self) -> Result<Vec<ProcEntry>, tree::ScanError> {
         let proc_root = Path::new(PROC);
-        let all = tree::snapshot(proc_root);
+        let all = tree::snapshot(proc_root)?;
         // The agent's own ancestors are never leftovers, whatever their environment says.
         let ancestors = ancestors(self.me, &all);
         let mine: Vec<ProcEntry> = all
@@ -157,25 +173,33 @@ impl Finder {
                 p.start
                     .is_some_and(|s| self.seeds.contains_key(&(p.pid, s)))
             })
-            .map(|p| p.pid)
+            .map(|p| tree::Seed {
+                pid: p.pid,
+                start: p.start,
+                pidfd: None,
+            })
             .collect();
         let query = MemberQuery {
             seeds,
             marker: self.marker.clone(),
             exclude: self.me,
             within: None,
+            cgroup: None,
         };
         tree::members_in(&mine, &query, |pid| tree::read_environ(proc_root, pid))
     }
 
     /// The job a leftover belonged to, for the log.
     fn job_of(&self, pid: i32) -> String {
-        let from_env = tree::read_environ(Path::new(PROC), pid).and_then(|env| {
-            let prefix = format!("{JOB_ID_VAR}=");
-            env.split(|&b| b == 0)
-                .find_map(|e| e.strip_prefix(prefix.as_bytes()))
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        });
+        let from_env = tree::read_environ(Path::new(PROC), pid)
+            .ok()
+            .flatten()
+            .and_then(|env| {
+                let prefix = format!("{JOB_ID_VAR}=");
+                env.split(|&b| b == 0)
+                    .find_map(|e| e.strip_prefix(prefix.as_bytes()))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            });
         from_env
             .or_else(|| {
                 self.seeds
@@ -205,38 +229,6 @@ fn ancestors(pid: i32, all: &[ProcEntry]) -> HashSet<i32> {
         cur = parent.get(&p).copied();
     }
     out
-}
-
-/// Sends `sig` to `pid` only if it is still the process that started at `start`.
-fn signal_exact(pid: i32, start: u64, sig: Signal) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        if nix::errno::Errno::last() != nix::errno::Errno::ENOSYS {
-            return false; // gone
-        }
-        // Kernels before 5.3: check, then signal (a reuse in between is vanishingly unlikely).
-        return tree::start_time(Path::new(PROC), pid) == Some(start)
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok();
-    }
-    // SAFETY: the descriptor was just returned to us and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // The pidfd pins the process: if the start time still matches now, it is the one we mean,
-    // and a signal through the pidfd cannot reach anything else.
-    if tree::start_time(Path::new(PROC), pid) != Some(start) {
-        return false;
-    }
-    // SAFETY: a valid pidfd, a valid signal number, no siginfo, no flags.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            sig as libc::c_int,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    r == 0
 }
 
 #[cfg(test)]

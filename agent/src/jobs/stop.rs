@@ -3,14 +3,15 @@
 //! Members are rescanned on every round (see `tree`): a process may fork while it is being
 //! stopped, and a child that left the group (setsid) is still found by its marker.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
-use super::tree::{self, MemberQuery, ProcEntry};
+use super::pidfd;
+use super::tree::{self, MemberQuery, ProcEntry, ScanError, Seed};
 
 /// How often /proc is rescanned while waiting for processes to go: first after
 /// [`FIRST_POLL`] (most processes die at once on SIGTERM), then ever less often up to [`POLL`].
@@ -28,18 +29,47 @@ pub struct StopOutcome {
     pub remaining: u32,
 }
 
-async fn scan(query: MemberQuery) -> (Vec<ProcEntry>, Vec<ProcEntry>) {
+async fn scan(query: MemberQuery) -> Result<(Vec<ProcEntry>, Vec<ProcEntry>), ScanError> {
     tokio::task::spawn_blocking(move || {
         let root = Path::new("/proc");
-        let all = tree::snapshot(root);
-        let members = tree::members_in(&all, &query, |pid| tree::read_environ(root, pid));
-        (members, all)
+        let all = tree::snapshot(root)?;
+        let members = tree::job_members(root, &all, &query)?;
+        Ok((members, all))
     })
     .await
-    .unwrap_or_default()
+    .unwrap_or_else(|e| {
+        Err(ScanError::List {
+            path: "/proc".into(),
+            source: std::io::Error::other(e),
+        })
+    })
 }
 
-fn send(sig: Signal, members: &[ProcEntry], all: &[ProcEntry], signalled: &mut HashSet<i32>) {
+/// Signals one member: a direct child through the pidfd held since its spawn, anything else
+/// through a pidfd checked against the start time the scan read.
+fn signal_member(m: &ProcEntry, seeds: &HashMap<i32, &Seed>, sig: Signal) {
+    if let Some(fd) = seeds.get(&m.pid).and_then(|s| s.pidfd.as_ref()) {
+        let _ = fd.signal(sig);
+        return;
+    }
+    match m.start {
+        Some(start) => {
+            pidfd::signal_exact(m.pid, start, sig);
+        }
+        // /proc without a start time: only the pid is known.
+        None => {
+            let _ = kill(Pid::from_raw(m.pid), sig);
+        }
+    }
+}
+
+fn send(
+    sig: Signal,
+    members: &[ProcEntry],
+    all: &[ProcEntry],
+    query: &MemberQuery,
+    signalled: &mut HashSet<i32>,
+) {
     let own_pgid = nix::unistd::getpgrp().as_raw();
     for g in tree::whole_groups(members, all, own_pgid) {
         let _ = killpg(Pid::from_raw(g), sig);
@@ -48,22 +78,32 @@ fn send(sig: Signal, members: &[ProcEntry], all: &[ProcEntry], signalled: &mut H
             let _ = killpg(Pid::from_raw(g), Signal::SIGCONT);
         }
     }
+    let seeds: HashMap<i32, &Seed> = query.seeds.iter().map(|s| (s.pid, s)).collect();
     for m in members {
-        let _ = kill(Pid::from_raw(m.pid), sig);
+        signal_member(m, &seeds, sig);
         if sig == Signal::SIGTERM && m.state == 'T' {
-            let _ = kill(Pid::from_raw(m.pid), Signal::SIGCONT);
+            signal_member(m, &seeds, Signal::SIGCONT);
         }
         signalled.insert(m.pid);
     }
 }
 
+/// When /proc cannot be read, the direct children can still be reached through their pidfds.
+fn send_to_seeds(sig: Signal, query: &MemberQuery) {
+    for fd in query.seeds.iter().filter_map(|s| s.pidfd.as_ref()) {
+        let _ = fd.signal(sig);
+    }
+}
+
 /// Stops every member `query` finds; returns when none is left (or after [`KILL_PATIENCE`]
-/// of SIGKILL). `force` skips SIGTERM and the grace period.
+/// of SIGKILL). `force` skips SIGTERM and the grace period. A failed scan of /proc ends the
+/// stop with an error (after signalling the direct children): nothing may be called stopped
+/// that could not be seen.
 pub async fn stop_tree(
     query: impl Fn() -> MemberQuery,
     grace: Duration,
     force: bool,
-) -> StopOutcome {
+) -> Result<StopOutcome, ScanError> {
     let mut signalled = HashSet::new();
     let mut poll = FIRST_POLL;
     let outcome = |signalled: &HashSet<i32>, remaining: usize| StopOutcome {
@@ -73,9 +113,16 @@ pub async fn stop_tree(
     if !force {
         let deadline = Instant::now() + grace;
         loop {
-            let (members, all) = scan(query()).await;
+            let q = query();
+            let (members, all) = match scan(q.clone()).await {
+                Ok(x) => x,
+                Err(e) => {
+                    send_to_seeds(Signal::SIGTERM, &q);
+                    return Err(e);
+                }
+            };
             if members.is_empty() {
-                return outcome(&signalled, 0);
+                return Ok(outcome(&signalled, 0));
             }
             if Instant::now() >= deadline {
                 break;
@@ -88,7 +135,7 @@ pub async fn stop_tree(
                 .copied()
                 .collect();
             if !fresh.is_empty() {
-                send(Signal::SIGTERM, &fresh, &all, &mut signalled);
+                send(Signal::SIGTERM, &fresh, &all, &q, &mut signalled);
             }
             tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
             poll = (poll * 2).min(POLL);
@@ -97,14 +144,33 @@ pub async fn stop_tree(
     let deadline = Instant::now() + KILL_PATIENCE;
     poll = FIRST_POLL;
     loop {
-        let (members, all) = scan(query()).await;
+        let q = query();
+        let (members, all) = match scan(q.clone()).await {
+            Ok(x) => x,
+            Err(e) => {
+                send_to_seeds(Signal::SIGKILL, &q);
+                return Err(e);
+            }
+        };
         if members.is_empty() {
-            return outcome(&signalled, 0);
+            return Ok(outcome(&signalled, 0));
         }
-        if Instant::now() >= deadline {
-            return outcome(&signalled, members.len());
+        // Every scan that found something is followed by SIGKILL, however late it came back.
+        let give_up = Instant::now() >= deadline;
+        if let Some(cg) = q.cgroup.clone() {
+            // Everything in the cgroup, including what forks between the scan and the signal.
+            let killed = tokio::task::spawn_blocking(move || {
+                cg.kill().map_err(|e| (cg.dir().to_path_buf(), e))
+            })
+            .await;
+            if let Ok(Err((dir, e))) = killed {
+                tracing::warn!(cgroup = %dir.display(), "cgroup.kill failed: {e}");
+            }
         }
-        send(Signal::SIGKILL, &members, &all, &mut signalled);
+        send(Signal::SIGKILL, &members, &all, &q, &mut signalled);
+        if give_up {
+            return Ok(outcome(&signalled, members.len()));
+        }
         tokio::time::sleep(poll).await;
         poll = (poll * 2).min(POLL);
     }

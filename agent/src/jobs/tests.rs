@@ -7,6 +7,25 @@ use futures::StreamExt;
 
 use super::*;
 
+/// The edge as `service.rs` has it: parse, then act, then one mapping to a status.
+impl Jobs {
+    async fn spawn_pb(&self, r: pb::SpawnRequest) -> Result<pb::SpawnReply, Status> {
+        Ok(self.spawn(SpawnSpec::try_from(r)?).await?)
+    }
+
+    fn watch_pb(&self, r: pb::WatchRequest) -> Result<EventStream, Status> {
+        Ok(self.watch(WatchSpec::try_from(r)?)?)
+    }
+
+    async fn stop_pb(&self, r: pb::StopRequest) -> Result<pb::StopReply, Status> {
+        Ok(self.stop(StopSpec::try_from(r)?).await?)
+    }
+
+    fn renew_pb(&self, r: pb::RenewRequest) -> Result<pb::RenewReply, Status> {
+        Ok(self.renew(&JobId::try_from(r)?))
+    }
+}
+
 fn jobs(lease: Duration) -> (tempfile::TempDir, Arc<Jobs>) {
     let d = tempfile::tempdir().unwrap();
     let root = Root::new(d.path()).unwrap();
@@ -44,7 +63,7 @@ fn spawn_req(id: &str, procs: Vec<pb::ProcessSpec>) -> pb::SpawnRequest {
 /// Events until every one of `n` processes exited.
 async fn collect_until_exited(jobs: &Jobs, id: &str, n: usize) -> Vec<pb::JobEvent> {
     let mut s = jobs
-        .watch(pb::WatchRequest {
+        .watch_pb(pb::WatchRequest {
             job_id: id.into(),
             after_seq: 0,
         })
@@ -77,7 +96,7 @@ async fn output_precedes_exit_and_env_is_expanded() {
     let (_d, jobs) = jobs(Duration::from_secs(30));
     let script = "echo \"$GREETING\"; echo err >&2; printf 'no newline'; pwd; exit 3";
     let reply = jobs
-        .spawn(spawn_req("j1", vec![shell("t0", script)]))
+        .spawn_pb(spawn_req("j1", vec![shell("t0", script)]))
         .await
         .unwrap();
     assert_eq!(reply.processes.len(), 1);
@@ -114,7 +133,7 @@ async fn stop_kills_a_setsid_grandchild_that_ignores_sigterm() {
     let (_d, jobs) = jobs(Duration::from_secs(30));
     // The grandchild leaves the process group and session and ignores SIGTERM.
     let script = "setsid sh -c 'trap \"\" TERM; echo $$ > gc.pid; exec sleep 60' & sleep 60";
-    jobs.spawn(spawn_req("j2", vec![shell("t0", script)]))
+    jobs.spawn_pb(spawn_req("j2", vec![shell("t0", script)]))
         .await
         .unwrap();
     let pidfile = jobs.root.path().join("ws/gc.pid");
@@ -130,12 +149,12 @@ async fn stop_kills_a_setsid_grandchild_that_ignores_sigterm() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let gc = gc.expect("grandchild started");
-    let listed = jobs.list();
+    let listed = jobs.list().await.unwrap();
     assert_eq!(listed.jobs.len(), 1);
     assert!(listed.jobs[0].live_pids >= 2, "{listed:?}");
     let started = Instant::now();
     let reply = jobs
-        .stop(pb::StopRequest {
+        .stop_pb(pb::StopRequest {
             job_id: "j2".into(),
             grace_ms: 300,
             force: false,
@@ -161,11 +180,11 @@ async fn an_expired_lease_stops_the_job() {
     let (_d, jobs) = jobs(Duration::from_secs(30));
     let mut req = spawn_req("j3", vec![shell("t0", "sleep 60")]);
     req.lease_ms = 300;
-    let pid = jobs.spawn(req).await.unwrap().processes[0].pid as i32;
+    let pid = jobs.spawn_pb(req).await.unwrap().processes[0].pid as i32;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(
-            jobs.renew(pb::RenewRequest {
+            jobs.renew_pb(pb::RenewRequest {
                 job_id: "j3".into()
             })
             .unwrap()
@@ -180,7 +199,7 @@ async fn an_expired_lease_stops_the_job() {
     }
     assert!(
         !jobs
-            .renew(pb::RenewRequest {
+            .renew_pb(pb::RenewRequest {
                 job_id: "nope".into()
             })
             .unwrap()
@@ -192,18 +211,18 @@ async fn an_expired_lease_stops_the_job() {
 async fn bad_requests_are_refused_with_reasons() {
     let (_d, jobs) = jobs(Duration::from_secs(30));
     let err = jobs
-        .spawn(spawn_req("bad id!", vec![shell("t0", "true")]))
+        .spawn_pb(spawn_req("bad id!", vec![shell("t0", "true")]))
         .await
         .unwrap_err();
     assert!(err.message().contains("job id"), "{err}");
     let mut req = spawn_req("j4", vec![shell("t0", "true")]);
     req.workspace = "missing".into();
-    let err = jobs.spawn(req).await.unwrap_err();
+    let err = jobs.spawn_pb(req).await.unwrap_err();
     assert!(err.message().contains("does not exist"), "{err}");
     let mut req = spawn_req("j4", vec![shell("t0", "true")]);
     req.workspace = "/etc".into();
     assert_eq!(
-        jobs.spawn(req).await.unwrap_err().code(),
+        jobs.spawn_pb(req).await.unwrap_err().code(),
         tonic::Code::PermissionDenied
     );
     let argv = pb::ProcessSpec {
@@ -213,7 +232,10 @@ async fn bad_requests_are_refused_with_reasons() {
         })),
         ..Default::default()
     };
-    let err = jobs.spawn(spawn_req("j5", vec![argv])).await.unwrap_err();
+    let err = jobs
+        .spawn_pb(spawn_req("j5", vec![argv]))
+        .await
+        .unwrap_err();
     assert!(
         err.message().contains("cannot start x (/nonexistent/prog)"),
         "{err}"
@@ -223,7 +245,7 @@ async fn bad_requests_are_refused_with_reasons() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_reports_live_jobs_of_the_workspace() {
     let (_d, jobs) = jobs(Duration::from_secs(30));
-    jobs.spawn(spawn_req("j6", vec![shell("t0", "sleep 60")]))
+    jobs.spawn_pb(spawn_req("j6", vec![shell("t0", "sleep 60")]))
         .await
         .unwrap();
     let r = jobs
@@ -252,7 +274,7 @@ async fn preflight_reports_live_jobs_of_the_workspace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgetting_a_job_keeps_the_agent_responsive() {
     let (_d, jobs) = jobs(Duration::from_secs(30));
-    jobs.spawn(spawn_req("done-1", vec![shell("t", "true")]))
+    jobs.spawn_pb(spawn_req("done-1", vec![shell("t", "true")]))
         .await
         .unwrap();
     collect_until_exited(&jobs, "done-1", 1).await;
@@ -262,7 +284,7 @@ async fn forgetting_a_job_keeps_the_agent_responsive() {
     std::thread::spawn(move || {
         let _in_runtime = runtime.enter();
         jobs.remove("done-1");
-        let _ = tx.send(jobs.list().jobs.len());
+        let _ = tx.send(jobs.list_known().jobs.len());
     });
     let n = rx
         .recv_timeout(Duration::from_secs(5))
@@ -278,7 +300,7 @@ async fn the_lease_monitor_sleeps_until_the_next_deadline() {
 
     let mut req = spawn_req("j-due", vec![shell("t0", "sleep 60")]);
     req.lease_ms = 2_000;
-    jobs.spawn(req).await.unwrap();
+    jobs.spawn_pb(req).await.unwrap();
     let now = Instant::now();
     let due = lease::check(&jobs, now).expect("a running job's lease expiry is due");
     let left = due.saturating_duration_since(now);
@@ -288,7 +310,7 @@ async fn the_lease_monitor_sleeps_until_the_next_deadline() {
     );
 
     // Finished and watched to the end: next due when it is to be forgotten.
-    jobs.stop(pb::StopRequest {
+    jobs.stop_pb(pb::StopRequest {
         job_id: "j-due".into(),
         grace_ms: 100,
         force: false,
@@ -296,7 +318,7 @@ async fn the_lease_monitor_sleeps_until_the_next_deadline() {
     .await
     .unwrap();
     collect_until_exited(&jobs, "j-due", 1).await;
-    jobs.renew(pb::RenewRequest {
+    jobs.renew_pb(pb::RenewRequest {
         job_id: "j-due".into(),
     })
     .unwrap();
@@ -317,7 +339,7 @@ async fn the_lease_monitor_sleeps_until_the_next_deadline() {
         "forgotten once kept long enough"
     );
     let known = jobs
-        .renew(pb::RenewRequest {
+        .renew_pb(pb::RenewRequest {
             job_id: "j-due".into(),
         })
         .unwrap()
@@ -333,7 +355,7 @@ async fn a_job_spawned_on_an_idle_agent_wakes_the_lease_monitor() {
     let mut req = spawn_req("j-idle", vec![shell("t0", "sleep 60")]);
     req.lease_ms = 300;
     let started = Instant::now();
-    let pid = jobs.spawn(req).await.unwrap().processes[0].pid as i32;
+    let pid = jobs.spawn_pb(req).await.unwrap().processes[0].pid as i32;
     // Expiry at 300 ms plus the 300 ms grace; far below the monitor's longest sleep (10 s).
     let deadline = started + Duration::from_secs(5);
     while alive(pid) && Instant::now() < deadline {
@@ -342,5 +364,152 @@ async fn a_job_spawned_on_an_idle_agent_wakes_the_lease_monitor() {
     assert!(
         !alive(pid),
         "the lease was not enforced within 5 s: the spawn did not wake the monitor"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_lease_expired_is_closed() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    let mut req = spawn_req("j-closed", vec![shell("t0", "true")]);
+    req.lease_ms = 200;
+    jobs.spawn_pb(req).await.unwrap();
+    collect_until_exited(&jobs, "j-closed", 1).await;
+    // The lease runs out with nothing running.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut req = spawn_req("j-closed", vec![shell("t1", "sleep 60")]);
+    req.lease_ms = 200;
+    match jobs.spawn_pb(req).await {
+        Err(e) => {
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+            assert!(e.message().contains("j-closed"), "{e}");
+        }
+        Ok(reply) => {
+            let pid = reply.processes[0].pid as i32;
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            let survived = alive(pid);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("a Spawn into a job whose lease expired was accepted (still running after 1 s: {survived})");
+        }
+    }
+}
+
+/// Lowers the soft limit on open files to the lowest free descriptor, so that no new one can
+/// be opened (as when the agent's fds are exhausted); restores the limit on drop.
+struct NoFreeFds(u64, u64);
+
+impl NoFreeFds {
+    fn new() -> Self {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // SAFETY: dup of stdin returns a new descriptor or -1; it is closed at once.
+        let lowest = unsafe { libc::dup(0) };
+        assert!(lowest >= 0);
+        unsafe { libc::close(lowest) };
+        setrlimit(Resource::RLIMIT_NOFILE, lowest as u64, hard).unwrap();
+        Self(soft, hard)
+    }
+}
+
+impl Drop for NoFreeFds {
+    fn drop(&mut self) {
+        use nix::sys::resource::{setrlimit, Resource};
+        setrlimit(Resource::RLIMIT_NOFILE, self.0, self.1).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_proc_scan_is_an_error_and_the_job_stays_stopping() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    let argv = pb::ProcessSpec {
+        label: "t0".into(),
+        command: Some(Command::Argv(pb::Argv {
+            args: vec!["sleep".into(), "60".into()],
+        })),
+        ..Default::default()
+    };
+    let pid = jobs
+        .spawn_pb(spawn_req("j-emfile", vec![argv]))
+        .await
+        .unwrap()
+        .processes[0]
+        .pid as i32;
+    let stop = || {
+        jobs.stop_pb(pb::StopRequest {
+            job_id: "j-emfile".into(),
+            grace_ms: 200,
+            force: false,
+        })
+    };
+    let starved = NoFreeFds::new();
+    let reply = stop().await;
+    drop(starved);
+    assert!(
+        reply.as_ref().is_err_and(|e| e.message().contains("/proc"))
+            || reply.as_ref().is_ok_and(|r| r.remaining > 0),
+        "a stop that could not read /proc claimed success: {reply:?}"
+    );
+    {
+        let id = JobId::parse("j-emfile".into()).unwrap();
+        let job = jobs.get(&id).expect("the job is not forgotten");
+        let st = job.state();
+        assert!(
+            st.stopping && !st.clean,
+            "stopping {} clean {}",
+            st.stopping,
+            st.clean
+        );
+    }
+    let reply = stop().await.unwrap();
+    assert_eq!(reply.remaining, 0);
+    assert!(!alive(pid), "sleep {pid} survived the retried stop");
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_fork_with_a_scrubbed_environment_is_stopped() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    if jobs.cgroup_base().is_none() {
+        // Only a cgroup holds such a process; CI runs where one can be had.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no writable cgroup v2 here (see the agent's containment log line); CI must provide one"
+        );
+        eprintln!("skipped: no writable cgroup v2");
+        return;
+    }
+    let script = "setsid env -i /bin/sh -c '/bin/sleep 600 </dev/null >/dev/null 2>&1 & echo $! > esc.pid'; sleep 60";
+    jobs.spawn_pb(spawn_req("j-esc", vec![shell("t0", script)]))
+        .await
+        .unwrap();
+    let pidfile = jobs.root.path().join("ws/esc.pid");
+    let mut esc = None;
+    for _ in 0..500 {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            esc = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let esc = esc.expect("the escaping sleep started");
+    let reply = jobs
+        .stop_pb(pb::StopRequest {
+            job_id: "j-esc".into(),
+            grace_ms: 200,
+            force: false,
+        })
+        .await
+        .unwrap();
+    let survived = alive(esc);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(esc),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert!(
+        !survived,
+        "the double-forked sleep {esc} escaped Stop ({reply:?})"
     );
 }

@@ -12,8 +12,12 @@
 //! and the marker still identifies them.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
-use std::path::Path;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::cgroup::JobCgroup;
+use super::pidfd::PidFd;
 
 /// Largest `/proc/<pid>/environ` the scan reads; the marker is looked for in this prefix only.
 const MAX_ENVIRON_BYTES: u64 = 4 << 20;
@@ -76,42 +80,108 @@ pub fn environ_has(environ: &[u8], marker: &[Vec<u8>]) -> bool {
     })
 }
 
+/// A failed read of /proc. Never taken for "no processes": a scan that cannot see a process
+/// must not report it gone.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("cannot list {path}")]
+    List {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A process that exited between listing and reading (or whose files the agent may not read,
+/// for `environ` of another user's process) is simply not there; anything else (EMFILE,
+/// ENOMEM, EIO) means the scan is blind.
+fn vanished(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+    ) || e.raw_os_error() == Some(nix::libc::ESRCH)
+}
+
 /// All processes visible under `proc_root` (normally `/proc`). Processes that vanish while
-/// being read are skipped.
-pub fn snapshot(proc_root: &Path) -> Vec<ProcEntry> {
-    let Ok(dir) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
+/// being read are skipped; any other failure is an error.
+pub fn snapshot(proc_root: &Path) -> Result<Vec<ProcEntry>, ScanError> {
+    let list_err = |source| ScanError::List {
+        path: proc_root.to_path_buf(),
+        source,
     };
+    let dir = std::fs::read_dir(proc_root).map_err(list_err)?;
     let mut out = Vec::new();
-    for entry in dir.flatten() {
+    for entry in dir {
+        let entry = entry.map_err(list_err)?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if name.parse::<i32>().is_err() {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
+        let path = entry.path().join("stat");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if vanished(&e) => continue,
+            Err(source) => return Err(ScanError::Read { path, source }),
         };
         if let Some(p) = parse_stat(&text) {
             out.push(p);
         }
     }
-    out
+    Ok(out)
 }
 
 /// A process's initial environment (bounded); None when it is gone or not readable.
-pub fn read_environ(proc_root: &Path, pid: i32) -> Option<Vec<u8>> {
-    let f = std::fs::File::open(proc_root.join(pid.to_string()).join("environ")).ok()?;
-    let mut buf = Vec::new();
-    f.take(MAX_ENVIRON_BYTES).read_to_end(&mut buf).ok()?;
-    Some(buf)
+pub fn read_environ(proc_root: &Path, pid: i32) -> Result<Option<Vec<u8>>, ScanError> {
+    let path = proc_root.join(pid.to_string()).join("environ");
+    let read = || -> io::Result<Vec<u8>> {
+        let f = std::fs::File::open(&path)?;
+        let mut buf = Vec::new();
+        f.take(MAX_ENVIRON_BYTES).read_to_end(&mut buf)?;
+        Ok(buf)
+    };
+    match read() {
+        Ok(buf) => Ok(Some(buf)),
+        Err(e) if vanished(&e) => Ok(None),
+        Err(source) => Err(ScanError::Read { path, source }),
+    }
+}
+
+/// A direct child of the agent, as spawned: pid, start time and, where the kernel has them,
+/// a pidfd. Matched in /proc by pid *and* start time, so a reused pid is never a member.
+#[derive(Clone, Debug)]
+pub struct Seed {
+    pub pid: i32,
+    pub start: Option<u64>,
+    pub pidfd: Option<Arc<PidFd>>,
+}
+
+impl Seed {
+    /// A seed known by pid alone (no start time, no pidfd).
+    pub fn pid(pid: i32) -> Self {
+        Self {
+            pid,
+            start: None,
+            pidfd: None,
+        }
+    }
+
+    fn matches(&self, p: &ProcEntry) -> bool {
+        self.pid == p.pid && (self.start.is_none() || self.start == p.start)
+    }
 }
 
 /// What identifies a job's processes.
 #[derive(Clone, Debug, Default)]
 pub struct MemberQuery {
-    /// Direct children not yet reaped.
-    pub seeds: Vec<i32>,
+    /// Direct children not yet exited.
+    pub seeds: Vec<Seed>,
     /// Environment entries (`NAME=value`) every process of the job inherited.
     pub marker: Vec<Vec<u8>>,
     /// Never reported as a member: the agent itself.
@@ -121,15 +191,18 @@ pub struct MemberQuery {
     /// just those environments keeps a scan cheap on a busy host and keeps agents that share a
     /// host out of each other's jobs. None: every process is checked.
     pub within: Option<i32>,
+    /// The job's cgroup, where the agent could make one: every live process in it is a member.
+    pub cgroup: Option<Arc<JobCgroup>>,
 }
 
 /// The live members of a job among `procs`; `environ` reads a process's environment.
 pub fn members_in(
     procs: &[ProcEntry],
     query: &MemberQuery,
-    mut environ: impl FnMut(i32) -> Option<Vec<u8>>,
-) -> Vec<ProcEntry> {
-    let seeds: HashSet<i32> = query.seeds.iter().copied().collect();
+    mut environ: impl FnMut(i32) -> Result<Option<Vec<u8>>, ScanError>,
+) -> Result<Vec<ProcEntry>, ScanError> {
+    let seeds: HashMap<i32, &Seed> = query.seeds.iter().map(|s| (s.pid, s)).collect();
+    let is_seed = |p: &ProcEntry| seeds.get(&p.pid).is_some_and(|s| s.matches(p));
     let mut children: HashMap<i32, Vec<usize>> = HashMap::new();
     for (i, p) in procs.iter().enumerate() {
         children.entry(p.ppid).or_default().push(i);
@@ -145,12 +218,11 @@ pub fn members_in(
             continue;
         }
         // Zombies have no environ to read and no children left; skipping them saves reads.
-        let mut by_marker = || {
-            p.is_alive()
+        let by_marker = is_seed(p)
+            || (p.is_alive()
                 && !query.marker.is_empty()
-                && environ(p.pid).is_some_and(|e| environ_has(&e, &query.marker))
-        };
-        if seeds.contains(&p.pid) || by_marker() {
+                && environ(p.pid)?.is_some_and(|e| environ_has(&e, &query.marker)));
+        if by_marker {
             chosen[i] = true;
             queue.push(p.pid);
         }
@@ -163,12 +235,12 @@ pub fn members_in(
             }
         }
     }
-    procs
+    Ok(procs
         .iter()
         .zip(chosen)
         .filter(|(p, c)| *c && p.is_alive())
         .map(|(p, _)| *p)
-        .collect()
+        .collect())
 }
 
 /// Marks the processes below `top` (not `top` itself).
@@ -188,9 +260,37 @@ fn subtree(procs: &[ProcEntry], children: &HashMap<i32, Vec<usize>>, top: i32) -
 
 /// The live members of a job right now, from `proc_root` (normally `/proc`).
 /// Blocking: reads many small files.
-pub fn members(proc_root: &Path, query: &MemberQuery) -> Vec<ProcEntry> {
-    let procs = snapshot(proc_root);
-    members_in(&procs, query, |pid| read_environ(proc_root, pid))
+pub fn members(proc_root: &Path, query: &MemberQuery) -> Result<Vec<ProcEntry>, ScanError> {
+    let procs = snapshot(proc_root)?;
+    job_members(proc_root, &procs, query)
+}
+
+/// [`members_in`] `procs`, plus every live process of the job's cgroup (which finds what
+/// scrubbed its environment and left the tree). Blocking.
+pub fn job_members(
+    proc_root: &Path,
+    procs: &[ProcEntry],
+    query: &MemberQuery,
+) -> Result<Vec<ProcEntry>, ScanError> {
+    let mut found = members_in(procs, query, |pid| read_environ(proc_root, pid))?;
+    if let Some(cg) = &query.cgroup {
+        let pids: HashSet<i32> = cg
+            .pids()
+            .map_err(|source| ScanError::Read {
+                path: cg.procs_path(),
+                source,
+            })?
+            .into_iter()
+            .collect();
+        let known: HashSet<i32> = found.iter().map(|p| p.pid).collect();
+        found.extend(procs.iter().filter(|p| {
+            pids.contains(&p.pid)
+                && p.is_alive()
+                && p.pid != query.exclude
+                && !known.contains(&p.pid)
+        }));
+    }
+    Ok(found)
 }
 
 /// Process groups that may be signalled as a whole: every process of the group in `all`
@@ -285,37 +385,81 @@ mod tests {
             }
         };
         let mut q = MemberQuery {
-            seeds: vec![200],
+            seeds: vec![Seed::pid(200)],
             marker,
             exclude: 100,
             within: Some(100),
+            cgroup: None,
         };
-        let mut got: Vec<i32> = members_in(&procs, &q, envs).iter().map(|p| p.pid).collect();
+        let mut got: Vec<i32> = members_in(&procs, &q, |pid| Ok(envs(pid)))
+            .unwrap()
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         got.sort();
         assert_eq!(got, [200, 201, 202, 300, 301]);
         // A marked process outside the agent's subtree belongs to another agent's job.
         let mut procs = procs;
         procs.push(p(700, 1, 700, 'S'));
         let envs = |pid: i32| (pid == 700 || pid == 300).then(|| b"DGLRUN_JOB_ID=j".to_vec());
-        let mut got: Vec<i32> = members_in(&procs, &q, envs).iter().map(|p| p.pid).collect();
+        let mut got: Vec<i32> = members_in(&procs, &q, |pid| Ok(envs(pid)))
+            .unwrap()
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         got.sort();
         assert_eq!(got, [200, 201, 202, 300, 301]);
         q.within = None;
-        let mut got: Vec<i32> = members_in(&procs, &q, envs).iter().map(|p| p.pid).collect();
+        let mut got: Vec<i32> = members_in(&procs, &q, |pid| Ok(envs(pid)))
+            .unwrap()
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         got.sort();
         assert_eq!(got, [200, 201, 202, 300, 301, 700]);
+    }
+
+    #[test]
+    fn a_seed_matches_its_pid_only_with_its_start_time() {
+        let mut reused = p(200, 100, 200, 'S');
+        reused.start = Some(9);
+        let procs = vec![p(100, 1, 100, 'S'), reused];
+        let mut q = MemberQuery {
+            seeds: vec![Seed {
+                pid: 200,
+                start: Some(5),
+                pidfd: None,
+            }],
+            marker: vec![],
+            exclude: 100,
+            within: None,
+            cgroup: None,
+        };
+        assert!(members_in(&procs, &q, |_| Ok(None)).unwrap().is_empty());
+        q.seeds[0].start = Some(9);
+        assert_eq!(members_in(&procs, &q, |_| Ok(None)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_proc_is_an_error_not_an_empty_list() {
+        let missing = Path::new("/nonexistent/dglrun-proc");
+        assert!(matches!(snapshot(missing), Err(ScanError::List { .. })));
+        let q = MemberQuery::default();
+        assert!(members(missing, &q).is_err());
     }
 
     #[test]
     fn the_agent_itself_is_never_a_member() {
         let procs = vec![p(100, 1, 100, 'S'), p(200, 100, 200, 'S')];
         let q = MemberQuery {
-            seeds: vec![100, 200],
+            seeds: vec![Seed::pid(100), Seed::pid(200)],
             marker: vec![],
             exclude: 100,
             within: None,
+            cgroup: None,
         };
-        let got: Vec<i32> = members_in(&procs, &q, |_| None)
+        let got: Vec<i32> = members_in(&procs, &q, |_| Ok(None))
+            .unwrap()
             .iter()
             .map(|p| p.pid)
             .collect();
@@ -364,10 +508,11 @@ mod tests {
             marker: vec![tag.into_bytes()],
             exclude: std::process::id() as i32,
             within: None,
+            cgroup: None,
         };
         let mut found = Vec::new();
         for _ in 0..100 {
-            found = members(Path::new("/proc"), &q);
+            found = members(Path::new("/proc"), &q).unwrap();
             if found.iter().any(|p| p.pid == sleeper) {
                 break;
             }

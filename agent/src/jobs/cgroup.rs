@@ -1,0 +1,278 @@
+//! cgroup v2 containment: each job's processes in a cgroup of their own.
+//!
+//! A process can scrub its environment (losing the marker) and double-fork (leaving the
+//! process tree the agent can follow); it cannot leave its cgroup without write access to
+//! the hierarchy above it. So where the agent may create cgroups (root on the unified
+//! hierarchy, a systemd unit with `Delegate=yes`, a Slurm job cgroup), each job gets
+//! `<agent's cgroup>/dglrun-<root hash>/job-<id>`; a child is moved into it between fork and
+//! exec (it writes `0` to the job's `cgroup.procs`), and Stop ends with `cgroup.kill`. The
+//! marker scan stays as the fallback and runs in both modes.
+//!
+//! No controller is enabled anywhere, so the cgroup "no internal processes" rule does not
+//! apply: the agent stays where it was started and creates its cgroups beside itself. The
+//! directory is named for the agent's root (one agent per root), so a restarted agent finds
+//! what its previous run left and kills it.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The agent's cgroups, one per job, under one directory of its own.
+#[derive(Debug)]
+pub struct Cgroups {
+    base: PathBuf,
+}
+
+/// Why the agent falls back to the marker scan.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("the agent's cgroup v2 path is not in /proc/self/cgroup")]
+    NoUnifiedPath,
+    #[error("no cgroup2 file system is mounted")]
+    NotMounted,
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create {path}")]
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} has no cgroup.kill (Linux 5.14 or later is needed)")]
+    NoKill { path: PathBuf },
+}
+
+impl Cgroups {
+    /// A writable cgroup v2 directory for the agent owning `agent_root`; the reason when
+    /// there is none. Kills and removes whatever a previous run of the agent left in it.
+    pub fn detect(agent_root: &Path) -> Result<Self, Unavailable> {
+        let read = |path: &str| {
+            std::fs::read_to_string(path).map_err(|source| Unavailable::Read {
+                path: path.into(),
+                source,
+            })
+        };
+        let cgroup_file = read("/proc/self/cgroup")?;
+        let own = own_path(&cgroup_file).ok_or(Unavailable::NoUnifiedPath)?;
+        let mount = unified_mount(&read("/proc/self/mountinfo")?).ok_or(Unavailable::NotMounted)?;
+        let own_dir = mount.join(own.trim_start_matches('/'));
+        let hash = Sha256::digest(agent_root.as_os_str().as_encoded_bytes());
+        let base = own_dir.join(format!("dglrun-{}", hex::encode(&hash[..8])));
+        match std::fs::create_dir(&base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(Unavailable::NotWritable { path: base, source }),
+        }
+        if !base.join("cgroup.kill").exists() {
+            let _ = std::fs::remove_dir(&base);
+            return Err(Unavailable::NoKill { path: base });
+        }
+        let cgroups = Self { base };
+        cgroups.remove_leftovers();
+        Ok(cgroups)
+    }
+
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// Creates (or reuses) the cgroup of job `id`. `id` is a checked job id (no `/`, never
+    /// `.` or `..`).
+    pub fn create_job(&self, id: &str) -> io::Result<JobCgroup> {
+        let dir = self.base.join(format!("job-{id}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))?;
+        Ok(JobCgroup { dir, procs })
+    }
+
+    /// A previous run's job cgroups: killed, emptied, removed.
+    fn remove_leftovers(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.base) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let cg = JobCgroup {
+                procs: match File::options().write(true).open(path.join("cgroup.procs")) {
+                    Ok(f) => f,
+                    Err(_) => continue,
+                },
+                dir: path,
+            };
+            match cg.pids() {
+                Ok(p) if !p.is_empty() => {
+                    tracing::warn!(cgroup = %cg.dir.display(), pids = ?p, "killing what a previous run of the agent left in its job cgroup");
+                    if let Err(e) = cg.kill() {
+                        tracing::error!(cgroup = %cg.dir.display(), "cannot kill the cgroup: {e}");
+                    }
+                    cg.wait_empty(Duration::from_secs(5));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        // Only succeeds once every job cgroup is gone (rmdir refuses a cgroup with children).
+        let _ = std::fs::remove_dir(&self.base);
+    }
+}
+
+/// One job's cgroup. `cgroup.procs` stays open so that a child can move itself in between
+/// fork and exec without allocating or opening anything.
+#[derive(Debug)]
+pub struct JobCgroup {
+    dir: PathBuf,
+    procs: File,
+}
+
+impl JobCgroup {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The descriptor a child writes `0` to, between fork and exec, to enter the cgroup.
+    pub fn procs_fd(&self) -> RawFd {
+        self.procs.as_raw_fd()
+    }
+
+    pub fn procs_path(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// The pids in the cgroup now.
+    pub fn pids(&self) -> io::Result<Vec<i32>> {
+        let text = std::fs::read_to_string(self.procs_path())?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// SIGKILL to every process in the cgroup, including those forked meanwhile.
+    pub fn kill(&self) -> io::Result<()> {
+        File::options()
+            .write(true)
+            .open(self.dir.join("cgroup.kill"))?
+            .write_all(b"1")
+    }
+
+    /// Waits (blocking, polling) until no process is left, at most `timeout`.
+    pub fn wait_empty(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.pids().is_ok_and(|p| p.is_empty()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Removes the cgroup; fails (and is left for the next run) while a process is in it.
+    fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::debug!(cgroup = %self.dir.display(), "cannot remove the job cgroup: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for JobCgroup {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is open as `fd`.
+/// Async-signal-safe: it runs between fork and exec.
+pub fn enter(fd: RawFd) -> io::Result<()> {
+    // SAFETY: writes one byte from a static buffer to a descriptor the caller keeps open.
+    let n = unsafe { nix::libc::write(fd, b"0".as_ptr().cast(), 1) };
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The unified-hierarchy path in a `/proc/<pid>/cgroup` text (the `0::<path>` line).
+fn own_path(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::trim)
+        .filter(|p| p.starts_with('/'))
+}
+
+/// Mount point of the first cgroup2 file system in a `/proc/<pid>/mountinfo` text whose
+/// root is `/` (inside a cgroup namespace the root is the namespace's own).
+fn unified_mount(text: &str) -> Option<PathBuf> {
+    text.lines().find_map(|l| {
+        // <id> <parent> <major:minor> <root> <mount point> <options> [optional...] - <fstype> ...
+        let (pre, post) = l.split_once(" - ")?;
+        let fstype = post.split_whitespace().next()?;
+        let mut f = pre.split_whitespace();
+        let root = f.nth(3)?;
+        let point = f.next()?;
+        (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(unescape(point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unified_path_and_mount_are_found_on_hybrid_and_unified_hosts() {
+        let hybrid = "9:name=systemd:/\n4:memory:/x\n0::/user.slice/a b\n";
+        assert_eq!(own_path(hybrid), Some("/user.slice/a b"));
+        assert_eq!(own_path("4:memory:/x\n"), None);
+        let mi = "30 23 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw\n\
+                  40 30 0:35 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            unified_mount(mi),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let odd = "40 30 0:35 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(unified_mount(odd), Some(PathBuf::from("/mnt/my cg")));
+        let nested = "40 30 0:35 /sub /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(unified_mount(nested), None);
+    }
+}

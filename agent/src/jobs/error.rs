@@ -1,0 +1,85 @@
+//! What can go wrong with a job request once it is parsed, and the one place it becomes a
+//! gRPC status.
+
+use std::path::PathBuf;
+
+use tonic::{Code, Status};
+
+use super::spec::JobId;
+use super::tree::ScanError;
+use crate::confine::ConfineError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job {0} is not known to this agent")]
+    NotFound(JobId),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+    #[error("the agent already holds {0} jobs, its limit")]
+    TooManyJobs(usize),
+    #[error("workspace {} does not exist on this host", .0.display())]
+    NoWorkspace(PathBuf),
+    #[error("job {job} already runs in workspace {}", .workspace.display())]
+    OtherWorkspace { job: JobId, workspace: PathBuf },
+    #[error("job {job} is closed: its lease of {lease_ms} ms expired; start a new job")]
+    Closed { job: JobId, lease_ms: u128 },
+    #[error("job {0} is being stopped; start a new job")]
+    Stopping(JobId),
+    #[error("path {0:?} is not valid UTF-8")]
+    NotUtf8(PathBuf),
+    #[error(transparent)]
+    Confine(#[from] ConfineError),
+    #[error("cannot start {label} ({what})")]
+    Start {
+        label: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the cgroup of job {job}")]
+    Cgroup {
+        job: JobId,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("job {0} was stopped while its processes started")]
+    StoppedWhileStarting(JobId),
+    #[error("job {job}: the stop could not see every process of the job, so the job stays stopping and the agent retries")]
+    StopBlind {
+        job: JobId,
+        #[source]
+        source: ScanError,
+    },
+    #[error("cannot tell which processes of the agent's jobs still run")]
+    Scan(#[source] ScanError),
+    #[error("the agent's {0} task failed")]
+    Task(&'static str, #[source] tokio::task::JoinError),
+}
+
+impl From<JobError> for Status {
+    fn from(e: JobError) -> Self {
+        let e = match e {
+            // Confinement has its own mapping (PermissionDenied).
+            JobError::Confine(c) => return c.into(),
+            e => e,
+        };
+        let code = match &e {
+            JobError::NotFound(_) => Code::NotFound,
+            JobError::ShuttingDown | JobError::StopBlind { .. } | JobError::Scan(_) => {
+                Code::Unavailable
+            }
+            JobError::TooManyJobs(_) => Code::ResourceExhausted,
+            JobError::NoWorkspace(_)
+            | JobError::OtherWorkspace { .. }
+            | JobError::Closed { .. }
+            | JobError::Stopping(_)
+            | JobError::Start { .. }
+            | JobError::Cgroup { .. } => Code::FailedPrecondition,
+            JobError::StoppedWhileStarting(_) => Code::Aborted,
+            JobError::NotUtf8(_) => Code::InvalidArgument,
+            JobError::Confine(_) => Code::PermissionDenied,
+            JobError::Task(..) => Code::Internal,
+        };
+        Status::new(code, super::error_chain(&e))
+    }
+}

@@ -1,0 +1,104 @@
+//! Process file descriptors: a handle on one process that a reused pid can never redirect.
+//!
+//! The agent opens one for every direct child while the child cannot have been reaped yet
+//! (`reaper::Reaper::spawn`), and signals its children only through it. Other processes of a
+//! job are found by pid in /proc; they are signalled through a pidfd opened afterwards and
+//! checked against the start time the scan read, so a pid that was reused in between is
+//! never signalled.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::libc;
+use nix::sys::signal::Signal;
+
+use super::tree;
+
+#[derive(Debug)]
+pub struct PidFd(OwnedFd);
+
+impl PidFd {
+    /// A pidfd for `pid`; `ESRCH` when it is gone, `ENOSYS` before Linux 5.3.
+    pub fn open(pid: i32) -> io::Result<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    /// Sends `sig`; an error (ESRCH) once the process has been reaped.
+    pub fn signal(&self, sig: Signal) -> io::Result<()> {
+        // SAFETY: a valid pidfd, a valid signal number, no siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// True once the process has terminated (a zombie or reaped): a pidfd polls readable then.
+    pub fn has_exited(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLIN | libc::POLLHUP) != 0
+    }
+}
+
+/// Sends `sig` to `pid` only if it is still the process that started at `start` (clock ticks
+/// after boot, see `tree::ProcEntry::start`). False when it is gone or is another process.
+pub fn signal_exact(pid: i32, start: u64, sig: Signal) -> bool {
+    let proc_root = Path::new("/proc");
+    match PidFd::open(pid) {
+        // The pidfd pins the process: if the start time still matches now, it is the one we
+        // mean, and a signal through the pidfd cannot reach anything else.
+        Ok(fd) => tree::start_time(proc_root, pid) == Some(start) && fd.signal(sig).is_ok(),
+        // Kernels before 5.3: check, then signal (a reuse in between is vanishingly unlikely).
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            tree::start_time(proc_root, pid) == Some(start)
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pidfd_signals_its_process_and_sees_it_exit() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let fd = PidFd::open(child.id() as i32).unwrap();
+        assert!(!fd.has_exited());
+        fd.signal(Signal::SIGKILL).unwrap();
+        for _ in 0..500 {
+            if fd.has_exited() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(fd.has_exited());
+        let _ = child.wait();
+    }
+}

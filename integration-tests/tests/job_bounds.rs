@@ -1,0 +1,93 @@
+//! What one job can cost the agent: memory, whatever the job prints.
+
+use std::time::{Duration, Instant};
+
+use dglrun_integration_tests::TestCluster;
+use dglrun_proto::meta::ClientMeta;
+use dglrun_proto::pb::{self, agent_client::AgentClient};
+use tonic::transport::Endpoint;
+
+/// The agent's resident memory in KiB (`VmRSS` of /proc/<pid>/status).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn shell(label: &str, script: &str) -> pb::ProcessSpec {
+    pb::ProcessSpec {
+        label: label.into(),
+        role: "trainer".into(),
+        command: Some(pb::process_spec::Command::Shell(script.into())),
+        ..Default::default()
+    }
+}
+
+/// `yes` writes as fast as the agent reads, for 10 s; in the second job it outlives the shell
+/// that started it, so the agent drains the pipe after the direct child's exit while `yes`
+/// keeps filling it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_printing_without_pause_keeps_the_agent_under_64_mib() {
+    const LIMIT_KIB: u64 = 64 << 10;
+    let cluster = TestCluster::start(1);
+    std::fs::create_dir_all(cluster.root(0).join("ws")).unwrap();
+    let agent = cluster.agents[0].pid().unwrap();
+    let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
+    let channel = Endpoint::from_shared(uri).unwrap().connect_lazy();
+    let mut c = AgentClient::with_interceptor(channel, ClientMeta::new(None).unwrap());
+    let jobs = [
+        ("yes-plain", "exec yes"),
+        ("yes-orphan", "yes & sleep 1; exit 0"),
+    ];
+    for (id, script) in jobs {
+        c.spawn(pb::SpawnRequest {
+            job_id: id.into(),
+            workspace: "ws".into(),
+            processes: vec![shell("t0", script)],
+            lease_ms: 30_000,
+        })
+        .await
+        .unwrap();
+    }
+    let idle = rss_kib(agent);
+    let started = Instant::now();
+    let mut peak = idle;
+    while started.elapsed() < Duration::from_secs(10) {
+        peak = peak.max(rss_kib(agent));
+        if peak > LIMIT_KIB {
+            break; // no need to take the machine's memory to show it
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "agent RSS under two `yes` jobs for {:.1} s: idle {} KiB, peak {} KiB ({:.1} MiB)",
+        started.elapsed().as_secs_f64(),
+        idle,
+        peak,
+        peak as f64 / 1024.0
+    );
+    let mut stops = Vec::new();
+    for (id, _) in jobs {
+        let r = c
+            .stop(pb::StopRequest {
+                job_id: id.into(),
+                grace_ms: 100,
+                force: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        stops.push((id, r));
+    }
+    assert!(
+        peak <= LIMIT_KIB,
+        "the agent grew to {peak} KiB (limit {LIMIT_KIB} KiB) under a chatty job"
+    );
+    for (id, r) in stops {
+        assert_eq!(r.remaining, 0, "{id}: {r:?}");
+    }
+}
