@@ -112,7 +112,14 @@ pub struct JobArgs {
     )]
     pub(crate) graph_format: String,
     /// Extra environment variables, `K=V ...` (values may use $VAR of the host's environment).
-    #[arg(long = "extra_envs", visible_alias = "extra-envs", value_name = "K=V", action = ArgAction::Append, help_heading = DGL)]
+    #[arg(
+        long = "extra_envs",
+        visible_alias = "extra-envs",
+        value_name = "K=V",
+        action = ArgAction::Append,
+        value_parser = kv_word,
+        help_heading = DGL
+    )]
     pub(crate) extra_envs: Vec<String>,
     /// Accepted for launch.py compatibility and ignored: dglrun does not use ssh.
     #[arg(
@@ -187,6 +194,15 @@ fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
         Ok(Duration::from_secs_f64(v))
     } else {
         anyhow::bail!("--{name} must be a number of seconds, not {v}")
+    }
+}
+
+/// clap's check of one `--extra_envs` word.
+fn kv_word(w: &str) -> Result<String, String> {
+    if is_kv(w) {
+        Ok(w.to_string())
+    } else {
+        Err("--extra_envs takes NAME=value words (DGL's launch.py exports each one)".into())
     }
 }
 

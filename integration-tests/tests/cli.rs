@@ -1,0 +1,126 @@
+//! The command line as a user meets it: diagnostics of bad flags, exit codes, shell
+//! completions run by the real shells, the man page. Runs the real `dgl-coord` binary.
+
+use std::process::{Command, Output};
+
+use dglrun_integration_tests::bin;
+
+fn coord(args: &[&str]) -> Output {
+    Command::new(bin("dgl-coord"))
+        .args(args)
+        .env_remove("DGL_AGENT_TOKEN")
+        .env_remove("DGL_AGENT_TOKEN_FILE")
+        .output()
+        .expect("run dgl-coord")
+}
+
+/// Runs `args`, expects a usage error (exit 2) whose stderr contains every one of `want` and
+/// none of `not`.
+fn usage_error(args: &[&str], want: &[&str], not: &[&str]) {
+    let out = coord(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    for w in want {
+        assert!(stderr.contains(w), "{args:?}: want {w:?} in\n{stderr}");
+    }
+    for n in not {
+        assert!(!stderr.contains(n), "{args:?}: unwanted {n:?} in\n{stderr}");
+    }
+}
+
+const BASE: &[&str] = &[
+    "--workspace",
+    "/tmp/ws",
+    "--num_trainers",
+    "1",
+    "--num_servers",
+    "1",
+    "--part_config",
+    "p.json",
+    "--ip_config",
+    "/nonexistent/ip_config.txt",
+];
+
+fn with(sub: &str, extra: &[&'static str]) -> Vec<&'static str> {
+    let sub: &'static str = if sub == "launch" { "launch" } else { "run" };
+    let mut v = vec![sub];
+    v.extend_from_slice(BASE);
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn a_mistyped_flag_is_diagnosed_as_one_not_as_a_quoting_error() {
+    let args = with("launch", &["--num_sampler", "2", "python3 t.py"]);
+    usage_error(
+        &args,
+        &["unexpected argument '--num_sampler'", "'--num_samplers'"],
+        &["split", "quote"],
+    );
+    // The same after the command.
+    let args = with("launch", &["python3 t.py", "--num_sampler", "2"]);
+    usage_error(
+        &args,
+        &["unexpected argument '--num_sampler'", "'--num_samplers'"],
+        &["split"],
+    );
+    let args = with("launch", &["--bogus", "python3 t.py"]);
+    usage_error(
+        &args,
+        &["unexpected argument '--bogus'"],
+        &["required arguments were not provided", "split"],
+    );
+    // copy diagnoses the same way (the reference).
+    usage_error(
+        &["copy", "--workspac", "/x"],
+        &["unexpected argument '--workspac'"],
+        &[],
+    );
+}
+
+#[test]
+fn missing_arguments_are_named_as_they_are() {
+    usage_error(
+        &["run", "--dry-run"],
+        &["unexpected argument '--dry-run'"],
+        &["user command"],
+    );
+    usage_error(
+        &["launch", "--workspace", "/x", "python3 t.py"],
+        &["--num_servers", "--part_config", "--ip_config"],
+        &["\n  --workspace <DIR>", "split"],
+    );
+    // Only the command missing: said so, with the flags as given.
+    usage_error(
+        &with("launch", &[]),
+        &[
+            "missing the user command",
+            "dgl-coord launch --workspace /tmp/ws",
+        ],
+        &[],
+    );
+}
+
+#[test]
+fn a_bad_extra_envs_word_is_named_not_taken_for_the_command() {
+    usage_error(
+        &with("launch", &["--extra_envs", "FOO", "python3 t.py"]),
+        &["--extra_envs", "FOO", "K=V"],
+        &["split", "quote"],
+    );
+}
+
+#[test]
+fn an_empty_command_is_a_usage_error_like_a_missing_one() {
+    usage_error(&with("launch", &[""]), &["user command is empty"], &[]);
+    usage_error(&with("launch", &["  "]), &["user command is empty"], &[]);
+}
+
+#[test]
+fn a_split_command_is_still_explained_with_its_quoting() {
+    usage_error(
+        &with("launch", &["python3", "train.py", "--lr", "0.1"]),
+        &["split it into 4 words", "\"python3 train.py --lr 0.1\""],
+        &[],
+    );
+}
