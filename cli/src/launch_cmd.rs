@@ -69,6 +69,7 @@ pub struct JobArgs {
         visible_alias = "num-trainers",
         value_name = "N",
         required_unless_present = "trainers_per_host",
+        value_parser = clap::value_parser!(u32).range(1..),
         help_heading = DGL
     )]
     pub(crate) num_trainers: Option<u32>,
@@ -82,7 +83,13 @@ pub struct JobArgs {
     )]
     pub(crate) num_samplers: u32,
     /// DGL server processes per machine.
-    #[arg(long = "num_servers", visible_alias = "num-servers", value_name = "N", help_heading = DGL)]
+    #[arg(
+        long = "num_servers",
+        visible_alias = "num-servers",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = DGL
+    )]
     pub(crate) num_servers: u32,
     /// OMP threads of each server process.
     #[arg(
@@ -90,6 +97,7 @@ pub struct JobArgs {
         visible_alias = "num-server-threads",
         value_name = "N",
         default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..),
         help_heading = DGL
     )]
     pub(crate) num_server_threads: u32,
@@ -99,15 +107,17 @@ pub struct JobArgs {
         long = "num_omp_threads",
         visible_alias = "num-omp-threads",
         value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..),
         help_heading = DGL
     )]
     pub(crate) num_omp_threads: Option<u32>,
-    /// Graph formats the servers keep.
+    /// Graph formats the servers keep: csr, csc or coo, or several separated by commas.
     #[arg(
         long = "graph_format",
         visible_alias = "graph-format",
         value_name = "FORMATS",
         default_value = "csc",
+        value_parser = graph_formats,
         help_heading = DGL
     )]
     pub(crate) graph_format: String,
@@ -137,6 +147,17 @@ pub struct JobArgs {
         hide = true
     )]
     pub(crate) ssh_username: Option<String>,
+    /// Refused: DGL's old server-reuse flag (see `removed_flag`).
+    #[arg(long = "keep_alive", visible_alias = "keep-alive", hide = true)]
+    pub(crate) keep_alive: bool,
+    /// Refused: DGL's old server-reuse flag (see `removed_flag`).
+    #[arg(
+        long = "server_name",
+        visible_alias = "server-name",
+        value_name = "NAME",
+        hide = true
+    )]
+    pub(crate) server_name: Option<String>,
 
     /// Trainers of each machine, one count per ip_config line (`2,2,1`), or `@FILE` holding
     /// them (commas, spaces or lines; `#` starts a comment). Counts that differ need
@@ -195,6 +216,36 @@ fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
     } else {
         anyhow::bail!("--{name} must be a number of seconds, not {v}")
     }
+}
+
+/// A command line that is wrong as given: exit 2, like clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// `--graph_format`: what DGL's servers accept, `csr`, `csc`, `coo` or a comma list of them.
+fn graph_formats(v: &str) -> Result<String, String> {
+    let ok = v.split(',').all(|f| matches!(f, "csr" | "csc" | "coo"));
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(
+            "DGL's graph formats are csr, csc or coo, or several separated by commas \
+             (`csr,csc`)"
+                .into(),
+        )
+    }
+}
+
+/// DGL's launch.py once had `--keep_alive` and `--server_name` to leave servers running for
+/// later jobs; it has neither since (2.1 is what dglrun follows).
+fn removed_flag(name: &str) -> UsageError {
+    UsageError(format!(
+        "{name} is not supported: it belongs to DGL's removed server-reuse mode (--keep_alive, \
+         --server_name), which DGL's launch.py no longer has. dglrun starts the servers with \
+         each job and stops every process of the job when it ends, so no server outlives it; \
+         drop the flag"
+    ))
 }
 
 /// clap's check of one `--extra_envs` word.
@@ -256,6 +307,12 @@ impl JobArgs {
         ip_config: String,
         started: Instant,
     ) -> anyhow::Result<(LaunchOptions, RunOptions)> {
+        if self.keep_alive {
+            return Err(removed_flag("--keep_alive").into());
+        }
+        if self.server_name.is_some() {
+            return Err(removed_flag("--server_name").into());
+        }
         if self.ssh_port.is_some() || self.ssh_username.is_some() {
             launch::output::note(
                 "note: --ssh_port/--ssh_username are ignored: dgl-coord talks to dgl-agent, not ssh",

@@ -88,7 +88,11 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("dgl-coord: error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<launch_cmd::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -124,3 +124,65 @@ fn a_split_command_is_still_explained_with_its_quoting() {
         &[],
     );
 }
+
+#[test]
+fn values_dgl_would_refuse_or_misuse_are_refused() {
+    for (flag, value, want) in [
+        ("--num_omp_threads", "0", "--num_omp_threads"),
+        ("--num_server_threads", "0", "--num_server_threads"),
+        ("--graph_format", "bogus", "csr, csc or coo"),
+        ("--graph_format", "csr,", "csr, csc or coo"),
+    ] {
+        let mut args = with("launch", &[]);
+        args.extend([flag, value, "python3 t.py"]);
+        usage_error(&args, &[want, value], &[]);
+    }
+    let mut args = with("launch", &[]);
+    args.extend(["--graph_format", "csr,coo", "--dry-run", "python3 t.py"]);
+    // Accepted (the dry run then fails only on the missing ip_config file).
+    let out = coord(&args);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("graph_format"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn dgls_removed_server_reuse_flags_are_refused_with_the_reason() {
+    for extra in [&["--keep_alive"][..], &["--server_name", "s1"][..]] {
+        let mut args = with("launch", extra);
+        args.push("python3 t.py");
+        usage_error(&args, &[extra[0], "not supported", "server"], &[]);
+    }
+}
+
+#[test]
+fn extra_envs_that_dglrun_sets_itself_are_named_in_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = dir.path().join("ip_config.txt");
+    std::fs::write(&ip, "127.0.0.1\n").unwrap();
+    let out = coord(&[
+        "launch",
+        "--workspace",
+        "/tmp/ws",
+        "--num_trainers",
+        "1",
+        "--num_servers",
+        "1",
+        "--part_config",
+        "p.json",
+        "--ip_config",
+        ip.to_str().unwrap(),
+        "--dry-run",
+        "--extra_envs",
+        "DGL_ROLE=x",
+        "NCCL_DEBUG=INFO",
+        "python3 t.py",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("DGL_ROLE"), "{stderr}");
+    assert!(stderr.contains("dglrun sets"), "{stderr}");
+    assert!(!stderr.contains("NCCL_DEBUG"), "{stderr}");
+}

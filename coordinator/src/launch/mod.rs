@@ -239,6 +239,15 @@ async fn start(
     let mut f = facts(&machines, job_id);
     // Planned once without the port, so a bad command fails before any agent is contacted.
     let dry = plan::plan(o, &f)?;
+    let overridden = plan::overridden_extra_envs(o, &dry);
+    if !overridden.is_empty() {
+        out.note(&format!(
+            "warning: --extra_envs {} ignored: dglrun sets {} itself for DGL (as launch.py does, \
+             its value wins)",
+            overridden.join(", "),
+            if overridden.len() == 1 { "it" } else { "them" }
+        ));
+    }
     if r.dry_run {
         print_plan(o, &f, &dry, r.json)?;
         return Ok(Started::DryRun);

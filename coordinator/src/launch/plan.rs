@@ -294,6 +294,16 @@ pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, 
     Ok(out)
 }
 
+/// The `--extra_envs` names the plan sets itself in some process (`DGL_ROLE`, `RANK`, ...):
+/// DGL exports extra_envs in an outer scope, so its own value wins and the user's is dropped.
+pub fn overridden_extra_envs(o: &LaunchOptions, planned: &[PlannedProcess]) -> Vec<String> {
+    o.extra_envs
+        .iter()
+        .filter(|(k, v)| planned.iter().any(|p| p.env.get(k) != Some(v)))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// Where one trainer sits in the job.
 struct Worker {
     rank: usize,
