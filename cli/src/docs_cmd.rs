@@ -34,7 +34,20 @@ pub fn completions(args: CompletionsArgs) -> anyhow::Result<u8> {
     let mut cmd = crate::Cli::command();
     let mut out = Vec::new();
     clap_complete::generate(args.shell, &mut cmd, "dgl-coord", &mut out);
+    if args.shell == Shell::Bash {
+        out = fix_bash_names(&out);
+    }
     write_stdout(&out)
+}
+
+/// clap_complete's bash script turns the dash of `dgl-coord` into `__` where it tracks the
+/// subcommand (`cmd="dgl__coord__subcmd__launch"`) but into `__subcmd__` in the case labels
+/// that read it back (`dgl__subcmd__coord__subcmd__launch)`), so no subcommand's flags ever
+/// completed. Both spellings name the same thing here; use the first.
+fn fix_bash_names(script: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(script)
+        .replace("dgl__subcmd__coord", "dgl__coord")
+        .into_bytes()
 }
 
 pub fn man(args: ManArgs) -> anyhow::Result<u8> {

@@ -20,7 +20,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "dgl-coord",
     version,
-    about,
+    // The man page's NAME line is `dgl-coord - <about>`: the about must not name it again.
+    about = "Copy DGL partitions to dgl-agents and launch DGL jobs on them, without ssh",
     after_help = "\
 Typical use (the flags are DGL's own, see `dgl-coord <COMMAND> --help`):
   dgl-coord copy   --workspace ~/ws --rel_data_path data --part_config out/g.json \\

@@ -186,3 +186,152 @@ fn extra_envs_that_dglrun_sets_itself_are_named_in_a_warning() {
     assert!(stderr.contains("dglrun sets"), "{stderr}");
     assert!(!stderr.contains("NCCL_DEBUG"), "{stderr}");
 }
+
+/// Whether `shell` is installed; without it the test fails under CI=true (`.ci/run` installs
+/// it) and is skipped, loudly, elsewhere.
+fn have_shell(shell: &str) -> bool {
+    let found = Command::new(shell)
+        .args(["-c", "exit 0"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{shell} is not installed: .ci/run installs it (apt-get install {shell})"
+        );
+        eprintln!("SKIPPED: {shell} is not installed");
+    }
+    found
+}
+
+/// The completions `shell` offers for the command line `line` (completing its last word),
+/// from the script `dgl-coord completions SHELL` prints, run by the shell itself.
+fn complete(shell: &str, line: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("completion");
+    let out = coord(&["completions", shell]);
+    assert!(out.status.success());
+    std::fs::write(&script, &out.stdout).unwrap();
+    let script = script.to_str().unwrap();
+    let output = match shell {
+        "bash" => {
+            let words: Vec<&str> = line.split(' ').collect();
+            let run = format!(
+                "source {script}\n\
+                 f=$(complete -p dgl-coord | sed -E 's/.*-F ([^ ]+).*/\\1/')\n\
+                 COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}\n\
+                 COMP_WORDS=({words}); COMP_CWORD={cword}\n\
+                 $f dgl-coord '{cur}' '{prev}'\n\
+                 printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                words = words.join(" "),
+                cword = words.len() - 1,
+                cur = words[words.len() - 1],
+                prev = words[words.len() - 2],
+            );
+            Command::new("bash").args(["--norc", "-c", &run]).output()
+        }
+        "fish" => Command::new("fish")
+            .args([
+                "--no-config",
+                "-c",
+                &format!("source {script}; complete -C '{line}'"),
+            ])
+            .output(),
+        "zsh" => {
+            // zsh completes only inside its line editor: drive an interactive zsh in a pty
+            // (zsh/zpty), type the line and a TAB, and read what it lists.
+            let run = format!(
+                r#"zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z 'PS1="%% "; autoload -U compinit; compinit -u -D'
+zpty -w z 'fpath=({dir} $fpath); autoload -U _dgl-coord; compdef _dgl-coord dgl-coord'
+zpty -w z 'zstyle ":completion:*" list-rows-first true; LISTMAX=1000; print READY'
+zpty -r z out '*READY*'
+zpty -r z out '*READY*'
+zpty -w -n z $'{line}\t'
+sleep 1
+while zpty -r -t z chunk; do out+=$chunk; done
+print -r -- $out"#,
+                dir = dir.path().display()
+            );
+            std::fs::rename(dir.path().join("completion"), dir.path().join("_dgl-coord")).unwrap();
+            Command::new("zsh").args(["-f", "-c", &run]).output()
+        }
+        _ => unreachable!(),
+    }
+    .expect("run the shell");
+    let text = strip_terminal_codes(&String::from_utf8_lossy(&output.stdout));
+    eprintln!(
+        "{shell} {line:?}:\n{text}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text.split_whitespace().map(str::to_string).collect()
+}
+
+/// The text of what zsh's line editor drew: CSI sequences (`ESC [ ... letter`) and other
+/// control characters become spaces.
+fn strip_terminal_codes(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                while let Some(x) = chars.next() {
+                    if x.is_ascii_alphabetic() || x == '~' {
+                        break;
+                    }
+                }
+            }
+            out.push(' ');
+        } else if c.is_control() {
+            out.push(' ');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[test]
+fn completions_offer_subcommands_and_their_flags_in_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        if !have_shell(shell) {
+            continue;
+        }
+        let subs = complete(shell, "dgl-coord la");
+        assert!(subs.iter().any(|w| w == "launch"), "{shell}: {subs:?}");
+        let flags = complete(shell, "dgl-coord launch --num_tr");
+        assert!(
+            flags.iter().any(|w| w.starts_with("--num_trainers")),
+            "{shell}: {flags:?}"
+        );
+        let flags = complete(shell, "dgl-coord copy --script");
+        assert!(
+            flags.iter().any(|w| w.starts_with("--script_folder")),
+            "{shell}: {flags:?}"
+        );
+    }
+}
+
+#[test]
+fn the_man_page_name_line_says_what_dgl_coord_is_once() {
+    let out = coord(&["man"]);
+    let page = String::from_utf8_lossy(&out.stdout);
+    let name = page
+        .split(".SH NAME")
+        .nth(1)
+        .and_then(|rest| rest.split(".SH").next())
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(name.starts_with("dgl\\-coord \\- "), "{name}");
+    let words: Vec<&str> = name.split_whitespace().collect();
+    let mut seen = std::collections::HashSet::new();
+    let repeated: Vec<&str> = words
+        .iter()
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
+        .filter(|w| w.len() > 3 && !seen.insert(*w))
+        .collect();
+    assert!(repeated.is_empty(), "NAME repeats {repeated:?}: {name}");
+}
