@@ -277,7 +277,7 @@ fn strip_terminal_codes(s: &str) -> String {
         if c == '\u{1b}' {
             if chars.peek() == Some(&'[') {
                 chars.next();
-                while let Some(x) = chars.next() {
+                for x in chars.by_ref() {
                     if x.is_ascii_alphabetic() || x == '~' {
                         break;
                     }

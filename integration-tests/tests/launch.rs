@@ -749,3 +749,32 @@ fn dry_run_json_matches_dgl_for_the_compat_cases() {
         assert_eq!(got, want, "case {name}");
     }
 }
+
+/// A job cannot drive the user's terminal: in text mode every control character it prints
+/// (C0 but tab, DEL, C1) and every byte that is not UTF-8 reaches the terminal as `\xNN`, in
+/// the labelled lines and in the summary's stderr tail alike.
+#[test]
+fn control_sequences_from_the_job_are_escaped_in_text_mode() {
+    let c = TestCluster::with_workspace(1);
+    let script = r"import sys
+sys.stdout.buffer.write(b'a\x1b]0;pwned\x07b\rc\x00d\x7fe\xc2\x9bf\xff\tg\n')
+sys.stdout.flush()
+sys.stderr.buffer.write(b'err\x1b[2J\x1b[H\n')
+sys.exit(3)";
+    std::fs::write(c.root(0).join(WS).join("ctl.py"), script).unwrap();
+    let r = run(
+        c.launch_direct("1", &[], "python3 ctl.py"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 3, "{r:?}");
+    assert!(
+        r.stdout
+            .contains(r"] a\x1b]0;pwned\x07b\x0dc\x00d\x7fe\xc2\x9bf\xff	g"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains(r"err\x1b[2J\x1b[H"), "{r:?}");
+    for raw in ['\u{1b}', '\u{7}', '\r', '\0', '\u{7f}', '\u{9b}'] {
+        assert!(!r.stdout.contains(raw), "raw {raw:?} on stdout: {r:?}");
+        assert!(!r.stderr.contains(raw), "raw {raw:?} on stderr: {r:?}");
+    }
+}

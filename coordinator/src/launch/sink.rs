@@ -131,7 +131,8 @@ impl Sink {
 
     fn end(&mut self, s: &Summary, text: &str, show_text: bool) {
         if show_text {
-            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+            let shown = super::output::escape_controls(text.as_bytes(), true);
+            let _ = std::io::stderr().lock().write_all(&shown);
         }
         self.event(&Event::Summary(s));
         let json = serde_json::to_string_pretty(s).unwrap_or_default();
