@@ -4,4 +4,4 @@ pub mod ip_config;
 pub mod part_config;
 
 pub use ip_config::{IpConfig, Machine};
-pub use part_config::PartConfig;
+pub use part_config::{stays_inside, PartConfig};

@@ -339,7 +339,7 @@ fn check_part_path(pc: &PartConfig, key: &str, value: &str) -> Result<(), PlanEr
             "an absolute path; DGL's partitioner writes paths relative to the JSON file",
         ));
     }
-    if p.components().any(|c| c == Component::ParentDir) {
+    if !crate::config::stays_inside(p) {
         return Err(bad(
             "a path with `..` that leaves the directory of the JSON file",
         ));
