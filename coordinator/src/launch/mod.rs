@@ -171,7 +171,7 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
         _ => None,
     };
     // Made before preflight, so what it reports (stale jobs stopped) reaches the log dir too.
-    let mut out = sink::Sink::new(r.json, r.started, log);
+    let mut out = sink::Sink::new(r.json, r.started, log).with_agent_port(r.access.port);
     let result = start(&o, &r, &job_id, &mut out).await;
     match result {
         Ok(Started::DryRun) => Ok(0),

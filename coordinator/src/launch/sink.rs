@@ -15,6 +15,8 @@ pub struct Sink {
     json: bool,
     started: Instant,
     log: Option<LogDir>,
+    /// The agents' port: JSON names a machine's agent `IP:port`, as `status --json` does.
+    agent_port: Option<u16>,
 }
 
 /// Writes one line to stdout; a closed pipe is ignored (the job goes on).
@@ -27,7 +29,33 @@ fn stdout_line(line: &str) {
 
 impl Sink {
     pub fn new(json: bool, started: Instant, log: Option<LogDir>) -> Self {
-        Self { json, started, log }
+        Self {
+            json,
+            started,
+            log,
+            agent_port: None,
+        }
+    }
+
+    /// Events name each machine's agent as `IP:port`, with this port.
+    pub fn with_agent_port(mut self, port: u16) -> Self {
+        self.agent_port = Some(port);
+        self
+    }
+
+    fn address(&self, ip: &str) -> String {
+        match self.agent_port {
+            Some(port) if !ip.is_empty() => format!("{ip}:{port}"),
+            _ => ip.to_string(),
+        }
+    }
+
+    /// `who` as events show it: `host` is the agent's address.
+    fn addressed(&self, who: &Who) -> Who {
+        Who {
+            host: self.address(&who.host),
+            ..who.clone()
+        }
     }
 
     fn elapsed_ms(&self) -> u64 {
@@ -60,7 +88,7 @@ impl Sink {
     pub fn started(&mut self, who: &Who, pid: u32) {
         let elapsed_ms = self.elapsed_ms();
         self.event(&Event::Started {
-            who,
+            who: &self.addressed(who),
             pid,
             elapsed_ms,
         });
@@ -74,12 +102,15 @@ impl Sink {
             print_line(&prefix, stream, text);
         }
         let elapsed_ms = self.elapsed_ms();
-        self.event(&Event::Line {
-            who,
-            stream: if stderr { "stderr" } else { "stdout" },
-            text: String::from_utf8_lossy(text),
-            elapsed_ms,
-        });
+        // Only an event needs the address (one allocation per line).
+        if self.json || self.log.is_some() {
+            self.event(&Event::Line {
+                who: &self.addressed(who),
+                stream: if stderr { "stderr" } else { "stdout" },
+                text: String::from_utf8_lossy(text),
+                elapsed_ms,
+            });
+        }
         if self.log.is_some() {
             let labelled = format_line(&prefix, text);
             self.log_with(|l| l.line(who.machine, &who.label, stderr, &labelled, text));
@@ -93,7 +124,7 @@ impl Sink {
         let elapsed_ms = self.elapsed_ms();
         self.event(&Event::LostLines {
             machine,
-            host,
+            address: &self.address(host),
             count,
             elapsed_ms,
         });
@@ -102,7 +133,7 @@ impl Sink {
     pub fn exited(&mut self, who: &Who, pid: Option<u32>, x: &ProcessExited) {
         let elapsed_ms = self.elapsed_ms();
         self.event(&Event::Exited {
-            who,
+            who: &self.addressed(who),
             pid,
             exit: ExitInfo::from_pb(x),
             elapsed_ms,
@@ -134,8 +165,15 @@ impl Sink {
             let shown = super::output::escape_controls(text.as_bytes(), true);
             let _ = std::io::stderr().lock().write_all(&shown);
         }
-        self.event(&Event::Summary(s));
-        let json = serde_json::to_string_pretty(s).unwrap_or_default();
+        let mut s = s.clone();
+        if let Some(w) = &mut s.failed_process {
+            *w = self.addressed(w);
+        }
+        for p in &mut s.processes {
+            p.who = self.addressed(&p.who);
+        }
+        self.event(&Event::Summary(&s));
+        let json = serde_json::to_string_pretty(&s).unwrap_or_default();
         self.log_with(|l| {
             l.merged(text.as_bytes())?;
             l.summary(text, &json)
