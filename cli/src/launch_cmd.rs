@@ -307,6 +307,9 @@ impl JobArgs {
         ip_config: String,
         started: Instant,
     ) -> anyhow::Result<(LaunchOptions, RunOptions)> {
+        if let Some(msg) = dglrun_coordinator::config::workspace::unexpanded_tilde(&workspace) {
+            return Err(UsageError(msg).into());
+        }
         if self.keep_alive {
             return Err(removed_flag("--keep_alive").into());
         }

@@ -335,3 +335,21 @@ fn the_man_page_name_line_says_what_dgl_coord_is_once() {
         .collect();
     assert!(repeated.is_empty(), "NAME repeats {repeated:?}: {name}");
 }
+
+#[test]
+fn a_workspace_with_an_unexpanded_tilde_is_refused_with_the_fix() {
+    for sub in ["launch", "run"] {
+        let mut args = vec![sub, "--workspace=~/dglrun/x"];
+        args.extend_from_slice(&BASE[2..]);
+        if sub == "run" {
+            args.extend(["--rel_data_path", "data"]);
+        }
+        args.push("python3 t.py");
+        let out = coord(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{sub}: {stderr}");
+        assert!(stderr.contains("~/dglrun/x"), "{sub}: {stderr}");
+        assert!(stderr.contains("not expanded"), "{sub}: {stderr}");
+        assert!(stderr.contains("--workspace dglrun/x"), "{sub}: {stderr}");
+    }
+}
