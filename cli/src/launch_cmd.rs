@@ -54,8 +54,14 @@ pub struct LaunchArgs {
     #[arg(long = "ip_config", visible_alias = "ip-config", value_name = "PATH", help_heading = DGL)]
     pub(crate) ip_config: String,
     /// Print the processes that would run, with their commands and environments, and exit.
+    /// Then the agents' read-only checks run as for a launch (workspace, ip_config,
+    /// part_config, stale jobs), and each host says what was checked; unreachable agents are
+    /// reported, not an error.
     #[arg(long = "dry-run", visible_alias = "dry_run", help_heading = DGLRUN)]
     pub(crate) dry_run: bool,
+    /// With --dry-run: contact no agent (only the plan is printed; nothing remote is checked).
+    #[arg(long, requires = "dry_run", help_heading = DGLRUN)]
+    pub(crate) offline: bool,
     #[command(flatten)]
     pub(crate) job: JobArgs,
 }
@@ -359,6 +365,7 @@ impl JobArgs {
             lease,
             kill_stale: self.kill_stale,
             dry_run: false,
+            offline: false,
             json: self.json,
             log_dir: self.log_dir,
             local_ip_config: None,
@@ -384,6 +391,7 @@ pub async fn run(args: LaunchArgs) -> anyhow::Result<u8> {
         }
     };
     run.dry_run = args.dry_run;
+    run.offline = args.offline;
     launch::run(options, run).await
 }
 

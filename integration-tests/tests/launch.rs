@@ -778,3 +778,60 @@ sys.exit(3)";
         assert!(!r.stderr.contains(raw), "raw {raw:?} on stderr: {r:?}");
     }
 }
+
+/// `launch --dry-run` with `flags`, workspace `ws`, on `c`'s agents.
+fn dry_run(c: &TestCluster, ws: &str, flags: &[&str]) -> dglrun_integration_tests::run::Run {
+    let mut cmd = c.coord();
+    cmd.args([
+        "launch",
+        "--dry-run",
+        "--workspace",
+        ws,
+        "--num_servers",
+        "1",
+    ])
+    .args(["--num_trainers", "1", "--part_config", "data/g.json"])
+    .args(["--ip_config", "ip_config.txt"])
+    .args(flags)
+    .arg("python3 fake_dgl.py");
+    run(cmd, Duration::from_secs(60))
+}
+
+/// A dry run asks the agents what the real launch would find (Preflight is read-only), says
+/// per host what it checked, and fails where the launch would; offline, or with agents out
+/// of reach, it says that nothing remote was checked.
+#[test]
+fn dry_run_runs_the_agents_checks_or_says_it_did_not() {
+    let c = TestCluster::with_workspace(2);
+    let r = dry_run(&c, WS, &[]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stdout.contains("[m1 trainers]"), "the plan: {r:?}");
+    for m in 0..2 {
+        let host = format!("m{m} ({}:{})", c.ip(m), c.port);
+        assert!(
+            r.stderr
+                .contains(&format!("dry run: {host} checked: workspace")),
+            "{r:?}"
+        );
+    }
+    // Outside every agent's root: the real launch fails, so the dry run does too.
+    let outside = c.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&outside).unwrap();
+    let r = dry_run(&c, outside.to_str().unwrap(), &[]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr.contains("cannot launch"), "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("m1 ({}:{})", c.ip(1), c.port)),
+        "{r:?}"
+    );
+    // Offline: the plan, and a plain word that nothing remote was checked.
+    let r = dry_run(&c, outside.to_str().unwrap(), &["--offline"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("nothing remote was checked"), "{r:?}");
+    // Agents out of reach: the same, with the reason.
+    let mut unreachable = TestCluster::with_workspace(1);
+    unreachable.port = 1;
+    let r = dry_run(&unreachable, WS, &[]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("nothing remote was checked"), "{r:?}");
+}

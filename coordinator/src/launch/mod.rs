@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub lease: Duration,
     pub kill_stale: bool,
     pub dry_run: bool,
+    /// With `dry_run`: contact no agent.
+    pub offline: bool,
     /// The plan as JSON (with `dry_run`), else the event stream on stdout.
     pub json: bool,
     /// `--log-dir`: per-process files, the merged log, the events and the summary.
@@ -217,6 +219,35 @@ pub fn print_error_summary(started: Instant, e: &anyhow::Error) {
     error_summary("", &mut sink::Sink::new(true, started, None), started, e);
 }
 
+/// The agents' side of a dry run: Preflight (read-only: no port is bound, nothing stopped) on
+/// every host, each host's findings as a note; a failed check fails the dry run as it would
+/// fail the launch. Offline, or with an agent out of reach, it says nothing remote was checked.
+async fn dry_run_checks(
+    o: &LaunchOptions,
+    r: &RunOptions,
+    machines: &IpConfig,
+    out: &mut sink::Sink,
+) -> anyhow::Result<()> {
+    if r.offline {
+        out.note("dry run: nothing remote was checked (--offline): no agent was contacted");
+        return Ok(());
+    }
+    let hosts = match cluster::connect_all(machines, &r.access).await {
+        Ok(h) => h,
+        Err(e) => {
+            out.note(&format!(
+                "dry run: nothing remote was checked: cannot reach the agents: {e:#}"
+            ));
+            return Ok(());
+        }
+    };
+    let checked = preflight::check_all(&hosts, o, machines, None, r.grace, true).await?;
+    for line in &checked.findings {
+        out.note(&format!("dry run: {line}"));
+    }
+    Ok(())
+}
+
 enum Started {
     DryRun,
     Running {
@@ -250,11 +281,12 @@ async fn start(
     }
     if r.dry_run {
         print_plan(o, &f, &dry, r.json)?;
+        dry_run_checks(o, r, &machines, out).await?;
         return Ok(Started::DryRun);
     }
     let hosts = cluster::connect_all(&machines, &r.access).await?;
     let kill_stale = r.kill_stale.then_some(out);
-    let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace).await?;
+    let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace, false).await?;
     f.master_port = Some(checked.master_port);
     let planned = plan::plan(o, &f)?;
     Ok(Started::Running { hosts, planned })
