@@ -33,8 +33,10 @@ Exit status: 0 when every trainer exited 0; else the worst exit code of a failed
 (128+N for signal N), at least 1; 130/143 when stopped by Ctrl-C/SIGTERM; 1 when nothing could
 be started; 2 for a usage error.
 
-Example (DGL's own, with `dgl-coord launch` for `python3 tools/launch.py`):
-  dgl-coord launch --workspace ~/graphsage/ --num_trainers 2 --num_samplers 4 --num_servers 1 \\
+Example (DGL's own, with `dgl-coord launch` for `python3 tools/launch.py`, and a workspace inside
+the agents' --root ~/dglrun):
+  dgl-coord launch --workspace ~/dglrun/graphsage \\
+    --num_trainers 2 --num_samplers 4 --num_servers 1 \\
     --part_config data/ogb-product.json --ip_config ip_config.txt \\
     \"python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt --num-epochs 5\"")]
 pub struct LaunchArgs {

@@ -23,11 +23,13 @@ use clap::{Parser, Subcommand};
     // The man page's NAME line is `dgl-coord - <about>`: the about must not name it again.
     about = "Copy DGL partitions to dgl-agents and launch DGL jobs on them, without ssh",
     after_help = "\
-Typical use (the flags are DGL's own, see `dgl-coord <COMMAND> --help`):
-  dgl-coord copy   --workspace ~/ws --rel_data_path data --part_config out/g.json \\
-                   --ip_config ip_config.txt --script_folder code
-  dgl-coord launch --workspace ~/ws --num_trainers 2 --num_servers 1 \\
-                   --part_config data/g.json --ip_config ip_config.txt \"python3 code/train.py ...\"
+Typical use, with agents started as `dgl-agent --root ~/dglrun ...` (the flags are DGL's own,
+see `dgl-coord <COMMAND> --help`):
+  dgl-coord copy   --workspace ~/dglrun/graphsage --rel_data_path data \\
+                   --part_config out/ogb-product.json --ip_config ip_config.txt --script_folder code
+  dgl-coord launch --workspace ~/dglrun/graphsage --num_trainers 2 --num_servers 1 \\
+                   --part_config data/ogb-product.json --ip_config ip_config.txt \\
+                   \"python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt\"
   dgl-coord status --ip_config ip_config.txt
 
 Exit status: 0 success; 1 failure (a host, a file or the job); 2 usage error; launch and run:
