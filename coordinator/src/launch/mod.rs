@@ -17,6 +17,7 @@ pub mod plan;
 pub mod preflight;
 pub mod sink;
 pub mod summary;
+pub mod torchrun_failure;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -174,11 +175,12 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
     };
     // Made before preflight, so what it reports (stale jobs stopped) reaches the log dir too.
     let mut out = sink::Sink::new(r.json, r.started, log).with_agent_port(r.access.port);
+    let rank_exit = out.rank_exit_code();
     let result = start(&o, &r, &job_id, &mut out).await;
     match result {
         Ok(Started::DryRun) => Ok(0),
         Ok(Started::Running { hosts, planned }) => {
-            driver::run(
+            let code = driver::run(
                 hosts,
                 planned,
                 driver::DriverOptions {
@@ -191,7 +193,9 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
                 },
                 out,
             )
-            .await
+            .await?;
+            // torchrun exits 1 whatever its rank did; the sink read the rank's own code.
+            Ok(rank_exit.get().copied().unwrap_or(code))
         }
         Err(e) => {
             error_summary(&job_id, &mut out, r.started, &e);

@@ -2,7 +2,9 @@
 //! JSON event per line on stdout; and with `--log-dir`, files as well. The driver reports
 //! every start, line, exit and message here and never prints itself.
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use dglrun_proto::pb::{OutputStream, ProcessExited};
@@ -10,6 +12,7 @@ use dglrun_proto::pb::{OutputStream, ProcessExited};
 use super::events::{self, Event, ExitInfo, Summary, Who};
 use super::logdir::LogDir;
 use super::output::{format_line, note, print_line};
+use super::torchrun_failure;
 
 pub struct Sink {
     json: bool,
@@ -17,6 +20,10 @@ pub struct Sink {
     log: Option<LogDir>,
     /// The agents' port: JSON names a machine's agent `IP:port`, as `status --json` does.
     agent_port: Option<u16>,
+    /// Each machine's torchrun stderr, read for its report of the failed rank.
+    torchruns: BTreeMap<usize, torchrun_failure::Reader>,
+    /// Set when the job failed through a torchrun whose failed rank's own code is known.
+    rank_exit: Arc<OnceLock<u8>>,
 }
 
 /// Writes one line to stdout; a closed pipe is ignored (the job goes on).
@@ -34,7 +41,14 @@ impl Sink {
             started,
             log,
             agent_port: None,
+            torchruns: BTreeMap::new(),
+            rank_exit: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Where the summary leaves the failed rank's own exit code when torchrun hid it.
+    pub fn rank_exit_code(&self) -> Arc<OnceLock<u8>> {
+        self.rank_exit.clone()
     }
 
     /// Events name each machine's agent as `IP:port`, with this port.
@@ -98,6 +112,12 @@ impl Sink {
     pub fn line(&mut self, who: &Who, stream: OutputStream, text: &[u8]) {
         let prefix = format!("m{} {}", who.machine, who.label);
         let stderr = stream == OutputStream::Stderr;
+        if stderr && who.role == "trainer-group" {
+            self.torchruns
+                .entry(who.machine)
+                .or_default()
+                .feed(&String::from_utf8_lossy(text));
+        }
         if !self.json {
             print_line(&prefix, stream, text);
         }
@@ -160,7 +180,38 @@ impl Sink {
         self.end(s, text, false);
     }
 
+    /// A job failed by a torchrun: its rank's own code and name instead of torchrun's 1.
+    fn with_rank_cause(&self, s: &Summary, text: &str) -> Option<(Summary, String)> {
+        let failed = s.failed_process.as_ref()?;
+        if s.outcome != events::Outcome::Failed || failed.role != "trainer-group" {
+            return None;
+        }
+        let cause = self.torchruns.get(&failed.machine)?.root_cause()?;
+        let code = cause.exit_code();
+        let said = format!(
+            "m{} trainers: {} (torchrun itself exited {})",
+            failed.machine,
+            cause.describe(),
+            s.exit_code
+        );
+        let mut s = s.clone();
+        s.error = Some(match &s.error {
+            Some(e) => format!("{e}\n{said}"),
+            None => said.clone(),
+        });
+        let old = format!("exit code {}\n", s.exit_code);
+        let text = text.replacen(&old, &format!("{said}\nexit code {code}\n"), 1);
+        s.exit_code = code;
+        let _ = self.rank_exit.set(code);
+        Some((s, text))
+    }
+
     fn end(&mut self, s: &Summary, text: &str, show_text: bool) {
+        let amended = self.with_rank_cause(s, text);
+        let (s, text) = match &amended {
+            Some((s, t)) => (s, t.as_str()),
+            None => (s, text),
+        };
         if show_text {
             let shown = super::output::escape_controls(text.as_bytes(), true);
             let _ = std::io::stderr().lock().write_all(&shown);

@@ -98,11 +98,19 @@ fn plan_matches_dgl_for_every_compat_case() {
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         let mut got: Vec<Expected> = planned
             .iter()
-            .map(|p| Expected {
-                machine: p.machine,
-                role: p.role.as_str().to_string(),
-                env: p.env.clone(),
-                command: p.command.display(),
+            .map(|p| {
+                // dglrun's one addition to DGL's environment: torchrun's error file.
+                let mut env = p.env.clone();
+                let file = env.remove(TORCHELASTIC_ERROR_FILE);
+                let want =
+                    (p.role == Role::TrainerGroup).then(|| torchrun_error_file("job-1", p.machine));
+                assert_eq!(file, want, "{}", c.name);
+                Expected {
+                    machine: p.machine,
+                    role: p.role.as_str().to_string(),
+                    env,
+                    command: p.command.display(),
+                }
             })
             .collect();
         let mut want: Vec<Expected> = c
