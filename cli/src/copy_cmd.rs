@@ -132,7 +132,8 @@ pub struct CopyFlags {
         long = "compress-level",
         value_name = "N",
         default_value_t = compress::DEFAULT_LEVEL,
-        value_parser = level_parser()
+        value_parser = level_parser(),
+        requires = "compress"
     )]
     compress_level: i32,
 }

@@ -353,3 +353,24 @@ fn a_workspace_with_an_unexpanded_tilde_is_refused_with_the_fix() {
         assert!(stderr.contains("--workspace dglrun/x"), "{sub}: {stderr}");
     }
 }
+
+#[test]
+fn a_compression_level_without_compression_is_refused() {
+    usage_error(
+        &[
+            "copy",
+            "--workspace",
+            "ws",
+            "--rel_data_path",
+            "data",
+            "--part_config",
+            "p.json",
+            "--ip_config",
+            "ip.txt",
+            "--compress-level",
+            "5",
+        ],
+        &["--compress-level", "--compress <ALGO>"],
+        &[],
+    );
+}
