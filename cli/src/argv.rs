@@ -41,11 +41,12 @@ pub(crate) fn is_kv(word: &str) -> bool {
     })
 }
 
-/// A word for the user's shell to read back as-is (inside double quotes if needed).
+/// A word for the user's shell to read back as-is (inside double quotes if needed: a bare
+/// `~` would be expanded when pasted).
 fn shell_word(w: &str) -> String {
     if !w.is_empty()
         && w.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-~".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c))
     {
         w.to_string()
     } else {
@@ -368,6 +369,17 @@ mod tests {
         );
         let err = pre(&format!("launch {BASE} -- python3 train.py")).unwrap_err();
         assert!(err.contains("2 words"), "{err}");
+    }
+
+    #[test]
+    fn hints_paste_back_as_given() {
+        // The shell did not expand this `~` (it was quoted): the hint keeps it literal.
+        let err = pre(
+            "launch --workspace '~/ws' --num_trainers 1 --num_servers 1 \
+                       --part_config p --ip_config i python3 t.py",
+        )
+        .unwrap_err();
+        assert!(err.contains("--workspace \"~/ws\""), "{err}");
     }
 
     #[test]

@@ -218,11 +218,13 @@ pub struct JobArgs {
     pub(crate) access: AccessArgs,
 }
 
-fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
+fn seconds(name: &str, v: f64) -> Result<Duration, UsageError> {
     if (0.0..1e7).contains(&v) {
         Ok(Duration::from_secs_f64(v))
     } else {
-        anyhow::bail!("--{name} must be a number of seconds, not {v}")
+        Err(UsageError(format!(
+            "--{name} must be a number of seconds, not {v}"
+        )))
     }
 }
 
@@ -335,10 +337,9 @@ impl JobArgs {
             _ => anyhow::bail!("give the user command as one quoted argument"),
         };
         let lease = seconds("lease-timeout", self.lease_timeout)?;
-        anyhow::ensure!(
-            lease >= Duration::from_millis(500),
-            "--lease-timeout must be at least 0.5 seconds"
-        );
+        if lease < Duration::from_millis(500) {
+            return Err(UsageError("--lease-timeout must be at least 0.5 seconds".into()).into());
+        }
         let options = LaunchOptions {
             workspace,
             num_trainers: self.num_trainers.unwrap_or(0),

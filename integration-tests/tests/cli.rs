@@ -374,3 +374,12 @@ fn a_compression_level_without_compression_is_refused() {
         &[],
     );
 }
+
+#[test]
+fn bad_durations_are_usage_errors() {
+    for (flag, value) in [("--grace", "-1"), ("--lease-timeout", "0.1")] {
+        let mut args = with("launch", &[]);
+        args.extend([flag, value, "python3 t.py"]);
+        usage_error(&args, &[flag], &[]);
+    }
+}
