@@ -41,11 +41,12 @@ pub(crate) fn is_kv(word: &str) -> bool {
     })
 }
 
-/// A word for the user's shell to read back as-is (inside double quotes if needed).
+/// A word for the user's shell to read back as-is (inside double quotes if needed: a bare
+/// `~` would be expanded when pasted).
 fn shell_word(w: &str) -> String {
     if !w.is_empty()
         && w.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-~".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c))
     {
         w.to_string()
     } else {
@@ -65,10 +66,33 @@ fn double_quote(w: &str) -> String {
     s
 }
 
+/// What clap is to parse.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Prepared {
+    /// The rewritten argv: flags first, then `--` and the user command.
+    Rewritten(Vec<OsString>),
+    /// The argv as given, to be parsed by [`strict_command`]: it holds a flag error (an
+    /// unknown or mistyped flag, a missing required flag), and clap names it best.
+    Verbatim(Vec<OsString>),
+}
+
+/// dgl-coord's parser with the user command unable to swallow flags, so that clap reports an
+/// unknown flag as one ("a similar argument exists") instead of taking it for the command.
+pub fn strict_command() -> clap::Command {
+    let mut cli = <crate::Cli as clap::CommandFactory>::command();
+    for sub in WITH_COMMAND {
+        cli = cli.mut_subcommand(sub, |s| {
+            s.mut_arg("command", |a| a.allow_hyphen_values(false))
+        });
+    }
+    cli
+}
+
 /// Rewrites argv before clap sees it (DGL's `--extra_envs K=V...` ends at the first word
-/// that is not `K=V`). Returns a clear message for arguments clap cannot explain well: a
-/// missing user command, or one the shell split into several words.
-pub fn preprocess_args(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
+/// that is not `K=V`). Returns a clear message for what clap cannot explain well: a missing or
+/// empty user command, or one the shell split into several words. A flag error is never
+/// turned into one of these: such an argv goes to clap as given.
+pub fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
     // Only `dgl-coord [global flags] launch ...` is touched.
     let Some(sub) = argv
         .iter()
@@ -76,10 +100,10 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
         .position(|a| !a.to_string_lossy().starts_with('-'))
         .map(|i| i + 1)
     else {
-        return Ok(argv);
+        return Ok(Prepared::Rewritten(argv));
     };
     let Some(&name) = WITH_COMMAND.iter().find(|n| argv[sub] == **n) else {
-        return Ok(argv);
+        return Ok(Prepared::Rewritten(argv));
     };
     let mut words = Vec::new();
     for a in &argv[sub + 1..] {
@@ -89,7 +113,7 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
         }
     }
     if words.iter().any(|w| w == "-h" || w == "--help") {
-        return Ok(argv);
+        return Ok(Prepared::Rewritten(argv));
     }
     let flags = known_flags(name);
     let find = |name: &str| {
@@ -137,7 +161,14 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
                 }
             }
             if taken.is_empty() {
-                out.push(w.clone()); // clap says a value is missing
+                match words.get(i) {
+                    // Not `K=V`: clap's value check names the word and the form it needs.
+                    Some(v) if !v.starts_with('-') => {
+                        out.push(format!("{w}={v}"));
+                        i += 1;
+                    }
+                    _ => out.push(w.clone()), // clap says a value is missing
+                }
             }
             out.extend(taken.into_iter().map(|kv| format!("--extra_envs={kv}")));
             continue;
@@ -150,16 +181,34 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
                     i += 1;
                 }
             }
-            // An unknown flag after the command began is part of a split command.
-            None if !positionals.is_empty() => positionals.push(w.clone()),
-            None => out.push(w.clone()),
+            // An unknown flag after a split command began is one of its words; before the
+            // command, or after a whole (quoted) one, it is a flag error for clap to name.
+            None if positionals.len() > 1
+                || positionals
+                    .first()
+                    .is_some_and(|p| !p.contains(char::is_whitespace)) =>
+            {
+                positionals.push(w.clone())
+            }
+            None => return Ok(Prepared::Verbatim(argv)),
         }
     }
 
     let flags_shown: Vec<String> = out.iter().map(|w| shell_word(w)).collect();
     let example = |cmd: &str| format!("dgl-coord {name} {} {cmd}", flags_shown.join(" "));
     match positionals.len() {
+        1 if positionals[0].trim().is_empty() => {
+            return Err(format!(
+                "the user command is empty. Give the command every process runs, quoted as one \
+                 word:\n  {}",
+                example("\"python3 train_dist.py --ip_config ip_config.txt ...\"")
+            ))
+        }
         1 => {}
+        // Missing required flags are clap's to name; only the command missing is ours.
+        0 if strict_command().try_get_matches_from(&argv).is_err() => {
+            return Ok(Prepared::Verbatim(argv))
+        }
         0 => {
             return Err(format!(
                 "missing the user command. Give it as the last argument, quoted as one word:\n  {}",
@@ -193,7 +242,7 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
     result.extend(out.into_iter().map(OsString::from));
     result.push("--".into());
     result.extend(positionals.into_iter().map(OsString::from));
-    Ok(result)
+    Ok(Prepared::Rewritten(result))
 }
 
 #[cfg(test)]
@@ -234,7 +283,10 @@ mod tests {
     fn pre(args: &str) -> Result<Vec<String>, String> {
         let mut argv: Vec<OsString> = vec!["dgl-coord".into()];
         argv.extend(words(args).into_iter().map(OsString::from));
-        preprocess_args(argv).map(|v| v.into_iter().map(|a| a.into_string().unwrap()).collect())
+        preprocess_args(argv).map(|p| {
+            let (Prepared::Rewritten(v) | Prepared::Verbatim(v)) = p;
+            v.into_iter().map(|a| a.into_string().unwrap()).collect()
+        })
     }
 
     const BASE: &str =
@@ -317,6 +369,17 @@ mod tests {
         );
         let err = pre(&format!("launch {BASE} -- python3 train.py")).unwrap_err();
         assert!(err.contains("2 words"), "{err}");
+    }
+
+    #[test]
+    fn hints_paste_back_as_given() {
+        // The shell did not expand this `~` (it was quoted): the hint keeps it literal.
+        let err = pre(
+            "launch --workspace '~/ws' --num_trainers 1 --num_servers 1 \
+                       --part_config p --ip_config i python3 t.py",
+        )
+        .unwrap_err();
+        assert!(err.contains("--workspace \"~/ws\""), "{err}");
     }
 
     #[test]

@@ -50,8 +50,8 @@ midway resumes from its last verified chunk (a hidden `.<name>.dglrun-partial` b
 Exit status: 0 only if every host verified every file.
 
 Example:
-  dgl-coord copy --workspace ~/graphsage --rel_data_path data \\
-    --part_config data/ogb-product.json --ip_config ip_config.txt --script_folder code")]
+  dgl-coord copy --workspace ~/dglrun/graphsage --rel_data_path data \\
+    --part_config out/ogb-product.json --ip_config ip_config.txt --script_folder code")]
 pub struct CopyArgs {
     #[command(flatten)]
     copy: CopyFlags,
@@ -132,7 +132,8 @@ pub struct CopyFlags {
         long = "compress-level",
         value_name = "N",
         default_value_t = compress::DEFAULT_LEVEL,
-        value_parser = level_parser()
+        value_parser = level_parser(),
+        requires = "compress"
     )]
     compress_level: i32,
 }

@@ -9,10 +9,12 @@ use clap_complete::Shell;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
-Install, for example:
-  dgl-coord completions bash > ~/.local/share/bash-completion/completions/dgl-coord
-  dgl-coord completions zsh > \"${fpath[1]}/_dgl-coord\"
-  dgl-coord completions fish > ~/.config/fish/completions/dgl-coord.fish")]
+Install, for example (zsh: then add `fpath=(~/.zfunc $fpath)` before `compinit` in ~/.zshrc):
+  mkdir -p ~/.local/share/bash-completion/completions && \\
+    dgl-coord completions bash > ~/.local/share/bash-completion/completions/dgl-coord
+  mkdir -p ~/.zfunc && dgl-coord completions zsh > ~/.zfunc/_dgl-coord
+  mkdir -p ~/.config/fish/completions && \\
+    dgl-coord completions fish > ~/.config/fish/completions/dgl-coord.fish")]
 pub struct CompletionsArgs {
     /// The shell to complete for.
     #[arg(value_enum)]
@@ -21,8 +23,8 @@ pub struct CompletionsArgs {
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
-Example:
-  dgl-coord man --dir ~/.local/share/man/man1 && man dgl-coord-launch")]
+Example (then `man dgl-coord-launch`, with ~/.local/share/man on your MANPATH):
+  dgl-coord man --dir ~/.local/share/man/man1")]
 pub struct ManArgs {
     /// Write dgl-coord.1 and one page per subcommand (dgl-coord-launch.1, ...) into DIR
     /// instead of printing dgl-coord.1 on stdout.
@@ -34,7 +36,20 @@ pub fn completions(args: CompletionsArgs) -> anyhow::Result<u8> {
     let mut cmd = crate::Cli::command();
     let mut out = Vec::new();
     clap_complete::generate(args.shell, &mut cmd, "dgl-coord", &mut out);
+    if args.shell == Shell::Bash {
+        out = fix_bash_names(&out);
+    }
     write_stdout(&out)
+}
+
+/// clap_complete's bash script turns the dash of `dgl-coord` into `__` where it tracks the
+/// subcommand (`cmd="dgl__coord__subcmd__launch"`) but into `__subcmd__` in the case labels
+/// that read it back (`dgl__subcmd__coord__subcmd__launch)`), so no subcommand's flags ever
+/// completed. Both spellings name the same thing here; use the first.
+fn fix_bash_names(script: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(script)
+        .replace("dgl__subcmd__coord", "dgl__coord")
+        .into_bytes()
 }
 
 pub fn man(args: ManArgs) -> anyhow::Result<u8> {

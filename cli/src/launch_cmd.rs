@@ -33,8 +33,10 @@ Exit status: 0 when every trainer exited 0; else the worst exit code of a failed
 (128+N for signal N), at least 1; 130/143 when stopped by Ctrl-C/SIGTERM; 1 when nothing could
 be started; 2 for a usage error.
 
-Example (DGL's own, with `dgl-coord launch` for `python3 tools/launch.py`):
-  dgl-coord launch --workspace ~/graphsage/ --num_trainers 2 --num_samplers 4 --num_servers 1 \\
+Example (DGL's own, with `dgl-coord launch` for `python3 tools/launch.py`, and a workspace inside
+the agents' --root ~/dglrun):
+  dgl-coord launch --workspace ~/dglrun/graphsage \\
+    --num_trainers 2 --num_samplers 4 --num_servers 1 \\
     --part_config data/ogb-product.json --ip_config ip_config.txt \\
     \"python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt --num-epochs 5\"")]
 pub struct LaunchArgs {
@@ -54,8 +56,14 @@ pub struct LaunchArgs {
     #[arg(long = "ip_config", visible_alias = "ip-config", value_name = "PATH", help_heading = DGL)]
     pub(crate) ip_config: String,
     /// Print the processes that would run, with their commands and environments, and exit.
+    /// Then the agents' read-only checks run as for a launch (workspace, ip_config,
+    /// part_config, stale jobs), and each host says what was checked; unreachable agents are
+    /// reported, not an error.
     #[arg(long = "dry-run", visible_alias = "dry_run", help_heading = DGLRUN)]
     pub(crate) dry_run: bool,
+    /// With --dry-run: contact no agent (only the plan is printed; nothing remote is checked).
+    #[arg(long, requires = "dry_run", help_heading = DGLRUN)]
+    pub(crate) offline: bool,
     #[command(flatten)]
     pub(crate) job: JobArgs,
 }
@@ -69,6 +77,7 @@ pub struct JobArgs {
         visible_alias = "num-trainers",
         value_name = "N",
         required_unless_present = "trainers_per_host",
+        value_parser = clap::value_parser!(u32).range(1..),
         help_heading = DGL
     )]
     pub(crate) num_trainers: Option<u32>,
@@ -82,7 +91,13 @@ pub struct JobArgs {
     )]
     pub(crate) num_samplers: u32,
     /// DGL server processes per machine.
-    #[arg(long = "num_servers", visible_alias = "num-servers", value_name = "N", help_heading = DGL)]
+    #[arg(
+        long = "num_servers",
+        visible_alias = "num-servers",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = DGL
+    )]
     pub(crate) num_servers: u32,
     /// OMP threads of each server process.
     #[arg(
@@ -90,6 +105,7 @@ pub struct JobArgs {
         visible_alias = "num-server-threads",
         value_name = "N",
         default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..),
         help_heading = DGL
     )]
     pub(crate) num_server_threads: u32,
@@ -99,20 +115,29 @@ pub struct JobArgs {
         long = "num_omp_threads",
         visible_alias = "num-omp-threads",
         value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..),
         help_heading = DGL
     )]
     pub(crate) num_omp_threads: Option<u32>,
-    /// Graph formats the servers keep.
+    /// Graph formats the servers keep: csr, csc or coo, or several separated by commas.
     #[arg(
         long = "graph_format",
         visible_alias = "graph-format",
         value_name = "FORMATS",
         default_value = "csc",
+        value_parser = graph_formats,
         help_heading = DGL
     )]
     pub(crate) graph_format: String,
     /// Extra environment variables, `K=V ...` (values may use $VAR of the host's environment).
-    #[arg(long = "extra_envs", visible_alias = "extra-envs", value_name = "K=V", action = ArgAction::Append, help_heading = DGL)]
+    #[arg(
+        long = "extra_envs",
+        visible_alias = "extra-envs",
+        value_name = "K=V",
+        action = ArgAction::Append,
+        value_parser = kv_word,
+        help_heading = DGL
+    )]
     pub(crate) extra_envs: Vec<String>,
     /// Accepted for launch.py compatibility and ignored: dglrun does not use ssh.
     #[arg(
@@ -130,6 +155,17 @@ pub struct JobArgs {
         hide = true
     )]
     pub(crate) ssh_username: Option<String>,
+    /// Refused: DGL's old server-reuse flag (see `removed_flag`).
+    #[arg(long = "keep_alive", visible_alias = "keep-alive", hide = true)]
+    pub(crate) keep_alive: bool,
+    /// Refused: DGL's old server-reuse flag (see `removed_flag`).
+    #[arg(
+        long = "server_name",
+        visible_alias = "server-name",
+        value_name = "NAME",
+        hide = true
+    )]
+    pub(crate) server_name: Option<String>,
 
     /// Trainers of each machine, one count per ip_config line (`2,2,1`), or `@FILE` holding
     /// them (commas, spaces or lines; `#` starts a comment). Counts that differ need
@@ -182,11 +218,52 @@ pub struct JobArgs {
     pub(crate) access: AccessArgs,
 }
 
-fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
+fn seconds(name: &str, v: f64) -> Result<Duration, UsageError> {
     if (0.0..1e7).contains(&v) {
         Ok(Duration::from_secs_f64(v))
     } else {
-        anyhow::bail!("--{name} must be a number of seconds, not {v}")
+        Err(UsageError(format!(
+            "--{name} must be a number of seconds, not {v}"
+        )))
+    }
+}
+
+/// A command line that is wrong as given: exit 2, like clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// `--graph_format`: what DGL's servers accept, `csr`, `csc`, `coo` or a comma list of them.
+fn graph_formats(v: &str) -> Result<String, String> {
+    let ok = v.split(',').all(|f| matches!(f, "csr" | "csc" | "coo"));
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(
+            "DGL's graph formats are csr, csc or coo, or several separated by commas \
+             (`csr,csc`)"
+                .into(),
+        )
+    }
+}
+
+/// DGL's launch.py once had `--keep_alive` and `--server_name` to leave servers running for
+/// later jobs; it has neither since (2.1 is what dglrun follows).
+fn removed_flag(name: &str) -> UsageError {
+    UsageError(format!(
+        "{name} is not supported: it belongs to DGL's removed server-reuse mode (--keep_alive, \
+         --server_name), which DGL's launch.py no longer has. dglrun starts the servers with \
+         each job and stops every process of the job when it ends, so no server outlives it; \
+         drop the flag"
+    ))
+}
+
+/// clap's check of one `--extra_envs` word.
+fn kv_word(w: &str) -> Result<String, String> {
+    if is_kv(w) {
+        Ok(w.to_string())
+    } else {
+        Err("--extra_envs takes NAME=value words (DGL's launch.py exports each one)".into())
     }
 }
 
@@ -240,6 +317,15 @@ impl JobArgs {
         ip_config: String,
         started: Instant,
     ) -> anyhow::Result<(LaunchOptions, RunOptions)> {
+        if let Some(msg) = dglrun_coordinator::config::workspace::unexpanded_tilde(&workspace) {
+            return Err(UsageError(msg).into());
+        }
+        if self.keep_alive {
+            return Err(removed_flag("--keep_alive").into());
+        }
+        if self.server_name.is_some() {
+            return Err(removed_flag("--server_name").into());
+        }
         if self.ssh_port.is_some() || self.ssh_username.is_some() {
             launch::output::note(
                 "note: --ssh_port/--ssh_username are ignored: dgl-coord talks to dgl-agent, not ssh",
@@ -251,10 +337,9 @@ impl JobArgs {
             _ => anyhow::bail!("give the user command as one quoted argument"),
         };
         let lease = seconds("lease-timeout", self.lease_timeout)?;
-        anyhow::ensure!(
-            lease >= Duration::from_millis(500),
-            "--lease-timeout must be at least 0.5 seconds"
-        );
+        if lease < Duration::from_millis(500) {
+            return Err(UsageError("--lease-timeout must be at least 0.5 seconds".into()).into());
+        }
         let options = LaunchOptions {
             workspace,
             num_trainers: self.num_trainers.unwrap_or(0),
@@ -283,6 +368,7 @@ impl JobArgs {
             lease,
             kill_stale: self.kill_stale,
             dry_run: false,
+            offline: false,
             json: self.json,
             log_dir: self.log_dir,
             local_ip_config: None,
@@ -308,6 +394,7 @@ pub async fn run(args: LaunchArgs) -> anyhow::Result<u8> {
         }
     };
     run.dry_run = args.dry_run;
+    run.offline = args.offline;
     launch::run(options, run).await
 }
 

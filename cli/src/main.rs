@@ -20,13 +20,16 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "dgl-coord",
     version,
-    about,
+    // The man page's NAME line is `dgl-coord - <about>`: the about must not name it again.
+    about = "Copy DGL partitions to dgl-agents and launch DGL jobs on them, without ssh",
     after_help = "\
-Typical use (the flags are DGL's own, see `dgl-coord <COMMAND> --help`):
-  dgl-coord copy   --workspace ~/ws --rel_data_path data --part_config out/g.json \\
-                   --ip_config ip_config.txt --script_folder code
-  dgl-coord launch --workspace ~/ws --num_trainers 2 --num_servers 1 \\
-                   --part_config data/g.json --ip_config ip_config.txt \"python3 code/train.py ...\"
+Typical use, with agents started as `dgl-agent --root ~/dglrun ...` (the flags are DGL's own,
+see `dgl-coord <COMMAND> --help`):
+  dgl-coord copy   --workspace ~/dglrun/graphsage --rel_data_path data \\
+                   --part_config out/ogb-product.json --ip_config ip_config.txt --script_folder code
+  dgl-coord launch --workspace ~/dglrun/graphsage --num_trainers 2 --num_servers 1 \\
+                   --part_config data/ogb-product.json --ip_config ip_config.txt \\
+                   \"python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt\"
   dgl-coord status --ip_config ip_config.txt
 
 Exit status: 0 success; 1 failure (a host, a file or the job); 2 usage error; launch and run:
@@ -65,7 +68,11 @@ fn main() -> ExitCode {
         .init();
     // clap exits 2 on a usage error (0 for --help and --version); so do our own checks.
     let cli = match argv::preprocess_args(std::env::args_os().collect()) {
-        Ok(argv) => Cli::parse_from(argv),
+        Ok(argv::Prepared::Rewritten(argv)) => Cli::parse_from(argv),
+        Ok(argv::Prepared::Verbatim(argv)) => argv::strict_command()
+            .try_get_matches_from(argv)
+            .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m))
+            .unwrap_or_else(|e| e.exit()),
         Err(e) => {
             eprintln!("dgl-coord: error: {e}");
             return ExitCode::from(2);
@@ -84,7 +91,11 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("dgl-coord: error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<launch_cmd::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

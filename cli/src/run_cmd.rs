@@ -19,9 +19,10 @@ every file); then the job is launched with --part_config and --ip_config pointin
 copy placed in the workspace. --json prints the copy report as one `copy` event, then the
 launch's events. Exit status: 1 when the copy failed, else as `dgl-coord launch`.
 
-Example:
-  dgl-coord run --workspace ~/graphsage --rel_data_path data --part_config out/ogb-product.json \\
-    --ip_config ip_config.txt --script_folder code --num_trainers 2 --num_servers 1 \\
+Example (agents started with --root ~/dglrun):
+  dgl-coord run --workspace ~/dglrun/graphsage --rel_data_path data \\
+    --part_config out/ogb-product.json --ip_config ip_config.txt --script_folder code \\
+    --num_trainers 2 --num_servers 1 \\
     \"python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt\"")]
 pub struct RunArgs {
     #[command(flatten, next_help_heading = COPY)]

@@ -716,11 +716,16 @@ fn dry_run_json_matches_dgl_for_the_compat_cases() {
                     (_, Value::String(s)) => s.clone(),
                     other => panic!("{name}: command {other:?}"),
                 };
+                // dglrun's one addition to DGL's environment: torchrun's error file.
+                let mut env = p["env"].clone();
+                if let Some(e) = env.as_object_mut() {
+                    e.remove("TORCHELASTIC_ERROR_FILE");
+                }
                 format!(
                     "{} {} {} {}",
                     p["machine"],
                     p["role"].as_str().unwrap_or_default(),
-                    p["env"],
+                    env,
                     command
                 )
             })
@@ -745,4 +750,165 @@ fn dry_run_json_matches_dgl_for_the_compat_cases() {
         want.sort();
         assert_eq!(got, want, "case {name}");
     }
+}
+
+/// A job cannot drive the user's terminal: in text mode every control character it prints
+/// (C0 but tab, DEL, C1) and every byte that is not UTF-8 reaches the terminal as `\xNN`, in
+/// the labelled lines and in the summary's stderr tail alike.
+#[test]
+fn control_sequences_from_the_job_are_escaped_in_text_mode() {
+    let c = TestCluster::with_workspace(1);
+    let script = r"import sys
+sys.stdout.buffer.write(b'a\x1b]0;pwned\x07b\rc\x00d\x7fe\xc2\x9bf\xff\tg\n')
+sys.stdout.flush()
+sys.stderr.buffer.write(b'err\x1b[2J\x1b[H\n')
+sys.exit(3)";
+    std::fs::write(c.root(0).join(WS).join("ctl.py"), script).unwrap();
+    let r = run(
+        c.launch_direct("1", &[], "python3 ctl.py"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 3, "{r:?}");
+    assert!(
+        r.stdout
+            .contains(r"] a\x1b]0;pwned\x07b\x0dc\x00d\x7fe\xc2\x9bf\xff	g"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains(r"err\x1b[2J\x1b[H"), "{r:?}");
+    for raw in ['\u{1b}', '\u{7}', '\r', '\0', '\u{7f}', '\u{9b}'] {
+        assert!(!r.stdout.contains(raw), "raw {raw:?} on stdout: {r:?}");
+        assert!(!r.stderr.contains(raw), "raw {raw:?} on stderr: {r:?}");
+    }
+}
+
+/// `launch --dry-run` with `flags`, workspace `ws`, on `c`'s agents.
+fn dry_run(c: &TestCluster, ws: &str, flags: &[&str]) -> dglrun_integration_tests::run::Run {
+    let mut cmd = c.coord();
+    cmd.args([
+        "launch",
+        "--dry-run",
+        "--workspace",
+        ws,
+        "--num_servers",
+        "1",
+    ])
+    .args(["--num_trainers", "1", "--part_config", "data/g.json"])
+    .args(["--ip_config", "ip_config.txt"])
+    .args(flags)
+    .arg("python3 fake_dgl.py");
+    run(cmd, Duration::from_secs(60))
+}
+
+/// A dry run asks the agents what the real launch would find (Preflight is read-only), says
+/// per host what it checked, and fails where the launch would; offline, or with agents out
+/// of reach, it says that nothing remote was checked.
+#[test]
+fn dry_run_runs_the_agents_checks_or_says_it_did_not() {
+    let c = TestCluster::with_workspace(2);
+    let r = dry_run(&c, WS, &[]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stdout.contains("[m1 trainers]"), "the plan: {r:?}");
+    for m in 0..2 {
+        let host = format!("m{m} ({}:{})", c.ip(m), c.port);
+        assert!(
+            r.stderr
+                .contains(&format!("dry run: {host} checked: workspace")),
+            "{r:?}"
+        );
+    }
+    // Outside every agent's root: the real launch fails, so the dry run does too.
+    let outside = c.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&outside).unwrap();
+    let r = dry_run(&c, outside.to_str().unwrap(), &[]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr.contains("cannot launch"), "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("m1 ({}:{})", c.ip(1), c.port)),
+        "{r:?}"
+    );
+    // Offline: the plan, and a plain word that nothing remote was checked.
+    let r = dry_run(&c, outside.to_str().unwrap(), &["--offline"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("nothing remote was checked"), "{r:?}");
+    // Agents out of reach: the same, with the reason.
+    let mut unreachable = TestCluster::with_workspace(1);
+    unreachable.port = 1;
+    let r = dry_run(&unreachable, WS, &[]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("nothing remote was checked"), "{r:?}");
+}
+
+/// In torchrun mode a failing rank's own exit code is the job's, not torchrun's 1, and the
+/// failure names the rank; every torchrun gets a TORCHELASTIC_ERROR_FILE of its own in the
+/// workspace, where torchrun keeps the root cause's error record as real torchrun does.
+#[test]
+fn torchrun_mode_reports_the_failing_ranks_own_exit_code() {
+    let c = cluster();
+    let mut cmd = launch(
+        &c,
+        &["--num_trainers", "2"],
+        "python3 fake_dgl.py --fail-rank 3 --fail-code 7 --hang",
+    );
+    cmd.env("PYTHONPATH", torch_pythonpath());
+    let r = run(cmd, Duration::from_secs(90));
+    assert_eq!(r.code(), 7, "the rank's own code: {r:?}");
+    assert!(
+        r.stderr
+            .contains("rank 3 (local_rank 1) exited with code 7"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("exit code 7"), "{r:?}");
+    let recs = records(&c);
+    let mut files: Vec<&str> = recs
+        .iter()
+        .filter(|r| r.role == "torchrun")
+        .map(|r| env_of(r, "TORCHELASTIC_ERROR_FILE"))
+        .collect();
+    files.sort();
+    files.dedup();
+    assert_eq!(files.len(), 3, "one error file per torchrun: {files:?}");
+    assert_nothing_left(&c, "after a rank failed under torchrun");
+}
+
+/// A rank whose entry point is decorated with torch's `@record` leaves its exception in its
+/// error file; torchrun copies it, with the rank's exit code, into the TORCHELASTIC_ERROR_FILE
+/// dglrun gave it in the workspace, and the failure names that file.
+#[test]
+fn torchrun_keeps_a_recorded_ranks_error_in_the_workspace() {
+    let c = TestCluster::with_workspace(1);
+    let script = r#"import json, os, sys, time, traceback
+if os.environ.get("DGL_ROLE") == "client" and os.environ.get("RANK") == "1":
+    try:
+        raise RuntimeError("rank 1 broke")
+    except RuntimeError as e:  # what torch's @record writes
+        data = {"message": {"message": f"RuntimeError: {e}", "extraInfo": {
+            "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump(data, f)
+        sys.exit(1)
+time.sleep(120)
+"#;
+    let ws = c.root(0).join(WS);
+    std::fs::write(ws.join("rec.py"), script).unwrap();
+    let mut cmd = launch(&c, &["--num_trainers", "2"], "python3 rec.py");
+    cmd.env("PYTHONPATH", torch_pythonpath());
+    let r = run(cmd, Duration::from_secs(90));
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("rank 1 (local_rank 1) exited with code 1 (its error file: "),
+        "{r:?}"
+    );
+    let kept: Vec<_> = std::fs::read_dir(&ws)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(".dglrun-") && n.ends_with("-m0-torchrun-error.json")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{r:?}");
+    let v: Value = serde_json::from_slice(&std::fs::read(kept[0].path()).unwrap()).unwrap();
+    assert_eq!(v["message"]["message"], "RuntimeError: rank 1 broke");
+    assert_eq!(v["message"]["errorCode"], 1);
 }

@@ -67,7 +67,9 @@ fn launch_json_streams_every_event_and_log_dir_keeps_them() {
         assert!(kinds.contains(&kind), "undocumented event {e}");
         assert!(e["elapsed_ms"].is_u64(), "{e}");
         if kind != "summary" {
-            assert!(e["machine"].is_u64() && e["host"].is_string(), "{e}");
+            // One vocabulary with `status --json`: `machine` and `address` (the agent's).
+            assert!(e["machine"].is_u64() && e["address"].is_string(), "{e}");
+            assert!(e.get("host").is_none(), "{e}");
         }
     }
 
@@ -76,7 +78,7 @@ fn launch_json_streams_every_event_and_log_dir_keeps_them() {
     assert_eq!(started.len(), 6, "3 servers and 3 trainers: {r:?}");
     for s in &started {
         let m = s["machine"].as_u64().expect("machine") as usize;
-        assert_eq!(s["host"], c.ip(m).to_string());
+        assert_eq!(s["address"], format!("{}:{}", c.ip(m), c.port));
         assert!(s["pid"].as_u64().is_some_and(|p| p > 0), "{s}");
         assert!(["server", "trainer"].contains(&s["role"].as_str().unwrap_or_default()));
     }
@@ -189,6 +191,10 @@ fn a_failed_job_says_who_and_why_in_json_and_text_logs() {
     assert_eq!(s["exit_code"], 7);
     assert_eq!(s["failed_process"]["machine"], 1);
     assert_eq!(s["failed_process"]["label"], "trainer0");
+    assert_eq!(
+        s["failed_process"]["address"],
+        format!("{}:{}", c.ip(1), c.port)
+    );
     let tail = s["failed_stderr_tail"].as_array().expect("tail");
     assert!(
         tail.iter().any(|l| l == "trainer 1 failing on purpose"),

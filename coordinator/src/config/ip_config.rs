@@ -1,7 +1,10 @@
 //! `ip_config.txt`: one machine a line, `IP [PORT]`.
 //!
 //! DGL splits each line on whitespace and accepts one or two fields; anything else (a blank
-//! line, a third field) makes DGL fail late, on some host. We refuse it up front, naming the line.
+//! line, a third field, a `#` comment) makes DGL fail late, on some host. We refuse it up
+//! front, naming the line. IPv6 is refused too: DGL's RPC sockets are IPv4 only
+//! (`src/rpc/network/tcp_socket.cc` opens `AF_INET` sockets and parses with
+//! `inet_pton(AF_INET, ...)`), so its servers could never listen on such an address.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -70,6 +73,13 @@ impl IpConfig {
                 reason,
             };
             let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.iter().any(|f| f.starts_with('#')) {
+                return Err(bad(
+                    "a comment: comments are not allowed, DGL reads every line as \
+                     `IP [PORT]` (line.split()); delete the comment"
+                        .into(),
+                ));
+            }
             let (ip, port) = match fields.as_slice() {
                 [] => return Err(bad("blank line".into())),
                 [ip] => (*ip, None),
@@ -79,6 +89,12 @@ impl IpConfig {
             let ip: IpAddr = ip
                 .parse()
                 .map_err(|_| bad(format!("`{ip}` is not an IP address")))?;
+            if ip.is_ipv6() {
+                return Err(bad(format!(
+                    "`{ip}` is an IPv6 address, and DGL's RPC is IPv4 only (its sockets are \
+                     AF_INET); give the machine's IPv4 address"
+                )));
+            }
             let port = match port {
                 None => DEFAULT_SERVER_PORT,
                 Some(p) => match p.parse::<u16>() {
@@ -147,7 +163,17 @@ mod tests {
         );
         check_ok("10.0.0.1\n", &[("10.0.0.1", 30050)]);
         check_ok("  10.0.0.1\t 4000  ", &[("10.0.0.1", 4000)]);
-        check_ok("::1 5000\n", &[("::1", 5000)]);
+    }
+
+    #[test]
+    fn says_why_dgl_cannot_read_comments_and_ipv6() {
+        check_err(
+            "# cluster\n10.0.0.1\n",
+            "ip.txt:1: a comment: comments are not allowed, DGL reads every line as `IP [PORT]`",
+        );
+        check_err("10.0.0.1 30050 # m0\n", "ip.txt:1: a comment");
+        check_err("::1 5000\n", "ip.txt:1: `::1` is an IPv6 address");
+        check_err("fe80::1\n", "IPv4 only");
     }
 
     #[test]

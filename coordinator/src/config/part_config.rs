@@ -150,6 +150,25 @@ impl PartConfig {
     }
 }
 
+/// Whether relative path `p` stays below its starting directory, read lexically as DGL's
+/// `os.path.join` + open does on a tree without symlinks: `part0/../part0/g.dgl` does,
+/// `part0/../../g.dgl` does not. An absolute path never does.
+pub fn stays_inside(p: &Path) -> bool {
+    let mut depth = 0usize;
+    for c in p.components() {
+        match c {
+            std::path::Component::Normal(_) => depth += 1,
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return false,
+            },
+            std::path::Component::RootDir | std::path::Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +202,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains(needle), "{err:?} should contain {needle:?}");
+    }
+
+    #[test]
+    fn paths_that_stay_inside_after_dot_dot() {
+        for (p, inside) in [
+            ("part0/../part0/graph.dgl", true),
+            ("a/./b/../c", true),
+            ("part0/../../g.dgl", false),
+            ("../g", false),
+            ("a/..", true),
+            ("/etc/passwd", false),
+        ] {
+            assert_eq!(stays_inside(Path::new(p)), inside, "{p}");
+        }
     }
 
     #[test]

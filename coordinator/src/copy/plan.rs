@@ -119,6 +119,9 @@ pub enum PlanError {
     },
     #[error("{path}: the name is not valid UTF-8")]
     NotUtf8 { path: String },
+    /// A workspace that means something else than it says (`~` not expanded).
+    #[error("{0}")]
+    Workspace(String),
     #[error("{first} and {second} would both land at {remote} on machine {rank}")]
     Collision {
         rank: usize,
@@ -311,6 +314,11 @@ fn check_flag(flag: &'static str, value: &str, absolute_ok: bool) -> Result<(), 
     if flag == "workspace" && value.is_empty() {
         return Err(bad("must not be empty (use . for the agent's root)"));
     }
+    if flag == "workspace" {
+        if let Some(why) = crate::config::workspace::unexpanded_tilde(value) {
+            return Err(PlanError::Workspace(why));
+        }
+    }
     let p = Path::new(value);
     if p.components().any(|c| c == Component::ParentDir) {
         return Err(bad("must not contain `..`: it would leave the workspace"));
@@ -339,7 +347,7 @@ fn check_part_path(pc: &PartConfig, key: &str, value: &str) -> Result<(), PlanEr
             "an absolute path; DGL's partitioner writes paths relative to the JSON file",
         ));
     }
-    if p.components().any(|c| c == Component::ParentDir) {
+    if !crate::config::stays_inside(p) {
         return Err(bad(
             "a path with `..` that leaves the directory of the JSON file",
         ));

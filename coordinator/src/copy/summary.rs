@@ -165,7 +165,10 @@ impl CopyReport {
             let _ = writeln!(
                 out,
                 "launch with: dgl-coord launch --workspace {} --part_config {} --ip_config {} ...",
-                self.launch.workspace, self.launch.part_config, self.launch.ip_config
+                // Shell-quoted: the hint is for pasting.
+                crate::launch::command::quote(&self.launch.workspace),
+                crate::launch::command::quote(&self.launch.part_config),
+                crate::launch::command::quote(&self.launch.ip_config)
             );
         } else {
             let bad = self.hosts.iter().filter(|h| !h.ok()).count();

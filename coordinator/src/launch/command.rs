@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+mod shell_words;
+
 /// How a process is started on its host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,13 +51,7 @@ pub fn parse(command: &str) -> CommandLine {
     }
 }
 
-fn is_assignment(word: &str) -> bool {
-    word.split_once('=').is_some_and(|(name, _)| {
-        let mut c = name.chars();
-        matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_')
-            && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
-    })
-}
+use shell_words::is_assignment;
 
 /// True if a POSIX shell would do more with `s` than split it into (possibly quoted) words.
 fn needs_shell(s: &str) -> bool {
@@ -101,22 +97,16 @@ fn needs_shell(s: &str) -> bool {
     false
 }
 
-/// Where the python interpreter is in a command: the first whitespace-separated word whose file
-/// name is `python`, `python3`, `python3.11`, ... (possibly a path such as `/usr/bin/python3`).
-/// Returns the byte range of that word.
+/// Where the python interpreter is in a command: the first word in command position (read as
+/// shell words: after `&&`, `;`, `|`, assignments, `env`, `exec`, ...) whose file name is
+/// `python`, `python3`, `python3.11`, ... (possibly a path such as `/usr/bin/python3`).
+/// Returns the byte range of that word. An argument that merely names python
+/// (`cd /opt/python3`) is never taken.
 pub fn find_python(command: &str) -> Option<std::ops::Range<usize>> {
-    let mut pos = 0;
-    for word in command.split_whitespace() {
-        // `split_whitespace` hands out subslices; find this one's offset.
-        let start = command[pos..].find(word).map(|i| i + pos)?;
-        let end = start + word.len();
-        pos = end;
-        let name = word.rsplit('/').next().unwrap_or(word);
-        if is_python_name(name) {
-            return Some(start..end);
-        }
-    }
-    None
+    shell_words::command_words(command)
+        .into_iter()
+        .find(|(_, value)| is_python_name(value.rsplit('/').next().unwrap_or(value)))
+        .map(|(range, _)| range)
 }
 
 /// `python\d*(\.\d+)?`
@@ -151,9 +141,10 @@ pub struct TorchRun {
 pub fn wrap_torchrun(command: &str, t: &TorchRun) -> Result<String, String> {
     let at = find_python(command).ok_or_else(|| {
         format!(
-            "no python interpreter found in the command {command:?}: torchrun mode starts \
-             `python -m torch.distributed.run` in its place. Name the interpreter (python, \
-             python3, python3.11 or a path to one), or use --trainer-mode direct"
+            "no python interpreter in command position in {command:?}: torchrun mode starts \
+             `python -m torch.distributed.run` where the command runs python. Start the command \
+             (or a command of its chain: `cd code && python3 train.py`) with the interpreter \
+             (python, python3, python3.11 or a path to one), or use --trainer-mode direct"
         )
     })?;
     let args = format!(
@@ -236,9 +227,10 @@ mod tests {
         assert_eq!(find("ipython a.py"), None);
         assert_eq!(find("python3x a.py"), None);
         assert_eq!(find("python3. a.py"), None);
+        assert_eq!(find("./mypython_script.py python3 x"), None);
         assert_eq!(
-            find("./mypython_script.py python3 x"),
-            Some("python3".into())
+            find("cd /opt/python3 && python3 x").as_deref(),
+            Some("python3")
         );
         assert_eq!(find("bash run.sh"), None);
     }

@@ -15,7 +15,9 @@ use super::summary;
 pub struct Who {
     /// Machine rank: the line of ip_config, from 0.
     pub machine: usize,
-    /// The machine's IP as ip_config gives it.
+    /// The machine's IP as ip_config gives it; in JSON, `address`: the agent's `IP:port`, as
+    /// `status --json` and the copy report name a machine (the sink adds the port).
+    #[serde(rename = "address")]
     pub host: String,
     /// Unique per machine: `server0`, `trainer1`, `trainers`.
     pub label: String,
@@ -81,7 +83,8 @@ pub enum Event<'a> {
     /// The agent dropped `count` lines of this machine before they could be read.
     LostLines {
         machine: usize,
-        host: &'a str,
+        /// The agent's `IP:port`.
+        address: &'a str,
         count: u64,
         elapsed_ms: u64,
     },
@@ -203,7 +206,7 @@ mod tests {
         });
         assert_eq!(
             v,
-            json!({"event": "started", "machine": 1, "host": "10.0.0.2", "label": "trainer0",
+            json!({"event": "started", "machine": 1, "address": "10.0.0.2", "label": "trainer0",
                    "role": "trainer", "pid": 42, "elapsed_ms": 7})
         );
         let v = parse(&Event::Line {
@@ -230,7 +233,7 @@ mod tests {
         });
         assert_eq!(
             v,
-            json!({"event": "exited", "machine": 1, "host": "10.0.0.2", "label": "trainer0",
+            json!({"event": "exited", "machine": 1, "address": "10.0.0.2", "label": "trainer0",
                    "role": "trainer", "pid": 42, "code": null, "signal": 9,
                    "signal_name": "SIGKILL", "stopped_by_agent": false, "failed": true,
                    "exit_code": 137, "status": "killed by SIGKILL", "runtime_ms": 1500,
@@ -238,7 +241,7 @@ mod tests {
         );
         let v = parse(&Event::LostLines {
             machine: 2,
-            host: "10.0.0.3",
+            address: "10.0.0.3:47001",
             count: 5,
             elapsed_ms: 1,
         });

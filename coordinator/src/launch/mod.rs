@@ -17,6 +17,7 @@ pub mod plan;
 pub mod preflight;
 pub mod sink;
 pub mod summary;
+pub mod torchrun_failure;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,6 +36,8 @@ pub struct RunOptions {
     pub lease: Duration,
     pub kill_stale: bool,
     pub dry_run: bool,
+    /// With `dry_run`: contact no agent.
+    pub offline: bool,
     /// The plan as JSON (with `dry_run`), else the event stream on stdout.
     pub json: bool,
     /// `--log-dir`: per-process files, the merged log, the events and the summary.
@@ -171,12 +174,13 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
         _ => None,
     };
     // Made before preflight, so what it reports (stale jobs stopped) reaches the log dir too.
-    let mut out = sink::Sink::new(r.json, r.started, log);
+    let mut out = sink::Sink::new(r.json, r.started, log).with_agent_port(r.access.port);
+    let rank_exit = out.rank_exit_code();
     let result = start(&o, &r, &job_id, &mut out).await;
     match result {
         Ok(Started::DryRun) => Ok(0),
         Ok(Started::Running { hosts, planned }) => {
-            driver::run(
+            let code = driver::run(
                 hosts,
                 planned,
                 driver::DriverOptions {
@@ -189,7 +193,9 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
                 },
                 out,
             )
-            .await
+            .await?;
+            // torchrun exits 1 whatever its rank did; the sink read the rank's own code.
+            Ok(rank_exit.get().copied().unwrap_or(code))
         }
         Err(e) => {
             error_summary(&job_id, &mut out, r.started, &e);
@@ -217,6 +223,35 @@ pub fn print_error_summary(started: Instant, e: &anyhow::Error) {
     error_summary("", &mut sink::Sink::new(true, started, None), started, e);
 }
 
+/// The agents' side of a dry run: Preflight (read-only: no port is bound, nothing stopped) on
+/// every host, each host's findings as a note; a failed check fails the dry run as it would
+/// fail the launch. Offline, or with an agent out of reach, it says nothing remote was checked.
+async fn dry_run_checks(
+    o: &LaunchOptions,
+    r: &RunOptions,
+    machines: &IpConfig,
+    out: &mut sink::Sink,
+) -> anyhow::Result<()> {
+    if r.offline {
+        out.note("dry run: nothing remote was checked (--offline): no agent was contacted");
+        return Ok(());
+    }
+    let hosts = match cluster::connect_all(machines, &r.access).await {
+        Ok(h) => h,
+        Err(e) => {
+            out.note(&format!(
+                "dry run: nothing remote was checked: cannot reach the agents: {e:#}"
+            ));
+            return Ok(());
+        }
+    };
+    let checked = preflight::check_all(&hosts, o, machines, None, r.grace, true).await?;
+    for line in &checked.findings {
+        out.note(&format!("dry run: {line}"));
+    }
+    Ok(())
+}
+
 enum Started {
     DryRun,
     Running {
@@ -239,13 +274,23 @@ async fn start(
     let mut f = facts(&machines, job_id);
     // Planned once without the port, so a bad command fails before any agent is contacted.
     let dry = plan::plan(o, &f)?;
+    let overridden = plan::overridden_extra_envs(o, &dry);
+    if !overridden.is_empty() {
+        out.note(&format!(
+            "warning: --extra_envs {} ignored: dglrun sets {} itself for DGL (as launch.py does, \
+             its value wins)",
+            overridden.join(", "),
+            if overridden.len() == 1 { "it" } else { "them" }
+        ));
+    }
     if r.dry_run {
         print_plan(o, &f, &dry, r.json)?;
+        dry_run_checks(o, r, &machines, out).await?;
         return Ok(Started::DryRun);
     }
     let hosts = cluster::connect_all(&machines, &r.access).await?;
     let kill_stale = r.kill_stale.then_some(out);
-    let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace).await?;
+    let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace, false).await?;
     f.master_port = Some(checked.master_port);
     let planned = plan::plan(o, &f)?;
     Ok(Started::Running { hosts, planned })

@@ -252,12 +252,19 @@ pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, 
                     },
                 )
                 .map_err(PlanError::Torchrun)?;
+                // dglrun's own addition: where torchrun keeps its failed rank's error record
+                // (torch's `@record` writes it there), one file per torchrun and job.
+                let mut env = base(&client);
+                env.insert(
+                    TORCHELASTIC_ERROR_FILE.into(),
+                    torchrun_error_file(&f.job_id, m.rank),
+                );
                 out.push(PlannedProcess {
                     machine: m.rank,
                     role: Role::TrainerGroup,
                     label: "trainers".into(),
                     command: command::parse(&wrapped),
-                    env: base(&client),
+                    env,
                     cwd: String::new(),
                 });
             }
@@ -292,6 +299,25 @@ pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, 
         rank_base += local_world as usize;
     }
     Ok(out)
+}
+
+/// The `--extra_envs` names the plan sets itself in some process (`DGL_ROLE`, `RANK`, ...):
+/// DGL exports extra_envs in an outer scope, so its own value wins and the user's is dropped.
+pub fn overridden_extra_envs(o: &LaunchOptions, planned: &[PlannedProcess]) -> Vec<String> {
+    o.extra_envs
+        .iter()
+        .filter(|(k, v)| planned.iter().any(|p| p.env.get(k) != Some(v)))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// The variable torchrun reads for where to write its root cause's error record.
+pub const TORCHELASTIC_ERROR_FILE: &str = "TORCHELASTIC_ERROR_FILE";
+
+/// The error file of machine `machine`'s torchrun: in the directory torchrun starts in (the
+/// workspace), hidden, named for the job.
+pub fn torchrun_error_file(job_id: &str, machine: usize) -> String {
+    format!(".dglrun-{job_id}-m{machine}-torchrun-error.json")
 }
 
 /// Where one trainer sits in the job.

@@ -15,7 +15,10 @@ use crate::config::{IpConfig, PartConfig};
 /// What the hosts said, once every check passed.
 #[derive(Debug)]
 pub struct Checked {
+    /// 0 after a dry run (no port is picked then).
     pub master_port: u16,
+    /// Per host, what was checked and found fine (`m0 (IP:port) checked: ...`).
+    pub findings: Vec<String>,
 }
 
 /// Problems of one host, or None when it is fine. `live` collects jobs that still run.
@@ -87,22 +90,37 @@ fn check_host(
     problems
 }
 
+/// What a host passed, for a dry run's report.
+fn finding(host: &Host, reply: &pb::PreflightReply, o: &LaunchOptions, local: &IpConfig) -> String {
+    format!(
+        "{} checked: workspace {} exists, its {} lists the same {} machines, its {} has one \
+         partition each, {} stale job(s) of the workspace",
+        host.name(),
+        reply.workspace,
+        o.ip_config,
+        local.len(),
+        o.part_config,
+        reply.live_jobs.len()
+    )
+}
+
 /// Runs Preflight on every host at once and checks the replies. With `kill_stale` (where to
 /// report it), live jobs of the workspace are stopped (with `grace`); without, they are an
-/// error.
+/// error. A `dry_run` picks no master port.
 pub async fn check_all(
     hosts: &[Host],
     o: &LaunchOptions,
     local: &IpConfig,
     kill_stale: Option<&mut Sink>,
     grace: Duration,
+    dry_run: bool,
 ) -> anyhow::Result<Checked> {
     let calls = hosts.iter().map(|h| {
         let mut client = h.client.clone();
         let req = pb::PreflightRequest {
             workspace: o.workspace.clone(),
             read_files: vec![o.ip_config.clone(), o.part_config.clone()],
-            free_port_on: if h.rank == 0 {
+            free_port_on: if h.rank == 0 && !dry_run {
                 h.ip.to_string()
             } else {
                 String::new()
@@ -114,6 +132,7 @@ pub async fn check_all(
     let mut problems = Vec::new();
     let mut live = Vec::new();
     let mut master_port = 0;
+    let mut findings = Vec::new();
     for (h, r) in hosts.iter().zip(replies) {
         match r {
             Err(s) => problems.push(format!("{}: preflight failed: {}", h.name(), s.message())),
@@ -121,17 +140,31 @@ pub async fn check_all(
                 if h.rank == 0 {
                     master_port = reply.free_port;
                 }
-                problems.extend(check_host(h, &reply, o, local, &mut live));
+                let found = check_host(h, &reply, o, local, &mut live);
+                if found.is_empty() {
+                    findings.push(finding(h, &reply, o, local));
+                }
+                problems.extend(found);
             }
         }
     }
     if !problems.is_empty() {
         anyhow::bail!("cannot launch:\n  {}", problems.join("\n  "));
     }
-    let master_port = u16::try_from(master_port)
-        .ok()
-        .filter(|&p| p > 0)
-        .ok_or_else(|| anyhow::anyhow!("machine 0's agent reported no free port"))?;
+    if dry_run && live.is_empty() {
+        return Ok(Checked {
+            master_port: 0,
+            findings,
+        });
+    }
+    let master_port = if dry_run {
+        0
+    } else {
+        u16::try_from(master_port)
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| anyhow::anyhow!("machine 0's agent reported no free port"))?
+    };
     if !live.is_empty() {
         let listing: Vec<String> = live
             .iter()
@@ -164,7 +197,10 @@ pub async fn check_all(
         }
         stop_stale(hosts, &live, grace).await?;
     }
-    Ok(Checked { master_port })
+    Ok(Checked {
+        master_port,
+        findings,
+    })
 }
 
 async fn stop_stale(

@@ -2,7 +2,9 @@
 //! JSON event per line on stdout; and with `--log-dir`, files as well. The driver reports
 //! every start, line, exit and message here and never prints itself.
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use dglrun_proto::pb::{OutputStream, ProcessExited};
@@ -10,11 +12,18 @@ use dglrun_proto::pb::{OutputStream, ProcessExited};
 use super::events::{self, Event, ExitInfo, Summary, Who};
 use super::logdir::LogDir;
 use super::output::{format_line, note, print_line};
+use super::torchrun_failure;
 
 pub struct Sink {
     json: bool,
     started: Instant,
     log: Option<LogDir>,
+    /// The agents' port: JSON names a machine's agent `IP:port`, as `status --json` does.
+    agent_port: Option<u16>,
+    /// Each machine's torchrun stderr, read for its report of the failed rank.
+    torchruns: BTreeMap<usize, torchrun_failure::Reader>,
+    /// Set when the job failed through a torchrun whose failed rank's own code is known.
+    rank_exit: Arc<OnceLock<u8>>,
 }
 
 /// Writes one line to stdout; a closed pipe is ignored (the job goes on).
@@ -27,7 +36,40 @@ fn stdout_line(line: &str) {
 
 impl Sink {
     pub fn new(json: bool, started: Instant, log: Option<LogDir>) -> Self {
-        Self { json, started, log }
+        Self {
+            json,
+            started,
+            log,
+            agent_port: None,
+            torchruns: BTreeMap::new(),
+            rank_exit: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Where the summary leaves the failed rank's own exit code when torchrun hid it.
+    pub fn rank_exit_code(&self) -> Arc<OnceLock<u8>> {
+        self.rank_exit.clone()
+    }
+
+    /// Events name each machine's agent as `IP:port`, with this port.
+    pub fn with_agent_port(mut self, port: u16) -> Self {
+        self.agent_port = Some(port);
+        self
+    }
+
+    fn address(&self, ip: &str) -> String {
+        match self.agent_port {
+            Some(port) if !ip.is_empty() => format!("{ip}:{port}"),
+            _ => ip.to_string(),
+        }
+    }
+
+    /// `who` as events show it: `host` is the agent's address.
+    fn addressed(&self, who: &Who) -> Who {
+        Who {
+            host: self.address(&who.host),
+            ..who.clone()
+        }
     }
 
     fn elapsed_ms(&self) -> u64 {
@@ -60,7 +102,7 @@ impl Sink {
     pub fn started(&mut self, who: &Who, pid: u32) {
         let elapsed_ms = self.elapsed_ms();
         self.event(&Event::Started {
-            who,
+            who: &self.addressed(who),
             pid,
             elapsed_ms,
         });
@@ -70,16 +112,25 @@ impl Sink {
     pub fn line(&mut self, who: &Who, stream: OutputStream, text: &[u8]) {
         let prefix = format!("m{} {}", who.machine, who.label);
         let stderr = stream == OutputStream::Stderr;
+        if stderr && who.role == "trainer-group" {
+            self.torchruns
+                .entry(who.machine)
+                .or_default()
+                .feed(&String::from_utf8_lossy(text));
+        }
         if !self.json {
             print_line(&prefix, stream, text);
         }
         let elapsed_ms = self.elapsed_ms();
-        self.event(&Event::Line {
-            who,
-            stream: if stderr { "stderr" } else { "stdout" },
-            text: String::from_utf8_lossy(text),
-            elapsed_ms,
-        });
+        // Only an event needs the address (one allocation per line).
+        if self.json || self.log.is_some() {
+            self.event(&Event::Line {
+                who: &self.addressed(who),
+                stream: if stderr { "stderr" } else { "stdout" },
+                text: String::from_utf8_lossy(text),
+                elapsed_ms,
+            });
+        }
         if self.log.is_some() {
             let labelled = format_line(&prefix, text);
             self.log_with(|l| l.line(who.machine, &who.label, stderr, &labelled, text));
@@ -93,7 +144,7 @@ impl Sink {
         let elapsed_ms = self.elapsed_ms();
         self.event(&Event::LostLines {
             machine,
-            host,
+            address: &self.address(host),
             count,
             elapsed_ms,
         });
@@ -102,7 +153,7 @@ impl Sink {
     pub fn exited(&mut self, who: &Who, pid: Option<u32>, x: &ProcessExited) {
         let elapsed_ms = self.elapsed_ms();
         self.event(&Event::Exited {
-            who,
+            who: &self.addressed(who),
             pid,
             exit: ExitInfo::from_pb(x),
             elapsed_ms,
@@ -129,12 +180,51 @@ impl Sink {
         self.end(s, text, false);
     }
 
-    fn end(&mut self, s: &Summary, text: &str, show_text: bool) {
-        if show_text {
-            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    /// A job failed by a torchrun: its rank's own code and name instead of torchrun's 1.
+    fn with_rank_cause(&self, s: &Summary, text: &str) -> Option<(Summary, String)> {
+        let failed = s.failed_process.as_ref()?;
+        if s.outcome != events::Outcome::Failed || failed.role != "trainer-group" {
+            return None;
         }
-        self.event(&Event::Summary(s));
-        let json = serde_json::to_string_pretty(s).unwrap_or_default();
+        let cause = self.torchruns.get(&failed.machine)?.root_cause()?;
+        let code = cause.exit_code();
+        let said = format!(
+            "m{} trainers: {} (torchrun itself exited {})",
+            failed.machine,
+            cause.describe(),
+            s.exit_code
+        );
+        let mut s = s.clone();
+        s.error = Some(match &s.error {
+            Some(e) => format!("{e}\n{said}"),
+            None => said.clone(),
+        });
+        let old = format!("exit code {}\n", s.exit_code);
+        let text = text.replacen(&old, &format!("{said}\nexit code {code}\n"), 1);
+        s.exit_code = code;
+        let _ = self.rank_exit.set(code);
+        Some((s, text))
+    }
+
+    fn end(&mut self, s: &Summary, text: &str, show_text: bool) {
+        let amended = self.with_rank_cause(s, text);
+        let (s, text) = match &amended {
+            Some((s, t)) => (s, t.as_str()),
+            None => (s, text),
+        };
+        if show_text {
+            let shown = super::output::escape_controls(text.as_bytes(), true);
+            let _ = std::io::stderr().lock().write_all(&shown);
+        }
+        let mut s = s.clone();
+        if let Some(w) = &mut s.failed_process {
+            *w = self.addressed(w);
+        }
+        for p in &mut s.processes {
+            p.who = self.addressed(&p.who);
+        }
+        self.event(&Event::Summary(&s));
+        let json = serde_json::to_string_pretty(&s).unwrap_or_default();
         self.log_with(|l| {
             l.merged(text.as_bytes())?;
             l.summary(text, &json)

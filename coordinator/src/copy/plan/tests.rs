@@ -295,3 +295,20 @@ fn remote_join_cases() {
         assert_eq!(remote_join(pieces), expected, "{pieces:?}");
     }
 }
+
+#[test]
+fn a_path_with_dot_dot_that_stays_inside_is_accepted() {
+    let json = r#"{"num_parts": 1, "part-0": {"part_graph": "part0/../part0/graph.dgl"}}"#;
+    let p = Input::new(json, "10.0.0.1\n").plan().unwrap();
+    assert_eq!(rewritten(&p)["part-0"]["part_graph"], "part0/graph.dgl");
+    let up = r#"{"num_parts": 1, "part-0": {"g": "p0/../../x/g.dgl"}}"#;
+    check_err(Input::new(up, "10.0.0.1\n"), "leaves the directory");
+}
+
+#[test]
+fn a_workspace_with_an_unexpanded_tilde_is_refused() {
+    check_err(
+        Input::new(P2, IPS2).ws("~/dglrun/x", "data"),
+        "--workspace '~/dglrun/x': the `~` was not expanded",
+    );
+}

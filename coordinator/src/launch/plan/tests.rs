@@ -91,11 +91,19 @@ fn plan_matches_dgl_for_every_compat_case() {
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         let mut got: Vec<Expected> = planned
             .iter()
-            .map(|p| Expected {
-                machine: p.machine,
-                role: p.role.as_str().to_string(),
-                env: p.env.clone(),
-                command: p.command.display(),
+            .map(|p| {
+                // dglrun's one addition to DGL's environment: torchrun's error file.
+                let mut env = p.env.clone();
+                let file = env.remove(TORCHELASTIC_ERROR_FILE);
+                let want =
+                    (p.role == Role::TrainerGroup).then(|| torchrun_error_file("job-1", p.machine));
+                assert_eq!(file, want, "{}", c.name);
+                Expected {
+                    machine: p.machine,
+                    role: p.role.as_str().to_string(),
+                    env,
+                    command: p.command.display(),
+                }
             })
             .collect();
         let mut want: Vec<Expected> = c
@@ -407,4 +415,68 @@ fn per_host_counts_are_checked_and_refused_in_torchrun_mode_when_they_differ() {
     o.num_trainers = 3;
     assert_eq!(listed, plan(&o, &f).unwrap());
     assert!(listed[3].command.display().contains("--nproc_per_node=3"));
+}
+
+/// The torchrun wrap goes after the first python interpreter in command position, found by
+/// reading the command as shell words: never into an argument that merely contains "python".
+#[test]
+fn torchrun_wraps_the_interpreter_in_command_position() {
+    let f = two_machines();
+    let mut o = simple_options();
+    o.trainer_mode = TrainerMode::Torchrun;
+    let tr = "-m torch.distributed.run --nproc_per_node=2 --nnodes=2 --node_rank=0 \
+              --master_addr=10.0.0.1 --master_port=41234";
+    let trainer_command = |o: &LaunchOptions| {
+        plan(o, &f).map(|p| {
+            p.into_iter()
+                .find(|p| p.role == Role::TrainerGroup && p.machine == 0)
+                .unwrap()
+                .command
+                .display()
+        })
+    };
+    for (given, want) in [
+        (
+            "cd /opt/python3 && python3 train.py",
+            format!("cd /opt/python3 && python3 {tr} train.py"),
+        ),
+        ("FOO=1 python3 x.py", format!("FOO=1 python3 {tr} x.py")),
+        (
+            "env A=1 /usr/bin/python3.11 x.py",
+            format!("env A=1 /usr/bin/python3.11 {tr} x.py"),
+        ),
+        (
+            "echo python3; exec python3 'a b.py'",
+            format!("echo python3; exec python3 {tr} 'a b.py'"),
+        ),
+        (
+            "cat python3 | python x.py --python3",
+            format!("cat python3 | python {tr} x.py --python3"),
+        ),
+        (
+            "env -u X B=2 python3 -u x.py",
+            format!("env -u X B=2 python3 {tr} -u x.py"),
+        ),
+        (
+            "cd 'my python3' && nohup python3 t.py",
+            format!("cd 'my python3' && nohup python3 {tr} t.py"),
+        ),
+    ] {
+        o.udf_command = given.into();
+        assert_eq!(trainer_command(&o).unwrap(), want, "{given}");
+    }
+    for refused in [
+        "./train.sh python3",
+        "cd /opt/python3 && ./run.sh",
+        "echo 'python3 x.py'",
+        "ls /usr/bin/python3",
+        "VAR=python3 ./x",
+    ] {
+        o.udf_command = refused.into();
+        let err = trainer_command(&o).unwrap_err().to_string();
+        assert!(
+            err.contains("no python interpreter in command position"),
+            "{refused}: {err}"
+        );
+    }
 }
