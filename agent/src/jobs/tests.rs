@@ -513,3 +513,79 @@ async fn a_double_fork_with_a_scrubbed_environment_is_stopped() {
         "the double-forked sleep {esc} escaped Stop ({reply:?})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_and_watch_streams_are_bounded_per_agent_and_per_job() {
+    let d = tempfile::tempdir().unwrap();
+    let root = Root::new(d.path()).unwrap();
+    std::fs::create_dir_all(root.path().join("ws")).unwrap();
+    let limits = slots::AggregateLimits {
+        live_processes: 3,
+        watches: 3,
+        watches_per_job: 2,
+    };
+    let config = JobsConfig {
+        lease_timeout: Duration::from_secs(30),
+        grace: Duration::from_millis(300),
+    };
+    let jobs = Jobs::start_with(root, config, limits).unwrap();
+    let sleepers = |n| {
+        (0..n)
+            .map(|i| shell(&format!("t{i}"), "sleep 60"))
+            .collect()
+    };
+    jobs.spawn_pb(spawn_req("agg-a", sleepers(2)))
+        .await
+        .unwrap();
+    let err = jobs
+        .spawn_pb(spawn_req("agg-b", sleepers(2)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message().contains("runs 2 processes") && err.message().contains("limit of 3"),
+        "{err}"
+    );
+    jobs.spawn_pb(spawn_req("agg-b", sleepers(1)))
+        .await
+        .unwrap();
+
+    let watch = |id: &str| {
+        jobs.watch_pb(pb::WatchRequest {
+            job_id: id.into(),
+            after_seq: 0,
+        })
+    };
+    let a1 = watch("agg-a").unwrap();
+    let _a2 = watch("agg-a").unwrap();
+    let err = watch("agg-a").err().expect("a third stream of one job");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("job agg-a"), "{err}");
+    let _b1 = watch("agg-b").unwrap();
+    let err = watch("agg-b").err().expect("a fourth stream of the agent");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("3 Watch streams"), "{err}");
+    drop(a1);
+    let _b2 = watch("agg-b").expect("a closed stream gives its slot back");
+
+    // Processes give their slots back once reaped.
+    jobs.stop_pb(pb::StopRequest {
+        job_id: "agg-a".into(),
+        grace_ms: 100,
+        force: true,
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match jobs.spawn_pb(spawn_req("agg-c", sleepers(2))).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("slots of reaped processes were not given back: {e}"),
+        }
+    }
+    jobs.shutdown().await;
+}
