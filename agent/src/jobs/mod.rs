@@ -501,6 +501,9 @@ impl Jobs {
             j.forget();
         }
         self.map().clear();
+        if let Some(c) = self.cgroups.clone() {
+            let _ = tokio::task::spawn_blocking(move || c.remove_empty()).await;
+        }
     }
 
     /// Removes a job from the agent (its watchers' streams end).
