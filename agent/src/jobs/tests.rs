@@ -589,3 +589,34 @@ async fn processes_and_watch_streams_are_bounded_per_agent_and_per_job() {
     }
     jobs.shutdown().await;
 }
+
+/// An exited child is no member seed even before the reaper got to it, and none after: its
+/// pid may name another process by then.
+#[test]
+fn an_exited_child_is_never_a_member_seed() {
+    let id = JobId::parse("seeds".into()).unwrap();
+    let job = Job::new(id, "/".into(), Path::new("/r"), Duration::from_secs(30), 1);
+    // Not through the reaper: nothing reaps this child until the test waits for it.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    let pidfd = pidfd::PidFd::open(pid as i32).unwrap();
+    let start = tree::start_time(Path::new("/proc"), pid as i32);
+    let index = job.add_process("t0", pid, start, Some(pidfd), Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid as i32) {
+        assert!(Instant::now() < deadline, "the child never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A zombie, not yet reaped, its exit not yet recorded.
+    assert!(job.member_query().seeds.is_empty(), "a zombie is a seed");
+    child.wait().unwrap();
+    job.mark_reaped(index);
+    assert!(
+        job.member_query().seeds.is_empty(),
+        "a reaped child is a seed"
+    );
+    assert!(
+        job.state().procs[0].pidfd.is_none(),
+        "the pidfd is closed once reaped"
+    );
+}
