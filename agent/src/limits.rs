@@ -15,6 +15,12 @@ pub const MAX_PREFLIGHT_FILES: usize = 16;
 
 /// Jobs an agent holds at once.
 pub const MAX_JOBS: usize = 64;
+/// Direct children an agent runs at once, across all jobs and Spawns.
+pub const MAX_LIVE_PROCESSES: usize = 4096;
+/// Watch streams an agent serves at once, and per job (a coordinator opens one per job and
+/// agent, and another after each reconnect while the old one may linger half-open).
+pub const MAX_WATCHES: usize = 256;
+pub const MAX_WATCHES_PER_JOB: usize = 16;
 /// Processes one Spawn may start.
 pub const MAX_PROCESSES_PER_SPAWN: usize = 1024;
 /// Bytes of one process's argv as the kernel counts them (each string with its NUL), or of

@@ -91,3 +91,82 @@ async fn a_job_printing_without_pause_keeps_the_agent_under_64_mib() {
         assert_eq!(r.remaining, 0, "{id}: {r:?}");
     }
 }
+
+/// The lowest descriptor number free in process `pid`: with the soft limit there, the
+/// process can open nothing more.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap()
+}
+
+fn set_nofile(pid: u32, soft: &str, hard: &str) {
+    let st = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:{hard}"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "prlimit failed");
+}
+
+/// An agent whose descriptors are exhausted cannot read /proc: its Stop must not say
+/// "nothing left" while the job runs, and a later Stop must finish the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_cannot_read_proc_fails_and_the_job_is_stopped_later() {
+    let cluster = TestCluster::start(1);
+    std::fs::create_dir_all(cluster.root(0).join("ws")).unwrap();
+    let agent = cluster.agents[0].pid().unwrap();
+    let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
+    let channel = Endpoint::from_shared(uri).unwrap().connect().await.unwrap();
+    let mut c = AgentClient::with_interceptor(channel, ClientMeta::new(None).unwrap());
+    let reply = c
+        .spawn(pb::SpawnRequest {
+            job_id: "emfile".into(),
+            workspace: "ws".into(),
+            processes: vec![shell("t0", "exec sleep 60")],
+            lease_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sleeper = reply.processes[0].pid;
+    let limits = std::fs::read_to_string(format!("/proc/{agent}/limits")).unwrap();
+    let hard = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .unwrap()
+        .to_string();
+    let stop = pb::StopRequest {
+        job_id: "emfile".into(),
+        grace_ms: 200,
+        force: false,
+    };
+    set_nofile(agent, &lowest_free_fd(agent).to_string(), &hard);
+    let starved = c.stop(stop.clone()).await;
+    set_nofile(agent, &hard, &hard);
+    match &starved {
+        Err(s) => assert!(s.message().contains("/proc"), "{s:?}"),
+        Ok(r) => assert!(
+            r.get_ref().remaining > 0,
+            "a stop that could not read /proc claimed success: {r:?}"
+        ),
+    }
+    let listed = c
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.jobs.iter().any(|j| j.job_id == "emfile"),
+        "the job was forgotten: {listed:?}"
+    );
+    let r = c.stop(stop).await.unwrap().into_inner();
+    assert_eq!(r.remaining, 0, "{r:?}");
+    assert!(
+        dglrun_integration_tests::wait_gone(&[sleeper], Duration::from_secs(5)).is_empty(),
+        "sleep {sleeper} survived"
+    );
+}

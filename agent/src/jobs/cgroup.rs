@@ -77,6 +77,7 @@ impl Cgroups {
         }
         let cgroups = Self { base };
         cgroups.remove_leftovers();
+        cgroups.remove_empty_siblings();
         Ok(cgroups)
     }
 
@@ -88,15 +89,55 @@ impl Cgroups {
     /// `.` or `..`).
     pub fn create_job(&self, id: &str) -> io::Result<JobCgroup> {
         let dir = self.base.join(format!("job-{id}"));
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+        let mkdir = |d: &Path| match std::fs::create_dir(d) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        };
+        // The base is made again if it went (another agent's start removes empty ones), and
+        // once more if it went between the two mkdirs.
+        let made = mkdir(&self.base).and_then(|()| mkdir(&dir));
+        match made {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                mkdir(&self.base)?;
+                mkdir(&dir)?;
+            }
+            other => other?,
         }
         let procs = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.join("cgroup.procs"))?;
         Ok(JobCgroup { dir, procs })
+    }
+
+    /// Removes the agent's directory and every job cgroup in it that is empty (at exit).
+    pub fn remove_empty(&self) {
+        if let Ok(dir) = std::fs::read_dir(&self.base) {
+            for entry in dir.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.base);
+    }
+
+    /// Directories of agents that ended without removing theirs (killed agents, other roots).
+    /// rmdir only removes a cgroup without processes and without children, so a directory in
+    /// use is never touched, and an agent whose directory goes makes it again.
+    fn remove_empty_siblings(&self) {
+        let Some(parent) = self.base.parent() else {
+            return;
+        };
+        let Ok(dir) = std::fs::read_dir(parent) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let is_agent_dir = name.to_str().is_some_and(|n| n.starts_with("dglrun-"));
+            if is_agent_dir && entry.path() != self.base {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
     }
 
     /// A previous run's job cgroups: killed, emptied, removed.
@@ -126,6 +167,7 @@ impl Cgroups {
                 }
                 _ => {}
             }
+            // Dropping `cg` removes the cgroup once empty.
         }
     }
 }

@@ -17,6 +17,18 @@ pub enum JobError {
     ShuttingDown,
     #[error("the agent already holds {0} jobs, its limit")]
     TooManyJobs(usize),
+    #[error(
+        "the agent already runs {running} processes; {asked} more would pass its limit of {limit}"
+    )]
+    TooManyProcesses {
+        running: usize,
+        asked: usize,
+        limit: usize,
+    },
+    #[error("the agent already serves {limit} Watch streams, its limit")]
+    TooManyWatches { limit: usize },
+    #[error("job {job} already has {limit} Watch streams open, the limit per job")]
+    TooManyJobWatches { job: JobId, limit: usize },
     #[error("workspace {} does not exist on this host", .0.display())]
     NoWorkspace(PathBuf),
     #[error("job {job} already runs in workspace {}", .workspace.display())]
@@ -68,7 +80,10 @@ impl From<JobError> for Status {
             JobError::ShuttingDown | JobError::StopBlind { .. } | JobError::Scan(_) => {
                 Code::Unavailable
             }
-            JobError::TooManyJobs(_) => Code::ResourceExhausted,
+            JobError::TooManyJobs(_)
+            | JobError::TooManyProcesses { .. }
+            | JobError::TooManyWatches { .. }
+            | JobError::TooManyJobWatches { .. } => Code::ResourceExhausted,
             JobError::NoWorkspace(_)
             | JobError::OtherWorkspace { .. }
             | JobError::Closed { .. }

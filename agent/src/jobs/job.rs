@@ -16,6 +16,7 @@ use super::output::Piece;
 use super::pidfd::PidFd;
 use super::process::{AGENT_VAR, JOB_ID_VAR};
 use super::reaper::Exit;
+use super::slots::Counter;
 use super::spec::JobId;
 use super::tree::{MemberQuery, Seed};
 
@@ -65,6 +66,8 @@ pub struct Job {
     seq_tx: watch::Sender<u64>,
     /// The job's cgroup, made by its first Spawn where the agent has cgroups.
     cgroup: OnceLock<Arc<JobCgroup>>,
+    /// Open Watch streams of this job.
+    pub watches: Arc<Counter>,
 }
 
 impl Job {
@@ -73,6 +76,7 @@ impl Job {
         workspace: PathBuf,
         agent_root: &std::path::Path,
         lease: Duration,
+        max_watches: usize,
     ) -> Self {
         let marker = vec![
             format!("{JOB_ID_VAR}={id}").into_bytes(),
@@ -97,6 +101,7 @@ impl Job {
             }),
             seq_tx: watch::Sender::new(0),
             cgroup: OnceLock::new(),
+            watches: Counter::new(max_watches),
         }
     }
 

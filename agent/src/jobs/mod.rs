@@ -22,6 +22,7 @@ mod preflight;
 pub mod process;
 pub mod reaper;
 pub mod recover;
+pub mod slots;
 pub mod spec;
 pub mod state_file;
 pub mod stop;
@@ -45,6 +46,7 @@ use crate::service::EventStream;
 pub use error::JobError;
 use job::Job;
 use reaper::{Exit, Reaper};
+use slots::{AggregateLimits, Counter};
 use spec::{JobId, ProcessSpec, SpawnSpec, StopSpec, WatchSpec};
 use state_file::StateFile;
 
@@ -73,12 +75,26 @@ pub struct Jobs {
     lease_wake: Arc<tokio::sync::Notify>,
     /// Where jobs get cgroups of their own; None: found by markers only.
     cgroups: Option<Arc<cgroup::Cgroups>>,
+    limits: AggregateLimits,
+    /// Direct children not yet reaped, across all jobs.
+    processes: Arc<Counter>,
+    /// Open Watch streams, across all jobs.
+    watches: Arc<Counter>,
 }
 
 impl Jobs {
     /// Makes the agent a child subreaper, starts the reaper and the lease monitor.
     /// Must be called within a tokio runtime.
     pub fn start(root: Root, config: JobsConfig) -> anyhow::Result<Arc<Self>> {
+        Self::start_with(root, config, AggregateLimits::default())
+    }
+
+    /// [`start`](Self::start) with other aggregate bounds (tests use small ones).
+    pub fn start_with(
+        root: Root,
+        config: JobsConfig,
+        limits: AggregateLimits,
+    ) -> anyhow::Result<Arc<Self>> {
         let state_file = Arc::new(StateFile::new(root.state_dir()));
         let cgroups = match cgroup::Cgroups::detect(root.path()) {
             Ok(c) => {
@@ -102,6 +118,9 @@ impl Jobs {
             state_file,
             lease_wake: Arc::new(tokio::sync::Notify::new()),
             cgroups,
+            limits,
+            processes: Counter::new(limits.live_processes),
+            watches: Counter::new(limits.watches),
         });
         lease::spawn_monitor(Arc::downgrade(&jobs), jobs.lease_wake.clone());
         Ok(jobs)
@@ -228,6 +247,15 @@ impl Jobs {
             commands.push((spec.label.clone(), describe(spec), cmd));
         }
         let lease = req.lease.unwrap_or(self.config.lease_timeout);
+        let asked = commands.len();
+        let mut slots = self
+            .processes
+            .take(asked)
+            .ok_or_else(|| JobError::TooManyProcesses {
+                running: self.processes.used(),
+                asked,
+                limit: self.processes.limit(),
+            })?;
         let job = {
             let mut map = self.map();
             if map.len() >= MAX_JOBS && !map.contains_key(&req.job_id) {
@@ -241,6 +269,7 @@ impl Jobs {
                         workspace.clone(),
                         self.root.path(),
                         lease,
+                        self.limits.watches_per_job,
                     ))
                 })
                 .clone();
@@ -287,6 +316,8 @@ impl Jobs {
                 }
             };
             for (label, what, mut cmd) in commands {
+                // One per command, taken above; given back when its supervisor ends.
+                let slot = slots.split_one();
                 if let Some(cg) = &cgroup {
                     let fd = cg.procs_fd();
                     // SAFETY: `enter` only calls write(2) on a descriptor `cgroup` keeps open
@@ -318,7 +349,7 @@ impl Jobs {
                 crate::metrics::add(&crate::metrics::COUNTERS.processes_started, 1);
                 let stdout = child.stdout.take().map(OwnedFd::from);
                 let stderr = child.stderr.take().map(OwnedFd::from);
-                runtime.spawn(supervise(job.clone(), index, exit, stdout, stderr));
+                runtime.spawn(supervise(job.clone(), index, exit, stdout, stderr, slot));
                 tracing::debug!(job = %job.id, index, pid, %label, "started");
                 started.push(pb::ProcessStarted { index, label, pid });
             }
@@ -336,7 +367,6 @@ impl Jobs {
             // A Stop began while these were forked: it may have scanned before they existed.
             let (j, grace) = (job.clone(), self.config.grace);
             tokio::spawn(async move { stop_job(&j, grace, false).await });
-
             return Err(JobError::StoppedWhileStarting(job.id.clone()));
         }
         Ok(reply)
@@ -344,14 +374,27 @@ impl Jobs {
 
     pub fn watch(&self, req: WatchSpec) -> Result<EventStream, JobError> {
         let job = self.get(&req.job_id)?;
+        let agent_slot = self.watches.take(1).ok_or(JobError::TooManyWatches {
+            limit: self.watches.limit(),
+        })?;
+        let job_slot = job
+            .watches
+            .take(1)
+            .ok_or_else(|| JobError::TooManyJobWatches {
+                job: job.id.clone(),
+                limit: job.watches.limit(),
+            })?;
         job.renew();
         let rx = job.subscribe();
-        let state = (job, req.after_seq, rx, VecDeque::new());
-        let stream =
-            futures::stream::unfold(state, |(job, mut cursor, mut rx, mut pending)| async move {
+        // The slots live in the stream's state: dropping the stream gives them back.
+        let held = (agent_slot, job_slot);
+        let state = (job, req.after_seq, rx, VecDeque::new(), held);
+        let stream = futures::stream::unfold(
+            state,
+            |(job, mut cursor, mut rx, mut pending, held)| async move {
                 loop {
                     if let Some(ev) = pending.pop_front() {
-                        return Some((Ok(ev), (job, cursor, rx, pending)));
+                        return Some((Ok(ev), (job, cursor, rx, pending, held)));
                     }
                     // Marked seen before reading the log: a push after the read wakes `changed`.
                     rx.borrow_and_update();
@@ -365,7 +408,8 @@ impl Jobs {
                         return None;
                     }
                 }
-            });
+            },
+        );
         Ok(Box::pin(stream))
     }
 
@@ -457,6 +501,9 @@ impl Jobs {
             j.forget();
         }
         self.map().clear();
+        if let Some(c) = self.cgroups.clone() {
+            let _ = tokio::task::spawn_blocking(move || c.remove_empty()).await;
+        }
     }
 
     /// Removes a job from the agent (its watchers' streams end).
@@ -541,6 +588,8 @@ async fn supervise(
     exit: oneshot::Receiver<Exit>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    // Counts the process against the agent's bound until it is reaped and recorded.
+    _slot: Option<slots::Slots>,
 ) {
     let (exited_tx, exited_rx) = watch::channel(false);
     let mut drained = Vec::new();

@@ -1,7 +1,8 @@
 //! Stopping a job's whole process tree: SIGTERM, grace, SIGKILL, until nothing is left.
 //!
 //! Members are rescanned on every round (see `tree`): a process may fork while it is being
-//! stopped, and a child that left the group (setsid) is still found by its marker.
+//! stopped, and a child that left the group (setsid) is still found by its marker, or by the
+//! job's cgroup where it has one (whose `cgroup.kill` also ends every SIGKILL round).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

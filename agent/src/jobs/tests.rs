@@ -513,3 +513,110 @@ async fn a_double_fork_with_a_scrubbed_environment_is_stopped() {
         "the double-forked sleep {esc} escaped Stop ({reply:?})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_and_watch_streams_are_bounded_per_agent_and_per_job() {
+    let d = tempfile::tempdir().unwrap();
+    let root = Root::new(d.path()).unwrap();
+    std::fs::create_dir_all(root.path().join("ws")).unwrap();
+    let limits = slots::AggregateLimits {
+        live_processes: 3,
+        watches: 3,
+        watches_per_job: 2,
+    };
+    let config = JobsConfig {
+        lease_timeout: Duration::from_secs(30),
+        grace: Duration::from_millis(300),
+    };
+    let jobs = Jobs::start_with(root, config, limits).unwrap();
+    let sleepers = |n| {
+        (0..n)
+            .map(|i| shell(&format!("t{i}"), "sleep 60"))
+            .collect()
+    };
+    jobs.spawn_pb(spawn_req("agg-a", sleepers(2)))
+        .await
+        .unwrap();
+    let err = jobs
+        .spawn_pb(spawn_req("agg-b", sleepers(2)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message().contains("runs 2 processes") && err.message().contains("limit of 3"),
+        "{err}"
+    );
+    jobs.spawn_pb(spawn_req("agg-b", sleepers(1)))
+        .await
+        .unwrap();
+
+    let watch = |id: &str| {
+        jobs.watch_pb(pb::WatchRequest {
+            job_id: id.into(),
+            after_seq: 0,
+        })
+    };
+    let a1 = watch("agg-a").unwrap();
+    let _a2 = watch("agg-a").unwrap();
+    let err = watch("agg-a").err().expect("a third stream of one job");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("job agg-a"), "{err}");
+    let _b1 = watch("agg-b").unwrap();
+    let err = watch("agg-b").err().expect("a fourth stream of the agent");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("3 Watch streams"), "{err}");
+    drop(a1);
+    let _b2 = watch("agg-b").expect("a closed stream gives its slot back");
+
+    // Processes give their slots back once reaped.
+    jobs.stop_pb(pb::StopRequest {
+        job_id: "agg-a".into(),
+        grace_ms: 100,
+        force: true,
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match jobs.spawn_pb(spawn_req("agg-c", sleepers(2))).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("slots of reaped processes were not given back: {e}"),
+        }
+    }
+    jobs.shutdown().await;
+}
+
+/// An exited child is no member seed even before the reaper got to it, and none after: its
+/// pid may name another process by then.
+#[test]
+fn an_exited_child_is_never_a_member_seed() {
+    let id = JobId::parse("seeds".into()).unwrap();
+    let job = Job::new(id, "/".into(), Path::new("/r"), Duration::from_secs(30), 1);
+    // Not through the reaper: nothing reaps this child until the test waits for it.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    let pidfd = pidfd::PidFd::open(pid as i32).unwrap();
+    let start = tree::start_time(Path::new("/proc"), pid as i32);
+    let index = job.add_process("t0", pid, start, Some(pidfd), Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid as i32) {
+        assert!(Instant::now() < deadline, "the child never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A zombie, not yet reaped, its exit not yet recorded.
+    assert!(job.member_query().seeds.is_empty(), "a zombie is a seed");
+    child.wait().unwrap();
+    job.mark_reaped(index);
+    assert!(
+        job.member_query().seeds.is_empty(),
+        "a reaped child is a seed"
+    );
+    assert!(
+        job.state().procs[0].pidfd.is_none(),
+        "the pidfd is closed once reaped"
+    );
+}
