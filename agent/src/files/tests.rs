@@ -835,11 +835,12 @@ async fn a_stalled_put_is_dropped_and_frees_its_permit() {
     let a = agent_with_idle_timeout(std::time::Duration::from_millis(500)).await;
     let bytes = data(CHUNK_SIZE + 1, 2);
     let m = manifest("ws/slow", &digest(&bytes), 0o644);
-    let msgs = messages(m.clone(), &bytes, 0);
     let mut stalled = Vec::new();
-    for _ in 0..crate::limits::MAX_CONCURRENT_TRANSFERS {
+    // Distinct paths: transfers of one path wait for each other's lock, not for the network.
+    for i in 0..crate::limits::MAX_CONCURRENT_TRANSFERS {
         let h = held_put(&a);
-        h.tx.send(msgs[0].clone()).await.unwrap();
+        let m = manifest(&format!("ws/slow{i}"), &digest(&bytes), 0o644);
+        h.tx.send(messages(m, &bytes, 0).remove(0)).await.unwrap();
         stalled.push(h);
     }
     for h in stalled {
