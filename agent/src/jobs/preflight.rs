@@ -94,7 +94,12 @@ pub async fn check(root: &Root, req: Preflight) -> Result<pb::PreflightReply, Pr
 
 fn check_blocking(root: &Root, req: &Preflight) -> Result<pb::PreflightReply, PreflightError> {
     let ws = &req.workspace;
-    let exists = root.open_dir(ws.shown(), ws.rel(), false).is_ok();
+    let exists = match root.open_dir(ws.shown(), ws.rel(), false) {
+        Ok(_) => true,
+        Err(e) if e.is_not_found() => false,
+        // Outside the root through a symlink, not a directory, unreadable: say so.
+        Err(e) => return Err(PreflightError::Workspace(e)),
+    };
     let mut reply = pb::PreflightReply {
         workspace: if exists {
             root.path().join(ws.rel()).display().to_string()
