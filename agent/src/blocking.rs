@@ -22,15 +22,6 @@ pub enum BlockingError {
     },
 }
 
-impl From<BlockingError> for tonic::Status {
-    fn from(e: BlockingError) -> Self {
-        match e {
-            BlockingError::TimedOut { .. } => tonic::Status::deadline_exceeded(e.to_string()),
-            BlockingError::Failed { .. } => tonic::Status::internal(e.to_string()),
-        }
-    }
-}
-
 /// Runs `f` on the blocking pool and waits at most `timeout` for it. `what` names the work
 /// in the error ("reading ws/ip_config.txt").
 pub async fn run<T: Send + 'static>(

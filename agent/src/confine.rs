@@ -72,18 +72,6 @@ impl ConfineError {
     }
 }
 
-impl From<ConfineError> for tonic::Status {
-    fn from(e: ConfineError) -> Self {
-        match &e {
-            ConfineError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
-                tonic::Status::not_found(e.to_string())
-            }
-            ConfineError::Io { .. } => tonic::Status::internal(e.to_string()),
-            _ => tonic::Status::permission_denied(e.to_string()),
-        }
-    }
-}
-
 /// A path from the wire, checked without touching the disk: relative to the root, made of
 /// plain names only. `shown` is what the coordinator wrote, for messages.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -14,3 +14,4 @@ pub mod restart;
 pub mod server;
 pub mod service;
 pub mod settings;
+pub mod status;

@@ -56,35 +56,3 @@ impl FilesError {
         }
     }
 }
-
-impl From<FilesError> for tonic::Status {
-    fn from(e: FilesError) -> Self {
-        use tonic::Status;
-        let msg = e.to_string();
-        match e {
-            FilesError::Invalid(_) => Status::invalid_argument(msg),
-            FilesError::Confine(c) => c.into(),
-            FilesError::InTheWay(_) => Status::already_exists(msg),
-            FilesError::Io { source, .. } => {
-                // A full disk is `resource_exhausted` so the coordinator does not retry it.
-                let full = [libc::ENOSPC, libc::EDQUOT];
-                if source.raw_os_error().is_some_and(|c| full.contains(&c)) {
-                    return Status::resource_exhausted(msg);
-                }
-                match source.kind() {
-                    io::ErrorKind::PermissionDenied => Status::permission_denied(msg),
-                    io::ErrorKind::NotFound => Status::not_found(msg),
-                    _ => Status::internal(msg),
-                }
-            }
-            FilesError::DataLoss(_) => Status::data_loss(msg),
-            FilesError::Precondition(_) => Status::failed_precondition(msg),
-            FilesError::CutOff { .. } => Status::aborted(msg),
-            FilesError::Idle { .. } => Status::deadline_exceeded(msg),
-            FilesError::Replaced { .. } => Status::aborted(msg),
-            FilesError::Blocking(b) => b.into(),
-            FilesError::Internal(_) => Status::internal(msg),
-            FilesError::Stream(s) => s,
-        }
-    }
-}

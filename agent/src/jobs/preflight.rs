@@ -34,21 +34,6 @@ pub enum PreflightError {
     Blocking(#[from] BlockingError),
 }
 
-impl From<PreflightError> for tonic::Status {
-    fn from(e: PreflightError) -> Self {
-        use tonic::Status;
-        let msg = e.to_string();
-        match e {
-            PreflightError::TooManyFiles(_) | PreflightError::BadAddress(_) => {
-                Status::invalid_argument(msg)
-            }
-            PreflightError::Workspace(c) => Status::from(c),
-            PreflightError::Bind { .. } => Status::failed_precondition(msg),
-            PreflightError::Blocking(b) => b.into(),
-        }
-    }
-}
-
 /// A Preflight request, checked.
 #[derive(Clone, Debug)]
 pub struct Preflight {
