@@ -280,13 +280,23 @@ impl Root {
                 .try_clone()
                 .map_err(|e| ConfineError::io(shown, e))?,
         };
+        let mut prefix = PathBuf::new();
         for c in rel.components() {
             let Component::Normal(name) = c else {
                 return Err(ConfineError::DotDot(shown.to_string()));
             };
-            match cur.open_subdir(name) {
-                Ok(next) => cur = next,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            prefix.push(name);
+            // An existing prefix is resolved from the root (a symlink inside the root is
+            // fine); a missing one is made in the directory opened just before.
+            match rustix::fs::openat2(
+                self.dir.as_fd(),
+                &prefix,
+                dir_flags(),
+                Mode::empty(),
+                beneath(),
+            ) {
+                Ok(fd) => cur = Dir { fd },
+                Err(rustix::io::Errno::NOENT) => {
                     match rustix::fs::mkdirat(cur.fd.as_fd(), name, Mode::from_raw_mode(0o777)) {
                         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                         Err(e) => return Err(ConfineError::io(shown, e)),
@@ -448,6 +458,9 @@ mod tests {
         std::os::unix::fs::symlink("real", r.path().join("link")).unwrap();
         assert!(r.resolve("link/f").is_ok());
         assert!(r.open_dir("link", Path::new("link"), false).is_ok());
+        // New directories under a symlinked directory inside the root are made where it leads.
+        r.open_dir("link/a/b", Path::new("link/a/b"), true).unwrap();
+        assert!(r.path().join("real/a/b").is_dir());
     }
 
     #[test]
