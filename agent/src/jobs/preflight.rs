@@ -35,13 +35,21 @@ pub enum PreflightError {
 }
 
 /// A Preflight request, checked.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Preflight {
     pub workspace: WirePath,
-    /// Paths relative to the workspace (or absolute inside the root), as the coordinator
-    /// wrote them; each is confined when it is read, and a bad one is reported in its entry.
-    pub read_files: Vec<String>,
+    pub read_files: Vec<ReadFile>,
     pub free_port_on: Option<IpAddr>,
+}
+
+/// A file Preflight is asked to read: relative to the workspace (or absolute inside the
+/// root). A path that is not allowed does not fail the request: its entry in the reply says
+/// why, as for a file that cannot be read.
+#[derive(Debug)]
+pub struct ReadFile {
+    /// As the coordinator wrote it.
+    pub shown: String,
+    pub path: Result<WirePath, ConfineError>,
 }
 
 impl Preflight {
@@ -59,9 +67,19 @@ impl Preflight {
                     .map_err(|_| PreflightError::BadAddress(ip.to_string()))?,
             ),
         };
+        let read_files = req
+            .read_files
+            .into_iter()
+            .map(|p| {
+                let path = workspace
+                    .join(root, &p)
+                    .and_then(|w| w.check_not_reserved().map(|()| w));
+                ReadFile { shown: p, path }
+            })
+            .collect();
         Ok(Self {
             workspace,
-            read_files: req.read_files,
+            read_files,
             free_port_on,
         })
     }
@@ -94,12 +112,12 @@ fn check_blocking(root: &Root, req: &Preflight) -> Result<pb::PreflightReply, Pr
         workspace_exists: exists,
         ..Default::default()
     };
-    for p in &req.read_files {
+    for f in &req.read_files {
         let mut fc = pb::FileContent {
-            path: p.clone(),
+            path: f.shown.clone(),
             ..Default::default()
         };
-        match read_small(root, ws, p) {
+        match read_small(root, f) {
             Ok(Some(content)) => {
                 fc.exists = true;
                 fc.content = content;
@@ -120,10 +138,9 @@ fn check_blocking(root: &Root, req: &Preflight) -> Result<pb::PreflightReply, Pr
 
 /// The file's bytes; None when it does not exist. Only regular files are read (a FIFO or a
 /// device is refused without blocking), at most [`MAX_FILE_BYTES`].
-fn read_small(root: &Root, ws: &WirePath, p: &str) -> Result<Option<Vec<u8>>, (bool, String)> {
-    let wire = ws.join(root, p).map_err(|e| (false, e.to_string()))?;
-    wire.check_not_reserved()
-        .map_err(|e| (false, e.to_string()))?;
+fn read_small(root: &Root, file: &ReadFile) -> Result<Option<Vec<u8>>, (bool, String)> {
+    let p = &file.shown;
+    let wire = file.path.as_ref().map_err(|e| (false, e.to_string()))?;
     let f = match root.open_regular(p, wire.rel()) {
         Ok(f) => f,
         Err(e) if e.is_not_found() => return Ok(None),
@@ -256,8 +273,9 @@ mod fuzz {
                 prop_assert!(p.read_files.len() <= MAX_PREFLIGHT_FILES);
                 prop_assert!(p.workspace.rel().components().all(|c| matches!(c, Component::Normal(_))));
                 for f in &p.read_files {
-                    if let Ok(w) = p.workspace.join(&root, f) {
+                    if let Ok(w) = &f.path {
                         prop_assert!(w.rel().components().all(|c| matches!(c, Component::Normal(_))));
+                        prop_assert!(w.check_not_reserved().is_ok());
                     }
                 }
             }
