@@ -223,11 +223,6 @@ impl Root {
         })
     }
 
-    /// The path inside the root a wire path names, without touching the disk.
-    pub fn lexical(&self, p: &str) -> Result<PathBuf, ConfineError> {
-        Ok(self.path.join(self.parse(p)?.rel))
-    }
-
     /// Resolves `p` and checks, beneath the root's fd, that what exists of it is inside the
     /// root. Returns the path inside the root. For callers that need a path (a child's working
     /// directory); files are opened through [`Root::open_dir`] instead.
