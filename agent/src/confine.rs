@@ -327,8 +327,32 @@ impl Root {
         Ok(st.st_dev == d.st_dev && st.st_ino == d.st_ino)
     }
 
+    /// True when the opened file `st` is one of the agent's own files in its state directory
+    /// (reached through any name, e.g. a symlink inside the root).
+    pub fn is_state_file(&self, st: &Stat) -> io::Result<bool> {
+        let flags = dir_flags();
+        let fd =
+            match rustix::fs::openat2(self.dir.as_fd(), STATE_DIR, flags, Mode::empty(), beneath())
+            {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::NOENT) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+        if rustix::fs::fstat(&fd)?.st_dev != st.st_dev {
+            return Ok(false);
+        }
+        // The state directory holds a handful of files; the bound only guards the loop.
+        for entry in rustix::fs::Dir::new(fd)?.take(4096) {
+            if entry?.ino() == st.st_ino {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Opens the file `rel` beneath the root's fd to read it: O_NONBLOCK so a FIFO or a
-    /// device cannot block the open, then refused unless it is a regular file.
+    /// device cannot block the open, then refused unless it is a regular file or one of the
+    /// agent's own state files.
     pub fn open_regular(&self, shown: &str, rel: &Path) -> Result<std::fs::File, ConfineError> {
         let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
         let fd = rustix::fs::openat2(self.dir.as_fd(), rel, flags, Mode::empty(), beneath())
@@ -339,6 +363,12 @@ impl Root {
                 path: shown.to_string(),
                 source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
             });
+        }
+        if self
+            .is_state_file(&st)
+            .map_err(|e| ConfineError::io(shown, e))?
+        {
+            return Err(ConfineError::Reserved(shown.to_string()));
         }
         Ok(std::fs::File::from(fd))
     }

@@ -215,14 +215,17 @@ mod tests {
         .unwrap();
         std::os::unix::fs::symlink(d.path().join("secret"), root.path().join("ws/out")).unwrap();
         let state = root.state_dir().join("jobs.json").display().to_string();
-        let files = ["ip_config.txt", "out", "../../secret", state.as_str()];
+        std::os::unix::fs::symlink("../.dglrun/jobs.json", root.path().join("ws/j")).unwrap();
+        let files = ["ip_config.txt", "out", "../../secret", state.as_str(), "j"];
         let req = Preflight::parse(&root, request("ws", &files)).unwrap();
         let r = check(&root, req).await.unwrap();
-        for (f, needle) in r
-            .files
-            .iter()
-            .zip(["not a regular file", "leads out", "..", "reserved"])
-        {
+        for (f, needle) in r.files.iter().zip([
+            "not a regular file",
+            "leads out",
+            "..",
+            "reserved",
+            "reserved",
+        ]) {
             assert!(f.content.is_empty(), "{}", f.path);
             assert!(f.error.contains(needle), "{}: {}", f.path, f.error);
         }
