@@ -38,7 +38,7 @@ pub enum ConfineError {
     DotDot(String),
     #[error("path {path:?} lies outside the agent root {root}")]
     Outside { path: String, root: String },
-    #[error("path {0:?} leads out of the agent root (through a symlink or a mount)")]
+    #[error("path {0:?} leads out of the agent root through a symlink")]
     Escapes(String),
     #[error("path {0:?} is reserved for the agent (its state directory or a partial file)")]
     Reserved(String),
