@@ -4,6 +4,7 @@
 //! cache, `jobs` owns processes and leases, `confine` decides which paths are allowed,
 //! `restart` cleans up after a previous run of the agent before this one serves.
 
+pub mod blocking;
 pub mod confine;
 pub mod files;
 pub mod jobs;
@@ -13,3 +14,4 @@ pub mod restart;
 pub mod server;
 pub mod service;
 pub mod settings;
+pub mod status;

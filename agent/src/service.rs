@@ -12,8 +12,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use tokio::sync::Semaphore;
 
+use crate::blocking;
 use crate::confine::Root;
+use crate::files::request::PrepareFiles;
 use crate::files::Files;
+use crate::jobs::preflight::Preflight;
 use crate::jobs::spec::{JobId, SpawnSpec, StopSpec, WatchSpec};
 use crate::jobs::Jobs;
 use crate::limits;
@@ -39,12 +42,8 @@ impl AgentService {
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 
-/// Free bytes on the file system that holds `path`.
-pub fn free_bytes(path: &std::path::Path) -> u64 {
-    nix::sys::statvfs::statvfs(path)
-        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
-        .unwrap_or(0)
-}
+/// How long Hello waits for the free space of the root (a hung mount must not hang Hello).
+const FREE_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[tonic::async_trait]
 impl Agent for AgentService {
@@ -52,6 +51,13 @@ impl Agent for AgentService {
         &self,
         _req: Request<pb::HelloRequest>,
     ) -> Result<Response<pb::HelloReply>, Status> {
+        let root = self.root.clone();
+        // Unknown (0) rather than late.
+        let free_bytes = blocking::run("statvfs of the root", FREE_BYTES_TIMEOUT, move || {
+            root.free_bytes()
+        })
+        .await
+        .unwrap_or(0);
         Ok(Response::new(pb::HelloReply {
             protocol_version: PROTOCOL_VERSION,
             agent_version: VERSION.to_string(),
@@ -60,7 +66,7 @@ impl Agent for AgentService {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_default(),
             root: self.root.path().display().to_string(),
-            free_bytes: free_bytes(self.root.path()),
+            free_bytes,
             pid: std::process::id(),
         }))
     }
@@ -69,9 +75,8 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::PrepareFilesRequest>,
     ) -> Result<Response<pb::PrepareFilesReply>, Status> {
-        let req = req.into_inner();
-        limits::check_prepare(&req)?;
-        self.files.prepare(req).await.map(Response::new)
+        let req = PrepareFiles::parse(&self.root, req.into_inner())?;
+        Ok(Response::new(self.files.prepare(req).await?))
     }
 
     async fn put_file(
@@ -84,15 +89,14 @@ impl Agent for AgentService {
                 limits::MAX_CONCURRENT_TRANSFERS
             ))
         })?;
-        self.files.put(req.into_inner()).await.map(Response::new)
+        Ok(Response::new(self.files.put(req.into_inner()).await?))
     }
 
     async fn preflight(
         &self,
         req: Request<pb::PreflightRequest>,
     ) -> Result<Response<pb::PreflightReply>, Status> {
-        let req = req.into_inner();
-        limits::check_preflight(&req)?;
+        let req = Preflight::parse(&self.root, req.into_inner())?;
         self.jobs.preflight(req).await.map(Response::new)
     }
 

@@ -2,6 +2,7 @@
 //! unchanged file is not read again to learn that it is unchanged.
 
 use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -11,6 +12,15 @@ use dglrun_proto::digest::{FileDigest, Hash, HashCache};
 /// A transfer finishing saves the cache at most this often; a prepare always saves, so the
 /// final check of a copy leaves the cache on disk.
 const SAVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A file timestamp: seconds and nanoseconds.
+pub type Stamp = (i64, i64);
+
+/// The clock the kernel stamps file times with (the coarse real-time clock).
+pub fn coarse_now() -> Stamp {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+    (t.tv_sec, t.tv_nsec)
+}
 
 pub struct SharedCache {
     inner: Mutex<HashCache>,
@@ -35,7 +45,18 @@ impl SharedCache {
         self.cache().lookup(file, meta).map(|d| d.digest)
     }
 
-    pub fn insert(&self, file: &Path, meta: &Metadata, digest: Hash) {
+    /// Remembers the digest of `file` as `meta` describes it, if that can be trusted later.
+    ///
+    /// `observed` is the file-timestamp clock ([`coarse_now`]) when the contents were known
+    /// (before they were read, or after they were written). A file whose mtime is not strictly
+    /// older than that may still be rewritten within the same timestamp tick, with the same
+    /// size and times: such an entry is not kept, and the file is hashed again next time (the
+    /// racy-git rule).
+    pub fn insert(&self, file: &Path, meta: &Metadata, digest: Hash, observed: Stamp) {
+        if (meta.mtime(), meta.mtime_nsec()) >= observed {
+            self.remove(file);
+            return;
+        }
         let d = FileDigest {
             size: meta.len(),
             digest,
@@ -66,5 +87,36 @@ impl SharedCache {
             tracing::warn!("cannot save the hash cache: {e}");
         }
         *self.last_save.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_written_in_the_current_tick_is_not_trusted() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = SharedCache::open(d.path().join("hashes.json"));
+        let f = d.path().join("f");
+        std::fs::write(&f, b"one").unwrap();
+        let observed = coarse_now();
+        let meta = std::fs::metadata(&f).unwrap();
+        cache.insert(&f, &meta, [1; 32], observed);
+        // Rewritten within the same tick, same size: the stamp cannot tell; the cache must not.
+        assert_eq!(cache.lookup(&f, &meta), None);
+
+        // An mtime strictly before the moment the contents were known is trusted.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let observed = coarse_now();
+        let meta = std::fs::metadata(&f).unwrap();
+        cache.insert(&f, &meta, [2; 32], observed);
+        assert_eq!(cache.lookup(&f, &meta), Some([2; 32]));
     }
 }

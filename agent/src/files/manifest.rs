@@ -2,7 +2,8 @@
 
 use dglrun_proto::digest::{chunk_count, digest_of, Hash};
 use dglrun_proto::{pb, CHUNK_SIZE};
-use tonic::Status;
+
+use super::error::FilesError;
 
 /// Permission bits the agent gives a file: setuid, setgid and sticky are dropped, because a
 /// file arriving over the network must not gain privileges on this host.
@@ -19,9 +20,8 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn from_pb(m: pb::FileManifest) -> Result<Self, Status> {
-        let bad =
-            |reason: String| Status::invalid_argument(format!("manifest of {}: {reason}", m.path));
+    pub fn from_pb(m: pb::FileManifest) -> Result<Self, FilesError> {
+        let bad = |reason: String| FilesError::Invalid(format!("manifest of {}: {reason}", m.path));
         let expected = chunk_count(m.size);
         if m.chunk_hashes.len() != expected {
             return Err(bad(format!(
@@ -91,17 +91,9 @@ mod tests {
     }
 
     fn check_err(m: pb::FileManifest, needle: &str) {
-        let err = Manifest::from_pb(m).unwrap_err();
-        assert!(
-            err.message().contains(needle),
-            "{:?} lacks {needle:?}",
-            err.message()
-        );
-        assert!(
-            err.message().contains("ws/f"),
-            "{:?} names no path",
-            err.message()
-        );
+        let err = Manifest::from_pb(m).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        assert!(err.contains("ws/f"), "{err:?} names no path");
     }
 
     #[test]

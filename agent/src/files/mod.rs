@@ -7,31 +7,38 @@
 
 mod alloc;
 mod cache;
+pub mod error;
 mod locks;
 mod manifest;
 mod partial;
+pub mod request;
 mod writer;
 
-use std::fs::{self, OpenOptions, Permissions};
+use std::ffi::OsStr;
+use std::fs::{File, Permissions};
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use dglrun_proto::compress::max_frame_len;
-use dglrun_proto::digest::hash_file;
-use dglrun_proto::pb::{self, put_file_message::Msg};
+use dglrun_proto::digest::hash_reader;
+use dglrun_proto::pb;
 use futures::{StreamExt, TryStreamExt};
+use rustix::fs::OFlags;
 use tokio::sync::{mpsc, OwnedMutexGuard};
-use tonic::{Status, Streaming};
+use tonic::Streaming;
 
-use crate::confine::Root;
-use cache::SharedCache;
+use crate::blocking;
+use crate::confine::{partial_name, ConfineError, Dir, Root};
+use cache::{coarse_now, SharedCache};
+pub use error::FilesError;
 use locks::PathLocks;
 use manifest::Manifest;
 pub use partial::{partial_path, PARTIAL_SUFFIX};
 use partial::{verified_prefix, Verified};
+use request::{Chunk, FileSpec, PrepareFiles, PutHeader};
 use writer::{ToWriter, Transfer};
 
 /// Chunks queued between the network and the writer of one transfer: enough to keep both
@@ -41,12 +48,25 @@ const WRITER_QUEUE: usize = 4;
 /// Files a prepare checks at once (each may need hashing on a cache miss).
 const PREPARE_PARALLELISM: usize = 4;
 
+/// How long a PutFile stream may go without a message before it is dropped (and its permit
+/// freed). `DGL_AGENT_TRANSFER_IDLE_TIMEOUT` (seconds) overrides it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT_ENV: &str = "DGL_AGENT_TRANSFER_IDLE_TIMEOUT";
+
+/// How long one file of a prepare may take (it may hash a large file on a cache miss), and
+/// how long a transfer's writer may take to make its file durable once every chunk is in.
+const PREPARE_FILE_TIMEOUT: Duration = Duration::from_secs(600);
+const FINISH_TIMEOUT: Duration = Duration::from_secs(600);
+
 pub struct Files {
     root: Root,
     cache: Arc<SharedCache>,
     locks: PathLocks,
     verified: Arc<Verified>,
     active: Arc<AtomicUsize>,
+    idle: Duration,
+    /// The agent's umask, read once at start: files get the coordinator's mode less these bits.
+    umask: u32,
 }
 
 /// Counts a running transfer; the last one to end gives the heap back to the system.
@@ -68,6 +88,39 @@ impl Drop for Active {
     }
 }
 
+/// The process umask, without changing it (reading it with umask(2) would set it for a
+/// moment, racing every thread that creates a file).
+fn read_umask() -> u32 {
+    let from_proc = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        });
+    from_proc.unwrap_or_else(|| {
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+        rustix::process::umask(old);
+        old.as_raw_mode()
+    }) & 0o777
+}
+
+fn idle_timeout_from_env() -> Duration {
+    match std::env::var(IDLE_TIMEOUT_ENV) {
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(secs) if secs > 0.0 && secs.is_finite() => Duration::from_secs_f64(secs),
+            _ => {
+                tracing::warn!(
+                    "{IDLE_TIMEOUT_ENV}={v:?} is not a positive number of seconds; using {}s",
+                    DEFAULT_IDLE_TIMEOUT.as_secs()
+                );
+                DEFAULT_IDLE_TIMEOUT
+            }
+        },
+        Err(_) => DEFAULT_IDLE_TIMEOUT,
+    }
+}
+
 impl Files {
     pub fn new(root: Root) -> Self {
         alloc::tune();
@@ -78,49 +131,59 @@ impl Files {
             locks: PathLocks::default(),
             verified: Arc::new(Verified::default()),
             active: Arc::new(AtomicUsize::new(0)),
+            idle: idle_timeout_from_env(),
+            umask: read_umask(),
         }
     }
 
-    pub async fn prepare(
-        &self,
-        req: pb::PrepareFilesRequest,
-    ) -> Result<pb::PrepareFilesReply, Status> {
-        // Everything is checked before any file is looked at, so a bad request touches nothing.
-        let mut work = Vec::with_capacity(req.files.len());
-        for f in req.files {
-            let m = Manifest::from_pb(f)?;
-            let target = self.root.resolve(&m.path)?;
-            work.push((m, target));
-        }
-        let states: Vec<(pb::FileState, u64)> = futures::stream::iter(work)
-            .map(|(m, target)| async move {
-                let lock = self.locks.lock(&target).await;
-                let cache = self.cache.clone();
-                let verified = self.verified.clone();
-                let root = self.root.clone();
-                tokio::task::spawn_blocking(move || {
-                    prepare_one(m, target, &root, &cache, &verified, lock)
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    /// Where the lock, the cache and the verified partials of a file are keyed.
+    fn key(&self, f: &FileSpec) -> PathBuf {
+        self.root.path().join(f.path.rel())
+    }
+
+    pub async fn prepare(&self, req: PrepareFiles) -> Result<pb::PrepareFilesReply, FilesError> {
+        // The request was parsed whole before this, so a bad request touches nothing.
+        let states: Vec<(pb::FileState, u64)> = futures::stream::iter(req.files)
+            .map(|f| async move {
+                let key = self.key(&f);
+                let lock = self.locks.lock(&key).await;
+                let ctx = Ctx {
+                    root: self.root.clone(),
+                    cache: self.cache.clone(),
+                    verified: self.verified.clone(),
+                    umask: self.umask,
+                };
+                let what = format!("checking {}", f.manifest.path);
+                blocking::run(what, PREPARE_FILE_TIMEOUT, move || {
+                    prepare_one(&f, key, &ctx, lock)
                 })
-                .await
-                .map_err(|e| Status::internal(format!("prepare failed: {e}")))?
+                .await?
             })
             .buffered(PREPARE_PARALLELISM)
             .try_collect()
             .await?;
         let cache = self.cache.clone();
-        let root = self.root.path().to_path_buf();
+        let root = self.root.clone();
         let idle = self.active.load(Ordering::SeqCst) == 0;
-        let free_bytes = tokio::task::spawn_blocking(move || {
+        let free_bytes = blocking::run("saving the hash cache", blocking::FS_TIMEOUT, move || {
             cache.save_now();
             if idle {
                 // A copy ends with a prepare (its check) once every transfer has let go of its
                 // buffers: the moment to give the memory back.
                 alloc::trim_idle();
             }
-            crate::service::free_bytes(&root)
+            root.free_bytes()
         })
-        .await
-        .map_err(|e| Status::internal(format!("prepare failed: {e}")))?;
+        .await?;
         let to_receive: u64 = states.iter().map(|(_, n)| n).sum();
         tracing::debug!(files = states.len(), to_receive, free_bytes, "prepared");
         Ok(pb::PrepareFilesReply {
@@ -132,195 +195,216 @@ impl Files {
     pub async fn put(
         &self,
         mut stream: Streaming<pb::PutFileMessage>,
-    ) -> Result<pb::PutFileReply, Status> {
-        let header = match stream.message().await? {
-            Some(pb::PutFileMessage {
-                msg: Some(Msg::Header(h)),
-            }) => h,
-            Some(_) => {
-                return Err(Status::invalid_argument(
-                    "the first message of PutFile must be a PutFileHeader",
-                ))
+    ) -> Result<pb::PutFileReply, FilesError> {
+        let first = match tokio::time::timeout(self.idle, stream.message()).await {
+            Ok(msg) => msg?,
+            Err(_) => {
+                return Err(FilesError::Idle {
+                    path: "(no header yet)".into(),
+                    after: self.idle,
+                })
             }
-            None => return Err(Status::invalid_argument("empty PutFile stream")),
         };
-        let m = Manifest::from_pb(
-            header
-                .manifest
-                .ok_or_else(|| Status::invalid_argument("PutFileHeader without a manifest"))?,
-        )?;
+        let header = PutHeader::parse(&self.root, first)?;
+        let key = self.key(&header.file);
+        let m = header.file.manifest.clone();
         let offset = header.offset;
-        if !m.is_valid_offset(offset) {
-            return Err(Status::invalid_argument(format!(
-                "{}: offset {offset} is not a chunk boundary within its {} bytes",
-                m.path, m.size
-            )));
-        }
-        let target = self.root.prepare_parent(&m.path)?;
-        if target.is_dir() {
-            return Err(in_the_way(&m.path));
-        }
-        let lock = self.locks.lock(&target).await;
+        let lock = self.locks.lock(&key).await;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let transfer = Transfer {
-            root: self.root.clone(),
-            partial: partial_path(&target),
-            manifest: m.clone(),
-            target,
+            ctx: Ctx {
+                root: self.root.clone(),
+                cache: self.cache.clone(),
+                verified: self.verified.clone(),
+                umask: self.umask,
+            },
+            file: header.file,
+            key,
             offset,
-            cache: self.cache.clone(),
-            verified: self.verified.clone(),
             _lock: lock,
             _active: Active::start(&self.active),
         };
         let writer = tokio::task::spawn_blocking(move || writer::run(transfer, rx));
-        let received = receive(&mut stream, &m, offset, &tx).await;
+        let received = receive(&mut stream, &m, offset, &tx, self.idle).await;
         if received.is_ok() {
             // If the writer already stopped, its own error says why.
             let _ = tx.send(ToWriter::Finish).await;
         }
         drop(tx);
-        let written = writer
-            .await
-            .map_err(|e| Status::internal(format!("{}: the writer failed: {e}", m.path)))?;
+        let written = match tokio::time::timeout(FINISH_TIMEOUT, writer).await {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => {
+                return Err(FilesError::Internal(format!(
+                    "{}: the writer failed: {e}",
+                    m.path
+                )))
+            }
+            Err(_) => {
+                return Err(blocking::BlockingError::TimedOut {
+                    what: format!("writing {}", m.path),
+                    after: FINISH_TIMEOUT,
+                }
+                .into())
+            }
+        };
         match received {
-            Err(Received::Refused(status)) => Err(status),
+            Err(Received::Refused(e)) => Err(e),
             Ok(()) | Err(Received::WriterStopped) => written,
         }
     }
 }
 
+/// What the blocking half of a request needs of `Files`.
+pub(crate) struct Ctx {
+    root: Root,
+    cache: Arc<SharedCache>,
+    verified: Arc<Verified>,
+    umask: u32,
+}
+
 enum Received {
-    /// The stream failed or broke the protocol.
-    Refused(Status),
+    /// The stream failed, stalled or broke the protocol.
+    Refused(FilesError),
     /// The writer hung up (it failed): its result has the reason.
     WriterStopped,
 }
 
-/// Passes the chunks of the stream to the writer after checking they are exactly the next
-/// chunk the manifest expects: in order, from `offset`, each of its full length (a compressed
-/// one: a frame no longer than a frame of that length can be; the writer checks what it holds).
+/// Passes the chunks of the stream to the writer, each parsed against the manifest as the
+/// next one expected. A stream silent for `idle` is dropped.
 async fn receive(
     stream: &mut Streaming<pb::PutFileMessage>,
     m: &Manifest,
     offset: u64,
     tx: &mpsc::Sender<ToWriter>,
+    idle: Duration,
 ) -> Result<(), Received> {
-    let refuse = |reason: String| {
-        Received::Refused(Status::invalid_argument(format!("{}: {reason}", m.path)))
-    };
     let mut next = offset;
-    while let Some(msg) = stream.message().await.map_err(Received::Refused)? {
-        let chunk = match msg.msg {
-            Some(Msg::Chunk(c)) => c,
-            _ => return Err(refuse("expected a chunk, got another header".into())),
-        };
-        if chunk.offset != next {
-            return Err(refuse(format!(
-                "chunk at offset {}, expected {next}",
-                chunk.offset
-            )));
-        }
-        if next >= m.size {
-            return Err(refuse(format!(
-                "chunk at offset {next} is past the end ({} bytes)",
-                m.size
-            )));
-        }
-        let len = chunk.data.len() as u64;
-        let expected = m.chunk_len_at(next);
-        // An unknown value is refused, not read as raw: it would be taken for the chunk's bytes.
-        let compression = pb::Compression::try_from(chunk.compression).map_err(|_| {
-            refuse(format!(
-                "chunk at offset {next} uses an unknown compression ({}); is dgl-coord newer \
-                 than this agent?",
-                chunk.compression
-            ))
-        })?;
-        match compression {
-            pb::Compression::None if len != expected => {
-                return Err(refuse(format!(
-                    "chunk at offset {next} has {len} bytes, expected {expected}"
-                )));
+    loop {
+        let msg = match tokio::time::timeout(idle, stream.message()).await {
+            Ok(Ok(Some(msg))) => msg,
+            Ok(Ok(None)) => break,
+            Ok(Err(status)) => return Err(Received::Refused(status.into())),
+            Err(_) => {
+                return Err(Received::Refused(FilesError::Idle {
+                    path: m.path.clone(),
+                    after: idle,
+                }))
             }
-            // Bounded here, before it is queued; what it holds is checked by the writer.
-            pb::Compression::Zstd if len > max_frame_len(expected as usize) as u64 => {
-                return Err(refuse(format!(
-                    "chunk at offset {next} is a zstd frame of {len} bytes, longer than any \
-                     frame of its {expected} bytes can be"
-                )));
-            }
-            _ => {}
-        }
-        next += expected;
-        let msg = ToWriter::Chunk {
-            offset: chunk.offset,
-            len: expected,
-            data: chunk.data,
-            compression,
         };
-        if tx.send(msg).await.is_err() {
+        let chunk = Chunk::parse(msg, m, next).map_err(Received::Refused)?;
+        next += chunk.len;
+        if tx.send(ToWriter::Chunk(chunk)).await.is_err() {
             return Err(Received::WriterStopped);
         }
     }
     if next != m.size {
-        return Err(refuse(format!(
-            "the stream ended at {next} of {} bytes",
-            m.size
-        )));
+        return Err(Received::Refused(FilesError::Invalid(format!(
+            "{}: the stream ended at {next} of {} bytes",
+            m.path, m.size
+        ))));
     }
     Ok(())
 }
 
-/// Decides one file of a prepare. Blocking: may hash the target or verify a partial.
+/// Opens the directory a file goes into, beneath the root; refuses the agent's state
+/// directory whatever name leads to it.
+fn open_parent(ctx: &Ctx, f: &FileSpec, create: bool) -> Result<Dir, FilesError> {
+    let (dir, _) = f.path.split()?;
+    let dir = ctx.root.open_dir(f.path.shown(), dir, create)?;
+    let state = ctx
+        .root
+        .is_state_dir(&dir)
+        .map_err(|e| FilesError::io("cannot stat the directory of", f.path.shown(), e))?;
+    if state {
+        return Err(ConfineError::Reserved(f.path.shown().to_string()).into());
+    }
+    Ok(dir)
+}
+
+fn is_dir(st: &rustix::fs::Stat) -> bool {
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+}
+
+fn is_regular(st: &rustix::fs::Stat) -> bool {
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+}
+
+/// Decides one file of a prepare. Blocking: may hash the target or verify a partial. Changes
+/// nothing on disk but the mode of a present file that has a single link.
 fn prepare_one(
-    m: Manifest,
-    target: PathBuf,
-    root: &Root,
-    cache: &SharedCache,
-    verified: &Verified,
+    f: &FileSpec,
+    key: PathBuf,
+    ctx: &Ctx,
     _lock: OwnedMutexGuard<()>,
-) -> Result<(pb::FileState, u64), Status> {
+) -> Result<(pb::FileState, u64), FilesError> {
+    let m = &f.manifest;
     let state = |status: pb::FileStatus, resume_offset: u64| pb::FileState {
         path: m.path.clone(),
         status: status as i32,
         resume_offset,
     };
-    match fs::symlink_metadata(&target) {
-        Ok(meta) if meta.is_dir() => return Err(in_the_way(&m.path)),
-        Ok(meta) if meta.is_file() && meta.len() == m.size => {
-            if is_present(&m, &target, &meta, cache)? {
-                crate::metrics::add(&crate::metrics::COUNTERS.files_skipped, 1);
-                return Ok((state(pb::FileStatus::Present, 0), 0));
-            }
+    let send_all = Ok((state(pb::FileStatus::Send, 0), m.size));
+    let dir = match open_parent(ctx, f, false) {
+        Ok(d) => d,
+        Err(FilesError::Confine(e)) if e.is_not_found() => return send_all,
+        Err(e) => return Err(e),
+    };
+    let (_, name) = f.path.split()?;
+    let st = dir
+        .stat_entry(name)
+        .map_err(|e| FilesError::io("cannot stat", &m.path, e))?;
+    match st {
+        Some(st) if is_dir(&st) => return Err(FilesError::InTheWay(m.path.clone())),
+        // A file with other links is never trusted nor chmodded: sent anew, the rename
+        // replaces this name only.
+        Some(st)
+            if is_regular(&st)
+                && st.st_size as u64 == m.size
+                && st.st_nlink == 1
+                && is_present(m, &dir, name, &key, ctx)? =>
+        {
+            crate::metrics::add(&crate::metrics::COUNTERS.files_skipped, 1);
+            return Ok((state(pb::FileStatus::Present, 0), 0));
         }
         // A file of another size, or a symlink (replaced, never followed): sent anew.
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_status("cannot stat", &m.path, e)),
+        _ => {}
     }
-    let partial = partial_path(&target);
-    let resume = resumable_prefix(&m, &partial, root, verified)?;
+    let resume = resumable_prefix(m, &dir, name, &partial_path(&key), &ctx.verified)?;
     Ok((state(pb::FileStatus::Send, resume), m.size - resume))
 }
 
-/// True when the target holds exactly the manifest's file; then also gives it the wanted
-/// mode (a mode change alone is not worth sending the file again).
+/// True when `name` holds exactly the manifest's file; then also gives it the wanted mode
+/// (a mode change alone is not worth sending the file again).
 fn is_present(
     m: &Manifest,
-    target: &Path,
-    meta: &fs::Metadata,
-    cache: &SharedCache,
-) -> Result<bool, Status> {
-    let digest = match cache.lookup(target, meta) {
+    dir: &Dir,
+    name: &OsStr,
+    key: &std::path::Path,
+    ctx: &Ctx,
+) -> Result<bool, FilesError> {
+    let file = match dir.open(name, OFlags::RDONLY, 0) {
+        Ok(f) => f,
+        // Swapped for a symlink since the stat: not the file, sent anew.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(FilesError::io("cannot open", &m.path, e)),
+    };
+    let read_err = |e| FilesError::io("cannot read", &m.path, e);
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() || meta.nlink() != 1 || meta.len() != m.size {
+        return Ok(false);
+    }
+    let digest = match ctx.cache.lookup(key, &meta) {
         Some(d) => d,
         None => {
-            let d = hash_file(target).map_err(|e| io_status("cannot read", &m.path, e))?;
+            let observed = coarse_now();
+            let d = hash_reader(&file, |_| {}).map_err(read_err)?;
             // Only cached when the file did not change while it was read.
-            if fs::symlink_metadata(target)
-                .is_ok_and(|after| dglrun_proto::digest::unchanged(meta, &after))
+            if file
+                .metadata()
+                .is_ok_and(|after| dglrun_proto::digest::unchanged(&meta, &after))
             {
-                cache.insert(target, meta, d.digest);
+                ctx.cache.insert(key, &meta, d.digest, observed);
             }
             d.digest
         }
@@ -328,69 +412,51 @@ fn is_present(
     if digest != m.digest {
         return Ok(false);
     }
-    if meta.permissions().mode() & 0o7777 != m.mode {
-        fs::set_permissions(target, Permissions::from_mode(m.mode))
-            .map_err(|e| io_status("cannot set the mode of", &m.path, e))?;
-        // chmod changed the ctime: the cache entry must follow it.
-        if let Ok(after) = fs::symlink_metadata(target) {
-            cache.insert(target, &after, m.digest);
+    let want = m.mode & !ctx.umask;
+    if meta.mode() & 0o7777 != want {
+        // On the opened file, which has this single link: nothing outside the root changes.
+        file.set_permissions(Permissions::from_mode(want))
+            .map_err(|e| FilesError::io("cannot set the mode of", &m.path, e))?;
+        // chmod changed the ctime: the cache entry must follow it. The contents were known
+        // (hashed or cached) before now.
+        if let Ok(after) = file.metadata() {
+            ctx.cache.insert(key, &after, m.digest, coarse_now());
         }
     }
     Ok(true)
 }
 
-/// Verifies an existing partial against the manifest, cuts off what does not match, and
-/// returns where the transfer can resume (0 when there is no partial).
+/// How much of an existing partial matches the manifest: where the transfer can resume (0
+/// when there is none, or when it is not a plain file of this agent's with one link). Reads
+/// only; the put that resumes cuts off the rest.
 fn resumable_prefix(
     m: &Manifest,
-    partial: &Path,
-    root: &Root,
+    dir: &Dir,
+    name: &OsStr,
+    key: &std::path::Path,
     verified: &Verified,
-) -> Result<u64, Status> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(partial)
-    {
+) -> Result<u64, FilesError> {
+    let file: File = match dir.open(&partial_name(name), OFlags::RDONLY, 0) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        // Not a regular file we can use (e.g. a symlink): a put starting at 0 replaces it.
-        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => return Ok(0),
-        Err(e) => return Err(io_status("cannot open the partial file of", &m.path, e)),
+        // A symlink: a put starting at 0 replaces it.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(0),
+        Err(e) => {
+            return Err(FilesError::io(
+                "cannot open the partial file of",
+                &m.path,
+                e,
+            ))
+        }
     };
-    crate::confine::verify_opened(root, &file, &m.path)?;
-    let read_err = |e| io_status("cannot read the partial file of", &m.path, e);
-    let good = verified_prefix(&file, m, m.size).map_err(read_err)?;
-    if file.metadata().map_err(read_err)?.len() != good {
-        file.set_len(good)
-            .map_err(|e| io_status("cannot truncate the partial file of", &m.path, e))?;
-    }
+    let read_err = |e| FilesError::io("cannot read the partial file of", &m.path, e);
     let meta = file.metadata().map_err(read_err)?;
-    verified.remember(partial, &meta, m.digest);
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Ok(0);
+    }
+    let good = verified_prefix(&file, m, m.size).map_err(read_err)?;
+    verified.remember(key, &meta, m.digest, good);
     Ok(good)
-}
-
-fn in_the_way(path: &str) -> Status {
-    Status::already_exists(format!("{path}: a directory is in the way on this host"))
-}
-
-/// An I/O error as a Status that says what failed on which path; a full disk is
-/// `resource_exhausted` so the coordinator does not retry it.
-pub(crate) fn io_status(what: &str, path: &str, e: io::Error) -> Status {
-    let msg = format!("{what} {path}: {e}");
-    let full = [
-        nix::errno::Errno::ENOSPC as i32,
-        nix::errno::Errno::EDQUOT as i32,
-    ];
-    if e.raw_os_error().is_some_and(|c| full.contains(&c)) {
-        return Status::resource_exhausted(msg);
-    }
-    match e.kind() {
-        io::ErrorKind::PermissionDenied => Status::permission_denied(msg),
-        io::ErrorKind::NotFound => Status::not_found(msg),
-        _ => Status::internal(msg),
-    }
 }
 
 #[cfg(test)]

@@ -18,15 +18,12 @@ use dglrun_proto::CHUNK_SIZE;
 
 use super::manifest::Manifest;
 
-pub const PARTIAL_SUFFIX: &str = ".dglrun-partial";
+pub use crate::confine::PARTIAL_SUFFIX;
 
 /// `<dir>/.<name>.dglrun-partial` for `<dir>/<name>`.
 pub fn partial_path(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    target.with_file_name(format!(".{name}{PARTIAL_SUFFIX}"))
+    let name = target.file_name().unwrap_or_default();
+    target.with_file_name(crate::confine::partial_name(name))
 }
 
 /// Length of the longest prefix of `file`, up to `limit` bytes, made of whole chunks that
@@ -75,6 +72,8 @@ impl Stamp {
 struct Record {
     stamp: Stamp,
     digest: Hash,
+    /// Length of the verified prefix.
+    good: u64,
 }
 
 /// Partials this process verified in a prepare and that nobody touched since: a put resuming
@@ -89,22 +88,26 @@ impl Verified {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers that `partial`, as it is now, is a verified prefix of the file `digest`.
-    pub fn remember(&self, partial: &Path, meta: &Metadata, digest: Hash) {
+    /// Remembers that the first `good` bytes of `partial`, as it is now, are a verified
+    /// prefix of the file `digest`.
+    pub fn remember(&self, partial: &Path, meta: &Metadata, digest: Hash, good: u64) {
         self.map().insert(
             partial.to_path_buf(),
             Record {
                 stamp: Stamp::of(meta),
                 digest,
+                good,
             },
         );
     }
 
-    /// True when `partial` is unchanged since it was verified against the file `digest`.
-    pub fn still_valid(&self, partial: &Path, meta: &Metadata, digest: &Hash) -> bool {
+    /// The verified prefix of `partial` when it is unchanged since it was verified against
+    /// the file `digest`.
+    pub fn still_valid(&self, partial: &Path, meta: &Metadata, digest: &Hash) -> Option<u64> {
         self.map()
             .get(partial)
-            .is_some_and(|r| r.digest == *digest && r.stamp == Stamp::of(meta))
+            .filter(|r| r.digest == *digest && r.stamp == Stamp::of(meta))
+            .map(|r| r.good)
     }
 
     pub fn forget(&self, partial: &Path) {

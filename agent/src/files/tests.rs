@@ -15,6 +15,9 @@ use tonic::Code;
 use super::*;
 use crate::jobs::{Jobs, JobsConfig};
 use crate::service::AgentService;
+use dglrun_proto::pb::put_file_message::Msg;
+use std::fs;
+use tonic::Status;
 
 struct Agent {
     _dir: tempfile::TempDir,
@@ -29,9 +32,13 @@ impl Agent {
 }
 
 async fn agent() -> Agent {
+    agent_with_idle_timeout(DEFAULT_IDLE_TIMEOUT).await
+}
+
+async fn agent_with_idle_timeout(idle: std::time::Duration) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let root = Root::new(&dir.path().join("root")).unwrap();
-    let files = Arc::new(Files::new(root.clone()));
+    let files = Arc::new(Files::new(root.clone()).with_idle_timeout(idle));
     let jobs = Jobs::start(
         root.clone(),
         JobsConfig {
@@ -230,7 +237,8 @@ async fn resume_keeps_verified_chunks_and_drops_the_rest() {
         prepare(&a, vec![m.clone()]).await.unwrap(),
         [(SEND, 2 * CHUNK_SIZE as u64)]
     );
-    assert_eq!(fs::metadata(&partial).unwrap().len(), 2 * CHUNK_SIZE as u64);
+    // A prepare only reads: the put that resumes cuts the garbage off.
+    assert_eq!(fs::read(&partial).unwrap(), content);
     let reply = put(&a, messages(m, &bytes, 2 * CHUNK_SIZE as u64))
         .await
         .unwrap();
@@ -606,4 +614,245 @@ async fn oversized_frames_and_unknown_compressions_are_refused_before_the_writer
         err.message()
     );
     assert!(!a.path("ws/w").exists());
+}
+
+/// A PutFile whose messages the test sends one by one; the call runs in the background.
+struct Held {
+    tx: tokio::sync::mpsc::Sender<pb::PutFileMessage>,
+    call: tokio::task::JoinHandle<Result<pb::PutFileReply, Status>>,
+}
+
+fn held_put(a: &Agent) -> Held {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut client = a.client.clone();
+    let call = tokio::spawn(async move {
+        client
+            .put_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(|r| r.into_inner())
+    });
+    Held { tx, call }
+}
+
+/// Waits until the agent holds a lock on some path (its writer has started).
+async fn settle() {
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_hard_linked_partial_or_target_never_changes_a_file_outside_the_root() {
+    let a = agent().await;
+    let outside = a._dir.path().join("outside.txt");
+    fs::write(&outside, b"not yours").unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir_all(a.path("ws")).unwrap();
+    fs::hard_link(&outside, a.path("ws/.f.txt.dglrun-partial")).unwrap();
+    let bytes = data(CHUNK_SIZE + 5, 3);
+    let m = manifest("ws/f.txt", &digest(&bytes), 0o644);
+    prepare(&a, vec![m.clone()]).await.unwrap();
+    assert_eq!(
+        fs::read(&outside).unwrap(),
+        b"not yours",
+        "prepare truncated it"
+    );
+    put(&a, messages(m.clone(), &bytes, 0)).await.unwrap();
+    assert_eq!(
+        fs::read(&outside).unwrap(),
+        b"not yours",
+        "put wrote into it"
+    );
+    assert_eq!(fs::read(a.path("ws/f.txt")).unwrap(), bytes);
+
+    // A target that is a hard link to an outside file with the right bytes: never chmodded.
+    let same = a._dir.path().join("same.txt");
+    fs::write(&same, &bytes).unwrap();
+    fs::set_permissions(&same, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::hard_link(&same, a.path("ws/g.txt")).unwrap();
+    let g = manifest("ws/g.txt", &digest(&bytes), 0o644);
+    let states = prepare(&a, vec![g.clone()]).await.unwrap();
+    assert_eq!(
+        fs::metadata(&same).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    if states[0].0 == SEND {
+        put(&a, messages(g, &bytes, 0)).await.unwrap();
+    }
+    assert_eq!(
+        fs::metadata(&same).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(fs::read(&same).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_directory_swapped_for_a_symlink_never_lets_a_file_out() {
+    let a = agent().await;
+    let outside = a._dir.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::create_dir_all(a.path("ws")).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, ws, outside) = (stop.clone(), a.path("ws"), outside.clone());
+        std::thread::spawn(move || {
+            let (d, link) = (ws.join("d"), ws.join("link"));
+            fs::create_dir(&d).unwrap();
+            std::os::unix::fs::symlink(&outside, &link).unwrap();
+            // `d` flips between a real directory and a symlink out of the root, atomically.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &d,
+                    rustix::fs::CWD,
+                    &link,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .unwrap();
+            }
+        })
+    };
+    let bytes = b"escape?".to_vec();
+    for i in 0..300 {
+        let m = manifest(&format!("ws/d/f{i}"), &digest(&bytes), 0o644);
+        let _ = prepare(&a, vec![m.clone()]).await;
+        let _ = put(&a, messages(m, &bytes, 0)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    let leaked: Vec<_> = fs::read_dir(&outside).unwrap().collect();
+    assert!(
+        leaked.is_empty(),
+        "files created outside the root: {leaked:?}"
+    );
+}
+
+#[tokio::test]
+async fn reserved_names_are_refused_as_targets() {
+    let a = agent().await;
+    fs::create_dir_all(a.root.state_dir()).unwrap();
+    fs::write(a.root.state_dir().join("jobs.json"), b"{}").unwrap();
+    let bytes = b"[]".to_vec();
+    let d = digest(&bytes);
+    for p in [
+        "ws/.a.dglrun-partial",
+        ".dglrun/jobs.json",
+        "./.dglrun/x",
+        ".dglrun",
+    ] {
+        let err = put(&a, messages(manifest(p, &d, 0o644), &bytes, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{p}: {err:?}");
+        assert!(err.message().contains("reserved"), "{}", err.message());
+        let err = prepare(&a, vec![manifest(p, &d, 0o644)]).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{p}: {err:?}");
+    }
+    // Through a symlink inside the root to the state directory: refused as well.
+    std::os::unix::fs::symlink(".dglrun", a.path("state")).unwrap();
+    let err = put(
+        &a,
+        messages(manifest("state/jobs.json", &d, 0o644), &bytes, 0),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        fs::read(a.root.state_dir().join("jobs.json")).unwrap(),
+        b"{}"
+    );
+    assert!(!a.path("ws/.a.dglrun-partial").exists());
+}
+
+#[tokio::test]
+async fn prepare_never_truncates_a_file_that_holds_a_partial_name() {
+    let a = agent().await;
+    fs::create_dir_all(a.path("ws")).unwrap();
+    fs::write(a.path("ws/.a.dglrun-partial"), b"someone's own bytes").unwrap();
+    let bytes = data(100, 1);
+    let m = manifest("ws/a", &digest(&bytes), 0o644);
+    assert_eq!(prepare(&a, vec![m]).await.unwrap(), [(SEND, 0)]);
+    assert_eq!(
+        fs::read(a.path("ws/.a.dglrun-partial")).unwrap(),
+        b"someone's own bytes"
+    );
+}
+
+#[tokio::test]
+async fn a_partial_swapped_mid_transfer_is_never_renamed_into_place_or_reported_present() {
+    let a = agent().await;
+    let good = data(2 * CHUNK_SIZE, 5);
+    let evil = data(2 * CHUNK_SIZE, 6);
+    let m = manifest("ws/a", &digest(&good), 0o644);
+    let msgs = messages(m.clone(), &good, 0);
+    let held = held_put(&a);
+    held.tx.send(msgs[0].clone()).await.unwrap();
+    held.tx.send(msgs[1].clone()).await.unwrap();
+    settle().await;
+    // A PutFile of the partial's name, same size: refused as reserved.
+    let evil_m = manifest("ws/.a.dglrun-partial", &digest(&evil), 0o644);
+    let err = put(&a, messages(evil_m, &evil, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A local user replacing the partial by hand: the writer notices the other inode.
+    let swapped = a.path("ws/.evil");
+    fs::write(&swapped, &evil).unwrap();
+    fs::rename(&swapped, a.path("ws/.a.dglrun-partial")).unwrap();
+    held.tx.send(msgs[2].clone()).await.unwrap();
+    drop(held.tx);
+    let result = held.call.await.unwrap();
+    let on_disk = fs::read(a.path("ws/a")).ok();
+    assert_ne!(
+        on_disk.as_deref(),
+        Some(&evil[..]),
+        "the other bytes were renamed into place"
+    );
+    if result.is_ok() {
+        assert_eq!(on_disk.as_deref(), Some(&good[..]));
+    }
+    let states = prepare(&a, vec![m]).await.unwrap();
+    if states[0].0 == PRESENT {
+        assert_eq!(fs::read(a.path("ws/a")).unwrap(), good);
+    }
+}
+
+#[tokio::test]
+async fn modes_follow_the_agent_umask() {
+    // The umask is process-wide: this test sets it before the agent starts, as a user would.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o027));
+    let a = agent().await;
+    let bytes = b"x".to_vec();
+    let m = manifest("ws/new/dir/f", &digest(&bytes), 0o666);
+    put(&a, messages(m.clone(), &bytes, 0)).await.unwrap();
+    let mode = |p: &str| fs::metadata(a.path(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("ws/new/dir/f"), 0o640);
+    assert_eq!(mode("ws/new/dir"), 0o750);
+    // A mode change alone (prepare of a present file) is masked as well.
+    fs::set_permissions(a.path("ws/new/dir/f"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(prepare(&a, vec![m]).await.unwrap(), [(PRESENT, 0)]);
+    assert_eq!(mode("ws/new/dir/f"), 0o640);
+}
+
+#[tokio::test]
+async fn a_stalled_put_is_dropped_and_frees_its_permit() {
+    let a = agent_with_idle_timeout(std::time::Duration::from_millis(500)).await;
+    let bytes = data(CHUNK_SIZE + 1, 2);
+    let m = manifest("ws/slow", &digest(&bytes), 0o644);
+    let mut stalled = Vec::new();
+    // Distinct paths: transfers of one path wait for each other's lock, not for the network.
+    for i in 0..crate::limits::MAX_CONCURRENT_TRANSFERS {
+        let h = held_put(&a);
+        let m = manifest(&format!("ws/slow{i}"), &digest(&bytes), 0o644);
+        h.tx.send(messages(m, &bytes, 0).remove(0)).await.unwrap();
+        stalled.push(h);
+    }
+    for h in stalled {
+        let err = tokio::time::timeout(std::time::Duration::from_secs(30), h.call)
+            .await
+            .expect("a stalled PutFile must end by itself")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+        assert!(err.message().contains("ws/slow"), "{}", err.message());
+        drop(h.tx);
+    }
+    put(&a, messages(m, &bytes, 0)).await.unwrap();
+    assert_eq!(fs::read(a.path("ws/slow")).unwrap(), bytes);
 }

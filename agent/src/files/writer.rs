@@ -5,48 +5,40 @@
 //! disk writes of one chunk overlap the network receive of the next, and the async runtime
 //! never does any of them.
 
-use std::fs::{self, File, OpenOptions, Permissions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::ffi::OsStr;
+use std::fs::{File, Permissions};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use bytes::Bytes;
 use dglrun_proto::compress::Unpacker;
 use dglrun_proto::digest::chunk_hash;
 use dglrun_proto::{pb, CHUNK_SIZE};
+use rustix::fs::{OFlags, Timespec, Timestamps};
 use tokio::sync::{mpsc, OwnedMutexGuard};
-use tonic::Status;
 
-use super::cache::SharedCache;
-use super::io_status;
-use super::manifest::Manifest;
-use super::partial::{verified_prefix, Verified};
-use super::Active;
-use crate::confine::{verify_opened, Root};
+use super::cache::coarse_now;
+use super::error::FilesError;
+use super::partial::{partial_path, verified_prefix};
+use super::request::{Chunk, FileSpec};
+use super::{is_dir, open_parent, Active, Ctx};
+use crate::confine::{partial_name, Dir};
 use crate::metrics;
 
 pub enum ToWriter {
-    /// A chunk whose offset and length (`len`, as the manifest has it) the receiver already
-    /// checked against the manifest. Raw, `data` is those `len` bytes; compressed, a zstd frame
-    /// the receiver only bounded, which must hold exactly `len` bytes.
-    Chunk {
-        offset: u64,
-        len: u64,
-        data: Bytes,
-        compression: pb::Compression,
-    },
+    /// A chunk whose offset and length the receiver already checked against the manifest.
+    /// Raw, `data` is those `len` bytes; compressed, a zstd frame the receiver only bounded,
+    /// which must hold exactly `len` bytes.
+    Chunk(Chunk),
     /// Every chunk has been sent: make the file durable and rename it into place.
     Finish,
 }
 
 pub struct Transfer {
-    pub root: Root,
-    pub manifest: Manifest,
-    pub target: PathBuf,
-    pub partial: PathBuf,
+    pub ctx: Ctx,
+    pub file: FileSpec,
+    /// The target's path inside the root: the key of its lock, cache entry and partial.
+    pub key: PathBuf,
     pub offset: u64,
-    pub cache: Arc<SharedCache>,
-    pub verified: Arc<Verified>,
     /// Held until the writer is done, even if the request that started it is gone.
     pub _lock: OwnedMutexGuard<()>,
     pub _active: Active,
@@ -54,26 +46,35 @@ pub struct Transfer {
 
 /// Runs a transfer to its end. Without a `Finish` the partial is kept (with every chunk
 /// written so far verified) and the transfer reports that it was cut off.
-pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileReply, Status> {
-    let m = &t.manifest;
-    let file = open_partial(&t)?;
+pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileReply, FilesError> {
+    let m = &t.file.manifest;
+    let dir = open_parent(&t.ctx, &t.file, true)?;
+    let (_, name) = t.file.path.split()?;
+    let st = dir
+        .stat_entry(name)
+        .map_err(|e| FilesError::io("cannot stat", &m.path, e))?;
+    if st.is_some_and(|st| is_dir(&st)) {
+        return Err(FilesError::InTheWay(m.path.clone()));
+    }
+    let partial = partial_name(name);
+    let file = open_partial(&t, &dir, &partial)?;
     let mut next = t.offset;
     let mut unpacker = Unpacker::new();
     while let Some(msg) = rx.blocking_recv() {
         match msg {
-            ToWriter::Chunk {
+            ToWriter::Chunk(Chunk {
                 offset,
                 len,
                 data,
                 compression,
-            } => {
+            }) => {
                 let data: &[u8] = match compression {
                     pb::Compression::None => &data,
                     // Into a buffer of exactly `len` bytes: a frame holding more (a "bomb") or
                     // less, or no frame at all, is refused like a chunk with a wrong hash.
                     pb::Compression::Zstd => unpacker.unpack(&data, len as usize).map_err(|e| {
                         metrics::add(&metrics::COUNTERS.verification_failures, 1);
-                        Status::data_loss(format!(
+                        FilesError::DataLoss(format!(
                             "{}: the compressed chunk at offset {offset} {e}; nothing from it \
                              was written",
                             m.path
@@ -87,122 +88,170 @@ pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileR
                 {
                     // Not written: the partial keeps only verified bytes.
                     metrics::add(&metrics::COUNTERS.verification_failures, 1);
-                    return Err(Status::data_loss(format!(
+                    return Err(FilesError::DataLoss(format!(
                         "{}: the chunk at offset {offset} does not match its SHA-256 in the \
                          manifest; nothing from it was written",
                         m.path
                     )));
                 }
                 file.write_all_at(data, offset)
-                    .map_err(|e| io_status("cannot write", &m.path, e))?;
+                    .map_err(|e| FilesError::io("cannot write", &m.path, e))?;
                 metrics::add(&metrics::COUNTERS.bytes_received, data.len() as u64);
                 next += data.len() as u64;
             }
             ToWriter::Finish => {
                 if next != m.size {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(FilesError::Invalid(format!(
                         "{}: finished at {next} of {} bytes",
                         m.path, m.size
                     )));
                 }
-                return finish(&t, file);
+                return finish(&t, &dir, name, &partial, file);
             }
         }
     }
-    Err(Status::aborted(format!(
-        "{}: transfer cut off at {next} of {} bytes; the verified part is kept to resume",
-        m.path, m.size
-    )))
+    Err(FilesError::CutOff {
+        path: m.path.clone(),
+        at: next,
+        size: m.size,
+    })
 }
 
-/// Opens the partial for this transfer: fresh when starting at 0, otherwise the existing one,
-/// whose first `offset` bytes must be verified before anything is added after them.
-fn open_partial(t: &Transfer) -> Result<File, Status> {
-    let m = &t.manifest;
-    let mut opts = OpenOptions::new();
-    // O_NOFOLLOW: the partial is ours; a symlink in its place is not followed out of the root.
-    opts.read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits());
+/// Opens the partial for this transfer, in the opened parent directory.
+///
+/// Starting at 0, a new file is created under the partial name (whatever held the name
+/// before is unlinked, never written to: it may be a hard link to a file elsewhere).
+/// Resuming, the existing partial must be a regular file with a single link, and its first
+/// `offset` bytes verified before anything is added after them.
+fn open_partial(t: &Transfer, dir: &Dir, partial: &OsStr) -> Result<File, FilesError> {
+    let m = &t.file.manifest;
+    let key = partial_path(&t.key);
+    let create_err = |e| FilesError::io("cannot create the partial file of", &m.path, e);
     if t.offset == 0 {
-        t.verified.forget(&t.partial);
-        let file = opts
-            .create(true)
-            .truncate(true)
-            .open(&t.partial)
-            .map_err(|e| io_status("cannot create the partial file of", &m.path, e))?;
-        // The directory was checked before the open; the kernel's record of what was opened
-        // cannot have been swapped in between.
-        verify_opened(&t.root, &file, &m.path)?;
-        return Ok(file);
+        t.ctx.verified.forget(&key);
+        dir.unlink(partial).map_err(create_err)?;
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL;
+        return dir.open(partial, flags, 0o600).map_err(create_err);
     }
-    let file = opts.open(&t.partial).map_err(|e| {
+    let file = dir.open(partial, OFlags::RDWR, 0).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            Status::failed_precondition(format!(
+            FilesError::Precondition(format!(
                 "{}: no partial file to resume at offset {}; prepare the file again",
                 m.path, t.offset
             ))
         } else {
-            io_status("cannot open the partial file of", &m.path, e)
+            FilesError::io("cannot open the partial file of", &m.path, e)
         }
     })?;
-    verify_opened(&t.root, &file, &m.path)?;
     let meta = file
         .metadata()
-        .map_err(|e| io_status("cannot stat the partial file of", &m.path, e))?;
-    let trusted = meta.len() >= t.offset && t.verified.still_valid(&t.partial, &meta, &m.digest);
+        .map_err(|e| FilesError::io("cannot stat the partial file of", &m.path, e))?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(FilesError::Precondition(format!(
+            "{}: the partial file is not a regular file with a single link; it is not \
+             resumed (a transfer from offset 0 replaces it)",
+            m.path
+        )));
+    }
+    let trusted = meta.len() >= t.offset
+        && t.ctx
+            .verified
+            .still_valid(&key, &meta, &m.digest)
+            .is_some_and(|good| good >= t.offset);
     if !trusted {
         // Not verified by a prepare of this process (or touched since): check it now.
         let good = verified_prefix(&file, m, t.offset)
-            .map_err(|e| io_status("cannot read the partial file of", &m.path, e))?;
+            .map_err(|e| FilesError::io("cannot read the partial file of", &m.path, e))?;
         if good < t.offset {
-            return Err(Status::failed_precondition(format!(
+            return Err(FilesError::Precondition(format!(
                 "{}: only {good} bytes of the partial file are verified, cannot resume at \
                  offset {}; prepare the file again",
                 m.path, t.offset
             )));
         }
     }
-    t.verified.forget(&t.partial);
+    t.ctx.verified.forget(&key);
     file.set_len(t.offset)
-        .map_err(|e| io_status("cannot truncate the partial file of", &m.path, e))?;
+        .map_err(|e| FilesError::io("cannot truncate the partial file of", &m.path, e))?;
     Ok(file)
 }
 
-/// fsync, mode, rename over the target, fsync the directory, remember the digest.
-fn finish(t: &Transfer, file: File) -> Result<pb::PutFileReply, Status> {
-    let m = &t.manifest;
-    let len = file
-        .metadata()
-        .map_err(|e| io_status("cannot stat the partial file of", &m.path, e))?
-        .len();
+/// True when `name` in `dir` is the inode `file` is open on.
+fn is_same_inode(dir: &Dir, name: &OsStr, file: &std::fs::Metadata) -> bool {
+    matches!(dir.stat_entry(name), Ok(Some(st))
+        if st.st_dev == file.dev() && st.st_ino == file.ino())
+}
+
+/// Mode, fsync, rename over the target (only if the partial's name still holds the inode this
+/// transfer wrote), fsync the directory, remember the digest of that inode.
+fn finish(
+    t: &Transfer,
+    dir: &Dir,
+    name: &OsStr,
+    partial: &OsStr,
+    file: File,
+) -> Result<pb::PutFileReply, FilesError> {
+    let m = &t.file.manifest;
+    let stat_err = |e| FilesError::io("cannot stat the partial file of", &m.path, e);
+    let len = file.metadata().map_err(stat_err)?.len();
     if len != m.size {
-        return Err(Status::internal(format!(
+        return Err(FilesError::Internal(format!(
             "{}: the partial file holds {len} bytes, expected {}",
             m.path, m.size
         )));
     }
-    file.set_permissions(Permissions::from_mode(m.mode))
-        .map_err(|e| io_status("cannot set the mode of", &m.path, e))?;
+    file.set_permissions(Permissions::from_mode(m.mode & !t.ctx.umask))
+        .map_err(|e| FilesError::io("cannot set the mode of", &m.path, e))?;
+    // The contents are known from now on. The mtime is set just before this tick of the
+    // file-timestamp clock, so any later write, even within this tick, gets a newer one and
+    // the hash cache can trust the entry at once (see `SharedCache::insert`).
+    let known = coarse_now();
+    let before = if known.1 > 0 {
+        (known.0, known.1 - 1)
+    } else {
+        (known.0 - 1, 999_999_999)
+    };
+    let times = Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: before.0,
+            tv_nsec: before.1 as _,
+        },
+    };
+    rustix::fs::futimens(&file, &times)
+        .map_err(|e| FilesError::io("cannot set the mtime of", &m.path, e))?;
     file.sync_all()
-        .map_err(|e| io_status("cannot fsync", &m.path, e))?;
-    drop(file);
+        .map_err(|e| FilesError::io("cannot fsync", &m.path, e))?;
+    let written = file.metadata().map_err(stat_err)?;
     // Every chunk was verified (the prefix before `offset` too), and the manifest's digest
-    // was checked against its chunk list: the file is whole and correct.
-    fs::rename(&t.partial, &t.target)
-        .map_err(|e| io_status("cannot rename the finished file onto", &m.path, e))?;
-    if let Some(dir) = t.target.parent() {
-        // Makes the rename itself durable.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_status("cannot fsync the directory of", &m.path, e))?;
+    // was checked against its chunk list: the inode this transfer wrote is whole and correct.
+    // Only that inode may be renamed onto the target.
+    if !is_same_inode(dir, partial, &written) {
+        return Err(FilesError::Replaced {
+            path: m.path.clone(),
+        });
     }
-    match fs::symlink_metadata(&t.target) {
-        Ok(meta) => t.cache.insert(&t.target, &meta, m.digest),
-        Err(_) => t.cache.remove(&t.target),
+    dir.rename(partial, name)
+        .map_err(|e| FilesError::io("cannot rename the finished file onto", &m.path, e))?;
+    if !is_same_inode(dir, name, &written) {
+        // Swapped between the check and the rename: what landed is not what was verified.
+        let _ = dir.unlink(name);
+        t.ctx.cache.remove(&t.key);
+        return Err(FilesError::Replaced {
+            path: m.path.clone(),
+        });
     }
-    t.cache.save_soon();
+    // Makes the rename itself durable.
+    dir.sync()
+        .map_err(|e| FilesError::io("cannot fsync the directory of", &m.path, e))?;
+    match file.metadata() {
+        Ok(meta) => t.ctx.cache.insert(&t.key, &meta, m.digest, known),
+        Err(_) => t.ctx.cache.remove(&t.key),
+    }
+    t.ctx.cache.save_soon();
     metrics::add(&metrics::COUNTERS.files_verified, 1);
     Ok(pb::PutFileReply {
         path: m.path.clone(),

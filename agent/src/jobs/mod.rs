@@ -18,7 +18,7 @@ pub(crate) mod lease;
 pub mod log;
 pub mod output;
 pub mod pidfd;
-mod preflight;
+pub mod preflight;
 pub mod process;
 pub mod reaper;
 pub mod recover;
@@ -207,11 +207,9 @@ impl Jobs {
         Ok(self.root.resolve(joined)?)
     }
 
-    pub async fn preflight(&self, req: pb::PreflightRequest) -> Result<pb::PreflightReply, Status> {
-        let workspace = self.root.resolve(&req.workspace)?;
-        let mut reply = preflight::check(&workspace, &req, |base, p| {
-            self.resolve_under(base, p).map_err(Status::from)
-        })?;
+    pub async fn preflight(&self, req: preflight::Preflight) -> Result<pb::PreflightReply, Status> {
+        let workspace = self.root.path().join(req.workspace.rel());
+        let mut reply = preflight::check(&self.root, req).await?;
         let candidates: Vec<Arc<Job>> = self
             .all()
             .into_iter()

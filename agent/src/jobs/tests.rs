@@ -249,21 +249,33 @@ async fn preflight_reports_live_jobs_of_the_workspace() {
         .await
         .unwrap();
     let r = jobs
-        .preflight(pb::PreflightRequest {
-            workspace: "ws".into(),
-            read_files: vec![],
-            free_port_on: String::new(),
-        })
+        .preflight(
+            preflight::Preflight::parse(
+                &jobs.root,
+                pb::PreflightRequest {
+                    workspace: "ws".into(),
+                    read_files: vec![],
+                    free_port_on: String::new(),
+                },
+            )
+            .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(r.live_jobs.len(), 1);
     assert_eq!(r.live_jobs[0].job_id, "j6");
     jobs.shutdown().await;
     let r = jobs
-        .preflight(pb::PreflightRequest {
-            workspace: "ws".into(),
-            ..Default::default()
-        })
+        .preflight(
+            preflight::Preflight::parse(
+                &jobs.root,
+                pb::PreflightRequest {
+                    workspace: "ws".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        )
         .await
         .unwrap();
     assert!(r.live_jobs.is_empty());
