@@ -611,3 +611,214 @@ fn has(program: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// A `launch --json` of a job whose trainers hang, once every trainer said so: the child, its
+/// stdout lines as they come, and its stderr once it ends.
+struct Hanging {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Hanging {
+    fn start(c: &TestCluster, flags: &[&str]) -> Self {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(flags);
+        let mut child = c
+            .launch_direct(
+                "1",
+                &all,
+                "python3 fake_dgl.py --ip_config ip_config.txt --hang",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dgl-coord");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = reader(child.stderr.take().expect("stderr"));
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut h = Self {
+            child,
+            lines,
+            stderr,
+        };
+        let mut hanging = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while hanging < c.len() {
+            match h
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => hanging += usize::from(l.contains("hanging")),
+                Err(_) => {
+                    let _ = h.child.kill();
+                    panic!("the trainers never hung");
+                }
+            }
+        }
+        h
+    }
+
+    /// Waits (at most `limit`) for dgl-coord to exit: its code, its stderr, its last event.
+    fn end(mut self, limit: Duration) -> (Option<i32>, String, Value) {
+        let code = wait_with_timeout(&mut self.child, limit).and_then(|s| s.code());
+        if code.is_none() {
+            let _ = self.child.kill();
+        }
+        let stderr = self.stderr.join().unwrap_or_default();
+        let rest: Vec<String> = self.lines.try_iter().collect();
+        let last = rest
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(Value::Null);
+        (code, stderr, last)
+    }
+
+    fn job_id(c: &TestCluster) -> String {
+        let mut status = c.coord();
+        status
+            .args(["status", "--json", "--ip_config"])
+            .arg(c.ip_config_file());
+        let st = run(status, Duration::from_secs(30));
+        let hosts: Value = serde_json::from_str(&st.stdout).expect("status JSON");
+        hosts[0]["jobs"][0]["job_id"]
+            .as_str()
+            .expect("a job on m0")
+            .to_string()
+    }
+}
+
+fn kill_cmd(c: &TestCluster, ip_config: &std::path::Path, extra: &[&str]) -> Command {
+    let mut k = c.coord();
+    k.args(["kill", "--grace", "1", "--ip_config"])
+        .arg(ip_config)
+        .args(extra);
+    k
+}
+
+/// `dgl-coord kill` of a running job: the launch that owns it sees the stop at once, names who
+/// stopped it, prints its summary and exits 143 (outcome `stopped`); a second kill says the
+/// job had already finished; `--job` of an unknown id fails naming the id and the hosts.
+#[test]
+fn kill_ends_the_owning_launch_at_once_naming_who_stopped_it() {
+    let c = cluster();
+    let launch = Hanging::start(&c, &[]);
+    let job = Hanging::job_id(&c);
+
+    let k = run(
+        kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(k.code(), 0, "{k:?}");
+    for m in 0..c.len() {
+        assert!(
+            k.stdout.contains(&format!("m{m} (")) && k.stdout.contains("stopped job"),
+            "{k:?}"
+        );
+    }
+    let stopped_at = Instant::now();
+    // Generous: far below the minute the launch used to sit until the agent forgot the job.
+    let (code, stderr, summary) = launch.end(Duration::from_secs(20));
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(20),
+        "the launch did not end after the kill: {stderr}"
+    );
+    assert_eq!(code, Some(143), "{stderr}");
+    assert!(
+        stderr.contains("stopped by dgl-coord kill from "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("(user ") && stderr.contains(", pid "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("shutting down"), "{stderr}");
+    assert!(!stderr.contains("lost the agent"), "{stderr}");
+    assert_eq!(summary["event"], "summary", "{summary}");
+    assert_eq!(
+        (&summary["outcome"], &summary["exit_code"]),
+        (&"stopped".into(), &143.into())
+    );
+    assert!(summary["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("dgl-coord kill")));
+
+    // The job is over: kill says so and signals nothing.
+    let again = run(
+        kill_cmd(&c, &c.ip_config_file(), &[]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(again.code(), 0, "{again:?}");
+    assert!(!again.stdout.contains("stopped job"), "{again:?}");
+    assert!(
+        again
+            .stdout
+            .contains(&format!("job {job} had already finished")),
+        "{again:?}"
+    );
+
+    // An id no agent knows is an error naming it and every host asked.
+    let unknown = run(
+        kill_cmd(&c, &c.ip_config_file(), &["--job", "no-such-id"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(unknown.code(), 1, "{unknown:?}");
+    assert!(unknown.stderr.contains("\"no-such-id\""), "{unknown:?}");
+    for m in 0..c.len() {
+        assert!(
+            unknown
+                .stderr
+                .contains(&format!("m{m} ({}:{})", c.ip(m), c.port)),
+            "{unknown:?}"
+        );
+    }
+}
+
+/// One machine of the ip_config has no agent: kill still stops the job everywhere else, names
+/// the unreachable machine and exits 1.
+#[test]
+fn kill_stops_every_reachable_host_when_one_is_unreachable() {
+    let c = cluster();
+    let launch = Hanging::start(&c, &[]);
+    let pids: Vec<u32> = (0..c.len())
+        .flat_map(|m| fake_dgl::records(c.root(m)))
+        .filter_map(|(_, v)| v["pid"].as_u64().map(|p| p as u32))
+        .collect();
+    assert!(!pids.is_empty());
+    // The same machines and one more, where nothing listens.
+    let nobody = match c.ip(0) {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.250", o[0], o[1], o[2])
+        }
+        other => panic!("loopback v4 expected, got {other}"),
+    };
+    let ip_config = c.dir.path().join("ip_config_plus_one.txt");
+    let mut text = std::fs::read_to_string(c.ip_config_file()).expect("ip_config");
+    text.push_str(&format!("{nobody} 30050\n"));
+    std::fs::write(&ip_config, text).expect("write ip_config");
+
+    let k = run(kill_cmd(&c, &ip_config, &[]), Duration::from_secs(60));
+    assert_eq!(k.code(), 1, "{k:?}");
+    assert!(
+        k.stderr.contains(&format!("m3 ({nobody}:{})", c.port)) && k.stderr.contains("unreachable"),
+        "{k:?}"
+    );
+    for m in 0..c.len() {
+        assert!(
+            k.stdout
+                .contains(&format!("m{m} ({}:{}): stopped job", c.ip(m), c.port)),
+            "{k:?}"
+        );
+    }
+    let left = dglrun_integration_tests::wait_gone(&pids, Duration::from_secs(20));
+    assert!(left.is_empty(), "still running: {left:?}\n{k:?}");
+    let (code, stderr, _) = launch.end(Duration::from_secs(20));
+    assert_eq!(code, Some(143), "{stderr}");
+}

@@ -21,6 +21,7 @@ pub mod reaper;
 pub mod recover;
 pub mod state_file;
 pub mod stop;
+mod stopped;
 pub mod tree;
 
 use std::collections::{HashMap, VecDeque};
@@ -361,6 +362,7 @@ impl Jobs {
     pub async fn stop(&self, req: pb::StopRequest) -> Result<pb::StopReply, Status> {
         let job = self.get(&req.job_id)?;
         let grace = Duration::from_millis(req.grace_ms.into()).min(MAX_GRACE);
+        let was_running = stopped::announce(&job, pb::StopCause::Requested, &req.requester);
         // In a task of its own: a coordinator that gives up waiting must not cut a stop short
         // between SIGTERM and SIGKILL.
         let j = job.clone();
@@ -371,6 +373,7 @@ impl Jobs {
         Ok(pb::StopReply {
             signalled: outcome.signalled,
             remaining: outcome.remaining,
+            already_finished: !was_running && outcome.signalled == 0,
         })
     }
 
@@ -399,6 +402,7 @@ impl Jobs {
         let jobs = self.all();
         let grace = self.config.grace;
         let stops = jobs.iter().map(|j| async move {
+            stopped::announce(j, pb::StopCause::AgentShutdown, "the agent shutting down");
             let outcome = stop_job(j, grace, false).await;
             if outcome.signalled > 0 {
                 tracing::info!(job = %j.id, signalled = outcome.signalled, remaining = outcome.remaining, "job stopped: agent shutting down");

@@ -139,6 +139,7 @@ async fn stop_kills_a_setsid_grandchild_that_ignores_sigterm() {
             job_id: "j2".into(),
             grace_ms: 300,
             force: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -292,6 +293,7 @@ async fn the_lease_monitor_sleeps_until_the_next_deadline() {
         job_id: "j-due".into(),
         grace_ms: 100,
         force: false,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -58,7 +58,8 @@ pub(super) enum Msg {
         host: usize,
         ev: pb::JobEvent,
     },
-    /// The agent ended the event stream (it forgot the job or is shutting down).
+    /// The agent ended the event stream without saying why the job stopped (it forgot the
+    /// job); an agent that shuts down says so first in a `stopped` event.
     StreamEnded {
         host: usize,
     },
@@ -76,11 +77,29 @@ pub(super) enum Msg {
 #[derive(Clone, Debug)]
 enum Reason {
     Success,
-    Failed { host: usize, label: String },
-    SpawnFailed { host: usize, message: String },
-    Lost { host: usize, loss: Loss },
+    Failed {
+        host: usize,
+        label: String,
+    },
+    SpawnFailed {
+        host: usize,
+        message: String,
+    },
+    Lost {
+        host: usize,
+        loss: Loss,
+    },
     Signal(i32),
+    /// Someone else stopped the job on `host` (`dgl-coord kill`, another client's Stop).
+    StoppedBy {
+        host: usize,
+        by: String,
+    },
 }
+
+/// dgl-coord's exit code when someone else stopped the job and no process had failed before:
+/// that of a SIGTERM, which is what such a stop sends.
+pub const STOPPED_BY_OTHER_EXIT: u8 = 143;
 
 struct Proc {
     role: Role,
@@ -115,6 +134,8 @@ struct Driver {
     all_started: Option<Instant>,
     signals: u32,
     out: Sink,
+    /// How this command names itself in its Stop requests.
+    requester: String,
 }
 
 pub async fn run(
@@ -162,6 +183,7 @@ pub async fn run(
         all_started: None,
         signals: 0,
         out,
+        requester: crate::ops::requester("dgl-coord launch"),
     };
 
     // Servers everywhere first, then trainers: DGL's clients expect their servers up.
@@ -408,6 +430,7 @@ impl Driver {
                 self.out.lost_lines(host, &ip, n, &name);
             }
             Some(Event::Exited(x)) => self.on_exit(host, x),
+            Some(Event::Stopped(s)) => self.on_stopped(host, s),
             None => {}
         }
     }
@@ -441,6 +464,37 @@ impl Driver {
                 self.begin_stop(Reason::Success);
             }
         }
+    }
+
+    /// The agent of `host` began stopping the job. Our own Stops are announced too; they
+    /// come while `stopping` is already set and change nothing.
+    fn on_stopped(&mut self, host: usize, s: pb::JobStopped) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let name = self.hosts[host].name();
+        let reason = match pb::StopCause::try_from(s.cause) {
+            Ok(pb::StopCause::LeaseExpired) => Reason::Lost {
+                host,
+                loss: Loss::LeaseExpired,
+            },
+            Ok(pb::StopCause::AgentShutdown) => Reason::Lost {
+                host,
+                loss: Loss::ShuttingDown,
+            },
+            _ => Reason::StoppedBy { host, by: s.by },
+        };
+        match &reason {
+            Reason::Lost { loss, .. } => self.out.note(&format!(
+                "lost the agent of {name}: {}; stopping the job on every other host",
+                loss.reason()
+            )),
+            Reason::StoppedBy { by, .. } => self.out.note(&format!(
+                "{name}: the job was stopped by {by}; stopping it on every host"
+            )),
+            _ => {}
+        }
+        self.begin_stop(reason);
     }
 
     fn on_signal(&mut self, sig: i32) {
@@ -491,6 +545,7 @@ impl Driver {
                 job_id: self.o.job_id.clone(),
                 grace_ms: millis(self.o.grace),
                 force,
+                requester: self.requester.clone(),
             };
             // The agent gives up after grace plus a few seconds of SIGKILL.
             let limit = self.o.grace + Duration::from_secs(15);
@@ -533,6 +588,8 @@ impl Driver {
             Some(Reason::Failed { .. }) => worst.max(1),
             Some(Reason::Signal(sig)) if worst == 0 => (128 + sig) as u8,
             Some(Reason::Signal(_)) => worst,
+            Some(Reason::StoppedBy { .. }) if worst == 0 => STOPPED_BY_OTHER_EXIT,
+            Some(Reason::StoppedBy { .. }) => worst,
             Some(Reason::SpawnFailed { .. } | Reason::Lost { .. }) => worst.max(1),
         };
         let error = match &reason {
@@ -550,6 +607,10 @@ impl Driver {
             Some(Reason::Signal(sig)) => {
                 Some(format!("job stopped by {}", summary::signal_name(*sig)))
             }
+            Some(Reason::StoppedBy { host, by }) => Some(format!(
+                "job stopped by {by} (seen by the agent of {})",
+                self.hosts[*host].name()
+            )),
             _ => None,
         };
         // The signal was already announced when it came; the other reasons are told here.
@@ -627,6 +688,7 @@ impl Driver {
                 Some(Reason::SpawnFailed { .. }) => Outcome::SpawnFailed,
                 Some(Reason::Lost { .. }) => Outcome::Lost,
                 Some(Reason::Signal(_)) => Outcome::Signal,
+                Some(Reason::StoppedBy { .. }) => Outcome::Stopped,
             },
             exit_code: code,
             error,
