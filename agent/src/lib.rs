@@ -13,3 +13,4 @@ pub mod restart;
 pub mod server;
 pub mod service;
 pub mod settings;
+pub mod test_hooks;

@@ -99,6 +99,7 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::SpawnReply>, Status> {
         let req = req.into_inner();
         limits::check_spawn(&req)?;
+        crate::test_hooks::before_spawn().await;
         self.jobs.spawn(req).await.map(Response::new)
     }
 

@@ -822,3 +822,33 @@ fn kill_stops_every_reachable_host_when_one_is_unreachable() {
     let (code, stderr, _) = launch.end(Duration::from_secs(20));
     assert_eq!(code, Some(143), "{stderr}");
 }
+
+/// One host's Spawn takes longer than the whole lease (the agent delays it on purpose): the
+/// other hosts' leases are renewed from the first Spawn on, so none of them stops its part
+/// and the job succeeds.
+#[test]
+fn a_slow_spawn_on_one_host_does_not_let_the_others_leases_expire() {
+    let mut c = cluster();
+    // SAFETY: nextest runs each test in a process of its own, and no other thread of this
+    // one reads the environment while it is set; only the restarted agent inherits it.
+    unsafe { std::env::set_var("DGL_AGENT_TEST_SPAWN_DELAY_MS", "3000") };
+    c.restart_agent(2);
+    unsafe { std::env::remove_var("DGL_AGENT_TEST_SPAWN_DELAY_MS") };
+    let r = run(
+        c.launch_direct(
+            "1",
+            &["--lease-timeout", "1"],
+            "python3 fake_dgl.py --ip_config ip_config.txt --lines 2",
+        ),
+        Duration::from_secs(120),
+    );
+    assert!(
+        r.elapsed >= Duration::from_secs(3),
+        "the Spawn was not slowed: {r:?}"
+    );
+    for m in 0..2 {
+        let log = c.agent_log(m);
+        assert!(!log.contains("lease expired"), "m{m}: {log}\n{r:?}");
+    }
+    assert_eq!(r.code(), 0, "{r:?}");
+}

@@ -186,13 +186,18 @@ pub async fn run(
         requester: crate::ops::requester("dgl-coord launch"),
     };
 
+    // Leases are renewed from the first Spawn on: a host whose Spawn is slow must not let the
+    // others' leases run out while the rest of the phase waits for it.
+    for h in 0..d.hosts.len() {
+        d.start_renewal(h);
+    }
     // Servers everywhere first, then trainers: DGL's clients expect their servers up.
     for trainers in [false, true] {
         d.spawn_phase(trainers).await;
         if !trainers {
-            // The job now exists on every host: follow its events and keep its lease.
+            // The job now exists on every host: follow its events.
             for h in 0..d.hosts.len() {
-                d.start_host_tasks(h);
+                d.start_watch(h);
             }
         }
         // A signal that arrived while spawning is handled before the next phase.
@@ -325,7 +330,7 @@ impl Driver {
         }
     }
 
-    fn start_host_tasks(&mut self, host: usize) {
+    fn start_watch(&mut self, host: usize) {
         let h = &self.hosts[host];
         self.tasks.spawn(watch_host(
             host,
@@ -334,6 +339,10 @@ impl Driver {
             self.tx.clone(),
             self.o.lease,
         ));
+    }
+
+    fn start_renewal(&mut self, host: usize) {
+        let h = &self.hosts[host];
         self.tasks.spawn(renew_host(
             host,
             Reconnect::new(h.client.clone(), self.o.access.clone(), h.addr),
