@@ -14,3 +14,4 @@ pub mod server;
 pub mod service;
 pub mod settings;
 pub mod test_hooks;
+pub mod workspace;

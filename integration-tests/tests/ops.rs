@@ -852,3 +852,235 @@ fn a_slow_spawn_on_one_host_does_not_let_the_others_leases_expire() {
     }
     assert_eq!(r.code(), 0, "{r:?}");
 }
+
+mod workspace_lease {
+    //! A workspace serves one job at a time, and never a launch and a copy at once.
+
+    use super::*;
+    use dglrun_proto::digest::hash_reader;
+    use dglrun_proto::meta::ClientMeta;
+    use dglrun_proto::pb::agent_client::AgentClient;
+    use dglrun_proto::pb::{self, put_file_message::Msg};
+    use tonic::transport::{Channel, Endpoint};
+
+    type Client = AgentClient<tonic::service::interceptor::InterceptedService<Channel, ClientMeta>>;
+
+    fn client(c: &TestCluster, m: usize) -> Client {
+        let uri = format!("http://{}:{}", c.ip(m), c.port);
+        AgentClient::with_interceptor(
+            Endpoint::from_shared(uri).unwrap().connect_lazy(),
+            ClientMeta::new(None).unwrap(),
+        )
+    }
+
+    fn manifest(path: &str, data: &[u8]) -> pb::FileManifest {
+        let d = hash_reader(data, |_| {}).unwrap();
+        pb::FileManifest {
+            path: path.into(),
+            size: d.size,
+            digest: d.digest.to_vec(),
+            chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
+            mode: 0o644,
+        }
+    }
+
+    async fn prepare(
+        client: &mut Client,
+        path: &str,
+        data: &[u8],
+    ) -> Result<pb::PrepareFilesReply, tonic::Status> {
+        client
+            .prepare_files(pb::PrepareFilesRequest {
+                files: vec![manifest(path, data)],
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn put(client: &mut Client, path: &str, data: &[u8]) -> Result<(), tonic::Status> {
+        let header = pb::PutFileMessage {
+            msg: Some(Msg::Header(pb::PutFileHeader {
+                manifest: Some(manifest(path, data)),
+                offset: 0,
+            })),
+        };
+        let chunk = pb::PutFileMessage {
+            msg: Some(Msg::Chunk(pb::Chunk {
+                offset: 0,
+                data: data.to_vec().into(),
+                ..Default::default()
+            })),
+        };
+        client
+            .put_file(tokio_stream::iter(vec![header, chunk]))
+            .await
+            .map(|_| ())
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Runtime::new().expect("runtime")
+    }
+
+    /// Two launches into one workspace at once (the agent's Spawn made slow so both pass
+    /// Preflight before either Spawn lands): one runs, the other is refused naming its job.
+    #[test]
+    fn two_launches_at_once_one_is_refused_naming_the_other_job() {
+        let mut c = TestCluster::with_workspace(1);
+        // SAFETY: nextest runs each test in a process of its own, and no other thread of this
+        // one reads the environment while it is set; only the restarted agent inherits it.
+        unsafe { std::env::set_var("DGL_AGENT_TEST_SPAWN_DELAY_MS", "1500") };
+        c.restart_agent(0);
+        unsafe { std::env::remove_var("DGL_AGENT_TEST_SPAWN_DELAY_MS") };
+        let start = || {
+            c.launch_direct(
+                "1",
+                &[],
+                "python3 fake_dgl.py --ip_config ip_config.txt --hang",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dgl-coord")
+        };
+        let mut a = start();
+        let mut b = start();
+        let (ea, eb) = (
+            reader(a.stderr.take().expect("stderr")),
+            reader(b.stderr.take().expect("stderr")),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (loser_code, loser_err, mut winner) = loop {
+            if let Some(st) = a.try_wait().expect("wait") {
+                break (st.code(), ea.join().unwrap_or_default(), b);
+            }
+            if let Some(st) = b.try_wait().expect("wait") {
+                break (st.code(), eb.join().unwrap_or_default(), a);
+            }
+            if Instant::now() > deadline {
+                let _ = a.kill();
+                let _ = b.kill();
+                panic!("both launches ran on one workspace");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let job = Hanging::job_id(&c);
+        let k = run(
+            kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+            Duration::from_secs(60),
+        );
+        let _ = wait_with_timeout(&mut winner, Duration::from_secs(30));
+        let _ = winner.kill();
+        assert_eq!(loser_code, Some(1), "{loser_err}");
+        assert!(
+            loser_err.contains(&format!("in use by job {job}")),
+            "the refusal names the running job {job}: {loser_err}"
+        );
+        assert!(
+            loser_err.contains("UTC"),
+            "and when it started: {loser_err}"
+        );
+        assert_eq!(k.code(), 0, "{k:?}");
+    }
+
+    /// A copy whose files are not all sent yet holds the workspace: a launch is refused naming
+    /// the copy and a file still to come; once the file is written, the launch runs.
+    #[test]
+    fn a_launch_during_a_copy_is_refused_naming_the_copy() {
+        let c = TestCluster::with_workspace(1);
+        let rt = runtime();
+        let _in_runtime = rt.enter();
+        let mut cl = client(&c, 0);
+        let data = vec![7u8; 1 << 20];
+        let path = format!("{WS}/data/big.bin");
+        let prepared = rt
+            .block_on(prepare(&mut cl, &path, &data))
+            .expect("prepare");
+        assert_eq!(prepared.files[0].status, pb::FileStatus::Send as i32);
+
+        let r = run(
+            c.launch_direct(
+                "1",
+                &[],
+                "python3 fake_dgl.py --ip_config ip_config.txt --lines 1",
+            ),
+            Duration::from_secs(60),
+        );
+        assert_eq!(r.code(), 1, "{r:?}");
+        assert!(r.stderr.contains("is being copied into"), "{r:?}");
+        assert!(r.stderr.contains("data/big.bin"), "{r:?}");
+        assert!(
+            fake_dgl::records(c.root(0)).is_empty(),
+            "nothing ran: {r:?}"
+        );
+
+        rt.block_on(put(&mut cl, &path, &data)).expect("put");
+        let r = run(
+            c.launch_direct(
+                "1",
+                &[],
+                "python3 fake_dgl.py --ip_config ip_config.txt --lines 1",
+            ),
+            Duration::from_secs(60),
+        );
+        assert_eq!(r.code(), 0, "the copy is over: {r:?}");
+    }
+
+    /// While a job runs, a copy into its workspace that would change a file is refused naming
+    /// the job (at PrepareFiles, and a PutFile straight away too); one of unchanged files passes.
+    #[test]
+    fn a_copy_into_a_running_jobs_workspace_only_passes_unchanged() {
+        let c = TestCluster::with_workspace(1);
+        let launch = Hanging::start(&c, &[]);
+        let job = Hanging::job_id(&c);
+        let rt = runtime();
+        let _in_runtime = rt.enter();
+        let mut cl = client(&c, 0);
+        let path = format!("{WS}/fake_dgl.py");
+        let same = std::fs::read(c.root(0).join(&path)).expect("script");
+        let mut changed = same.clone();
+        changed.extend_from_slice(b"\n# changed\n");
+
+        let unchanged = rt
+            .block_on(prepare(&mut cl, &path, &same))
+            .expect("unchanged");
+        assert_eq!(unchanged.files[0].status, pb::FileStatus::Present as i32);
+
+        let refused = rt
+            .block_on(prepare(&mut cl, &path, &changed))
+            .expect_err("a changed file is refused");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains(&format!("job {job}"))
+                && refused.message().contains("fake_dgl.py"),
+            "{refused:?}"
+        );
+        let refused = rt
+            .block_on(put(&mut cl, &path, &changed))
+            .expect_err("a changed file is refused");
+        assert!(
+            refused.message().contains(&format!("job {job}")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            std::fs::read(c.root(0).join(&path)).expect("script"),
+            same,
+            "the running job's file is untouched"
+        );
+
+        let k = run(
+            kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(k.code(), 0, "{k:?}");
+        let (code, stderr, _) = launch.end(Duration::from_secs(30));
+        assert_eq!(code, Some(143), "{stderr}");
+        // The job is over: the copy goes through.
+        rt.block_on(prepare(&mut cl, &path, &changed))
+            .expect("no job holds the workspace any more");
+    }
+}

@@ -47,6 +47,8 @@ pub struct Files {
     locks: PathLocks,
     verified: Arc<Verified>,
     active: Arc<AtomicUsize>,
+    /// Copies and jobs holding workspaces (shared with `jobs`).
+    workspaces: Arc<crate::workspace::Workspaces>,
 }
 
 /// Counts a running transfer; the last one to end gives the heap back to the system.
@@ -78,7 +80,14 @@ impl Files {
             locks: PathLocks::default(),
             verified: Arc::new(Verified::default()),
             active: Arc::new(AtomicUsize::new(0)),
+            workspaces: Arc::default(),
         }
+    }
+
+    /// Shares the workspace leases the agent's jobs keep.
+    pub fn with_workspaces(mut self, workspaces: Arc<crate::workspace::Workspaces>) -> Self {
+        self.workspaces = workspaces;
+        self
     }
 
     pub async fn prepare(
@@ -92,6 +101,7 @@ impl Files {
             let target = self.root.resolve(&m.path)?;
             work.push((m, target));
         }
+        let targets: Vec<PathBuf> = work.iter().map(|(_, t)| t.clone()).collect();
         let states: Vec<(pb::FileState, u64)> = futures::stream::iter(work)
             .map(|(m, target)| async move {
                 let lock = self.locks.lock(&target).await;
@@ -121,6 +131,8 @@ impl Files {
         })
         .await
         .map_err(|e| Status::internal(format!("prepare failed: {e}")))?;
+        let (sending, present) = crate::workspace::split_prepared(targets, &states);
+        self.workspaces.note_prepare(sending, &present)?;
         let to_receive: u64 = states.iter().map(|(_, n)| n).sum();
         tracing::debug!(files = states.len(), to_receive, free_bytes, "prepared");
         Ok(pb::PrepareFilesReply {
@@ -160,6 +172,7 @@ impl Files {
         if target.is_dir() {
             return Err(in_the_way(&m.path));
         }
+        let copy = self.workspaces.writing(&target)?;
         let lock = self.locks.lock(&target).await;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let transfer = Transfer {
@@ -183,10 +196,14 @@ impl Files {
         let written = writer
             .await
             .map_err(|e| Status::internal(format!("{}: the writer failed: {e}", m.path)))?;
-        match received {
+        let result = match received {
             Err(Received::Refused(status)) => Err(status),
             Ok(()) | Err(Received::WriterStopped) => written,
+        };
+        if result.is_ok() {
+            copy.written();
         }
+        result
     }
 }
 

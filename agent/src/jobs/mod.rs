@@ -72,6 +72,8 @@ pub struct Jobs {
     state_file: Arc<StateFile>,
     /// Tells the lease monitor that a deadline may have moved earlier.
     lease_wake: Arc<tokio::sync::Notify>,
+    /// Which job or copy holds each workspace (shared with `files`).
+    workspaces: Arc<crate::workspace::Workspaces>,
 }
 
 fn not_found(id: &str) -> Status {
@@ -107,9 +109,15 @@ impl Jobs {
             shutting_down: AtomicBool::new(false),
             state_file,
             lease_wake: Arc::new(tokio::sync::Notify::new()),
+            workspaces: Arc::default(),
         });
         lease::spawn_monitor(Arc::downgrade(&jobs), jobs.lease_wake.clone());
         Ok(jobs)
+    }
+
+    /// The workspace leases, for `files` to share.
+    pub fn workspaces(&self) -> &Arc<crate::workspace::Workspaces> {
+        &self.workspaces
     }
 
     /// What the state file should say now: every job not known to be over, with its direct
@@ -187,6 +195,7 @@ impl Jobs {
 
     pub async fn preflight(&self, req: pb::PreflightRequest) -> Result<pb::PreflightReply, Status> {
         let workspace = self.root.resolve(&req.workspace)?;
+        self.workspaces.check_launch(&workspace)?;
         let mut reply = preflight::check(&workspace, &req, |base, p| self.resolve_under(base, p))?;
         let candidates: Vec<Arc<Job>> = self
             .all()
@@ -240,17 +249,20 @@ impl Jobs {
                     crate::limits::MAX_JOBS
                 )));
             }
-            let job = map
-                .entry(req.job_id.clone())
-                .or_insert_with(|| {
-                    Arc::new(Job::new(
+            let job = match map.get(&req.job_id) {
+                Some(job) => job.clone(),
+                None => {
+                    let job = Arc::new(Job::new(
                         req.job_id.clone(),
                         workspace.clone(),
                         self.root.path(),
                         lease,
-                    ))
-                })
-                .clone();
+                    ));
+                    self.workspaces.claim_for_job(&workspace, &job)?;
+                    map.insert(req.job_id.clone(), job.clone());
+                    job
+                }
+            };
             if job.workspace != workspace {
                 return Err(Status::failed_precondition(format!(
                     "job {} already runs in workspace {}",
