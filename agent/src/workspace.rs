@@ -343,3 +343,76 @@ pub fn split_prepared(
         present.into_iter().map(|(t, _)| t).collect(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, ws: &Path) -> Arc<Job> {
+        let j = Arc::new(Job::new(
+            id.into(),
+            ws.into(),
+            Path::new("/r"),
+            Duration::from_secs(10),
+        ));
+        j.add_process("server0", 1, None, Instant::now());
+        j
+    }
+
+    #[test]
+    fn a_second_job_is_refused_naming_the_first_until_it_is_stopped() {
+        let w = Arc::new(Workspaces::default());
+        let ws = Path::new("/r/ws");
+        let a = job("a", ws);
+        w.claim_for_job(ws, &a).unwrap();
+        // The same job's later Spawns are its own.
+        w.claim_for_job(ws, &a).unwrap();
+        let err = w.claim_for_job(ws, &job("b", ws)).unwrap_err().to_string();
+        assert!(err.contains("in use by job a (started at "), "{err}");
+        // Another workspace is free.
+        w.claim_for_job(Path::new("/r/other"), &job("c", Path::new("/r/other")))
+            .unwrap();
+        a.state().clean = true;
+        w.claim_for_job(ws, &job("b", ws)).unwrap();
+    }
+
+    #[test]
+    fn a_copy_holds_its_workspace_until_its_files_are_written() {
+        let w = Arc::new(Workspaces::default());
+        let ws = Path::new("/r/ws");
+        let files = vec![ws.join("a"), ws.join("data/b")];
+        w.note_prepare(files.clone(), &[]).unwrap();
+        let err = w.check_launch(ws).unwrap_err().to_string();
+        assert!(err.contains("a copy of 2 files"), "{err}");
+        assert!(w.claim_for_job(ws, &job("j", ws)).is_err());
+        // A copy elsewhere does not hold this workspace.
+        w.check_launch(Path::new("/r/other")).unwrap();
+
+        w.writing(&files[0]).unwrap().written();
+        // A failed transfer leaves its file to come.
+        drop(w.writing(&files[1]).unwrap());
+        let err = w.check_launch(ws).unwrap_err().to_string();
+        assert!(err.contains("1 of them are still to come"), "{err}");
+        // The copy's closing check finds it present.
+        w.note_prepare(Vec::new(), &files[1..]).unwrap();
+        w.check_launch(ws).unwrap();
+        w.claim_for_job(ws, &job("j", ws)).unwrap();
+    }
+
+    #[test]
+    fn under_a_running_job_only_unchanged_files_may_be_copied() {
+        let w = Arc::new(Workspaces::default());
+        let ws = Path::new("/r/ws");
+        let j = job("j", ws);
+        w.claim_for_job(ws, &j).unwrap();
+        w.note_prepare(Vec::new(), &[ws.join("a")]).unwrap();
+        let err = w.note_prepare(vec![ws.join("a")], &[]).unwrap_err();
+        assert!(err.to_string().contains("while job j"), "{err}");
+        assert!(w.writing(&ws.join("x")).is_err());
+        // Outside the workspace, anything goes.
+        w.note_prepare(vec![Path::new("/r/elsewhere/a").into()], &[])
+            .unwrap();
+        j.forget();
+        w.note_prepare(vec![ws.join("a")], &[]).unwrap();
+    }
+}

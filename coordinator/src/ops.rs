@@ -440,6 +440,51 @@ async fn kill_on(
 mod tests {
     use super::*;
 
+    fn killed(job: &str, state: KillState, signalled: u32) -> Killed {
+        Killed {
+            machine: 0,
+            address: "10.0.0.1:47001".into(),
+            job_id: job.into(),
+            state,
+            signalled,
+            remaining: 0,
+        }
+    }
+
+    #[test]
+    fn a_kill_report_says_what_was_stopped_and_what_was_over() {
+        let report = KillReport {
+            jobs: vec![
+                killed("a", KillState::Stopped, 3),
+                killed("b", KillState::AlreadyFinished, 0),
+            ],
+            failures: Vec::new(),
+            errors: Vec::new(),
+        };
+        assert!(report.ok());
+        assert_eq!(
+            report.render(),
+            "m0 (10.0.0.1:47001): stopped job a (3 processes signalled)\n\
+             m0 (10.0.0.1:47001): job b had already finished: nothing to stop\n"
+        );
+        let empty = KillReport {
+            jobs: Vec::new(),
+            failures: Vec::new(),
+            errors: Vec::new(),
+        };
+        assert_eq!(empty.render(), "no jobs to stop\n");
+    }
+
+    #[test]
+    fn the_requester_names_command_host_user_and_pid() {
+        let r = requester("dgl-coord kill");
+        assert!(r.starts_with("dgl-coord kill from "), "{r}");
+        assert!(
+            r.contains(" (user ") && r.ends_with(&format!(", pid {})", std::process::id())),
+            "{r}"
+        );
+    }
+
     #[test]
     fn bytes_read_well() {
         assert_eq!(human_bytes(512), "512 B");
