@@ -622,13 +622,18 @@ struct Hanging {
 
 impl Hanging {
     fn start(c: &TestCluster, flags: &[&str]) -> Self {
+        Self::start_script(c, "fake_dgl.py", flags)
+    }
+
+    /// As [`start`](Self::start), with the stand-in at `script` in the workspace.
+    fn start_script(c: &TestCluster, script: &str, flags: &[&str]) -> Self {
         let mut all = vec!["--json"];
         all.extend_from_slice(flags);
         let mut child = c
             .launch_direct(
                 "1",
                 &all,
-                "python3 fake_dgl.py --ip_config ip_config.txt --hang",
+                &format!("python3 {script} --ip_config ip_config.txt --hang"),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1082,5 +1087,65 @@ mod workspace_lease {
         // The job is over: the copy goes through.
         rt.block_on(prepare(&mut cl, &path, &changed))
             .expect("no job holds the workspace any more");
+    }
+
+    /// The same through `dgl-coord copy`: while a job runs in the workspace, a copy of the
+    /// same files passes (nothing to send), a copy with one file changed fails naming the job
+    /// and leaves the file as the job has it.
+    #[test]
+    fn dgl_coord_copy_into_a_running_jobs_workspace_passes_only_unchanged() {
+        let c = TestCluster::start(1);
+        let local = c.local();
+        let part_config = gen_partitions(&local.join("parts"), 1, 64, "g").expect("partitions");
+        let code = local.join("code");
+        std::fs::create_dir_all(&code).expect("code");
+        let script = code.join("fake_dgl.py");
+        std::fs::copy(fixtures_dir().join("fake_dgl.py"), &script).expect("script");
+        let copy = || {
+            let mut cmd = c.coord();
+            cmd.env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+                .args(["copy", "--workspace", WS, "--rel_data_path", "data"])
+                .arg("--part_config")
+                .arg(&part_config)
+                .arg("--ip_config")
+                .arg(c.ip_config_file())
+                .arg("--script_folder")
+                .arg(&code)
+                .args(["--progress", "quiet"]);
+            run(cmd, Duration::from_secs(60))
+        };
+        let first = copy();
+        assert_eq!(first.code(), 0, "{first:?}");
+
+        let launch = Hanging::start_script(&c, "code/fake_dgl.py", &[]);
+        let job = Hanging::job_id(&c);
+        let same = copy();
+        assert_eq!(same.code(), 0, "unchanged files pass: {same:?}");
+
+        let mut changed = std::fs::read(&script).expect("script");
+        changed.extend_from_slice(b"\n# changed\n");
+        std::fs::write(&script, &changed).expect("change the script");
+        let refused = copy();
+        assert_ne!(refused.code(), 0, "{refused:?}");
+        let text = format!("{}{}", refused.stdout, refused.stderr);
+        assert!(
+            text.contains(&format!("while job {job}")) && text.contains("fake_dgl.py"),
+            "{refused:?}"
+        );
+        assert_ne!(
+            std::fs::read(c.root(0).join(WS).join("code/fake_dgl.py")).expect("copied script"),
+            changed,
+            "the running job's script is untouched"
+        );
+
+        let k = run(
+            kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(k.code(), 0, "{k:?}");
+        let (code, stderr, _) = launch.end(Duration::from_secs(30));
+        assert_eq!(code, Some(143), "{stderr}");
+        let after = copy();
+        assert_eq!(after.code(), 0, "the job is over: {after:?}");
     }
 }
