@@ -28,7 +28,8 @@ pub struct KillArgs {
     #[arg(long = "ip_config", alias = "ip-config")]
     ip_config: PathBuf,
 
-    /// Stop only this job (default: every job on every agent).
+    /// Stop only this job (default: every job on every agent). An id no reachable agent
+    /// knows is an error.
     #[arg(long)]
     job: Option<String>,
 

@@ -826,6 +826,28 @@ fn kill_stops_every_reachable_host_when_one_is_unreachable() {
     assert!(left.is_empty(), "still running: {left:?}\n{k:?}");
     let (code, stderr, _) = launch.end(Duration::from_secs(20));
     assert_eq!(code, Some(143), "{stderr}");
+
+    // The same as JSON: what was over, which host failed and why.
+    let k = run(
+        kill_cmd(&c, &ip_config, &["--json"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(k.code(), 1, "{k:?}");
+    let doc: Value = serde_json::from_str(&k.stdout).expect("kill JSON");
+    let jobs = doc["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), c.len(), "{doc}");
+    assert!(
+        jobs.iter().all(|j| j["state"] == "already_finished"),
+        "{doc}"
+    );
+    let failures = doc["failures"].as_array().expect("failures");
+    assert_eq!(failures.len(), 1, "{doc}");
+    assert_eq!(
+        (&failures[0]["machine"], &failures[0]["reachable"]),
+        (&3.into(), &false.into())
+    );
+    assert_eq!(failures[0]["address"], format!("{nobody}:{}", c.port));
+    assert_eq!(doc["errors"].as_array().map(Vec::len), Some(1), "{doc}");
 }
 
 /// One host's Spawn takes longer than the whole lease (the agent delays it on purpose): the
