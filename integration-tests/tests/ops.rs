@@ -785,6 +785,69 @@ fn kill_ends_the_owning_launch_at_once_naming_who_stopped_it() {
     }
 }
 
+/// A kill that lands while the launch is still starting (one host's Spawn is slow): the launch
+/// still reports the job as stopped by the kill (exit 143), not as a failed Spawn.
+#[test]
+fn a_kill_while_the_job_starts_is_a_stop_not_a_spawn_failure() {
+    let mut c = cluster();
+    // SAFETY: nextest runs each test in a process of its own, and no other thread of this
+    // one reads the environment while it is set; only the restarted agent inherits it.
+    unsafe { std::env::set_var("DGL_AGENT_TEST_SPAWN_DELAY_MS", "4000") };
+    c.restart_agent(2);
+    unsafe { std::env::remove_var("DGL_AGENT_TEST_SPAWN_DELAY_MS") };
+    let mut launch = c
+        .launch_direct(
+            "1",
+            &["--json"],
+            "python3 fake_dgl.py --ip_config ip_config.txt --hang",
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dgl-coord");
+    let out = reader(launch.stdout.take().expect("stdout"));
+    let err = reader(launch.stderr.take().expect("stderr"));
+    // Machine 0's servers run while machine 2's Spawn still waits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let mut status = c.coord();
+        status
+            .args(["status", "--json", "--ip_config"])
+            .arg(c.ip_config_file());
+        let st = run(status, Duration::from_secs(30));
+        let hosts: Value = serde_json::from_str(&st.stdout).expect("status JSON");
+        if let Some(id) = hosts[0]["jobs"][0]["job_id"].as_str() {
+            assert!(
+                hosts[2]["jobs"].as_array().is_some_and(|j| j.is_empty()),
+                "machine 2's Spawn was not slow: {hosts}"
+            );
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "the job never started: {hosts}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let k = run(
+        kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(k.code(), 0, "{k:?}");
+    let code = wait_with_timeout(&mut launch, Duration::from_secs(30)).and_then(|s| s.code());
+    if code.is_none() {
+        let _ = launch.kill();
+    }
+    let stderr = err.join().unwrap_or_default();
+    let stdout = out.join().unwrap_or_default();
+    assert_eq!(code, Some(143), "{stderr}");
+    assert!(
+        stderr.contains("stopped by dgl-coord kill from "),
+        "{stderr}"
+    );
+    let summary: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("summary");
+    assert_eq!(summary["outcome"], "stopped", "{summary}");
+}
+
 /// One machine of the ip_config has no agent: kill still stops the job everywhere else, names
 /// the unreachable machine and exits 1.
 #[test]

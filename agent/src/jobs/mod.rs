@@ -271,7 +271,9 @@ impl Jobs {
                 )));
             }
             if job.state().stopping {
-                return Err(Status::failed_precondition(format!(
+                // Aborted, like a stop that lands mid-Spawn: the coordinator tells a job stopped
+                // under it from one that failed to start.
+                return Err(Status::aborted(format!(
                     "job {} is being stopped; start a new job",
                     job.id
                 )));

@@ -91,11 +91,16 @@ enum Reason {
     },
     Signal(i32),
     /// Someone else stopped the job on `host` (`dgl-coord kill`, another client's Stop).
+    /// `by` is a placeholder until the job's `stopped` event names them (`named`).
     StoppedBy {
         host: usize,
         by: String,
+        named: bool,
     },
 }
+
+/// Who stopped a job whose Spawn the agent aborted, until its `stopped` event says.
+const STOPPED_WHILE_STARTING: &str = "another client while it was starting";
 
 /// dgl-coord's exit code when someone else stopped the job and no process had failed before:
 /// that of a SIGTERM, which is what such a stop sends.
@@ -280,8 +285,11 @@ impl Driver {
                 let r = tokio::time::timeout(SPAWN_TIMEOUT, client.spawn(req)).await;
                 let r = match r {
                     Ok(Ok(reply)) => Ok(reply.into_inner()),
-                    Ok(Err(s)) => Err(s.message().to_string()),
-                    Err(_) => Err("the agent did not answer Spawn in time".to_string()),
+                    Ok(Err(s)) => Err((s.code(), s.message().to_string())),
+                    Err(_) => Err((
+                        tonic::Code::DeadlineExceeded,
+                        "the agent did not answer Spawn in time".to_string(),
+                    )),
                 };
                 (rank, r)
             }
@@ -293,9 +301,23 @@ impl Driver {
                         self.note_started(rank, p.index, &p.label, p.pid);
                     }
                 }
-                Err(message) => {
-                    if self.stopping.is_none() {
-                        let name = self.hosts[rank].name();
+                Err((code, message)) => {
+                    if self.stopping.is_some() {
+                        continue;
+                    }
+                    let name = self.hosts[rank].name();
+                    if code == tonic::Code::Aborted {
+                        // A Stop from elsewhere reached the job first: a stop, not a failure.
+                        self.out.note(&format!(
+                            "{name}: the job was stopped by {STOPPED_WHILE_STARTING}; \
+                             stopping it on every host"
+                        ));
+                        self.begin_stop(Reason::StoppedBy {
+                            host: rank,
+                            by: STOPPED_WHILE_STARTING.to_string(),
+                            named: false,
+                        });
+                    } else {
                         self.out.note(&format!("{name}: {message}"));
                         self.begin_stop(Reason::SpawnFailed {
                             host: rank,
@@ -478,7 +500,14 @@ impl Driver {
     /// The agent of `host` began stopping the job. Our own Stops are announced too; they
     /// come while `stopping` is already set and change nothing.
     fn on_stopped(&mut self, host: usize, s: pb::JobStopped) {
-        if self.stopping.is_some() {
+        if let Some(stopping) = &mut self.stopping {
+            // Our own Stops are announced as well: only someone else's names the stopper.
+            let requested = s.cause == pb::StopCause::Requested as i32 && s.by != self.requester;
+            if let Reason::StoppedBy { by, named, .. } = &mut stopping.reason {
+                if requested && !*named {
+                    (*by, *named) = (s.by, true);
+                }
+            }
             return;
         }
         let name = self.hosts[host].name();
@@ -491,7 +520,11 @@ impl Driver {
                 host,
                 loss: Loss::ShuttingDown,
             },
-            _ => Reason::StoppedBy { host, by: s.by },
+            _ => Reason::StoppedBy {
+                host,
+                by: s.by,
+                named: true,
+            },
         };
         match &reason {
             Reason::Lost { loss, .. } => self.out.note(&format!(
@@ -616,7 +649,7 @@ impl Driver {
             Some(Reason::Signal(sig)) => {
                 Some(format!("job stopped by {}", summary::signal_name(*sig)))
             }
-            Some(Reason::StoppedBy { host, by }) => Some(format!(
+            Some(Reason::StoppedBy { host, by, .. }) => Some(format!(
                 "job stopped by {by} (seen by the agent of {})",
                 self.hosts[*host].name()
             )),
