@@ -1018,7 +1018,7 @@ mod workspace_lease {
         let mut c = TestCluster::with_workspace(1);
         // SAFETY: nextest runs each test in a process of its own, and no other thread of this
         // one reads the environment while it is set; only the restarted agent inherits it.
-        unsafe { std::env::set_var("DGL_AGENT_TEST_SPAWN_DELAY_MS", "1500") };
+        unsafe { std::env::set_var("DGL_AGENT_TEST_SPAWN_DELAY_MS", "3000") };
         c.restart_agent(0);
         unsafe { std::env::remove_var("DGL_AGENT_TEST_SPAWN_DELAY_MS") };
         let start = || {
