@@ -1073,29 +1073,54 @@ mod workspace_lease {
         assert_eq!(k.code(), 0, "{k:?}");
     }
 
-    /// A copy whose files are not all sent yet holds the workspace: a launch is refused naming
-    /// the copy and a file still to come; once the file is written, the launch runs.
+    /// A copy whose files are not all in place holds the workspace: a launch in the middle of
+    /// a file's transfer (one of its two chunks sent) is refused naming the copy and the file;
+    /// once the file is written, the launch runs.
     #[test]
     fn a_launch_during_a_copy_is_refused_naming_the_copy() {
         let c = TestCluster::with_workspace(1);
         let rt = runtime();
         let _in_runtime = rt.enter();
         let mut cl = client(&c, 0);
-        let data = vec![7u8; 1 << 20];
+        let chunk = dglrun_proto::CHUNK_SIZE;
+        let data: Vec<u8> = (0..chunk + 4096).map(|i| (i % 251) as u8).collect();
         let path = format!("{WS}/data/big.bin");
         let prepared = rt
             .block_on(prepare(&mut cl, &path, &data))
             .expect("prepare");
         assert_eq!(prepared.files[0].status, pb::FileStatus::Send as i32);
 
-        let r = run(
-            c.launch_direct(
-                "1",
-                &[],
-                "python3 fake_dgl.py --ip_config ip_config.txt --lines 1",
-            ),
-            Duration::from_secs(60),
-        );
+        // The transfer starts: header and first chunk, then the stream waits.
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        tx.unbounded_send(pb::PutFileMessage {
+            msg: Some(Msg::Header(pb::PutFileHeader {
+                manifest: Some(manifest(&path, &data)),
+                offset: 0,
+            })),
+        })
+        .unwrap();
+        let piece = |from: usize, to: usize| pb::PutFileMessage {
+            msg: Some(Msg::Chunk(pb::Chunk {
+                offset: from as u64,
+                data: data[from..to].to_vec().into(),
+                ..Default::default()
+            })),
+        };
+        tx.unbounded_send(piece(0, chunk)).unwrap();
+        let mut putter = cl.clone();
+        let transfer = rt.spawn(async move { putter.put_file(rx).await });
+
+        let launch = || {
+            run(
+                c.launch_direct(
+                    "1",
+                    &[],
+                    "python3 fake_dgl.py --ip_config ip_config.txt --lines 1",
+                ),
+                Duration::from_secs(60),
+            )
+        };
+        let r = launch();
         assert_eq!(r.code(), 1, "{r:?}");
         assert!(r.stderr.contains("is being copied into"), "{r:?}");
         assert!(r.stderr.contains("data/big.bin"), "{r:?}");
@@ -1104,15 +1129,12 @@ mod workspace_lease {
             "nothing ran: {r:?}"
         );
 
-        rt.block_on(put(&mut cl, &path, &data)).expect("put");
-        let r = run(
-            c.launch_direct(
-                "1",
-                &[],
-                "python3 fake_dgl.py --ip_config ip_config.txt --lines 1",
-            ),
-            Duration::from_secs(60),
-        );
+        tx.unbounded_send(piece(chunk, data.len())).unwrap();
+        drop(tx);
+        rt.block_on(transfer)
+            .expect("transfer task")
+            .expect("the file arrives");
+        let r = launch();
         assert_eq!(r.code(), 0, "the copy is over: {r:?}");
     }
 
