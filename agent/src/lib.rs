@@ -15,3 +15,5 @@ pub mod server;
 pub mod service;
 pub mod settings;
 pub mod status;
+pub mod test_hooks;
+pub mod workspace;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-
 /// PutFile streams served at once; more are refused, not queued.
 pub const MAX_CONCURRENT_TRANSFERS: usize = 64;
 /// Files one PrepareFiles may name.
@@ -38,4 +37,3 @@ pub const MIN_LEASE: Duration = Duration::from_millis(200);
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
 /// Longest grace a Stop may ask for.
 pub const MAX_GRACE: Duration = Duration::from_secs(600);
-

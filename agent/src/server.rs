@@ -54,8 +54,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _root_lock = tokio::task::spawn_blocking(move || crate::restart::take_over(&r, grace))
         .await
         .context("start-up clean-up failed")??;
-    let files = Arc::new(Files::new(root.clone()));
     let jobs = Jobs::start(root.clone(), config.jobs.clone())?;
+    let files = Arc::new(Files::new(root.clone()).with_workspaces(jobs.workspaces().clone()));
     let service = AgentService::new(root.clone(), files, jobs.clone());
     if let Some(addr) = config.metrics_listen {
         let serving = crate::metrics::serve(crate::metrics::bind(addr).await?, jobs.clone());

@@ -105,6 +105,7 @@ impl Agent for AgentService {
         req: Request<pb::SpawnRequest>,
     ) -> Result<Response<pb::SpawnReply>, Status> {
         let spec = SpawnSpec::try_from(req.into_inner())?;
+        crate::test_hooks::before_spawn().await;
         Ok(Response::new(self.jobs.spawn(spec).await?))
     }
 

@@ -57,6 +57,7 @@ impl From<FilesError> for Status {
             FilesError::Idle { .. } => Status::deadline_exceeded(msg),
             FilesError::Replaced { .. } => Status::aborted(msg),
             FilesError::Blocking(b) => b.into(),
+            FilesError::Held(h) => h.into(),
             FilesError::Internal(_) => Status::internal(msg),
             FilesError::Stream(s) => s,
         }

@@ -28,7 +28,8 @@ pub struct KillArgs {
     #[arg(long = "ip_config", alias = "ip-config")]
     ip_config: PathBuf,
 
-    /// Stop only this job (default: every job on every agent).
+    /// Stop only this job (default: every job on every agent). An id no reachable agent
+    /// knows is an error.
     #[arg(long)]
     job: Option<String>,
 
@@ -64,6 +65,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     })
 }
 
+/// Exit 0 when every host was reached and every job asked for is stopped or over, 1 otherwise.
 pub async fn kill(args: KillArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(
         args.grace.is_finite() && args.grace >= 0.0,
@@ -71,25 +73,21 @@ pub async fn kill(args: KillArgs) -> anyhow::Result<u8> {
         args.grace
     );
     let ips = IpConfig::load(&args.ip_config)?;
-    let killed = ops::kill(
+    let report = ops::kill(
         &ips,
         &args.access.access()?,
         args.job.as_deref(),
         Duration::from_secs_f64(args.grace),
         args.force,
     )
-    .await?;
+    .await;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&killed)?);
-    } else if killed.is_empty() {
-        println!("no jobs to stop");
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        for k in &killed {
-            println!(
-                "m{}: stopped job {} ({} processes signalled)",
-                k.machine, k.job_id, k.signalled
-            );
-        }
+        print!("{}", report.render());
     }
-    Ok(0)
+    for e in &report.errors {
+        eprintln!("dgl-coord kill: {e}");
+    }
+    Ok(if report.ok() { 0 } else { 1 })
 }

@@ -193,84 +193,297 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Who is asking, as an agent names it in a job's `stopped` event: the command, the host,
+/// the user and the process.
+pub fn requester(command: &str) -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "an unnamed host".to_string());
+    let uid = nix::unistd::getuid();
+    let user = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {uid}"), |u| u.name);
+    format!(
+        "{command} from {host} (user {user}, pid {})",
+        std::process::id()
+    )
+}
+
+/// What `kill` did to one job on one host.
+#[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub enum KillState {
+    /// It was running and is stopped now.
+    Stopped,
+    /// Nothing of it was running any more: nothing was signalled.
+    AlreadyFinished,
+    /// Some of its processes outlived SIGKILL.
+    Survived,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Killed {
     pub machine: usize,
+    pub address: String,
     pub job_id: String,
+    pub state: KillState,
     pub signalled: u32,
     pub remaining: u32,
 }
 
-/// Stops `job` (or every job) on every host. Fails naming each host it could not reach or
-/// where processes survived.
+/// A host `kill` could not act on.
+#[derive(Debug, Serialize)]
+pub struct KillFailure {
+    pub machine: usize,
+    pub address: String,
+    /// False when the agent could not be reached at all.
+    pub reachable: bool,
+    pub error: String,
+}
+
+/// Everything `kill` did and could not do; it succeeded when `errors` is empty.
+#[derive(Debug, Serialize)]
+pub struct KillReport {
+    pub jobs: Vec<Killed>,
+    pub failures: Vec<KillFailure>,
+    /// One line per problem: unreachable hosts, failed stops, survivors, an unknown job.
+    pub errors: Vec<String>,
+}
+
+impl KillReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// One line per job and host, then the problems.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for k in &self.jobs {
+            let what = match k.state {
+                KillState::Stopped => format!(
+                    "stopped job {} ({} processes signalled)",
+                    k.job_id, k.signalled
+                ),
+                KillState::AlreadyFinished => {
+                    format!("job {} had already finished: nothing to stop", k.job_id)
+                }
+                KillState::Survived => format!(
+                    "job {}: {} of its processes survived SIGKILL",
+                    k.job_id, k.remaining
+                ),
+            };
+            out.push_str(&format!("m{} ({}): {what}\n", k.machine, k.address));
+        }
+        if self.jobs.is_empty() && self.errors.is_empty() {
+            out.push_str("no jobs to stop\n");
+        }
+        out
+    }
+}
+
+/// What one reachable host reported, or why it could not be asked.
+type HostKill = Result<Vec<Killed>, KillFailure>;
+
+/// Stops `job` (or every job) on every host it can reach, each host on its own: an
+/// unreachable host is reported and never keeps the others from being stopped. A job that
+/// is already over is reported as such, not stopped again; `job` known to no reachable host
+/// is an error naming the hosts asked.
 pub async fn kill(
     ips: &IpConfig,
     access: &AgentAccess,
     job: Option<&str>,
     grace: Duration,
     force: bool,
-) -> anyhow::Result<Vec<Killed>> {
-    let hosts = cluster::connect_all(ips, access).await?;
-    let stops = hosts.into_iter().map(|mut host| async move {
-        let jobs = list_jobs(&mut host)
-            .await
-            .map_err(|s| format!("{}: cannot list jobs: {}", host.name(), s.message()))?;
-        let mut done = Vec::new();
-        for j in jobs
-            .into_iter()
-            .filter(|j| job.is_none_or(|id| id == j.job_id))
-        {
-            let reply = host
-                .client
-                .stop(pb::StopRequest {
-                    job_id: j.job_id.clone(),
-                    grace_ms: grace.as_millis().min(u32::MAX as u128) as u32,
-                    force,
-                })
-                .await
-                .map_err(|s| {
-                    format!(
-                        "{}: cannot stop job {}: {}",
-                        host.name(),
-                        j.job_id,
-                        s.message()
-                    )
-                })?
-                .into_inner();
-            done.push(Killed {
-                machine: host.rank,
-                job_id: j.job_id,
-                signalled: reply.signalled,
-                remaining: reply.remaining,
-            });
-        }
-        Ok::<_, String>(done)
+) -> KillReport {
+    let requester = requester("dgl-coord kill");
+    let per_host = ips.machines.iter().map(|m| {
+        let requester = requester.clone();
+        async move { kill_on(m.rank, m.ip, access, job, grace, force, &requester).await }
     });
-    let mut all = Vec::new();
-    let mut errors = Vec::new();
-    for r in futures::future::join_all(stops).await {
+    let mut report = KillReport {
+        jobs: Vec::new(),
+        failures: Vec::new(),
+        errors: Vec::new(),
+    };
+    let mut asked = Vec::new();
+    for (m, r) in ips
+        .machines
+        .iter()
+        .zip(futures::future::join_all(per_host).await)
+    {
         match r {
-            Ok(k) => all.extend(k),
-            Err(e) => errors.push(e),
+            Ok(killed) => {
+                asked.push(format!("m{} ({}:{})", m.rank, m.ip, access.port));
+                report.jobs.extend(killed);
+            }
+            Err(f) => {
+                if f.reachable {
+                    asked.push(format!("m{} ({})", f.machine, f.address));
+                }
+                report
+                    .errors
+                    .push(format!("m{} ({}): {}", f.machine, f.address, f.error));
+                report.failures.push(f);
+            }
         }
     }
-    for k in &all {
-        if k.remaining > 0 {
-            errors.push(format!(
-                "m{}: job {}: {} processes survived SIGKILL",
-                k.machine, k.job_id, k.remaining
-            ));
+    for k in report
+        .jobs
+        .iter()
+        .filter(|k| k.state == KillState::Survived)
+    {
+        report.errors.push(format!(
+            "m{} ({}): job {}: {} processes survived SIGKILL",
+            k.machine, k.address, k.job_id, k.remaining
+        ));
+    }
+    if let Some(id) = job {
+        if !report.jobs.iter().any(|k| k.job_id == id) {
+            let asked = if asked.is_empty() {
+                "no agent could be asked".to_string()
+            } else {
+                format!("asked {}", asked.join(", "))
+            };
+            report
+                .errors
+                .push(format!("no agent knows job {id:?} ({asked})"));
         }
     }
-    if !errors.is_empty() {
-        anyhow::bail!("{}", errors.join("\n"));
+    report
+}
+
+async fn kill_on(
+    rank: usize,
+    ip: std::net::IpAddr,
+    access: &AgentAccess,
+    job: Option<&str>,
+    grace: Duration,
+    force: bool,
+    requester: &str,
+) -> HostKill {
+    let address = format!("{ip}:{}", access.port);
+    let fail = |reachable: bool, error: String| KillFailure {
+        machine: rank,
+        address: address.clone(),
+        reachable,
+        error,
+    };
+    let mut host = cluster::connect(rank, ip, access)
+        .await
+        .map_err(|e| match e {
+            cluster::ConnectError::Unreachable { reason, .. } => fail(
+                false,
+                format!("unreachable, nothing stopped there: {reason}"),
+            ),
+            cluster::ConnectError::Refused { reason, .. } => {
+                fail(true, format!("the agent refused dgl-coord: {reason}"))
+            }
+        })?;
+    let jobs = list_jobs(&mut host)
+        .await
+        .map_err(|s| fail(true, format!("cannot list jobs: {}", s.message())))?;
+    let mut done = Vec::new();
+    for j in jobs
+        .into_iter()
+        .filter(|j| job.is_none_or(|id| id == j.job_id))
+    {
+        let running = j.live_pids > 0 || j.processes.iter().any(|p| p.running);
+        if !running {
+            done.push(Killed {
+                machine: rank,
+                address: address.clone(),
+                job_id: j.job_id,
+                state: KillState::AlreadyFinished,
+                signalled: 0,
+                remaining: 0,
+            });
+            continue;
+        }
+        let reply = host
+            .client
+            .stop(pb::StopRequest {
+                job_id: j.job_id.clone(),
+                grace_ms: grace.as_millis().min(u32::MAX as u128) as u32,
+                force,
+                requester: requester.to_string(),
+            })
+            .await
+            .map_err(|s| {
+                fail(
+                    true,
+                    format!("cannot stop job {}: {}", j.job_id, s.message()),
+                )
+            })?
+            .into_inner();
+        let state = if reply.remaining > 0 {
+            KillState::Survived
+        } else if reply.already_finished {
+            KillState::AlreadyFinished
+        } else {
+            KillState::Stopped
+        };
+        done.push(Killed {
+            machine: rank,
+            address: address.clone(),
+            job_id: j.job_id,
+            state,
+            signalled: reply.signalled,
+            remaining: reply.remaining,
+        });
     }
-    Ok(all)
+    Ok(done)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn killed(job: &str, state: KillState, signalled: u32) -> Killed {
+        Killed {
+            machine: 0,
+            address: "10.0.0.1:47001".into(),
+            job_id: job.into(),
+            state,
+            signalled,
+            remaining: 0,
+        }
+    }
+
+    #[test]
+    fn a_kill_report_says_what_was_stopped_and_what_was_over() {
+        let report = KillReport {
+            jobs: vec![
+                killed("a", KillState::Stopped, 3),
+                killed("b", KillState::AlreadyFinished, 0),
+            ],
+            failures: Vec::new(),
+            errors: Vec::new(),
+        };
+        assert!(report.ok());
+        assert_eq!(
+            report.render(),
+            "m0 (10.0.0.1:47001): stopped job a (3 processes signalled)\n\
+             m0 (10.0.0.1:47001): job b had already finished: nothing to stop\n"
+        );
+        let empty = KillReport {
+            jobs: Vec::new(),
+            failures: Vec::new(),
+            errors: Vec::new(),
+        };
+        assert_eq!(empty.render(), "no jobs to stop\n");
+    }
+
+    #[test]
+    fn the_requester_names_command_host_user_and_pid() {
+        let r = requester("dgl-coord kill");
+        assert!(r.starts_with("dgl-coord kill from "), "{r}");
+        assert!(
+            r.contains(" (user ") && r.ends_with(&format!(", pid {})", std::process::id())),
+            "{r}"
+        );
+    }
 
     #[test]
     fn bytes_read_well() {

@@ -77,6 +77,7 @@ async fn a_job_printing_without_pause_keeps_the_agent_under_64_mib() {
                 job_id: id.into(),
                 grace_ms: 100,
                 force: true,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -143,6 +144,7 @@ async fn a_stop_that_cannot_read_proc_fails_and_the_job_is_stopped_later() {
         job_id: "emfile".into(),
         grace_ms: 200,
         force: false,
+        ..Default::default()
     };
     set_nofile(agent, &lowest_free_fd(agent).to_string(), &hard);
     let starved = c.stop(stop.clone()).await;

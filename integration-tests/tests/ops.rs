@@ -617,3 +617,648 @@ fn has(program: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// A `launch --json` of a job whose trainers hang, once every trainer said so: the child, its
+/// stdout lines as they come, and its stderr once it ends.
+struct Hanging {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Hanging {
+    fn start(c: &TestCluster, flags: &[&str]) -> Self {
+        Self::start_script(c, "fake_dgl.py", flags)
+    }
+
+    /// As [`start`](Self::start), with the stand-in at `script` in the workspace.
+    fn start_script(c: &TestCluster, script: &str, flags: &[&str]) -> Self {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(flags);
+        let mut child = c
+            .launch_direct(
+                "1",
+                &all,
+                &format!("python3 {script} --ip_config ip_config.txt --hang"),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dgl-coord");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = reader(child.stderr.take().expect("stderr"));
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut h = Self {
+            child,
+            lines,
+            stderr,
+        };
+        let mut hanging = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while hanging < c.len() {
+            match h
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => hanging += usize::from(l.contains("hanging")),
+                Err(_) => {
+                    let _ = h.child.kill();
+                    panic!("the trainers never hung");
+                }
+            }
+        }
+        h
+    }
+
+    /// Waits (at most `limit`) for dgl-coord to exit: its code, its stderr, its last event.
+    fn end(mut self, limit: Duration) -> (Option<i32>, String, Value) {
+        let code = wait_with_timeout(&mut self.child, limit).and_then(|s| s.code());
+        if code.is_none() {
+            let _ = self.child.kill();
+        }
+        let stderr = self.stderr.join().unwrap_or_default();
+        let rest: Vec<String> = self.lines.try_iter().collect();
+        let last = rest
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(Value::Null);
+        (code, stderr, last)
+    }
+
+    fn job_id(c: &TestCluster) -> String {
+        let mut status = c.coord();
+        status
+            .args(["status", "--json", "--ip_config"])
+            .arg(c.ip_config_file());
+        let st = run(status, Duration::from_secs(30));
+        let hosts: Value = serde_json::from_str(&st.stdout).expect("status JSON");
+        hosts[0]["jobs"][0]["job_id"]
+            .as_str()
+            .expect("a job on m0")
+            .to_string()
+    }
+}
+
+fn kill_cmd(c: &TestCluster, ip_config: &std::path::Path, extra: &[&str]) -> Command {
+    let mut k = c.coord();
+    k.args(["kill", "--grace", "1", "--ip_config"])
+        .arg(ip_config)
+        .args(extra);
+    k
+}
+
+/// `dgl-coord kill` of a running job: the launch that owns it sees the stop at once, names who
+/// stopped it, prints its summary and exits 143 (outcome `stopped`); a second kill says the
+/// job had already finished; `--job` of an unknown id fails naming the id and the hosts.
+#[test]
+fn kill_ends_the_owning_launch_at_once_naming_who_stopped_it() {
+    let c = cluster();
+    let launch = Hanging::start(&c, &[]);
+    let job = Hanging::job_id(&c);
+
+    let k = run(
+        kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(k.code(), 0, "{k:?}");
+    for m in 0..c.len() {
+        assert!(
+            k.stdout.contains(&format!("m{m} (")) && k.stdout.contains("stopped job"),
+            "{k:?}"
+        );
+    }
+    let stopped_at = Instant::now();
+    // Generous: far below the minute the launch used to sit until the agent forgot the job.
+    let (code, stderr, summary) = launch.end(Duration::from_secs(20));
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(20),
+        "the launch did not end after the kill: {stderr}"
+    );
+    assert_eq!(code, Some(143), "{stderr}");
+    assert!(
+        stderr.contains("stopped by dgl-coord kill from "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("(user ") && stderr.contains(", pid "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("shutting down"), "{stderr}");
+    assert!(!stderr.contains("lost the agent"), "{stderr}");
+    assert_eq!(summary["event"], "summary", "{summary}");
+    assert_eq!(
+        (&summary["outcome"], &summary["exit_code"]),
+        (&"stopped".into(), &143.into())
+    );
+    assert!(summary["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("dgl-coord kill")));
+
+    // The job is over: kill says so and signals nothing.
+    let again = run(
+        kill_cmd(&c, &c.ip_config_file(), &[]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(again.code(), 0, "{again:?}");
+    assert!(!again.stdout.contains("stopped job"), "{again:?}");
+    assert!(
+        again
+            .stdout
+            .contains(&format!("job {job} had already finished")),
+        "{again:?}"
+    );
+
+    // An id no agent knows is an error naming it and every host asked.
+    let unknown = run(
+        kill_cmd(&c, &c.ip_config_file(), &["--job", "no-such-id"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(unknown.code(), 1, "{unknown:?}");
+    assert!(unknown.stderr.contains("\"no-such-id\""), "{unknown:?}");
+    for m in 0..c.len() {
+        assert!(
+            unknown
+                .stderr
+                .contains(&format!("m{m} ({}:{})", c.ip(m), c.port)),
+            "{unknown:?}"
+        );
+    }
+}
+
+/// A kill that lands while the launch is still starting (one host's Spawn is slow): the launch
+/// still reports the job as stopped by the kill (exit 143), not as a failed Spawn.
+#[test]
+fn a_kill_while_the_job_starts_is_a_stop_not_a_spawn_failure() {
+    let mut c = cluster();
+    // SAFETY: nextest runs each test in a process of its own, and no other thread of this
+    // one reads the environment while it is set; only the restarted agent inherits it.
+    unsafe { std::env::set_var("DGL_AGENT_TEST_SPAWN_DELAY_MS", "4000") };
+    c.restart_agent(2);
+    unsafe { std::env::remove_var("DGL_AGENT_TEST_SPAWN_DELAY_MS") };
+    let mut launch = c
+        .launch_direct(
+            "1",
+            &["--json"],
+            "python3 fake_dgl.py --ip_config ip_config.txt --hang",
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dgl-coord");
+    let out = reader(launch.stdout.take().expect("stdout"));
+    let err = reader(launch.stderr.take().expect("stderr"));
+    // Machine 0's servers run while machine 2's Spawn still waits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let mut status = c.coord();
+        status
+            .args(["status", "--json", "--ip_config"])
+            .arg(c.ip_config_file());
+        let st = run(status, Duration::from_secs(30));
+        let hosts: Value = serde_json::from_str(&st.stdout).expect("status JSON");
+        if let Some(id) = hosts[0]["jobs"][0]["job_id"].as_str() {
+            assert!(
+                hosts[2]["jobs"].as_array().is_some_and(|j| j.is_empty()),
+                "machine 2's Spawn was not slow: {hosts}"
+            );
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "the job never started: {hosts}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let k = run(
+        kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(k.code(), 0, "{k:?}");
+    let code = wait_with_timeout(&mut launch, Duration::from_secs(30)).and_then(|s| s.code());
+    if code.is_none() {
+        let _ = launch.kill();
+    }
+    let stderr = err.join().unwrap_or_default();
+    let stdout = out.join().unwrap_or_default();
+    assert_eq!(code, Some(143), "{stderr}");
+    assert!(
+        stderr.contains("stopped by dgl-coord kill from "),
+        "{stderr}"
+    );
+    let summary: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("summary");
+    assert_eq!(summary["outcome"], "stopped", "{summary}");
+}
+
+/// One machine of the ip_config has no agent: kill still stops the job everywhere else, names
+/// the unreachable machine and exits 1.
+#[test]
+fn kill_stops_every_reachable_host_when_one_is_unreachable() {
+    let c = cluster();
+    let launch = Hanging::start(&c, &[]);
+    let pids: Vec<u32> = (0..c.len())
+        .flat_map(|m| fake_dgl::records(c.root(m)))
+        .filter_map(|(_, v)| v["pid"].as_u64().map(|p| p as u32))
+        .collect();
+    assert!(!pids.is_empty());
+    // The same machines and one more, where nothing listens.
+    let nobody = match c.ip(0) {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.250", o[0], o[1], o[2])
+        }
+        other => panic!("loopback v4 expected, got {other}"),
+    };
+    let ip_config = c.dir.path().join("ip_config_plus_one.txt");
+    let mut text = std::fs::read_to_string(c.ip_config_file()).expect("ip_config");
+    text.push_str(&format!("{nobody} 30050\n"));
+    std::fs::write(&ip_config, text).expect("write ip_config");
+
+    let k = run(kill_cmd(&c, &ip_config, &[]), Duration::from_secs(60));
+    assert_eq!(k.code(), 1, "{k:?}");
+    assert!(
+        k.stderr.contains(&format!("m3 ({nobody}:{})", c.port)) && k.stderr.contains("unreachable"),
+        "{k:?}"
+    );
+    for m in 0..c.len() {
+        assert!(
+            k.stdout
+                .contains(&format!("m{m} ({}:{}): stopped job", c.ip(m), c.port)),
+            "{k:?}"
+        );
+    }
+    let left = dglrun_integration_tests::wait_gone(&pids, Duration::from_secs(20));
+    assert!(left.is_empty(), "still running: {left:?}\n{k:?}");
+    let (code, stderr, _) = launch.end(Duration::from_secs(20));
+    assert_eq!(code, Some(143), "{stderr}");
+
+    // The same as JSON: what was over, which host failed and why.
+    let k = run(
+        kill_cmd(&c, &ip_config, &["--json"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(k.code(), 1, "{k:?}");
+    let doc: Value = serde_json::from_str(&k.stdout).expect("kill JSON");
+    let jobs = doc["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), c.len(), "{doc}");
+    assert!(
+        jobs.iter().all(|j| j["state"] == "already_finished"),
+        "{doc}"
+    );
+    let failures = doc["failures"].as_array().expect("failures");
+    assert_eq!(failures.len(), 1, "{doc}");
+    assert_eq!(
+        (&failures[0]["machine"], &failures[0]["reachable"]),
+        (&3.into(), &false.into())
+    );
+    assert_eq!(failures[0]["address"], format!("{nobody}:{}", c.port));
+    assert_eq!(doc["errors"].as_array().map(Vec::len), Some(1), "{doc}");
+}
+
+/// One host's Spawn takes longer than the whole lease (the agent delays it on purpose): the
+/// other hosts' leases are renewed from the first Spawn on, so none of them stops its part
+/// and the job succeeds.
+#[test]
+fn a_slow_spawn_on_one_host_does_not_let_the_others_leases_expire() {
+    let mut c = cluster();
+    // SAFETY: nextest runs each test in a process of its own, and no other thread of this
+    // one reads the environment while it is set; only the restarted agent inherits it.
+    unsafe { std::env::set_var("DGL_AGENT_TEST_SPAWN_DELAY_MS", "3000") };
+    c.restart_agent(2);
+    unsafe { std::env::remove_var("DGL_AGENT_TEST_SPAWN_DELAY_MS") };
+    let r = run(
+        c.launch_direct(
+            "1",
+            &["--lease-timeout", "1"],
+            "python3 fake_dgl.py --ip_config ip_config.txt --lines 2",
+        ),
+        Duration::from_secs(120),
+    );
+    assert!(
+        r.elapsed >= Duration::from_secs(3),
+        "the Spawn was not slowed: {r:?}"
+    );
+    for m in 0..2 {
+        let log = c.agent_log(m);
+        assert!(!log.contains("lease expired"), "m{m}: {log}\n{r:?}");
+    }
+    assert_eq!(r.code(), 0, "{r:?}");
+}
+
+mod workspace_lease {
+    //! A workspace serves one job at a time, and never a launch and a copy at once.
+
+    use super::*;
+    use dglrun_proto::digest::hash_reader;
+    use dglrun_proto::meta::ClientMeta;
+    use dglrun_proto::pb::agent_client::AgentClient;
+    use dglrun_proto::pb::{self, put_file_message::Msg};
+    use tonic::transport::{Channel, Endpoint};
+
+    type Client = AgentClient<tonic::service::interceptor::InterceptedService<Channel, ClientMeta>>;
+
+    fn client(c: &TestCluster, m: usize) -> Client {
+        let uri = format!("http://{}:{}", c.ip(m), c.port);
+        AgentClient::with_interceptor(
+            Endpoint::from_shared(uri).unwrap().connect_lazy(),
+            ClientMeta::new(None).unwrap(),
+        )
+    }
+
+    fn manifest(path: &str, data: &[u8]) -> pb::FileManifest {
+        let d = hash_reader(data, |_| {}).unwrap();
+        pb::FileManifest {
+            path: path.into(),
+            size: d.size,
+            digest: d.digest.to_vec(),
+            chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
+            mode: 0o644,
+        }
+    }
+
+    async fn prepare(
+        client: &mut Client,
+        path: &str,
+        data: &[u8],
+    ) -> Result<pb::PrepareFilesReply, tonic::Status> {
+        client
+            .prepare_files(pb::PrepareFilesRequest {
+                files: vec![manifest(path, data)],
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn put(client: &mut Client, path: &str, data: &[u8]) -> Result<(), tonic::Status> {
+        let header = pb::PutFileMessage {
+            msg: Some(Msg::Header(pb::PutFileHeader {
+                manifest: Some(manifest(path, data)),
+                offset: 0,
+            })),
+        };
+        let chunk = pb::PutFileMessage {
+            msg: Some(Msg::Chunk(pb::Chunk {
+                offset: 0,
+                data: data.to_vec().into(),
+                ..Default::default()
+            })),
+        };
+        client
+            .put_file(tokio_stream::iter(vec![header, chunk]))
+            .await
+            .map(|_| ())
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Runtime::new().expect("runtime")
+    }
+
+    /// Two launches into one workspace at once (the agent's Spawn made slow so both pass
+    /// Preflight before either Spawn lands): one runs, the other is refused naming its job.
+    #[test]
+    fn two_launches_at_once_one_is_refused_naming_the_other_job() {
+        let mut c = TestCluster::with_workspace(1);
+        // SAFETY: nextest runs each test in a process of its own, and no other thread of this
+        // one reads the environment while it is set; only the restarted agent inherits it.
+        unsafe { std::env::set_var("DGL_AGENT_TEST_SPAWN_DELAY_MS", "3000") };
+        c.restart_agent(0);
+        unsafe { std::env::remove_var("DGL_AGENT_TEST_SPAWN_DELAY_MS") };
+        let start = || {
+            c.launch_direct(
+                "1",
+                &[],
+                "python3 fake_dgl.py --ip_config ip_config.txt --hang",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dgl-coord")
+        };
+        let mut a = start();
+        let mut b = start();
+        let (ea, eb) = (
+            reader(a.stderr.take().expect("stderr")),
+            reader(b.stderr.take().expect("stderr")),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (loser_code, loser_err, mut winner) = loop {
+            if let Some(st) = a.try_wait().expect("wait") {
+                break (st.code(), ea.join().unwrap_or_default(), b);
+            }
+            if let Some(st) = b.try_wait().expect("wait") {
+                break (st.code(), eb.join().unwrap_or_default(), a);
+            }
+            if Instant::now() > deadline {
+                let _ = a.kill();
+                let _ = b.kill();
+                panic!("both launches ran on one workspace");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let job = Hanging::job_id(&c);
+        let k = run(
+            kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+            Duration::from_secs(60),
+        );
+        let _ = wait_with_timeout(&mut winner, Duration::from_secs(30));
+        let _ = winner.kill();
+        assert_eq!(loser_code, Some(1), "{loser_err}");
+        assert!(
+            loser_err.contains(&format!("in use by job {job}")),
+            "the refusal names the running job {job}: {loser_err}"
+        );
+        assert!(
+            loser_err.contains("UTC"),
+            "and when it started: {loser_err}"
+        );
+        assert_eq!(k.code(), 0, "{k:?}");
+    }
+
+    /// A copy whose files are not all in place holds the workspace: a launch in the middle of
+    /// a file's transfer (one of its two chunks sent) is refused naming the copy and the file;
+    /// once the file is written, the launch runs.
+    #[test]
+    fn a_launch_during_a_copy_is_refused_naming_the_copy() {
+        let c = TestCluster::with_workspace(1);
+        let rt = runtime();
+        let _in_runtime = rt.enter();
+        let mut cl = client(&c, 0);
+        let chunk = dglrun_proto::CHUNK_SIZE;
+        let data: Vec<u8> = (0..chunk + 4096).map(|i| (i % 251) as u8).collect();
+        let path = format!("{WS}/data/big.bin");
+        let prepared = rt
+            .block_on(prepare(&mut cl, &path, &data))
+            .expect("prepare");
+        assert_eq!(prepared.files[0].status, pb::FileStatus::Send as i32);
+
+        // The transfer starts: header and first chunk, then the stream waits.
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        tx.unbounded_send(pb::PutFileMessage {
+            msg: Some(Msg::Header(pb::PutFileHeader {
+                manifest: Some(manifest(&path, &data)),
+                offset: 0,
+            })),
+        })
+        .unwrap();
+        let piece = |from: usize, to: usize| pb::PutFileMessage {
+            msg: Some(Msg::Chunk(pb::Chunk {
+                offset: from as u64,
+                data: data[from..to].to_vec().into(),
+                ..Default::default()
+            })),
+        };
+        tx.unbounded_send(piece(0, chunk)).unwrap();
+        let mut putter = cl.clone();
+        let transfer = rt.spawn(async move { putter.put_file(rx).await });
+
+        let launch = || {
+            run(
+                c.launch_direct(
+                    "1",
+                    &[],
+                    "python3 fake_dgl.py --ip_config ip_config.txt --lines 1",
+                ),
+                Duration::from_secs(60),
+            )
+        };
+        let r = launch();
+        assert_eq!(r.code(), 1, "{r:?}");
+        assert!(r.stderr.contains("is being copied into"), "{r:?}");
+        assert!(r.stderr.contains("data/big.bin"), "{r:?}");
+        assert!(
+            fake_dgl::records(c.root(0)).is_empty(),
+            "nothing ran: {r:?}"
+        );
+
+        tx.unbounded_send(piece(chunk, data.len())).unwrap();
+        drop(tx);
+        rt.block_on(transfer)
+            .expect("transfer task")
+            .expect("the file arrives");
+        let r = launch();
+        assert_eq!(r.code(), 0, "the copy is over: {r:?}");
+    }
+
+    /// While a job runs, a copy into its workspace that would change a file is refused naming
+    /// the job (at PrepareFiles, and a PutFile straight away too); one of unchanged files passes.
+    #[test]
+    fn a_copy_into_a_running_jobs_workspace_only_passes_unchanged() {
+        let c = TestCluster::with_workspace(1);
+        let launch = Hanging::start(&c, &[]);
+        let job = Hanging::job_id(&c);
+        let rt = runtime();
+        let _in_runtime = rt.enter();
+        let mut cl = client(&c, 0);
+        let path = format!("{WS}/fake_dgl.py");
+        let same = std::fs::read(c.root(0).join(&path)).expect("script");
+        let mut changed = same.clone();
+        changed.extend_from_slice(b"\n# changed\n");
+
+        let unchanged = rt
+            .block_on(prepare(&mut cl, &path, &same))
+            .expect("unchanged");
+        assert_eq!(unchanged.files[0].status, pb::FileStatus::Present as i32);
+
+        let refused = rt
+            .block_on(prepare(&mut cl, &path, &changed))
+            .expect_err("a changed file is refused");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains(&format!("job {job}"))
+                && refused.message().contains("fake_dgl.py"),
+            "{refused:?}"
+        );
+        let refused = rt
+            .block_on(put(&mut cl, &path, &changed))
+            .expect_err("a changed file is refused");
+        assert!(
+            refused.message().contains(&format!("job {job}")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            std::fs::read(c.root(0).join(&path)).expect("script"),
+            same,
+            "the running job's file is untouched"
+        );
+
+        let k = run(
+            kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(k.code(), 0, "{k:?}");
+        let (code, stderr, _) = launch.end(Duration::from_secs(30));
+        assert_eq!(code, Some(143), "{stderr}");
+        // The job is over: the copy goes through.
+        rt.block_on(prepare(&mut cl, &path, &changed))
+            .expect("no job holds the workspace any more");
+    }
+
+    /// The same through `dgl-coord copy`: while a job runs in the workspace, a copy of the
+    /// same files passes (nothing to send), a copy with one file changed fails naming the job
+    /// and leaves the file as the job has it.
+    #[test]
+    fn dgl_coord_copy_into_a_running_jobs_workspace_passes_only_unchanged() {
+        let c = TestCluster::start(1);
+        let local = c.local();
+        let part_config = gen_partitions(&local.join("parts"), 1, 64, "g").expect("partitions");
+        let code = local.join("code");
+        std::fs::create_dir_all(&code).expect("code");
+        let script = code.join("fake_dgl.py");
+        std::fs::copy(fixtures_dir().join("fake_dgl.py"), &script).expect("script");
+        let copy = || {
+            let mut cmd = c.coord();
+            cmd.env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+                .args(["copy", "--workspace", WS, "--rel_data_path", "data"])
+                .arg("--part_config")
+                .arg(&part_config)
+                .arg("--ip_config")
+                .arg(c.ip_config_file())
+                .arg("--script_folder")
+                .arg(&code)
+                .args(["--progress", "quiet"]);
+            run(cmd, Duration::from_secs(60))
+        };
+        let first = copy();
+        assert_eq!(first.code(), 0, "{first:?}");
+
+        let launch = Hanging::start_script(&c, "code/fake_dgl.py", &[]);
+        let job = Hanging::job_id(&c);
+        let same = copy();
+        assert_eq!(same.code(), 0, "unchanged files pass: {same:?}");
+
+        let mut changed = std::fs::read(&script).expect("script");
+        changed.extend_from_slice(b"\n# changed\n");
+        std::fs::write(&script, &changed).expect("change the script");
+        let refused = copy();
+        assert_ne!(refused.code(), 0, "{refused:?}");
+        let text = format!("{}{}", refused.stdout, refused.stderr);
+        assert!(
+            text.contains(&format!("while job {job}")) && text.contains("fake_dgl.py"),
+            "{refused:?}"
+        );
+        assert_ne!(
+            std::fs::read(c.root(0).join(WS).join("code/fake_dgl.py")).expect("copied script"),
+            changed,
+            "the running job's script is untouched"
+        );
+
+        let k = run(
+            kill_cmd(&c, &c.ip_config_file(), &["--job", &job]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(k.code(), 0, "{k:?}");
+        let (code, stderr, _) = launch.end(Duration::from_secs(30));
+        assert_eq!(code, Some(143), "{stderr}");
+        let after = copy();
+        assert_eq!(after.code(), 0, "the job is over: {after:?}");
+    }
+}

@@ -18,7 +18,9 @@ pub mod pb {
 ///
 /// 2: chunks may be zstd-compressed (`Chunk.compression`). An agent of version 1 would take a
 /// compressed chunk for raw bytes, so the two must not talk.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: a job's event stream carries `stopped` (who stopped it and why), StopRequest names its
+/// requester; a coordinator of version 2 would take a `stopped` event for nothing and wait.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The version of this build, reported in handshakes.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

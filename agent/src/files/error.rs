@@ -40,6 +40,9 @@ pub enum FilesError {
     Replaced { path: String },
     #[error(transparent)]
     Blocking(#[from] BlockingError),
+    /// A running job or another copy holds the workspace.
+    #[error(transparent)]
+    Held(#[from] crate::workspace::Held),
     #[error("{0}")]
     Internal(String),
     /// The stream itself failed (the coordinator went away, a decoding error).

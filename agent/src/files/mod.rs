@@ -67,6 +67,8 @@ pub struct Files {
     idle: Duration,
     /// The agent's umask, read once at start: files get the coordinator's mode less these bits.
     umask: u32,
+    /// Copies and jobs holding workspaces (shared with `jobs`).
+    workspaces: Arc<crate::workspace::Workspaces>,
 }
 
 /// Counts a running transfer; the last one to end gives the heap back to the system.
@@ -133,7 +135,14 @@ impl Files {
             active: Arc::new(AtomicUsize::new(0)),
             idle: idle_timeout_from_env(),
             umask: read_umask(),
+            workspaces: Arc::default(),
         }
+    }
+
+    /// Shares the workspace leases the agent's jobs keep.
+    pub fn with_workspaces(mut self, workspaces: Arc<crate::workspace::Workspaces>) -> Self {
+        self.workspaces = workspaces;
+        self
     }
 
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
@@ -152,6 +161,7 @@ impl Files {
 
     pub async fn prepare(&self, req: PrepareFiles) -> Result<pb::PrepareFilesReply, FilesError> {
         // The request was parsed whole before this, so a bad request touches nothing.
+        let targets: Vec<PathBuf> = req.files.iter().map(|f| self.key(f)).collect();
         let states: Vec<(pb::FileState, u64)> = futures::stream::iter(req.files)
             .map(|f| async move {
                 let key = self.key(&f);
@@ -184,6 +194,8 @@ impl Files {
             root.free_bytes()
         })
         .await?;
+        let (sending, present) = crate::workspace::split_prepared(targets, &states);
+        self.workspaces.note_prepare(sending, &present)?;
         let to_receive: u64 = states.iter().map(|(_, n)| n).sum();
         tracing::debug!(files = states.len(), to_receive, free_bytes, "prepared");
         Ok(pb::PrepareFilesReply {
@@ -209,6 +221,7 @@ impl Files {
         let key = self.key(&header.file);
         let m = header.file.manifest.clone();
         let offset = header.offset;
+        let copy = self.workspaces.writing(&key)?;
         let lock = self.locks.lock(&key).await;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let transfer = Transfer {
@@ -247,10 +260,14 @@ impl Files {
                 .into())
             }
         };
-        match received {
+        let result = match received {
             Err(Received::Refused(e)) => Err(e),
             Ok(()) | Err(Received::WriterStopped) => written,
+        };
+        if result.is_ok() {
+            copy.written();
         }
+        result
     }
 }
 

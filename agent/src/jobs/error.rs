@@ -41,6 +41,9 @@ pub enum JobError {
     NotUtf8(PathBuf),
     #[error(transparent)]
     Confine(#[from] ConfineError),
+    /// Another job or a copy holds the workspace.
+    #[error(transparent)]
+    Held(#[from] crate::workspace::Held),
     #[error("cannot start {label} ({what})")]
     Start {
         label: String,
@@ -73,6 +76,7 @@ impl From<JobError> for Status {
         let e = match e {
             // Confinement has its own mapping (PermissionDenied).
             JobError::Confine(c) => return c.into(),
+            JobError::Held(h) => return h.into(),
             e => e,
         };
         let code = match &e {
@@ -87,12 +91,14 @@ impl From<JobError> for Status {
             JobError::NoWorkspace(_)
             | JobError::OtherWorkspace { .. }
             | JobError::Closed { .. }
-            | JobError::Stopping(_)
             | JobError::Start { .. }
             | JobError::Cgroup { .. } => Code::FailedPrecondition,
-            JobError::StoppedWhileStarting(_) => Code::Aborted,
+            // Aborted, like a stop that lands mid-Spawn: the coordinator tells a job stopped
+            // under it from one that failed to start.
+            JobError::Stopping(_) | JobError::StoppedWhileStarting(_) => Code::Aborted,
             JobError::NotUtf8(_) => Code::InvalidArgument,
             JobError::Confine(_) => Code::PermissionDenied,
+            JobError::Held(_) => Code::FailedPrecondition,
             JobError::Task(..) => Code::Internal,
         };
         Status::new(code, super::error_chain(&e))

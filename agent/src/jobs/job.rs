@@ -222,6 +222,18 @@ impl Job {
         self.publish(seq);
     }
 
+    /// Publishes that the job is being stopped and by whom, before any signal is sent, so a
+    /// watcher knows why the exits that follow came.
+    pub fn record_stopped(&self, cause: pb::StopCause, by: &str) {
+        let mut st = self.state();
+        let seq = st.log.push(Event::Stopped(pb::JobStopped {
+            cause: cause as i32,
+            by: by.to_string(),
+        }));
+        drop(st);
+        self.publish(seq);
+    }
+
     /// Ends every watcher's stream.
     pub fn forget(&self) {
         self.state().gone = true;

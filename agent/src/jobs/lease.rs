@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use dglrun_proto::pb;
 use tokio::sync::Notify;
 
 use super::{error_chain, job::Job, stop_job, tree, Jobs};
@@ -133,6 +134,7 @@ async fn expire(job: Arc<Job>, grace: Duration) {
     let lease = job.state().lease;
     tracing::warn!(job = %job.id, ?pids, lease_ms = lease.as_millis() as u64,
         "lease expired: no word from the coordinator; stopping the job's processes");
+    super::stopped::announce(&job, pb::StopCause::LeaseExpired, "lease expiry");
     match stop_job(&job, grace, false).await {
         Ok(outcome) => {
             tracing::warn!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining,

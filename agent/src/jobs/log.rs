@@ -154,6 +154,7 @@ mod tests {
                 Some(Event::Started(_)) => format!("{}:started", e.seq),
                 Some(Event::Exited(_)) => format!("{}:exited", e.seq),
                 Some(Event::LostLines(n)) => format!("{}:lost{n}", e.seq),
+                Some(Event::Stopped(_)) => format!("{}:stopped", e.seq),
                 None => "none".into(),
             })
             .collect()

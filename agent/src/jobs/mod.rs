@@ -26,6 +26,7 @@ pub mod slots;
 pub mod spec;
 pub mod state_file;
 pub mod stop;
+mod stopped;
 pub mod tree;
 
 use std::collections::{HashMap, VecDeque};
@@ -80,6 +81,8 @@ pub struct Jobs {
     processes: Arc<Counter>,
     /// Open Watch streams, across all jobs.
     watches: Arc<Counter>,
+    /// Which job or copy holds each workspace (shared with `files`).
+    workspaces: Arc<crate::workspace::Workspaces>,
 }
 
 impl Jobs {
@@ -121,6 +124,7 @@ impl Jobs {
             limits,
             processes: Counter::new(limits.live_processes),
             watches: Counter::new(limits.watches),
+            workspaces: Arc::default(),
         });
         lease::spawn_monitor(Arc::downgrade(&jobs), jobs.lease_wake.clone());
         Ok(jobs)
@@ -129,6 +133,11 @@ impl Jobs {
     /// The cgroup directory jobs are contained in; None when the agent could not make one.
     pub fn cgroup_base(&self) -> Option<&Path> {
         self.cgroups.as_deref().map(cgroup::Cgroups::base)
+    }
+
+    /// The workspace leases, for `files` to share.
+    pub fn workspaces(&self) -> &Arc<crate::workspace::Workspaces> {
+        &self.workspaces
     }
 
     /// What the state file should say now: every job not known to be over, with its direct
@@ -209,6 +218,7 @@ impl Jobs {
 
     pub async fn preflight(&self, req: preflight::Preflight) -> Result<pb::PreflightReply, Status> {
         let workspace = self.root.path().join(req.workspace.rel());
+        self.workspaces.check_launch(&workspace)?;
         let mut reply = preflight::check(&self.root, req).await?;
         let candidates: Vec<Arc<Job>> = self
             .all()
@@ -259,18 +269,21 @@ impl Jobs {
             if map.len() >= MAX_JOBS && !map.contains_key(&req.job_id) {
                 return Err(JobError::TooManyJobs(MAX_JOBS));
             }
-            let job = map
-                .entry(req.job_id.clone())
-                .or_insert_with(|| {
-                    Arc::new(Job::new(
+            let job = match map.get(&req.job_id) {
+                Some(job) => job.clone(),
+                None => {
+                    let job = Arc::new(Job::new(
                         req.job_id.clone(),
                         workspace.clone(),
                         self.root.path(),
                         lease,
                         self.limits.watches_per_job,
-                    ))
-                })
-                .clone();
+                    ));
+                    self.workspaces.claim_for_job(&workspace, &job)?;
+                    map.insert(req.job_id.clone(), job.clone());
+                    job
+                }
+            };
             if job.workspace != workspace {
                 return Err(JobError::OtherWorkspace {
                     job: job.id.clone(),
@@ -423,6 +436,7 @@ impl Jobs {
 
     pub async fn stop(&self, req: StopSpec) -> Result<pb::StopReply, JobError> {
         let job = self.get(&req.job_id)?;
+        let was_running = stopped::announce(&job, pb::StopCause::Requested, &req.requester);
         // In a task of its own: a coordinator that gives up waiting must not cut a stop short
         // between SIGTERM and SIGKILL.
         let j = job.clone();
@@ -441,6 +455,7 @@ impl Jobs {
         Ok(pb::StopReply {
             signalled: outcome.signalled,
             remaining: outcome.remaining,
+            already_finished: !was_running && outcome.signalled == 0,
         })
     }
 
@@ -482,6 +497,7 @@ impl Jobs {
         let jobs = self.all();
         let grace = self.config.grace;
         let stops = jobs.iter().map(|j| async move {
+            stopped::announce(j, pb::StopCause::AgentShutdown, "the agent shutting down");
             match stop_job(j, grace, false).await {
                 Ok(outcome) if outcome.signalled > 0 => {
                     tracing::info!(job = %j.id, signalled = outcome.signalled, remaining = outcome.remaining, "job stopped: agent shutting down");

@@ -95,6 +95,8 @@ pub struct StopSpec {
     /// At most [`MAX_GRACE`].
     pub grace: Duration,
     pub force: bool,
+    /// Who asked, as the coordinator names itself (bounded when it is recorded).
+    pub requester: String,
 }
 
 /// A request outside the agent's bounds or malformed; the message names what and where.
@@ -305,6 +307,7 @@ impl TryFrom<pb::StopRequest> for StopSpec {
             job_id: JobId::parse(r.job_id)?,
             grace: Duration::from_millis(r.grace_ms.into()).min(MAX_GRACE),
             force: r.force,
+            requester: r.requester,
         })
     }
 }
@@ -377,6 +380,7 @@ mod tests {
             job_id: "j".into(),
             grace_ms: u32::MAX,
             force: false,
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(s.grace, MAX_GRACE);
@@ -461,7 +465,7 @@ mod tests {
             }
             let renewed = JobId::try_from(pb::RenewRequest { job_id: id.clone() });
             prop_assert_eq!(renewed.is_ok(), JobId::parse(id.clone()).is_ok());
-            if let Ok(s) = StopSpec::try_from(pb::StopRequest { job_id: id, grace_ms, force }) {
+            if let Ok(s) = StopSpec::try_from(pb::StopRequest { job_id: id, grace_ms, force, requester: String::new() }) {
                 prop_assert!(s.grace <= MAX_GRACE);
                 prop_assert!(s.job_id.as_str() != "." && s.job_id.as_str() != "..");
             }

@@ -158,6 +158,7 @@ async fn stop_kills_a_setsid_grandchild_that_ignores_sigterm() {
             job_id: "j2".into(),
             grace_ms: 300,
             force: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -326,6 +327,7 @@ async fn the_lease_monitor_sleeps_until_the_next_deadline() {
         job_id: "j-due".into(),
         grace_ms: 100,
         force: false,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -453,6 +455,7 @@ async fn a_failed_proc_scan_is_an_error_and_the_job_stays_stopping() {
             job_id: "j-emfile".into(),
             grace_ms: 200,
             force: false,
+            ..Default::default()
         })
     };
     let starved = NoFreeFds::new();
@@ -512,6 +515,7 @@ async fn a_double_fork_with_a_scrubbed_environment_is_stopped() {
             job_id: "j-esc".into(),
             grace_ms: 200,
             force: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -585,6 +589,7 @@ async fn processes_and_watch_streams_are_bounded_per_agent_and_per_job() {
         job_id: "agg-a".into(),
         grace_ms: 100,
         force: true,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -58,7 +58,8 @@ pub(super) enum Msg {
         host: usize,
         ev: pb::JobEvent,
     },
-    /// The agent ended the event stream (it forgot the job or is shutting down).
+    /// The agent ended the event stream without saying why the job stopped (it forgot the
+    /// job); an agent that shuts down says so first in a `stopped` event.
     StreamEnded {
         host: usize,
     },
@@ -76,11 +77,34 @@ pub(super) enum Msg {
 #[derive(Clone, Debug)]
 enum Reason {
     Success,
-    Failed { host: usize, label: String },
-    SpawnFailed { host: usize, message: String },
-    Lost { host: usize, loss: Loss },
+    Failed {
+        host: usize,
+        label: String,
+    },
+    SpawnFailed {
+        host: usize,
+        message: String,
+    },
+    Lost {
+        host: usize,
+        loss: Loss,
+    },
     Signal(i32),
+    /// Someone else stopped the job on `host` (`dgl-coord kill`, another client's Stop).
+    /// `by` is a placeholder until the job's `stopped` event names them (`named`).
+    StoppedBy {
+        host: usize,
+        by: String,
+        named: bool,
+    },
 }
+
+/// Who stopped a job whose Spawn the agent aborted, until its `stopped` event says.
+const STOPPED_WHILE_STARTING: &str = "another client while it was starting";
+
+/// dgl-coord's exit code when someone else stopped the job and no process had failed before:
+/// that of a SIGTERM, which is what such a stop sends.
+pub const STOPPED_BY_OTHER_EXIT: u8 = 143;
 
 struct Proc {
     role: Role,
@@ -115,6 +139,8 @@ struct Driver {
     all_started: Option<Instant>,
     signals: u32,
     out: Sink,
+    /// How this command names itself in its Stop requests.
+    requester: String,
 }
 
 pub async fn run(
@@ -162,15 +188,21 @@ pub async fn run(
         all_started: None,
         signals: 0,
         out,
+        requester: crate::ops::requester("dgl-coord launch"),
     };
 
+    // Leases are renewed from the first Spawn on: a host whose Spawn is slow must not let the
+    // others' leases run out while the rest of the phase waits for it.
+    for h in 0..d.hosts.len() {
+        d.start_renewal(h);
+    }
     // Servers everywhere first, then trainers: DGL's clients expect their servers up.
     for trainers in [false, true] {
         d.spawn_phase(trainers).await;
         if !trainers {
-            // The job now exists on every host: follow its events and keep its lease.
+            // The job now exists on every host: follow its events.
             for h in 0..d.hosts.len() {
-                d.start_host_tasks(h);
+                d.start_watch(h);
             }
         }
         // A signal that arrived while spawning is handled before the next phase.
@@ -253,8 +285,11 @@ impl Driver {
                 let r = tokio::time::timeout(SPAWN_TIMEOUT, client.spawn(req)).await;
                 let r = match r {
                     Ok(Ok(reply)) => Ok(reply.into_inner()),
-                    Ok(Err(s)) => Err(s.message().to_string()),
-                    Err(_) => Err("the agent did not answer Spawn in time".to_string()),
+                    Ok(Err(s)) => Err((s.code(), s.message().to_string())),
+                    Err(_) => Err((
+                        tonic::Code::DeadlineExceeded,
+                        "the agent did not answer Spawn in time".to_string(),
+                    )),
                 };
                 (rank, r)
             }
@@ -266,9 +301,23 @@ impl Driver {
                         self.note_started(rank, p.index, &p.label, p.pid);
                     }
                 }
-                Err(message) => {
-                    if self.stopping.is_none() {
-                        let name = self.hosts[rank].name();
+                Err((code, message)) => {
+                    if self.stopping.is_some() {
+                        continue;
+                    }
+                    let name = self.hosts[rank].name();
+                    if code == tonic::Code::Aborted {
+                        // A Stop from elsewhere reached the job first: a stop, not a failure.
+                        self.out.note(&format!(
+                            "{name}: the job was stopped by {STOPPED_WHILE_STARTING}; \
+                             stopping it on every host"
+                        ));
+                        self.begin_stop(Reason::StoppedBy {
+                            host: rank,
+                            by: STOPPED_WHILE_STARTING.to_string(),
+                            named: false,
+                        });
+                    } else {
                         self.out.note(&format!("{name}: {message}"));
                         self.begin_stop(Reason::SpawnFailed {
                             host: rank,
@@ -303,7 +352,7 @@ impl Driver {
         }
     }
 
-    fn start_host_tasks(&mut self, host: usize) {
+    fn start_watch(&mut self, host: usize) {
         let h = &self.hosts[host];
         self.tasks.spawn(watch_host(
             host,
@@ -312,6 +361,10 @@ impl Driver {
             self.tx.clone(),
             self.o.lease,
         ));
+    }
+
+    fn start_renewal(&mut self, host: usize) {
+        let h = &self.hosts[host];
         self.tasks.spawn(renew_host(
             host,
             Reconnect::new(h.client.clone(), self.o.access.clone(), h.addr),
@@ -408,6 +461,7 @@ impl Driver {
                 self.out.lost_lines(host, &ip, n, &name);
             }
             Some(Event::Exited(x)) => self.on_exit(host, x),
+            Some(Event::Stopped(s)) => self.on_stopped(host, s),
             None => {}
         }
     }
@@ -441,6 +495,48 @@ impl Driver {
                 self.begin_stop(Reason::Success);
             }
         }
+    }
+
+    /// The agent of `host` began stopping the job. Our own Stops are announced too; they
+    /// come while `stopping` is already set and change nothing.
+    fn on_stopped(&mut self, host: usize, s: pb::JobStopped) {
+        if let Some(stopping) = &mut self.stopping {
+            // Our own Stops are announced as well: only someone else's names the stopper.
+            let requested = s.cause == pb::StopCause::Requested as i32 && s.by != self.requester;
+            if let Reason::StoppedBy { by, named, .. } = &mut stopping.reason {
+                if requested && !*named {
+                    (*by, *named) = (s.by, true);
+                }
+            }
+            return;
+        }
+        let name = self.hosts[host].name();
+        let reason = match pb::StopCause::try_from(s.cause) {
+            Ok(pb::StopCause::LeaseExpired) => Reason::Lost {
+                host,
+                loss: Loss::LeaseExpired,
+            },
+            Ok(pb::StopCause::AgentShutdown) => Reason::Lost {
+                host,
+                loss: Loss::ShuttingDown,
+            },
+            _ => Reason::StoppedBy {
+                host,
+                by: s.by,
+                named: true,
+            },
+        };
+        match &reason {
+            Reason::Lost { loss, .. } => self.out.note(&format!(
+                "lost the agent of {name}: {}; stopping the job on every other host",
+                loss.reason()
+            )),
+            Reason::StoppedBy { by, .. } => self.out.note(&format!(
+                "{name}: the job was stopped by {by}; stopping it on every host"
+            )),
+            _ => {}
+        }
+        self.begin_stop(reason);
     }
 
     fn on_signal(&mut self, sig: i32) {
@@ -491,6 +587,7 @@ impl Driver {
                 job_id: self.o.job_id.clone(),
                 grace_ms: millis(self.o.grace),
                 force,
+                requester: self.requester.clone(),
             };
             // The agent gives up after grace plus a few seconds of SIGKILL.
             let limit = self.o.grace + Duration::from_secs(15);
@@ -533,6 +630,8 @@ impl Driver {
             Some(Reason::Failed { .. }) => worst.max(1),
             Some(Reason::Signal(sig)) if worst == 0 => (128 + sig) as u8,
             Some(Reason::Signal(_)) => worst,
+            Some(Reason::StoppedBy { .. }) if worst == 0 => STOPPED_BY_OTHER_EXIT,
+            Some(Reason::StoppedBy { .. }) => worst,
             Some(Reason::SpawnFailed { .. } | Reason::Lost { .. }) => worst.max(1),
         };
         let error = match &reason {
@@ -550,6 +649,10 @@ impl Driver {
             Some(Reason::Signal(sig)) => {
                 Some(format!("job stopped by {}", summary::signal_name(*sig)))
             }
+            Some(Reason::StoppedBy { host, by, .. }) => Some(format!(
+                "job stopped by {by} (seen by the agent of {})",
+                self.hosts[*host].name()
+            )),
             _ => None,
         };
         // The signal was already announced when it came; the other reasons are told here.
@@ -627,6 +730,7 @@ impl Driver {
                 Some(Reason::SpawnFailed { .. }) => Outcome::SpawnFailed,
                 Some(Reason::Lost { .. }) => Outcome::Lost,
                 Some(Reason::Signal(_)) => Outcome::Signal,
+                Some(Reason::StoppedBy { .. }) => Outcome::Stopped,
             },
             exit_code: code,
             error,

@@ -114,6 +114,8 @@ pub enum Outcome {
     Lost,
     /// dgl-coord got SIGINT or SIGTERM.
     Signal,
+    /// Someone else stopped the job (`dgl-coord kill`).
+    Stopped,
     /// Nothing was started: bad input, an unreachable agent or a failed preflight.
     Error,
 }

@@ -120,6 +120,10 @@ pub async fn watch_host(
 /// Renews the job's lease on one host every lease/4; reports the host lost when no renewal
 /// succeeded for a whole lease, and at once when the agent is gone or no longer knows the job.
 ///
+/// It starts with the first Spawn, before this host's own Spawn may have reached its agent:
+/// until the agent once knew the job, "not known" means "not there yet", not "forgotten" (a
+/// Spawn that never arrives fails the launch by itself).
+///
 /// After a renewal went unanswered, the next ones go out back to back on fresh connections
 /// with a shorter deadline (lease/8), so one gets through within lease/8 of the link coming
 /// back. The last renewal before a blip may be a quarter lease old, so a blip shorter than
@@ -134,6 +138,7 @@ pub async fn renew_host(
     let period = lease / 4;
     let quick = lease / 8;
     let mut last_ok = Instant::now();
+    let mut known_once = false;
     let (mut wait, mut limit) = (period, period);
     loop {
         tokio::time::sleep(wait).await;
@@ -142,6 +147,13 @@ pub async fn renew_host(
         };
         let last_error = match tokio::time::timeout(limit, conn.client.renew(req)).await {
             Ok(Ok(r)) if r.get_ref().known => {
+                known_once = true;
+                last_ok = Instant::now();
+                (wait, limit) = (period, period);
+                continue;
+            }
+            Ok(Ok(_)) if !known_once => {
+                // The agent answers: that is all the lease needs until the job exists there.
                 last_ok = Instant::now();
                 (wait, limit) = (period, period);
                 continue;

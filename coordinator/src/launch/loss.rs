@@ -19,8 +19,12 @@ pub enum Loss {
     Gone,
     /// The agent no longer knows the job: it was restarted.
     Forgot,
-    /// The agent ended the job's event stream (it is shutting down).
+    /// The agent ended the job's event stream without a word: it no longer keeps the job.
     StreamEnded,
+    /// The agent said it is shutting down (and stops the job as it goes).
+    ShuttingDown,
+    /// The agent said the job's lease ran out: it heard no renewal for a whole lease.
+    LeaseExpired,
     /// No answer for a whole lease: a link or the host is down, or the agent hangs.
     Silent {
         what: &'static str,
@@ -35,7 +39,11 @@ impl Loss {
             Loss::Gone => "the agent is not running (connection refused)".to_string(),
             Loss::Forgot => "the agent no longer knows the job (it was restarted)".to_string(),
             Loss::StreamEnded => {
-                "the agent ended the job's event stream (it is shutting down)".to_string()
+                "the agent ended the job's event stream (it no longer keeps the job)".to_string()
+            }
+            Loss::ShuttingDown => "the agent is shutting down".to_string(),
+            Loss::LeaseExpired => {
+                "the agent stopped the job: no lease renewal reached it in time".to_string()
             }
             Loss::Silent {
                 what,
@@ -57,7 +65,9 @@ impl Loss {
             Loss::Forgot => {
                 "the restarted agent stopped what its previous run left there".to_string()
             }
-            Loss::StreamEnded => "the agent stops its processes as it shuts down".to_string(),
+            Loss::StreamEnded => "nothing of the job is left there to stop".to_string(),
+            Loss::ShuttingDown => "the agent stops its processes as it shuts down".to_string(),
+            Loss::LeaseExpired => "that agent stopped the job's processes there".to_string(),
             Loss::Silent { .. } => format!(
                 "that agent stops the job's processes by itself when the lease runs out ({} s)",
                 lease.as_secs_f64()

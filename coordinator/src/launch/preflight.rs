@@ -214,6 +214,7 @@ async fn stop_stale(
             job_id: j.job_id.clone(),
             grace_ms: grace.as_millis().min(u32::MAX as u128) as u32,
             force: false,
+            requester: crate::ops::requester("dgl-coord launch --kill-stale"),
         };
         async move { (*rank, client.stop(req).await) }
     });
