@@ -562,9 +562,14 @@ async fn processes_and_watch_streams_are_bounded_per_agent_and_per_job() {
         err.message().contains("runs 2 processes") && err.message().contains("limit of 3"),
         "{err}"
     );
-    jobs.spawn_pb(spawn_req("agg-b", sleepers(1)))
-        .await
-        .unwrap();
+    // One job per workspace: the second job gets its own.
+    std::fs::create_dir_all(jobs.root.path().join("ws-b")).unwrap();
+    jobs.spawn_pb(pb::SpawnRequest {
+        workspace: "ws-b".into(),
+        ..spawn_req("agg-b", sleepers(1))
+    })
+    .await
+    .unwrap();
 
     let watch = |id: &str| {
         jobs.watch_pb(pb::WatchRequest {
