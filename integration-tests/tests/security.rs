@@ -1,5 +1,6 @@
 //! The agent authenticates every call before doing anything, and stays inside its root.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -67,27 +68,112 @@ fn put_stream(path: &str, data: &[u8]) -> impl tokio_stream::Stream<Item = pb::P
     tokio_stream::iter(vec![header, chunk])
 }
 
-fn token_file(dir: &Path, token: &str) -> String {
-    let p = dir.join("token");
-    std::fs::write(&p, format!("{token}\n")).unwrap();
-    p.display().to_string()
+/// Runs `cmd` as user `nobody`; with `CI=true` a host that cannot do so fails the test.
+fn as_nobody(cmd: &Path, args: &[&str]) -> Option<std::process::Output> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let usable = nix::unistd::geteuid().is_root()
+        && Command::new("runuser")
+            .args(["-u", "nobody", "--", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !usable {
+        assert!(!ci, "CI=true: this test needs root and `runuser -u nobody`");
+        eprintln!("SKIPPED: needs root and `runuser -u nobody`");
+        return None;
+    }
+    Some(
+        Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(cmd)
+            .args(args)
+            .output()
+            .unwrap(),
+    )
+}
+
+/// Another user of the same host, without the token, can neither look nor write nor run
+/// anything through the agent, although it listens on loopback with no token given: the agent
+/// made a per-user token of its own.
+#[test]
+fn another_local_user_without_the_token_can_do_nothing() {
+    let cluster = TestCluster::start_zero_setup(1, &[]);
+    // A directory everyone may write to: only the agent's refusal keeps the marker out.
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::create_dir_all(cluster.root(0).join("ws")).unwrap();
+    let marker = open.path().join("id.txt");
+    let addr = format!("{}:{}", cluster.ip(0), cluster.port);
+    let marker_s = marker.display().to_string();
+    let Some(out) = as_nobody(&bin("dglrun-probe"), &[&addr, &marker_s]) else {
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for call in ["hello", "list_jobs", "prepare_files", "spawn"] {
+        assert!(
+            stdout.contains(&format!("{call} Unauthenticated")),
+            "{call} must be refused:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        !marker.exists(),
+        "a command ran: {:?}",
+        std::fs::read_to_string(&marker)
+    );
+    assert!(list_files(cluster.root(0)).is_empty());
+    // The owner, through the default token file, gets in.
+    let st = cluster
+        .coord()
+        .args(["status", "--ip_config"])
+        .arg(cluster.ip_config_file())
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+/// Zero setup: the agent creates a private token file where dgl-coord looks by default.
+#[test]
+fn default_token_file_is_created_private_and_found_by_dgl_coord() {
+    let cluster = TestCluster::start_zero_setup(2, &[]);
+    let tf = &cluster.token_file;
+    assert_eq!(tf, &cluster.config_home().join("dglrun/token"));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(tf), 0o600);
+    assert_eq!(mode(tf.parent().unwrap()), 0o700);
+    assert_eq!(cluster.token().len(), 64, "256 bits in hex");
+    let st = cluster
+        .coord()
+        .args(["status", "--ip_config"])
+        .arg(cluster.ip_config_file())
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
 }
 
 #[tokio::test]
 async fn wrong_or_missing_token_is_refused_before_any_side_effect() {
-    let secrets = tempfile::tempdir().unwrap();
-    let tf = token_file(secrets.path(), "s3cret-token");
-    let cluster = TestCluster::start_with(1, &["--token-file", &tf]);
-
-    for token in [
+    let cluster = TestCluster::start(1);
+    let token = cluster.token();
+    let short = token[..token.len() - 1].to_string();
+    let long = format!("{token}X");
+    for t in [
         None,
         Some("wrong"),
-        Some("s3cret-toke"),
-        Some("s3cret-tokenX"),
+        Some(short.as_str()),
+        Some(long.as_str()),
     ] {
-        let mut c = client(&cluster, token).await;
+        let mut c = client(&cluster, t).await;
         let err = c.hello(hello()).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unauthenticated, "token {token:?}");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "token {t:?}");
         let err = c
             .put_file(put_stream("ws/f.txt", b"data"))
             .await
@@ -99,23 +185,23 @@ async fn wrong_or_missing_token_is_refused_before_any_side_effect() {
         "nothing may be written"
     );
 
-    let mut c = client(&cluster, Some("s3cret-token")).await;
+    let mut c = client(&cluster, Some(&token)).await;
     let reply = c.hello(hello()).await.unwrap().into_inner();
     assert_eq!(reply.protocol_version, PROTOCOL_VERSION);
     let log = cluster.agent_log(0);
-    assert!(
-        !log.contains("s3cret-token"),
-        "the token must never be logged"
-    );
+    assert!(!log.contains(&token), "the token must never be logged");
 }
 
 #[tokio::test]
 async fn incompatible_protocol_versions_refuse_each_other_naming_both() {
     let cluster = TestCluster::start(1);
+    let auth: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", cluster.token()).parse().unwrap();
     let mut c = AgentClient::with_interceptor(
         channel(&cluster, "http").await,
-        |mut req: tonic::Request<()>| {
+        move |mut req: tonic::Request<()>| {
             req.metadata_mut().insert("dglrun-protocol", 999.into());
+            req.metadata_mut().insert("authorization", auth.clone());
             Ok(req)
         },
     );
@@ -128,24 +214,74 @@ async fn incompatible_protocol_versions_refuse_each_other_naming_both() {
         "{}",
         err.message()
     );
+    // Without the token, the same call learns nothing about versions.
+    let mut c = AgentClient::with_interceptor(
+        channel(&cluster, "http").await,
+        |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("dglrun-protocol", 999.into());
+            Ok(req)
+        },
+    );
+    let err = c.hello(hello()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(!err.message().contains("speaks"), "{}", err.message());
 }
 
+fn write_mode(path: &Path, text: &str, mode: u32) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Token files readable by others, and tokens under 128 bits, are refused by both sides,
+/// naming the file and the fix.
 #[test]
-fn unauthenticated_agent_refuses_non_loopback_addresses() {
-    let root = tempfile::tempdir().unwrap();
+fn open_or_short_token_files_are_refused_by_agent_and_coordinator() {
+    let d = tempfile::tempdir().unwrap();
+    let open = d.path().join("open");
+    write_mode(&open, &"ab".repeat(32), 0o644);
+    let short = d.path().join("short");
+    write_mode(&short, "abc\n", 0o600);
+    for (file, must) in [(&open, "chmod 600"), (&short, "too short")] {
+        let out = Command::new(bin("dgl-agent"))
+            .args(["--listen", "127.0.0.1:0", "--root"])
+            .arg(d.path())
+            .arg("--token-file")
+            .arg(file)
+            .args(root_flag())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains(must),
+            "{err}"
+        );
+        let ipc = d.path().join("ip_config.txt");
+        std::fs::write(&ipc, "127.0.0.1\n").unwrap();
+        let out = Command::new(bin("dgl-coord"))
+            .args(["status", "--ip_config"])
+            .arg(&ipc)
+            .env("DGL_AGENT_TOKEN_FILE", file)
+            .env_remove("DGL_AGENT_TOKEN")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains(must),
+            "{err}"
+        );
+    }
+    // A short token in the environment is refused too.
     let out = Command::new(bin("dgl-agent"))
-        .args(["--listen", "0.0.0.0:0", "--root"])
-        .arg(root.path())
+        .args(["--listen", "127.0.0.1:0", "--root"])
+        .arg(d.path())
         .args(root_flag())
-        .env_remove("DGL_AGENT_TOKEN")
+        .env("DGL_AGENT_TOKEN", "abc")
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("refusing to listen on 0.0.0.0:0 without authentication"),
-        "{err}"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("too short"));
 }
 
 #[test]
@@ -201,7 +337,9 @@ async fn mutual_tls_accepts_our_ca_and_refuses_another() {
         key: dir.join("coordinator.key"),
         ca: ours.path().join("ca.pem"),
     };
+    let token = cluster.token();
     let connect = |files: TlsFiles| {
+        let token = token.clone();
         let uri = format!("https://{}:{}", cluster.ip(0), cluster.port);
         let ip = ip.clone();
         async move {
@@ -211,7 +349,7 @@ async fn mutual_tls_accepts_our_ca_and_refuses_another() {
                 .unwrap()
                 .connect()
                 .await?;
-            let mut c = AgentClient::with_interceptor(ch, ClientMeta::new(None).unwrap());
+            let mut c = AgentClient::with_interceptor(ch, ClientMeta::new(Some(&token)).unwrap());
             c.hello(hello())
                 .await
                 .map_err(|s| -> Box<dyn std::error::Error> { s.into() })?;
@@ -234,7 +372,7 @@ async fn mutual_tls_accepts_our_ca_and_refuses_another() {
 #[tokio::test]
 async fn oversized_messages_are_refused_and_write_nothing() {
     let cluster = TestCluster::start(1);
-    let mut c = client(&cluster, None).await;
+    let mut c = client(&cluster, Some(&cluster.token())).await;
     // Larger than any message the agent decodes.
     let huge = vec![7u8; dglrun_proto::MAX_MESSAGE_BYTES + 1];
     let err = c
@@ -272,7 +410,7 @@ async fn traversal_attempts_write_nothing_outside_the_root() {
     let outside = cluster.dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, cluster.root(0).join("planted")).unwrap();
-    let mut c = client(&cluster, None).await;
+    let mut c = client(&cluster, Some(&cluster.token())).await;
     let long = format!("ws/{}", "n".repeat(5000));
     let abs_outside = outside.join("abs.txt").display().to_string();
     for path in [
