@@ -51,31 +51,47 @@ impl tonic::service::Interceptor for ClientMeta {
 }
 
 /// What the agent knows about the connection a request came on; the agent's listener puts
-/// it into every request (tonic's connect info).
+/// it into every request (tonic's connect info). Clones share the flags.
 #[derive(Clone, Debug)]
 pub struct ConnAuth {
     pub remote: Option<SocketAddr>,
-    /// The peer presented a certificate of the user-supplied CA (verified by TLS).
-    pub peer_certified: bool,
-    authenticated: Arc<AtomicBool>,
+    flags: Arc<ConnFlags>,
+}
+
+#[derive(Debug, Default)]
+struct ConnFlags {
+    /// The TLS peer proved it holds the token's key or a certificate of the user's CA.
+    peer_certified: AtomicBool,
+    /// A request on this connection has passed the check.
+    authenticated: AtomicBool,
 }
 
 impl ConnAuth {
     pub fn new(remote: Option<SocketAddr>, peer_certified: bool) -> Self {
-        Self {
+        let c = Self {
             remote,
-            peer_certified,
-            authenticated: Arc::new(AtomicBool::new(false)),
+            flags: Arc::default(),
+        };
+        if peer_certified {
+            c.set_peer_certified();
         }
+        c
     }
 
-    /// Whether a request on this connection has passed the check.
+    pub fn set_peer_certified(&self) {
+        self.flags.peer_certified.store(true, Ordering::Release);
+    }
+
+    pub fn peer_certified(&self) -> bool {
+        self.flags.peer_certified.load(Ordering::Acquire)
+    }
+
     pub fn is_authenticated(&self) -> bool {
-        self.authenticated.load(Ordering::Relaxed)
+        self.flags.authenticated.load(Ordering::Acquire)
     }
 
-    fn mark_authenticated(&self) {
-        self.authenticated.store(true, Ordering::Relaxed);
+    pub fn mark_authenticated(&self) {
+        self.flags.authenticated.store(true, Ordering::Release);
     }
 }
 
@@ -104,7 +120,7 @@ impl ServerCheck {
                     .unwrap_or(b"");
                 token_matches(given, expected)
             }
-            None => conn.is_some_and(|c| c.peer_certified),
+            None => conn.is_some_and(ConnAuth::peer_certified),
         }
     }
 }
