@@ -4,6 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
+use dglrun_integration_tests::run::run;
 use dglrun_integration_tests::{bin, repo_dir, root_flag, TestCluster};
 use dglrun_proto::digest::hash_reader;
 use dglrun_proto::meta::ClientMeta;
@@ -11,6 +12,7 @@ use dglrun_proto::pb::agent_client::AgentClient;
 use dglrun_proto::pb::{self, put_file_message::Msg};
 use dglrun_proto::tls::TlsFiles;
 use dglrun_proto::{PROTOCOL_VERSION, VERSION};
+use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 /// Files under `dir`, leaving out the agent's own state directory.
@@ -242,16 +244,16 @@ fn open_or_short_token_files_are_refused_by_agent_and_coordinator() {
     let short = d.path().join("short");
     write_mode(&short, "abc\n", 0o600);
     for (file, must) in [(&open, "chmod 600"), (&short, "too short")] {
-        let out = Command::new(bin("dgl-agent"))
+        let mut agent = Command::new(bin("dgl-agent"));
+        agent
             .args(["--listen", "127.0.0.1:0", "--root"])
             .arg(d.path())
             .arg("--token-file")
             .arg(file)
-            .args(root_flag())
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+            .args(root_flag());
+        let out = run(agent, Duration::from_secs(20));
+        assert_ne!(out.code(), 0, "{out:?}");
+        let err = &out.stderr;
         assert!(
             err.contains(&file.display().to_string()) && err.contains(must),
             "{err}"
@@ -273,15 +275,15 @@ fn open_or_short_token_files_are_refused_by_agent_and_coordinator() {
         );
     }
     // A short token in the environment is refused too.
-    let out = Command::new(bin("dgl-agent"))
+    let mut agent = Command::new(bin("dgl-agent"));
+    agent
         .args(["--listen", "127.0.0.1:0", "--root"])
         .arg(d.path())
         .args(root_flag())
-        .env("DGL_AGENT_TOKEN", "abc")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("too short"));
+        .env("DGL_AGENT_TOKEN", "abc");
+    let out = run(agent, Duration::from_secs(20));
+    assert_ne!(out.code(), 0, "{out:?}");
+    assert!(out.stderr.contains("too short"), "{out:?}");
 }
 
 #[test]
@@ -445,4 +447,257 @@ async fn traversal_attempts_write_nothing_outside_the_root() {
     );
     assert!(!Path::new("/etc/dglrun-test-x").exists());
     assert!(!cluster.dir.path().join("x.txt").exists());
+}
+
+/// An IPv4 address of this host that is not loopback, or why there is none.
+fn non_loopback_ip() -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.split_whitespace().nth(3))
+        .and_then(|cidr| cidr.split('/').next())
+        .map(str::to_string)
+}
+
+/// An agent on 0.0.0.0:0 with `token_file`; returns it, its port and its log.
+fn agent_on_all_addresses(
+    dir: &Path,
+    token_file: &Path,
+    extra: &[&str],
+) -> (std::process::Child, u16, std::path::PathBuf) {
+    use std::io::BufRead;
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("ws")).unwrap();
+    let log = dir.join("agent.log");
+    let mut child = Command::new(bin("dgl-agent"))
+        .args(["--listen", "0.0.0.0:0", "--root"])
+        .arg(&root)
+        .arg("--token-file")
+        .arg(token_file)
+        .args(extra)
+        .args(root_flag())
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no port in {line:?}: {}",
+                std::fs::read_to_string(&log).unwrap()
+            )
+        });
+    (child, port, log)
+}
+
+fn probe(addr: &str, marker: &Path, token: Option<&str>) -> String {
+    let mut c = Command::new(bin("dglrun-probe"));
+    c.arg(addr).arg(marker).args(token);
+    let r = run(c, Duration::from_secs(60));
+    format!("{}{}", r.stdout, r.stderr)
+}
+
+fn status(
+    port: u16,
+    ip: &str,
+    token_file: &Path,
+    dir: &Path,
+) -> dglrun_integration_tests::run::Run {
+    let ipc = dir.join("ip_config.txt");
+    std::fs::write(&ipc, format!("{ip}\n")).unwrap();
+    let mut c = Command::new(bin("dgl-coord"));
+    c.args(["status", "--agent-port", &port.to_string(), "--ip_config"])
+        .arg(&ipc)
+        .env("DGL_AGENT_TOKEN_FILE", token_file)
+        .env_remove("DGL_AGENT_TOKEN");
+    run(c, Duration::from_secs(60))
+}
+
+/// One agent on 0.0.0.0: plaintext with the token works on loopback only; on its other
+/// address the same plaintext request is refused before anything is read, dgl-coord gets in
+/// over TLS derived from the token, and a coordinator with another token is refused at the
+/// TLS handshake.
+#[test]
+fn non_loopback_addresses_require_tls_from_the_token() {
+    let Some(ext) = non_loopback_ip() else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true: this host needs a non-loopback IPv4 address"
+        );
+        eprintln!("SKIPPED: no non-loopback IPv4 address");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let tf = d.path().join("token");
+    let token = dglrun_integration_tests::write_token_file(&tf).unwrap();
+    let (mut agent, port, log) = agent_on_all_addresses(d.path(), &tf, &[]);
+    let marker = d.path().join("marker");
+
+    let local = probe(
+        &format!("127.0.0.1:{port}"),
+        &d.path().join("local-marker"),
+        Some(&token),
+    );
+    assert!(
+        local.contains("hello Ok") && local.contains("spawn Ok"),
+        "{local}"
+    );
+
+    let remote = probe(&format!("{ext}:{port}"), &marker, Some(&token));
+    for call in ["hello", "list_jobs", "prepare_files", "spawn"] {
+        assert!(
+            remote.contains(&format!("{call} ")) && !remote.contains(&format!("{call} Ok")),
+            "plaintext to {ext} must be refused: {remote}"
+        );
+    }
+    assert!(!marker.exists(), "a command ran");
+
+    let ok = status(port, &ext, &tf, d.path());
+    assert_eq!(ok.code(), 0, "{ok:?}");
+
+    let other = d.path().join("other-token");
+    dglrun_integration_tests::write_token_file(&other).unwrap();
+    let refused = status(port, &ext, &other, d.path());
+    assert_ne!(refused.code(), 0, "{refused:?}");
+    assert!(
+        format!("{}{}", refused.stdout, refused.stderr).contains("different token"),
+        "{refused:?}"
+    );
+
+    dglrun_integration_tests::terminate(&mut agent, Duration::from_secs(10));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(!log.contains(&token), "the token must never be logged");
+    assert!(!log.contains("\x1b["), "no ANSI colours in a log file");
+}
+
+/// `--insecure-plaintext` on both sides: plaintext with the token works on a non-loopback
+/// address, and the agent says loudly what it costs.
+#[test]
+fn insecure_plaintext_is_explicit_and_loud() {
+    let Some(ext) = non_loopback_ip() else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true: needs a non-loopback IPv4 address"
+        );
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let tf = d.path().join("token");
+    let token = dglrun_integration_tests::write_token_file(&tf).unwrap();
+    let (mut agent, port, log) = agent_on_all_addresses(d.path(), &tf, &["--insecure-plaintext"]);
+    let out = probe(&format!("{ext}:{port}"), &d.path().join("m"), Some(&token));
+    assert!(out.contains("hello Ok"), "{out}");
+    dglrun_integration_tests::terminate(&mut agent, Duration::from_secs(10));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("clear text"), "{log}");
+}
+
+/// A wrong port (nothing listening) and an HTTP/1 server on the port are named as such.
+#[test]
+fn wrong_port_and_non_agent_servers_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let tf = d.path().join("token");
+    dglrun_integration_tests::write_token_file(&tf).unwrap();
+    // A port nobody listens on: bind, note it, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = status(port, "127.0.0.1", &tf, d.path());
+    assert_ne!(r.code(), 0);
+    let said = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        said.contains("--agent-port") && said.contains(&port.to_string()),
+        "{r:?}"
+    );
+    // An HTTP/1 server that answers everything with 400, as most web servers would.
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = http.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in http.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut conn = conn;
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    let r = status(port, "127.0.0.1", &tf, d.path());
+    assert_ne!(r.code(), 0);
+    let said = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        said.contains("not a dgl-agent") && said.contains("--agent-port"),
+        "{r:?}"
+    );
+}
+
+/// Ten times the connection cap of idle TCP connections, held open, under an fd limit of
+/// 256: a real launch still succeeds, and Hello is answered promptly.
+#[test]
+fn idle_connection_flood_does_not_lock_out_the_coordinator() {
+    let c = TestCluster::start_with_nofile(1, &[], 256);
+    let ip_config = std::fs::read(c.ip_config_file()).unwrap();
+    dglrun_integration_tests::fake_dgl::write_workspace(c.root(0), &ip_config, 1);
+    let cap: usize = c
+        .agent_log(0)
+        .split("max_connections=")
+        .nth(1)
+        .and_then(|s| s.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no max_connections in the log: {}", c.agent_log(0)));
+    assert_eq!(cap, 64, "a quarter of 256");
+    // Our own fd limit must hold the flood.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let addr = std::net::SocketAddr::new(c.ip(0), c.port);
+    let flood: Vec<std::net::TcpStream> = (0..cap * 10)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok())
+        .collect();
+    assert!(
+        flood.len() >= cap * 10 / 2,
+        "only {} connections made",
+        flood.len()
+    );
+    let started = std::time::Instant::now();
+    let st = status_with(&c);
+    let hello = started.elapsed();
+    eprintln!(
+        "hello answered (dgl-coord status, process start included) in {:.0} ms with {} idle \
+         connections held, cap {cap}",
+        hello.as_secs_f64() * 1000.0,
+        flood.len()
+    );
+    assert_eq!(st.code(), 0, "{st:?}");
+    let r = run(
+        c.launch_direct("1", &[], "python3 fake_dgl.py"),
+        Duration::from_secs(120),
+    );
+    assert_eq!(r.code(), 0, "{r:?}\n{}", c.agent_log(0));
+    drop(flood);
+}
+
+fn status_with(c: &TestCluster) -> dglrun_integration_tests::run::Run {
+    let mut cmd = c.coord();
+    cmd.args(["status", "--ip_config"]).arg(c.ip_config_file());
+    run(cmd, Duration::from_secs(60))
 }
