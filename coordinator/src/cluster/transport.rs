@@ -34,7 +34,12 @@ pub enum ConnectFailure {
          and is {port} its port (--agent-port / DGL_AGENT_PORT)?",
         port = addr.port()
     )]
-    Refused { addr: SocketAddr },
+    Refused {
+        addr: SocketAddr,
+        /// Kept: callers tell a stopped agent from other failures by this error's kind.
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot connect to {addr}")]
     Io {
         addr: SocketAddr,
@@ -173,7 +178,7 @@ impl Connector {
         let addr = self.addr;
         let tcp = TcpStream::connect(addr).await.map_err(|e| {
             if e.kind() == io::ErrorKind::ConnectionRefused {
-                ConnectFailure::Refused { addr }
+                ConnectFailure::Refused { addr, source: e }
             } else {
                 ConnectFailure::Io { addr, source: e }
             }
