@@ -701,3 +701,58 @@ fn status_with(c: &TestCluster) -> dglrun_integration_tests::run::Run {
     cmd.args(["status", "--ip_config"]).arg(c.ip_config_file());
     run(cmd, Duration::from_secs(60))
 }
+
+/// Metrics are not authenticated: a non-loopback metrics address needs --metrics-public.
+#[test]
+fn metrics_stay_on_loopback_unless_made_public() {
+    let d = tempfile::tempdir().unwrap();
+    let tf = d.path().join("token");
+    dglrun_integration_tests::write_token_file(&tf).unwrap();
+    let mut agent = Command::new(bin("dgl-agent"));
+    agent
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "0.0.0.0:0",
+            "--root",
+        ])
+        .arg(d.path())
+        .arg("--token-file")
+        .arg(&tf)
+        .args(root_flag());
+    let out = run(agent, Duration::from_secs(20));
+    assert_ne!(out.code(), 0, "{out:?}");
+    assert!(
+        out.stderr.contains("0.0.0.0:0") && out.stderr.contains("--metrics-public"),
+        "{out:?}"
+    );
+}
+
+/// Metrics on loopback answer, and a scrape storm is served from one computation a second.
+#[test]
+fn loopback_metrics_answer() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let c = TestCluster::start_with(1, &["--metrics-listen", &metrics]);
+    let get = || {
+        let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let pages: Vec<String> = (0..20).map(|_| get()).collect();
+    assert!(
+        pages[0].contains("dglrun_agent_jobs_running 0"),
+        "{}\n{}",
+        pages[0],
+        c.agent_log(0)
+    );
+}
