@@ -365,10 +365,32 @@ async fn mutual_tls_accepts_our_ca_and_refuses_another() {
         connect(tls(theirs.path())).await.is_err(),
         "a client certificate from another CA must be refused"
     );
-    // Plain text to a TLS agent gets nowhere either.
+    // Plain text without the token gets nowhere either.
     let mut plain = client(&cluster, None).await;
     assert!(plain.hello(hello()).await.is_err());
     assert!(list_files(cluster.root(0)).is_empty());
+    // dgl-coord with the user's certificates, with and without the token.
+    for with_token in [true, false] {
+        let mut cmd = cluster.coord();
+        cmd.args(["status", "--ip_config"])
+            .arg(cluster.ip_config_file())
+            .arg("--tls-cert")
+            .arg(ours.path().join("coordinator.pem"))
+            .arg("--tls-key")
+            .arg(ours.path().join("coordinator.key"))
+            .arg("--tls-ca")
+            .arg(ours.path().join("ca.pem"));
+        if !with_token {
+            cmd.env_remove("DGL_AGENT_TOKEN_FILE");
+        }
+        let r = run(cmd, Duration::from_secs(60));
+        if with_token {
+            assert_eq!(r.code(), 0, "{r:?}");
+        } else {
+            // The agent has a token, so a certificate alone is not enough.
+            assert_ne!(r.code(), 0, "{r:?}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -468,16 +490,27 @@ fn agent_on_all_addresses(
     token_file: &Path,
     extra: &[&str],
 ) -> (std::process::Child, u16, std::path::PathBuf) {
+    let mut args = vec!["--listen", "0.0.0.0:0", "--token-file"];
+    let tf = token_file.display().to_string();
+    args.push(&tf);
+    args.extend_from_slice(extra);
+    agent_with(dir, &args)
+}
+
+/// An agent with `args` (which must include --listen with port 0), its own root under `dir`
+/// and `dir/config` as its XDG_CONFIG_HOME; returns it, its port and its log.
+fn agent_with(dir: &Path, args: &[&str]) -> (std::process::Child, u16, std::path::PathBuf) {
     use std::io::BufRead;
     let root = dir.join("root");
     std::fs::create_dir_all(root.join("ws")).unwrap();
     let log = dir.join("agent.log");
     let mut child = Command::new(bin("dgl-agent"))
-        .args(["--listen", "0.0.0.0:0", "--root"])
+        .arg("--root")
         .arg(&root)
-        .arg("--token-file")
-        .arg(token_file)
-        .args(extra)
+        .args(args)
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .env_remove("DGL_AGENT_TOKEN")
+        .env_remove("DGL_AGENT_TOKEN_FILE")
         .args(root_flag())
         .env("RUST_LOG", "debug")
         .stdout(std::process::Stdio::piped())
@@ -729,7 +762,7 @@ fn metrics_stay_on_loopback_unless_made_public() {
     );
 }
 
-/// Metrics on loopback answer, and a scrape storm is served from one computation a second.
+/// Metrics on loopback answer, also to a burst of scrapes.
 #[test]
 fn loopback_metrics_answer() {
     use std::io::{Read, Write};
@@ -755,4 +788,44 @@ fn loopback_metrics_answer() {
         pages[0],
         c.agent_log(0)
     );
+}
+
+/// User-supplied mutual TLS without a token: the certificate alone authenticates, so TLS is
+/// required on loopback too, and no token file is created.
+#[test]
+fn user_certificates_without_a_token_authenticate_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let certs = d.path().join("certs");
+    make_certs(&certs, "127.0.0.1");
+    let p = |f: &str| certs.join(f).display().to_string();
+    let (mut agent, port, _log) = agent_with(
+        d.path(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &p("agent-127.0.0.1.pem"),
+            "--tls-key",
+            &p("agent-127.0.0.1.key"),
+            "--tls-ca",
+            &p("ca.pem"),
+        ],
+    );
+    assert!(!d.path().join("config/dglrun/token").exists());
+    let plain = probe(&format!("127.0.0.1:{port}"), &d.path().join("m"), None);
+    assert!(!plain.contains("hello Ok"), "{plain}");
+    let ipc = d.path().join("ip_config.txt");
+    std::fs::write(&ipc, "127.0.0.1\n").unwrap();
+    let mut cmd = Command::new(bin("dgl-coord"));
+    cmd.args(["status", "--agent-port", &port.to_string(), "--ip_config"])
+        .arg(&ipc)
+        .args(["--tls-cert", &p("coordinator.pem")])
+        .args(["--tls-key", &p("coordinator.key")])
+        .args(["--tls-ca", &p("ca.pem")])
+        .env("XDG_CONFIG_HOME", d.path().join("config"))
+        .env_remove("DGL_AGENT_TOKEN")
+        .env_remove("DGL_AGENT_TOKEN_FILE");
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code(), 0, "{r:?}");
+    dglrun_integration_tests::terminate(&mut agent, Duration::from_secs(10));
 }
