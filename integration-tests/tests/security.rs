@@ -690,6 +690,11 @@ fn idle_connection_flood_does_not_lock_out_the_coordinator() {
     let c = TestCluster::start_with_nofile(1, &[], 256);
     let ip_config = std::fs::read(c.ip_config_file()).unwrap();
     dglrun_integration_tests::fake_dgl::write_workspace(c.root(0), &ip_config, 1);
+    // The "ready" log line follows the stdout line the harness waited for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !c.agent_log(0).contains("max_connections=") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let cap: usize = c
         .agent_log(0)
         .split("max_connections=")
@@ -827,5 +832,67 @@ fn user_certificates_without_a_token_authenticate_alone() {
         .env_remove("DGL_AGENT_TOKEN_FILE");
     let r = run(cmd, Duration::from_secs(60));
     assert_eq!(r.code(), 0, "{r:?}");
+    dglrun_integration_tests::terminate(&mut agent, Duration::from_secs(10));
+}
+
+/// The soft open-file limit is raised to the hard one at start, the connection cap follows
+/// it, and a connection that never sends a byte is closed by the agent (handshake deadline,
+/// 10 s; bound here 60 s).
+#[test]
+fn fd_limit_is_raised_and_silent_connections_are_closed() {
+    use std::io::Read;
+    let d = tempfile::tempdir().unwrap();
+    let tf = d.path().join("token");
+    dglrun_integration_tests::write_token_file(&tf).unwrap();
+    let log = d.path().join("agent.log");
+    let mut agent = Command::new("prlimit")
+        .arg("--nofile=256:2048")
+        .arg(bin("dgl-agent"))
+        .args(["--listen", "127.0.0.1:0", "--root"])
+        .arg(d.path())
+        .arg("--token-file")
+        .arg(&tf)
+        .args(root_flag())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(agent.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr: std::net::SocketAddr = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.id())).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(nofile, ["2048", "2048"], "{limits}");
+    // The "ready" log line follows the stdout line.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("max_connections") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(text.contains("max_connections=512"), "{text}");
+    let mut silent = std::net::TcpStream::connect(addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    match silent.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("a silent connection must be closed by the agent: {other:?}"),
+    }
     dglrun_integration_tests::terminate(&mut agent, Duration::from_secs(10));
 }
