@@ -47,10 +47,16 @@ if [ "$(id -u)" -eq 0 ]; then
     ROOT_FLAG=(--allow-root)
 fi
 
+# One token for the demo's agents and dgl-coord (without it they would share this user's
+# ~/.config/dglrun/token, which the first agent creates).
+(umask 077 && head -c 32 /dev/urandom | base64 >"$TMP/token")
+export DGL_AGENT_TOKEN_FILE=$TMP/token
+
 section "Starting agents on 127.0.0.{2,3,4}:$AGENT_PORT (logs in $TMP/agent-*.log)"
 for i in "${HOST_IDS[@]}"; do
     mkdir -p "$TMP/host$i"
-    "$AGENT" --listen "127.0.0.$i:$AGENT_PORT" --root "$TMP/host$i" "${ROOT_FLAG[@]}" >"$TMP/agent-$i.log" 2>&1 &
+    "$AGENT" --listen "127.0.0.$i:$AGENT_PORT" --root "$TMP/host$i" --token-file "$TMP/token" \
+        "${ROOT_FLAG[@]}" >"$TMP/agent-$i.log" 2>&1 &
     AGENT_PIDS+=("$!")
 done
 for n in "${!HOST_IDS[@]}"; do

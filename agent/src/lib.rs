@@ -9,6 +9,7 @@ pub mod confine;
 pub mod files;
 pub mod jobs;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod restart;
 pub mod server;

@@ -1,6 +1,7 @@
 use clap::{CommandFactory, Parser};
 use dglrun_agent::server;
-use dglrun_agent::settings::{read_token, Args, Effective};
+use dglrun_agent::settings::{resolve_token, Args, Effective};
+use std::io::IsTerminal;
 
 /// Variables that must not reach the processes the agent starts.
 const SECRET_ENV: &[&str] = &["DGL_AGENT_TOKEN", "DGL_AGENT_TOKEN_FILE"];
@@ -34,12 +35,15 @@ fn main() {
     }
     // Read the token, then scrub it before any thread exists: jobs inherit the agent's
     // environment.
-    let token = match &settings.token_file {
-        Some(f) => Some(read_token(f).unwrap_or_else(|e| fail(e))),
-        None => std::env::var("DGL_AGENT_TOKEN")
+    let user_tls = settings.tls_cert.is_some() || settings.tls_key.is_some();
+    let token = resolve_token(
+        settings.token_file.as_deref(),
+        std::env::var("DGL_AGENT_TOKEN")
             .ok()
             .filter(|t| !t.is_empty()),
-    };
+        user_tls,
+    )
+    .unwrap_or_else(|e| fail(e));
     for k in SECRET_ENV {
         std::env::remove_var(k);
     }
@@ -55,8 +59,14 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Escape codes only for a terminal: a log file or journald gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let config = settings.into_config(token).unwrap_or_else(|e| fail(e));
+    // Connections, files being written and job pipes all need fds: take all we may have.
+    let nofile = dglrun_agent::listen::raise_nofile_limit();
+    let config = settings
+        .into_config(token, nofile)
+        .unwrap_or_else(|e| fail(e));
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| fail(e.into()));
     if let Err(e) = runtime.block_on(server::run(config)) {
         fail(e);

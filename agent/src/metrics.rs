@@ -1,10 +1,12 @@
-//! Prometheus metrics, served on `--metrics-listen` when given.
+//! Prometheus metrics, served on `--metrics-listen` when given: without authentication, so
+//! only on loopback unless `--metrics-public` says otherwise.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::jobs::Jobs;
 
@@ -103,29 +105,55 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))
 }
 
+/// A rendered page is served again for this long: a scrape storm costs one /proc scan a
+/// second, not one per request.
+const CACHE_FOR: Duration = Duration::from_secs(1);
+
+/// The last rendered page; the lock also makes concurrent scrapes share one computation.
+type Cached = tokio::sync::Mutex<Option<(Instant, String)>>;
+
+async fn page(jobs: &Arc<Jobs>, cache: &Cached) -> String {
+    let mut c = cache.lock().await;
+    if let Some((at, text)) = c.as_ref() {
+        if at.elapsed() < CACHE_FOR {
+            return text.clone();
+        }
+    }
+    let jobs = jobs.clone();
+    // Listing jobs reads /proc: never on a runtime worker.
+    let text = tokio::task::spawn_blocking(move || {
+        let list = jobs.list_known().jobs;
+        let running: usize = list
+            .iter()
+            .map(|j| j.processes.iter().filter(|p| p.running).count())
+            .sum();
+        let live_jobs = list
+            .iter()
+            .filter(|j| j.processes.iter().any(|p| p.running))
+            .count();
+        render(live_jobs, running)
+    })
+    .await
+    .unwrap_or_else(|e| format!("# metrics unavailable: {e}\n"));
+    *c = Some((Instant::now(), text.clone()));
+    text
+}
+
 /// Serves `/metrics` until the runtime shuts down.
 pub async fn serve(listener: tokio::net::TcpListener, jobs: Arc<Jobs>) -> anyhow::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics");
+    let cache: Arc<Cached> = Arc::default();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let jobs = jobs.clone();
+            let (jobs, cache) = (jobs.clone(), cache.clone());
             async move {
-                let list = jobs.list_known().jobs;
-                let running: usize = list
-                    .iter()
-                    .map(|j| j.processes.iter().filter(|p| p.running).count())
-                    .sum();
-                let live_jobs = list
-                    .iter()
-                    .filter(|j| j.processes.iter().any(|p| p.running))
-                    .count();
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4",
                     )],
-                    render(live_jobs, running),
+                    page(&jobs, &cache).await,
                 )
             }
         }),

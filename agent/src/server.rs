@@ -9,42 +9,82 @@ use anyhow::Context;
 use dglrun_proto::meta::ServerCheck;
 use dglrun_proto::pb::agent_server::AgentServer;
 use dglrun_proto::tls::TlsFiles;
+use dglrun_proto::token::Token;
+use dglrun_proto::token_tls::TokenKeys;
 use dglrun_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::confine::Root;
 use crate::files::Files;
 use crate::jobs::{Jobs, JobsConfig};
+use crate::listen::ListenPolicy;
 use crate::service::AgentService;
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub listen: SocketAddr,
     pub root: PathBuf,
-    pub token: Option<String>,
-    pub insecure: bool,
+    /// Every request must carry it, unless it came over user-supplied mutual TLS.
+    pub token: Option<Token>,
+    /// Accept plaintext h2c on non-loopback addresses (the token then crosses in clear).
+    pub insecure_plaintext: bool,
     pub tls: Option<TlsFiles>,
     pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on a non-loopback address.
+    pub metrics_public: bool,
+    pub max_connections: usize,
     pub jobs: JobsConfig,
 }
 
+/// How long a new connection has for its TLS handshake (or first plaintext byte).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may stay open without one authenticated request.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which transports the listener accepts, from the configuration.
+fn listen_policy(config: &AgentConfig) -> anyhow::Result<ListenPolicy> {
+    let tls = match (&config.tls, &config.token) {
+        (Some(files), _) => Some(files.rustls_server().map_err(anyhow::Error::msg)?),
+        (None, Some(token)) => Some(
+            TokenKeys::derive(token)
+                .and_then(|k| k.server_config())
+                .context("cannot set up TLS from the token")?,
+        ),
+        (None, None) => None,
+    };
+    if tls.is_none() && config.token.is_none() {
+        anyhow::bail!("no token and no TLS: the agent authenticates every request");
+    }
+    Ok(ListenPolicy {
+        tls: tls.map(Arc::new),
+        // Without a token only certified TLS peers get in, on loopback too.
+        loopback_plaintext: config.token.is_some(),
+        insecure_plaintext: config.insecure_plaintext && config.token.is_some(),
+        max_connections: config.max_connections,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        auth_timeout: AUTH_TIMEOUT,
+    })
+}
+
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let authenticated = config.token.is_some() || config.tls.is_some();
-    if !authenticated && !config.listen.ip().is_loopback() && !config.insecure {
-        anyhow::bail!(
-            "refusing to listen on {} without authentication: give --token-file or \
-             --tls-cert/--tls-key/--tls-ca, or --insecure to accept commands from anyone who \
-             can reach this address",
-            config.listen
+    let policy = listen_policy(&config)?;
+    if policy.insecure_plaintext {
+        tracing::warn!(
+            listen = %config.listen,
+            "--insecure-plaintext: the token crosses the network in clear text on non-loopback \
+             addresses; whoever sees one request can run commands as this user"
         );
     }
-    if !authenticated {
-        if config.insecure && !config.listen.ip().is_loopback() {
-            tracing::warn!(listen = %config.listen, "no token: anyone who can reach this address can run commands as this user");
-        } else {
-            tracing::info!("no token: listening on loopback only");
+    if let Some(addr) = config.metrics_listen {
+        if !addr.ip().to_canonical().is_loopback() {
+            if !config.metrics_public {
+                anyhow::bail!(
+                    "refusing to serve metrics on {addr}: they are not authenticated, so only \
+                     loopback addresses are allowed; add --metrics-public to serve them there"
+                );
+            }
+            tracing::warn!(%addr, "metrics are served without authentication on a non-loopback address");
         }
     }
     let root = Root::new(&config.root)
@@ -74,13 +114,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "dgl-agent listening on {local} root {}",
         root.path().display()
     );
-    tracing::info!(%local, root = %root.path().display(), "dgl-agent ready");
+    tracing::info!(
+        %local,
+        root = %root.path().display(),
+        max_connections = config.max_connections,
+        "dgl-agent ready"
+    );
 
     let svc = InterceptedService::new(
         AgentServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        ServerCheck::new(config.token.clone()),
+        ServerCheck::new(config.token.as_ref()),
     );
     // Jobs are stopped before the server stops accepting: open Watch streams would otherwise
     // hold the server up, and their coordinators should see the exits.
@@ -90,13 +135,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tracing::info!("shutting down: stopping jobs");
         jobs_at_shutdown.shutdown().await;
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder
-            .tls_config(tls.server().map_err(anyhow::Error::msg)?)
-            .context("invalid TLS configuration")?;
-    }
-    builder
+    tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // 1 MiB frames instead of 16 KiB: a 4 MiB chunk costs 4 frames, not 256 (about 20%
         // of the agent's CPU per received byte).
@@ -106,24 +145,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::listen::incoming(listener, policy), shutdown)
         .await
         .context("agent server failed")?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Accepted connections with Nagle off: the builder's `tcp_nodelay` does not reach sockets we
-/// accept ourselves, and every small unary reply would wait for a delayed ACK.
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
 }
 
 async fn wait_for_shutdown_signal() {

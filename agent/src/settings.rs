@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use dglrun_proto::token::{default_token_path, read_or_create, Token, TOKEN_ENV};
+
 use crate::jobs::JobsConfig;
 use crate::server::AgentConfig;
 
@@ -38,8 +40,8 @@ pub struct Args {
     #[arg(long)]
     pub man: bool,
 
-    /// Address to listen on, IP:PORT [default: 127.0.0.1:47001]. Without a token or TLS only
-    /// loopback addresses are allowed.
+    /// Address to listen on, IP:PORT [default: 127.0.0.1:47001]. Loopback connections may
+    /// use plaintext; every other address requires TLS (derived from the token).
     #[arg(long, value_name = "IP:PORT", env = "DGL_AGENT_LISTEN")]
     pub listen: Option<SocketAddr>,
 
@@ -47,7 +49,9 @@ pub struct Args {
     #[arg(long, value_name = "DIR", env = "DGL_AGENT_ROOT")]
     pub root: Option<PathBuf>,
 
-    /// File holding the shared token every call must carry (or set DGL_AGENT_TOKEN).
+    /// File holding the shared token every call must carry (or set DGL_AGENT_TOKEN)
+    /// [default: $XDG_CONFIG_HOME/dglrun/token, else ~/.config/dglrun/token, created on
+    /// first start]. It must not be readable by group or others, and hold 128 bits or more.
     #[arg(long, value_name = "FILE", env = "DGL_AGENT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
@@ -63,10 +67,14 @@ pub struct Args {
     #[arg(long, value_name = "PEM", env = "DGL_AGENT_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 
-    /// Listen on a non-loopback address without authentication (anyone who reaches it can
-    /// run commands as this user).
-    #[arg(long, env = "DGL_AGENT_INSECURE")]
-    pub insecure: bool,
+    /// Accept plaintext (h2c) on non-loopback addresses too: the token then crosses the
+    /// network in clear text, and whoever sees it can run commands as this user.
+    #[arg(long, env = "DGL_AGENT_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+
+    /// Most connections open at once [default: a quarter of the open-file limit, 16-4096].
+    #[arg(long, value_name = "N", env = "DGL_AGENT_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 
     /// Run although the agent is root (every job would run as root).
     #[arg(long, env = "DGL_AGENT_ALLOW_ROOT")]
@@ -80,9 +88,14 @@ pub struct Args {
     #[arg(long, value_name = "SECONDS", env = "DGL_AGENT_GRACE")]
     pub grace: Option<f64>,
 
-    /// Serve Prometheus metrics at http://IP:PORT/metrics (off by default).
+    /// Serve Prometheus metrics at http://IP:PORT/metrics (off by default). They are not
+    /// authenticated: loopback addresses only, unless --metrics-public.
     #[arg(long, value_name = "IP:PORT", env = "DGL_AGENT_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Allow --metrics-listen on a non-loopback address (anyone who reaches it reads them).
+    #[arg(long, env = "DGL_AGENT_METRICS_PUBLIC")]
+    pub metrics_public: bool,
 }
 
 /// The TOML file: every key optional, unknown keys refused (a typo must not be ignored).
@@ -102,7 +115,9 @@ pub struct FileSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub insecure: Option<bool>,
+    pub insecure_plaintext: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_root: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,6 +126,8 @@ pub struct FileSettings {
     pub grace: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_public: Option<bool>,
 }
 
 impl FileSettings {
@@ -134,12 +151,15 @@ pub struct Effective {
     pub tls_key: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
-    pub insecure: bool,
+    pub insecure_plaintext: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
     pub allow_root: bool,
     pub lease_timeout: f64,
     pub grace: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    pub metrics_public: bool,
 }
 
 impl Effective {
@@ -163,7 +183,8 @@ impl Effective {
             tls_key: args.tls_key.clone().or(file.tls_key),
             tls_ca: args.tls_ca.clone().or(file.tls_ca),
             // A flag can only switch these on; the file decides when no flag is given.
-            insecure: args.insecure || file.insecure.unwrap_or(false),
+            insecure_plaintext: args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false),
+            max_connections: args.max_connections.or(file.max_connections),
             allow_root: args.allow_root || file.allow_root.unwrap_or(false),
             lease_timeout: args
                 .lease_timeout
@@ -171,7 +192,11 @@ impl Effective {
                 .unwrap_or(DEFAULT_LEASE_SECS),
             grace: args.grace.or(file.grace).unwrap_or(DEFAULT_GRACE_SECS),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            metrics_public: args.metrics_public || file.metrics_public.unwrap_or(false),
         };
+        if eff.max_connections == Some(0) {
+            anyhow::bail!("max-connections must be at least 1");
+        }
         secs("lease-timeout", eff.lease_timeout)?;
         secs("grace", eff.grace)?;
         Ok(eff)
@@ -181,17 +206,21 @@ impl Effective {
         toml::to_string(self).unwrap_or_default()
     }
 
-    /// The server configuration, with the token already read.
-    pub fn into_config(self, token: Option<String>) -> anyhow::Result<AgentConfig> {
+    /// The server configuration, with the token already read and the open-file limit known.
+    pub fn into_config(self, token: Option<Token>, nofile: u64) -> anyhow::Result<AgentConfig> {
         let tls = dglrun_proto::tls::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca)
             .map_err(anyhow::Error::msg)?;
         Ok(AgentConfig {
             listen: self.listen,
             root: self.root,
             token,
-            insecure: self.insecure,
+            insecure_plaintext: self.insecure_plaintext,
             tls,
             metrics_listen: self.metrics_listen,
+            metrics_public: self.metrics_public,
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(|| crate::listen::max_connections_for(nofile)),
             jobs: JobsConfig {
                 lease_timeout: secs("lease-timeout", self.lease_timeout)?,
                 grace: secs("grace", self.grace)?,
@@ -208,8 +237,33 @@ fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
     }
 }
 
-pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    dglrun_proto::meta::read_token_file(path).map_err(anyhow::Error::msg)
+/// Where the token comes from, first match wins: `--token-file` (or `DGL_AGENT_TOKEN_FILE`),
+/// `DGL_AGENT_TOKEN`, nothing when user-supplied TLS authenticates instead, else the per-user
+/// default file, created on first start.
+pub fn resolve_token(
+    token_file: Option<&Path>,
+    token_env: Option<String>,
+    user_tls: bool,
+) -> anyhow::Result<Option<Token>> {
+    if let Some(f) = token_file {
+        return Ok(Some(Token::read_file(f)?));
+    }
+    if let Some(t) = token_env {
+        return Ok(Some(Token::parse(&t, &format!("in {TOKEN_ENV}"))?));
+    }
+    if user_tls {
+        return Ok(None);
+    }
+    let path = default_token_path()?;
+    let (token, created) = read_or_create(&path)?;
+    if created {
+        eprintln!(
+            "dgl-agent: created the token file {} (dgl-coord of this user reads it by default; \
+             copy it, mode 0600, to every host and to the coordinator's)",
+            path.display()
+        );
+    }
+    Ok(Some(token))
 }
 
 #[cfg(test)]
@@ -246,7 +300,7 @@ mod tests {
         let eff = Effective::resolve(&Args::default(), Some("/home/u".into())).unwrap();
         assert_eq!(eff.root, PathBuf::from("/home/u"));
         assert_eq!(eff.listen.port(), dglrun_proto::DEFAULT_AGENT_PORT);
-        assert!(!eff.insecure);
+        assert!(!eff.insecure_plaintext);
     }
 
     #[test]

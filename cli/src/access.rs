@@ -10,7 +10,8 @@ pub struct AccessArgs {
     #[arg(long = "agent-port", alias = "agent_port", value_name = "PORT", env = "DGL_AGENT_PORT", default_value_t = dglrun_proto::DEFAULT_AGENT_PORT)]
     pub agent_port: u16,
 
-    /// File with the agents' shared token (default: the DGL_AGENT_TOKEN variable, if set).
+    /// File with the agents' shared token [default: the DGL_AGENT_TOKEN variable if set, else
+    /// $XDG_CONFIG_HOME/dglrun/token or ~/.config/dglrun/token]. Mode 0600, 128 bits or more.
     #[arg(
         long = "token-file",
         alias = "token_file",
@@ -30,6 +31,11 @@ pub struct AccessArgs {
     /// CA certificate (PEM) the agents' certificates are signed by.
     #[arg(long = "tls-ca", value_name = "PEM", env = "DGL_COORD_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+
+    /// Talk plaintext h2c to non-loopback agents too (they need --insecure-plaintext): the
+    /// token then crosses the network in clear text.
+    #[arg(long = "insecure-plaintext", env = "DGL_COORD_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
 }
 
 impl AccessArgs {
@@ -40,6 +46,17 @@ impl AccessArgs {
             self.tls_ca.clone(),
         )
         .map_err(anyhow::Error::msg)?;
-        Ok(AgentAccess::new(self.agent_port, self.token_file.as_deref())?.with_tls(tls))
+        if self.insecure_plaintext {
+            eprintln!(
+                "dgl-coord: warning: --insecure-plaintext: the token crosses the network in \
+                 clear text"
+            );
+        }
+        Ok(AgentAccess::new(
+            self.agent_port,
+            self.token_file.as_deref(),
+            tls,
+            self.insecure_plaintext,
+        )?)
     }
 }

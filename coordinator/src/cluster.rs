@@ -8,72 +8,150 @@ use dglrun_proto::meta::ClientMeta;
 use dglrun_proto::pb::agent_client::AgentClient;
 use dglrun_proto::pb::{HelloReply, HelloRequest};
 use dglrun_proto::tls::TlsFiles;
+use dglrun_proto::token::{default_token_path, Token};
+use dglrun_proto::token_tls::{self, TokenKeys};
 use dglrun_proto::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION, VERSION};
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::IpConfig;
+
+mod transport;
+
+pub use transport::{ConnectFailure, Peer};
 
 pub type Client = AgentClient<InterceptedService<Channel, ClientMeta>>;
 
 /// Environment variable naming the agent port when `--agent-port` is not given.
 pub const AGENT_PORT_ENV: &str = "DGL_AGENT_PORT";
 /// Environment variable holding the token when no `--token-file` is given.
-pub const TOKEN_ENV: &str = "DGL_AGENT_TOKEN";
+pub const TOKEN_ENV: &str = dglrun_proto::token::TOKEN_ENV;
 
 /// How to reach the agents, from the command line.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct AgentAccess {
     pub port: u16,
-    pub token: Option<String>,
+    pub token: Option<Token>,
     pub tls: Option<TlsFiles>,
+    /// Plaintext h2c to non-loopback agents too (`--insecure-plaintext`).
+    pub insecure_plaintext: bool,
+    token_tls: Option<Arc<rustls::ClientConfig>>,
+    user_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error(transparent)]
+    Token(#[from] dglrun_proto::token::TokenError),
+    #[error(
+        "no token: {path} does not exist. dgl-agent creates it on its first start on this host; \
+         otherwise copy the agents' token file here (mode 0600), or give --token-file or \
+         DGL_AGENT_TOKEN_FILE"
+    )]
+    NoToken { path: std::path::PathBuf },
+    #[error("cannot set up TLS from the token")]
+    TokenTls(#[source] dglrun_proto::token_tls::TokenTlsError),
+    #[error("{0}")]
+    UserTls(String),
 }
 
 impl AgentAccess {
-    /// Token from `token_file` if given, else from `DGL_AGENT_TOKEN`.
-    pub fn new(port: u16, token_file: Option<&Path>) -> anyhow::Result<Self> {
-        let token = match token_file {
-            Some(f) => Some(read_token(f)?),
-            None => std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+    /// The token: `token_file`, else `DGL_AGENT_TOKEN`, else none with user-supplied TLS,
+    /// else the per-user default file (which must exist: only an agent creates it).
+    pub fn new(
+        port: u16,
+        token_file: Option<&Path>,
+        tls: Option<TlsFiles>,
+        insecure_plaintext: bool,
+    ) -> Result<Self, AccessError> {
+        let env = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+        let token = match (token_file, env) {
+            (Some(f), _) => Some(Token::read_file(f)?),
+            (None, Some(t)) => Some(Token::parse(&t, &format!("in {TOKEN_ENV}"))?),
+            (None, None) if tls.is_some() => None,
+            (None, None) => {
+                let path = default_token_path()?;
+                if !path.exists() {
+                    return Err(AccessError::NoToken { path });
+                }
+                Some(Token::read_file(&path)?)
+            }
+        };
+        let token_tls = match &token {
+            Some(t) => Some(Arc::new(
+                TokenKeys::derive(t)
+                    .and_then(|k| k.client_config())
+                    .map_err(AccessError::TokenTls)?,
+            )),
+            None => None,
+        };
+        let user_tls = match &tls {
+            Some(f) => Some(Arc::new(f.rustls_client().map_err(AccessError::UserTls)?)),
+            None => None,
         };
         Ok(Self {
             port,
             token,
-            tls: None,
+            tls,
+            insecure_plaintext,
+            token_tls,
+            user_tls,
         })
     }
 
-    /// Use mutual TLS (`--tls-cert --tls-key --tls-ca`).
-    pub fn with_tls(mut self, tls: Option<TlsFiles>) -> Self {
-        self.tls = tls;
-        self
-    }
-
-    /// The endpoint of the agent at `addr`, with TLS when configured. Every connection to an
-    /// agent must be made from here, so none bypasses TLS.
-    pub fn endpoint(&self, addr: SocketAddr) -> anyhow::Result<Endpoint> {
-        match &self.tls {
-            None => Ok(endpoint(addr, "http")),
-            Some(tls) => {
-                let config = tls
-                    .client(&addr.ip().to_string())
-                    .map_err(anyhow::Error::msg)?;
-                Ok(endpoint(addr, "https").tls_config(config)?)
-            }
-        }
+    /// A connector for `addr`: the user's TLS for every address when given; otherwise TLS
+    /// from the token for every non-loopback address, plaintext on loopback. Every connection
+    /// to an agent is made through here, so none bypasses TLS.
+    fn connector(&self, addr: SocketAddr) -> anyhow::Result<transport::Connector> {
+        let loopback = addr.ip().to_canonical().is_loopback();
+        let tls = if let Some(c) = &self.user_tls {
+            let name = ServerName::IpAddress(addr.ip().into());
+            Some((c.clone(), name))
+        } else if loopback || self.insecure_plaintext {
+            None
+        } else {
+            let c = self
+                .token_tls
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("no token to set up TLS with"))?;
+            Some((c, ServerName::try_from(token_tls::SERVER_NAME)?))
+        };
+        Ok(transport::Connector {
+            addr,
+            token_tls: self.user_tls.is_none(),
+            tls,
+            diag: Arc::default(),
+        })
     }
 
     /// A new connection (not shared with other clients) to the agent at `addr`.
     pub async fn channel(&self, addr: SocketAddr) -> anyhow::Result<Channel> {
-        self.endpoint(addr)?
-            .connect()
+        endpoint(addr)
+            .connect_with_connector(self.connector(addr)?)
             .await
             .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
     }
-}
 
-pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    dglrun_proto::meta::read_token_file(path).map_err(anyhow::Error::msg)
+    /// A connection made on first use (and remade after it breaks).
+    pub fn lazy_channel(&self, addr: SocketAddr) -> anyhow::Result<Channel> {
+        Ok(endpoint(addr).connect_with_connector_lazy(self.connector(addr)?))
+    }
+
+    /// A connection and what its first bytes said about the other end.
+    async fn diagnosed_channel(
+        &self,
+        addr: SocketAddr,
+    ) -> anyhow::Result<(Channel, transport::Diagnosis)> {
+        let connector = self.connector(addr)?;
+        let diag = connector.diag.clone();
+        let ch = endpoint(addr)
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?;
+        Ok((ch, diag))
+    }
 }
 
 /// One machine of the cluster and a connection to its agent.
@@ -109,11 +187,12 @@ pub enum ConnectError {
     },
 }
 
-fn endpoint(addr: SocketAddr, scheme: &str) -> Endpoint {
-    // Large HTTP/2 windows keep a 4 MiB chunk stream from stalling on flow control.
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    // Large HTTP/2 windows keep a 4 MiB chunk stream from stalling on flow control. The
+    // scheme is http whatever the transport: TLS, where used, is the connector's.
     Endpoint::from(
         tonic::transport::Uri::builder()
-            .scheme(scheme)
+            .scheme("http")
             .authority(addr.to_string())
             .path_and_query("/")
             .build()
@@ -129,7 +208,8 @@ fn endpoint(addr: SocketAddr, scheme: &str) -> Endpoint {
 }
 
 pub fn client(channel: Channel, access: &AgentAccess) -> anyhow::Result<Client> {
-    let meta = ClientMeta::new(access.token.as_deref()).map_err(anyhow::Error::msg)?;
+    let meta =
+        ClientMeta::new(access.token.as_ref().map(Token::as_str)).map_err(anyhow::Error::msg)?;
     Ok(AgentClient::with_interceptor(channel, meta)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -139,10 +219,21 @@ pub fn client(channel: Channel, access: &AgentAccess) -> anyhow::Result<Client> 
 pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Host, ConnectError> {
     let addr = SocketAddr::new(ip, access.port);
     let unreachable = |reason: String| ConnectError::Unreachable { rank, addr, reason };
-    let channel = access
-        .channel(addr)
+    let (channel, diag) = access
+        .diagnosed_channel(addr)
         .await
         .map_err(|e| unreachable(e.to_string()))?;
+    let not_an_agent = || {
+        let peer = diag.lock().ok().and_then(|d| *d)?;
+        let what = match peer {
+            Peer::Http1 => "an HTTP/1 server answered",
+            Peer::NotHttp2 => "the server there does not speak HTTP/2",
+        };
+        Some(format!(
+            "not a dgl-agent: {what} (is {} the agent's port? see --agent-port / {AGENT_PORT_ENV})",
+            addr.port()
+        ))
+    };
     let mut client = client(channel, access).map_err(|e| unreachable(e.to_string()))?;
     let hello = client
         .hello(HelloRequest {
@@ -151,7 +242,9 @@ pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Ho
         })
         .await
         .map_err(|s| match s.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown => unreachable(s.message().to_string()),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => {
+                unreachable(not_an_agent().unwrap_or_else(|| s.message().to_string()))
+            }
             _ => ConnectError::Refused {
                 rank,
                 addr,

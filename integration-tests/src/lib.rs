@@ -106,6 +106,38 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub agents: Vec<Agent>,
+    /// The token file every agent of the cluster uses and `coord()` hands to dgl-coord.
+    pub token_file: PathBuf,
+    /// False when the agents were left to find (and create) the per-user default token file
+    /// under the cluster's own `XDG_CONFIG_HOME`.
+    explicit_token: bool,
+    /// Open-file limit (soft and hard) the agents run under, via prlimit.
+    nofile: Option<u64>,
+}
+
+/// Writes a fresh 256-bit hex token to `path` with mode 0600, as `openssl rand -hex 32`
+/// into a private file would; returns the token.
+pub fn write_token_file(path: &Path) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let token: String = (0..2)
+        .map(|_| format!("{:032x}", rand::random::<u128>()))
+        .collect();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create token file {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    Ok(token)
+}
+
+/// The token in a token file (surrounding whitespace trimmed).
+pub fn read_token(path: &Path) -> String {
+    fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .trim()
+        .to_string()
 }
 
 impl TestCluster {
@@ -116,13 +148,62 @@ impl TestCluster {
 
     /// As [`start`](Self::start), with extra `dgl-agent` flags for every agent.
     pub fn start_with(n: usize, extra_args: &[&str]) -> Self {
+        Self::start_inner(n, extra_args, true)
+    }
+
+    /// As [`start_with`](Self::start_with), but no token is given to anyone: the agents use
+    /// (and the first creates) the per-user default token file, with `XDG_CONFIG_HOME` set to
+    /// the cluster's own directory; `coord()` finds it the same way.
+    pub fn start_zero_setup(n: usize, extra_args: &[&str]) -> Self {
+        Self::start_inner(n, extra_args, false)
+    }
+
+    fn new_empty(explicit_token: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (b, c) = unique_ip_block();
-        let mut cluster = Self {
+        let token_file = if explicit_token {
+            let p = dir.path().join("token");
+            write_token_file(&p).expect("token file");
+            p
+        } else {
+            dir.path().join("config/dglrun/token")
+        };
+        Self {
             dir,
             port: dglrun_proto::DEFAULT_AGENT_PORT,
             agents: Vec::new(),
-        };
+            token_file,
+            explicit_token,
+            nofile: None,
+        }
+    }
+
+    /// As [`start_with`](Self::start_with), each agent under `prlimit --nofile=N:N`.
+    pub fn start_with_nofile(n: usize, extra_args: &[&str], nofile: u64) -> Self {
+        let (b, c) = unique_ip_block();
+        let mut cluster = Self::new_empty(true);
+        cluster.nofile = Some(nofile);
+        cluster.add_agents(n, (b, c), extra_args);
+        cluster
+    }
+
+    /// `XDG_CONFIG_HOME` of every process the cluster starts: never the user's own.
+    pub fn config_home(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    /// The token every agent of the cluster requires.
+    pub fn token(&self) -> String {
+        read_token(&self.token_file)
+    }
+
+    fn start_inner(n: usize, extra_args: &[&str], explicit_token: bool) -> Self {
+        let mut cluster = Self::new_empty(explicit_token);
+        cluster.add_agents(n, unique_ip_block(), extra_args);
+        cluster
+    }
+
+    fn add_agents(&mut self, n: usize, (b, c): (u8, u8), extra_args: &[&str]) {
+        let cluster = self;
         for i in 0..n {
             let ip = IpAddr::V4(Ipv4Addr::new(127, b, c, i as u8 + 2));
             let root = cluster.dir.path().join(format!("host{i}"));
@@ -136,19 +217,13 @@ impl TestCluster {
             });
             cluster.spawn_agent(i).expect("start agent");
         }
-        cluster
     }
 
     /// One agent at a given loopback address (for certificates that must name it).
     pub fn start_at(ip: &str, extra_args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path().join("host0");
+        let mut cluster = Self::new_empty(true);
+        let root = cluster.dir.path().join("host0");
         fs::create_dir_all(&root).expect("agent root");
-        let mut cluster = Self {
-            dir,
-            port: dglrun_proto::DEFAULT_AGENT_PORT,
-            agents: Vec::new(),
-        };
         cluster.agents.push(Agent {
             ip: ip.parse().expect("an IP address"),
             root,
@@ -162,18 +237,36 @@ impl TestCluster {
 
     fn spawn_agent(&mut self, i: usize) -> Result<()> {
         let port = self.port;
+        let token = self.explicit_token.then(|| self.token_file.clone());
+        let config_home = self.config_home();
+        let nofile = self.nofile;
         let a = &mut self.agents[i];
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&a.log)?;
-        let child = Command::new(bin("dgl-agent"))
-            .arg("--listen")
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(bin("dgl-agent"));
+                c
+            }
+            None => Command::new(bin("dgl-agent")),
+        };
+        cmd.arg("--listen")
             .arg(format!("{}:{}", a.ip, port))
             .arg("--root")
-            .arg(&a.root)
+            .arg(&a.root);
+        // A test that names its own token file means that one.
+        if let Some(t) = token.filter(|_| !a.extra_args.iter().any(|x| x == "--token-file")) {
+            cmd.arg("--token-file").arg(t);
+        }
+        let child = cmd
             .args(&a.extra_args)
             .args(root_flag())
+            .env("XDG_CONFIG_HOME", config_home)
+            .env_remove("DGL_AGENT_TOKEN")
+            .env_remove("DGL_AGENT_TOKEN_FILE")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -228,7 +321,13 @@ impl TestCluster {
         let mut c = Command::new(bin("dgl-coord"));
         c.env("DGL_AGENT_PORT", self.port.to_string())
             .env_remove("DGL_AGENT_TOKEN")
+            .env("XDG_CONFIG_HOME", self.config_home())
             .current_dir(self.local());
+        if self.explicit_token {
+            c.env("DGL_AGENT_TOKEN_FILE", &self.token_file);
+        } else {
+            c.env_remove("DGL_AGENT_TOKEN_FILE");
+        }
         c
     }
 

@@ -80,7 +80,8 @@ pub struct NsHost {
 
 pub struct NetCluster {
     pub dir: tempfile::TempDir,
-    /// The token every agent requires; the coordinator gets it through `DGL_AGENT_TOKEN`.
+    /// The token every agent requires; the coordinator gets its file through
+    /// `DGL_AGENT_TOKEN_FILE`. Agents and coordinator talk TLS derived from it.
     pub token: String,
     pub token_file: PathBuf,
     pub hosts: Vec<NsHost>,
@@ -111,9 +112,8 @@ impl NetCluster {
     pub fn start(hosts: usize, agent_args: &[&str]) -> Result<Self> {
         assert!(hosts <= 200, "at most 200 hosts per block");
         let dir = tempfile::tempdir().context("temp dir")?;
-        let token = format!("{:032x}", rand::random::<u128>());
         let token_file = dir.path().join("token");
-        fs::write(&token_file, &token).context("token file")?;
+        let token = crate::write_token_file(&token_file)?;
         // Any /24 inside 198.18.0.0/15; the namespaces keep clusters apart anyway, the random
         // block just keeps a leak from one test visible as a different address.
         let (a, b) = (18 + rand::random_range(0u8..2), rand::random::<u8>());
@@ -211,7 +211,9 @@ impl NetCluster {
             .args(&self.agent_args)
             .args(root_flag())
             .env("RUST_LOG", "info")
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
             .env_remove("DGL_AGENT_TOKEN")
+            .env_remove("DGL_AGENT_TOKEN_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -277,8 +279,9 @@ impl NetCluster {
         c.args(["netns", "exec", &self.coord_ns])
             .arg(bin("dgl-coord"))
             .env("DGL_AGENT_PORT", AGENT_PORT.to_string())
-            .env("DGL_AGENT_TOKEN", &self.token)
-            .env_remove("DGL_AGENT_TOKEN_FILE")
+            .env("DGL_AGENT_TOKEN_FILE", &self.token_file)
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .env_remove("DGL_AGENT_TOKEN")
             .current_dir(self.local());
         c
     }

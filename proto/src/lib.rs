@@ -8,6 +8,8 @@ pub mod compress;
 pub mod digest;
 pub mod meta;
 pub mod tls;
+pub mod token;
+pub mod token_tls;
 
 /// Generated protobuf and gRPC types.
 pub mod pb {

@@ -42,8 +42,8 @@ impl Reconnect {
     fn renew_connection(&mut self) {
         let fresh = self
             .access
-            .endpoint(self.addr)
-            .and_then(|e| cluster::client(e.connect_lazy(), &self.access));
+            .lazy_channel(self.addr)
+            .and_then(|ch| cluster::client(ch, &self.access));
         match fresh {
             Ok(c) => self.client = c,
             Err(e) => tracing::debug!(addr = %self.addr, "cannot make a new connection: {e:#}"),

@@ -39,6 +39,8 @@ pub struct Agents {
     pub port: u16,
     pub ips: Vec<Ipv4Addr>,
     pub roots: Vec<PathBuf>,
+    /// The token file every agent uses; give it to dgl-coord as `DGL_AGENT_TOKEN_FILE`.
+    pub token_file: PathBuf,
     children: Vec<Child>,
 }
 
@@ -46,10 +48,13 @@ impl Agents {
     /// Starts one agent per address, all at once, and waits until every one accepts TCP.
     pub fn start(dir: &Path, ips: Vec<Ipv4Addr>, port: u16, timeout: Duration) -> Result<Agents> {
         let agent = super::release_bin("dgl-agent")?;
+        let token_file = dir.join("token");
+        crate::write_token_file(&token_file)?;
         let mut a = Agents {
             port,
             ips: Vec::new(),
             roots: Vec::new(),
+            token_file,
             children: Vec::new(),
         };
         for (i, ip) in ips.iter().enumerate() {
@@ -61,7 +66,10 @@ impl Agents {
                 .arg(format!("{ip}:{port}"))
                 .arg("--root")
                 .arg(&root)
+                .arg("--token-file")
+                .arg(&a.token_file)
                 .args(crate::root_flag())
+                .env_remove("DGL_AGENT_TOKEN")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)

@@ -91,6 +91,7 @@ fn job_once(agents: &Agents, ip_config: &Path, dir: &Path) -> Result<JobFigures>
     let local = ip_config.parent().context("ip_config dir")?;
     cmd.current_dir(local)
         .env_remove("DGL_AGENT_TOKEN")
+        .env("DGL_AGENT_TOKEN_FILE", &agents.token_file)
         .args([
             "launch",
             "--json",
