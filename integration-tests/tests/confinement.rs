@@ -18,7 +18,7 @@ type Client = AgentClient<InterceptedService<Channel, ClientMeta>>;
 async fn client(cluster: &TestCluster) -> Client {
     let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
     let channel = Endpoint::from_shared(uri).unwrap().connect().await.unwrap();
-    AgentClient::with_interceptor(channel, ClientMeta::new(None).unwrap())
+    AgentClient::with_interceptor(channel, ClientMeta::new(Some(&cluster.token())).unwrap())
 }
 
 fn manifest(path: &str, data: &[u8]) -> pb::FileManifest {

@@ -34,19 +34,21 @@ fn shell(label: &str, script: &str) -> pb::ProcessSpec {
 async fn a_job_printing_without_pause_keeps_the_agent_under_64_mib() {
     const LIMIT_KIB: u64 = 64 << 10;
     let cluster = TestCluster::start(1);
-    std::fs::create_dir_all(cluster.root(0).join("ws")).unwrap();
     let agent = cluster.agents[0].pid().unwrap();
     let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
     let channel = Endpoint::from_shared(uri).unwrap().connect_lazy();
-    let mut c = AgentClient::with_interceptor(channel, ClientMeta::new(None).unwrap());
+    let mut c =
+        AgentClient::with_interceptor(channel, ClientMeta::new(Some(&cluster.token())).unwrap());
     let jobs = [
         ("yes-plain", "exec yes"),
         ("yes-orphan", "yes & sleep 1; exit 0"),
     ];
     for (id, script) in jobs {
+        // One job per workspace: each job gets its own.
+        std::fs::create_dir_all(cluster.root(0).join(id)).unwrap();
         c.spawn(pb::SpawnRequest {
             job_id: id.into(),
-            workspace: "ws".into(),
+            workspace: id.into(),
             processes: vec![shell("t0", script)],
             lease_ms: 30_000,
         })
@@ -121,7 +123,8 @@ async fn a_stop_that_cannot_read_proc_fails_and_the_job_is_stopped_later() {
     let agent = cluster.agents[0].pid().unwrap();
     let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
     let channel = Endpoint::from_shared(uri).unwrap().connect().await.unwrap();
-    let mut c = AgentClient::with_interceptor(channel, ClientMeta::new(None).unwrap());
+    let mut c =
+        AgentClient::with_interceptor(channel, ClientMeta::new(Some(&cluster.token())).unwrap());
     let reply = c
         .spawn(pb::SpawnRequest {
             job_id: "emfile".into(),

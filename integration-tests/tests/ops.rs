@@ -965,7 +965,7 @@ mod workspace_lease {
         let uri = format!("http://{}:{}", c.ip(m), c.port);
         AgentClient::with_interceptor(
             Endpoint::from_shared(uri).unwrap().connect_lazy(),
-            ClientMeta::new(None).unwrap(),
+            ClientMeta::new(Some(&c.token())).unwrap(),
         )
     }
 

@@ -43,7 +43,8 @@ async fn main() {
     let prep = c
         .prepare_files(pb::PrepareFilesRequest {
             files: vec![pb::FileManifest {
-                path: "ws/probe.txt".into(),
+                // Outside the workspace the spawn uses: a pending copy holds its workspace.
+                path: "upload/probe.txt".into(),
                 size: 0,
                 digest: dglrun_proto::digest::digest_of(0, &[]).to_vec(),
                 chunk_hashes: vec![],
