@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dglrun_proto::busy;
 use dglrun_proto::digest::FileDigest;
 use dglrun_proto::pb::{self, put_file_message::Msg, FileStatus};
 use futures::StreamExt;
@@ -525,7 +526,8 @@ async fn deliver(
             }
             break Err(text);
         }
-        let wait = ctx.opts.backoff * 2u32.saturating_pow(attempt);
+        let wait = (ctx.opts.backoff * 2u32.saturating_pow(attempt))
+            .max(busy::retry_after(&status).unwrap_or_default());
         attempt += 1;
         ctx.progress.note(&format!(
             "{}: {}: {}; retrying in {:.1}s (attempt {} of {})",
@@ -614,8 +616,9 @@ fn retryable(s: &Status) -> bool {
         | Code::FailedPrecondition
         // A chunk that failed its hash on the agent was damaged on the way: send it again.
         | Code::DataLoss => true,
-        // The agent serves a bounded number of transfers and says so.
-        Code::ResourceExhausted => s.message().contains("retry later"),
+        // The agent serves a bounded number of transfers and marks the refusal as busy; any
+        // other exhaustion is a bound the request broke.
+        Code::ResourceExhausted => busy::retry_after(s).is_some(),
         _ => false,
     }
 }
@@ -647,5 +650,21 @@ pub fn status_text(s: &Status) -> String {
         format!("{:?}", s.code())
     } else {
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_is_decided_by_its_code_not_its_words() {
+        let busy = busy::status("no room for another transfer", Duration::from_millis(500));
+        assert!(retryable(&busy));
+        // A bound the request broke: the same code without the busy mark is final, whatever
+        // its message says.
+        assert!(!retryable(&Status::resource_exhausted(
+            "the agent already serves 64 transfers; retry later"
+        )));
     }
 }
