@@ -273,11 +273,15 @@ pub async fn send(
     order.sort_by_key(|(_, t)| t.len() == 1);
     let tasks: Vec<_> = order
         .into_iter()
-        .map(|(s, targets)| tokio::spawn(transfer(ctx.clone(), s, targets)))
+        .map(|(s, targets)| {
+            (
+                targets.clone(),
+                tokio::spawn(transfer(ctx.clone(), s, targets)),
+            )
+        })
         .collect();
-    for t in tasks {
-        let delivered = t.await.unwrap_or_default();
-        for d in delivered {
+    for (targets, t) in tasks {
+        for d in joined(&targets, t.await) {
             let r = &mut reports[d.host].files[d.file];
             r.resumed_from = d.resumed_from;
             r.wire_bytes = d.wire_bytes;
@@ -353,6 +357,38 @@ pub async fn send(
         };
     }
     Ok(reports)
+}
+
+/// What the transfer task for `targets` delivered. A task that panicked or was cancelled
+/// fails every one of its files with the reason, panic message included: a bug must show in
+/// the report, not pass for "not sent".
+fn joined(targets: &[Target], r: Result<Vec<Delivered>, tokio::task::JoinError>) -> Vec<Delivered> {
+    let e = match r {
+        Ok(d) => return d,
+        Err(e) => e,
+    };
+    let why = if e.is_panic() {
+        let p = e.into_panic();
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        format!("internal error: the transfer panicked: {msg}")
+    } else {
+        format!("internal error: the transfer was cancelled: {e}")
+    };
+    tracing::error!("{why}");
+    targets
+        .iter()
+        .map(|t| Delivered {
+            host: t.host,
+            file: t.file,
+            result: Err(why.clone()),
+            resumed_from: t.offset,
+            wire_bytes: 0,
+        })
+        .collect()
 }
 
 fn manifest(remote: &str, d: &FileDigest, mode: u32) -> pb::FileManifest {
@@ -656,6 +692,33 @@ pub fn status_text(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_transfer_fails_its_files_with_the_panic_message() {
+        let targets = [
+            Target {
+                host: 0,
+                file: 3,
+                offset: 0,
+            },
+            Target {
+                host: 2,
+                file: 1,
+                offset: 4096,
+            },
+        ];
+        let r = tokio::spawn(async { panic!("chunk table out of step") }).await;
+        let got = joined(&targets, r.map(|()| Vec::new()));
+        assert_eq!(got.len(), 2);
+        for (d, t) in got.iter().zip(&targets) {
+            assert_eq!((d.host, d.file), (t.host, t.file));
+            let e = d.result.as_ref().unwrap_err();
+            assert!(
+                e.contains("panicked") && e.contains("chunk table out of step"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn busy_is_decided_by_its_code_not_its_words() {
