@@ -195,6 +195,12 @@ fn places_every_file_verifies_it_and_sends_nothing_the_second_time() {
     assert_ok(&r);
     for i in 0..4 {
         check_machine(&cluster, i, &pc, Some(&code));
+        // Named as `status --json` names hosts.
+        assert_eq!(count(&r, i, "machine"), i as u64);
+        assert_eq!(
+            r.json["hosts"][i]["address"],
+            format!("{}:{}", cluster.ip(i), cluster.port)
+        );
         assert_eq!(count(&r, i, "files_sent"), 7);
         assert_eq!(count(&r, i, "files_failed"), 0);
     }

@@ -187,8 +187,8 @@ pub async fn send(
     let mut reports: Vec<HostReport> = hosts
         .iter()
         .map(|h| HostReport {
-            rank: h.rank,
-            addr: h.addr.to_string(),
+            machine: h.rank,
+            address: h.addr.to_string(),
             files_sent: 0,
             files_skipped: 0,
             files_failed: 0,

@@ -37,8 +37,10 @@ pub struct FileReport {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct HostReport {
-    pub rank: usize,
-    pub addr: String,
+    /// The machine's rank: its line in ip_config, from 0 (as `status` names it).
+    pub machine: usize,
+    /// The agent's address, `ip:port`.
+    pub address: String,
     pub files_sent: usize,
     pub files_skipped: usize,
     pub files_failed: usize,
@@ -54,7 +56,7 @@ pub struct HostReport {
 
 impl HostReport {
     pub fn name(&self) -> String {
-        format!("m{} ({})", self.rank, self.addr)
+        format!("m{} ({})", self.machine, self.address)
     }
 
     pub fn ok(&self) -> bool {
@@ -193,8 +195,8 @@ mod tests {
         CopyReport {
             ok: true,
             hosts: vec![HostReport {
-                rank: 0,
-                addr: "10.0.0.1:47001".into(),
+                machine: 0,
+                address: "10.0.0.1:47001".into(),
                 files_sent: 2,
                 files_skipped: 0,
                 files_failed: 0,
@@ -216,6 +218,28 @@ mod tests {
                 ip_config: "ip_config.txt".into(),
             },
         }
+    }
+
+    #[test]
+    fn a_host_is_named_with_the_keys_status_uses() {
+        let copy = serde_json::to_value(report(Compression::None)).unwrap();
+        let status = serde_json::to_value(crate::ops::HostStatus {
+            machine: 0,
+            address: "10.0.0.1:47001".into(),
+            reachable: true,
+            error: None,
+            agent: None,
+            jobs: vec![],
+        })
+        .unwrap();
+        let host = &copy["hosts"][0];
+        for key in ["machine", "address"] {
+            assert_eq!(host[key], status[key], "{key} in {host}");
+        }
+        assert!(
+            host.get("rank").is_none() && host.get("addr").is_none(),
+            "{host}"
+        );
     }
 
     #[test]
