@@ -379,6 +379,44 @@ fn an_agent_back_within_the_retries_completes_in_the_same_run() {
     }
 }
 
+#[test]
+fn a_source_rewritten_during_the_copy_fails_at_once_naming_it() {
+    use std::os::unix::fs::FileExt;
+    let cluster = TestCluster::start(2);
+    let pc = gen_partitions(&cluster.local().join("out"), 2, MIB, "g").unwrap();
+    // Big enough that the copy is still running when the rewrite lands.
+    let big = pc.parent().unwrap().join("part1/graph.dgl");
+    write_random(&big, 192 * MIB + 5, 78).unwrap();
+    let mut child = copy_cmd(&cluster, &pc, None, &["--jobs", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_partial(&cluster, 1, 4 * MIB, &mut child);
+    // Rewritten in place near its end, as a partitioner still writing would.
+    let f = fs::OpenOptions::new().write(true).open(&big).unwrap();
+    f.write_all_at(b"rewritten", 190 * MIB).unwrap();
+    drop(f);
+    let rewritten = Instant::now();
+    let r = finish(child.wait_with_output().unwrap());
+    let took = rewritten.elapsed();
+    assert_eq!(r.status.code(), Some(1), "{}\n{}", r.stderr, r.json);
+    let want = format!(
+        "{} changed while it was being copied; rerun the copy",
+        big.display()
+    );
+    let error = file_report(&r, 1, "ws/data/part1/graph.dgl")["error"].to_string();
+    assert!(error.contains(&want), "{error}\n{}", r.json);
+    assert!(!r.stderr.contains("retrying"), "{}", r.stderr);
+    // The old way retried a chunk that could never match: 15.5 s of backoff alone.
+    assert!(
+        took < Duration::from_secs(8),
+        "took {took:?} after the rewrite"
+    );
+    // The other machine is unaffected.
+    assert_eq!(count(&r, 0, "files_failed"), 0, "{}", r.json);
+}
+
 /// Runs a copy that must fail before touching any host: non-zero, the message names what is
 /// wrong, and every root is still empty.
 fn check_refused(cluster: &TestCluster, c: Command, needles: &[&str]) {

@@ -33,6 +33,16 @@ pub struct HashStats {
     pub seconds: f64,
 }
 
+/// The local sources, digested.
+pub struct Digests {
+    /// Per source, in order: what goes into the manifests.
+    pub digests: Vec<FileDigest>,
+    /// Per source: the file as it was when its digest was taken (`None` for generated
+    /// contents). The reader checks the file still looks so while it sends it.
+    pub seen: Vec<Option<fs::Metadata>>,
+    pub stats: HashStats,
+}
+
 /// Digests of every source, in order. The chunks of every file to hash are shared out over
 /// one thread per core (hashing is CPU-bound; more would only contend), so one big file is
 /// hashed on every core, not on one.
@@ -40,7 +50,7 @@ pub async fn hash_sources(
     sources: &[Source],
     cache_path: Option<PathBuf>,
     progress: Arc<Progress>,
-) -> anyhow::Result<(Vec<FileDigest>, HashStats)> {
+) -> anyhow::Result<Digests> {
     let started = std::time::Instant::now();
     let total: u64 = sources.iter().map(size_hint).sum();
     progress.phase("hashing", total);
@@ -67,17 +77,30 @@ pub async fn hash_sources(
     }
     let stats = HashStats {
         files: results.len(),
-        from_cache: results.iter().filter(|(_, hit)| *hit).count(),
+        from_cache: results.iter().filter(|h| h.from_cache).count(),
         // Generated contents (the rewritten part_config) are hashed in memory, not read.
         bytes_read: results
             .iter()
             .zip(sources)
-            .filter(|((_, hit), s)| !hit && matches!(s.content, Content::File(_)))
-            .map(|((d, _), _)| d.size)
+            .filter(|(h, s)| !h.from_cache && matches!(s.content, Content::File(_)))
+            .map(|(h, _)| h.digest.size)
             .sum(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    Ok((results.into_iter().map(|(d, _)| d).collect(), stats))
+    let (digests, seen) = results.into_iter().map(|h| (h.digest, h.seen)).unzip();
+    Ok(Digests {
+        digests,
+        seen,
+        stats,
+    })
+}
+
+/// One source's digest, whether the cache had it, and the file as it was then.
+#[derive(Clone, Debug)]
+struct Hashed {
+    digest: FileDigest,
+    from_cache: bool,
+    seen: Option<fs::Metadata>,
 }
 
 fn size_hint(s: &Source) -> u64 {
@@ -95,19 +118,23 @@ struct ToHash {
     before: fs::Metadata,
 }
 
-/// Digests of `sources` in order, each with whether it came from the cache. Blocking.
+/// Digests of `sources` in order. Blocking.
 fn hash_all(
     sources: &[Source],
     cache: &mut HashCache,
     progress: &Progress,
     threads: usize,
-) -> anyhow::Result<Vec<(FileDigest, bool)>> {
-    let mut done: Vec<Option<(FileDigest, bool)>> = vec![None; sources.len()];
+) -> anyhow::Result<Vec<Hashed>> {
+    let mut done: Vec<Option<Hashed>> = vec![None; sources.len()];
     let mut misses = Vec::new();
     for (i, src) in sources.iter().enumerate() {
         let path = match &src.content {
             Content::Bytes(b) => {
-                done[i] = Some((hash_reader(&b[..], |n| progress.advance(n))?, false));
+                done[i] = Some(Hashed {
+                    digest: hash_reader(&b[..], |n| progress.advance(n))?,
+                    from_cache: false,
+                    seen: None,
+                });
                 continue;
             }
             Content::File(p) => p,
@@ -123,7 +150,11 @@ fn hash_all(
         match cache.lookup(&key, &before) {
             Some(d) => {
                 progress.advance(d.size);
-                done[i] = Some((d, true));
+                done[i] = Some(Hashed {
+                    digest: d,
+                    from_cache: true,
+                    seen: Some(before),
+                });
             }
             None => misses.push(ToHash {
                 source: i,
@@ -146,7 +177,11 @@ fn hash_all(
             );
         }
         cache.insert(&m.key, &m.before, &d);
-        done[m.source] = Some((d, false));
+        done[m.source] = Some(Hashed {
+            digest: d,
+            from_cache: false,
+            seen: Some(m.before.clone()),
+        });
     }
     Ok(done.into_iter().flatten().collect())
 }
@@ -307,7 +342,8 @@ mod tests {
             let mut cache = HashCache::open(PathBuf::new(), true);
             let got = hash_all(&sources, &mut cache, &progress, threads).unwrap();
             assert_eq!(got.len(), sources.len());
-            for ((d, hit), s) in got.iter().zip(&sources) {
+            for (h, s) in got.iter().zip(&sources) {
+                let (d, hit) = (&h.digest, h.from_cache);
                 let want = match &s.content {
                     Content::File(p) => hash_file(p).unwrap(),
                     Content::Bytes(b) => hash_reader(&b[..], |_| {}).unwrap(),
@@ -317,7 +353,7 @@ mod tests {
             }
             // Every file is now known: nothing is read again.
             let again = hash_all(&sources, &mut cache, &progress, threads).unwrap();
-            let hits = again.iter().filter(|(_, hit)| *hit).count();
+            let hits = again.iter().filter(|h| h.from_cache).count();
             assert_eq!(hits, sizes.len(), "{threads} threads");
         }
     }
@@ -342,11 +378,11 @@ mod tests {
         let mut cache = HashCache::open(PathBuf::new(), true);
         let progress = Progress::new(ProgressMode::Quiet);
         let got = hash_all(&sources, &mut cache, &progress, 2).unwrap();
-        for ((d, _), s) in got.iter().zip(&sources) {
+        for (h, s) in got.iter().zip(&sources) {
             let Content::File(p) = &s.content else {
                 unreachable!()
             };
-            assert_eq!(d, &hash_file(p).unwrap(), "{}", s.origin);
+            assert_eq!(h.digest, hash_file(p).unwrap(), "{}", s.origin);
         }
     }
 

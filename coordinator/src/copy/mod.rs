@@ -78,13 +78,14 @@ pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
 
     // 3. Digests of the local files.
     let progress = Progress::new(opts.progress);
-    let (digests, hashing) =
+    let digests =
         hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
 
     // 4. Prepare, check disk, send, verify.
     let hosts = send::send(
         &plan,
-        &digests,
+        &digests.digests,
+        &digests.seen,
         hosts,
         &opts.access,
         opts.send.clone(),
@@ -101,7 +102,7 @@ pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
         wire_bytes,
         compression: opts.send.compression,
         seconds: started.elapsed().as_secs_f64(),
-        hashing,
+        hashing: digests.stats,
         launch: summary::LaunchHint {
             workspace: opts.workspace.clone(),
             part_config: plan.launch_part_config.clone(),

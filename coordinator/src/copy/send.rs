@@ -91,6 +91,33 @@ struct SourceCtx {
     content: Content,
     origin: String,
     size: u64,
+    /// The file as it was hashed.
+    seen: Option<std::fs::Metadata>,
+}
+
+impl SourceCtx {
+    fn feeds(&self, offsets: &[u64], compression: Compression) -> Vec<Feed> {
+        reader::spawn(
+            self.content.clone(),
+            self.origin.clone(),
+            self.size,
+            offsets,
+            compression,
+            self.seen.clone(),
+        )
+    }
+
+    /// Why a chunk the agent found damaged is not worth sending again: the local file is no
+    /// longer the one hashed.
+    fn changed(&self) -> Option<String> {
+        let (Content::File(p), Some(seen)) = (&self.content, &self.seen) else {
+            return None;
+        };
+        match std::fs::metadata(p) {
+            Ok(now) if dglrun_proto::digest::unchanged(seen, &now) => None,
+            _ => Some(reader::changed_message(p)),
+        }
+    }
 }
 
 struct Ctx {
@@ -126,6 +153,7 @@ struct Delivered {
 pub async fn send(
     plan: &CopyPlan,
     digests: &[FileDigest],
+    seen: &[Option<std::fs::Metadata>],
     hosts: Vec<Host>,
     access: &AgentAccess,
     opts: SendOptions,
@@ -250,10 +278,12 @@ pub async fn send(
             .sources
             .iter()
             .zip(digests)
-            .map(|(s, d)| SourceCtx {
+            .zip(seen)
+            .map(|((s, d), seen)| SourceCtx {
                 content: s.content.clone(),
                 origin: s.origin.clone(),
                 size: d.size,
+                seen: seen.clone(),
             })
             .collect(),
         manifests,
@@ -471,13 +501,7 @@ async fn transfer(ctx: Arc<Ctx>, source: usize, mut targets: Vec<Target>) -> Vec
     }
     let src = &ctx.sources[source];
     let offsets: Vec<u64> = targets.iter().map(|t| t.offset).collect();
-    let feeds = reader::spawn(
-        src.content.clone(),
-        src.origin.clone(),
-        src.size,
-        &offsets,
-        ctx.opts.compression,
-    );
+    let feeds = src.feeds(&offsets, ctx.opts.compression);
     let deliveries = targets
         .into_iter()
         .zip(feeds)
@@ -519,13 +543,7 @@ async fn deliver(
                 }
                 Ok((st, _)) => {
                     offset = st.first().map_or(0, |s| s.resume_offset.min(m.size));
-                    let mut feeds = reader::spawn(
-                        src.content.clone(),
-                        src.origin.clone(),
-                        src.size,
-                        &[offset],
-                        ctx.opts.compression,
-                    );
+                    let mut feeds = src.feeds(&[offset], ctx.opts.compression);
                     match feeds.pop() {
                         Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
                         None => Err(Put::Local("internal error: no reader".into())),
@@ -552,6 +570,12 @@ async fn deliver(
             Err(Put::Local(e)) => break Err(e),
             Err(Put::Remote(s)) => s,
         };
+        // A chunk that fails its hash because the file changed would fail every time.
+        if status.code() == Code::DataLoss {
+            if let Some(e) = src.changed() {
+                break Err(e);
+            }
+        }
         if !retryable(&status) || attempt >= ctx.opts.retries {
             let mut text = status_text(&status);
             if retryable(&status) {
