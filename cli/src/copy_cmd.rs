@@ -181,12 +181,34 @@ impl CopyFlags {
     }
 }
 
+/// Exit status after Ctrl-C, as a shell reports a SIGINT death.
+const EXIT_INTERRUPTED: u8 = 130;
+
 pub async fn run(args: CopyArgs) -> anyhow::Result<u8> {
-    let report = copy::run(args.copy.options(args.access.access()?)).await?;
+    let opts = args.copy.options(args.access.access()?);
+    // Ctrl-C stops the transfers where they are; the report then says what each host kept.
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = tx.send(true);
+        }
+    });
+    let report = match copy::run_until(opts, Some(rx)).await {
+        Ok(r) => r,
+        Err(e) if e.is::<copy::InterruptedBeforeSending>() => {
+            eprintln!("{e}; rerun the same command to copy");
+            return Ok(EXIT_INTERRUPTED);
+        }
+        Err(e) => return Err(e),
+    };
     if args.json {
         println!("{}", report.to_json());
-    } else {
+    } else if !report.interrupted {
         print!("{}", report.to_human());
+    }
+    if report.interrupted {
+        eprint!("{}", report.kept());
+        return Ok(EXIT_INTERRUPTED);
     }
     Ok(if report.ok { 0 } else { 1 })
 }

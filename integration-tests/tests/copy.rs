@@ -417,6 +417,43 @@ fn a_source_rewritten_during_the_copy_fails_at_once_naming_it() {
     assert_eq!(count(&r, 0, "files_failed"), 0, "{}", r.json);
 }
 
+#[test]
+fn ctrl_c_says_what_was_kept_and_the_rerun_resumes() {
+    let cluster = TestCluster::start(2);
+    let pc = gen_partitions(&cluster.local().join("out"), 2, MIB, "g").unwrap();
+    let big = pc.parent().unwrap().join("part1/graph.dgl");
+    write_random(&big, 192 * MIB + 5, 79).unwrap();
+    let mut child = copy_cmd(&cluster, &pc, None, &["--jobs", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_partial(&cluster, 1, 4 * MIB, &mut child);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let r = finish(child.wait_with_output().unwrap());
+    assert_eq!(r.status.code(), Some(130), "{}\n{}", r.stderr, r.json);
+    // Per machine what is complete; machine 1 keeps its big file as a partial.
+    for needle in [
+        "copy interrupted",
+        "m0 (",
+        " of 5 files complete\n",
+        "m1 (",
+        " of 5 files complete; kept partial: ws/data/part1/graph.dgl\n",
+        "rerun the same command to resume",
+    ] {
+        assert!(r.stderr.contains(needle), "no {needle:?} in:\n{}", r.stderr);
+    }
+    assert_eq!(r.json["interrupted"], true, "{}", r.json);
+    let r = copy(&cluster, &pc, None);
+    assert_ok(&r);
+    let resumed = file_report(&r, 1, "ws/data/part1/graph.dgl")["resumed_from"]
+        .as_u64()
+        .unwrap();
+    assert!(resumed >= 4 * MIB, "the rerun should resume: {}", r.json);
+    check_machine(&cluster, 1, &pc, None);
+}
+
 /// Runs a copy that must fail before touching any host: non-zero, the message names what is
 /// wrong, and every root is still empty.
 fn check_refused(cluster: &TestCluster, c: Command, needles: &[&str]) {

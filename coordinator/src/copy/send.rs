@@ -10,10 +10,11 @@ use dglrun_proto::digest::FileDigest;
 use dglrun_proto::pb::{self, put_file_message::Msg, FileStatus};
 use futures::StreamExt;
 use indicatif::HumanBytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
+use super::hashing::Digests;
 use super::plan::{Content, CopyPlan};
 use super::progress::Progress;
 use super::reader::{self, ChunkMsg, Compression, Feed};
@@ -128,6 +129,14 @@ struct Ctx {
     progress: Arc<Progress>,
     streams: Arc<Semaphore>,
     opts: SendOptions,
+    /// Turns true on Ctrl-C: every transfer stops where it is.
+    interrupt: Option<watch::Receiver<bool>>,
+}
+
+impl Ctx {
+    fn interrupted(&self) -> bool {
+        self.interrupt.as_ref().is_some_and(|r| *r.borrow())
+    }
 }
 
 /// One file for one host: where it resumes.
@@ -145,6 +154,22 @@ struct Delivered {
     resumed_from: u64,
     /// Chunk bytes handed to the connection, every attempt included.
     wire_bytes: u64,
+    /// Stopped by Ctrl-C before it completed.
+    interrupted: bool,
+}
+
+impl Delivered {
+    /// `t`, stopped by Ctrl-C before anything was sent.
+    fn interrupted(t: &Target) -> Self {
+        Self {
+            host: t.host,
+            file: t.file,
+            result: Err("interrupted".into()),
+            resumed_from: t.offset,
+            wire_bytes: 0,
+            interrupted: true,
+        }
+    }
 }
 
 /// Sends the plan to `hosts` (in ip_config order). Errors before anything is sent (a host
@@ -152,13 +177,14 @@ struct Delivered {
 /// reports.
 pub async fn send(
     plan: &CopyPlan,
-    digests: &[FileDigest],
-    seen: &[Option<std::fs::Metadata>],
+    hashed: &Digests,
     hosts: Vec<Host>,
     access: &AgentAccess,
     opts: SendOptions,
     progress: Arc<Progress>,
+    interrupt: Option<watch::Receiver<bool>>,
 ) -> anyhow::Result<Vec<HostReport>> {
+    let (digests, seen) = (&hashed.digests, &hashed.seen);
     let manifests: Vec<Vec<pb::FileManifest>> = plan
         .machines
         .iter()
@@ -290,6 +316,7 @@ pub async fn send(
         progress: progress.clone(),
         streams: Arc::new(Semaphore::new(opts.max_streams.max(1))),
         opts,
+        interrupt,
     });
     let started = Instant::now();
     progress.phase("sending", total);
@@ -316,6 +343,7 @@ pub async fn send(
             r.resumed_from = d.resumed_from;
             r.wire_bytes = d.wire_bytes;
             match d.result {
+                _ if d.interrupted => r.status = FileOutcome::Interrupted,
                 Ok(n) => {
                     r.status = FileOutcome::Sent;
                     r.bytes_sent = n;
@@ -326,10 +354,12 @@ pub async fn send(
     }
     progress.finish_phase();
 
-    // 4. Verify: every host must now report every file present.
+    // 4. Verify: every host must now report every file present (not after Ctrl-C: the user
+    // wants out, and the report says what is incomplete).
+    let stopped = ctx.interrupted();
     let verified = futures::future::join_all(ctx.hosts.iter().zip(&ctx.manifests).map(
         |(h, ms)| async move {
-            if h.dead().is_some() {
+            if h.dead().is_some() || stopped {
                 return None;
             }
             Some(prepare(h.client(), ms).await)
@@ -340,7 +370,7 @@ pub async fn send(
         let h = &ctx.hosts[hi];
         let r = &mut reports[hi];
         match v {
-            None => r.errors.push(h.dead().unwrap_or_default()),
+            None => r.errors.extend(h.dead()),
             Some(Err(s)) => r
                 .errors
                 .push(format!("cannot verify the files: {}", status_text(&s))),
@@ -417,6 +447,7 @@ fn joined(targets: &[Target], r: Result<Vec<Delivered>, tokio::task::JoinError>)
             result: Err(why.clone()),
             resumed_from: t.offset,
             wire_bytes: 0,
+            interrupted: false,
         })
         .collect()
 }
@@ -494,11 +525,20 @@ async fn transfer(ctx: Arc<Ctx>, source: usize, mut targets: Vec<Target>) -> Vec
     // waiting for slots on the same hosts can then never hold one each of the other's.
     targets.sort_by_key(|t| t.host);
     let want = targets.len().min(ctx.opts.max_streams.max(1)) as u32;
-    let _streams = ctx.streams.clone().acquire_many_owned(want).await.ok();
-    let mut permits = Vec::with_capacity(targets.len());
-    for t in &targets {
-        permits.push(ctx.hosts[t.host].slots.clone().acquire_owned().await.ok());
-    }
+    let permits = async {
+        let streams = ctx.streams.clone().acquire_many_owned(want).await.ok();
+        let mut slots = Vec::with_capacity(targets.len());
+        for t in &targets {
+            slots.push(ctx.hosts[t.host].slots.clone().acquire_owned().await.ok());
+        }
+        (streams, slots)
+    };
+    let (_streams, permits) = tokio::select! {
+        p = permits => p,
+        () = super::interrupted(ctx.interrupt.clone()) => {
+            return targets.iter().map(Delivered::interrupted).collect();
+        }
+    };
     let src = &ctx.sources[source];
     let offsets: Vec<u64> = targets.iter().map(|t| t.offset).collect();
     let feeds = src.feeds(&offsets, ctx.opts.compression);
@@ -526,31 +566,42 @@ async fn deliver(
     let mut feed = Some(first);
     let mut attempt = 0u32;
     let wire = Arc::new(AtomicU64::new(0));
+    let mut interrupted = false;
     let result = loop {
         if let Some(reason) = h.dead() {
             break Err(format!("not sent: {reason}"));
         }
-        let outcome = match feed.take() {
-            Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
-            None => match prepare(h.client(), std::slice::from_ref(m)).await {
-                Ok((st, _))
-                    if st
-                        .first()
-                        .is_some_and(|s| s.status == FileStatus::Present as i32) =>
-                {
-                    // The previous attempt completed; only its reply was lost.
-                    Ok(m.size - offset)
-                }
-                Ok((st, _)) => {
-                    offset = st.first().map_or(0, |s| s.resume_offset.min(m.size));
-                    let mut feeds = src.feeds(&[offset], ctx.opts.compression);
-                    match feeds.pop() {
-                        Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
-                        None => Err(Put::Local("internal error: no reader".into())),
+        let try_once = async {
+            match feed.take() {
+                Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
+                None => match prepare(h.client(), std::slice::from_ref(m)).await {
+                    Ok((st, _))
+                        if st
+                            .first()
+                            .is_some_and(|s| s.status == FileStatus::Present as i32) =>
+                    {
+                        // The previous attempt completed; only its reply was lost.
+                        Ok(m.size - offset)
                     }
-                }
-                Err(s) => Err(Put::Remote(s)),
-            },
+                    Ok((st, _)) => {
+                        offset = st.first().map_or(0, |s| s.resume_offset.min(m.size));
+                        let mut feeds = src.feeds(&[offset], ctx.opts.compression);
+                        match feeds.pop() {
+                            Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
+                            None => Err(Put::Local("internal error: no reader".into())),
+                        }
+                    }
+                    Err(s) => Err(Put::Remote(s)),
+                },
+            }
+        };
+        // Ctrl-C drops the stream mid-file: the agent keeps what it verified as the partial.
+        let outcome = tokio::select! {
+            o = try_once => o,
+            () = super::interrupted(ctx.interrupt.clone()) => {
+                interrupted = true;
+                break Err("interrupted".into());
+            }
         };
         let status = match outcome {
             Ok(n) => {
@@ -598,7 +649,13 @@ async fn deliver(
             attempt + 1,
             ctx.opts.retries + 1
         ));
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = super::interrupted(ctx.interrupt.clone()) => {
+                interrupted = true;
+                break Err("interrupted".into());
+            }
+        }
     };
     h.done_now();
     if let Err(e) = &result {
@@ -610,6 +667,7 @@ async fn deliver(
         result,
         resumed_from: offset,
         wire_bytes: wire.load(Ordering::Relaxed),
+        interrupted,
     }
 }
 
