@@ -8,6 +8,7 @@
 //! free disk) before the first byte is written anywhere, so bad input changes nothing.
 
 pub mod alloc;
+pub mod budget;
 pub mod hashing;
 pub mod plan;
 pub mod progress;

@@ -17,7 +17,9 @@ use bytes::Bytes;
 use dglrun_proto::compress::Packer;
 use dglrun_proto::pb;
 use dglrun_proto::CHUNK_SIZE;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::budget::Budget;
 
 use super::plan::Content;
 
@@ -62,6 +64,8 @@ pub struct ChunkMsg {
     /// What is sent: the chunk's bytes, or its zstd frame.
     pub data: Bytes,
     pub compression: pb::Compression,
+    /// The reader's share of the in-flight bound: released once every host has taken the chunk.
+    pub held: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 /// Set when the reader fails: the streams it fed ended early, and this says why.
@@ -120,6 +124,7 @@ pub fn spawn(
     offsets: &[u64],
     compression: Compression,
     seen: Option<Metadata>,
+    budget: Option<Budget>,
 ) -> Vec<Feed> {
     let error = ReadError::default();
     let mut outs = Vec::new();
@@ -134,7 +139,11 @@ pub fn spawn(
     }
     tokio::task::spawn_blocking(move || {
         let mut outs = outs;
-        if let Err(e) = fan_out(&content, size, &mut outs, compression, seen.as_ref()) {
+        let check = Check {
+            seen: seen.as_ref(),
+            budget: budget.as_ref(),
+        };
+        if let Err(e) = fan_out(&content, size, &mut outs, compression, check) {
             // Set before the senders drop: a stream that sees its end can then find the cause.
             error.set(match e {
                 FanOutError::Changed(_) => e.to_string(),
@@ -146,13 +155,23 @@ pub fn spawn(
     feeds
 }
 
+/// What the reader checks before and after each chunk.
+#[derive(Clone, Copy)]
+struct Check<'a> {
+    /// The file as hashed.
+    seen: Option<&'a Metadata>,
+    /// Room for the chunk, taken before it is read.
+    budget: Option<&'a Budget>,
+}
+
 fn fan_out(
     content: &Content,
     size: u64,
     outs: &mut Vec<(u64, mpsc::Sender<ChunkMsg>)>,
     compression: Compression,
-    seen: Option<&Metadata>,
+    check: Check,
 ) -> Result<(), FanOutError> {
+    let seen = check.seen;
     let Some(start) = outs.iter().map(|(o, _)| *o).min() else {
         return Ok(());
     };
@@ -167,6 +186,10 @@ fn fan_out(
     let mut offset = start;
     while offset < size && !outs.is_empty() {
         let len = (size - offset).min(CHUNK_SIZE as u64) as usize;
+        let held = check
+            .budget
+            .and_then(|b| b.read_blocking(len))
+            .map(Arc::new);
         let chunk = source
             .next(len)
             .map_err(|e| format!("cannot read at offset {offset}: {e}"))?;
@@ -185,12 +208,14 @@ fn fan_out(
                 len: len as u64,
                 data: Bytes::from(frame),
                 compression: pb::Compression::Zstd,
+                held,
             },
             None => ChunkMsg {
                 offset,
                 len: len as u64,
                 data: chunk,
                 compression: pb::Compression::None,
+                held,
             },
         };
         // A host whose stream ended (failed, or will retry on its own) drops out.
@@ -302,6 +327,7 @@ mod tests {
                     &[c as u64, 0, 2 * c as u64 + 10],
                     compression,
                     None,
+                    None,
                 );
                 // Concurrently, as the hosts' streams do: the reader goes at the slowest one's
                 // pace.
@@ -332,6 +358,7 @@ mod tests {
             &[0, 0],
             Compression::Zstd { level: 3 },
             None,
+            None,
         );
         let got = futures::future::join_all(feeds.into_iter().map(chunks)).await;
         let kinds: Vec<_> = got[0].iter().map(|c| (c.compression, c.len)).collect();
@@ -360,6 +387,7 @@ mod tests {
             &[0, 0],
             Compression::None,
             None,
+            None,
         );
         let second = feeds.pop().unwrap();
         drop(feeds);
@@ -385,12 +413,43 @@ mod tests {
             &[0],
             Compression::None,
             Some(seen),
+            None,
         );
         let feed = feeds.pop().unwrap();
         let err = feed.error.clone();
         let (got, _) = collect(feed).await;
         assert!(got.is_empty(), "{} bytes sent", got.len());
         assert_eq!(err.get().unwrap(), changed_message(&p));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_holds_no_more_than_its_share_of_the_budget() {
+        let c = CHUNK_SIZE;
+        let data = vec![9u8; 6 * c];
+        // Two chunks for the readers (and two for the streams).
+        let budget = Budget::new(4 * c, c);
+        let mut feeds = spawn(
+            Content::Bytes(data.clone()),
+            "f".into(),
+            data.len() as u64,
+            &[0],
+            Compression::None,
+            None,
+            Some(budget.clone()),
+        );
+        let mut feed = feeds.pop().unwrap();
+        let first = feed.rx.recv().await.unwrap();
+        // With the first chunk held here, the reader gets one more and then waits for room.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(feed.rx.len(), 1);
+        assert_eq!(budget.available().0, 0);
+        drop(first);
+        let mut offsets = Vec::new();
+        while let Some(m) = feed.rx.recv().await {
+            offsets.push(m.offset);
+        }
+        assert_eq!(offsets.len(), 5);
+        assert_eq!(budget.available().0, 2 * c);
     }
 
     #[tokio::test]
@@ -404,6 +463,7 @@ mod tests {
             100,
             &[0],
             Compression::None,
+            None,
             None,
         );
         let feed = feeds.pop().unwrap();

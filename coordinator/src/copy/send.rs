@@ -11,9 +11,9 @@ use dglrun_proto::pb::{self, put_file_message::Msg, FileStatus};
 use futures::StreamExt;
 use indicatif::HumanBytes;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
+use super::budget::Budget;
 use super::hashing::Digests;
 use super::plan::{Content, CopyPlan};
 use super::progress::Progress;
@@ -36,6 +36,9 @@ pub struct SendOptions {
     pub max_streams: usize,
     /// How chunks travel.
     pub compression: Compression,
+    /// Chunk bytes the coordinator holds at once over all hosts (read ahead, and encoded for a
+    /// stream but not yet written to its connection); at least two chunks.
+    pub max_in_flight: usize,
 }
 
 impl Default for SendOptions {
@@ -49,6 +52,7 @@ impl Default for SendOptions {
             connections: 2,
             max_streams: 64,
             compression: Compression::None,
+            max_in_flight: 64 << 20,
         }
     }
 }
@@ -97,7 +101,7 @@ struct SourceCtx {
 }
 
 impl SourceCtx {
-    fn feeds(&self, offsets: &[u64], compression: Compression) -> Vec<Feed> {
+    fn feeds(&self, offsets: &[u64], compression: Compression, budget: &Budget) -> Vec<Feed> {
         reader::spawn(
             self.content.clone(),
             self.origin.clone(),
@@ -105,6 +109,7 @@ impl SourceCtx {
             offsets,
             compression,
             self.seen.clone(),
+            Some(budget.clone()),
         )
     }
 
@@ -131,6 +136,8 @@ struct Ctx {
     opts: SendOptions,
     /// Turns true on Ctrl-C: every transfer stops where it is.
     interrupt: Option<watch::Receiver<bool>>,
+    /// Chunk bytes held at once, over all sources and hosts.
+    budget: Budget,
 }
 
 impl Ctx {
@@ -315,6 +322,7 @@ pub async fn send(
         manifests,
         progress: progress.clone(),
         streams: Arc::new(Semaphore::new(opts.max_streams.max(1))),
+        budget: Budget::new(opts.max_in_flight, dglrun_proto::CHUNK_SIZE),
         opts,
         interrupt,
     });
@@ -541,7 +549,7 @@ async fn transfer(ctx: Arc<Ctx>, source: usize, mut targets: Vec<Target>) -> Vec
     };
     let src = &ctx.sources[source];
     let offsets: Vec<u64> = targets.iter().map(|t| t.offset).collect();
-    let feeds = src.feeds(&offsets, ctx.opts.compression);
+    let feeds = src.feeds(&offsets, ctx.opts.compression, &ctx.budget);
     let deliveries = targets
         .into_iter()
         .zip(feeds)
@@ -573,7 +581,7 @@ async fn deliver(
         }
         let try_once = async {
             match feed.take() {
-                Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
+                Some(f) => put(h, m, offset, f, &ctx, &wire).await,
                 None => match prepare(h.client(), std::slice::from_ref(m)).await {
                     Ok((st, _))
                         if st
@@ -585,9 +593,9 @@ async fn deliver(
                     }
                     Ok((st, _)) => {
                         offset = st.first().map_or(0, |s| s.resume_offset.min(m.size));
-                        let mut feeds = src.feeds(&[offset], ctx.opts.compression);
+                        let mut feeds = src.feeds(&[offset], ctx.opts.compression, &ctx.budget);
                         match feeds.pop() {
-                            Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
+                            Some(f) => put(h, m, offset, f, &ctx, &wire).await,
                             None => Err(Put::Local("internal error: no reader".into())),
                         }
                     }
@@ -685,7 +693,7 @@ async fn put(
     m: &pb::FileManifest,
     offset: u64,
     feed: Feed,
-    progress: &Arc<Progress>,
+    ctx: &Ctx,
     wire: &Arc<AtomicU64>,
 ) -> Result<u64, Put> {
     let header = pb::PutFileMessage {
@@ -694,21 +702,34 @@ async fn put(
             offset,
         })),
     };
-    let progress = progress.clone();
+    let progress = ctx.progress.clone();
     let wire = wire.clone();
-    let chunks = ReceiverStream::new(feed.rx).map(move |c: ChunkMsg| {
-        // Progress counts the file's bytes, so its rate and ETA stay comparable with and
-        // without compression; the report has the wire bytes.
-        progress.advance(c.len);
-        wire.fetch_add(c.data.len() as u64, Ordering::Relaxed);
-        pb::PutFileMessage {
-            msg: Some(Msg::Chunk(pb::Chunk {
-                offset: c.offset,
-                data: c.data,
-                compression: c.compression as i32,
-            })),
-        }
-    });
+    let budget = ctx.budget.clone();
+    // Each message takes room in the budget for its encoded copy, held until the stream is
+    // asked for the next one (see `budget`).
+    let chunks = futures::stream::unfold(
+        (feed.rx, None::<OwnedSemaphorePermit>),
+        move |(mut rx, held)| {
+            let (progress, wire, budget) = (progress.clone(), wire.clone(), budget.clone());
+            async move {
+                drop(held);
+                let c: ChunkMsg = rx.recv().await?;
+                let permit = budget.send(c.data.len()).await;
+                // Progress counts the file's bytes, so its rate and ETA stay comparable with
+                // and without compression; the report has the wire bytes.
+                progress.advance(c.len);
+                wire.fetch_add(c.data.len() as u64, Ordering::Relaxed);
+                let msg = pb::PutFileMessage {
+                    msg: Some(Msg::Chunk(pb::Chunk {
+                        offset: c.offset,
+                        data: c.data,
+                        compression: c.compression as i32,
+                    })),
+                };
+                Some((msg, (rx, permit)))
+            }
+        },
+    );
     let stream = tokio_stream::once(header).chain(chunks);
     match h.client().put_file(stream).await {
         Ok(r) => Ok(r.into_inner().bytes_written),
