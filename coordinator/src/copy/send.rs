@@ -11,6 +11,7 @@ use dglrun_proto::pb::{self, put_file_message::Msg, FileStatus};
 use futures::StreamExt;
 use indicatif::HumanBytes;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
 use super::budget::Budget;
@@ -31,13 +32,12 @@ pub struct SendOptions {
     pub backoff: Duration,
     /// HTTP/2 connections per host (streams are spread over them).
     pub connections: usize,
-    /// PutFile streams open at once over all hosts. Each holds a few chunks in memory, so this
-    /// bounds the coordinator's memory however many hosts there are.
+    /// PutFile streams open at once over all hosts (`max_in_flight` may allow fewer).
     pub max_streams: usize,
     /// How chunks travel.
     pub compression: Compression,
     /// Chunk bytes the coordinator holds at once over all hosts (read ahead, and encoded for a
-    /// stream but not yet written to its connection); at least two chunks.
+    /// stream but not yet written to its connection); see `budget`.
     pub max_in_flight: usize,
 }
 
@@ -52,7 +52,7 @@ impl Default for SendOptions {
             connections: 2,
             max_streams: 64,
             compression: Compression::None,
-            max_in_flight: 64 << 20,
+            max_in_flight: 48 << 20,
         }
     }
 }
@@ -132,7 +132,6 @@ struct Ctx {
     /// Per host, per planned file: what is sent in PrepareFiles and PutFile headers.
     manifests: Vec<Vec<pb::FileManifest>>,
     progress: Arc<Progress>,
-    streams: Arc<Semaphore>,
     opts: SendOptions,
     /// Turns true on Ctrl-C: every transfer stops where it is.
     interrupt: Option<watch::Receiver<bool>>,
@@ -321,7 +320,6 @@ pub async fn send(
             .collect(),
         manifests,
         progress: progress.clone(),
-        streams: Arc::new(Semaphore::new(opts.max_streams.max(1))),
         budget: Budget::new(opts.max_in_flight, dglrun_proto::CHUNK_SIZE),
         opts,
         interrupt,
@@ -330,11 +328,15 @@ pub async fn send(
     progress.phase("sending", total);
     // Every source is its own task; per-host slots bound what is in flight. Sources for several
     // hosts (configs, scripts: small) go first, while every host still has free slots.
-    let mut order: Vec<(usize, Vec<Target>)> = by_source
-        .into_iter()
-        .enumerate()
-        .filter(|(_, t)| !t.is_empty())
-        .collect();
+    // A source goes to as many hosts at once as the in-flight bound has room for.
+    let mut order: Vec<(usize, Vec<Target>)> = Vec::new();
+    for (s, targets) in by_source.into_iter().enumerate() {
+        let group = ctx
+            .budget
+            .group(ctx.sources[s].size)
+            .min(ctx.opts.max_streams.max(1));
+        order.extend(targets.chunks(group).map(|g| (s, g.to_vec())));
+    }
     order.sort_by_key(|(_, t)| t.len() == 1);
     let tasks: Vec<_> = order
         .into_iter()
@@ -532,9 +534,9 @@ async fn transfer(ctx: Arc<Ctx>, source: usize, mut targets: Vec<Target>) -> Vec
     // Permits are taken in one order (global streams, then hosts by rank): two sources both
     // waiting for slots on the same hosts can then never hold one each of the other's.
     targets.sort_by_key(|t| t.host);
-    let want = targets.len().min(ctx.opts.max_streams.max(1)) as u32;
+    let size = ctx.sources[source].size;
     let permits = async {
-        let streams = ctx.streams.clone().acquire_many_owned(want).await.ok();
+        let streams = ctx.budget.streams(size, targets.len()).await;
         let mut slots = Vec::with_capacity(targets.len());
         for t in &targets {
             slots.push(ctx.hosts[t.host].slots.clone().acquire_owned().await.ok());
@@ -704,32 +706,19 @@ async fn put(
     };
     let progress = ctx.progress.clone();
     let wire = wire.clone();
-    let budget = ctx.budget.clone();
-    // Each message takes room in the budget for its encoded copy, held until the stream is
-    // asked for the next one (see `budget`).
-    let chunks = futures::stream::unfold(
-        (feed.rx, None::<OwnedSemaphorePermit>),
-        move |(mut rx, held)| {
-            let (progress, wire, budget) = (progress.clone(), wire.clone(), budget.clone());
-            async move {
-                drop(held);
-                let c: ChunkMsg = rx.recv().await?;
-                let permit = budget.send(c.data.len()).await;
-                // Progress counts the file's bytes, so its rate and ETA stay comparable with
-                // and without compression; the report has the wire bytes.
-                progress.advance(c.len);
-                wire.fetch_add(c.data.len() as u64, Ordering::Relaxed);
-                let msg = pb::PutFileMessage {
-                    msg: Some(Msg::Chunk(pb::Chunk {
-                        offset: c.offset,
-                        data: c.data,
-                        compression: c.compression as i32,
-                    })),
-                };
-                Some((msg, (rx, permit)))
-            }
-        },
-    );
+    let chunks = ReceiverStream::new(feed.rx).map(move |c: ChunkMsg| {
+        // Progress counts the file's bytes, so its rate and ETA stay comparable with and
+        // without compression; the report has the wire bytes.
+        progress.advance(c.len);
+        wire.fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        pb::PutFileMessage {
+            msg: Some(Msg::Chunk(pb::Chunk {
+                offset: c.offset,
+                data: c.data,
+                compression: c.compression as i32,
+            })),
+        }
+    });
     let stream = tokio_stream::once(header).chain(chunks);
     match h.client().put_file(stream).await {
         Ok(r) => Ok(r.into_inner().bytes_written),
