@@ -454,6 +454,76 @@ fn ctrl_c_says_what_was_kept_and_the_rerun_resumes() {
     check_machine(&cluster, 1, &pc, None);
 }
 
+#[test]
+fn a_busy_agent_is_told_apart_by_its_mark_and_the_copy_waits_for_it() {
+    use dglrun_proto::pb::{self, agent_client::AgentClient, put_file_message::Msg};
+    let cluster = TestCluster::start(1);
+    let pc = gen_partitions(&cluster.local().join("out"), 1, MIB, "g").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
+    let client = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(uri)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        AgentClient::with_interceptor(ch, dglrun_proto::meta::ClientMeta::new(None).unwrap())
+    });
+    // A PutFile that sends its header and then nothing: it holds one of the agent's transfers.
+    let d = dglrun_proto::digest::hash_reader(&b"data"[..], |_| {}).unwrap();
+    let stalled = move |i: usize| {
+        let header = pb::PutFileMessage {
+            msg: Some(Msg::Header(pb::PutFileHeader {
+                manifest: Some(pb::FileManifest {
+                    path: format!("held/{i}"),
+                    size: d.size,
+                    digest: d.digest.to_vec(),
+                    chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
+                    mode: 0o644,
+                }),
+                offset: 0,
+            })),
+        };
+        futures::StreamExt::chain(tokio_stream::iter([header]), futures::stream::pending())
+    };
+    let mut held = Vec::new();
+    let busy = rt.block_on(async {
+        let mut i = 0;
+        loop {
+            let mut c = client.clone();
+            let stream = stalled(i);
+            let probe = tokio::spawn(async move { c.put_file(stream).await });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if probe.is_finished() {
+                break probe.await.unwrap().unwrap_err();
+            }
+            held.push(probe);
+            i += 1;
+            assert!(i < 1000, "the agent never said it was busy");
+        }
+    });
+    // The mark, not the words, is what the coordinator goes by: it must cross the wire.
+    assert_eq!(busy.code(), tonic::Code::ResourceExhausted, "{busy:?}");
+    assert!(
+        dglrun_proto::busy::retry_after(&busy).is_some(),
+        "no busy mark: {busy:?}"
+    );
+    // Freed a moment after the copy starts: the copy waits for it instead of failing.
+    let child = copy_cmd(&cluster, &pc, None, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    for h in &held {
+        h.abort();
+    }
+    drop(rt);
+    let r = finish(child.wait_with_output().unwrap());
+    assert_ok(&r);
+    assert!(r.stderr.contains("retrying"), "{}", r.stderr);
+}
+
 /// Runs a copy that must fail before touching any host: non-zero, the message names what is
 /// wrong, and every root is still empty.
 fn check_refused(cluster: &TestCluster, c: Command, needles: &[&str]) {
