@@ -47,7 +47,8 @@ does); a dangling link or a link loop is refused, naming it.
 
 Files already on a host with the same size and SHA-256 are not sent again; a transfer cut off
 midway resumes from its last verified chunk (a hidden `.<name>.dglrun-partial` beside the file).
-Exit status: 0 only if every host verified every file.
+Exit status: 0 only if every host verified every file; 130 after Ctrl-C, which prints what each
+host kept (a rerun resumes). A local file that changes during the copy fails at once, named.
 
 Example:
   dgl-coord copy --workspace ~/graphsage --rel_data_path data \\
