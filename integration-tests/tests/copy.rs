@@ -524,6 +524,37 @@ fn a_busy_agent_is_told_apart_by_its_mark_and_the_copy_waits_for_it() {
     assert!(r.stderr.contains("retrying"), "{}", r.stderr);
 }
 
+#[test]
+fn ctrl_c_while_hashing_changes_no_host() {
+    let cluster = TestCluster::start(1);
+    let pc = gen_partitions(&cluster.local().join("out"), 1, MIB, "g").unwrap();
+    // Long enough to hash that the signal lands before anything is sent.
+    write_random(
+        &pc.parent().unwrap().join("part0/graph.dgl"),
+        1024 * MIB,
+        80,
+    )
+    .unwrap();
+    let child = copy_cmd(&cluster, &pc, None, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // After the handler is set up (a few ms), long before 1 GiB is hashed.
+    std::thread::sleep(Duration::from_millis(150));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let r = finish(child.wait_with_output().unwrap());
+    assert_eq!(r.status.code(), Some(130), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("interrupted before anything was sent: no host was changed"),
+        "{}",
+        r.stderr
+    );
+    assert!(host_files(cluster.root(0)).is_empty());
+}
+
 /// Runs a copy that must fail before touching any host: non-zero, the message names what is
 /// wrong, and every root is still empty.
 fn check_refused(cluster: &TestCluster, c: Command, needles: &[&str]) {

@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::Context;
@@ -58,10 +58,14 @@ pub async fn hash_sources(
     let work = sources.to_vec();
     let keep = cache_path.clone();
     let bar = progress.clone();
+    // Dropped with this future (Ctrl-C): the workers stop at their next chunk, so the process
+    // does not wait for a hashing nobody will use.
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let flag = stop.0.clone();
     let results = tokio::task::spawn_blocking(move || {
         // The sender keeps chunk hashes too: they go into every manifest.
         let mut cache = HashCache::open(keep.unwrap_or_default(), true);
-        let r = hash_all(&work, &mut cache, &bar, threads);
+        let r = hash_all(&work, &mut cache, &bar, threads, &flag);
         (r, cache)
     })
     .await
@@ -118,12 +122,22 @@ struct ToHash {
     before: fs::Metadata,
 }
 
-/// Digests of `sources` in order. Blocking.
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Digests of `sources` in order; gives up when `stop` is set. Blocking.
 fn hash_all(
     sources: &[Source],
     cache: &mut HashCache,
     progress: &Progress,
     threads: usize,
+    stop: &AtomicBool,
 ) -> anyhow::Result<Vec<Hashed>> {
     let mut done: Vec<Option<Hashed>> = vec![None; sources.len()];
     let mut misses = Vec::new();
@@ -163,7 +177,7 @@ fn hash_all(
             }),
         }
     }
-    let hashed = hash_chunks(&misses, sources, progress, threads)?;
+    let hashed = hash_chunks(&misses, sources, progress, threads, stop)?;
     for (m, chunks) in misses.iter().zip(hashed) {
         let src = &sources[m.source];
         let d = FileDigest::from_chunks(m.before.len(), chunks);
@@ -194,6 +208,7 @@ fn hash_chunks(
     sources: &[Source],
     progress: &Progress,
     threads: usize,
+    stop: &AtomicBool,
 ) -> anyhow::Result<Vec<Vec<Hash>>> {
     let mut work: Vec<(usize, u64)> = Vec::new();
     for (f, m) in files.iter().enumerate() {
@@ -208,6 +223,9 @@ fn hash_chunks(
         // The file of the last chunk taken: the next chunk is most often of the same file.
         let mut open: Option<(usize, File)> = None;
         loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
             let k = next.fetch_add(1, Ordering::Relaxed);
             let Some(&(f, offset)) = work.get(k) else {
                 return;
@@ -340,7 +358,14 @@ mod tests {
         let progress = Progress::new(ProgressMode::Quiet);
         for threads in [1, 3, 8] {
             let mut cache = HashCache::open(PathBuf::new(), true);
-            let got = hash_all(&sources, &mut cache, &progress, threads).unwrap();
+            let got = hash_all(
+                &sources,
+                &mut cache,
+                &progress,
+                threads,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
             assert_eq!(got.len(), sources.len());
             for (h, s) in got.iter().zip(&sources) {
                 let (d, hit) = (&h.digest, h.from_cache);
@@ -352,7 +377,14 @@ mod tests {
                 assert!(!hit);
             }
             // Every file is now known: nothing is read again.
-            let again = hash_all(&sources, &mut cache, &progress, threads).unwrap();
+            let again = hash_all(
+                &sources,
+                &mut cache,
+                &progress,
+                threads,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
             let hits = again.iter().filter(|h| h.from_cache).count();
             assert_eq!(hits, sizes.len(), "{threads} threads");
         }
@@ -377,7 +409,7 @@ mod tests {
             .collect();
         let mut cache = HashCache::open(PathBuf::new(), true);
         let progress = Progress::new(ProgressMode::Quiet);
-        let got = hash_all(&sources, &mut cache, &progress, 2).unwrap();
+        let got = hash_all(&sources, &mut cache, &progress, 2, &AtomicBool::new(false)).unwrap();
         for (h, s) in got.iter().zip(&sources) {
             let Content::File(p) = &s.content else {
                 unreachable!()
@@ -395,7 +427,7 @@ mod tests {
         }];
         let mut cache = HashCache::open(PathBuf::new(), true);
         let progress = Progress::new(ProgressMode::Quiet);
-        let e = hash_all(&sources, &mut cache, &progress, 2).unwrap_err();
+        let e = hash_all(&sources, &mut cache, &progress, 2, &AtomicBool::new(false)).unwrap_err();
         let msg = format!("{e:#}");
         assert!(
             msg.contains("part-0.node_feats") && msg.contains("missing.dgl"),
