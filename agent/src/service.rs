@@ -84,10 +84,13 @@ impl Agent for AgentService {
         req: Request<Streaming<pb::PutFileMessage>>,
     ) -> Result<Response<pb::PutFileReply>, Status> {
         let _permit = self.transfers.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "the agent already serves {} transfers; retry later",
-                limits::MAX_CONCURRENT_TRANSFERS
-            ))
+            dglrun_proto::busy::status(
+                format!(
+                    "the agent already serves {} transfers; retry later",
+                    limits::MAX_CONCURRENT_TRANSFERS
+                ),
+                std::time::Duration::from_millis(500),
+            )
         })?;
         Ok(Response::new(self.files.put(req.into_inner()).await?))
     }

@@ -47,7 +47,8 @@ does); a dangling link or a link loop is refused, naming it.
 
 Files already on a host with the same size and SHA-256 are not sent again; a transfer cut off
 midway resumes from its last verified chunk (a hidden `.<name>.dglrun-partial` beside the file).
-Exit status: 0 only if every host verified every file.
+Exit status: 0 only if every host verified every file; 130 after Ctrl-C, which prints what each
+host kept (a rerun resumes). A local file that changes during the copy fails at once, named.
 
 Example:
   dgl-coord copy --workspace ~/dglrun/graphsage --rel_data_path data \\
@@ -182,12 +183,34 @@ impl CopyFlags {
     }
 }
 
+/// Exit status after Ctrl-C, as a shell reports a SIGINT death.
+const EXIT_INTERRUPTED: u8 = 130;
+
 pub async fn run(args: CopyArgs) -> anyhow::Result<u8> {
-    let report = copy::run(args.copy.options(args.access.access()?)).await?;
+    let opts = args.copy.options(args.access.access()?);
+    // Ctrl-C stops the transfers where they are; the report then says what each host kept.
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = tx.send(true);
+        }
+    });
+    let report = match copy::run_until(opts, Some(rx)).await {
+        Ok(r) => r,
+        Err(e) if e.is::<copy::InterruptedBeforeSending>() => {
+            eprintln!("{e}; rerun the same command to copy");
+            return Ok(EXIT_INTERRUPTED);
+        }
+        Err(e) => return Err(e),
+    };
     if args.json {
         println!("{}", report.to_json());
-    } else {
+    } else if !report.interrupted {
         print!("{}", report.to_human());
+    }
+    if report.interrupted {
+        eprint!("{}", report.kept());
+        return Ok(EXIT_INTERRUPTED);
     }
     Ok(if report.ok { 0 } else { 1 })
 }

@@ -197,6 +197,12 @@ fn places_every_file_verifies_it_and_sends_nothing_the_second_time() {
     assert_ok(&r);
     for i in 0..4 {
         check_machine(&cluster, i, &pc, Some(&code));
+        // Named as `status --json` names hosts.
+        assert_eq!(count(&r, i, "machine"), i as u64);
+        assert_eq!(
+            r.json["hosts"][i]["address"],
+            format!("{}:{}", cluster.ip(i), cluster.port)
+        );
         assert_eq!(count(&r, i, "files_sent"), 7);
         assert_eq!(count(&r, i, "files_failed"), 0);
     }
@@ -373,6 +379,182 @@ fn an_agent_back_within_the_retries_completes_in_the_same_run() {
         check_machine(&cluster, i, &pc, None);
         assert!(partials(cluster.root(i)).is_empty());
     }
+}
+
+#[test]
+fn a_source_rewritten_during_the_copy_fails_at_once_naming_it() {
+    use std::os::unix::fs::FileExt;
+    let cluster = TestCluster::start(2);
+    let pc = gen_partitions(&cluster.local().join("out"), 2, MIB, "g").unwrap();
+    // Big enough that the copy is still running when the rewrite lands.
+    let big = pc.parent().unwrap().join("part1/graph.dgl");
+    write_random(&big, 192 * MIB + 5, 78).unwrap();
+    let mut child = copy_cmd(&cluster, &pc, None, &["--jobs", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_partial(&cluster, 1, 4 * MIB, &mut child);
+    // Rewritten in place near its end, as a partitioner still writing would.
+    let f = fs::OpenOptions::new().write(true).open(&big).unwrap();
+    f.write_all_at(b"rewritten", 190 * MIB).unwrap();
+    drop(f);
+    let rewritten = Instant::now();
+    let r = finish(child.wait_with_output().unwrap());
+    let took = rewritten.elapsed();
+    assert_eq!(r.status.code(), Some(1), "{}\n{}", r.stderr, r.json);
+    let want = format!(
+        "{} changed while it was being copied; rerun the copy",
+        big.display()
+    );
+    let error = file_report(&r, 1, "ws/data/part1/graph.dgl")["error"].to_string();
+    assert!(error.contains(&want), "{error}\n{}", r.json);
+    assert!(!r.stderr.contains("retrying"), "{}", r.stderr);
+    // The old way retried a chunk that could never match: 15.5 s of backoff alone.
+    assert!(
+        took < Duration::from_secs(8),
+        "took {took:?} after the rewrite"
+    );
+    // The other machine is unaffected.
+    assert_eq!(count(&r, 0, "files_failed"), 0, "{}", r.json);
+}
+
+#[test]
+fn ctrl_c_says_what_was_kept_and_the_rerun_resumes() {
+    let cluster = TestCluster::start(2);
+    let pc = gen_partitions(&cluster.local().join("out"), 2, MIB, "g").unwrap();
+    let big = pc.parent().unwrap().join("part1/graph.dgl");
+    write_random(&big, 192 * MIB + 5, 79).unwrap();
+    let mut child = copy_cmd(&cluster, &pc, None, &["--jobs", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_partial(&cluster, 1, 4 * MIB, &mut child);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let r = finish(child.wait_with_output().unwrap());
+    assert_eq!(r.status.code(), Some(130), "{}\n{}", r.stderr, r.json);
+    // Per machine what is complete; machine 1 keeps its big file as a partial.
+    for needle in [
+        "copy interrupted",
+        "m0 (",
+        " of 5 files complete\n",
+        "m1 (",
+        " of 5 files complete; kept partial: ws/data/part1/graph.dgl\n",
+        "rerun the same command to resume",
+    ] {
+        assert!(r.stderr.contains(needle), "no {needle:?} in:\n{}", r.stderr);
+    }
+    assert_eq!(r.json["interrupted"], true, "{}", r.json);
+    let r = copy(&cluster, &pc, None);
+    assert_ok(&r);
+    let resumed = file_report(&r, 1, "ws/data/part1/graph.dgl")["resumed_from"]
+        .as_u64()
+        .unwrap();
+    assert!(resumed >= 4 * MIB, "the rerun should resume: {}", r.json);
+    check_machine(&cluster, 1, &pc, None);
+}
+
+#[test]
+fn a_busy_agent_is_told_apart_by_its_mark_and_the_copy_waits_for_it() {
+    use dglrun_proto::pb::{self, agent_client::AgentClient, put_file_message::Msg};
+    let cluster = TestCluster::start(1);
+    let pc = gen_partitions(&cluster.local().join("out"), 1, MIB, "g").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
+    let client = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(uri)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        AgentClient::with_interceptor(ch, dglrun_proto::meta::ClientMeta::new(None).unwrap())
+    });
+    // A PutFile that sends its header and then nothing: it holds one of the agent's transfers.
+    let d = dglrun_proto::digest::hash_reader(&b"data"[..], |_| {}).unwrap();
+    let stalled = move |i: usize| {
+        let header = pb::PutFileMessage {
+            msg: Some(Msg::Header(pb::PutFileHeader {
+                manifest: Some(pb::FileManifest {
+                    path: format!("held/{i}"),
+                    size: d.size,
+                    digest: d.digest.to_vec(),
+                    chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
+                    mode: 0o644,
+                }),
+                offset: 0,
+            })),
+        };
+        futures::StreamExt::chain(tokio_stream::iter([header]), futures::stream::pending())
+    };
+    let mut held = Vec::new();
+    let busy = rt.block_on(async {
+        let mut i = 0;
+        loop {
+            let mut c = client.clone();
+            let stream = stalled(i);
+            let probe = tokio::spawn(async move { c.put_file(stream).await });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if probe.is_finished() {
+                break probe.await.unwrap().unwrap_err();
+            }
+            held.push(probe);
+            i += 1;
+            assert!(i < 1000, "the agent never said it was busy");
+        }
+    });
+    // The mark, not the words, is what the coordinator goes by: it must cross the wire.
+    assert_eq!(busy.code(), tonic::Code::ResourceExhausted, "{busy:?}");
+    assert!(
+        dglrun_proto::busy::retry_after(&busy).is_some(),
+        "no busy mark: {busy:?}"
+    );
+    // Freed a moment after the copy starts: the copy waits for it instead of failing.
+    let child = copy_cmd(&cluster, &pc, None, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    for h in &held {
+        h.abort();
+    }
+    drop(rt);
+    let r = finish(child.wait_with_output().unwrap());
+    assert_ok(&r);
+    assert!(r.stderr.contains("retrying"), "{}", r.stderr);
+}
+
+#[test]
+fn ctrl_c_while_hashing_changes_no_host() {
+    let cluster = TestCluster::start(1);
+    let pc = gen_partitions(&cluster.local().join("out"), 1, MIB, "g").unwrap();
+    // Long enough to hash that the signal lands before anything is sent.
+    write_random(
+        &pc.parent().unwrap().join("part0/graph.dgl"),
+        1024 * MIB,
+        80,
+    )
+    .unwrap();
+    let child = copy_cmd(&cluster, &pc, None, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // After the handler is set up (a few ms), long before 1 GiB is hashed.
+    std::thread::sleep(Duration::from_millis(150));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let r = finish(child.wait_with_output().unwrap());
+    assert_eq!(r.status.code(), Some(130), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("interrupted before anything was sent: no host was changed"),
+        "{}",
+        r.stderr
+    );
+    assert!(host_files(cluster.root(0)).is_empty());
 }
 
 /// Runs a copy that must fail before touching any host: non-zero, the message names what is

@@ -4,6 +4,7 @@
 //! rules that are part of the protocol (chunking, the file digest, the metadata each call
 //! carries) live next to them, so agent and coordinator cannot disagree.
 
+pub mod busy;
 pub mod compress;
 pub mod digest;
 pub mod meta;

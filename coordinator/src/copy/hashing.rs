@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::Context;
@@ -33,6 +33,16 @@ pub struct HashStats {
     pub seconds: f64,
 }
 
+/// The local sources, digested.
+pub struct Digests {
+    /// Per source, in order: what goes into the manifests.
+    pub digests: Vec<FileDigest>,
+    /// Per source: the file as it was when its digest was taken (`None` for generated
+    /// contents). The reader checks the file still looks so while it sends it.
+    pub seen: Vec<Option<fs::Metadata>>,
+    pub stats: HashStats,
+}
+
 /// Digests of every source, in order. The chunks of every file to hash are shared out over
 /// one thread per core (hashing is CPU-bound; more would only contend), so one big file is
 /// hashed on every core, not on one.
@@ -40,7 +50,7 @@ pub async fn hash_sources(
     sources: &[Source],
     cache_path: Option<PathBuf>,
     progress: Arc<Progress>,
-) -> anyhow::Result<(Vec<FileDigest>, HashStats)> {
+) -> anyhow::Result<Digests> {
     let started = std::time::Instant::now();
     let total: u64 = sources.iter().map(size_hint).sum();
     progress.phase("hashing", total);
@@ -48,10 +58,14 @@ pub async fn hash_sources(
     let work = sources.to_vec();
     let keep = cache_path.clone();
     let bar = progress.clone();
+    // Dropped with this future (Ctrl-C): the workers stop at their next chunk, so the process
+    // does not wait for a hashing nobody will use.
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let flag = stop.0.clone();
     let results = tokio::task::spawn_blocking(move || {
         // The sender keeps chunk hashes too: they go into every manifest.
         let mut cache = HashCache::open(keep.unwrap_or_default(), true);
-        let r = hash_all(&work, &mut cache, &bar, threads);
+        let r = hash_all(&work, &mut cache, &bar, threads, &flag);
         (r, cache)
     })
     .await
@@ -67,17 +81,30 @@ pub async fn hash_sources(
     }
     let stats = HashStats {
         files: results.len(),
-        from_cache: results.iter().filter(|(_, hit)| *hit).count(),
+        from_cache: results.iter().filter(|h| h.from_cache).count(),
         // Generated contents (the rewritten part_config) are hashed in memory, not read.
         bytes_read: results
             .iter()
             .zip(sources)
-            .filter(|((_, hit), s)| !hit && matches!(s.content, Content::File(_)))
-            .map(|((d, _), _)| d.size)
+            .filter(|(h, s)| !h.from_cache && matches!(s.content, Content::File(_)))
+            .map(|(h, _)| h.digest.size)
             .sum(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    Ok((results.into_iter().map(|(d, _)| d).collect(), stats))
+    let (digests, seen) = results.into_iter().map(|h| (h.digest, h.seen)).unzip();
+    Ok(Digests {
+        digests,
+        seen,
+        stats,
+    })
+}
+
+/// One source's digest, whether the cache had it, and the file as it was then.
+#[derive(Clone, Debug)]
+struct Hashed {
+    digest: FileDigest,
+    from_cache: bool,
+    seen: Option<fs::Metadata>,
 }
 
 fn size_hint(s: &Source) -> u64 {
@@ -95,19 +122,33 @@ struct ToHash {
     before: fs::Metadata,
 }
 
-/// Digests of `sources` in order, each with whether it came from the cache. Blocking.
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Digests of `sources` in order; gives up when `stop` is set. Blocking.
 fn hash_all(
     sources: &[Source],
     cache: &mut HashCache,
     progress: &Progress,
     threads: usize,
-) -> anyhow::Result<Vec<(FileDigest, bool)>> {
-    let mut done: Vec<Option<(FileDigest, bool)>> = vec![None; sources.len()];
+    stop: &AtomicBool,
+) -> anyhow::Result<Vec<Hashed>> {
+    let mut done: Vec<Option<Hashed>> = vec![None; sources.len()];
     let mut misses = Vec::new();
     for (i, src) in sources.iter().enumerate() {
         let path = match &src.content {
             Content::Bytes(b) => {
-                done[i] = Some((hash_reader(&b[..], |n| progress.advance(n))?, false));
+                done[i] = Some(Hashed {
+                    digest: hash_reader(&b[..], |n| progress.advance(n))?,
+                    from_cache: false,
+                    seen: None,
+                });
                 continue;
             }
             Content::File(p) => p,
@@ -123,7 +164,11 @@ fn hash_all(
         match cache.lookup(&key, &before) {
             Some(d) => {
                 progress.advance(d.size);
-                done[i] = Some((d, true));
+                done[i] = Some(Hashed {
+                    digest: d,
+                    from_cache: true,
+                    seen: Some(before),
+                });
             }
             None => misses.push(ToHash {
                 source: i,
@@ -132,7 +177,7 @@ fn hash_all(
             }),
         }
     }
-    let hashed = hash_chunks(&misses, sources, progress, threads)?;
+    let hashed = hash_chunks(&misses, sources, progress, threads, stop)?;
     for (m, chunks) in misses.iter().zip(hashed) {
         let src = &sources[m.source];
         let d = FileDigest::from_chunks(m.before.len(), chunks);
@@ -146,7 +191,11 @@ fn hash_all(
             );
         }
         cache.insert(&m.key, &m.before, &d);
-        done[m.source] = Some((d, false));
+        done[m.source] = Some(Hashed {
+            digest: d,
+            from_cache: false,
+            seen: Some(m.before.clone()),
+        });
     }
     Ok(done.into_iter().flatten().collect())
 }
@@ -159,6 +208,7 @@ fn hash_chunks(
     sources: &[Source],
     progress: &Progress,
     threads: usize,
+    stop: &AtomicBool,
 ) -> anyhow::Result<Vec<Vec<Hash>>> {
     let mut work: Vec<(usize, u64)> = Vec::new();
     for (f, m) in files.iter().enumerate() {
@@ -173,6 +223,9 @@ fn hash_chunks(
         // The file of the last chunk taken: the next chunk is most often of the same file.
         let mut open: Option<(usize, File)> = None;
         loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
             let k = next.fetch_add(1, Ordering::Relaxed);
             let Some(&(f, offset)) = work.get(k) else {
                 return;
@@ -305,9 +358,17 @@ mod tests {
         let progress = Progress::new(ProgressMode::Quiet);
         for threads in [1, 3, 8] {
             let mut cache = HashCache::open(PathBuf::new(), true);
-            let got = hash_all(&sources, &mut cache, &progress, threads).unwrap();
+            let got = hash_all(
+                &sources,
+                &mut cache,
+                &progress,
+                threads,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
             assert_eq!(got.len(), sources.len());
-            for ((d, hit), s) in got.iter().zip(&sources) {
+            for (h, s) in got.iter().zip(&sources) {
+                let (d, hit) = (&h.digest, h.from_cache);
                 let want = match &s.content {
                     Content::File(p) => hash_file(p).unwrap(),
                     Content::Bytes(b) => hash_reader(&b[..], |_| {}).unwrap(),
@@ -316,8 +377,15 @@ mod tests {
                 assert!(!hit);
             }
             // Every file is now known: nothing is read again.
-            let again = hash_all(&sources, &mut cache, &progress, threads).unwrap();
-            let hits = again.iter().filter(|(_, hit)| *hit).count();
+            let again = hash_all(
+                &sources,
+                &mut cache,
+                &progress,
+                threads,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
+            let hits = again.iter().filter(|h| h.from_cache).count();
             assert_eq!(hits, sizes.len(), "{threads} threads");
         }
     }
@@ -341,12 +409,12 @@ mod tests {
             .collect();
         let mut cache = HashCache::open(PathBuf::new(), true);
         let progress = Progress::new(ProgressMode::Quiet);
-        let got = hash_all(&sources, &mut cache, &progress, 2).unwrap();
-        for ((d, _), s) in got.iter().zip(&sources) {
+        let got = hash_all(&sources, &mut cache, &progress, 2, &AtomicBool::new(false)).unwrap();
+        for (h, s) in got.iter().zip(&sources) {
             let Content::File(p) = &s.content else {
                 unreachable!()
             };
-            assert_eq!(d, &hash_file(p).unwrap(), "{}", s.origin);
+            assert_eq!(h.digest, hash_file(p).unwrap(), "{}", s.origin);
         }
     }
 
@@ -359,7 +427,7 @@ mod tests {
         }];
         let mut cache = HashCache::open(PathBuf::new(), true);
         let progress = Progress::new(ProgressMode::Quiet);
-        let e = hash_all(&sources, &mut cache, &progress, 2).unwrap_err();
+        let e = hash_all(&sources, &mut cache, &progress, 2, &AtomicBool::new(false)).unwrap_err();
         let msg = format!("{e:#}");
         assert!(
             msg.contains("part-0.node_feats") && msg.contains("missing.dgl"),

@@ -8,6 +8,7 @@
 //! free disk) before the first byte is written anywhere, so bad input changes nothing.
 
 pub mod alloc;
+pub mod budget;
 pub mod hashing;
 pub mod plan;
 pub mod progress;
@@ -48,7 +49,34 @@ pub struct CopyOptions {
     pub cache_path: Option<PathBuf>,
 }
 
+/// Ctrl-C before the first byte was sent: nothing changed on any host.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted before anything was sent: no host was changed")]
+pub struct InterruptedBeforeSending;
+
+/// A copy that runs to its end.
 pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
+    run_until(opts, None).await
+}
+
+/// Resolves once `rx` turns true; never when there is none or its sender is gone.
+pub(crate) async fn interrupted(rx: Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(mut rx) = rx {
+        if rx.wait_for(|v| *v).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+/// A copy that stops when `interrupt` turns true (Ctrl-C): before sending, with
+/// [`InterruptedBeforeSending`]; while sending, with a report whose `interrupted` is set and
+/// whose unfinished files are [`FileOutcome::Interrupted`] (their partial files stay on the
+/// hosts, and a rerun resumes them).
+pub async fn run_until(
+    opts: CopyOptions,
+    interrupt: Option<tokio::sync::watch::Receiver<bool>>,
+) -> anyhow::Result<CopyReport> {
     let started = Instant::now();
     // 1. Inputs, all checked before any host is contacted.
     // These errors already say what failed and why; `msg` keeps anyhow from printing their
@@ -71,15 +99,21 @@ pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
     })?;
     hashing::check_sources(&plan.sources, &opts.part_config)?;
 
-    // 2. Every agent, before the (possibly long) hashing: an unreachable one fails fast.
-    let hosts = cluster::connect_all(&ip, &opts.access)
-        .await
-        .context("nothing was sent to any host")?;
-
-    // 3. Digests of the local files.
     let progress = Progress::new(opts.progress);
-    let (digests, hashing) =
-        hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
+    let before_sending = async {
+        // 2. Every agent, before the (possibly long) hashing: an unreachable one fails fast.
+        let hosts = cluster::connect_all(&ip, &opts.access)
+            .await
+            .context("nothing was sent to any host")?;
+        // 3. Digests of the local files.
+        let digests =
+            hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
+        anyhow::Ok((hosts, digests))
+    };
+    let (hosts, digests) = tokio::select! {
+        r = before_sending => r?,
+        () = interrupted(interrupt.clone()) => return Err(InterruptedBeforeSending.into()),
+    };
 
     // 4. Prepare, check disk, send, verify.
     let hosts = send::send(
@@ -89,19 +123,25 @@ pub async fn run(opts: CopyOptions) -> anyhow::Result<CopyReport> {
         &opts.access,
         opts.send.clone(),
         progress,
+        interrupt,
     )
     .await?;
     let ok = hosts.iter().all(HostReport::ok);
+    let interrupted = hosts
+        .iter()
+        .flat_map(|h| &h.files)
+        .any(|f| f.status == FileOutcome::Interrupted);
     let bytes_sent = hosts.iter().map(|h| h.bytes_sent).sum();
     let wire_bytes = hosts.iter().map(|h| h.wire_bytes).sum();
     Ok(CopyReport {
         ok,
+        interrupted,
         hosts,
         bytes_sent,
         wire_bytes,
         compression: opts.send.compression,
         seconds: started.elapsed().as_secs_f64(),
-        hashing,
+        hashing: digests.stats,
         launch: summary::LaunchHint {
             workspace: opts.workspace.clone(),
             part_config: plan.launch_part_config.clone(),

@@ -92,7 +92,7 @@ pub struct PlanInput<'a> {
     pub scripts: Option<&'a ScriptFolder>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error(
         "{part_config} has num_parts {num_parts} but {ip_config} lists {machines} machine(s): \
@@ -116,6 +116,12 @@ pub enum PlanError {
         flag: &'static str,
         value: String,
         reason: &'static str,
+    },
+    #[error("{part_config}: cannot write the rewritten part_config")]
+    Rewrite {
+        part_config: String,
+        #[source]
+        source: serde_json::Error,
     },
     #[error("{path}: the name is not valid UTF-8")]
     NotUtf8 { path: String },
@@ -196,7 +202,11 @@ pub fn plan(input: &PlanInput) -> Result<CopyPlan, PlanError> {
     }
 
     // Pretty, like DGL's own json.dump(indent=4), and key order kept.
-    let mut json = serde_json::to_vec_pretty(&Value::Object(doc)).unwrap_or_default();
+    let mut json =
+        serde_json::to_vec_pretty(&Value::Object(doc)).map_err(|source| PlanError::Rewrite {
+            part_config: pc.path.display().to_string(),
+            source,
+        })?;
     json.push(b'\n');
     let pc_src = b.source("part_config (rewritten)", Content::Bytes(json));
     b.place_everywhere(pc_src, &remote_join(&[&data_dir, &pc_name]), DATA_MODE)?;

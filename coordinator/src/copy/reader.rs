@@ -8,15 +8,18 @@
 //! With compression on, the same thread compresses each chunk once, before the fan-out: every
 //! host gets the same frame, and the async runtime never compresses.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use dglrun_proto::compress::Packer;
 use dglrun_proto::pb;
 use dglrun_proto::CHUNK_SIZE;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::budget::Budget;
 
 use super::plan::Content;
 
@@ -61,6 +64,8 @@ pub struct ChunkMsg {
     /// What is sent: the chunk's bytes, or its zstd frame.
     pub data: Bytes,
     pub compression: pb::Compression,
+    /// The reader's share of the in-flight bound: released once every host has taken the chunk.
+    pub held: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 /// Set when the reader fails: the streams it fed ended early, and this says why.
@@ -83,14 +88,43 @@ pub struct Feed {
     pub error: ReadError,
 }
 
+/// What is said of a file that changed while it was being sent: its chunks no longer match
+/// the manifest, so no retry can succeed.
+pub fn changed_message(path: &Path) -> String {
+    format!(
+        "{} changed while it was being copied; rerun the copy",
+        path.display()
+    )
+}
+
+/// Why a reader stopped.
+#[derive(Debug, thiserror::Error)]
+enum FanOutError {
+    /// The file is not the one hashed any more (another size, mtime, ctime or inode).
+    #[error("{}", changed_message(.0))]
+    Changed(std::path::PathBuf),
+    #[error("{0}")]
+    Read(String),
+}
+
+impl From<String> for FanOutError {
+    fn from(e: String) -> Self {
+        Self::Read(e)
+    }
+}
+
 /// Starts a reader for `content` (`size` bytes, `origin` for messages) feeding one stream per
-/// entry of `offsets`, each from its own offset. Returns the feeds in the same order.
+/// entry of `offsets`, each from its own offset. Returns the feeds in the same order. With
+/// `seen` (the file as it was hashed), the reader checks after every chunk that the file
+/// still looks so, and stops naming it when it does not.
 pub fn spawn(
     content: Content,
     origin: String,
     size: u64,
     offsets: &[u64],
     compression: Compression,
+    seen: Option<Metadata>,
+    budget: Option<Budget>,
 ) -> Vec<Feed> {
     let error = ReadError::default();
     let mut outs = Vec::new();
@@ -105,13 +139,29 @@ pub fn spawn(
     }
     tokio::task::spawn_blocking(move || {
         let mut outs = outs;
-        if let Err(e) = fan_out(&content, size, &mut outs, compression) {
+        let check = Check {
+            seen: seen.as_ref(),
+            budget: budget.as_ref(),
+        };
+        if let Err(e) = fan_out(&content, size, &mut outs, compression, check) {
             // Set before the senders drop: a stream that sees its end can then find the cause.
-            error.set(format!("{origin}: {e}"));
+            error.set(match e {
+                FanOutError::Changed(_) => e.to_string(),
+                FanOutError::Read(e) => format!("{origin}: {e}"),
+            });
         }
         drop(outs);
     });
     feeds
+}
+
+/// What the reader checks before and after each chunk.
+#[derive(Clone, Copy)]
+struct Check<'a> {
+    /// The file as hashed.
+    seen: Option<&'a Metadata>,
+    /// Room for the chunk, taken before it is read.
+    budget: Option<&'a Budget>,
 }
 
 fn fan_out(
@@ -119,7 +169,9 @@ fn fan_out(
     size: u64,
     outs: &mut Vec<(u64, mpsc::Sender<ChunkMsg>)>,
     compression: Compression,
-) -> Result<(), String> {
+    check: Check,
+) -> Result<(), FanOutError> {
+    let seen = check.seen;
     let Some(start) = outs.iter().map(|(o, _)| *o).min() else {
         return Ok(());
     };
@@ -130,17 +182,24 @@ fn fan_out(
         ),
     };
     let mut source = Chunks::open(content, start)?;
+    source.check(seen)?;
     let mut offset = start;
     while offset < size && !outs.is_empty() {
         let len = (size - offset).min(CHUNK_SIZE as u64) as usize;
+        let held = check
+            .budget
+            .and_then(|b| b.read_blocking(len))
+            .map(Arc::new);
         let chunk = source
             .next(len)
             .map_err(|e| format!("cannot read at offset {offset}: {e}"))?;
+        // After the read: a write that the chunk saw has updated the mtime by then.
+        source.check(seen)?;
         if chunk.len() < len {
-            return Err(format!(
+            return Err(FanOutError::Read(format!(
                 "the file shrank while being copied (ended at {} of {size} bytes)",
                 offset + chunk.len() as u64
-            ));
+            )));
         }
         // Once for all hosts; the raw chunk is dropped as soon as its frame is made.
         let msg = match packer.as_mut().and_then(|p| p.pack(&chunk)) {
@@ -149,12 +208,14 @@ fn fan_out(
                 len: len as u64,
                 data: Bytes::from(frame),
                 compression: pb::Compression::Zstd,
+                held,
             },
             None => ChunkMsg {
                 offset,
                 len: len as u64,
                 data: chunk,
                 compression: pb::Compression::None,
+                held,
             },
         };
         // A host whose stream ended (failed, or will retry on its own) drops out.
@@ -166,7 +227,7 @@ fn fan_out(
 
 /// Sequential chunks of a file or of bytes in memory.
 enum Chunks<'a> {
-    File(File),
+    File(File, &'a Path),
     Bytes(&'a [u8], usize),
 }
 
@@ -178,16 +239,32 @@ impl<'a> Chunks<'a> {
                     File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()))?;
                 f.seek(SeekFrom::Start(start))
                     .map_err(|e| format!("cannot seek in {}: {e}", p.display()))?;
-                Ok(Self::File(f))
+                Ok(Self::File(f, p))
             }
             Content::Bytes(b) => Ok(Self::Bytes(b, start as usize)),
+        }
+    }
+
+    /// Fails when the open file no longer looks as `seen` (one fstat: nothing next to the
+    /// cost of reading a chunk).
+    fn check(&self, seen: Option<&Metadata>) -> Result<(), FanOutError> {
+        let (Self::File(f, p), Some(seen)) = (self, seen) else {
+            return Ok(());
+        };
+        let now = f
+            .metadata()
+            .map_err(|e| format!("cannot stat {}: {e}", p.display()))?;
+        if dglrun_proto::digest::unchanged(seen, &now) {
+            Ok(())
+        } else {
+            Err(FanOutError::Changed(p.to_path_buf()))
         }
     }
 
     /// Up to `len` bytes; fewer only at the end of the data.
     fn next(&mut self, len: usize) -> std::io::Result<Bytes> {
         match self {
-            Self::File(f) => {
+            Self::File(f, _) => {
                 // read_to_end fills spare capacity without zeroing it first.
                 let mut buf = Vec::with_capacity(len);
                 f.take(len as u64).read_to_end(&mut buf)?;
@@ -249,6 +326,8 @@ mod tests {
                     data.len() as u64,
                     &[c as u64, 0, 2 * c as u64 + 10],
                     compression,
+                    None,
+                    None,
                 );
                 // Concurrently, as the hosts' streams do: the reader goes at the slowest one's
                 // pace.
@@ -278,6 +357,8 @@ mod tests {
             data.len() as u64,
             &[0, 0],
             Compression::Zstd { level: 3 },
+            None,
+            None,
         );
         let got = futures::future::join_all(feeds.into_iter().map(chunks)).await;
         let kinds: Vec<_> = got[0].iter().map(|c| (c.compression, c.len)).collect();
@@ -305,11 +386,70 @@ mod tests {
             data.len() as u64,
             &[0, 0],
             Compression::None,
+            None,
+            None,
         );
         let second = feeds.pop().unwrap();
         drop(feeds);
         let (got, _) = collect(second).await;
         assert_eq!(got, data);
+    }
+
+    #[tokio::test]
+    async fn a_file_changed_since_it_was_hashed_stops_the_reader_naming_it() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![3u8; 3 * CHUNK_SIZE]).unwrap();
+        let seen = std::fs::metadata(&p).unwrap();
+        // Past the file system's timestamp granularity.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(b"new", 2 * CHUNK_SIZE as u64).unwrap();
+        let mut feeds = spawn(
+            Content::File(p.clone()),
+            "part-0.x".into(),
+            3 * CHUNK_SIZE as u64,
+            &[0],
+            Compression::None,
+            Some(seen),
+            None,
+        );
+        let feed = feeds.pop().unwrap();
+        let err = feed.error.clone();
+        let (got, _) = collect(feed).await;
+        assert!(got.is_empty(), "{} bytes sent", got.len());
+        assert_eq!(err.get().unwrap(), changed_message(&p));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_holds_no_more_than_its_share_of_the_budget() {
+        let c = CHUNK_SIZE;
+        let data = vec![9u8; 6 * c];
+        // Two chunks for the readers.
+        let budget = Budget::new(8 * c, c);
+        let mut feeds = spawn(
+            Content::Bytes(data.clone()),
+            "f".into(),
+            data.len() as u64,
+            &[0],
+            Compression::None,
+            None,
+            Some(budget.clone()),
+        );
+        let mut feed = feeds.pop().unwrap();
+        let first = feed.rx.recv().await.unwrap();
+        // With the first chunk held here, the reader gets one more and then waits for room.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(feed.rx.len(), 1);
+        assert_eq!(budget.read_available(), 0);
+        drop(first);
+        let mut offsets = Vec::new();
+        while let Some(m) = feed.rx.recv().await {
+            offsets.push(m.offset);
+        }
+        assert_eq!(offsets.len(), 5);
+        assert_eq!(budget.read_available(), 2 * c);
     }
 
     #[tokio::test]
@@ -323,6 +463,8 @@ mod tests {
             100,
             &[0],
             Compression::None,
+            None,
+            None,
         );
         let feed = feeds.pop().unwrap();
         let err = feed.error.clone();

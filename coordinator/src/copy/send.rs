@@ -5,14 +5,17 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dglrun_proto::busy;
 use dglrun_proto::digest::FileDigest;
 use dglrun_proto::pb::{self, put_file_message::Msg, FileStatus};
 use futures::StreamExt;
 use indicatif::HumanBytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
+use super::budget::Budget;
+use super::hashing::Digests;
 use super::plan::{Content, CopyPlan};
 use super::progress::Progress;
 use super::reader::{self, ChunkMsg, Compression, Feed};
@@ -29,11 +32,13 @@ pub struct SendOptions {
     pub backoff: Duration,
     /// HTTP/2 connections per host (streams are spread over them).
     pub connections: usize,
-    /// PutFile streams open at once over all hosts. Each holds a few chunks in memory, so this
-    /// bounds the coordinator's memory however many hosts there are.
+    /// PutFile streams open at once over all hosts (`max_in_flight` may allow fewer).
     pub max_streams: usize,
     /// How chunks travel.
     pub compression: Compression,
+    /// Chunk bytes the coordinator holds at once over all hosts (read ahead, and encoded for a
+    /// stream but not yet written to its connection); see `budget`.
+    pub max_in_flight: usize,
 }
 
 impl Default for SendOptions {
@@ -47,6 +52,7 @@ impl Default for SendOptions {
             connections: 2,
             max_streams: 64,
             compression: Compression::None,
+            max_in_flight: 48 << 20,
         }
     }
 }
@@ -90,6 +96,34 @@ struct SourceCtx {
     content: Content,
     origin: String,
     size: u64,
+    /// The file as it was hashed.
+    seen: Option<std::fs::Metadata>,
+}
+
+impl SourceCtx {
+    fn feeds(&self, offsets: &[u64], compression: Compression, budget: &Budget) -> Vec<Feed> {
+        reader::spawn(
+            self.content.clone(),
+            self.origin.clone(),
+            self.size,
+            offsets,
+            compression,
+            self.seen.clone(),
+            Some(budget.clone()),
+        )
+    }
+
+    /// Why a chunk the agent found damaged is not worth sending again: the local file is no
+    /// longer the one hashed.
+    fn changed(&self) -> Option<String> {
+        let (Content::File(p), Some(seen)) = (&self.content, &self.seen) else {
+            return None;
+        };
+        match std::fs::metadata(p) {
+            Ok(now) if dglrun_proto::digest::unchanged(seen, &now) => None,
+            _ => Some(reader::changed_message(p)),
+        }
+    }
 }
 
 struct Ctx {
@@ -98,8 +132,17 @@ struct Ctx {
     /// Per host, per planned file: what is sent in PrepareFiles and PutFile headers.
     manifests: Vec<Vec<pb::FileManifest>>,
     progress: Arc<Progress>,
-    streams: Arc<Semaphore>,
     opts: SendOptions,
+    /// Turns true on Ctrl-C: every transfer stops where it is.
+    interrupt: Option<watch::Receiver<bool>>,
+    /// Chunk bytes held at once, over all sources and hosts.
+    budget: Budget,
+}
+
+impl Ctx {
+    fn interrupted(&self) -> bool {
+        self.interrupt.as_ref().is_some_and(|r| *r.borrow())
+    }
 }
 
 /// One file for one host: where it resumes.
@@ -117,6 +160,22 @@ struct Delivered {
     resumed_from: u64,
     /// Chunk bytes handed to the connection, every attempt included.
     wire_bytes: u64,
+    /// Stopped by Ctrl-C before it completed.
+    interrupted: bool,
+}
+
+impl Delivered {
+    /// `t`, stopped by Ctrl-C before anything was sent.
+    fn interrupted(t: &Target) -> Self {
+        Self {
+            host: t.host,
+            file: t.file,
+            result: Err("interrupted".into()),
+            resumed_from: t.offset,
+            wire_bytes: 0,
+            interrupted: true,
+        }
+    }
 }
 
 /// Sends the plan to `hosts` (in ip_config order). Errors before anything is sent (a host
@@ -124,12 +183,14 @@ struct Delivered {
 /// reports.
 pub async fn send(
     plan: &CopyPlan,
-    digests: &[FileDigest],
+    hashed: &Digests,
     hosts: Vec<Host>,
     access: &AgentAccess,
     opts: SendOptions,
     progress: Arc<Progress>,
+    interrupt: Option<watch::Receiver<bool>>,
 ) -> anyhow::Result<Vec<HostReport>> {
+    let (digests, seen) = (&hashed.digests, &hashed.seen);
     let manifests: Vec<Vec<pb::FileManifest>> = plan
         .machines
         .iter()
@@ -186,8 +247,8 @@ pub async fn send(
     let mut reports: Vec<HostReport> = hosts
         .iter()
         .map(|h| HostReport {
-            rank: h.rank,
-            addr: h.addr.to_string(),
+            machine: h.rank,
+            address: h.addr.to_string(),
             files_sent: 0,
             files_skipped: 0,
             files_failed: 0,
@@ -249,38 +310,50 @@ pub async fn send(
             .sources
             .iter()
             .zip(digests)
-            .map(|(s, d)| SourceCtx {
+            .zip(seen)
+            .map(|((s, d), seen)| SourceCtx {
                 content: s.content.clone(),
                 origin: s.origin.clone(),
                 size: d.size,
+                seen: seen.clone(),
             })
             .collect(),
         manifests,
         progress: progress.clone(),
-        streams: Arc::new(Semaphore::new(opts.max_streams.max(1))),
+        budget: Budget::new(opts.max_in_flight, dglrun_proto::CHUNK_SIZE),
         opts,
+        interrupt,
     });
     let started = Instant::now();
     progress.phase("sending", total);
     // Every source is its own task; per-host slots bound what is in flight. Sources for several
     // hosts (configs, scripts: small) go first, while every host still has free slots.
-    let mut order: Vec<(usize, Vec<Target>)> = by_source
-        .into_iter()
-        .enumerate()
-        .filter(|(_, t)| !t.is_empty())
-        .collect();
+    // A source goes to as many hosts at once as the in-flight bound has room for.
+    let mut order: Vec<(usize, Vec<Target>)> = Vec::new();
+    for (s, targets) in by_source.into_iter().enumerate() {
+        let group = ctx
+            .budget
+            .group(ctx.sources[s].size)
+            .min(ctx.opts.max_streams.max(1));
+        order.extend(targets.chunks(group).map(|g| (s, g.to_vec())));
+    }
     order.sort_by_key(|(_, t)| t.len() == 1);
     let tasks: Vec<_> = order
         .into_iter()
-        .map(|(s, targets)| tokio::spawn(transfer(ctx.clone(), s, targets)))
+        .map(|(s, targets)| {
+            (
+                targets.clone(),
+                tokio::spawn(transfer(ctx.clone(), s, targets)),
+            )
+        })
         .collect();
-    for t in tasks {
-        let delivered = t.await.unwrap_or_default();
-        for d in delivered {
+    for (targets, t) in tasks {
+        for d in joined(&targets, t.await) {
             let r = &mut reports[d.host].files[d.file];
             r.resumed_from = d.resumed_from;
             r.wire_bytes = d.wire_bytes;
             match d.result {
+                _ if d.interrupted => r.status = FileOutcome::Interrupted,
                 Ok(n) => {
                     r.status = FileOutcome::Sent;
                     r.bytes_sent = n;
@@ -291,10 +364,12 @@ pub async fn send(
     }
     progress.finish_phase();
 
-    // 4. Verify: every host must now report every file present.
+    // 4. Verify: every host must now report every file present (not after Ctrl-C: the user
+    // wants out, and the report says what is incomplete).
+    let stopped = ctx.interrupted();
     let verified = futures::future::join_all(ctx.hosts.iter().zip(&ctx.manifests).map(
         |(h, ms)| async move {
-            if h.dead().is_some() {
+            if h.dead().is_some() || stopped {
                 return None;
             }
             Some(prepare(h.client(), ms).await)
@@ -305,7 +380,7 @@ pub async fn send(
         let h = &ctx.hosts[hi];
         let r = &mut reports[hi];
         match v {
-            None => r.errors.push(h.dead().unwrap_or_default()),
+            None => r.errors.extend(h.dead()),
             Some(Err(s)) => r
                 .errors
                 .push(format!("cannot verify the files: {}", status_text(&s))),
@@ -352,6 +427,39 @@ pub async fn send(
         };
     }
     Ok(reports)
+}
+
+/// What the transfer task for `targets` delivered. A task that panicked or was cancelled
+/// fails every one of its files with the reason, panic message included: a bug must show in
+/// the report, not pass for "not sent".
+fn joined(targets: &[Target], r: Result<Vec<Delivered>, tokio::task::JoinError>) -> Vec<Delivered> {
+    let e = match r {
+        Ok(d) => return d,
+        Err(e) => e,
+    };
+    let why = if e.is_panic() {
+        let p = e.into_panic();
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        format!("internal error: the transfer panicked: {msg}")
+    } else {
+        format!("internal error: the transfer was cancelled: {e}")
+    };
+    tracing::error!("{why}");
+    targets
+        .iter()
+        .map(|t| Delivered {
+            host: t.host,
+            file: t.file,
+            result: Err(why.clone()),
+            resumed_from: t.offset,
+            wire_bytes: 0,
+            interrupted: false,
+        })
+        .collect()
 }
 
 fn manifest(remote: &str, d: &FileDigest, mode: u32) -> pb::FileManifest {
@@ -426,21 +534,24 @@ async fn transfer(ctx: Arc<Ctx>, source: usize, mut targets: Vec<Target>) -> Vec
     // Permits are taken in one order (global streams, then hosts by rank): two sources both
     // waiting for slots on the same hosts can then never hold one each of the other's.
     targets.sort_by_key(|t| t.host);
-    let want = targets.len().min(ctx.opts.max_streams.max(1)) as u32;
-    let _streams = ctx.streams.clone().acquire_many_owned(want).await.ok();
-    let mut permits = Vec::with_capacity(targets.len());
-    for t in &targets {
-        permits.push(ctx.hosts[t.host].slots.clone().acquire_owned().await.ok());
-    }
+    let size = ctx.sources[source].size;
+    let permits = async {
+        let streams = ctx.budget.streams(size, targets.len()).await;
+        let mut slots = Vec::with_capacity(targets.len());
+        for t in &targets {
+            slots.push(ctx.hosts[t.host].slots.clone().acquire_owned().await.ok());
+        }
+        (streams, slots)
+    };
+    let (_streams, permits) = tokio::select! {
+        p = permits => p,
+        () = super::interrupted(ctx.interrupt.clone()) => {
+            return targets.iter().map(Delivered::interrupted).collect();
+        }
+    };
     let src = &ctx.sources[source];
     let offsets: Vec<u64> = targets.iter().map(|t| t.offset).collect();
-    let feeds = reader::spawn(
-        src.content.clone(),
-        src.origin.clone(),
-        src.size,
-        &offsets,
-        ctx.opts.compression,
-    );
+    let feeds = src.feeds(&offsets, ctx.opts.compression, &ctx.budget);
     let deliveries = targets
         .into_iter()
         .zip(feeds)
@@ -465,37 +576,42 @@ async fn deliver(
     let mut feed = Some(first);
     let mut attempt = 0u32;
     let wire = Arc::new(AtomicU64::new(0));
+    let mut interrupted = false;
     let result = loop {
         if let Some(reason) = h.dead() {
             break Err(format!("not sent: {reason}"));
         }
-        let outcome = match feed.take() {
-            Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
-            None => match prepare(h.client(), std::slice::from_ref(m)).await {
-                Ok((st, _))
-                    if st
-                        .first()
-                        .is_some_and(|s| s.status == FileStatus::Present as i32) =>
-                {
-                    // The previous attempt completed; only its reply was lost.
-                    Ok(m.size - offset)
-                }
-                Ok((st, _)) => {
-                    offset = st.first().map_or(0, |s| s.resume_offset.min(m.size));
-                    let mut feeds = reader::spawn(
-                        src.content.clone(),
-                        src.origin.clone(),
-                        src.size,
-                        &[offset],
-                        ctx.opts.compression,
-                    );
-                    match feeds.pop() {
-                        Some(f) => put(h, m, offset, f, &ctx.progress, &wire).await,
-                        None => Err(Put::Local("internal error: no reader".into())),
+        let try_once = async {
+            match feed.take() {
+                Some(f) => put(h, m, offset, f, &ctx, &wire).await,
+                None => match prepare(h.client(), std::slice::from_ref(m)).await {
+                    Ok((st, _))
+                        if st
+                            .first()
+                            .is_some_and(|s| s.status == FileStatus::Present as i32) =>
+                    {
+                        // The previous attempt completed; only its reply was lost.
+                        Ok(m.size - offset)
                     }
-                }
-                Err(s) => Err(Put::Remote(s)),
-            },
+                    Ok((st, _)) => {
+                        offset = st.first().map_or(0, |s| s.resume_offset.min(m.size));
+                        let mut feeds = src.feeds(&[offset], ctx.opts.compression, &ctx.budget);
+                        match feeds.pop() {
+                            Some(f) => put(h, m, offset, f, &ctx, &wire).await,
+                            None => Err(Put::Local("internal error: no reader".into())),
+                        }
+                    }
+                    Err(s) => Err(Put::Remote(s)),
+                },
+            }
+        };
+        // Ctrl-C drops the stream mid-file: the agent keeps what it verified as the partial.
+        let outcome = tokio::select! {
+            o = try_once => o,
+            () = super::interrupted(ctx.interrupt.clone()) => {
+                interrupted = true;
+                break Err("interrupted".into());
+            }
         };
         let status = match outcome {
             Ok(n) => {
@@ -515,6 +631,12 @@ async fn deliver(
             Err(Put::Local(e)) => break Err(e),
             Err(Put::Remote(s)) => s,
         };
+        // A chunk that fails its hash because the file changed would fail every time.
+        if status.code() == Code::DataLoss {
+            if let Some(e) = src.changed() {
+                break Err(e);
+            }
+        }
         if !retryable(&status) || attempt >= ctx.opts.retries {
             let mut text = status_text(&status);
             if retryable(&status) {
@@ -525,7 +647,8 @@ async fn deliver(
             }
             break Err(text);
         }
-        let wait = ctx.opts.backoff * 2u32.saturating_pow(attempt);
+        let wait = (ctx.opts.backoff * 2u32.saturating_pow(attempt))
+            .max(busy::retry_after(&status).unwrap_or_default());
         attempt += 1;
         ctx.progress.note(&format!(
             "{}: {}: {}; retrying in {:.1}s (attempt {} of {})",
@@ -536,7 +659,13 @@ async fn deliver(
             attempt + 1,
             ctx.opts.retries + 1
         ));
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = super::interrupted(ctx.interrupt.clone()) => {
+                interrupted = true;
+                break Err("interrupted".into());
+            }
+        }
     };
     h.done_now();
     if let Err(e) = &result {
@@ -548,6 +677,7 @@ async fn deliver(
         result,
         resumed_from: offset,
         wire_bytes: wire.load(Ordering::Relaxed),
+        interrupted,
     }
 }
 
@@ -565,7 +695,7 @@ async fn put(
     m: &pb::FileManifest,
     offset: u64,
     feed: Feed,
-    progress: &Arc<Progress>,
+    ctx: &Ctx,
     wire: &Arc<AtomicU64>,
 ) -> Result<u64, Put> {
     let header = pb::PutFileMessage {
@@ -574,7 +704,7 @@ async fn put(
             offset,
         })),
     };
-    let progress = progress.clone();
+    let progress = ctx.progress.clone();
     let wire = wire.clone();
     let chunks = ReceiverStream::new(feed.rx).map(move |c: ChunkMsg| {
         // Progress counts the file's bytes, so its rate and ETA stay comparable with and
@@ -614,8 +744,9 @@ fn retryable(s: &Status) -> bool {
         | Code::FailedPrecondition
         // A chunk that failed its hash on the agent was damaged on the way: send it again.
         | Code::DataLoss => true,
-        // The agent serves a bounded number of transfers and says so.
-        Code::ResourceExhausted => s.message().contains("retry later"),
+        // The agent serves a bounded number of transfers and marks the refusal as busy; any
+        // other exhaustion is a bound the request broke.
+        Code::ResourceExhausted => busy::retry_after(s).is_some(),
         _ => false,
     }
 }
@@ -647,5 +778,48 @@ pub fn status_text(s: &Status) -> String {
         format!("{:?}", s.code())
     } else {
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_transfer_fails_its_files_with_the_panic_message() {
+        let targets = [
+            Target {
+                host: 0,
+                file: 3,
+                offset: 0,
+            },
+            Target {
+                host: 2,
+                file: 1,
+                offset: 4096,
+            },
+        ];
+        let r = tokio::spawn(async { panic!("chunk table out of step") }).await;
+        let got = joined(&targets, r.map(|()| Vec::new()));
+        assert_eq!(got.len(), 2);
+        for (d, t) in got.iter().zip(&targets) {
+            assert_eq!((d.host, d.file), (t.host, t.file));
+            let e = d.result.as_ref().unwrap_err();
+            assert!(
+                e.contains("panicked") && e.contains("chunk table out of step"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn busy_is_decided_by_its_code_not_its_words() {
+        let busy = busy::status("no room for another transfer", Duration::from_millis(500));
+        assert!(retryable(&busy));
+        // A bound the request broke: the same code without the busy mark is final, whatever
+        // its message says.
+        assert!(!retryable(&Status::resource_exhausted(
+            "the agent already serves 64 transfers; retry later"
+        )));
     }
 }

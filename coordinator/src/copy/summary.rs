@@ -16,6 +16,9 @@ pub enum FileOutcome {
     /// Already on the host with the same size and digest.
     Skipped,
     Failed,
+    /// Not complete when the copy was interrupted. What the host verified of it is kept (a
+    /// partial file) when `wire_bytes` or `resumed_from` is above 0; a rerun resumes there.
+    Interrupted,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -37,8 +40,10 @@ pub struct FileReport {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct HostReport {
-    pub rank: usize,
-    pub addr: String,
+    /// The machine's rank: its line in ip_config, from 0 (as `status` names it).
+    pub machine: usize,
+    /// The agent's address, `ip:port`.
+    pub address: String,
     pub files_sent: usize,
     pub files_skipped: usize,
     pub files_failed: usize,
@@ -54,11 +59,16 @@ pub struct HostReport {
 
 impl HostReport {
     pub fn name(&self) -> String {
-        format!("m{} ({})", self.rank, self.addr)
+        format!("m{} ({})", self.machine, self.address)
     }
 
     pub fn ok(&self) -> bool {
-        self.files_failed == 0 && self.errors.is_empty()
+        self.files_failed == 0
+            && self.errors.is_empty()
+            && self
+                .files
+                .iter()
+                .all(|f| f.status != FileOutcome::Interrupted)
     }
 }
 
@@ -73,6 +83,8 @@ pub struct LaunchHint {
 pub struct CopyReport {
     /// True only if every host verified every file.
     pub ok: bool,
+    /// Stopped by Ctrl-C (SIGINT) while sending: see [`CopyReport::kept`].
+    pub interrupted: bool,
     pub hosts: Vec<HostReport>,
     pub bytes_sent: u64,
     /// Chunk bytes put on the wire for `bytes_sent` (see `FileReport::wire_bytes`).
@@ -88,6 +100,41 @@ pub struct CopyReport {
 impl CopyReport {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// After an interruption: what each host kept, and that a rerun resumes.
+    pub fn kept(&self) -> String {
+        let mut out = String::from("copy interrupted: nothing more is sent\n");
+        for h in &self.hosts {
+            let complete = h
+                .files
+                .iter()
+                .filter(|f| matches!(f.status, FileOutcome::Sent | FileOutcome::Skipped))
+                .count();
+            let _ = write!(
+                out,
+                "{}: {complete} of {} files complete",
+                h.name(),
+                h.files.len()
+            );
+            let partial: Vec<&str> = h
+                .files
+                .iter()
+                .filter(|f| {
+                    f.status == FileOutcome::Interrupted && (f.wire_bytes > 0 || f.resumed_from > 0)
+                })
+                .map(|f| f.path.as_str())
+                .collect();
+            if !partial.is_empty() {
+                let _ = write!(out, "; kept partial: {}", partial.join(", "));
+            }
+            out.push('\n');
+        }
+        out.push_str(
+            "rerun the same command to resume: complete files are skipped, partial ones \
+             continue from their last verified chunk\n",
+        );
+        out
     }
 
     /// The table printed at the end of a copy.
@@ -195,9 +242,10 @@ mod tests {
         let (bytes_sent, wire_bytes) = (8 << 20, 2 << 20);
         CopyReport {
             ok: true,
+            interrupted: false,
             hosts: vec![HostReport {
-                rank: 0,
-                addr: "10.0.0.1:47001".into(),
+                machine: 0,
+                address: "10.0.0.1:47001".into(),
                 files_sent: 2,
                 files_skipped: 0,
                 files_failed: 0,
@@ -219,6 +267,28 @@ mod tests {
                 ip_config: "ip_config.txt".into(),
             },
         }
+    }
+
+    #[test]
+    fn a_host_is_named_with_the_keys_status_uses() {
+        let copy = serde_json::to_value(report(Compression::None)).unwrap();
+        let status = serde_json::to_value(crate::ops::HostStatus {
+            machine: 0,
+            address: "10.0.0.1:47001".into(),
+            reachable: true,
+            error: None,
+            agent: None,
+            jobs: vec![],
+        })
+        .unwrap();
+        let host = &copy["hosts"][0];
+        for key in ["machine", "address"] {
+            assert_eq!(host[key], status[key], "{key} in {host}");
+        }
+        assert!(
+            host.get("rank").is_none() && host.get("addr").is_none(),
+            "{host}"
+        );
     }
 
     #[test]

@@ -21,12 +21,24 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// One `dgl-coord copy --json` (`cmd` aimed at the cluster, `extra` flags added): wall
 /// seconds and the report.
 pub(super) fn timed_copy(
-    mut cmd: Command,
+    cmd: Command,
     part_config: &Path,
     ip_config: &Path,
     cache: &Path,
     extra: &[&str],
 ) -> Result<(f64, Value)> {
+    let (secs, report, _) = timed_copy_rss(cmd, part_config, ip_config, cache, extra)?;
+    Ok((secs, report))
+}
+
+/// [`timed_copy`], plus the coordinator's peak RSS in bytes.
+pub(super) fn timed_copy_rss(
+    mut cmd: Command,
+    part_config: &Path,
+    ip_config: &Path,
+    cache: &Path,
+    extra: &[&str],
+) -> Result<(f64, Value, u64)> {
     cmd.env("XDG_CACHE_HOME", cache)
         .args(["copy", "--json", "--progress", "quiet"])
         .args(["--workspace", "ws", "--rel_data_path", "data"])
@@ -37,33 +49,56 @@ pub(super) fn timed_copy(
         .args(extra)
         .stderr(Stdio::null());
     let t = Instant::now();
-    let out = cmd.output().context("run dgl-coord copy")?;
+    let (status, stdout, peak) = run_with_peak_rss(cmd).context("run dgl-coord copy")?;
     let secs = t.elapsed().as_secs_f64();
     ensure!(
-        out.status.success(),
+        status.success(),
         "dgl-coord copy {extra:?} failed: {}",
-        String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&stdout)
     );
     Ok((
         secs,
-        serde_json::from_slice(&out.stdout).context("copy JSON")?,
+        serde_json::from_slice(&stdout).context("copy JSON")?,
+        peak,
     ))
 }
 
-/// [`timed_copy`] to every agent of `cluster`, with `script_folder` if given.
+/// Runs `cmd` (stdout captured) to its end: its status, stdout and peak RSS in bytes. The peak
+/// is the kernel's own (`ru_maxrss` of `wait4`), so a short spike between two samples counts.
+fn run_with_peak_rss(mut cmd: Command) -> Result<(std::process::ExitStatus, Vec<u8>, u64)> {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd.stdout(Stdio::piped()).spawn().context("spawn")?;
+    let mut stdout = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_end(&mut stdout).context("read stdout")?;
+    }
+    let pid = i32::try_from(child.id()).context("pid")?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data, zero is a valid value; wait4 writes both out-parameters
+    // and reaps only `pid`, our own child (std's Child does not wait on drop).
+    let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { nix::libc::wait4(pid, &mut status, 0, &mut usage) };
+    ensure!(r == pid, "wait4: {}", std::io::Error::last_os_error());
+    // Linux reports ru_maxrss in KiB.
+    let peak = u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024;
+    Ok((std::process::ExitStatus::from_raw(status), stdout, peak))
+}
+
+/// [`timed_copy_rss`] to every agent of `cluster`, with `script_folder` if given.
 fn copy(
     cluster: &TestCluster,
     part_config: &Path,
     cache: &Path,
     script_folder: Option<&Path>,
-) -> Result<(f64, Value)> {
+) -> Result<(f64, Value, u64)> {
     let scripts = script_folder.map(|s| s.to_string_lossy().into_owned());
     let extra: Vec<&str> = match &scripts {
         Some(s) => vec!["--script_folder", s],
         None => Vec::new(),
     };
     let ip_config = cluster.ip_config_file();
-    timed_copy(cluster.coord(), part_config, &ip_config, cache, &extra)
+    timed_copy_rss(cluster.coord(), part_config, &ip_config, cache, &extra)
 }
 
 /// The ssh tools a DGL user has.
@@ -137,13 +172,18 @@ fn set_bytes(part_config: &Path) -> u64 {
         .sum()
 }
 
-pub fn run(opts: &Opts, with_copy: bool, with_bcast: bool) -> Result<Vec<Row>> {
+/// `ssh`: also time scp and rsync (the baselines) for the copy figures.
+pub fn run(opts: &Opts, with_copy: bool, ssh: bool, with_bcast: bool) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let work = tempfile::tempdir_in(&opts.dir)?;
     if with_copy {
-        match copy_vs_scp(opts, work.path()) {
+        match copy_vs_scp(opts, work.path(), ssh) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::error("copy", &e)),
+        }
+        match broadcast_memory(opts, work.path()) {
+            Ok(r) => rows.push(r),
+            Err(e) => rows.push(Row::error("copy: coordinator peak RSS, 64 agents", &e)),
         }
     }
     if with_bcast {
@@ -155,7 +195,7 @@ pub fn run(opts: &Opts, with_copy: bool, with_bcast: bool) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
+fn copy_vs_scp(opts: &Opts, work: &Path, ssh: bool) -> Result<Vec<Row>> {
     let parts = 4;
     let total = (opts.size_gib * GIB) as u64;
     let need = total * 3 + (64 << 20);
@@ -177,32 +217,42 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
         t.elapsed().as_secs_f64(),
         opts.dir.display()
     );
-    let sshd = Sshd::start()?;
+    let sshd = if ssh { Some(Sshd::start()?) } else { None };
     let reps = opts.reps.clamp(1, 3);
     let (mut first, mut again, mut scp) = (vec![], vec![], vec![]);
-    let (mut rsync, mut rsync_again) = (vec![], vec![]);
+    let (mut rsync, mut rsync_again, mut peak) = (vec![], vec![], vec![]);
     for rep in 0..reps {
         let cache = tempfile::tempdir_in(work)?;
         let cluster = TestCluster::start(parts);
-        let (t1, _) = copy(&cluster, &pc, cache.path(), None)?;
-        let (t2, rep2) = copy(&cluster, &pc, cache.path(), None)?;
+        let (t1, _, rss) = copy(&cluster, &pc, cache.path(), None)?;
+        let (t2, rep2, _) = copy(&cluster, &pc, cache.path(), None)?;
         let resent = rep2["bytes_sent"].as_u64().unwrap_or(0);
         let ip_config = work.join("ip_config.txt");
         fs::copy(cluster.ip_config_file(), &ip_config)?;
         drop(cluster);
-        let dest = work.join("scp");
-        let t3 = ssh_copy(SshTool::Scp, &sshd, &pc, &ip_config, &dest, parts)?;
-        let _ = fs::remove_dir_all(&dest);
-        let t4 = ssh_copy(SshTool::Rsync, &sshd, &pc, &ip_config, &dest, parts)?;
-        let t5 = ssh_copy(SshTool::Rsync, &sshd, &pc, &ip_config, &dest, parts)?;
-        let _ = fs::remove_dir_all(&dest);
-        eprintln!(
-            "bench copy rep {rep}: dglrun {t1:.2}s ({:.2} GB/s), re-copy {t2:.3}s ({resent} bytes resent), scp {t3:.2}s ({:.2} GB/s), rsync {t4:.2}s, rsync again {t5:.3}s",
-            bytes as f64 / t1 / 1e9,
-            bytes as f64 / t3 / 1e9
-        );
         first.push(t1);
         again.push(t2);
+        peak.push(rss as f64 / 1e6);
+        let Some(sshd) = &sshd else {
+            eprintln!(
+                "bench copy rep {rep}: dglrun {t1:.2}s ({:.2} GB/s, coordinator peak RSS {:.0} MB), re-copy {t2:.3}s ({resent} bytes resent)",
+                bytes as f64 / t1 / 1e9,
+                rss as f64 / 1e6
+            );
+            continue;
+        };
+        let dest = work.join("scp");
+        let t3 = ssh_copy(SshTool::Scp, sshd, &pc, &ip_config, &dest, parts)?;
+        let _ = fs::remove_dir_all(&dest);
+        let t4 = ssh_copy(SshTool::Rsync, sshd, &pc, &ip_config, &dest, parts)?;
+        let t5 = ssh_copy(SshTool::Rsync, sshd, &pc, &ip_config, &dest, parts)?;
+        let _ = fs::remove_dir_all(&dest);
+        eprintln!(
+            "bench copy rep {rep}: dglrun {t1:.2}s ({:.2} GB/s, coordinator peak RSS {:.0} MB), re-copy {t2:.3}s ({resent} bytes resent), scp {t3:.2}s ({:.2} GB/s), rsync {t4:.2}s, rsync again {t5:.3}s",
+            bytes as f64 / t1 / 1e9,
+            rss as f64 / 1e6,
+            bytes as f64 / t3 / 1e9
+        );
         scp.push(t3);
         rsync.push(t4);
         rsync_again.push(t5);
@@ -217,7 +267,7 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
             .collect::<Vec<_>>()
     };
     let size = format!("{:.2} GiB", bytes as f64 / GIB);
-    Ok(vec![
+    let mut rows = vec![
         Row::new(
             format!("copy {size} into 1 agent, coordinator hashes cached"),
             "GB/s",
@@ -239,6 +289,36 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
             "",
             None,
         ),
+        Row::new(
+            format!("copy {size} to 4 agents: coordinator peak RSS"),
+            "MB",
+            &peak,
+            "< 100 MB",
+            Some(&|x| x < 100.0),
+        ),
+        Row::new(
+            "re-copy unchanged: first / re-copy",
+            "x",
+            &first
+                .iter()
+                .zip(&again)
+                .map(|(f, a)| f / a)
+                .collect::<Vec<_>>(),
+            ">= 50x",
+            Some(&|x| x >= 50.0),
+        ),
+        Row::new(
+            "re-copy unchanged: time",
+            "ms",
+            &again.iter().map(|a| a * 1000.0).collect::<Vec<_>>(),
+            "",
+            None,
+        ),
+    ];
+    if !ssh {
+        return Ok(rows);
+    }
+    rows.extend([
         Row::new(
             format!("copy {size}: scp, host after host"),
             "GB/s",
@@ -275,24 +355,6 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
             Some(&|x| x >= 3.0),
         ),
         Row::new(
-            "re-copy unchanged: first / re-copy",
-            "x",
-            &first
-                .iter()
-                .zip(&again)
-                .map(|(f, a)| f / a)
-                .collect::<Vec<_>>(),
-            ">= 50x",
-            Some(&|x| x >= 50.0),
-        ),
-        Row::new(
-            "re-copy unchanged: time",
-            "ms",
-            &again.iter().map(|a| a * 1000.0).collect::<Vec<_>>(),
-            "",
-            None,
-        ),
-        Row::new(
             "re-copy unchanged: rsync again / dglrun re-copy",
             "x",
             &rsync_again
@@ -303,7 +365,59 @@ fn copy_vs_scp(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
             "(rsync trusts size+mtime)",
             None,
         ),
-    ])
+    ]);
+    Ok(rows)
+}
+
+/// Agents of the broadcast memory figure.
+const MEMORY_HOSTS: usize = 64;
+
+/// The coordinator's peak RSS sending one file (in the script folder) to 64 agents: with a
+/// stream per host, what the coordinator holds per stream is multiplied by 64. The file is
+/// large enough to fill every host's pipeline many times over, small enough for 65 copies of
+/// it in --dir.
+fn broadcast_memory(opts: &Opts, work: &Path) -> Result<Row> {
+    let n = MEMORY_HOSTS;
+    let size = ((opts.bcast_gib * GIB) as u64).min(128 << 20);
+    let need = size * (n as u64 + 1);
+    if let Some(free) = free_bytes(&opts.dir) {
+        ensure!(
+            free > need,
+            "needs {:.1} GiB free in {}, has {:.1}",
+            need as f64 / GIB,
+            opts.dir.display(),
+            free as f64 / GIB
+        );
+    }
+    let code = work.join("memory-code");
+    fs::create_dir_all(&code)?;
+    crate::partitions::write_random(&code.join("big.bin"), size, 78)?;
+    let pc = crate::gen_partitions(&work.join("memory-set"), n, 1024, "memory")?;
+    let mut peak = Vec::new();
+    for rep in 0..opts.reps.clamp(1, 3) {
+        let cache = tempfile::tempdir_in(work)?;
+        let cluster = TestCluster::start(n);
+        let (t, _, rss) = copy(&cluster, &pc, cache.path(), Some(&code))?;
+        drop(cluster);
+        eprintln!(
+            "bench copy {} MiB to {n} agents rep {rep}: {t:.2}s, coordinator peak RSS {:.0} MB",
+            size >> 20,
+            rss as f64 / 1e6
+        );
+        peak.push(rss as f64 / 1e6);
+    }
+    let _ = fs::remove_dir_all(&code);
+    let _ = fs::remove_dir_all(work.join("memory-set"));
+    Ok(Row::new(
+        format!(
+            "copy one {} MiB file to {n} agents: coordinator peak RSS",
+            size >> 20
+        ),
+        "MB",
+        &peak,
+        "< 150 MB",
+        Some(&|x| x < 150.0),
+    ))
 }
 
 /// A one-part set of `total` bytes into one agent, `reps` times: wall seconds with a cold
@@ -315,10 +429,10 @@ fn into_one_agent(work: &Path, total: u64, reps: usize) -> Result<(Vec<f64>, Vec
     for rep in 0..reps {
         let cache = tempfile::tempdir_in(work)?;
         let cluster = TestCluster::start(1);
-        let (t1, report) = copy(&cluster, &pc, cache.path(), None)?;
+        let (t1, report, _) = copy(&cluster, &pc, cache.path(), None)?;
         drop(cluster);
         let cluster = TestCluster::start(1);
-        let (t2, _) = copy(&cluster, &pc, cache.path(), None)?;
+        let (t2, _, _) = copy(&cluster, &pc, cache.path(), None)?;
         drop(cluster);
         bytes = report["bytes_sent"].as_u64().unwrap_or(0);
         eprintln!(
@@ -362,12 +476,12 @@ fn broadcast(opts: &Opts, work: &Path) -> Result<Vec<Row>> {
         for rep in 0..reps {
             let cache = tempfile::tempdir_in(work)?;
             let cluster = TestCluster::start(n);
-            let (t, _) = copy(&cluster, &pc, cache.path(), Some(&code))?;
+            let (t, _, _) = copy(&cluster, &pc, cache.path(), Some(&code))?;
             drop(cluster);
             if n == 1 {
                 // Fresh agent, coordinator hash cache warm: the transfer without local hashing.
                 let cluster = TestCluster::start(n);
-                let (w, _) = copy(&cluster, &pc, cache.path(), Some(&code))?;
+                let (w, _, _) = copy(&cluster, &pc, cache.path(), Some(&code))?;
                 drop(cluster);
                 eprintln!("bench broadcast to 1 agent, hashes cached, rep {rep}: {w:.2}s");
                 warm.push(w);

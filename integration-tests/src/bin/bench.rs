@@ -91,7 +91,7 @@ fn main() -> Result<()> {
         }
     }
     if has("copy") || has("broadcast") {
-        match bench::copy::run(&opts, has("copy") && ssh, has("broadcast")) {
+        match bench::copy::run(&opts, has("copy"), ssh, has("broadcast")) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::error("copy", &e)),
         }
