@@ -469,7 +469,10 @@ fn a_busy_agent_is_told_apart_by_its_mark_and_the_copy_waits_for_it() {
             .connect()
             .await
             .unwrap();
-        AgentClient::with_interceptor(ch, dglrun_proto::meta::ClientMeta::new(None).unwrap())
+        AgentClient::with_interceptor(
+            ch,
+            dglrun_proto::meta::ClientMeta::new(Some(&cluster.token())).unwrap(),
+        )
     });
     // A PutFile that sends its header and then nothing: it holds one of the agent's transfers.
     let d = dglrun_proto::digest::hash_reader(&b"data"[..], |_| {}).unwrap();
