@@ -140,7 +140,27 @@ pub fn read_token(path: &Path) -> String {
         .to_string()
 }
 
+/// A bare gRPC client of one agent, carrying the cluster's token (loopback: plaintext h2c).
+pub type RawClient = dglrun_proto::pb::agent_client::AgentClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        dglrun_proto::meta::ClientMeta,
+    >,
+>;
+
 impl TestCluster {
+    /// A raw client of agent `m` for tests that call the agent directly. It connects on first
+    /// use, so it must be made inside a tokio runtime.
+    pub fn client(&self, m: usize) -> RawClient {
+        let uri = format!("http://{}:{}", self.ip(m), self.port);
+        let channel = tonic::transport::Endpoint::from_shared(uri)
+            .expect("an agent address is a valid URI")
+            .connect_lazy();
+        let meta = dglrun_proto::meta::ClientMeta::new(Some(&self.token()))
+            .expect("the cluster's token is printable ASCII");
+        dglrun_proto::pb::agent_client::AgentClient::with_interceptor(channel, meta)
+    }
+
     /// Starts `n` agents, machine i on 127.B.C.(i+2), root `<dir>/host<i>`.
     pub fn start(n: usize) -> Self {
         Self::start_with(n, &[])

@@ -5,20 +5,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use dglrun_integration_tests::TestCluster;
+use dglrun_integration_tests::{RawClient, TestCluster};
 use dglrun_proto::digest::hash_reader;
-use dglrun_proto::meta::ClientMeta;
-use dglrun_proto::pb::agent_client::AgentClient;
 use dglrun_proto::pb::{self, put_file_message::Msg};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
-type Client = AgentClient<InterceptedService<Channel, ClientMeta>>;
+type Client = RawClient;
 
 async fn client(cluster: &TestCluster) -> Client {
-    let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
-    let channel = Endpoint::from_shared(uri).unwrap().connect().await.unwrap();
-    AgentClient::with_interceptor(channel, ClientMeta::new(Some(&cluster.token())).unwrap())
+    cluster.client(0)
 }
 
 fn manifest(path: &str, data: &[u8]) -> pb::FileManifest {

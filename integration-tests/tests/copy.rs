@@ -458,22 +458,11 @@ fn ctrl_c_says_what_was_kept_and_the_rerun_resumes() {
 
 #[test]
 fn a_busy_agent_is_told_apart_by_its_mark_and_the_copy_waits_for_it() {
-    use dglrun_proto::pb::{self, agent_client::AgentClient, put_file_message::Msg};
+    use dglrun_proto::pb::{self, put_file_message::Msg};
     let cluster = TestCluster::start(1);
     let pc = gen_partitions(&cluster.local().join("out"), 1, MIB, "g").unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
-    let client = rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(uri)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        AgentClient::with_interceptor(
-            ch,
-            dglrun_proto::meta::ClientMeta::new(Some(&cluster.token())).unwrap(),
-        )
-    });
+    let client = rt.block_on(async { cluster.client(0) });
     // A PutFile that sends its header and then nothing: it holds one of the agent's transfers.
     let d = dglrun_proto::digest::hash_reader(&b"data"[..], |_| {}).unwrap();
     let stalled = move |i: usize| {

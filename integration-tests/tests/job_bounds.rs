@@ -3,9 +3,7 @@
 use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::TestCluster;
-use dglrun_proto::meta::ClientMeta;
-use dglrun_proto::pb::{self, agent_client::AgentClient};
-use tonic::transport::Endpoint;
+use dglrun_proto::pb;
 
 /// The agent's resident memory in KiB (`VmRSS` of /proc/<pid>/status).
 fn rss_kib(pid: u32) -> u64 {
@@ -35,10 +33,7 @@ async fn a_job_printing_without_pause_keeps_the_agent_under_64_mib() {
     const LIMIT_KIB: u64 = 64 << 10;
     let cluster = TestCluster::start(1);
     let agent = cluster.agents[0].pid().unwrap();
-    let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
-    let channel = Endpoint::from_shared(uri).unwrap().connect_lazy();
-    let mut c =
-        AgentClient::with_interceptor(channel, ClientMeta::new(Some(&cluster.token())).unwrap());
+    let mut c = cluster.client(0);
     let jobs = [
         ("yes-plain", "exec yes"),
         ("yes-orphan", "yes & sleep 1; exit 0"),
@@ -121,10 +116,7 @@ async fn a_stop_that_cannot_read_proc_fails_and_the_job_is_stopped_later() {
     let cluster = TestCluster::start(1);
     std::fs::create_dir_all(cluster.root(0).join("ws")).unwrap();
     let agent = cluster.agents[0].pid().unwrap();
-    let uri = format!("http://{}:{}", cluster.ip(0), cluster.port);
-    let channel = Endpoint::from_shared(uri).unwrap().connect().await.unwrap();
-    let mut c =
-        AgentClient::with_interceptor(channel, ClientMeta::new(Some(&cluster.token())).unwrap());
+    let mut c = cluster.client(0);
     let reply = c
         .spawn(pb::SpawnRequest {
             job_id: "emfile".into(),

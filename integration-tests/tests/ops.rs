@@ -953,20 +953,12 @@ mod workspace_lease {
     //! A workspace serves one job at a time, and never a launch and a copy at once.
 
     use super::*;
+    use dglrun_integration_tests::RawClient as Client;
     use dglrun_proto::digest::hash_reader;
-    use dglrun_proto::meta::ClientMeta;
-    use dglrun_proto::pb::agent_client::AgentClient;
     use dglrun_proto::pb::{self, put_file_message::Msg};
-    use tonic::transport::{Channel, Endpoint};
-
-    type Client = AgentClient<tonic::service::interceptor::InterceptedService<Channel, ClientMeta>>;
 
     fn client(c: &TestCluster, m: usize) -> Client {
-        let uri = format!("http://{}:{}", c.ip(m), c.port);
-        AgentClient::with_interceptor(
-            Endpoint::from_shared(uri).unwrap().connect_lazy(),
-            ClientMeta::new(Some(&c.token())).unwrap(),
-        )
+        c.client(m)
     }
 
     fn manifest(path: &str, data: &[u8]) -> pb::FileManifest {
