@@ -70,6 +70,11 @@ impl ConfineError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
     }
+
+    /// True when the path (or one of its directories) is not a directory.
+    pub fn is_not_a_directory(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.raw_os_error() == Some(libc::ENOTDIR))
+    }
 }
 
 /// A path from the wire, checked without touching the disk: relative to the root, made of
@@ -223,30 +228,24 @@ impl Root {
         })
     }
 
-    /// Resolves `p` and checks, beneath the root's fd, that what exists of it is inside the
-    /// root. Returns the path inside the root. For callers that need a path (a child's working
-    /// directory); files are opened through [`Root::open_dir`] instead.
-    pub fn resolve(&self, p: &str) -> Result<PathBuf, ConfineError> {
+    /// Opens the existing directory `p` beneath the root's fd, for a child process to
+    /// `fchdir` into: the directory checked is the one the child works in, whatever happens
+    /// to its name between the check and the exec. `O_PATH`: the agent needs no read
+    /// permission on it, only the child's search permission at `fchdir`.
+    pub fn open_workdir(&self, p: &str) -> Result<Workdir, ConfineError> {
         let wire = self.parse(p)?;
-        let mut probe = wire.rel.as_path();
-        loop {
-            let target = if probe.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                probe
-            };
-            let flags = OFlags::PATH | OFlags::CLOEXEC;
-            match rustix::fs::openat2(self.dir.as_fd(), target, flags, Mode::empty(), beneath()) {
-                Ok(_) => return Ok(self.path.join(&wire.rel)),
-                Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTDIR) => {
-                    match probe.parent() {
-                        Some(parent) => probe = parent,
-                        None => return Ok(self.path.join(&wire.rel)),
-                    }
-                }
-                Err(e) => return Err(ConfineError::io(p, e)),
-            }
-        }
+        let target = if wire.rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            wire.rel.as_path()
+        };
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat2(self.dir.as_fd(), target, flags, Mode::empty(), beneath())
+            .map_err(|e| ConfineError::io(p, e))?;
+        Ok(Workdir {
+            path: self.path.join(&wire.rel),
+            fd,
+        })
     }
 
     /// Opens the directory `rel` (relative to the root) beneath the root's fd, creating what
@@ -374,6 +373,14 @@ impl Root {
     }
 }
 
+/// A directory inside the root, opened for a child to work in: its path (for messages and
+/// `PWD`-like uses) and the fd the child changes into.
+#[derive(Debug)]
+pub struct Workdir {
+    pub path: PathBuf,
+    pub fd: OwnedFd,
+}
+
 /// An open directory inside the root. Every call names one entry of it and never follows a
 /// symlink in that name.
 #[derive(Debug)]
@@ -455,21 +462,28 @@ mod tests {
     #[test]
     fn relative_and_inside_absolute_paths_resolve() {
         let (_d, r) = root();
-        assert_eq!(r.resolve("ws/a.txt").unwrap(), r.path().join("ws/a.txt"));
-        assert_eq!(r.resolve("./ws//a").unwrap(), r.path().join("ws/a"));
+        std::fs::create_dir_all(r.path().join("ws/a")).unwrap();
+        std::fs::create_dir_all(r.path().join("ws/b")).unwrap();
+        assert_eq!(r.open_workdir("ws/a").unwrap().path, r.path().join("ws/a"));
+        assert_eq!(
+            r.open_workdir("./ws//a").unwrap().path,
+            r.path().join("ws/a")
+        );
         let abs = r.path().join("ws/b").display().to_string();
-        assert_eq!(r.resolve(&abs).unwrap(), r.path().join("ws/b"));
+        assert_eq!(r.open_workdir(&abs).unwrap().path, r.path().join("ws/b"));
+        assert!(r.open_workdir("ws/missing").unwrap_err().is_not_found());
     }
 
     #[test]
     fn escapes_are_refused() {
         let (d, r) = root();
         for bad in ["../x", "ws/../../x", "/etc/passwd", "", "a\0b"] {
-            assert!(r.resolve(bad).is_err(), "{bad:?} must be refused");
+            assert!(r.open_workdir(bad).is_err(), "{bad:?} must be refused");
         }
-        assert!(r.resolve(&"a/".repeat(3000)).is_err());
+        assert!(r.open_workdir(&"a/".repeat(3000)).is_err());
+        std::fs::create_dir_all(d.path().join("x")).unwrap();
         std::os::unix::fs::symlink(d.path(), r.path().join("out")).unwrap();
-        let err = r.resolve("out/x").unwrap_err();
+        let err = r.open_workdir("out/x").unwrap_err();
         assert!(matches!(err, ConfineError::Escapes(_)), "{err}");
         let wire = r.parse("out/y/z").unwrap();
         assert!(r.open_dir("out/y/z", wire.rel(), true).is_err());
@@ -481,7 +495,7 @@ mod tests {
         let (_d, r) = root();
         std::fs::create_dir_all(r.path().join("real")).unwrap();
         std::os::unix::fs::symlink("real", r.path().join("link")).unwrap();
-        assert!(r.resolve("link/f").is_ok());
+        assert!(r.open_workdir("link").is_ok());
         assert!(r.open_dir("link", Path::new("link"), false).is_ok());
         // New directories under a symlinked directory inside the root are made where it leads.
         r.open_dir("link/a/b", Path::new("link/a/b"), true).unwrap();
