@@ -10,7 +10,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -314,16 +314,42 @@ impl Root {
             .unwrap_or(0)
     }
 
-    /// True when `dir` is the agent's state directory (reached through any name).
+    /// True when `dir` is the agent's state directory or lies beneath it, reached through any
+    /// name (a symlink inside the root): walks `..` from `dir` up to the root.
     pub fn is_state_dir(&self, dir: &Dir) -> io::Result<bool> {
         let st = rustix::fs::statat(self.dir.as_fd(), STATE_DIR, AtFlags::SYMLINK_NOFOLLOW);
-        let st = match st {
+        let state = match st {
             Ok(st) => st,
             Err(rustix::io::Errno::NOENT) => return Ok(false),
             Err(e) => return Err(e.into()),
         };
-        let d = dir.stat()?;
-        Ok(st.st_dev == d.st_dev && st.st_ino == d.st_ino)
+        let root = rustix::fs::fstat(&*self.dir)?;
+        let same = |a: &Stat, b: &Stat| a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+        let mut cur = rustix::fs::fstat(&dir.fd)?;
+        let mut up: Option<OwnedFd> = None;
+        // A wire path has at most this many components; symlinks inside the root can lead
+        // deeper, but not usefully so.
+        for _ in 0..MAX_PATH_BYTES / 2 {
+            if same(&cur, &state) {
+                return Ok(true);
+            }
+            if same(&cur, &root) {
+                return Ok(false);
+            }
+            let from = up.as_ref().map_or(dir.fd.as_fd(), |f| f.as_fd());
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            let parent = rustix::fs::openat(from, "..", flags, Mode::empty())?;
+            let pst = rustix::fs::fstat(&parent)?;
+            if same(&pst, &cur) {
+                // `/`: the directory was moved out of the root meanwhile; it is not the state.
+                return Ok(false);
+            }
+            cur = pst;
+            up = Some(parent);
+        }
+        Err(io::Error::other(
+            "directory nested too deep below the root to check",
+        ))
     }
 
     /// True when the opened file `st` is one of the agent's own files in its state directory
@@ -357,6 +383,12 @@ impl Root {
         let fd = rustix::fs::openat2(self.dir.as_fd(), rel, flags, Mode::empty(), beneath())
             .map_err(|e| ConfineError::io(shown, e))?;
         let st = rustix::fs::fstat(&fd).map_err(|e| ConfineError::io(shown, e))?;
+        // A symlink inside the root may lead to a partial file: never read as a whole file.
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| ConfineError::io(shown, e))?;
+        if opened.file_name().is_some_and(is_partial_name) {
+            return Err(ConfineError::Reserved(shown.to_string()));
+        }
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
             return Err(ConfineError::Io {
                 path: shown.to_string(),
@@ -523,6 +555,22 @@ mod tests {
         assert!(err.to_string().contains("not a regular file"), "{err}");
         std::os::unix::fs::symlink("/dev/zero", r.path().join("dev")).unwrap();
         assert!(r.open_regular("dev", Path::new("dev")).is_err());
+    }
+
+    #[test]
+    fn a_partial_file_is_not_read_through_a_symlink() {
+        let (_d, r) = root();
+        std::fs::create_dir_all(r.path().join("ws/d")).unwrap();
+        std::fs::write(r.path().join("ws/d/.ip.txt.dglrun-partial"), "10.0.0.").unwrap();
+        std::os::unix::fs::symlink("d/.ip.txt.dglrun-partial", r.path().join("ws/ip.txt")).unwrap();
+        let err = r
+            .open_regular("ws/ip.txt", Path::new("ws/ip.txt"))
+            .unwrap_err();
+        assert!(matches!(err, ConfineError::Reserved(_)), "{err}");
+        std::fs::write(r.path().join("ws/d/real.txt"), "10.0.0.1\n").unwrap();
+        std::fs::remove_file(r.path().join("ws/ip.txt")).unwrap();
+        std::os::unix::fs::symlink("d/real.txt", r.path().join("ws/ip.txt")).unwrap();
+        assert!(r.open_regular("ws/ip.txt", Path::new("ws/ip.txt")).is_ok());
     }
 }
 
