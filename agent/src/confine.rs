@@ -10,7 +10,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -69,6 +69,11 @@ impl ConfineError {
     /// True when the path (or one of its directories) does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+
+    /// True when the path (or one of its directories) is not a directory.
+    pub fn is_not_a_directory(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.raw_os_error() == Some(libc::ENOTDIR))
     }
 }
 
@@ -223,30 +228,24 @@ impl Root {
         })
     }
 
-    /// Resolves `p` and checks, beneath the root's fd, that what exists of it is inside the
-    /// root. Returns the path inside the root. For callers that need a path (a child's working
-    /// directory); files are opened through [`Root::open_dir`] instead.
-    pub fn resolve(&self, p: &str) -> Result<PathBuf, ConfineError> {
+    /// Opens the existing directory `p` beneath the root's fd, for a child process to
+    /// `fchdir` into: the directory checked is the one the child works in, whatever happens
+    /// to its name between the check and the exec. `O_PATH`: the agent needs no read
+    /// permission on it, only the child's search permission at `fchdir`.
+    pub fn open_workdir(&self, p: &str) -> Result<Workdir, ConfineError> {
         let wire = self.parse(p)?;
-        let mut probe = wire.rel.as_path();
-        loop {
-            let target = if probe.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                probe
-            };
-            let flags = OFlags::PATH | OFlags::CLOEXEC;
-            match rustix::fs::openat2(self.dir.as_fd(), target, flags, Mode::empty(), beneath()) {
-                Ok(_) => return Ok(self.path.join(&wire.rel)),
-                Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTDIR) => {
-                    match probe.parent() {
-                        Some(parent) => probe = parent,
-                        None => return Ok(self.path.join(&wire.rel)),
-                    }
-                }
-                Err(e) => return Err(ConfineError::io(p, e)),
-            }
-        }
+        let target = if wire.rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            wire.rel.as_path()
+        };
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat2(self.dir.as_fd(), target, flags, Mode::empty(), beneath())
+            .map_err(|e| ConfineError::io(p, e))?;
+        Ok(Workdir {
+            path: self.path.join(&wire.rel),
+            fd,
+        })
     }
 
     /// Opens the directory `rel` (relative to the root) beneath the root's fd, creating what
@@ -315,16 +314,42 @@ impl Root {
             .unwrap_or(0)
     }
 
-    /// True when `dir` is the agent's state directory (reached through any name).
+    /// True when `dir` is the agent's state directory or lies beneath it, reached through any
+    /// name (a symlink inside the root): walks `..` from `dir` up to the root.
     pub fn is_state_dir(&self, dir: &Dir) -> io::Result<bool> {
         let st = rustix::fs::statat(self.dir.as_fd(), STATE_DIR, AtFlags::SYMLINK_NOFOLLOW);
-        let st = match st {
+        let state = match st {
             Ok(st) => st,
             Err(rustix::io::Errno::NOENT) => return Ok(false),
             Err(e) => return Err(e.into()),
         };
-        let d = dir.stat()?;
-        Ok(st.st_dev == d.st_dev && st.st_ino == d.st_ino)
+        let root = rustix::fs::fstat(&*self.dir)?;
+        let same = |a: &Stat, b: &Stat| a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+        let mut cur = rustix::fs::fstat(&dir.fd)?;
+        let mut up: Option<OwnedFd> = None;
+        // A wire path has at most this many components; symlinks inside the root can lead
+        // deeper, but not usefully so.
+        for _ in 0..MAX_PATH_BYTES / 2 {
+            if same(&cur, &state) {
+                return Ok(true);
+            }
+            if same(&cur, &root) {
+                return Ok(false);
+            }
+            let from = up.as_ref().map_or(dir.fd.as_fd(), |f| f.as_fd());
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            let parent = rustix::fs::openat(from, "..", flags, Mode::empty())?;
+            let pst = rustix::fs::fstat(&parent)?;
+            if same(&pst, &cur) {
+                // `/`: the directory was moved out of the root meanwhile; it is not the state.
+                return Ok(false);
+            }
+            cur = pst;
+            up = Some(parent);
+        }
+        Err(io::Error::other(
+            "directory nested too deep below the root to check",
+        ))
     }
 
     /// True when the opened file `st` is one of the agent's own files in its state directory
@@ -358,6 +383,12 @@ impl Root {
         let fd = rustix::fs::openat2(self.dir.as_fd(), rel, flags, Mode::empty(), beneath())
             .map_err(|e| ConfineError::io(shown, e))?;
         let st = rustix::fs::fstat(&fd).map_err(|e| ConfineError::io(shown, e))?;
+        // A symlink inside the root may lead to a partial file: never read as a whole file.
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| ConfineError::io(shown, e))?;
+        if opened.file_name().is_some_and(is_partial_name) {
+            return Err(ConfineError::Reserved(shown.to_string()));
+        }
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
             return Err(ConfineError::Io {
                 path: shown.to_string(),
@@ -372,6 +403,14 @@ impl Root {
         }
         Ok(std::fs::File::from(fd))
     }
+}
+
+/// A directory inside the root, opened for a child to work in: its path (for messages and
+/// `PWD`-like uses) and the fd the child changes into.
+#[derive(Debug)]
+pub struct Workdir {
+    pub path: PathBuf,
+    pub fd: OwnedFd,
 }
 
 /// An open directory inside the root. Every call names one entry of it and never follows a
@@ -455,21 +494,28 @@ mod tests {
     #[test]
     fn relative_and_inside_absolute_paths_resolve() {
         let (_d, r) = root();
-        assert_eq!(r.resolve("ws/a.txt").unwrap(), r.path().join("ws/a.txt"));
-        assert_eq!(r.resolve("./ws//a").unwrap(), r.path().join("ws/a"));
+        std::fs::create_dir_all(r.path().join("ws/a")).unwrap();
+        std::fs::create_dir_all(r.path().join("ws/b")).unwrap();
+        assert_eq!(r.open_workdir("ws/a").unwrap().path, r.path().join("ws/a"));
+        assert_eq!(
+            r.open_workdir("./ws//a").unwrap().path,
+            r.path().join("ws/a")
+        );
         let abs = r.path().join("ws/b").display().to_string();
-        assert_eq!(r.resolve(&abs).unwrap(), r.path().join("ws/b"));
+        assert_eq!(r.open_workdir(&abs).unwrap().path, r.path().join("ws/b"));
+        assert!(r.open_workdir("ws/missing").unwrap_err().is_not_found());
     }
 
     #[test]
     fn escapes_are_refused() {
         let (d, r) = root();
         for bad in ["../x", "ws/../../x", "/etc/passwd", "", "a\0b"] {
-            assert!(r.resolve(bad).is_err(), "{bad:?} must be refused");
+            assert!(r.open_workdir(bad).is_err(), "{bad:?} must be refused");
         }
-        assert!(r.resolve(&"a/".repeat(3000)).is_err());
+        assert!(r.open_workdir(&"a/".repeat(3000)).is_err());
+        std::fs::create_dir_all(d.path().join("x")).unwrap();
         std::os::unix::fs::symlink(d.path(), r.path().join("out")).unwrap();
-        let err = r.resolve("out/x").unwrap_err();
+        let err = r.open_workdir("out/x").unwrap_err();
         assert!(matches!(err, ConfineError::Escapes(_)), "{err}");
         let wire = r.parse("out/y/z").unwrap();
         assert!(r.open_dir("out/y/z", wire.rel(), true).is_err());
@@ -481,7 +527,7 @@ mod tests {
         let (_d, r) = root();
         std::fs::create_dir_all(r.path().join("real")).unwrap();
         std::os::unix::fs::symlink("real", r.path().join("link")).unwrap();
-        assert!(r.resolve("link/f").is_ok());
+        assert!(r.open_workdir("link").is_ok());
         assert!(r.open_dir("link", Path::new("link"), false).is_ok());
         // New directories under a symlinked directory inside the root are made where it leads.
         r.open_dir("link/a/b", Path::new("link/a/b"), true).unwrap();
@@ -509,6 +555,22 @@ mod tests {
         assert!(err.to_string().contains("not a regular file"), "{err}");
         std::os::unix::fs::symlink("/dev/zero", r.path().join("dev")).unwrap();
         assert!(r.open_regular("dev", Path::new("dev")).is_err());
+    }
+
+    #[test]
+    fn a_partial_file_is_not_read_through_a_symlink() {
+        let (_d, r) = root();
+        std::fs::create_dir_all(r.path().join("ws/d")).unwrap();
+        std::fs::write(r.path().join("ws/d/.ip.txt.dglrun-partial"), "10.0.0.").unwrap();
+        std::os::unix::fs::symlink("d/.ip.txt.dglrun-partial", r.path().join("ws/ip.txt")).unwrap();
+        let err = r
+            .open_regular("ws/ip.txt", Path::new("ws/ip.txt"))
+            .unwrap_err();
+        assert!(matches!(err, ConfineError::Reserved(_)), "{err}");
+        std::fs::write(r.path().join("ws/d/real.txt"), "10.0.0.1\n").unwrap();
+        std::fs::remove_file(r.path().join("ws/ip.txt")).unwrap();
+        std::os::unix::fs::symlink("d/real.txt", r.path().join("ws/ip.txt")).unwrap();
+        assert!(r.open_regular("ws/ip.txt", Path::new("ws/ip.txt")).is_ok());
     }
 }
 

@@ -88,6 +88,48 @@ pub fn strict_command() -> clap::Command {
     cli
 }
 
+/// Parses an argv that [`preprocess_args`] left as given (it holds a flag error) with
+/// [`strict_command`]. clap's tip "to pass '--flag' as a value, use '-- --flag'" is dropped:
+/// the user command is one quoted word, so the tip would only add a word to it. `run` has no
+/// `--dry-run`; the tip names the command that has one.
+pub fn parse_verbatim(argv: Vec<OsString>) -> Result<crate::Cli, clap::Error> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let is_run = argv
+        .iter()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'))
+        == Some(&OsString::from("run"));
+    let matches = strict_command()
+        .try_get_matches_from(argv)
+        .map_err(|mut e| {
+            if e.kind() != ErrorKind::UnknownArgument {
+                return e;
+            }
+            let mut tips = match e.remove(ContextKind::Suggested) {
+                Some(ContextValue::StyledStrs(tips)) => tips,
+                _ => Vec::new(),
+            };
+            tips.retain(|t| !t.to_string().contains("as a value, use '"));
+            let flag = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(f)) => f.clone(),
+                _ => String::new(),
+            };
+            if is_run && flag.split('=').next() == Some("--dry-run") {
+                tips.push(
+                "`run` has no --dry-run; check the launch with `dgl-coord launch --dry-run` and \
+                 the same flags"
+                    .to_string()
+                    .into(),
+            );
+            }
+            if !tips.is_empty() {
+                e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+            }
+            e
+        })?;
+    <crate::Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+}
+
 /// Rewrites argv before clap sees it (DGL's `--extra_envs K=V...` ends at the first word
 /// that is not `K=V`). Returns a clear message for what clap cannot explain well: a missing or
 /// empty user command, or one the shell split into several words. A flag error is never
@@ -389,6 +431,31 @@ mod tests {
         assert!(err.contains("dgl-coord launch --workspace /ws"), "{err}");
         let err = pre(&format!("launch {BASE} --extra_envs A=1 B=2")).unwrap_err();
         assert!(err.starts_with("missing the user command"), "{err}");
+    }
+
+    #[test]
+    fn unknown_flags_get_no_tip_to_pass_them_as_a_value() {
+        let err = |args: &str| {
+            let argv: Vec<OsString> = std::iter::once("dgl-coord".to_string())
+                .chain(words(args))
+                .map(OsString::from)
+                .collect();
+            match parse_verbatim(argv) {
+                Ok(_) => panic!("{args} parsed"),
+                Err(e) => e.render().to_string(),
+            }
+        };
+        let e = err("run --dry-run");
+        assert!(e.contains("unexpected argument '--dry-run'"), "{e}");
+        assert!(!e.contains("as a value"), "{e}");
+        assert!(e.contains("dgl-coord launch --dry-run"), "{e}");
+        let e = err(&format!("launch {BASE} --bogus \"python3 x.py\""));
+        assert!(e.contains("'--bogus'") && !e.contains("as a value"), "{e}");
+        let e = err(&format!("launch {BASE} --num_trainer 1 \"python3 x.py\""));
+        assert!(
+            e.contains("--num_trainers"),
+            "a similar flag is still named: {e}"
+        );
     }
 
     #[test]

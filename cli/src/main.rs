@@ -69,10 +69,9 @@ fn main() -> ExitCode {
     // clap exits 2 on a usage error (0 for --help and --version); so do our own checks.
     let cli = match argv::preprocess_args(std::env::args_os().collect()) {
         Ok(argv::Prepared::Rewritten(argv)) => Cli::parse_from(argv),
-        Ok(argv::Prepared::Verbatim(argv)) => argv::strict_command()
-            .try_get_matches_from(argv)
-            .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m))
-            .unwrap_or_else(|e| e.exit()),
+        Ok(argv::Prepared::Verbatim(argv)) => {
+            argv::parse_verbatim(argv).unwrap_or_else(|e| e.exit())
+        }
         Err(e) => {
             eprintln!("dgl-coord: error: {e}");
             return ExitCode::from(2);

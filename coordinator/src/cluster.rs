@@ -198,7 +198,9 @@ fn endpoint(addr: SocketAddr) -> Endpoint {
             .build()
             .unwrap_or_default(),
     )
-    .connect_timeout(Duration::from_secs(5))
+    // A dropped SYN is retried after 1 s and 3 s: 3 s covers a slow link, and a blackholed
+    // host is named soon.
+    .connect_timeout(Duration::from_secs(3))
     .tcp_nodelay(true)
     .http2_keep_alive_interval(Duration::from_secs(5))
     .keep_alive_timeout(Duration::from_secs(10))

@@ -8,6 +8,32 @@ use serde::Serialize;
 use crate::cluster::{self, AgentAccess, Host};
 use crate::config::IpConfig;
 
+/// How long an operator command waits for an agent to connect and say hello: a host whose
+/// packets are dropped (down, firewalled) never refuses, and `kill` must not wait on it long.
+/// Under the transport's 3 s connect timeout, so this bound (and its message) always decides.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_millis(2500);
+/// How long `ListJobs` may take on an agent that did answer Hello.
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `cluster::connect` bounded by [`ANSWER_TIMEOUT`], the silence reported naming the host.
+async fn connect(
+    rank: usize,
+    ip: std::net::IpAddr,
+    access: &AgentAccess,
+) -> Result<Host, cluster::ConnectError> {
+    match tokio::time::timeout(ANSWER_TIMEOUT, cluster::connect(rank, ip, access)).await {
+        Ok(r) => r,
+        Err(_) => Err(cluster::ConnectError::Unreachable {
+            rank,
+            addr: std::net::SocketAddr::new(ip, access.port),
+            reason: format!(
+                "no answer within {:.1} s (host down, or its packets dropped on the way)",
+                ANSWER_TIMEOUT.as_secs_f64()
+            ),
+        }),
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct HostStatus {
     pub machine: usize,
@@ -75,10 +101,15 @@ fn job_status(j: pb::JobInfo) -> JobStatus {
 }
 
 async fn list_jobs(host: &mut Host) -> Result<Vec<pb::JobInfo>, tonic::Status> {
-    Ok(host
-        .client
-        .list_jobs(pb::ListJobsRequest {})
-        .await?
+    let call = host.client.list_jobs(pb::ListJobsRequest {});
+    Ok(tokio::time::timeout(LIST_TIMEOUT, call)
+        .await
+        .map_err(|_| {
+            tonic::Status::deadline_exceeded(format!(
+                "no answer within {} s",
+                LIST_TIMEOUT.as_secs()
+            ))
+        })??
         .into_inner()
         .jobs)
 }
@@ -87,7 +118,7 @@ async fn list_jobs(host: &mut Host) -> Result<Vec<pb::JobInfo>, tonic::Status> {
 pub async fn status(ips: &IpConfig, access: &AgentAccess) -> Vec<HostStatus> {
     let probes = ips.machines.iter().map(|m| async move {
         let address = format!("{}:{}", m.ip, access.port);
-        match cluster::connect(m.rank, m.ip, access).await {
+        match connect(m.rank, m.ip, access).await {
             Err(e) => HostStatus {
                 machine: m.rank,
                 address,
@@ -370,17 +401,15 @@ async fn kill_on(
         reachable,
         error,
     };
-    let mut host = cluster::connect(rank, ip, access)
-        .await
-        .map_err(|e| match e {
-            cluster::ConnectError::Unreachable { reason, .. } => fail(
-                false,
-                format!("unreachable, nothing stopped there: {reason}"),
-            ),
-            cluster::ConnectError::Refused { reason, .. } => {
-                fail(true, format!("the agent refused dgl-coord: {reason}"))
-            }
-        })?;
+    let mut host = connect(rank, ip, access).await.map_err(|e| match e {
+        cluster::ConnectError::Unreachable { reason, .. } => fail(
+            false,
+            format!("unreachable, nothing stopped there: {reason}"),
+        ),
+        cluster::ConnectError::Refused { reason, .. } => {
+            fail(true, format!("the agent refused dgl-coord: {reason}"))
+        }
+    })?;
     let jobs = list_jobs(&mut host)
         .await
         .map_err(|s| fail(true, format!("cannot list jobs: {}", s.message())))?;

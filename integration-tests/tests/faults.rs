@@ -480,3 +480,44 @@ fn corrupted_in_transit(compress: bool) {
     assert_eq!(missing, 0, "every file delivered and verified by hash");
     assert!(partials(&c, 1).is_empty());
 }
+
+/// A host whose packets are dropped (no refusal, no reset): `dgl-coord kill` stops the job on
+/// every reachable host, names the silent one, and exits non-zero within the operator
+/// commands' 2.5 s answer bound (stops elsewhere run meanwhile), not after a connect timeout.
+#[test]
+fn kill_with_one_host_blackholed_stops_the_others_and_fails_naming_it_soon() {
+    let Some(c) = start_or_skip("kill with a blackholed host", 3, AGENT_FLAGS) else {
+        return;
+    };
+    let (coord, job) = hanging_job(&c, false);
+    let reachable: Vec<u32> = [0, 2]
+        .into_iter()
+        .flat_map(|h| job_pids(&c, &job, Some(h)))
+        .collect();
+    assert!(reachable.len() >= 6, "{reachable:?}");
+    c.cut_link(1);
+    let t = Instant::now();
+    let ip_config = c.local().join("ip_config.txt");
+    let out = c
+        .coord()
+        .args(["kill", "--grace", "1", "--ip_config"])
+        .arg(&ip_config)
+        .output()
+        .expect("run dgl-coord kill");
+    let took = t.elapsed();
+    let left = wait_gone(&reachable, Duration::from_secs(5));
+    let _ = coord.wait(Duration::from_secs(20));
+    c.restore_link(1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    print_figures("kill with one host blackholed", took, left.len(), 0);
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stderr.contains(&c.host_name(1)) && stderr.contains("no answer within 2.5 s"),
+        "names the silent host and why: {stderr}"
+    );
+    assert!(left.is_empty(), "reachable hosts still run {left:?}");
+    assert!(
+        took < Duration::from_millis(4500),
+        "kill took {took:?}: {stderr}"
+    );
+}

@@ -1,14 +1,16 @@
 //! The shared token: where it lives, how it is read, and what makes it acceptable.
 //!
 //! Both sides apply the same rules, so a token one side accepts the other accepts too:
-//! - a token file must not be accessible to group or others (as ssh treats private keys);
+//! - a token file must not be accessible to group or others, must belong to the user reading
+//!   it, and its directory must belong to that user (or root) and not be writable by group or
+//!   others, so nobody else can have planted or swapped it (as ssh treats private keys);
 //! - a token carries at least 128 bits: 32 hex digits, or 22 characters of any other
 //!   printable ASCII (base64 and the like carry 6 bits each);
 //! - surrounding whitespace is not part of the token.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The fewest bits a token must carry.
@@ -38,6 +40,22 @@ pub enum TokenError {
          restrict it with: chmod 600 {path}"
     )]
     TooOpen { path: PathBuf, mode: u32 },
+    #[error(
+        "token file {path} belongs to uid {owner}, not to uid {me} who reads it; \
+         make it yours with: chown {me} {path}"
+    )]
+    NotOwned { path: PathBuf, owner: u32, me: u32 },
+    #[error(
+        "the directory {dir} of token file {path} can be changed by another user \
+         (owner uid {owner}, mode {mode:04o}); keep the token in a directory only you \
+         (or root) can write, e.g. chmod go-w {dir}"
+    )]
+    DirTooOpen {
+        path: PathBuf,
+        dir: PathBuf,
+        owner: u32,
+        mode: u32,
+    },
     #[error("token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes")]
     TooLarge { path: PathBuf },
     #[error("the token {origin} is empty")]
@@ -113,6 +131,15 @@ impl Token {
                 mode,
             });
         }
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(TokenError::NotOwned {
+                path: path.into(),
+                owner: meta.uid(),
+                me,
+            });
+        }
+        check_dir(path, me)?;
         if meta.len() > MAX_TOKEN_FILE_BYTES {
             return Err(TokenError::TooLarge { path: path.into() });
         }
@@ -133,6 +160,30 @@ impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Token(..)")
     }
+}
+
+/// The token file's directory: whoever can write it can replace the file. Owned by the
+/// reader or root, not writable by group or others (a sticky bit is no excuse: it does not stop
+/// the first user to create a missing name).
+fn check_dir(path: &Path, me: u32) -> Result<(), TokenError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::metadata(dir).map_err(|source| TokenError::Read {
+        path: dir.into(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if (meta.uid() != me && meta.uid() != 0) || mode & 0o022 != 0 {
+        return Err(TokenError::DirTooOpen {
+            path: path.into(),
+            dir: dir.into(),
+            owner: meta.uid(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 /// Bits a token carries, counted generously by its alphabet: 4 a character when every
@@ -241,6 +292,39 @@ mod tests {
         assert!(Token::read_file(&p).is_ok());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert!(Token::read_file(&p).is_ok());
+    }
+
+    #[test]
+    fn token_files_of_another_user_or_in_an_open_directory_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cfg");
+        std::fs::create_dir(&dir).unwrap();
+        let p = dir.join("token");
+        std::fs::write(&p, "0123456789abcdef0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Token::read_file(&p).is_ok());
+        for mode in [0o770, 0o707, 0o1777] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = Token::read_file(&p).unwrap_err().to_string();
+            assert!(
+                e.contains(&dir.display().to_string()) && e.contains("chmod go-w"),
+                "{mode:o}: {e}"
+            );
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(Token::read_file(&p).is_ok());
+        if !rustix::process::geteuid().is_root() {
+            // Giving a file away needs root; CI runs as root, so there this check always runs.
+            assert!(std::env::var_os("CI").is_none(), "chown needs root");
+            return;
+        }
+        std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+        let e = Token::read_file(&p).unwrap_err().to_string();
+        assert!(e.contains("uid 65534") && e.contains("chown 0"), "{e}");
+        std::os::unix::fs::chown(&p, Some(0), None).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let e = Token::read_file(&p).unwrap_err().to_string();
+        assert!(e.contains("owner uid 65534"), "{e}");
     }
 
     #[test]

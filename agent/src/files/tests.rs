@@ -760,6 +760,18 @@ async fn reserved_names_are_refused_as_targets() {
         b"{}"
     );
     assert!(!a.path("ws/.a.dglrun-partial").exists());
+    // Nor anywhere beneath it, an existing subdirectory or a new one.
+    fs::create_dir_all(a.root.state_dir().join("sub")).unwrap();
+    for p in ["state/sub/x", "state/new/x"] {
+        let err = put(&a, messages(manifest(p, &d, 0o644), &bytes, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{p}: {err:?}");
+        let err = prepare(&a, vec![manifest(p, &d, 0o644)]).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{p}: {err:?}");
+    }
+    assert!(!a.root.state_dir().join("sub/x").exists());
+    assert!(!a.root.state_dir().join("new/x").exists());
 }
 
 #[tokio::test]

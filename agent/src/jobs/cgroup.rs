@@ -11,7 +11,9 @@
 //! No controller is enabled anywhere, so the cgroup "no internal processes" rule does not
 //! apply: the agent stays where it was started and creates its cgroups beside itself. The
 //! directory is named for the agent's root (one agent per root), so a restarted agent finds
-//! what its previous run left and kills it.
+//! what its previous run left and kills it. A running agent holds an flock on its directory:
+//! a starting agent removes the empty job cgroups of every sibling directory it can lock (its
+//! agent is gone, killed and never restarted on that root) and leaves the others alone.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -25,6 +27,48 @@ use sha2::{Digest, Sha256};
 #[derive(Debug)]
 pub struct Cgroups {
     base: PathBuf,
+    /// The base directory, flocked while this agent lives (the kernel drops it however the
+    /// agent dies).
+    _alive: File,
+}
+
+/// Opens and flocks the agent's base directory, making it again if a sweeping agent removed it
+/// between its mkdir and the lock (it was empty and unlocked then).
+fn lock_base(base: &Path) -> io::Result<File> {
+    for _ in 0..8 {
+        let dir = File::open(base)?;
+        // A sweeping agent holds it for a moment; a second `Jobs` on the same root in one
+        // process would hold it for good, so never wait without bound.
+        let mut tries = 0;
+        while let Err(e) =
+            rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        {
+            tries += 1;
+            if tries == 200 {
+                return Err(e.into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let same = match std::fs::metadata(base) {
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                let held = dir.metadata()?;
+                m.ino() == held.ino() && m.dev() == held.dev()
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        if same {
+            return Ok(dir);
+        }
+        match std::fs::create_dir(base) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    Err(io::Error::other(
+        "its directory keeps being removed by other agents",
+    ))
 }
 
 /// Why the agent falls back to the marker scan.
@@ -75,7 +119,14 @@ impl Cgroups {
             let _ = std::fs::remove_dir(&base);
             return Err(Unavailable::NoKill { path: base });
         }
-        let cgroups = Self { base };
+        let alive = lock_base(&base).map_err(|source| Unavailable::NotWritable {
+            path: base.clone(),
+            source,
+        })?;
+        let cgroups = Self {
+            base,
+            _alive: alive,
+        };
         cgroups.remove_leftovers();
         cgroups.remove_empty_siblings();
         Ok(cgroups)
@@ -121,9 +172,10 @@ impl Cgroups {
         let _ = std::fs::remove_dir(&self.base);
     }
 
-    /// Directories of agents that ended without removing theirs (killed agents, other roots).
-    /// rmdir only removes a cgroup without processes and without children, so a directory in
-    /// use is never touched, and an agent whose directory goes makes it again.
+    /// Directories of agents that ended without removing theirs (killed agents, other roots):
+    /// only those nobody holds locked, their empty job cgroups first. rmdir only removes a
+    /// cgroup without processes and without children, so a job cgroup with processes left
+    /// stays for its own agent's restart to kill.
     fn remove_empty_siblings(&self) {
         let Some(parent) = self.base.parent() else {
             return;
@@ -134,9 +186,24 @@ impl Cgroups {
         for entry in dir.flatten() {
             let name = entry.file_name();
             let is_agent_dir = name.to_str().is_some_and(|n| n.starts_with("dglrun-"));
-            if is_agent_dir && entry.path() != self.base {
-                let _ = std::fs::remove_dir(entry.path());
+            if !is_agent_dir || entry.path() == self.base {
+                continue;
             }
+            let Ok(held) = File::open(entry.path()) else {
+                continue;
+            };
+            let flock = rustix::fs::FlockOperation::NonBlockingLockExclusive;
+            if rustix::fs::flock(&held, flock).is_err() {
+                continue; // its agent runs
+            }
+            if let Ok(jobs) = std::fs::read_dir(entry.path()) {
+                for job in jobs.flatten() {
+                    if job.file_type().is_ok_and(|t| t.is_dir()) {
+                        let _ = std::fs::remove_dir(job.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(entry.path());
         }
     }
 
@@ -316,5 +383,45 @@ mod tests {
         assert_eq!(unified_mount(odd), Some(PathBuf::from("/mnt/my cg")));
         let nested = "40 30 0:35 /sub /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
         assert_eq!(unified_mount(nested), None);
+    }
+
+    #[test]
+    fn a_dead_agents_empty_job_cgroups_go_and_a_live_agents_stay() {
+        let roots = tempfile::tempdir().unwrap();
+        let live = match Cgroups::detect(&roots.path().join("live")) {
+            Ok(c) => c,
+            Err(e) => {
+                // CI runs where the agent may make cgroups.
+                assert!(std::env::var_os("CI").is_none(), "no cgroup here: {e}");
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let live_job = live.create_job("held-empty").unwrap();
+        let parent = live.base().parent().unwrap().to_path_buf();
+        // What an agent killed with SIGKILL leaves: its directory with empty job cgroups.
+        let dead = parent.join(format!("dglrun-dead{:012x}", rand_suffix()));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::create_dir(dead.join("job-a")).unwrap();
+        std::fs::create_dir(dead.join("job-b")).unwrap();
+        let other = Cgroups::detect(&roots.path().join("other")).unwrap();
+        let dead_gone = !dead.exists();
+        let live_kept = live_job.dir().exists();
+        if !dead_gone {
+            let _ = std::fs::remove_dir(dead.join("job-a"));
+            let _ = std::fs::remove_dir(dead.join("job-b"));
+            let _ = std::fs::remove_dir(&dead);
+        }
+        drop(live_job);
+        drop((live, other));
+        assert!(dead_gone, "{} is left", dead.display());
+        assert!(live_kept, "a live agent's empty job cgroup was removed");
+    }
+
+    fn rand_suffix() -> u64 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        t.as_nanos() as u64 ^ u64::from(std::process::id())
     }
 }

@@ -32,7 +32,7 @@ pub mod tree;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ use dglrun_proto::pb::{self, OutputStream};
 use tokio::sync::{oneshot, watch};
 use tonic::Status;
 
-use crate::confine::Root;
+use crate::confine::{Root, Workdir};
 use crate::limits::MAX_JOBS;
 use crate::service::EventStream;
 pub use error::JobError;
@@ -201,19 +201,14 @@ impl Jobs {
         self.map().values().cloned().collect()
     }
 
-    /// `p` relative to `base` (or absolute inside the root), confined to the root.
-    fn resolve_under(&self, base: &Path, p: &str) -> Result<PathBuf, JobError> {
-        if p.is_empty() {
-            return Ok(base.to_path_buf());
-        }
-        if Path::new(p).is_absolute() {
-            return Ok(self.root.resolve(p)?);
-        }
+    /// The directory `p` relative to `base` (or absolute inside the root), opened beneath the
+    /// root.
+    fn workdir(&self, base: &Path, p: &str) -> Result<Workdir, JobError> {
         let joined = base.join(p);
         let joined = joined
             .to_str()
             .ok_or_else(|| JobError::NotUtf8(joined.clone()))?;
-        Ok(self.root.resolve(joined)?)
+        Ok(self.root.open_workdir(joined)?)
     }
 
     pub async fn preflight(&self, req: preflight::Preflight) -> Result<pb::PreflightReply, Status> {
@@ -244,14 +239,18 @@ impl Jobs {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(JobError::ShuttingDown);
         }
-        let workspace = self.root.resolve(&req.workspace)?;
-        if !workspace.is_dir() {
-            return Err(JobError::NoWorkspace(workspace));
-        }
+        let workspace = match self.root.open_workdir(&req.workspace) {
+            Ok(w) => w.path,
+            Err(e) if e.is_not_found() || e.is_not_a_directory() => {
+                let rel = self.root.parse(&req.workspace)?;
+                return Err(JobError::NoWorkspace(self.root.path().join(rel.rel())));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut commands = Vec::with_capacity(req.processes.len());
         for spec in &req.processes {
-            let cwd = self.resolve_under(&workspace, &spec.cwd)?;
-            let cmd = process::command(spec, &cwd, &req.job_id, self.root.path());
+            let cwd = self.workdir(&workspace, &spec.cwd)?;
+            let cmd = process::command(spec, cwd, &req.job_id, self.root.path());
             commands.push((spec.label.clone(), describe(spec), cmd));
         }
         let lease = req.lease.unwrap_or(self.config.lease_timeout);

@@ -12,11 +12,13 @@
 //! Values are never spliced into a command line.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::spec::{self, JobId, ProcessSpec};
+use crate::confine::Workdir;
 
 /// Marker: the job id, inherited by every descendant.
 pub const JOB_ID_VAR: &str = "DGLRUN_JOB_ID";
@@ -85,8 +87,9 @@ pub fn expand(value: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
     out
 }
 
-/// The command for `spec`, ready to spawn. `cwd` is already resolved inside the root.
-pub fn command(spec: &ProcessSpec, cwd: &Path, job_id: &JobId, agent_root: &Path) -> Command {
+/// The command for `spec`, ready to spawn. `cwd` was opened beneath the root; the child
+/// changes into that fd, never into a path a symlink could redirect after the check.
+pub fn command(spec: &ProcessSpec, cwd: Workdir, job_id: &JobId, agent_root: &Path) -> Command {
     let mut cmd = match &spec.command {
         spec::Command::Argv(a) => {
             // Never empty (see `spec`); an empty one would fail at exec with a clear error.
@@ -116,11 +119,16 @@ pub fn command(spec: &ProcessSpec, cwd: &Path, job_id: &JobId, agent_root: &Path
     }
     cmd.env(JOB_ID_VAR, job_id.as_str())
         .env(AGENT_VAR, agent_root)
-        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    let dir = cwd.fd;
+    // SAFETY: fchdir(2) is async-signal-safe; the closure owns the fd, which lives as long as
+    // the command and is closed in the child at exec (O_CLOEXEC).
+    unsafe {
+        cmd.pre_exec(move || rustix::process::fchdir(dir.as_fd()).map_err(Into::into));
+    }
     cmd
 }
 

@@ -129,6 +129,21 @@ impl Reaper {
         })
     }
 
+    /// Sends `sigs` to process group `pgid` only while its leader is a child this agent
+    /// spawned and has not reaped: until then the leader's pid, and with it the group id,
+    /// cannot be reused, so the signals reach that group and no other. Under the registry
+    /// lock, which the reaper holds to reap. False when nothing was sent.
+    pub fn signal_unreaped_group(&self, pgid: i32, sigs: &[nix::sys::signal::Signal]) -> bool {
+        let reg = self.lock();
+        if !reg.waiting.contains_key(&pgid) {
+            return false;
+        }
+        for sig in sigs {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), *sig);
+        }
+        true
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         // A panic elsewhere while holding the lock leaves a usable map; keep going.
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
@@ -212,6 +227,22 @@ mod tests {
         for rx in rxs {
             assert_eq!(rx.blocking_recv().unwrap(), Exit::Code(0));
         }
+    }
+
+    #[test]
+    fn a_group_is_signalled_only_while_its_leader_is_unreaped() {
+        use std::os::unix::process::CommandExt;
+        let r = Reaper::get().unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60").process_group(0);
+        let s = r.spawn(&mut cmd).unwrap();
+        let pgid = s.child.id() as i32;
+        let none: &[nix::sys::signal::Signal] = &[];
+        assert!(r.signal_unreaped_group(pgid, none));
+        assert!(r.signal_unreaped_group(pgid, &[nix::sys::signal::Signal::SIGKILL]));
+        assert_eq!(s.exit.blocking_recv().unwrap(), Exit::Signal(9));
+        // Reaped: the group id may now belong to anyone.
+        assert!(!r.signal_unreaped_group(pgid, &[nix::sys::signal::Signal::SIGKILL]));
     }
 
     #[test]

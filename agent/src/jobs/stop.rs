@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::pidfd;
@@ -72,11 +72,18 @@ fn send(
     signalled: &mut HashSet<i32>,
 ) {
     let own_pgid = nix::unistd::getpgrp().as_raw();
+    // A group id is only safe to signal while it cannot have been reused: its leader is a
+    // child the agent has not reaped. Other groups' members are reached one by one below.
+    let reaper = super::reaper::Reaper::get().ok();
+    // A stopped process would not act on SIGTERM until continued.
+    let sigs: &[Signal] = if sig == Signal::SIGTERM {
+        &[Signal::SIGTERM, Signal::SIGCONT]
+    } else {
+        &[sig]
+    };
     for g in tree::whole_groups(members, all, own_pgid) {
-        let _ = killpg(Pid::from_raw(g), sig);
-        if sig == Signal::SIGTERM {
-            // A stopped process would not act on SIGTERM until continued.
-            let _ = killpg(Pid::from_raw(g), Signal::SIGCONT);
+        if let Some(r) = &reaper {
+            r.signal_unreaped_group(g, sigs);
         }
     }
     let seeds: HashMap<i32, &Seed> = query.seeds.iter().map(|s| (s.pid, s)).collect();

@@ -642,3 +642,59 @@ fn an_exited_child_is_never_a_member_seed() {
         "the pidfd is closed once reaped"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_working_directory_swapped_for_a_symlink_never_starts_a_process_outside() {
+    let (d, jobs) = jobs(Duration::from_secs(30));
+    let outside = d.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let ws = jobs.root.path().join("ws");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, ws, outside) = (stop.clone(), ws.clone(), outside.clone());
+        std::thread::spawn(move || {
+            let (dir, link) = (ws.join("d"), ws.join("link"));
+            std::fs::create_dir(&dir).unwrap();
+            std::os::unix::fs::symlink(&outside, &link).unwrap();
+            // `d` flips between a real directory and a symlink out of the root, atomically.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &dir,
+                    rustix::fs::CWD,
+                    &link,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .unwrap();
+            }
+        })
+    };
+    // Let the swapper start flipping before the first Spawn.
+    while std::fs::symlink_metadata(ws.join("link")).is_err() {
+        std::thread::yield_now();
+    }
+    let (mut started, mut refused) = (0, Vec::new());
+    // Most tries find the symlink and are refused; enough get through to hit the window.
+    for i in 0..5000 {
+        if started == 40 {
+            break;
+        }
+        let mut p = shell(&format!("t{i}"), &format!(": > leak{i}"));
+        p.cwd = "d".into();
+        match jobs.spawn_pb(spawn_req("jcwd", vec![p])).await {
+            Ok(_) => started += 1,
+            Err(e) => refused.push(e.message().to_string()),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(started > 0, "no Spawn got through: {:?}", refused.first());
+    // Every started process has run its one command by the time all of them exited.
+    let _ = collect_until_exited(&jobs, "jcwd", started).await;
+    let leaked: Vec<_> = std::fs::read_dir(&outside).unwrap().collect();
+    assert!(
+        leaked.is_empty(),
+        "{} of {started} processes started outside the root: {leaked:?}",
+        leaked.len()
+    );
+}

@@ -175,7 +175,26 @@ impl Summary {
 /// One event as its line (without the newline).
 pub fn to_line(e: &Event<'_>) -> String {
     // Serializing these types cannot fail (string keys, no maps of non-strings).
-    serde_json::to_string(e).unwrap_or_default()
+    escape_del_c1(serde_json::to_string(e).unwrap_or_default())
+}
+
+/// JSON escapes only C0 controls; DEL and the C1 range (U+0080-U+009F, e.g. U+009B, a CSI
+/// for some terminals) would reach a terminal that shows the JSON raw. Outside strings JSON
+/// is plain ASCII, so every such character is inside a string, where `\u00XX` is valid.
+pub fn escape_del_c1(json: String) -> String {
+    let is_del_c1 = |c: char| matches!(c, '\u{7f}'..='\u{9f}');
+    if !json.contains(is_del_c1) {
+        return json;
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if is_del_c1(c) {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -249,6 +268,34 @@ mod tests {
         });
         assert_eq!(v["event"], "lost_lines");
         assert_eq!(v["count"], 5);
+    }
+
+    #[test]
+    fn del_and_c1_controls_are_escaped_like_c0_ones() {
+        let w = who();
+        let text = "a\u{1b}[2Jb\u{7f}c\u{85}d\u{9b}2Je\u{80}\u{9f}\u{a0}é";
+        let e = Event::Line {
+            who: &w,
+            stream: "stdout",
+            text: Cow::Borrowed(text),
+            elapsed_ms: 1,
+        };
+        let line = to_line(&e);
+        let raw: Vec<char> = line
+            .chars()
+            .filter(|c| c.is_control() && *c != '\u{a0}')
+            .collect();
+        assert!(raw.is_empty(), "raw controls {raw:?} in {line}");
+        for esc in [
+            "\\u001b", "\\u007f", "\\u0085", "\\u009b", "\\u0080", "\\u009f",
+        ] {
+            assert!(line.contains(esc), "{esc} in {line}");
+        }
+        assert!(
+            line.contains("\u{a0}é"),
+            "printable characters stay: {line}"
+        );
+        assert_eq!(parse(&e)["text"], text);
     }
 
     #[test]

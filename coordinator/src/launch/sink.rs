@@ -224,7 +224,7 @@ impl Sink {
             p.who = self.addressed(&p.who);
         }
         self.event(&Event::Summary(&s));
-        let json = serde_json::to_string_pretty(&s).unwrap_or_default();
+        let json = events::escape_del_c1(serde_json::to_string_pretty(&s).unwrap_or_default());
         self.log_with(|l| {
             l.merged(text.as_bytes())?;
             l.summary(text, &json)
