@@ -45,7 +45,7 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Which transports the listener accepts, from the configuration.
 fn listen_policy(config: &AgentConfig) -> anyhow::Result<ListenPolicy> {
     let tls = match (&config.tls, &config.token) {
-        (Some(files), _) => Some(files.rustls_server().map_err(anyhow::Error::msg)?),
+        (Some(files), _) => Some(files.rustls_server()?),
         (None, Some(token)) => Some(
             TokenKeys::derive(token)
                 .and_then(|k| k.server_config())

@@ -44,8 +44,7 @@ impl AccessArgs {
             self.tls_cert.clone(),
             self.tls_key.clone(),
             self.tls_ca.clone(),
-        )
-        .map_err(anyhow::Error::msg)?;
+        )?;
         if self.insecure_plaintext {
             eprintln!(
                 "dgl-coord: warning: --insecure-plaintext: the token crosses the network in \

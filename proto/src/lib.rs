@@ -6,10 +6,13 @@
 
 pub mod compress;
 pub mod digest;
+mod error_chain;
 pub mod meta;
 pub mod tls;
 pub mod token;
 pub mod token_tls;
+
+pub use error_chain::error_chain;
 
 /// Generated protobuf and gRPC types.
 pub mod pb {

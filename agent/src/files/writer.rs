@@ -75,9 +75,10 @@ pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileR
                     pb::Compression::Zstd => unpacker.unpack(&data, len as usize).map_err(|e| {
                         metrics::add(&metrics::COUNTERS.verification_failures, 1);
                         FilesError::DataLoss(format!(
-                            "{}: the compressed chunk at offset {offset} {e}; nothing from it \
+                            "{}: the compressed chunk at offset {offset} {}; nothing from it \
                              was written",
-                            m.path
+                            m.path,
+                            dglrun_proto::error_chain(&e)
                         ))
                     })?,
                 };

@@ -41,6 +41,8 @@ use dglrun_proto::pb::{self, OutputStream};
 use tokio::sync::{oneshot, watch};
 use tonic::Status;
 
+pub(crate) use dglrun_proto::error_chain;
+
 use crate::confine::Root;
 use crate::limits::MAX_JOBS;
 use crate::service::EventStream;
@@ -538,18 +540,6 @@ fn describe(spec: &ProcessSpec) -> String {
         spec::Command::Argv(a) => a.first().cloned().unwrap_or_default(),
         spec::Command::Shell(_) => "/bin/sh".to_string(),
     }
-}
-
-/// The message of `e` followed by its causes, for a reply or a log line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 /// How long after a stop that could not finish the lease monitor tries again.
