@@ -98,7 +98,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let files = Arc::new(Files::new(root.clone()).with_workspaces(jobs.workspaces().clone()));
     let service = AgentService::new(root.clone(), files, jobs.clone());
     if let Some(addr) = config.metrics_listen {
-        let serving = crate::metrics::serve(crate::metrics::bind(addr).await?, jobs.clone());
+        let serving = crate::metrics::serve(crate::metrics::bind(addr).await?, jobs.gauges());
         tokio::spawn(async move {
             if let Err(e) = serving.await {
                 tracing::error!("metrics server stopped: {e:#}");

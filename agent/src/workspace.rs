@@ -18,8 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tonic::Status;
-
 use crate::jobs::job::Job;
 
 /// A copy that sent nothing for this long has been abandoned: it no longer holds anything.
@@ -64,12 +62,6 @@ pub enum Held {
         job: String,
         started: String,
     },
-}
-
-impl From<Held> for Status {
-    fn from(h: Held) -> Self {
-        Status::failed_precondition(h.to_string())
-    }
 }
 
 struct JobHold {

@@ -45,13 +45,16 @@ pub(crate) use dglrun_proto::error_chain;
 
 use crate::confine::Root;
 use crate::limits::MAX_JOBS;
-use crate::service::EventStream;
 pub use error::JobError;
 use job::Job;
 use reaper::{Exit, Reaper};
 use slots::{AggregateLimits, Counter};
 use spec::{JobId, ProcessSpec, SpawnSpec, StopSpec, WatchSpec};
 use state_file::StateFile;
+
+/// A job's events as Watch streams them.
+pub type EventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 
 #[derive(Clone, Debug)]
 pub struct JobsConfig {
@@ -458,6 +461,27 @@ impl Jobs {
             signalled: outcome.signalled,
             remaining: outcome.remaining,
             already_finished: !was_running && outcome.signalled == 0,
+        })
+    }
+
+    /// The metrics' gauges, read from the known jobs at each scrape.
+    pub fn gauges(self: &Arc<Self>) -> crate::metrics::ReadGauges {
+        let jobs = Arc::downgrade(self);
+        Arc::new(move || {
+            let Some(jobs) = jobs.upgrade() else {
+                return crate::metrics::Gauges::default();
+            };
+            let list = jobs.list_known().jobs;
+            crate::metrics::Gauges {
+                processes_running: list
+                    .iter()
+                    .map(|j| j.processes.iter().filter(|p| p.running).count())
+                    .sum(),
+                jobs_running: list
+                    .iter()
+                    .filter(|j| j.processes.iter().any(|p| p.running))
+                    .count(),
+            }
         })
     }
 
