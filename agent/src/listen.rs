@@ -264,7 +264,13 @@ async fn accept_loop(
     let table = Arc::new(Table::default());
     let mut refused_logged = false;
     loop {
-        let (tcp, remote) = match listener.accept().await {
+        // The server dropped the stream (shutdown): close the listening socket with it, not
+        // at the next connection attempt.
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = tx.closed() => return,
+        };
+        let (tcp, remote) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and the like: wait rather than spin; the cap makes this rare.

@@ -68,7 +68,7 @@ fn main() {
         .into_config(token, nofile)
         .unwrap_or_else(|e| fail(e));
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| fail(e.into()));
-    if let Err(e) = runtime.block_on(server::run(config)) {
+    if let Err(e) = runtime.block_on(server::run_until_signal(config)) {
         fail(e);
     }
 }

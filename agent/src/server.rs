@@ -1,5 +1,8 @@
-//! Builds the agent from its configuration and serves it until SIGTERM or SIGINT.
+//! Builds the agent from its configuration and serves it on a listener until a shutdown
+//! future completes (`run`, which tests call in-process on `127.0.0.1:0`), or on its
+//! configured address until SIGTERM or SIGINT (`run_until_signal`, the binary's).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,7 +70,21 @@ fn listen_policy(config: &AgentConfig) -> anyhow::Result<ListenPolicy> {
     })
 }
 
-pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+/// Binds `config.listen` and serves until SIGTERM or SIGINT.
+pub async fn run_until_signal(config: AgentConfig) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    run(config, listener, wait_for_shutdown_signal()).await
+}
+
+/// Serves the agent on `listener` (`config.listen` is not used) until `shutdown` completes;
+/// then stops every job and returns.
+pub async fn run(
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let policy = listen_policy(&config)?;
     if policy.insecure_plaintext {
         tracing::warn!(
@@ -105,9 +122,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         });
     }
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local = listener.local_addr()?;
     // One stdout line tests and scripts can wait for; logs go to stderr.
     println!(
@@ -131,7 +145,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // hold the server up, and their coordinators should see the exits.
     let jobs_at_shutdown = jobs.clone();
     let shutdown = async move {
-        wait_for_shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutting down: stopping jobs");
         jobs_at_shutdown.shutdown().await;
     };
