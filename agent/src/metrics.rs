@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 /// What the gauges read at scrape time; the server hands `serve` a function that fills it
@@ -53,9 +55,7 @@ pub fn process_exited(code: i32, signal: i32, stopped_by_agent: bool) {
     } else {
         "failure"
     };
-    if let Ok(mut m) = COUNTERS.exits.lock() {
-        *m.entry(status).or_default() += 1;
-    }
+    *COUNTERS.exits.lock().entry(status).or_default() += 1;
 }
 
 /// The text exposition format.
@@ -98,13 +98,11 @@ pub fn render(gauges: Gauges) -> String {
         c.processes_started.load(Ordering::Relaxed),
     );
     let _ = writeln!(out, "# HELP dglrun_agent_process_exits_total Process exits by status.\n# TYPE dglrun_agent_process_exits_total counter");
-    if let Ok(m) = c.exits.lock() {
-        for (status, n) in m.iter() {
-            let _ = writeln!(
-                out,
-                "dglrun_agent_process_exits_total{{status=\"{status}\"}} {n}"
-            );
-        }
+    for (status, n) in c.exits.lock().iter() {
+        let _ = writeln!(
+            out,
+            "dglrun_agent_process_exits_total{{status=\"{status}\"}} {n}"
+        );
     }
     let _ = writeln!(out, "# HELP dglrun_agent_jobs_running Jobs with live processes.\n# TYPE dglrun_agent_jobs_running gauge\ndglrun_agent_jobs_running {jobs_running}");
     let _ = writeln!(out, "# HELP dglrun_agent_processes_running Job processes running.\n# TYPE dglrun_agent_processes_running gauge\ndglrun_agent_processes_running {processes_running}");

@@ -4,7 +4,8 @@
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use dglrun_proto::digest::{FileDigest, Hash, HashCache};
@@ -36,9 +37,9 @@ impl SharedCache {
         }
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashCache> {
+    fn cache(&self) -> parking_lot::MutexGuard<'_, HashCache> {
         // The cache only saves work: after a panic elsewhere its contents are still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     pub fn lookup(&self, file: &Path, meta: &Metadata) -> Option<Hash> {
@@ -72,7 +73,7 @@ impl SharedCache {
     /// Saves unless a save happened within [`SAVE_INTERVAL`]. Blocking.
     pub fn save_soon(&self) {
         let due = {
-            let last = self.last_save.lock().unwrap_or_else(|p| p.into_inner());
+            let last = self.last_save.lock();
             last.is_none_or(|t| t.elapsed() >= SAVE_INTERVAL)
         };
         if due {
@@ -86,7 +87,7 @@ impl SharedCache {
             // Losing the cache costs a re-read later, never a wrong answer.
             tracing::warn!("cannot save the hash cache: {e}");
         }
-        *self.last_save.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.last_save.lock() = Some(Instant::now());
     }
 }
 

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 
 use tokio::sync::OwnedMutexGuard;
 
@@ -19,7 +21,7 @@ impl PathLocks {
     /// travel into the blocking thread that does the writing and outlive the request.
     pub async fn lock(&self, path: &Path) -> OwnedMutexGuard<()> {
         let mutex = {
-            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.map.lock();
             if let Some(m) = map.get(path).and_then(Weak::upgrade) {
                 m
             } else {

@@ -11,7 +11,8 @@ use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+
+use parking_lot::Mutex;
 
 use dglrun_proto::digest::{chunk_hash, Hash};
 use dglrun_proto::CHUNK_SIZE;
@@ -84,8 +85,8 @@ pub struct Verified {
 }
 
 impl Verified {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Record>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn map(&self) -> parking_lot::MutexGuard<'_, HashMap<PathBuf, Record>> {
+        self.map.lock()
     }
 
     /// Remembers that the first `good` bytes of `partial`, as it is now, are a verified

@@ -34,7 +34,9 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dglrun_proto::pb::{self, OutputStream};
@@ -192,7 +194,7 @@ impl Jobs {
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<JobId, Arc<Job>>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+        self.jobs.lock()
     }
 
     fn get(&self, id: &JobId) -> Result<Arc<Job>, JobError> {

@@ -14,7 +14,9 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Condvar, Mutex};
 use std::time::Duration;
 
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
@@ -129,9 +131,9 @@ impl Reaper {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Registry> {
         // A panic elsewhere while holding the lock leaves a usable map; keep going.
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+        self.registry.lock()
     }
 
     fn run(&self) {
@@ -165,7 +167,7 @@ impl Reaper {
             if !none {
                 return;
             }
-            reg = self.spawned.wait(reg).unwrap_or_else(|p| p.into_inner());
+            self.spawned.wait(&mut reg);
         }
     }
 
