@@ -5,6 +5,8 @@
 
 use std::ffi::OsString;
 
+use dglrun_coordinator::launch::command::quote;
+
 /// Subcommands that take a user command the way launch.py does.
 const WITH_COMMAND: &[&str] = &["launch", "run"];
 
@@ -39,31 +41,6 @@ pub(crate) fn is_kv(word: &str) -> bool {
         matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_')
             && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
     })
-}
-
-/// A word for the user's shell to read back as-is (inside double quotes if needed: a bare
-/// `~` would be expanded when pasted).
-fn shell_word(w: &str) -> String {
-    if !w.is_empty()
-        && w.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c))
-    {
-        w.to_string()
-    } else {
-        double_quote(w)
-    }
-}
-
-fn double_quote(w: &str) -> String {
-    let mut s = String::from("\"");
-    for c in w.chars() {
-        if matches!(c, '"' | '\\' | '$' | '`') {
-            s.push('\\');
-        }
-        s.push(c);
-    }
-    s.push('"');
-    s
 }
 
 /// What clap is to parse.
@@ -194,7 +171,7 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
         }
     }
 
-    let flags_shown: Vec<String> = out.iter().map(|w| shell_word(w)).collect();
+    let flags_shown: Vec<String> = out.iter().map(|w| quote(w)).collect();
     let example = |cmd: &str| format!("dgl-coord {name} {} {cmd}", flags_shown.join(" "));
     match positionals.len() {
         1 if positionals[0].trim().is_empty() => {
@@ -220,7 +197,7 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
                 .iter()
                 .map(|p| {
                     if p.contains(char::is_whitespace) {
-                        shell_word(p)
+                        quote(p)
                     } else {
                         p.clone()
                     }
@@ -234,7 +211,7 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
                     .map(|p| format!("`{p}`"))
                     .collect::<Vec<_>>()
                     .join(" "),
-                example(&double_quote(&joined.join(" ")))
+                example(&quote(&joined.join(" ")))
             ));
         }
     }
@@ -362,9 +339,7 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("split it into 6 words"), "{err}");
         assert!(
-            err.contains(
-                "--ip_config ip.txt \"python3 train.py --graph-name \\\"my g\\\" --lr 0.1\""
-            ),
+            err.contains("--ip_config ip.txt \"python3 train.py --graph-name 'my g' --lr 0.1\""),
             "{err}"
         );
         let err = pre(&format!("launch {BASE} -- python3 train.py")).unwrap_err();
@@ -379,7 +354,7 @@ mod tests {
                        --part_config p --ip_config i python3 t.py",
         )
         .unwrap_err();
-        assert!(err.contains("--workspace \"~/ws\""), "{err}");
+        assert!(err.contains("--workspace '~/ws'"), "{err}");
     }
 
     #[test]

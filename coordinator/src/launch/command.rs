@@ -26,15 +26,18 @@ impl CommandLine {
     }
 }
 
-/// `word` as a POSIX shell reads it back: bare when it has only safe characters, else in
-/// single quotes.
+/// `word` as a POSIX shell reads it back: bare when it has only characters no shell treats
+/// specially (`--master_port=1` stays readable), else quoted by `shlex`.
 pub fn quote(word: &str) -> String {
     let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
     if !word.is_empty() && word.chars().all(safe) {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
+        return word.to_string();
     }
+    // No argv word or path holds a NUL; allowing it only makes quoting infallible.
+    shlex::Quoter::new()
+        .allow_nul(true)
+        .quote(word)
+        .map_or_else(|_| String::new(), std::borrow::Cow::into_owned)
 }
 
 /// Argv when the command is a plain list of words (quotes allowed), `sh -c` as soon as it uses
@@ -169,7 +172,16 @@ mod tests {
 
     #[test]
     fn quoting_round_trips() {
-        for w in ["--x=1", "a b", "it's", "", "$HOME", "a\"b"] {
+        for w in [
+            "--x=1",
+            "a b",
+            "it's",
+            "",
+            "$HOME",
+            "a\"b",
+            "~/ws",
+            "a'b\"c$`\\",
+        ] {
             assert_eq!(shlex::split(&quote(w)).unwrap(), [w]);
         }
         assert_eq!(quote("--master_port=1"), "--master_port=1");
