@@ -120,7 +120,7 @@ fn an_empty_command_is_a_usage_error_like_a_missing_one() {
 fn a_split_command_is_still_explained_with_its_quoting() {
     usage_error(
         &with("launch", &["python3", "train.py", "--lr", "0.1"]),
-        &["split it into 4 words", "\"python3 train.py --lr 0.1\""],
+        &["split it into 4 words", "'python3 train.py --lr 0.1'"],
         &[],
     );
 }
