@@ -45,6 +45,7 @@ fn main() {
     )
     .unwrap_or_else(|e| fail(e));
     for k in SECRET_ENV {
+        #[allow(clippy::disallowed_methods)] // main, before the runtime or any other thread starts
         std::env::remove_var(k);
     }
     if nix::unistd::geteuid().is_root() && !settings.allow_root {

@@ -45,7 +45,7 @@ pub(crate) fn is_kv(word: &str) -> bool {
 
 /// What clap is to parse.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Prepared {
+pub(crate) enum Prepared {
     /// The rewritten argv: flags first, then `--` and the user command.
     Rewritten(Vec<OsString>),
     /// The argv as given, to be parsed by [`strict_command`]: it holds a flag error (an
@@ -55,7 +55,7 @@ pub enum Prepared {
 
 /// dgl-coord's parser with the user command unable to swallow flags, so that clap reports an
 /// unknown flag as one ("a similar argument exists") instead of taking it for the command.
-pub fn strict_command() -> clap::Command {
+pub(crate) fn strict_command() -> clap::Command {
     let mut cli = <crate::Cli as clap::CommandFactory>::command();
     for sub in WITH_COMMAND {
         cli = cli.mut_subcommand(sub, |s| {
@@ -69,7 +69,7 @@ pub fn strict_command() -> clap::Command {
 /// that is not `K=V`). Returns a clear message for what clap cannot explain well: a missing or
 /// empty user command, or one the shell split into several words. A flag error is never
 /// turned into one of these: such an argv goes to clap as given.
-pub fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
+pub(crate) fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
     // Only `dgl-coord [global flags] launch ...` is touched.
     let Some(sub) = argv
         .iter()

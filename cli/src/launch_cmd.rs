@@ -12,7 +12,7 @@ use crate::access::AccessArgs;
 use crate::argv::is_kv;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// One `python -m torch.distributed.run` per machine, as DGL does.
     Torchrun,
     /// dglrun starts every trainer itself with torchrun's worker environment.
@@ -39,7 +39,7 @@ the agents' --root ~/dglrun):
     --num_trainers 2 --num_samplers 4 --num_servers 1 \\
     --part_config data/ogb-product.json --ip_config ip_config.txt \\
     \"python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt --num-epochs 5\"")]
-pub struct LaunchArgs {
+pub(crate) struct LaunchArgs {
     /// Directory the processes run in on every host (absolute, or relative to the agent's root).
     #[arg(long, value_name = "DIR", help_heading = DGL)]
     pub(crate) workspace: String,
@@ -70,7 +70,7 @@ pub struct LaunchArgs {
 
 /// What `launch` and `run` share: the job's shape, dglrun's options, the agents, the command.
 #[derive(clap::Args, Debug)]
-pub struct JobArgs {
+pub(crate) struct JobArgs {
     /// Trainer processes per machine (or give --trainers-per-host).
     #[arg(
         long = "num_trainers",
@@ -231,7 +231,7 @@ fn seconds(name: &str, v: f64) -> Result<Duration, UsageError> {
 /// A command line that is wrong as given: exit 2, like clap's own usage errors.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct UsageError(pub String);
+pub(crate) struct UsageError(pub String);
 
 /// `--graph_format`: what DGL's servers accept, `csr`, `csc`, `coo` or a comma list of them.
 fn graph_formats(v: &str) -> Result<String, String> {
@@ -378,7 +378,7 @@ impl JobArgs {
     }
 }
 
-pub async fn run(args: LaunchArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
     let json = args.job.json && !args.dry_run;
     let prepared = args

@@ -1,6 +1,15 @@
 //! The command line as a user meets it: diagnostics of bad flags, exit codes, shell
 //! completions run by the real shells, the man page. Runs the real `dgl-coord` binary.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep; its helper modules are private to this test.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
 use std::process::{Command, Output};
 
 use dglrun_integration_tests::bin;

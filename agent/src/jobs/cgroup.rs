@@ -225,6 +225,7 @@ impl JobCgroup {
             if Instant::now() >= deadline {
                 return false;
             }
+            #[allow(clippy::disallowed_methods)] // on the blocking pool: a stop waits for the cgroup to empty
             std::thread::sleep(Duration::from_millis(10));
         }
     }

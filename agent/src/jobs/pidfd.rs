@@ -82,6 +82,7 @@ mod tests {
             if fd.has_exited() {
                 break;
             }
+            #[allow(clippy::disallowed_methods)] // a test
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         assert!(fd.has_exited());

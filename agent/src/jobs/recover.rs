@@ -106,6 +106,7 @@ pub fn stop_leftovers(root: &Path, state_dir: &Path, grace: Duration) -> Recover
                 signal_exact(p.pid, start, Signal::SIGKILL);
             }
         }
+        #[allow(clippy::disallowed_methods)] // start-up clean-up, on the blocking pool before the agent listens
         std::thread::sleep(POLL);
     }
     report(&out);

@@ -627,6 +627,7 @@ fn an_exited_child_is_never_a_member_seed() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while alive(pid as i32) {
         assert!(Instant::now() < deadline, "the child never exited");
+        #[allow(clippy::disallowed_methods)] // a test
         std::thread::sleep(Duration::from_millis(5));
     }
     // A zombie, not yet reaped, its exit not yet recorded.
