@@ -225,7 +225,8 @@ impl JobCgroup {
             if Instant::now() >= deadline {
                 return false;
             }
-            #[allow(clippy::disallowed_methods)] // on the blocking pool: a stop waits for the cgroup to empty
+            // on the blocking pool: a stop waits for the cgroup to empty
+            #[allow(clippy::disallowed_methods)]
             std::thread::sleep(Duration::from_millis(10));
         }
     }

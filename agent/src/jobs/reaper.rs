@@ -144,7 +144,8 @@ impl Reaper {
                 Err(nix::errno::Errno::ECHILD) => self.sleep_until_spawned(),
                 Err(e) => {
                     tracing::error!("waitid failed: {e}");
-                    #[allow(clippy::disallowed_methods)] // the reaper's own thread, not a runtime worker
+                    // the reaper's own thread, not a runtime worker
+                    #[allow(clippy::disallowed_methods)]
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
