@@ -643,3 +643,26 @@ fn an_exited_child_is_never_a_member_seed() {
         "the pidfd is closed once reaped"
     );
 }
+
+#[test]
+fn a_spawn_may_add_processes_only_to_a_live_job() {
+    let id = JobId::parse("j".into()).unwrap();
+    let lease = Duration::from_secs(10);
+    for (lease_stopped, stopping, want) in [
+        (false, false, None),
+        (false, true, Some("is being stopped")),
+        (true, false, Some("10000")),
+        (true, true, Some("10000")),
+    ] {
+        let got = super::may_add_to(&id, lease_stopped, stopping, lease)
+            .err()
+            .map(|e| e.to_string());
+        match (want, &got) {
+            (None, None) => {}
+            (Some(w), Some(g)) if g.contains(w) => {}
+            _ => {
+                panic!("lease_stopped {lease_stopped} stopping {stopping}: {got:?}, want {want:?}")
+            }
+        }
+    }
+}
