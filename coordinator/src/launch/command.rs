@@ -137,18 +137,25 @@ pub struct TorchRun {
     pub master_port: String,
 }
 
+/// A command torchrun mode cannot wrap.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no python interpreter in command position in {command:?}: torchrun mode starts \
+     `python -m torch.distributed.run` where the command runs python. Start the command \
+     (or a command of its chain: `cd code && python3 train.py`) with the interpreter \
+     (python, python3, python3.11 or a path to one), or use --trainer-mode direct"
+)]
+pub struct NoInterpreter {
+    pub command: String,
+}
+
 /// Inserts `-m torch.distributed.run ...` right after the command's python interpreter.
 ///
 /// DGL replaces every occurrence of the first allowlisted name it finds (so `python3.11` gets
 /// wrapped as `python3 -m ... .11`); this wraps exactly the first interpreter word.
-pub fn wrap_torchrun(command: &str, t: &TorchRun) -> Result<String, String> {
-    let at = find_python(command).ok_or_else(|| {
-        format!(
-            "no python interpreter in command position in {command:?}: torchrun mode starts \
-             `python -m torch.distributed.run` where the command runs python. Start the command \
-             (or a command of its chain: `cd code && python3 train.py`) with the interpreter \
-             (python, python3, python3.11 or a path to one), or use --trainer-mode direct"
-        )
+pub fn wrap_torchrun(command: &str, t: &TorchRun) -> Result<String, NoInterpreter> {
+    let at = find_python(command).ok_or_else(|| NoInterpreter {
+        command: command.to_string(),
     })?;
     let args = format!(
         " -m torch.distributed.run --nproc_per_node={} --nnodes={} --node_rank={} \
@@ -268,6 +275,7 @@ mod tests {
         );
         assert!(wrap_torchrun("./train.sh", &t)
             .unwrap_err()
+            .to_string()
             .contains("--trainer-mode direct"));
     }
 }

@@ -105,8 +105,8 @@ pub enum PlanError {
     Zero(&'static str),
     #[error("the user command is empty")]
     EmptyCommand,
-    #[error("{0}")]
-    Torchrun(String),
+    #[error(transparent)]
+    Torchrun(#[from] command::NoInterpreter),
     #[error("no machines in ip_config")]
     NoMachines,
     #[error("{0}")]
@@ -299,8 +299,7 @@ impl<'a> Planning<'a> {
                         master_addr: self.master_ip.clone(),
                         master_port: self.master_port.clone(),
                     },
-                )
-                .map_err(PlanError::Torchrun)?;
+                )?;
                 // dglrun's own addition: where torchrun keeps its failed rank's error record
                 // (torch's `@record` writes it there), one file per torchrun and job.
                 let mut env = self.env(&client);
