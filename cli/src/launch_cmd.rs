@@ -234,17 +234,22 @@ fn seconds(name: &str, v: f64) -> Result<Duration, UsageError> {
 pub(crate) struct UsageError(pub String);
 
 /// `--graph_format`: what DGL's servers accept, `csr`, `csc`, `coo` or a comma list of them.
-fn graph_formats(v: &str) -> Result<String, String> {
+fn graph_formats(v: &str) -> Result<String, BadValue> {
     let ok = v.split(',').all(|f| matches!(f, "csr" | "csc" | "coo"));
     if ok {
         Ok(v.to_string())
     } else {
-        Err(
-            "DGL's graph formats are csr, csc or coo, or several separated by commas \
-             (`csr,csc`)"
-                .into(),
-        )
+        Err(BadValue::GraphFormat)
     }
+}
+
+/// Why clap refuses a flag's value; clap names the flag and the value.
+#[derive(Debug, thiserror::Error)]
+enum BadValue {
+    #[error("DGL's graph formats are csr, csc or coo, or several separated by commas (`csr,csc`)")]
+    GraphFormat,
+    #[error("--extra_envs takes NAME=value words (DGL's launch.py exports each one)")]
+    ExtraEnv,
 }
 
 /// DGL's launch.py once had `--keep_alive` and `--server_name` to leave servers running for
@@ -259,11 +264,11 @@ fn removed_flag(name: &str) -> UsageError {
 }
 
 /// clap's check of one `--extra_envs` word.
-fn kv_word(w: &str) -> Result<String, String> {
+fn kv_word(w: &str) -> Result<String, BadValue> {
     if is_kv(w) {
         Ok(w.to_string())
     } else {
-        Err("--extra_envs takes NAME=value words (DGL's launch.py exports each one)".into())
+        Err(BadValue::ExtraEnv)
     }
 }
 
