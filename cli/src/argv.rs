@@ -65,33 +65,113 @@ pub(crate) fn strict_command() -> clap::Command {
     cli
 }
 
+/// What `preprocess_args` explains itself; each message ends with the command line to run.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ArgvError {
+    #[error("argument {0:?} is not valid UTF-8")]
+    NotUtf8(OsString),
+    #[error(
+        "the user command is empty. Give the command every process runs, quoted as one \
+         word:\n  {example}"
+    )]
+    EmptyCommand { example: String },
+    #[error(
+        "missing the user command. Give it as the last argument, quoted as one word:\n  {example}"
+    )]
+    MissingCommand { example: String },
+    #[error(
+        "the user command must be one argument, but the shell split it into {words} words \
+         ({shown}). Quote the whole command, as DGL's launch.py requires:\n  {example}"
+    )]
+    SplitCommand {
+        words: usize,
+        shown: String,
+        example: String,
+    },
+}
+
 /// Rewrites argv before clap sees it (DGL's `--extra_envs K=V...` ends at the first word
 /// that is not `K=V`). Returns a clear message for what clap cannot explain well: a missing or
 /// empty user command, or one the shell split into several words. A flag error is never
 /// turned into one of these: such an argv goes to clap as given.
-pub(crate) fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
-    // Only `dgl-coord [global flags] launch ...` is touched.
+pub(crate) fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, ArgvError> {
+    let Some(Subcommand { sub, name, words }) = subcommand_words(&argv)? else {
+        return Ok(Prepared::Rewritten(argv));
+    };
+    if words.iter().any(|w| w == "-h" || w == "--help") {
+        return Ok(Prepared::Rewritten(argv));
+    }
+    let Some(Sorted { flags, positionals }) = sort_words(name, &words) else {
+        return Ok(Prepared::Verbatim(argv));
+    };
+    let flags_shown: Vec<String> = flags.iter().map(|w| quote(w)).collect();
+    let example = |cmd: &str| format!("dgl-coord {name} {} {cmd}", flags_shown.join(" "));
+    let usage = "\"python3 train_dist.py --ip_config ip_config.txt ...\"";
+    match positionals.len() {
+        1 if positionals[0].trim().is_empty() => {
+            return Err(ArgvError::EmptyCommand {
+                example: example(usage),
+            })
+        }
+        1 => {}
+        // Missing required flags are clap's to name; only the command missing is ours.
+        0 if strict_command().try_get_matches_from(&argv).is_err() => {
+            return Ok(Prepared::Verbatim(argv))
+        }
+        0 => {
+            return Err(ArgvError::MissingCommand {
+                example: example(usage),
+            })
+        }
+        n => return Err(split_command(n, &positionals, example)),
+    }
+    let mut result: Vec<OsString> = argv[..=sub].to_vec();
+    result.extend(flags.into_iter().map(OsString::from));
+    result.push("--".into());
+    result.extend(positionals.into_iter().map(OsString::from));
+    Ok(Prepared::Rewritten(result))
+}
+
+/// Where `launch` or `run` is in argv, which, and the words after it; `None` for every other
+/// command line (only `dgl-coord [global flags] launch|run ...` is touched).
+fn subcommand_words(argv: &[OsString]) -> Result<Option<Subcommand>, ArgvError> {
     let Some(sub) = argv
         .iter()
         .skip(1)
         .position(|a| !a.to_string_lossy().starts_with('-'))
         .map(|i| i + 1)
     else {
-        return Ok(Prepared::Rewritten(argv));
+        return Ok(None);
     };
     let Some(&name) = WITH_COMMAND.iter().find(|n| argv[sub] == **n) else {
-        return Ok(Prepared::Rewritten(argv));
+        return Ok(None);
     };
-    let mut words = Vec::new();
-    for a in &argv[sub + 1..] {
-        match a.to_str() {
-            Some(s) => words.push(s.to_string()),
-            None => return Err(format!("argument {a:?} is not valid UTF-8")),
-        }
-    }
-    if words.iter().any(|w| w == "-h" || w == "--help") {
-        return Ok(Prepared::Rewritten(argv));
-    }
+    let words = argv[sub + 1..]
+        .iter()
+        .map(|a| {
+            a.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| ArgvError::NotUtf8(a.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Subcommand { sub, name, words }))
+}
+
+/// `launch` or `run` at `argv[sub]`, and the words after it.
+struct Subcommand {
+    sub: usize,
+    name: &'static str,
+    words: Vec<String>,
+}
+
+/// The words after the subcommand, sorted into flags (rewritten for clap) and positionals.
+struct Sorted {
+    flags: Vec<String>,
+    positionals: Vec<String>,
+}
+
+/// `None` when the words hold a flag error, for clap to name as given.
+fn sort_words(name: &str, words: &[String]) -> Option<Sorted> {
     let flags = known_flags(name);
     let find = |name: &str| {
         flags
@@ -167,59 +247,38 @@ pub(crate) fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
             {
                 positionals.push(w.clone())
             }
-            None => return Ok(Prepared::Verbatim(argv)),
+            None => return None,
         }
     }
 
-    let flags_shown: Vec<String> = out.iter().map(|w| quote(w)).collect();
-    let example = |cmd: &str| format!("dgl-coord {name} {} {cmd}", flags_shown.join(" "));
-    match positionals.len() {
-        1 if positionals[0].trim().is_empty() => {
-            return Err(format!(
-                "the user command is empty. Give the command every process runs, quoted as one \
-                 word:\n  {}",
-                example("\"python3 train_dist.py --ip_config ip_config.txt ...\"")
-            ))
-        }
-        1 => {}
-        // Missing required flags are clap's to name; only the command missing is ours.
-        0 if strict_command().try_get_matches_from(&argv).is_err() => {
-            return Ok(Prepared::Verbatim(argv))
-        }
-        0 => {
-            return Err(format!(
-                "missing the user command. Give it as the last argument, quoted as one word:\n  {}",
-                example("\"python3 train_dist.py --ip_config ip_config.txt ...\"")
-            ))
-        }
-        n => {
-            let joined: Vec<String> = positionals
-                .iter()
-                .map(|p| {
-                    if p.contains(char::is_whitespace) {
-                        quote(p)
-                    } else {
-                        p.clone()
-                    }
-                })
-                .collect();
-            return Err(format!(
-                "the user command must be one argument, but the shell split it into {n} words \
-                 ({}). Quote the whole command, as DGL's launch.py requires:\n  {}",
-                positionals
-                    .iter()
-                    .map(|p| format!("`{p}`"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                example(&quote(&joined.join(" ")))
-            ));
-        }
+    Some(Sorted {
+        flags: out,
+        positionals,
+    })
+}
+
+/// The message for a command the shell split into `n` words, with the quoting that keeps it
+/// whole.
+fn split_command(n: usize, positionals: &[String], example: impl Fn(&str) -> String) -> ArgvError {
+    let joined: Vec<String> = positionals
+        .iter()
+        .map(|p| {
+            if p.contains(char::is_whitespace) {
+                quote(p)
+            } else {
+                p.clone()
+            }
+        })
+        .collect();
+    ArgvError::SplitCommand {
+        words: n,
+        shown: positionals
+            .iter()
+            .map(|p| format!("`{p}`"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        example: example(&quote(&joined.join(" "))),
     }
-    let mut result: Vec<OsString> = argv[..=sub].to_vec();
-    result.extend(out.into_iter().map(OsString::from));
-    result.push("--".into());
-    result.extend(positionals.into_iter().map(OsString::from));
-    Ok(Prepared::Rewritten(result))
 }
 
 #[cfg(test)]
@@ -260,10 +319,12 @@ mod tests {
     fn pre(args: &str) -> Result<Vec<String>, String> {
         let mut argv: Vec<OsString> = vec!["dgl-coord".into()];
         argv.extend(words(args).into_iter().map(OsString::from));
-        preprocess_args(argv).map(|p| {
-            let (Prepared::Rewritten(v) | Prepared::Verbatim(v)) = p;
-            v.into_iter().map(|a| a.into_string().unwrap()).collect()
-        })
+        preprocess_args(argv)
+            .map(|p| {
+                let (Prepared::Rewritten(v) | Prepared::Verbatim(v)) = p;
+                v.into_iter().map(|a| a.into_string().unwrap()).collect()
+            })
+            .map_err(|e| e.to_string())
     }
 
     const BASE: &str =
