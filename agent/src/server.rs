@@ -94,13 +94,7 @@ pub async fn run(
         );
     }
     if let Some(addr) = config.metrics_listen {
-        if !addr.ip().to_canonical().is_loopback() {
-            if !config.metrics_public {
-                anyhow::bail!(
-                    "refusing to serve metrics on {addr}: they are not authenticated, so only \
-                     loopback addresses are allowed; add --metrics-public to serve them there"
-                );
-            }
+        if metrics_exposed(addr, config.metrics_public)? {
             tracing::warn!(%addr, "metrics are served without authentication on a non-loopback address");
         }
     }
@@ -135,6 +129,35 @@ pub async fn run(
         "dgl-agent ready"
     );
 
+    serve(service, &config, listener, policy, jobs, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Metrics are not authenticated: served on loopback, or elsewhere only when the operator
+/// said so (`Ok(true)`: exposed, worth a warning).
+fn metrics_exposed(addr: SocketAddr, public: bool) -> anyhow::Result<bool> {
+    if addr.ip().to_canonical().is_loopback() {
+        return Ok(false);
+    }
+    if !public {
+        anyhow::bail!(
+            "refusing to serve metrics on {addr}: they are not authenticated, so only \
+             loopback addresses are allowed; add --metrics-public to serve them there"
+        );
+    }
+    Ok(true)
+}
+
+/// The gRPC server on `listener` until `shutdown`, which stops every job first.
+async fn serve(
+    service: AgentService,
+    config: &AgentConfig,
+    listener: TcpListener,
+    policy: ListenPolicy,
+    jobs: Arc<Jobs>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let svc = InterceptedService::new(
         AgentServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -143,11 +166,10 @@ pub async fn run(
     );
     // Jobs are stopped before the server stops accepting: open Watch streams would otherwise
     // hold the server up, and their coordinators should see the exits.
-    let jobs_at_shutdown = jobs.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: stopping jobs");
-        jobs_at_shutdown.shutdown().await;
+        jobs.shutdown().await;
     };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -161,9 +183,7 @@ pub async fn run(
         .add_service(svc)
         .serve_with_incoming_shutdown(crate::listen::incoming(listener, policy), shutdown)
         .await
-        .context("agent server failed")?;
-    tracing::info!("stopped");
-    Ok(())
+        .context("agent server failed")
 }
 
 async fn wait_for_shutdown_signal() {
@@ -179,5 +199,26 @@ async fn wait_for_shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_stay_on_loopback_unless_made_public() {
+        for (addr, public, want) in [
+            ("127.0.0.1:9100", false, Some(false)),
+            ("[::1]:9100", false, Some(false)),
+            ("[::ffff:127.0.0.1]:9100", false, Some(false)),
+            ("10.0.0.1:9100", false, None),
+            ("0.0.0.0:9100", false, None),
+            ("10.0.0.1:9100", true, Some(true)),
+            ("127.0.0.1:9100", true, Some(false)),
+        ] {
+            let got = metrics_exposed(addr.parse().unwrap(), public).ok();
+            assert_eq!(got, want, "{addr} public {public}");
+        }
     }
 }
