@@ -199,35 +199,7 @@ fn sort_words(name: &str, words: &[String]) -> Option<Sorted> {
             None => (w.as_str(), false),
         };
         if is_extra_envs(name) && !inline {
-            let start = i;
-            while i < words.len() && !words[i].starts_with('-') && is_kv(&words[i]) {
-                i += 1;
-            }
-            let mut taken: Vec<String> = words[start..i].to_vec();
-            // `--extra_envs A=1 "OMP_NUM_THREADS=2 python3 train.py"` with no other command:
-            // the last word is the command, a shell assignment and all.
-            let rest_has_positional = words[i..].iter().any(|x| !x.starts_with('-'));
-            if !rest_has_positional
-                && positionals.is_empty()
-                && taken
-                    .last()
-                    .is_some_and(|t| t.contains(char::is_whitespace))
-            {
-                if let Some(cmd) = taken.pop() {
-                    positionals.push(cmd);
-                }
-            }
-            if taken.is_empty() {
-                match words.get(i) {
-                    // Not `K=V`: clap's value check names the word and the form it needs.
-                    Some(v) if !v.starts_with('-') => {
-                        out.push(format!("{w}={v}"));
-                        i += 1;
-                    }
-                    _ => out.push(w.clone()), // clap says a value is missing
-                }
-            }
-            out.extend(taken.into_iter().map(|kv| format!("--extra_envs={kv}")));
+            i = take_extra_envs(w, words, i, &mut out, &mut positionals);
             continue;
         }
         match find(name) {
@@ -255,6 +227,47 @@ fn sort_words(name: &str, words: &[String]) -> Option<Sorted> {
         flags: out,
         positionals,
     })
+}
+
+/// DGL's `--extra_envs K=V ...` (the flag `w`, its words from `words[i]` on): each `K=V`
+/// becomes `--extra_envs=K=V` in `out`. Returns where the words after it start.
+fn take_extra_envs(
+    w: &str,
+    words: &[String],
+    mut i: usize,
+    out: &mut Vec<String>,
+    positionals: &mut Vec<String>,
+) -> usize {
+    let start = i;
+    while i < words.len() && !words[i].starts_with('-') && is_kv(&words[i]) {
+        i += 1;
+    }
+    let mut taken: Vec<String> = words[start..i].to_vec();
+    // `--extra_envs A=1 "OMP_NUM_THREADS=2 python3 train.py"` with no other command:
+    // the last word is the command, a shell assignment and all.
+    let rest_has_positional = words[i..].iter().any(|x| !x.starts_with('-'));
+    if !rest_has_positional
+        && positionals.is_empty()
+        && taken
+            .last()
+            .is_some_and(|t| t.contains(char::is_whitespace))
+    {
+        if let Some(cmd) = taken.pop() {
+            positionals.push(cmd);
+        }
+    }
+    if taken.is_empty() {
+        match words.get(i) {
+            // Not `K=V`: clap's value check names the word and the form it needs.
+            Some(v) if !v.starts_with('-') => {
+                out.push(format!("{w}={v}"));
+                i += 1;
+            }
+            _ => out.push(w.to_string()), // clap says a value is missing
+        }
+    }
+    out.extend(taken.into_iter().map(|kv| format!("--extra_envs={kv}")));
+    i
 }
 
 /// The message for a command the shell split into `n` words, with the quoting that keeps it
