@@ -19,7 +19,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -91,9 +93,7 @@ struct SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.table.slots.lock() {
-            s.retain(|x| x.id != self.slot.id);
-        }
+        self.table.slots.lock().retain(|x| x.id != self.slot.id);
     }
 }
 
@@ -101,7 +101,7 @@ impl Table {
     /// A place for a new connection, making room by evicting the oldest unauthenticated
     /// one; `None` when every place holds an authenticated connection.
     fn admit(self: &Arc<Self>, cap: usize, remote: SocketAddr) -> Option<SlotGuard> {
-        let mut slots = self.slots.lock().ok()?;
+        let mut slots = self.slots.lock();
         if slots.len() >= cap {
             let victim = slots.iter().position(|s| !s.auth.is_authenticated())?;
             if let Some(v) = slots.remove(victim) {
@@ -264,7 +264,13 @@ async fn accept_loop(
     let table = Arc::new(Table::default());
     let mut refused_logged = false;
     loop {
-        let (tcp, remote) = match listener.accept().await {
+        // The server dropped the stream (shutdown): close the listening socket with it, not
+        // at the next connection attempt.
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = tx.closed() => return,
+        };
+        let (tcp, remote) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and the like: wait rather than spin; the cap makes this rare.

@@ -45,6 +45,7 @@ fn main() {
     )
     .unwrap_or_else(|e| fail(e));
     for k in SECRET_ENV {
+        #[allow(clippy::disallowed_methods)] // main, before the runtime or any other thread starts
         std::env::remove_var(k);
     }
     if nix::unistd::geteuid().is_root() && !settings.allow_root {
@@ -68,7 +69,7 @@ fn main() {
         .into_config(token, nofile)
         .unwrap_or_else(|e| fail(e));
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| fail(e.into()));
-    if let Err(e) = runtime.block_on(server::run(config)) {
+    if let Err(e) = runtime.block_on(server::run_until_signal(config)) {
         fail(e);
     }
 }

@@ -5,12 +5,23 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::jobs::Jobs;
+/// What the gauges read at scrape time; the server hands `serve` a function that fills it
+/// (from the jobs), so this module depends on nothing of the agent's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub jobs_running: usize,
+    pub processes_running: usize,
+}
 
-/// Counters the rest of the agent bumps; gauges are read from `Jobs` at scrape time.
+/// Reads the gauges; may block (it reads /proc), so it runs on the blocking pool.
+pub type ReadGauges = Arc<dyn Fn() -> Gauges + Send + Sync>;
+
+/// Counters the rest of the agent bumps; gauges are read at scrape time.
 pub struct Counters {
     pub bytes_received: AtomicU64,
     pub files_verified: AtomicU64,
@@ -44,13 +55,15 @@ pub fn process_exited(code: i32, signal: i32, stopped_by_agent: bool) {
     } else {
         "failure"
     };
-    if let Ok(mut m) = COUNTERS.exits.lock() {
-        *m.entry(status).or_default() += 1;
-    }
+    *COUNTERS.exits.lock().entry(status).or_default() += 1;
 }
 
 /// The text exposition format.
-pub fn render(jobs_running: usize, processes_running: usize) -> String {
+pub fn render(gauges: Gauges) -> String {
+    let Gauges {
+        jobs_running,
+        processes_running,
+    } = gauges;
     let c = &COUNTERS;
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, v: u64| {
@@ -85,13 +98,11 @@ pub fn render(jobs_running: usize, processes_running: usize) -> String {
         c.processes_started.load(Ordering::Relaxed),
     );
     let _ = writeln!(out, "# HELP dglrun_agent_process_exits_total Process exits by status.\n# TYPE dglrun_agent_process_exits_total counter");
-    if let Ok(m) = c.exits.lock() {
-        for (status, n) in m.iter() {
-            let _ = writeln!(
-                out,
-                "dglrun_agent_process_exits_total{{status=\"{status}\"}} {n}"
-            );
-        }
+    for (status, n) in c.exits.lock().iter() {
+        let _ = writeln!(
+            out,
+            "dglrun_agent_process_exits_total{{status=\"{status}\"}} {n}"
+        );
     }
     let _ = writeln!(out, "# HELP dglrun_agent_jobs_running Jobs with live processes.\n# TYPE dglrun_agent_jobs_running gauge\ndglrun_agent_jobs_running {jobs_running}");
     let _ = writeln!(out, "# HELP dglrun_agent_processes_running Job processes running.\n# TYPE dglrun_agent_processes_running gauge\ndglrun_agent_processes_running {processes_running}");
@@ -112,48 +123,37 @@ const CACHE_FOR: Duration = Duration::from_secs(1);
 /// The last rendered page; the lock also makes concurrent scrapes share one computation.
 type Cached = tokio::sync::Mutex<Option<(Instant, String)>>;
 
-async fn page(jobs: &Arc<Jobs>, cache: &Cached) -> String {
+async fn page(gauges: &ReadGauges, cache: &Cached) -> String {
     let mut c = cache.lock().await;
     if let Some((at, text)) = c.as_ref() {
         if at.elapsed() < CACHE_FOR {
             return text.clone();
         }
     }
-    let jobs = jobs.clone();
-    // Listing jobs reads /proc: never on a runtime worker.
-    let text = tokio::task::spawn_blocking(move || {
-        let list = jobs.list_known().jobs;
-        let running: usize = list
-            .iter()
-            .map(|j| j.processes.iter().filter(|p| p.running).count())
-            .sum();
-        let live_jobs = list
-            .iter()
-            .filter(|j| j.processes.iter().any(|p| p.running))
-            .count();
-        render(live_jobs, running)
-    })
-    .await
-    .unwrap_or_else(|e| format!("# metrics unavailable: {e}\n"));
+    let gauges = gauges.clone();
+    // Reading the gauges reads /proc: never on a runtime worker.
+    let text = tokio::task::spawn_blocking(move || render(gauges()))
+        .await
+        .unwrap_or_else(|e| format!("# metrics unavailable: {e}\n"));
     *c = Some((Instant::now(), text.clone()));
     text
 }
 
 /// Serves `/metrics` until the runtime shuts down.
-pub async fn serve(listener: tokio::net::TcpListener, jobs: Arc<Jobs>) -> anyhow::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, gauges: ReadGauges) -> anyhow::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics");
     let cache: Arc<Cached> = Arc::default();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let (jobs, cache) = (jobs.clone(), cache.clone());
+            let (gauges, cache) = (gauges.clone(), cache.clone());
             async move {
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4",
                     )],
-                    page(&jobs, &cache).await,
+                    page(&gauges, &cache).await,
                 )
             }
         }),
@@ -171,7 +171,10 @@ mod tests {
         add(&COUNTERS.bytes_received, 42);
         process_exited(0, 0, false);
         process_exited(-1, 9, false);
-        let text = render(1, 3);
+        let text = render(Gauges {
+            jobs_running: 1,
+            processes_running: 3,
+        });
         assert!(
             text.contains("dglrun_agent_bytes_received_total "),
             "{text}"

@@ -1,5 +1,8 @@
-//! Builds the agent from its configuration and serves it until SIGTERM or SIGINT.
+//! Builds the agent from its configuration and serves it on a listener until a shutdown
+//! future completes (`run`, which tests call in-process on `127.0.0.1:0`), or on its
+//! configured address until SIGTERM or SIGINT (`run_until_signal`, the binary's).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,7 +48,7 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Which transports the listener accepts, from the configuration.
 fn listen_policy(config: &AgentConfig) -> anyhow::Result<ListenPolicy> {
     let tls = match (&config.tls, &config.token) {
-        (Some(files), _) => Some(files.rustls_server().map_err(anyhow::Error::msg)?),
+        (Some(files), _) => Some(files.rustls_server()?),
         (None, Some(token)) => Some(
             TokenKeys::derive(token)
                 .and_then(|k| k.server_config())
@@ -67,7 +70,21 @@ fn listen_policy(config: &AgentConfig) -> anyhow::Result<ListenPolicy> {
     })
 }
 
-pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+/// Binds `config.listen` and serves until SIGTERM or SIGINT.
+pub async fn run_until_signal(config: AgentConfig) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    run(config, listener, wait_for_shutdown_signal()).await
+}
+
+/// Serves the agent on `listener` (`config.listen` is not used) until `shutdown` completes;
+/// then stops every job and returns.
+pub async fn run(
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let policy = listen_policy(&config)?;
     if policy.insecure_plaintext {
         tracing::warn!(
@@ -77,13 +94,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         );
     }
     if let Some(addr) = config.metrics_listen {
-        if !addr.ip().to_canonical().is_loopback() {
-            if !config.metrics_public {
-                anyhow::bail!(
-                    "refusing to serve metrics on {addr}: they are not authenticated, so only \
-                     loopback addresses are allowed; add --metrics-public to serve them there"
-                );
-            }
+        if metrics_exposed(addr, config.metrics_public)? {
             tracing::warn!(%addr, "metrics are served without authentication on a non-loopback address");
         }
     }
@@ -98,16 +109,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let files = Arc::new(Files::new(root.clone()).with_workspaces(jobs.workspaces().clone()));
     let service = AgentService::new(root.clone(), files, jobs.clone());
     if let Some(addr) = config.metrics_listen {
-        let serving = crate::metrics::serve(crate::metrics::bind(addr).await?, jobs.clone());
+        let serving = crate::metrics::serve(crate::metrics::bind(addr).await?, jobs.gauges());
         tokio::spawn(async move {
             if let Err(e) = serving.await {
                 tracing::error!("metrics server stopped: {e:#}");
             }
         });
     }
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local = listener.local_addr()?;
     // One stdout line tests and scripts can wait for; logs go to stderr.
     println!(
@@ -121,6 +129,35 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "dgl-agent ready"
     );
 
+    serve(service, &config, listener, policy, jobs, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Metrics are not authenticated: served on loopback, or elsewhere only when the operator
+/// said so (`Ok(true)`: exposed, worth a warning).
+fn metrics_exposed(addr: SocketAddr, public: bool) -> anyhow::Result<bool> {
+    if addr.ip().to_canonical().is_loopback() {
+        return Ok(false);
+    }
+    if !public {
+        anyhow::bail!(
+            "refusing to serve metrics on {addr}: they are not authenticated, so only \
+             loopback addresses are allowed; add --metrics-public to serve them there"
+        );
+    }
+    Ok(true)
+}
+
+/// The gRPC server on `listener` until `shutdown`, which stops every job first.
+async fn serve(
+    service: AgentService,
+    config: &AgentConfig,
+    listener: TcpListener,
+    policy: ListenPolicy,
+    jobs: Arc<Jobs>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let svc = InterceptedService::new(
         AgentServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -129,11 +166,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
     // Jobs are stopped before the server stops accepting: open Watch streams would otherwise
     // hold the server up, and their coordinators should see the exits.
-    let jobs_at_shutdown = jobs.clone();
     let shutdown = async move {
-        wait_for_shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutting down: stopping jobs");
-        jobs_at_shutdown.shutdown().await;
+        jobs.shutdown().await;
     };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -147,9 +183,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .add_service(svc)
         .serve_with_incoming_shutdown(crate::listen::incoming(listener, policy), shutdown)
         .await
-        .context("agent server failed")?;
-    tracing::info!("stopped");
-    Ok(())
+        .context("agent server failed")
 }
 
 async fn wait_for_shutdown_signal() {
@@ -165,5 +199,26 @@ async fn wait_for_shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_stay_on_loopback_unless_made_public() {
+        for (addr, public, want) in [
+            ("127.0.0.1:9100", false, Some(false)),
+            ("[::1]:9100", false, Some(false)),
+            ("[::ffff:127.0.0.1]:9100", false, Some(false)),
+            ("10.0.0.1:9100", false, None),
+            ("0.0.0.0:9100", false, None),
+            ("10.0.0.1:9100", true, Some(true)),
+            ("127.0.0.1:9100", true, Some(false)),
+        ] {
+            let got = metrics_exposed(addr.parse().unwrap(), public).ok();
+            assert_eq!(got, want, "{addr} public {public}");
+        }
     }
 }

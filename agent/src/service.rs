@@ -2,12 +2,10 @@
 //! request is parsed once here into its `jobs::spec` type (bounds from `limits`); a
 //! `JobError` becomes a status in one place (`jobs::error`).
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use dglrun_proto::pb::{self, agent_server::Agent};
 use dglrun_proto::{PROTOCOL_VERSION, VERSION};
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use tokio::sync::Semaphore;
@@ -18,7 +16,7 @@ use crate::files::request::PrepareFiles;
 use crate::files::Files;
 use crate::jobs::preflight::Preflight;
 use crate::jobs::spec::{JobId, SpawnSpec, StopSpec, WatchSpec};
-use crate::jobs::Jobs;
+use crate::jobs::{EventStream, Jobs};
 use crate::limits;
 
 pub struct AgentService {
@@ -39,8 +37,6 @@ impl AgentService {
         }
     }
 }
-
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 
 /// How long Hello waits for the free space of the root (a hung mount must not hang Hello).
 const FREE_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);

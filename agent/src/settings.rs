@@ -208,8 +208,8 @@ impl Effective {
 
     /// The server configuration, with the token already read and the open-file limit known.
     pub fn into_config(self, token: Option<Token>, nofile: u64) -> anyhow::Result<AgentConfig> {
-        let tls = dglrun_proto::tls::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca)
-            .map_err(anyhow::Error::msg)?;
+        let tls =
+            dglrun_proto::tls::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca)?;
         Ok(AgentConfig {
             listen: self.listen,
             root: self.root,

@@ -1,6 +1,6 @@
-//! The one place where the errors of the file and preflight handlers become gRPC statuses:
-//! the handlers return their own error enums, and the code a coordinator acts on (retry or
-//! not, refused or missing) is decided here.
+//! The one place where the errors of the file, preflight and workspace checks become gRPC
+//! statuses (job errors: `jobs/error.rs`): the handlers return their own error enums, and the
+//! code a coordinator acts on (retry or not, refused or missing) is decided here.
 
 use std::io;
 
@@ -10,6 +10,14 @@ use crate::blocking::BlockingError;
 use crate::confine::ConfineError;
 use crate::files::FilesError;
 use crate::jobs::preflight::PreflightError;
+use crate::workspace::Held;
+
+/// Another job or copy holds the workspace: the caller may try again once it is done.
+impl From<Held> for Status {
+    fn from(h: Held) -> Self {
+        Status::failed_precondition(h.to_string())
+    }
+}
 
 impl From<ConfineError> for Status {
     fn from(e: ConfineError) -> Self {

@@ -15,10 +15,10 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Weak};
 
-use tonic::Status;
+use parking_lot::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::jobs::job::Job;
 
@@ -64,12 +64,6 @@ pub enum Held {
         job: String,
         started: String,
     },
-}
-
-impl From<Held> for Status {
-    fn from(h: Held) -> Self {
-        Status::failed_precondition(h.to_string())
-    }
 }
 
 struct JobHold {
@@ -180,7 +174,7 @@ impl Inner {
 impl Workspaces {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every update is one step: the state stays consistent across a panicking holder.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     /// Before a launch's Preflight: refused while a copy into `workspace` is under way. (Jobs

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use dglrun_coordinator::cluster::AgentAccess;
 
 #[derive(clap::Args, Debug, Clone)]
-pub struct AccessArgs {
+pub(crate) struct AccessArgs {
     /// TCP port of dgl-agent on every machine.
     #[arg(long = "agent-port", alias = "agent_port", value_name = "PORT", env = "DGL_AGENT_PORT", default_value_t = dglrun_proto::DEFAULT_AGENT_PORT)]
     pub agent_port: u16,
@@ -39,13 +39,12 @@ pub struct AccessArgs {
 }
 
 impl AccessArgs {
-    pub fn access(&self) -> anyhow::Result<AgentAccess> {
+    pub(crate) fn access(&self) -> anyhow::Result<AgentAccess> {
         let tls = dglrun_proto::tls::TlsFiles::from_flags(
             self.tls_cert.clone(),
             self.tls_key.clone(),
             self.tls_ca.clone(),
-        )
-        .map_err(anyhow::Error::msg)?;
+        )?;
         if self.insecure_plaintext {
             eprintln!(
                 "dgl-coord: warning: --insecure-plaintext: the token crosses the network in \

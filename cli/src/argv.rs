@@ -5,6 +5,8 @@
 
 use std::ffi::OsString;
 
+use dglrun_coordinator::launch::command::quote;
+
 /// Subcommands that take a user command the way launch.py does.
 const WITH_COMMAND: &[&str] = &["launch", "run"];
 
@@ -41,34 +43,9 @@ pub(crate) fn is_kv(word: &str) -> bool {
     })
 }
 
-/// A word for the user's shell to read back as-is (inside double quotes if needed: a bare
-/// `~` would be expanded when pasted).
-fn shell_word(w: &str) -> String {
-    if !w.is_empty()
-        && w.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c))
-    {
-        w.to_string()
-    } else {
-        double_quote(w)
-    }
-}
-
-fn double_quote(w: &str) -> String {
-    let mut s = String::from("\"");
-    for c in w.chars() {
-        if matches!(c, '"' | '\\' | '$' | '`') {
-            s.push('\\');
-        }
-        s.push(c);
-    }
-    s.push('"');
-    s
-}
-
 /// What clap is to parse.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Prepared {
+pub(crate) enum Prepared {
     /// The rewritten argv: flags first, then `--` and the user command.
     Rewritten(Vec<OsString>),
     /// The argv as given, to be parsed by [`strict_command`]: it holds a flag error (an
@@ -78,7 +55,7 @@ pub enum Prepared {
 
 /// dgl-coord's parser with the user command unable to swallow flags, so that clap reports an
 /// unknown flag as one ("a similar argument exists") instead of taking it for the command.
-pub fn strict_command() -> clap::Command {
+pub(crate) fn strict_command() -> clap::Command {
     let mut cli = <crate::Cli as clap::CommandFactory>::command();
     for sub in WITH_COMMAND {
         cli = cli.mut_subcommand(sub, |s| {
@@ -92,7 +69,7 @@ pub fn strict_command() -> clap::Command {
 /// [`strict_command`]. clap's tip "to pass '--flag' as a value, use '-- --flag'" is dropped:
 /// the user command is one quoted word, so the tip would only add a word to it. `run` has no
 /// `--dry-run`; the tip names the command that has one.
-pub fn parse_verbatim(argv: Vec<OsString>) -> Result<crate::Cli, clap::Error> {
+pub(crate) fn parse_verbatim(argv: Vec<OsString>) -> Result<crate::Cli, clap::Error> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     let is_run = argv
         .iter()
@@ -130,33 +107,113 @@ pub fn parse_verbatim(argv: Vec<OsString>) -> Result<crate::Cli, clap::Error> {
     <crate::Cli as clap::FromArgMatches>::from_arg_matches(&matches)
 }
 
+/// What `preprocess_args` explains itself; each message ends with the command line to run.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ArgvError {
+    #[error("argument {0:?} is not valid UTF-8")]
+    NotUtf8(OsString),
+    #[error(
+        "the user command is empty. Give the command every process runs, quoted as one \
+         word:\n  {example}"
+    )]
+    EmptyCommand { example: String },
+    #[error(
+        "missing the user command. Give it as the last argument, quoted as one word:\n  {example}"
+    )]
+    MissingCommand { example: String },
+    #[error(
+        "the user command must be one argument, but the shell split it into {words} words \
+         ({shown}). Quote the whole command, as DGL's launch.py requires:\n  {example}"
+    )]
+    SplitCommand {
+        words: usize,
+        shown: String,
+        example: String,
+    },
+}
+
 /// Rewrites argv before clap sees it (DGL's `--extra_envs K=V...` ends at the first word
 /// that is not `K=V`). Returns a clear message for what clap cannot explain well: a missing or
 /// empty user command, or one the shell split into several words. A flag error is never
 /// turned into one of these: such an argv goes to clap as given.
-pub fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
-    // Only `dgl-coord [global flags] launch ...` is touched.
+pub(crate) fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, ArgvError> {
+    let Some(Subcommand { sub, name, words }) = subcommand_words(&argv)? else {
+        return Ok(Prepared::Rewritten(argv));
+    };
+    if words.iter().any(|w| w == "-h" || w == "--help") {
+        return Ok(Prepared::Rewritten(argv));
+    }
+    let Some(Sorted { flags, positionals }) = sort_words(name, &words) else {
+        return Ok(Prepared::Verbatim(argv));
+    };
+    let flags_shown: Vec<String> = flags.iter().map(|w| quote(w)).collect();
+    let example = |cmd: &str| format!("dgl-coord {name} {} {cmd}", flags_shown.join(" "));
+    let usage = "\"python3 train_dist.py --ip_config ip_config.txt ...\"";
+    match positionals.len() {
+        1 if positionals[0].trim().is_empty() => {
+            return Err(ArgvError::EmptyCommand {
+                example: example(usage),
+            })
+        }
+        1 => {}
+        // Missing required flags are clap's to name; only the command missing is ours.
+        0 if strict_command().try_get_matches_from(&argv).is_err() => {
+            return Ok(Prepared::Verbatim(argv))
+        }
+        0 => {
+            return Err(ArgvError::MissingCommand {
+                example: example(usage),
+            })
+        }
+        n => return Err(split_command(n, &positionals, example)),
+    }
+    let mut result: Vec<OsString> = argv[..=sub].to_vec();
+    result.extend(flags.into_iter().map(OsString::from));
+    result.push("--".into());
+    result.extend(positionals.into_iter().map(OsString::from));
+    Ok(Prepared::Rewritten(result))
+}
+
+/// Where `launch` or `run` is in argv, which, and the words after it; `None` for every other
+/// command line (only `dgl-coord [global flags] launch|run ...` is touched).
+fn subcommand_words(argv: &[OsString]) -> Result<Option<Subcommand>, ArgvError> {
     let Some(sub) = argv
         .iter()
         .skip(1)
         .position(|a| !a.to_string_lossy().starts_with('-'))
         .map(|i| i + 1)
     else {
-        return Ok(Prepared::Rewritten(argv));
+        return Ok(None);
     };
     let Some(&name) = WITH_COMMAND.iter().find(|n| argv[sub] == **n) else {
-        return Ok(Prepared::Rewritten(argv));
+        return Ok(None);
     };
-    let mut words = Vec::new();
-    for a in &argv[sub + 1..] {
-        match a.to_str() {
-            Some(s) => words.push(s.to_string()),
-            None => return Err(format!("argument {a:?} is not valid UTF-8")),
-        }
-    }
-    if words.iter().any(|w| w == "-h" || w == "--help") {
-        return Ok(Prepared::Rewritten(argv));
-    }
+    let words = argv[sub + 1..]
+        .iter()
+        .map(|a| {
+            a.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| ArgvError::NotUtf8(a.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Subcommand { sub, name, words }))
+}
+
+/// `launch` or `run` at `argv[sub]`, and the words after it.
+struct Subcommand {
+    sub: usize,
+    name: &'static str,
+    words: Vec<String>,
+}
+
+/// The words after the subcommand, sorted into flags (rewritten for clap) and positionals.
+struct Sorted {
+    flags: Vec<String>,
+    positionals: Vec<String>,
+}
+
+/// `None` when the words hold a flag error, for clap to name as given.
+fn sort_words(name: &str, words: &[String]) -> Option<Sorted> {
     let flags = known_flags(name);
     let find = |name: &str| {
         flags
@@ -184,35 +241,7 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
             None => (w.as_str(), false),
         };
         if is_extra_envs(name) && !inline {
-            let start = i;
-            while i < words.len() && !words[i].starts_with('-') && is_kv(&words[i]) {
-                i += 1;
-            }
-            let mut taken: Vec<String> = words[start..i].to_vec();
-            // `--extra_envs A=1 "OMP_NUM_THREADS=2 python3 train.py"` with no other command:
-            // the last word is the command, a shell assignment and all.
-            let rest_has_positional = words[i..].iter().any(|x| !x.starts_with('-'));
-            if !rest_has_positional
-                && positionals.is_empty()
-                && taken
-                    .last()
-                    .is_some_and(|t| t.contains(char::is_whitespace))
-            {
-                if let Some(cmd) = taken.pop() {
-                    positionals.push(cmd);
-                }
-            }
-            if taken.is_empty() {
-                match words.get(i) {
-                    // Not `K=V`: clap's value check names the word and the form it needs.
-                    Some(v) if !v.starts_with('-') => {
-                        out.push(format!("{w}={v}"));
-                        i += 1;
-                    }
-                    _ => out.push(w.clone()), // clap says a value is missing
-                }
-            }
-            out.extend(taken.into_iter().map(|kv| format!("--extra_envs={kv}")));
+            i = take_extra_envs(w, words, i, &mut out, &mut positionals);
             continue;
         }
         match find(name) {
@@ -232,59 +261,79 @@ pub fn preprocess_args(argv: Vec<OsString>) -> Result<Prepared, String> {
             {
                 positionals.push(w.clone())
             }
-            None => return Ok(Prepared::Verbatim(argv)),
+            None => return None,
         }
     }
 
-    let flags_shown: Vec<String> = out.iter().map(|w| shell_word(w)).collect();
-    let example = |cmd: &str| format!("dgl-coord {name} {} {cmd}", flags_shown.join(" "));
-    match positionals.len() {
-        1 if positionals[0].trim().is_empty() => {
-            return Err(format!(
-                "the user command is empty. Give the command every process runs, quoted as one \
-                 word:\n  {}",
-                example("\"python3 train_dist.py --ip_config ip_config.txt ...\"")
-            ))
-        }
-        1 => {}
-        // Missing required flags are clap's to name; only the command missing is ours.
-        0 if strict_command().try_get_matches_from(&argv).is_err() => {
-            return Ok(Prepared::Verbatim(argv))
-        }
-        0 => {
-            return Err(format!(
-                "missing the user command. Give it as the last argument, quoted as one word:\n  {}",
-                example("\"python3 train_dist.py --ip_config ip_config.txt ...\"")
-            ))
-        }
-        n => {
-            let joined: Vec<String> = positionals
-                .iter()
-                .map(|p| {
-                    if p.contains(char::is_whitespace) {
-                        shell_word(p)
-                    } else {
-                        p.clone()
-                    }
-                })
-                .collect();
-            return Err(format!(
-                "the user command must be one argument, but the shell split it into {n} words \
-                 ({}). Quote the whole command, as DGL's launch.py requires:\n  {}",
-                positionals
-                    .iter()
-                    .map(|p| format!("`{p}`"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                example(&double_quote(&joined.join(" ")))
-            ));
+    Some(Sorted {
+        flags: out,
+        positionals,
+    })
+}
+
+/// DGL's `--extra_envs K=V ...` (the flag `w`, its words from `words[i]` on): each `K=V`
+/// becomes `--extra_envs=K=V` in `out`. Returns where the words after it start.
+fn take_extra_envs(
+    w: &str,
+    words: &[String],
+    mut i: usize,
+    out: &mut Vec<String>,
+    positionals: &mut Vec<String>,
+) -> usize {
+    let start = i;
+    while i < words.len() && !words[i].starts_with('-') && is_kv(&words[i]) {
+        i += 1;
+    }
+    let mut taken: Vec<String> = words[start..i].to_vec();
+    // `--extra_envs A=1 "OMP_NUM_THREADS=2 python3 train.py"` with no other command:
+    // the last word is the command, a shell assignment and all.
+    let rest_has_positional = words[i..].iter().any(|x| !x.starts_with('-'));
+    if !rest_has_positional
+        && positionals.is_empty()
+        && taken
+            .last()
+            .is_some_and(|t| t.contains(char::is_whitespace))
+    {
+        if let Some(cmd) = taken.pop() {
+            positionals.push(cmd);
         }
     }
-    let mut result: Vec<OsString> = argv[..=sub].to_vec();
-    result.extend(out.into_iter().map(OsString::from));
-    result.push("--".into());
-    result.extend(positionals.into_iter().map(OsString::from));
-    Ok(Prepared::Rewritten(result))
+    if taken.is_empty() {
+        match words.get(i) {
+            // Not `K=V`: clap's value check names the word and the form it needs.
+            Some(v) if !v.starts_with('-') => {
+                out.push(format!("{w}={v}"));
+                i += 1;
+            }
+            _ => out.push(w.to_string()), // clap says a value is missing
+        }
+    }
+    out.extend(taken.into_iter().map(|kv| format!("--extra_envs={kv}")));
+    i
+}
+
+/// The message for a command the shell split into `n` words, with the quoting that keeps it
+/// whole.
+fn split_command(n: usize, positionals: &[String], example: impl Fn(&str) -> String) -> ArgvError {
+    let joined: Vec<String> = positionals
+        .iter()
+        .map(|p| {
+            if p.contains(char::is_whitespace) {
+                quote(p)
+            } else {
+                p.clone()
+            }
+        })
+        .collect();
+    ArgvError::SplitCommand {
+        words: n,
+        shown: positionals
+            .iter()
+            .map(|p| format!("`{p}`"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        example: example(&quote(&joined.join(" "))),
+    }
 }
 
 #[cfg(test)]
@@ -325,10 +374,12 @@ mod tests {
     fn pre(args: &str) -> Result<Vec<String>, String> {
         let mut argv: Vec<OsString> = vec!["dgl-coord".into()];
         argv.extend(words(args).into_iter().map(OsString::from));
-        preprocess_args(argv).map(|p| {
-            let (Prepared::Rewritten(v) | Prepared::Verbatim(v)) = p;
-            v.into_iter().map(|a| a.into_string().unwrap()).collect()
-        })
+        preprocess_args(argv)
+            .map(|p| {
+                let (Prepared::Rewritten(v) | Prepared::Verbatim(v)) = p;
+                v.into_iter().map(|a| a.into_string().unwrap()).collect()
+            })
+            .map_err(|e| e.to_string())
     }
 
     const BASE: &str =
@@ -404,9 +455,7 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("split it into 6 words"), "{err}");
         assert!(
-            err.contains(
-                "--ip_config ip.txt \"python3 train.py --graph-name \\\"my g\\\" --lr 0.1\""
-            ),
+            err.contains("--ip_config ip.txt \"python3 train.py --graph-name 'my g' --lr 0.1\""),
             "{err}"
         );
         let err = pre(&format!("launch {BASE} -- python3 train.py")).unwrap_err();
@@ -421,7 +470,7 @@ mod tests {
                        --part_config p --ip_config i python3 t.py",
         )
         .unwrap_err();
-        assert!(err.contains("--workspace \"~/ws\""), "{err}");
+        assert!(err.contains("--workspace '~/ws'"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use dglrun_coordinator::cluster::AgentAccess;
 use crate::access::AccessArgs;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Progress {
+pub(crate) enum Progress {
     /// A bar when stderr is a terminal, plain lines otherwise.
     Auto,
     /// One line per finished file and a status line every 5 s.
@@ -24,7 +24,7 @@ pub enum Progress {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Compress {
+pub(crate) enum Compress {
     /// Chunks travel as they are.
     None,
     /// Each chunk is zstd-compressed (once, however many hosts get it).
@@ -53,7 +53,7 @@ host kept (a rerun resumes). A local file that changes during the copy fails at 
 Example:
   dgl-coord copy --workspace ~/dglrun/graphsage --rel_data_path data \\
     --part_config out/ogb-product.json --ip_config ip_config.txt --script_folder code")]
-pub struct CopyArgs {
+pub(crate) struct CopyArgs {
     #[command(flatten)]
     copy: CopyFlags,
 
@@ -67,7 +67,7 @@ pub struct CopyArgs {
 
 /// What to copy and how: the flags `copy` and `run` share.
 #[derive(clap::Args, Debug)]
-pub struct CopyFlags {
+pub(crate) struct CopyFlags {
     /// Workspace on every host: relative to the agent's root, or absolute inside it.
     #[arg(long, value_name = "DIR")]
     pub workspace: String,
@@ -147,7 +147,7 @@ fn level_parser() -> clap::builder::RangedI64ValueParser<i32> {
 
 impl CopyFlags {
     /// The copy's options; also tunes the allocator for streaming, so call it once per copy.
-    pub fn options(self, access: AgentAccess) -> CopyOptions {
+    pub(crate) fn options(self, access: AgentAccess) -> CopyOptions {
         copy::alloc::tune();
         CopyOptions {
             workspace: self.workspace,
@@ -186,7 +186,7 @@ impl CopyFlags {
 /// Exit status after Ctrl-C, as a shell reports a SIGINT death.
 const EXIT_INTERRUPTED: u8 = 130;
 
-pub async fn run(args: CopyArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: CopyArgs) -> anyhow::Result<u8> {
     let opts = args.copy.options(args.access.access()?);
     // Ctrl-C stops the transfers where they are; the report then says what each host kept.
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -15,7 +15,7 @@ Install, for example (zsh: then add `fpath=(~/.zfunc $fpath)` before `compinit` 
   mkdir -p ~/.zfunc && dgl-coord completions zsh > ~/.zfunc/_dgl-coord
   mkdir -p ~/.config/fish/completions && \\
     dgl-coord completions fish > ~/.config/fish/completions/dgl-coord.fish")]
-pub struct CompletionsArgs {
+pub(crate) struct CompletionsArgs {
     /// The shell to complete for.
     #[arg(value_enum)]
     shell: Shell,
@@ -25,14 +25,14 @@ pub struct CompletionsArgs {
 #[command(after_help = "\
 Example (then `man dgl-coord-launch`, with ~/.local/share/man on your MANPATH):
   dgl-coord man --dir ~/.local/share/man/man1")]
-pub struct ManArgs {
+pub(crate) struct ManArgs {
     /// Write dgl-coord.1 and one page per subcommand (dgl-coord-launch.1, ...) into DIR
     /// instead of printing dgl-coord.1 on stdout.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 }
 
-pub fn completions(args: CompletionsArgs) -> anyhow::Result<u8> {
+pub(crate) fn completions(args: CompletionsArgs) -> anyhow::Result<u8> {
     let mut cmd = crate::Cli::command();
     let mut out = Vec::new();
     clap_complete::generate(args.shell, &mut cmd, "dgl-coord", &mut out);
@@ -52,7 +52,7 @@ fn fix_bash_names(script: &[u8]) -> Vec<u8> {
         .into_bytes()
 }
 
-pub fn man(args: ManArgs) -> anyhow::Result<u8> {
+pub(crate) fn man(args: ManArgs) -> anyhow::Result<u8> {
     let cmd = crate::Cli::command();
     match args.dir {
         Some(dir) => {

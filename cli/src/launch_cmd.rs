@@ -12,7 +12,7 @@ use crate::access::AccessArgs;
 use crate::argv::is_kv;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// One `python -m torch.distributed.run` per machine, as DGL does.
     Torchrun,
     /// dglrun starts every trainer itself with torchrun's worker environment.
@@ -39,7 +39,7 @@ the agents' --root ~/dglrun):
     --num_trainers 2 --num_samplers 4 --num_servers 1 \\
     --part_config data/ogb-product.json --ip_config ip_config.txt \\
     \"python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt --num-epochs 5\"")]
-pub struct LaunchArgs {
+pub(crate) struct LaunchArgs {
     /// Directory the processes run in on every host (absolute, or relative to the agent's root).
     #[arg(long, value_name = "DIR", help_heading = DGL)]
     pub(crate) workspace: String,
@@ -70,7 +70,7 @@ pub struct LaunchArgs {
 
 /// What `launch` and `run` share: the job's shape, dglrun's options, the agents, the command.
 #[derive(clap::Args, Debug)]
-pub struct JobArgs {
+pub(crate) struct JobArgs {
     /// Trainer processes per machine (or give --trainers-per-host).
     #[arg(
         long = "num_trainers",
@@ -231,20 +231,25 @@ fn seconds(name: &str, v: f64) -> Result<Duration, UsageError> {
 /// A command line that is wrong as given: exit 2, like clap's own usage errors.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct UsageError(pub String);
+pub(crate) struct UsageError(pub String);
 
 /// `--graph_format`: what DGL's servers accept, `csr`, `csc`, `coo` or a comma list of them.
-fn graph_formats(v: &str) -> Result<String, String> {
+fn graph_formats(v: &str) -> Result<String, BadValue> {
     let ok = v.split(',').all(|f| matches!(f, "csr" | "csc" | "coo"));
     if ok {
         Ok(v.to_string())
     } else {
-        Err(
-            "DGL's graph formats are csr, csc or coo, or several separated by commas \
-             (`csr,csc`)"
-                .into(),
-        )
+        Err(BadValue::GraphFormat)
     }
+}
+
+/// Why clap refuses a flag's value; clap names the flag and the value.
+#[derive(Debug, thiserror::Error)]
+enum BadValue {
+    #[error("DGL's graph formats are csr, csc or coo, or several separated by commas (`csr,csc`)")]
+    GraphFormat,
+    #[error("--extra_envs takes NAME=value words (DGL's launch.py exports each one)")]
+    ExtraEnv,
 }
 
 /// DGL's launch.py once had `--keep_alive` and `--server_name` to leave servers running for
@@ -259,11 +264,11 @@ fn removed_flag(name: &str) -> UsageError {
 }
 
 /// clap's check of one `--extra_envs` word.
-fn kv_word(w: &str) -> Result<String, String> {
+fn kv_word(w: &str) -> Result<String, BadValue> {
     if is_kv(w) {
         Ok(w.to_string())
     } else {
-        Err("--extra_envs takes NAME=value words (DGL's launch.py exports each one)".into())
+        Err(BadValue::ExtraEnv)
     }
 }
 
@@ -378,7 +383,7 @@ impl JobArgs {
     }
 }
 
-pub async fn run(args: LaunchArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
     let json = args.job.json && !args.dry_run;
     let prepared = args

@@ -9,7 +9,7 @@ use dglrun_coordinator::ops;
 use crate::access::AccessArgs;
 
 #[derive(clap::Args, Debug)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// ip_config.txt listing the machines (a local file).
     #[arg(long = "ip_config", alias = "ip-config")]
     ip_config: PathBuf,
@@ -23,7 +23,7 @@ pub struct StatusArgs {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct KillArgs {
+pub(crate) struct KillArgs {
     /// ip_config.txt listing the machines (a local file).
     #[arg(long = "ip_config", alias = "ip-config")]
     ip_config: PathBuf,
@@ -50,7 +50,7 @@ pub struct KillArgs {
 }
 
 /// Exit 0 when every agent answered, 1 otherwise.
-pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
+pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     let ips = IpConfig::load(&args.ip_config)?;
     let hosts = ops::status(&ips, &args.access.access()?).await;
     if args.json {
@@ -66,7 +66,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
 }
 
 /// Exit 0 when every host was reached and every job asked for is stopped or over, 1 otherwise.
-pub async fn kill(args: KillArgs) -> anyhow::Result<u8> {
+pub(crate) async fn kill(args: KillArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(
         args.grace.is_finite() && args.grace >= 0.0,
         "--grace must be a number of seconds, not {}",

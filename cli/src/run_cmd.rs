@@ -24,7 +24,7 @@ Example (agents started with --root ~/dglrun):
     --part_config out/ogb-product.json --ip_config ip_config.txt --script_folder code \\
     --num_trainers 2 --num_servers 1 \\
     \"python3 code/train_dist.py --graph-name ogb-product --ip_config ip_config.txt\"")]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten, next_help_heading = COPY)]
     copy: CopyFlags,
 
@@ -42,7 +42,7 @@ fn copy_event(report: &CopyReport) -> anyhow::Result<String> {
     Ok(serde_json::to_string(&event)?)
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
     let json = args.job.json;
     match copy_then_options(args, started).await {

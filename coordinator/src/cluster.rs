@@ -16,6 +16,8 @@ use std::sync::Arc;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+pub use dglrun_proto::error_chain;
+
 use crate::config::IpConfig;
 
 mod transport;
@@ -53,8 +55,8 @@ pub enum AccessError {
     NoToken { path: std::path::PathBuf },
     #[error("cannot set up TLS from the token")]
     TokenTls(#[source] dglrun_proto::token_tls::TokenTlsError),
-    #[error("{0}")]
-    UserTls(String),
+    #[error(transparent)]
+    UserTls(dglrun_proto::tls::TlsError),
 }
 
 impl AgentAccess {
@@ -210,8 +212,7 @@ fn endpoint(addr: SocketAddr) -> Endpoint {
 }
 
 pub fn client(channel: Channel, access: &AgentAccess) -> anyhow::Result<Client> {
-    let meta =
-        ClientMeta::new(access.token.as_ref().map(Token::as_str)).map_err(anyhow::Error::msg)?;
+    let meta = ClientMeta::new(access.token.as_ref().map(Token::as_str))?;
     Ok(AgentClient::with_interceptor(channel, meta)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -279,18 +280,4 @@ pub async fn connect_all(ips: &IpConfig, access: &AgentAccess) -> anyhow::Result
         anyhow::bail!("{}", errors.join("\n"));
     }
     Ok(hosts)
-}
-
-/// The innermost causes of an error, joined: tonic's top-level transport error says little.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if parts.last() != Some(&text) {
-            parts.push(text);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
 }

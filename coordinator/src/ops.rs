@@ -185,11 +185,11 @@ pub fn render_status(hosts: &[HostStatus]) -> String {
                     a.root,
                     human_bytes(a.free_bytes)
                 ));
-                if let Some(e) = &h.error {
-                    out.push_str(&format!("    {e}\n"));
-                }
-                if h.jobs.is_empty() {
-                    out.push_str("    no jobs\n");
+                match &h.error {
+                    Some(e) => out.push_str(&format!("    {e}\n")),
+                    // Only a listing that worked can say there are none.
+                    None if h.jobs.is_empty() => out.push_str("    no jobs\n"),
+                    None => {}
                 }
                 for j in &h.jobs {
                     out.push_str(&format!(
@@ -519,5 +519,69 @@ mod tests {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    /// `dgl-coord status` as a user reads it: a host with jobs, an idle one, one whose jobs
+    /// cannot be listed, an unreachable one.
+    #[test]
+    fn status_snapshot() {
+        let agent = |host: &str| AgentFacts {
+            version: "0.1.0".into(),
+            protocol: 3,
+            hostname: host.into(),
+            root: "/home/u/dglrun".into(),
+            free_bytes: 123 << 30,
+            pid: 4000,
+        };
+        let proc_ = |label: &str, pid, running, exit: &str| ProcessStatus {
+            label: label.into(),
+            pid,
+            running,
+            exit: exit.into(),
+        };
+        let hosts = vec![
+            HostStatus {
+                machine: 0,
+                address: "10.0.0.1:47001".into(),
+                reachable: true,
+                error: None,
+                agent: Some(agent("node0")),
+                jobs: vec![JobStatus {
+                    job_id: "graphsage-1733040000".into(),
+                    workspace: "/home/u/dglrun/graphsage".into(),
+                    live_pids: 3,
+                    processes: vec![
+                        proc_("server0", 4101, true, "running"),
+                        proc_("trainer0", 4102, false, "exit 0"),
+                        proc_("trainer1", 4103, false, "signal 9"),
+                    ],
+                }],
+            },
+            HostStatus {
+                machine: 1,
+                address: "10.0.0.2:47001".into(),
+                reachable: true,
+                error: None,
+                agent: Some(agent("node1")),
+                jobs: Vec::new(),
+            },
+            HostStatus {
+                machine: 2,
+                address: "10.0.0.3:47001".into(),
+                reachable: true,
+                error: Some("cannot list jobs: deadline exceeded".into()),
+                agent: Some(agent("node2")),
+                jobs: Vec::new(),
+            },
+            HostStatus {
+                machine: 3,
+                address: "10.0.0.4:47001".into(),
+                reachable: false,
+                error: Some("connection refused".into()),
+                agent: None,
+                jobs: Vec::new(),
+            },
+        ];
+        insta::assert_snapshot!(render_status(&hosts));
     }
 }

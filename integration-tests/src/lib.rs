@@ -2,6 +2,10 @@
 //! root directory, as if each were a separate machine. `netns` builds truly separate hosts
 //! (network namespaces on a bridge) for tests that cut links.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr};

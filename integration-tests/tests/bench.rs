@@ -2,6 +2,15 @@
 //! must measure every figure of the sections it is asked for. Only that it measures is
 //! asserted, never how fast (speed is what the suite reports, on release binaries).
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep; its helper modules are private to this test.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
 use std::time::Duration;
 
 use dglrun_integration_tests::bin;

@@ -1,6 +1,15 @@
 //! The command line as a user meets it: diagnostics of bad flags, exit codes, shell
 //! completions run by the real shells, the man page. Runs the real `dgl-coord` binary.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep; its helper modules are private to this test.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
 use std::process::{Command, Output};
 
 use dglrun_integration_tests::bin;
@@ -120,7 +129,7 @@ fn an_empty_command_is_a_usage_error_like_a_missing_one() {
 fn a_split_command_is_still_explained_with_its_quoting() {
     usage_error(
         &with("launch", &["python3", "train.py", "--lr", "0.1"]),
-        &["split it into 4 words", "\"python3 train.py --lr 0.1\""],
+        &["split it into 4 words", "'python3 train.py --lr 0.1'"],
         &[],
     );
 }

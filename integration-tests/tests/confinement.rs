@@ -1,6 +1,15 @@
 //! A real dgl-agent never writes outside its root nor onto its own files, whatever the
 //! coordinator names and whatever a local user plants or swaps under the root.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep; its helper modules are private to this test.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -5,6 +5,15 @@
 //! `deploy/validate.sh --install` installs the tools (CI runs it first); without them the
 //! checks that need them are reported as skipped. Under CI=true a skipped check fails.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep; its helper modules are private to this test.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;

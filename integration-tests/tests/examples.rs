@@ -8,6 +8,15 @@
 //! `<!-- examples-test: skip (why) -->`, or `<!-- examples-test: agent (...) -->` for the
 //! agent's start command, which the test runs as a daemon on its loopback address.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep; its helper modules are private to this test.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

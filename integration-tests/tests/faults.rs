@@ -9,6 +9,15 @@
 //!
 //! Agents and coordinator use a 3 s lease and a 1 s grace, so a lease expiry is quick.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep; its helper modules are private to this test.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
 mod faults_support;
 
 use std::net::SocketAddr;

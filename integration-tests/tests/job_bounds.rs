@@ -1,5 +1,14 @@
 //! What one job can cost the agent: memory, whatever the job prints.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep; its helper modules are private to this test.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
 use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::TestCluster;

@@ -2,6 +2,15 @@
 //! `status --json`, `run --json`), exit codes, agent settings precedence, completions and man
 //! pages, and per-host trainer counts — against real agents and the stand-in DGL workload.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep; its helper modules are private to this test.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

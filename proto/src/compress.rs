@@ -54,6 +54,23 @@ impl Packer {
     }
 }
 
+/// Why a compressed chunk is no use; reads after "the compressed chunk at offset N".
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("is a frame of {frame} bytes, longer than any frame of {len} bytes can be")]
+    TooLong { frame: usize, len: usize },
+    #[error("cannot be unpacked: zstd does not start")]
+    Start(#[source] std::io::Error),
+    #[error("does not decompress to its {len} bytes")]
+    Corrupt {
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("decompresses to {got} bytes, expected {len}")]
+    WrongLength { got: usize, len: usize },
+}
+
 /// The receiver's half: a zstd context (made on the first compressed chunk) and one output
 /// buffer, both reused for every chunk of a transfer.
 #[derive(Default)]
@@ -69,18 +86,18 @@ impl Unpacker {
 
     /// The `len` bytes `frame` holds. Err (saying why) for a frame that is not zstd, is cut
     /// off, or holds more or fewer than `len` bytes; then the output is no use to anyone.
-    pub fn unpack(&mut self, frame: &[u8], len: usize) -> Result<&[u8], String> {
+    pub fn unpack(&mut self, frame: &[u8], len: usize) -> Result<&[u8], UnpackError> {
         if frame.len() > max_frame_len(len) {
-            return Err(format!(
-                "is a frame of {} bytes, longer than any frame of {len} bytes can be",
-                frame.len()
-            ));
+            return Err(UnpackError::TooLong {
+                frame: frame.len(),
+                len,
+            });
         }
         let ctx = match &mut self.ctx {
             Some(c) => c,
             None => self
                 .ctx
-                .insert(Decompressor::new().map_err(|e| format!("cannot start zstd: {e}"))?),
+                .insert(Decompressor::new().map_err(UnpackError::Start)?),
         };
         // Exactly `len` bytes of room: a frame that holds more fails here (zstd's
         // "destination buffer is too small") instead of being written anywhere.
@@ -88,9 +105,9 @@ impl Unpacker {
         let out = &mut self.buf[..len];
         let n = ctx
             .decompress_to_buffer(frame, out)
-            .map_err(|e| format!("does not decompress to its {len} bytes: {e}"))?;
+            .map_err(|source| UnpackError::Corrupt { len, source })?;
         if n != len {
-            return Err(format!("decompresses to {n} bytes, expected {len}"));
+            return Err(UnpackError::WrongLength { got: n, len });
         }
         Ok(&self.buf[..len])
     }
@@ -142,19 +159,22 @@ mod tests {
     fn frames_of_the_wrong_length_or_no_frames_are_refused() {
         let mut u = Unpacker::new();
         let big = zstd::bulk::compress(&vec![0u8; 2 * crate::CHUNK_SIZE], 3).unwrap();
-        let e = u.unpack(&big, crate::CHUNK_SIZE).unwrap_err();
+        let e = u.unpack(&big, crate::CHUNK_SIZE).unwrap_err().to_string();
         assert!(
             e.contains("does not decompress to its 4194304 bytes"),
             "{e}"
         );
         let small = zstd::bulk::compress(&[1u8; 100], 3).unwrap();
-        let e = u.unpack(&small, 101).unwrap_err();
+        let e = u.unpack(&small, 101).unwrap_err().to_string();
         assert!(e.contains("decompresses to 100 bytes, expected 101"), "{e}");
-        let e = u.unpack(b"not a zstd frame", 100).unwrap_err();
+        let e = u.unpack(b"not a zstd frame", 100).unwrap_err().to_string();
         assert!(e.contains("does not decompress"), "{e}");
         let cut = &small[..small.len() - 2];
         assert!(u.unpack(cut, 100).is_err());
-        let e = u.unpack(&vec![0u8; max_frame_len(10) + 1], 10).unwrap_err();
+        let e = u
+            .unpack(&vec![0u8; max_frame_len(10) + 1], 10)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("longer than any frame"), "{e}");
         // Still usable after all that.
         assert_eq!(u.unpack(&small, 100).unwrap(), [1u8; 100]);

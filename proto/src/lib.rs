@@ -7,10 +7,13 @@
 pub mod busy;
 pub mod compress;
 pub mod digest;
+mod error_chain;
 pub mod meta;
 pub mod tls;
 pub mod token;
 pub mod token_tls;
+
+pub use error_chain::error_chain;
 
 /// Generated protobuf and gRPC types.
 pub mod pb {

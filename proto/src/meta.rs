@@ -13,6 +13,11 @@ use crate::token::Token;
 pub const PROTOCOL_HEADER: &str = "dglrun-protocol";
 pub const AUTH_HEADER: &str = "authorization";
 
+/// A token that cannot travel in an HTTP header.
+#[derive(Debug, thiserror::Error)]
+#[error("the token must be printable ASCII")]
+pub struct TokenHeaderError(#[source] tonic::metadata::errors::InvalidMetadataValue);
+
 /// Adds the protocol version and, when given, the token to an outgoing request.
 #[derive(Clone)]
 pub struct ClientMeta {
@@ -20,12 +25,11 @@ pub struct ClientMeta {
 }
 
 impl ClientMeta {
-    pub fn new(token: Option<&str>) -> Result<Self, String> {
+    pub fn new(token: Option<&str>) -> Result<Self, TokenHeaderError> {
         let auth = match token {
             Some(t) => {
-                let mut v: MetadataValue<tonic::metadata::Ascii> = format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| "the token must be printable ASCII".to_string())?;
+                let mut v: MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {t}").parse().map_err(TokenHeaderError)?;
                 // Keeps it out of HPACK's tables and out of any debug output.
                 v.set_sensitive(true);
                 Some(v)

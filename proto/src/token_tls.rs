@@ -32,8 +32,12 @@ pub const SERVER_NAME: &str = "dgl-agent";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenTlsError {
-    #[error("cannot derive the TLS key from the token: {0}")]
-    Derive(String),
+    #[error("cannot derive the TLS key from the token: HKDF failed")]
+    Hkdf,
+    #[error("cannot derive the TLS key from the token")]
+    Key(#[source] rustls::Error),
+    #[error("cannot derive the TLS key from the token: the key has no public half")]
+    NoPublicKey,
     #[error("cannot build the TLS configuration")]
     Config(#[source] rustls::Error),
 }
@@ -63,17 +67,17 @@ impl TokenKeys {
         let mut seed = [0u8; 32];
         prk.expand(&[HKDF_INFO], SeedLen)
             .and_then(|okm| okm.fill(&mut seed))
-            .map_err(|_| TokenTlsError::Derive("HKDF failed".into()))?;
+            .map_err(|_| TokenTlsError::Hkdf)?;
         let mut pkcs8 = ED25519_PKCS8_PREFIX.to_vec();
         pkcs8.extend_from_slice(&seed);
         let provider = provider();
         let signing = provider
             .key_provider
             .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8)))
-            .map_err(|e| TokenTlsError::Derive(e.to_string()))?;
+            .map_err(TokenTlsError::Key)?;
         let spki = signing
             .public_key()
-            .ok_or_else(|| TokenTlsError::Derive("no public key".into()))?
+            .ok_or(TokenTlsError::NoPublicKey)?
             .as_ref()
             .to_vec();
         let key = Arc::new(CertifiedKey::new(

@@ -7,7 +7,7 @@
 //! `trim_idle` hands the memory back once no transfer is running, so an idle agent stays small.
 
 /// Applies the tuning; called once when `Files` is created.
-pub fn tune() {
+pub(super) fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; any value is accepted or refused.
     unsafe {
@@ -17,7 +17,7 @@ pub fn tune() {
 }
 
 /// Returns free heap memory to the system. Blocking (may take a few milliseconds).
-pub fn trim_idle() {
+pub(super) fn trim_idle() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim releases free heap memory; it has no preconditions.
     unsafe {

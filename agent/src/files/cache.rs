@@ -4,7 +4,8 @@
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use dglrun_proto::digest::{FileDigest, Hash, HashCache};
@@ -14,21 +15,21 @@ use dglrun_proto::digest::{FileDigest, Hash, HashCache};
 const SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A file timestamp: seconds and nanoseconds.
-pub type Stamp = (i64, i64);
+pub(super) type Stamp = (i64, i64);
 
 /// The clock the kernel stamps file times with (the coarse real-time clock).
-pub fn coarse_now() -> Stamp {
+pub(super) fn coarse_now() -> Stamp {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
     (t.tv_sec, t.tv_nsec)
 }
 
-pub struct SharedCache {
+pub(super) struct SharedCache {
     inner: Mutex<HashCache>,
     last_save: Mutex<Option<Instant>>,
 }
 
 impl SharedCache {
-    pub fn open(path: PathBuf) -> Self {
+    pub(super) fn open(path: PathBuf) -> Self {
         Self {
             // The receiver never needs chunk hashes of files it holds: only the digest.
             inner: Mutex::new(HashCache::open(path, false)),
@@ -36,12 +37,12 @@ impl SharedCache {
         }
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashCache> {
+    fn cache(&self) -> parking_lot::MutexGuard<'_, HashCache> {
         // The cache only saves work: after a panic elsewhere its contents are still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
-    pub fn lookup(&self, file: &Path, meta: &Metadata) -> Option<Hash> {
+    pub(super) fn lookup(&self, file: &Path, meta: &Metadata) -> Option<Hash> {
         self.cache().lookup(file, meta).map(|d| d.digest)
     }
 
@@ -52,7 +53,7 @@ impl SharedCache {
     /// older than that may still be rewritten within the same timestamp tick, with the same
     /// size and times: such an entry is not kept, and the file is hashed again next time (the
     /// racy-git rule).
-    pub fn insert(&self, file: &Path, meta: &Metadata, digest: Hash, observed: Stamp) {
+    pub(super) fn insert(&self, file: &Path, meta: &Metadata, digest: Hash, observed: Stamp) {
         if (meta.mtime(), meta.mtime_nsec()) >= observed {
             self.remove(file);
             return;
@@ -65,14 +66,14 @@ impl SharedCache {
         self.cache().insert(file, meta, &d);
     }
 
-    pub fn remove(&self, file: &Path) {
+    pub(super) fn remove(&self, file: &Path) {
         self.cache().remove(file);
     }
 
     /// Saves unless a save happened within [`SAVE_INTERVAL`]. Blocking.
-    pub fn save_soon(&self) {
+    pub(super) fn save_soon(&self) {
         let due = {
-            let last = self.last_save.lock().unwrap_or_else(|p| p.into_inner());
+            let last = self.last_save.lock();
             last.is_none_or(|t| t.elapsed() >= SAVE_INTERVAL)
         };
         if due {
@@ -81,12 +82,12 @@ impl SharedCache {
     }
 
     /// Blocking.
-    pub fn save_now(&self) {
+    pub(super) fn save_now(&self) {
         if let Err(e) = self.cache().save() {
             // Losing the cache costs a re-read later, never a wrong answer.
             tracing::warn!("cannot save the hash cache: {e}");
         }
-        *self.last_save.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.last_save.lock() = Some(Instant::now());
     }
 }
 

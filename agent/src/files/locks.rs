@@ -2,14 +2,16 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 
 use tokio::sync::OwnedMutexGuard;
 
 type PathMutex = tokio::sync::Mutex<()>;
 
 #[derive(Default)]
-pub struct PathLocks {
+pub(super) struct PathLocks {
     // Weak: a lock nobody holds or waits for disappears with its last guard.
     map: Mutex<HashMap<PathBuf, Weak<PathMutex>>>,
 }
@@ -17,9 +19,9 @@ pub struct PathLocks {
 impl PathLocks {
     /// Waits until no other prepare or put works on `path`. The guard is owned so it can
     /// travel into the blocking thread that does the writing and outlive the request.
-    pub async fn lock(&self, path: &Path) -> OwnedMutexGuard<()> {
+    pub(super) async fn lock(&self, path: &Path) -> OwnedMutexGuard<()> {
         let mutex = {
-            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.map.lock();
             if let Some(m) = map.get(path).and_then(Weak::upgrade) {
                 m
             } else {

@@ -7,7 +7,7 @@ use super::error::FilesError;
 
 /// Permission bits the agent gives a file: setuid, setgid and sticky are dropped, because a
 /// file arriving over the network must not gain privileges on this host.
-pub const MODE_MASK: u32 = 0o777;
+pub(super) const MODE_MASK: u32 = 0o777;
 
 #[derive(Clone, Debug)]
 pub struct Manifest {

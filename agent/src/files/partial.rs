@@ -11,7 +11,8 @@ use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+
+use parking_lot::Mutex;
 
 use dglrun_proto::digest::{chunk_hash, Hash};
 use dglrun_proto::CHUNK_SIZE;
@@ -28,7 +29,7 @@ pub fn partial_path(target: &Path) -> PathBuf {
 
 /// Length of the longest prefix of `file`, up to `limit` bytes, made of whole chunks that
 /// match the manifest (the file's last chunk may be short). Reads each byte once.
-pub fn verified_prefix(file: &File, m: &Manifest, limit: u64) -> io::Result<u64> {
+pub(super) fn verified_prefix(file: &File, m: &Manifest, limit: u64) -> io::Result<u64> {
     let have = file.metadata()?.len().min(limit).min(m.size);
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut verified = 0u64;
@@ -79,18 +80,18 @@ struct Record {
 /// Partials this process verified in a prepare and that nobody touched since: a put resuming
 /// one of them need not read it again. Anything else is verified again before resuming.
 #[derive(Default)]
-pub struct Verified {
+pub(super) struct Verified {
     map: Mutex<HashMap<PathBuf, Record>>,
 }
 
 impl Verified {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Record>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn map(&self) -> parking_lot::MutexGuard<'_, HashMap<PathBuf, Record>> {
+        self.map.lock()
     }
 
     /// Remembers that the first `good` bytes of `partial`, as it is now, are a verified
     /// prefix of the file `digest`.
-    pub fn remember(&self, partial: &Path, meta: &Metadata, digest: Hash, good: u64) {
+    pub(super) fn remember(&self, partial: &Path, meta: &Metadata, digest: Hash, good: u64) {
         self.map().insert(
             partial.to_path_buf(),
             Record {
@@ -103,14 +104,19 @@ impl Verified {
 
     /// The verified prefix of `partial` when it is unchanged since it was verified against
     /// the file `digest`.
-    pub fn still_valid(&self, partial: &Path, meta: &Metadata, digest: &Hash) -> Option<u64> {
+    pub(super) fn still_valid(
+        &self,
+        partial: &Path,
+        meta: &Metadata,
+        digest: &Hash,
+    ) -> Option<u64> {
         self.map()
             .get(partial)
             .filter(|r| r.digest == *digest && r.stamp == Stamp::of(meta))
             .map(|r| r.good)
     }
 
-    pub fn forget(&self, partial: &Path) {
+    pub(super) fn forget(&self, partial: &Path) {
         self.map().remove(partial);
     }
 }

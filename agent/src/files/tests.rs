@@ -297,6 +297,7 @@ async fn a_partial_changed_after_prepare_is_verified_again() {
     );
     let mut wrong = bytes[..CHUNK_SIZE].to_vec();
     wrong[7] ^= 1;
+    #[allow(clippy::disallowed_methods)] // a test
     std::thread::sleep(std::time::Duration::from_millis(20));
     fs::write(&partial, &wrong).unwrap();
     let err = put(&a, messages(m, &bytes, CHUNK_SIZE as u64))

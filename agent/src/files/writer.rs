@@ -24,7 +24,7 @@ use super::{is_dir, open_parent, Active, Ctx};
 use crate::confine::{partial_name, Dir};
 use crate::metrics;
 
-pub enum ToWriter {
+pub(super) enum ToWriter {
     /// A chunk whose offset and length the receiver already checked against the manifest.
     /// Raw, `data` is those `len` bytes; compressed, a zstd frame the receiver only bounded,
     /// which must hold exactly `len` bytes.
@@ -33,7 +33,7 @@ pub enum ToWriter {
     Finish,
 }
 
-pub struct Transfer {
+pub(super) struct Transfer {
     pub ctx: Ctx,
     pub file: FileSpec,
     /// The target's path inside the root: the key of its lock, cache entry and partial.
@@ -46,7 +46,10 @@ pub struct Transfer {
 
 /// Runs a transfer to its end. Without a `Finish` the partial is kept (with every chunk
 /// written so far verified) and the transfer reports that it was cut off.
-pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileReply, FilesError> {
+pub(super) fn run(
+    t: Transfer,
+    mut rx: mpsc::Receiver<ToWriter>,
+) -> Result<pb::PutFileReply, FilesError> {
     let m = &t.file.manifest;
     let dir = open_parent(&t.ctx, &t.file, true)?;
     let (_, name) = t.file.path.split()?;
@@ -75,9 +78,10 @@ pub fn run(t: Transfer, mut rx: mpsc::Receiver<ToWriter>) -> Result<pb::PutFileR
                     pb::Compression::Zstd => unpacker.unpack(&data, len as usize).map_err(|e| {
                         metrics::add(&metrics::COUNTERS.verification_failures, 1);
                         FilesError::DataLoss(format!(
-                            "{}: the compressed chunk at offset {offset} {e}; nothing from it \
+                            "{}: the compressed chunk at offset {offset} {}; nothing from it \
                              was written",
-                            m.path
+                            m.path,
+                            dglrun_proto::error_chain(&e)
                         ))
                     })?,
                 };

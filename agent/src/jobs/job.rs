@@ -4,7 +4,9 @@
 //! newest seq, so a wake-up is never missed between reading the log and waiting.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dglrun_proto::pb::{self, job_event::Event, OutputStream};
@@ -116,7 +118,7 @@ impl Job {
 
     pub fn state(&self) -> MutexGuard<'_, JobState> {
         // The state stays consistent across a panicking holder (every update is one step).
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     fn publish(&self, seq: u64) {

@@ -24,7 +24,7 @@ pub(super) const KEEP_FINISHED: Duration = Duration::from_secs(60);
 
 /// Starts the monitor; `wake` makes it look again at once (a job was added or its lease
 /// changed, so a deadline may have moved earlier).
-pub fn spawn_monitor(jobs: Weak<Jobs>, wake: Arc<Notify>) {
+pub(crate) fn spawn_monitor(jobs: Weak<Jobs>, wake: Arc<Notify>) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         tracing::error!("no async runtime: leases will not be enforced");
         return;

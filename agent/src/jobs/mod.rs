@@ -32,24 +32,31 @@ pub mod tree;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dglrun_proto::pb::{self, OutputStream};
 use tokio::sync::{oneshot, watch};
 use tonic::Status;
 
+pub(crate) use dglrun_proto::error_chain;
+
 use crate::confine::{Root, Workdir};
 use crate::limits::MAX_JOBS;
-use crate::service::EventStream;
 pub use error::JobError;
 use job::Job;
 use reaper::{Exit, Reaper};
 use slots::{AggregateLimits, Counter};
 use spec::{JobId, ProcessSpec, SpawnSpec, StopSpec, WatchSpec};
 use state_file::StateFile;
+
+/// A job's events as Watch streams them.
+pub type EventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 
 #[derive(Clone, Debug)]
 pub struct JobsConfig {
@@ -187,7 +194,7 @@ impl Jobs {
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<JobId, Arc<Job>>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+        self.jobs.lock()
     }
 
     fn get(&self, id: &JobId) -> Result<Arc<Job>, JobError> {
@@ -239,6 +246,49 @@ impl Jobs {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(JobError::ShuttingDown);
         }
+        let (workspace, commands) = self.prepare_commands(&req)?;
+        let asked = commands.len();
+        let slots = self
+            .processes
+            .take(asked)
+            .ok_or_else(|| JobError::TooManyProcesses {
+                running: self.processes.used(),
+                asked,
+                limit: self.processes.limit(),
+            })?;
+        let job = self.admit(&req, workspace)?;
+        self.lease_wake.notify_one();
+
+        // Forking and registering happen in one blocking task that runs to completion even if
+        // the caller goes away mid-call: a started process is always in the job (supervised,
+        // stoppable), never orphaned by a cancelled request.
+        let start = StartAll {
+            job: job.clone(),
+            commands,
+            slots,
+            cgroups: self.cgroups.clone(),
+            reaper: self.reaper.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let (started, failure) = tokio::task::spawn_blocking(move || start.run())
+            .await
+            .map_err(|e| JobError::Task("spawn", e))?;
+        // Recorded before the reply: once the coordinator knows of a process, so does the disk.
+        let _ = self.save_state_soon().await;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if job.state().stopping {
+            // A Stop began while these were forked: it may have scanned before they existed.
+            let (j, grace) = (job.clone(), self.config.grace);
+            tokio::spawn(async move { stop_job(&j, grace, false).await });
+            return Err(JobError::StoppedWhileStarting(job.id.clone()));
+        }
+        Ok(pb::SpawnReply { processes: started })
+    }
+
+    /// The workspace, and each process's command with its working directory resolved in it.
+    fn prepare_commands(&self, req: &SpawnSpec) -> Result<(PathBuf, Vec<Prepared>), JobError> {
         let workspace = match self.root.open_workdir(&req.workspace) {
             Ok(w) => w.path,
             Err(e) if e.is_not_found() || e.is_not_a_directory() => {
@@ -251,135 +301,49 @@ impl Jobs {
         for spec in &req.processes {
             let cwd = self.workdir(&workspace, &spec.cwd)?;
             let cmd = process::command(spec, cwd, &req.job_id, self.root.path());
-            commands.push((spec.label.clone(), describe(spec), cmd));
+            commands.push(Prepared {
+                label: spec.label.clone(),
+                what: describe(spec),
+                cmd,
+            });
         }
-        let lease = req.lease.unwrap_or(self.config.lease_timeout);
-        let asked = commands.len();
-        let mut slots = self
-            .processes
-            .take(asked)
-            .ok_or_else(|| JobError::TooManyProcesses {
-                running: self.processes.used(),
-                asked,
-                limit: self.processes.limit(),
-            })?;
-        let job = {
-            let mut map = self.map();
-            if map.len() >= MAX_JOBS && !map.contains_key(&req.job_id) {
-                return Err(JobError::TooManyJobs(MAX_JOBS));
-            }
-            let job = match map.get(&req.job_id) {
-                Some(job) => job.clone(),
-                None => {
-                    let job = Arc::new(Job::new(
-                        req.job_id.clone(),
-                        workspace.clone(),
-                        self.root.path(),
-                        lease,
-                        self.limits.watches_per_job,
-                    ));
-                    self.workspaces.claim_for_job(&workspace, &job)?;
-                    map.insert(req.job_id.clone(), job.clone());
-                    job
-                }
-            };
-            if job.workspace != workspace {
-                return Err(JobError::OtherWorkspace {
-                    job: job.id.clone(),
-                    workspace: job.workspace.clone(),
-                });
-            }
-            let mut st = job.state();
-            // Closed for good: its coordinator went silent once, so nothing would renew (or
-            // stop) what a later Spawn starts in it.
-            if st.lease_stopped {
-                return Err(JobError::Closed {
-                    job: job.id.clone(),
-                    lease_ms: st.lease.as_millis(),
-                });
-            }
-            if st.stopping {
-                return Err(JobError::Stopping(job.id.clone()));
-            }
-            // Renewed under the same lock as the check: the lease cannot run out in between.
-            st.renewed = Instant::now();
-            drop(st);
-            job
-        };
-        self.lease_wake.notify_one();
+        Ok((workspace, commands))
+    }
 
-        // Forking and registering happen in one blocking task that runs to completion even if
-        // the caller goes away mid-call: a started process is always in the job (supervised,
-        // stoppable), never orphaned by a cancelled request.
-        let reaper = self.reaper.clone();
-        let runtime = tokio::runtime::Handle::current();
-        let registering = job.clone();
-        let cgroups = self.cgroups.clone();
-        let (started, failure) = tokio::task::spawn_blocking(move || {
-            let job = registering;
-            let mut started = Vec::new();
-            let cgroup = match cgroups.map(|c| job.cgroup_in(&c)).transpose() {
-                Ok(cg) => cg,
-                Err(source) => {
-                    let job = job.id.clone();
-                    return (started, Some(JobError::Cgroup { job, source }));
-                }
-            };
-            for (label, what, mut cmd) in commands {
-                // One per command, taken above; given back when its supervisor ends.
-                let slot = slots.split_one();
-                if let Some(cg) = &cgroup {
-                    let fd = cg.procs_fd();
-                    // SAFETY: `enter` only calls write(2) on a descriptor `cgroup` keeps open
-                    // until this loop ends; it allocates nothing (async-signal-safe).
-                    unsafe { cmd.pre_exec(move || cgroup::enter(fd)) };
-                }
-                let reaper::Spawned {
-                    mut child,
-                    exit,
-                    start,
-                    pidfd,
-                } = match reaper.spawn(&mut cmd) {
-                    Ok(x) => x,
-                    // Processes started before the failure stay in the job: the coordinator
-                    // stops the whole job when a Spawn fails.
-                    Err(source) => {
-                        return (
-                            started,
-                            Some(JobError::Start {
-                                label,
-                                what,
-                                source,
-                            }),
-                        )
-                    }
-                };
-                let pid = child.id();
-                let index = job.add_process(&label, pid, start, pidfd, Instant::now());
-                crate::metrics::add(&crate::metrics::COUNTERS.processes_started, 1);
-                let stdout = child.stdout.take().map(OwnedFd::from);
-                let stderr = child.stderr.take().map(OwnedFd::from);
-                runtime.spawn(supervise(job.clone(), index, exit, stdout, stderr, slot));
-                tracing::debug!(job = %job.id, index, pid, %label, "started");
-                started.push(pb::ProcessStarted { index, label, pid });
+    /// The job the Spawn adds to, registered (with its workspace lease) if it is new, and its
+    /// lease renewed; refused while the job cannot take more processes.
+    fn admit(&self, req: &SpawnSpec, workspace: PathBuf) -> Result<Arc<Job>, JobError> {
+        let mut map = self.map();
+        if map.len() >= MAX_JOBS && !map.contains_key(&req.job_id) {
+            return Err(JobError::TooManyJobs(MAX_JOBS));
+        }
+        let job = match map.get(&req.job_id) {
+            Some(job) => job.clone(),
+            None => {
+                let job = Arc::new(Job::new(
+                    req.job_id.clone(),
+                    workspace.clone(),
+                    self.root.path(),
+                    req.lease.unwrap_or(self.config.lease_timeout),
+                    self.limits.watches_per_job,
+                ));
+                self.workspaces.claim_for_job(&workspace, &job)?;
+                map.insert(req.job_id.clone(), job.clone());
+                job
             }
-            (started, None)
-        })
-        .await
-        .map_err(|e| JobError::Task("spawn", e))?;
-        // Recorded before the reply: once the coordinator knows of a process, so does the disk.
-        let _ = self.save_state_soon().await;
-        if let Some(e) = failure {
-            return Err(e);
+        };
+        if job.workspace != workspace {
+            return Err(JobError::OtherWorkspace {
+                job: job.id.clone(),
+                workspace: job.workspace.clone(),
+            });
         }
-        let reply = pb::SpawnReply { processes: started };
-        if job.state().stopping {
-            // A Stop began while these were forked: it may have scanned before they existed.
-            let (j, grace) = (job.clone(), self.config.grace);
-            tokio::spawn(async move { stop_job(&j, grace, false).await });
-            return Err(JobError::StoppedWhileStarting(job.id.clone()));
-        }
-        Ok(reply)
+        let mut st = job.state();
+        may_add_processes(&job.id, &st)?;
+        // Renewed under the same lock as the check: the lease cannot run out in between.
+        st.renewed = Instant::now();
+        drop(st);
+        Ok(job)
     }
 
     pub fn watch(&self, req: WatchSpec) -> Result<EventStream, JobError> {
@@ -458,6 +422,27 @@ impl Jobs {
         })
     }
 
+    /// The metrics' gauges, read from the known jobs at each scrape.
+    pub fn gauges(self: &Arc<Self>) -> crate::metrics::ReadGauges {
+        let jobs = Arc::downgrade(self);
+        Arc::new(move || {
+            let Some(jobs) = jobs.upgrade() else {
+                return crate::metrics::Gauges::default();
+            };
+            let list = jobs.list_known().jobs;
+            crate::metrics::Gauges {
+                processes_running: list
+                    .iter()
+                    .map(|j| j.processes.iter().filter(|p| p.running).count())
+                    .sum(),
+                jobs_running: list
+                    .iter()
+                    .filter(|j| j.processes.iter().any(|p| p.running))
+                    .count(),
+            }
+        })
+    }
+
     /// Every job and its direct children, without counting descendants (no /proc scan).
     pub fn list_known(&self) -> pb::ListJobsReply {
         let mut jobs: Vec<pb::JobInfo> = self.all().iter().map(|j| j.info(0)).collect();
@@ -531,24 +516,111 @@ impl Jobs {
     }
 }
 
+/// A command ready to fork, with what names it in messages.
+struct Prepared {
+    label: String,
+    what: String,
+    cmd: std::process::Command,
+}
+
+/// Whether a Spawn may add processes to a job in this state.
+fn may_add_processes(id: &JobId, st: &job::JobState) -> Result<(), JobError> {
+    may_add_to(id, st.lease_stopped, st.stopping, st.lease)
+}
+
+fn may_add_to(
+    id: &JobId,
+    lease_stopped: bool,
+    stopping: bool,
+    lease: Duration,
+) -> Result<(), JobError> {
+    // Closed for good: its coordinator went silent once, so nothing would renew (or stop)
+    // what a later Spawn starts in it.
+    if lease_stopped {
+        return Err(JobError::Closed {
+            job: id.clone(),
+            lease_ms: lease.as_millis(),
+        });
+    }
+    if stopping {
+        return Err(JobError::Stopping(id.clone()));
+    }
+    Ok(())
+}
+
+/// The blocking half of a Spawn: forks every command into the job, in order, stopping at
+/// the first failure. Processes started before it stay in the job: the coordinator stops
+/// the whole job when a Spawn fails.
+struct StartAll {
+    job: Arc<Job>,
+    commands: Vec<Prepared>,
+    slots: slots::Slots,
+    cgroups: Option<Arc<cgroup::Cgroups>>,
+    reaper: Arc<Reaper>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl StartAll {
+    fn run(mut self) -> (Vec<pb::ProcessStarted>, Option<JobError>) {
+        let job = self.job.clone();
+        let mut started = Vec::new();
+        let cgroup = match self.cgroups.as_ref().map(|c| job.cgroup_in(c)).transpose() {
+            Ok(cg) => cg,
+            Err(source) => {
+                let job = job.id.clone();
+                return (started, Some(JobError::Cgroup { job, source }));
+            }
+        };
+        for Prepared {
+            label,
+            what,
+            mut cmd,
+        } in std::mem::take(&mut self.commands)
+        {
+            // One per command, taken by the Spawn; given back when its supervisor ends.
+            let slot = self.slots.split_one();
+            if let Some(cg) = &cgroup {
+                let fd = cg.procs_fd();
+                // SAFETY: `enter` only calls write(2) on a descriptor `cgroup` keeps open
+                // until this loop ends; it allocates nothing (async-signal-safe).
+                unsafe { cmd.pre_exec(move || cgroup::enter(fd)) };
+            }
+            let reaper::Spawned {
+                mut child,
+                exit,
+                start,
+                pidfd,
+            } = match self.reaper.spawn(&mut cmd) {
+                Ok(x) => x,
+                Err(source) => {
+                    let e = JobError::Start {
+                        label,
+                        what,
+                        source,
+                    };
+                    return (started, Some(e));
+                }
+            };
+            let pid = child.id();
+            let index = job.add_process(&label, pid, start, pidfd, Instant::now());
+            crate::metrics::add(&crate::metrics::COUNTERS.processes_started, 1);
+            let stdout = child.stdout.take().map(OwnedFd::from);
+            let stderr = child.stderr.take().map(OwnedFd::from);
+            self.runtime
+                .spawn(supervise(job.clone(), index, exit, stdout, stderr, slot));
+            tracing::debug!(job = %job.id, index, pid, %label, "started");
+            started.push(pb::ProcessStarted { index, label, pid });
+        }
+        (started, None)
+    }
+}
+
 /// How a command is named in error messages.
 fn describe(spec: &ProcessSpec) -> String {
     match &spec.command {
         spec::Command::Argv(a) => a.first().cloned().unwrap_or_default(),
         spec::Command::Shell(_) => "/bin/sh".to_string(),
     }
-}
-
-/// The message of `e` followed by its causes, for a reply or a log line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 /// How long after a stop that could not finish the lease monitor tries again.

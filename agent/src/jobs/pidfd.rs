@@ -7,11 +7,13 @@
 //! never signalled.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use nix::libc;
 use nix::sys::signal::Signal;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags};
 
 use super::tree;
 
@@ -21,44 +23,28 @@ pub struct PidFd(OwnedFd);
 impl PidFd {
     /// A pidfd for `pid`; `ESRCH` when it is gone, `ENOSYS` before Linux 5.3.
     pub fn open(pid: i32) -> io::Result<Self> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the descriptor was just returned to us and is owned by nobody else.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+        // Not a process id (0 or negative would name a group): nothing to open.
+        let pid =
+            Pid::from_raw(pid.max(0)).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(Self(pidfd_open(pid, PidfdFlags::empty())?))
     }
 
     /// Sends `sig`; an error (ESRCH) once the process has been reaped.
     pub fn signal(&self, sig: Signal) -> io::Result<()> {
-        // SAFETY: a valid pidfd, a valid signal number, no siginfo, no flags.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.0.as_raw_fd(),
-                sig as libc::c_int,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        let sig = rustix::process::Signal::from_named_raw(sig as i32)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(pidfd_send_signal(&self.0, sig)?)
     }
 
     /// True once the process has terminated (a zombie or reaped): a pidfd polls readable then.
     pub fn has_exited(&self) -> bool {
-        let mut p = libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
         };
-        // SAFETY: one valid pollfd, no waiting.
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        n > 0 && p.revents & (libc::POLLIN | libc::POLLHUP) != 0
+        matches!(poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+            && fds[0].revents().intersects(PollFlags::IN | PollFlags::HUP)
     }
 }
 
@@ -96,6 +82,7 @@ mod tests {
             if fd.has_exited() {
                 break;
             }
+            #[allow(clippy::disallowed_methods)] // a test
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         assert!(fd.has_exited());

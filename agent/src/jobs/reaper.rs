@@ -14,7 +14,9 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Condvar, Mutex};
 use std::time::Duration;
 
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
@@ -144,9 +146,9 @@ impl Reaper {
         true
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Registry> {
         // A panic elsewhere while holding the lock leaves a usable map; keep going.
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+        self.registry.lock()
     }
 
     fn run(&self) {
@@ -157,6 +159,8 @@ impl Reaper {
                 Err(nix::errno::Errno::ECHILD) => self.sleep_until_spawned(),
                 Err(e) => {
                     tracing::error!("waitid failed: {e}");
+                    // the reaper's own thread, not a runtime worker
+                    #[allow(clippy::disallowed_methods)]
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
@@ -180,7 +184,7 @@ impl Reaper {
             if !none {
                 return;
             }
-            reg = self.spawned.wait(reg).unwrap_or_else(|p| p.into_inner());
+            self.spawned.wait(&mut reg);
         }
     }
 

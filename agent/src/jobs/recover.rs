@@ -106,6 +106,8 @@ pub fn stop_leftovers(root: &Path, state_dir: &Path, grace: Duration) -> Recover
                 signal_exact(p.pid, start, Signal::SIGKILL);
             }
         }
+        // start-up clean-up, on the blocking pool before the agent listens
+        #[allow(clippy::disallowed_methods)]
         std::thread::sleep(POLL);
     }
     report(&out);

@@ -13,7 +13,8 @@
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -99,7 +100,7 @@ impl StateFile {
 
 fn lock(m: &Mutex<u64>) -> MutexGuard<'_, u64> {
     // A counter stays meaningful after a panicking holder.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock()
 }
 
 /// Reads the record a previous run left. `Ok(None)` when there is none; an unreadable or

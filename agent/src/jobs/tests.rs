@@ -627,6 +627,7 @@ fn an_exited_child_is_never_a_member_seed() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while alive(pid as i32) {
         assert!(Instant::now() < deadline, "the child never exited");
+        #[allow(clippy::disallowed_methods)] // a test
         std::thread::sleep(Duration::from_millis(5));
     }
     // A zombie, not yet reaped, its exit not yet recorded.
@@ -697,4 +698,27 @@ async fn a_working_directory_swapped_for_a_symlink_never_starts_a_process_outsid
         "{} of {started} processes started outside the root: {leaked:?}",
         leaked.len()
     );
+}
+
+#[test]
+fn a_spawn_may_add_processes_only_to_a_live_job() {
+    let id = JobId::parse("j".into()).unwrap();
+    let lease = Duration::from_secs(10);
+    for (lease_stopped, stopping, want) in [
+        (false, false, None),
+        (false, true, Some("is being stopped")),
+        (true, false, Some("10000")),
+        (true, true, Some("10000")),
+    ] {
+        let got = super::may_add_to(&id, lease_stopped, stopping, lease)
+            .err()
+            .map(|e| e.to_string());
+        match (want, &got) {
+            (None, None) => {}
+            (Some(w), Some(g)) if g.contains(w) => {}
+            _ => {
+                panic!("lease_stopped {lease_stopped} stopping {stopping}: {got:?}, want {want:?}")
+            }
+        }
+    }
 }

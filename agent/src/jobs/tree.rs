@@ -516,6 +516,7 @@ mod tests {
             if found.iter().any(|p| p.pid == sleeper) {
                 break;
             }
+            #[allow(clippy::disallowed_methods)] // a test
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let _ = nix::sys::signal::kill(

@@ -25,7 +25,7 @@ pub enum Peer {
 }
 
 /// Shared between a connector and whoever reports a failed call on its channel.
-pub type Diagnosis = Arc<Mutex<Option<Peer>>>;
+pub(super) type Diagnosis = Arc<Mutex<Option<Peer>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectFailure {
@@ -71,7 +71,7 @@ enum Stream {
 }
 
 /// A connection, watching the first bytes it reads.
-pub struct Conn {
+pub(super) struct Conn {
     stream: Stream,
     diag: Option<Diagnosis>,
 }
@@ -149,7 +149,7 @@ impl AsyncWrite for Conn {
 
 /// Connects every new connection of one channel to one agent.
 #[derive(Clone)]
-pub struct Connector {
+pub(super) struct Connector {
     pub addr: SocketAddr,
     /// With the server name the certificate must carry.
     pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,

@@ -6,7 +6,9 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use anyhow::Context;
 use dglrun_proto::digest::{chunk_count, chunk_hash, hash_reader, FileDigest, Hash, HashCache};
@@ -252,10 +254,7 @@ fn hash_chunks(
                         src.origin,
                         m.key.display()
                     ));
-                    failed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(e);
+                    failed.lock().get_or_insert(e);
                     // The others stop at their next chunk.
                     next.store(work.len(), Ordering::Relaxed);
                     return;
@@ -268,7 +267,7 @@ fn hash_chunks(
             s.spawn(worker);
         }
     });
-    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = failed.into_inner() {
         return Err(e);
     }
     let mut out: Vec<Vec<Hash>> = files.iter().map(|_| Vec::new()).collect();

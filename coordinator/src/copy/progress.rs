@@ -3,7 +3,9 @@
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -62,8 +64,8 @@ impl Progress {
         })
     }
 
-    fn phase_state(&self) -> std::sync::MutexGuard<'_, Phase> {
-        self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    fn phase_state(&self) -> parking_lot::MutexGuard<'_, Phase> {
+        self.phase.lock()
     }
 
     /// Starts a phase ("hashing", "sending") of `total` bytes.
@@ -93,7 +95,7 @@ impl Progress {
             return;
         }
         // try_lock: a status line is never worth waiting for.
-        let Ok(mut phase) = self.phase.try_lock() else {
+        let Some(mut phase) = self.phase.try_lock() else {
             return;
         };
         if phase.last_line.elapsed() < PLAIN_EVERY {

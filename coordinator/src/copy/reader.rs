@@ -402,7 +402,8 @@ mod tests {
         let p = dir.path().join("f");
         std::fs::write(&p, vec![3u8; 3 * CHUNK_SIZE]).unwrap();
         let seen = std::fs::metadata(&p).unwrap();
-        // Past the file system's timestamp granularity.
+        // Past the file system's timestamp granularity (a plain test thread, no runtime).
+        #[allow(clippy::disallowed_methods)]
         std::thread::sleep(std::time::Duration::from_millis(20));
         let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(b"new", 2 * CHUNK_SIZE as u64).unwrap();

@@ -306,4 +306,38 @@ mod tests {
         assert_eq!(json["hosts"][0]["wire_bytes"], 2 << 20);
         assert_eq!(json["hosts"][0]["files"][1]["wire_bytes"], 0);
     }
+
+    /// The report as a user reads it: a host that got everything (one file resumed, one
+    /// already there) and one that failed.
+    #[test]
+    fn copy_report_snapshot() {
+        let mut r = report(Compression::None);
+        r.hosts[0].files[1].status = FileOutcome::Skipped;
+        r.hosts[0].files[0].resumed_from = 1 << 20;
+        r.hosts[0].files_sent = 1;
+        r.hosts[0].files_skipped = 1;
+        r.hosts.push(HostReport {
+            machine: 1,
+            address: "10.0.0.2:47001".into(),
+            files_sent: 0,
+            files_skipped: 0,
+            files_failed: 1,
+            bytes_sent: 0,
+            wire_bytes: 0,
+            seconds: 30.0,
+            bytes_per_second: 0.0,
+            errors: vec!["cannot reach the agent: connection refused".into()],
+            files: vec![FileReport {
+                path: "ws/a".into(),
+                status: FileOutcome::Failed,
+                size: 4 << 20,
+                bytes_sent: 0,
+                wire_bytes: 0,
+                resumed_from: 0,
+                error: Some("connection refused".into()),
+            }],
+        });
+        r.ok = false;
+        insta::assert_snapshot!(r.to_human());
+    }
 }

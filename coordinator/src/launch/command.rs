@@ -26,15 +26,18 @@ impl CommandLine {
     }
 }
 
-/// `word` as a POSIX shell reads it back: bare when it has only safe characters, else in
-/// single quotes.
+/// `word` as a POSIX shell reads it back: bare when it has only characters no shell treats
+/// specially (`--master_port=1` stays readable), else quoted by `shlex`.
 pub fn quote(word: &str) -> String {
     let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
     if !word.is_empty() && word.chars().all(safe) {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
+        return word.to_string();
     }
+    // No argv word or path holds a NUL; allowing it only makes quoting infallible.
+    shlex::Quoter::new()
+        .allow_nul(true)
+        .quote(word)
+        .map_or_else(|_| String::new(), std::borrow::Cow::into_owned)
 }
 
 /// Argv when the command is a plain list of words (quotes allowed), `sh -c` as soon as it uses
@@ -134,18 +137,25 @@ pub struct TorchRun {
     pub master_port: String,
 }
 
+/// A command torchrun mode cannot wrap.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no python interpreter in command position in {command:?}: torchrun mode starts \
+     `python -m torch.distributed.run` where the command runs python. Start the command \
+     (or a command of its chain: `cd code && python3 train.py`) with the interpreter \
+     (python, python3, python3.11 or a path to one), or use --trainer-mode direct"
+)]
+pub struct NoInterpreter {
+    pub command: String,
+}
+
 /// Inserts `-m torch.distributed.run ...` right after the command's python interpreter.
 ///
 /// DGL replaces every occurrence of the first allowlisted name it finds (so `python3.11` gets
 /// wrapped as `python3 -m ... .11`); this wraps exactly the first interpreter word.
-pub fn wrap_torchrun(command: &str, t: &TorchRun) -> Result<String, String> {
-    let at = find_python(command).ok_or_else(|| {
-        format!(
-            "no python interpreter in command position in {command:?}: torchrun mode starts \
-             `python -m torch.distributed.run` where the command runs python. Start the command \
-             (or a command of its chain: `cd code && python3 train.py`) with the interpreter \
-             (python, python3, python3.11 or a path to one), or use --trainer-mode direct"
-        )
+pub fn wrap_torchrun(command: &str, t: &TorchRun) -> Result<String, NoInterpreter> {
+    let at = find_python(command).ok_or_else(|| NoInterpreter {
+        command: command.to_string(),
     })?;
     let args = format!(
         " -m torch.distributed.run --nproc_per_node={} --nnodes={} --node_rank={} \
@@ -169,7 +179,16 @@ mod tests {
 
     #[test]
     fn quoting_round_trips() {
-        for w in ["--x=1", "a b", "it's", "", "$HOME", "a\"b"] {
+        for w in [
+            "--x=1",
+            "a b",
+            "it's",
+            "",
+            "$HOME",
+            "a\"b",
+            "~/ws",
+            "a'b\"c$`\\",
+        ] {
             assert_eq!(shlex::split(&quote(w)).unwrap(), [w]);
         }
         assert_eq!(quote("--master_port=1"), "--master_port=1");
@@ -256,6 +275,7 @@ mod tests {
         );
         assert!(wrap_torchrun("./train.sh", &t)
             .unwrap_err()
+            .to_string()
             .contains("--trainer-mode direct"));
     }
 }

@@ -9,6 +9,7 @@
 pub mod command;
 pub mod driver;
 pub mod events;
+#[allow(unreachable_pub)] // follow.rs is being changed elsewhere; narrow its items then
 mod follow;
 pub mod logdir;
 pub mod loss;

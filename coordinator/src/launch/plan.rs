@@ -105,8 +105,8 @@ pub enum PlanError {
     Zero(&'static str),
     #[error("the user command is empty")]
     EmptyCommand,
-    #[error("{0}")]
-    Torchrun(String),
+    #[error(transparent)]
+    Torchrun(#[from] command::NoInterpreter),
     #[error("no machines in ip_config")]
     NoMachines,
     #[error("{0}")]
@@ -161,144 +161,189 @@ pub fn trainer_counts(o: &LaunchOptions, machines: usize) -> Result<Vec<u32>, Pl
 
 /// Every process of the job: servers of every machine first, then the trainers.
 pub fn plan(o: &LaunchOptions, f: &ClusterFacts) -> Result<Vec<PlannedProcess>, PlanError> {
-    let counts = trainer_counts(o, f.machines.len())?;
-    if o.num_servers == 0 {
-        return Err(PlanError::Zero("--num_servers"));
+    let p = Planning::new(o, f)?;
+    let mut out = Vec::new();
+    for m in &f.machines {
+        out.extend(p.servers(m.rank));
     }
-    if o.udf_command.trim().is_empty() {
-        return Err(PlanError::EmptyCommand);
+    let mut rank_base = 0;
+    for m in &f.machines {
+        out.extend(p.trainers(m.rank, rank_base)?);
+        // Ranks are global and contiguous by machine, as torchrun numbers them.
+        rank_base += p.counts[m.rank] as usize;
     }
-    let m_count = f.machines.len();
-    let master = f.machines.first().ok_or(PlanError::NoMachines)?;
-    let world: usize = counts.iter().map(|&n| n as usize).sum();
-    // Every trainer and each of its samplers is one DGL client of every server.
-    let num_client = world * (1 + o.num_samplers as usize);
-    let master_port = f
-        .master_port
-        .map_or_else(|| "<PORT>".to_string(), |p| p.to_string());
-    // DGL's default divides the launching machine's CPUs by the trainer count; with per-host
-    // counts, by that host's count.
-    let client_omp = |trainers: u32| {
-        f.omp_num_threads_env.clone().unwrap_or_else(|| {
-            o.num_omp_threads
-                .unwrap_or_else(|| default_omp_threads(f.cpu_count, trainers))
-                .to_string()
-        })
-    };
+    Ok(out)
+}
 
-    // extra_envs first: DGL exports them in an outer scope, so its own variables win.
-    let base = |pairs: &[(&str, String)]| {
-        let mut env: BTreeMap<String, String> = o.extra_envs.iter().cloned().collect();
+/// Every trainer and each of its samplers is one DGL client of every server.
+fn num_client(world: usize, num_samplers: u32) -> usize {
+    world * (1 + num_samplers as usize)
+}
+
+/// What every process of a plan shares, checked once.
+struct Planning<'a> {
+    o: &'a LaunchOptions,
+    f: &'a ClusterFacts,
+    /// Trainers per machine.
+    counts: Vec<u32>,
+    world: usize,
+    master_ip: String,
+    master_port: String,
+    shared: [(&'static str, String); 6],
+    user_command: CommandLine,
+}
+
+impl<'a> Planning<'a> {
+    fn new(o: &'a LaunchOptions, f: &'a ClusterFacts) -> Result<Self, PlanError> {
+        let counts = trainer_counts(o, f.machines.len())?;
+        if o.num_servers == 0 {
+            return Err(PlanError::Zero("--num_servers"));
+        }
+        if o.udf_command.trim().is_empty() {
+            return Err(PlanError::EmptyCommand);
+        }
+        let master = f.machines.first().ok_or(PlanError::NoMachines)?;
+        let world: usize = counts.iter().map(|&n| n as usize).sum();
+        let shared = [
+            ("DGL_NUM_SAMPLER", o.num_samplers.to_string()),
+            (
+                "DGL_NUM_CLIENT",
+                num_client(world, o.num_samplers).to_string(),
+            ),
+            ("DGL_CONF_PATH", o.part_config.clone()),
+            ("DGL_IP_CONFIG", o.ip_config.clone()),
+            ("DGL_NUM_SERVER", o.num_servers.to_string()),
+            ("DGL_GRAPH_FORMAT", o.graph_format.clone()),
+        ];
+        Ok(Self {
+            o,
+            f,
+            counts,
+            world,
+            master_ip: master.ip.to_string(),
+            master_port: f
+                .master_port
+                .map_or_else(|| "<PORT>".to_string(), |p| p.to_string()),
+            shared,
+            user_command: command::parse(&o.udf_command),
+        })
+    }
+
+    /// A process's environment: extra_envs first (DGL exports them in an outer scope, so
+    /// its own variables win), then `pairs`, then the launcher's PYTHONPATH.
+    fn env(&self, pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = self.o.extra_envs.iter().cloned().collect();
         for (k, v) in pairs {
             env.insert(k.to_string(), v.clone());
         }
-        if let Some(pp) = &f.pythonpath {
+        if let Some(pp) = &self.f.pythonpath {
             env.insert("PYTHONPATH".into(), pp.clone());
         }
         env
-    };
-    let shared = [
-        ("DGL_NUM_SAMPLER", o.num_samplers.to_string()),
-        ("DGL_NUM_CLIENT", num_client.to_string()),
-        ("DGL_CONF_PATH", o.part_config.clone()),
-        ("DGL_IP_CONFIG", o.ip_config.clone()),
-        ("DGL_NUM_SERVER", o.num_servers.to_string()),
-        ("DGL_GRAPH_FORMAT", o.graph_format.clone()),
-    ];
+    }
 
-    let mut out = Vec::new();
-    let user_command = command::parse(&o.udf_command);
-    for m in &f.machines {
-        for j in 0..o.num_servers {
+    /// DGL's default divides the launching machine's CPUs by the trainer count; with
+    /// per-host counts, by that host's count.
+    fn client_omp(&self, trainers: u32) -> String {
+        self.f.omp_num_threads_env.clone().unwrap_or_else(|| {
+            self.o
+                .num_omp_threads
+                .unwrap_or_else(|| default_omp_threads(self.f.cpu_count, trainers))
+                .to_string()
+        })
+    }
+
+    fn servers(&self, machine: usize) -> impl Iterator<Item = PlannedProcess> + '_ {
+        let o = self.o;
+        (0..o.num_servers).map(move |j| {
             let mut pairs = vec![
                 ("DGL_ROLE", "server".to_string()),
                 ("OMP_NUM_THREADS", o.num_server_threads.to_string()),
                 (
                     "DGL_SERVER_ID",
-                    (m.rank * o.num_servers as usize + j as usize).to_string(),
+                    (machine * o.num_servers as usize + j as usize).to_string(),
                 ),
             ];
-            pairs.extend(shared.iter().cloned());
-            out.push(PlannedProcess {
-                machine: m.rank,
+            pairs.extend(self.shared.iter().cloned());
+            PlannedProcess {
+                machine,
                 role: Role::Server,
                 label: format!("server{j}"),
-                command: user_command.clone(),
-                env: base(&pairs),
+                command: self.user_command.clone(),
+                env: self.env(&pairs),
                 cwd: String::new(),
-            });
-        }
+            }
+        })
     }
-    let mut rank_base = 0;
-    for m in &f.machines {
-        let local_world = counts[m.rank];
+
+    /// The trainers of one machine: one torchrun, or each trainer directly with torchrun's
+    /// worker environment; `rank_base` is the global rank of its first trainer.
+    fn trainers(&self, machine: usize, rank_base: usize) -> Result<Vec<PlannedProcess>, PlanError> {
+        let local_world = self.counts[machine];
         let mut client = vec![
             ("DGL_DIST_MODE", "distributed".to_string()),
             ("DGL_ROLE", "client".to_string()),
-            ("OMP_NUM_THREADS", client_omp(local_world)),
+            ("OMP_NUM_THREADS", self.client_omp(local_world)),
             ("DGL_GROUP_ID", "0".to_string()),
         ];
-        client.extend(shared.iter().cloned());
-        match o.trainer_mode {
+        client.extend(self.shared.iter().cloned());
+        let nnodes = self.f.machines.len();
+        match self.o.trainer_mode {
             TrainerMode::Torchrun => {
                 let wrapped = command::wrap_torchrun(
-                    &o.udf_command,
+                    &self.o.udf_command,
                     &TorchRun {
                         nproc_per_node: local_world,
-                        nnodes: m_count,
-                        node_rank: m.rank,
-                        master_addr: master.ip.to_string(),
-                        master_port: master_port.clone(),
+                        nnodes,
+                        node_rank: machine,
+                        master_addr: self.master_ip.clone(),
+                        master_port: self.master_port.clone(),
                     },
-                )
-                .map_err(PlanError::Torchrun)?;
+                )?;
                 // dglrun's own addition: where torchrun keeps its failed rank's error record
                 // (torch's `@record` writes it there), one file per torchrun and job.
-                let mut env = base(&client);
+                let mut env = self.env(&client);
                 env.insert(
                     TORCHELASTIC_ERROR_FILE.into(),
-                    torchrun_error_file(&f.job_id, m.rank),
+                    torchrun_error_file(&self.f.job_id, machine),
                 );
-                out.push(PlannedProcess {
-                    machine: m.rank,
+                Ok(vec![PlannedProcess {
+                    machine,
                     role: Role::TrainerGroup,
                     label: "trainers".into(),
                     command: command::parse(&wrapped),
                     env,
                     cwd: String::new(),
-                });
+                }])
             }
-            TrainerMode::Direct => {
-                for l in 0..local_world {
+            TrainerMode::Direct => Ok((0..local_world)
+                .map(|l| {
                     let mut pairs = client.clone();
                     pairs.extend(worker_env(
                         &Worker {
                             rank: rank_base + l as usize,
-                            world,
+                            world: self.world,
                             local_rank: l,
                             local_world,
-                            node_rank: m.rank,
-                            nnodes: m_count,
+                            node_rank: machine,
+                            nnodes,
                         },
-                        &master.ip.to_string(),
-                        &master_port,
-                        &f.job_id,
+                        &self.master_ip,
+                        &self.master_port,
+                        &self.f.job_id,
                     ));
-                    out.push(PlannedProcess {
-                        machine: m.rank,
+                    PlannedProcess {
+                        machine,
                         role: Role::Trainer,
                         label: format!("trainer{l}"),
-                        command: user_command.clone(),
-                        env: base(&pairs),
+                        command: self.user_command.clone(),
+                        env: self.env(&pairs),
                         cwd: String::new(),
-                    });
-                }
-            }
+                    }
+                })
+                .collect()),
         }
-        // Ranks are global and contiguous by machine, as torchrun numbers them.
-        rank_base += local_world as usize;
     }
-    Ok(out)
 }
 
 /// The `--extra_envs` names the plan sets itself in some process (`DGL_ROLE`, `RANK`, ...):

@@ -164,4 +164,54 @@ mod tests {
         );
         assert!(lines[2].contains("not started"));
     }
+
+    /// Every kind of row the table shows, as a user reads it.
+    #[test]
+    fn summary_table_snapshot() {
+        let row = |host: &str, process: &str, pid, exit, started| Row {
+            host: host.into(),
+            process: process.into(),
+            pid,
+            exit,
+            started,
+        };
+        let long = ProcessExited {
+            runtime_ms: 754_000,
+            ..ex(0, 0, false)
+        };
+        let rows = vec![
+            row(
+                "m0 (10.0.0.1)",
+                "server0",
+                Some(4101),
+                Some(ex(-1, 15, true)),
+                true,
+            ),
+            row("m0 (10.0.0.1)", "trainer0", Some(4102), Some(long), true),
+            row(
+                "m1 (10.0.0.2)",
+                "server1",
+                Some(977),
+                Some(ex(-1, 9, false)),
+                true,
+            ),
+            row(
+                "m1 (10.0.0.2)",
+                "trainer1",
+                Some(978),
+                Some(ex(3, 0, false)),
+                true,
+            ),
+            row(
+                "m2 (10.0.0.3)",
+                "trainer2",
+                Some(12),
+                Some(ex(-1, 0, false)),
+                true,
+            ),
+            row("m2 (10.0.0.3)", "trainer3", Some(13), None, true),
+            row("m3 (10.0.0.4)", "trainer4", None, None, false),
+        ];
+        insta::assert_snapshot!(render(&rows));
+    }
 }

@@ -10,6 +10,10 @@
 //! (agent roots and generated data for copy/broadcast/compress; default /dev/shm),
 //! --scale-agents N (256), --no-ssh.
 
+// Test code throughout: a failed unwrap is a failed test, and a test may set its own
+// environment and sleep.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};

@@ -480,3 +480,14 @@ fn torchrun_wraps_the_interpreter_in_command_position() {
         );
     }
 }
+
+#[test]
+fn every_trainer_and_sampler_is_a_client_of_every_server() {
+    for (world, samplers, clients) in [(1, 0, 1), (4, 0, 4), (4, 2, 12), (0, 3, 0)] {
+        assert_eq!(
+            super::num_client(world, samplers),
+            clients,
+            "{world} trainers, {samplers} samplers each"
+        );
+    }
+}
