@@ -195,6 +195,11 @@ pub struct JobArgs {
     /// labelled), events.jsonl, summary.txt and summary.json.
     #[arg(long = "log-dir", visible_alias = "log_dir", value_name = "DIR", help_heading = DGLRUN)]
     pub(crate) log_dir: Option<PathBuf>,
+    /// Start the trainers right after the servers, without waiting until every server port
+    /// listens (by default the agents watch their socket tables and the trainers start once
+    /// all servers listen, sparing DGL trainers their 3 s retry sleeps).
+    #[arg(long = "no-wait-servers", visible_alias = "no_wait_servers", help_heading = DGLRUN)]
+    pub(crate) no_wait_servers: bool,
     /// Seconds between SIGTERM and SIGKILL when stopping processes.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0, help_heading = DGLRUN)]
     pub(crate) grace: f64,
@@ -373,6 +378,7 @@ impl JobArgs {
             log_dir: self.log_dir,
             local_ip_config: None,
             started,
+            wait_servers: !self.no_wait_servers,
         };
         Ok((options, run))
     }
