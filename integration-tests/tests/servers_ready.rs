@@ -1,6 +1,6 @@
-//! `dgl-coord launch` starts the trainers only once every DGL server port of the job listens,
-//! as each host's agent sees it in /proc/net/tcp, and a server that exits before it listens
-//! fails the launch before any trainer starts. Three real agents on loopback addresses, the
+//! `dgl-coord launch --wait-servers` starts the trainers only once every DGL server port of
+//! the job listens, as each host's agent sees it in /proc/net/tcp, and a server that exits
+//! before it listens fails the launch before any trainer starts. Three real agents on loopback addresses, the
 //! stand-in DGL (`fixtures/fake_dgl.py --listen-delay`: servers that take a while to listen).
 
 use std::time::Duration;
@@ -28,7 +28,13 @@ fn trainers_start_only_once_every_server_port_listens() {
     let torch = fixtures_dir().join("pythonpath").display().to_string();
     for mode in ["direct", "torchrun"] {
         let mut cmd = c.launch(
-            &["--num_trainers", "2", "--trainer-mode", mode],
+            &[
+                "--num_trainers",
+                "2",
+                "--trainer-mode",
+                mode,
+                "--wait-servers",
+            ],
             "python3 fake_dgl.py --listen-delay 1",
         );
         cmd.env("PYTHONPATH", &torch);
@@ -62,7 +68,7 @@ fn a_server_that_exits_before_listening_fails_the_launch_before_any_trainer() {
     let r = run(
         c.launch_direct(
             "1",
-            &[],
+            &["--wait-servers"],
             "python3 fake_dgl.py --listen-delay 1 --fail-server 1 --fail-code 5",
         ),
         Duration::from_secs(60),

@@ -48,7 +48,7 @@ pub struct RunOptions {
     pub local_ip_config: Option<PathBuf>,
     /// When the command started.
     pub started: Instant,
-    /// Start the trainers only once every server port listens (`--no-wait-servers`: false).
+    /// Start the trainers only once every server port listens (`--wait-servers`).
     pub wait_servers: bool,
 }
 
@@ -265,7 +265,7 @@ enum Started {
     Running {
         hosts: Vec<cluster::Host>,
         planned: Vec<PlannedProcess>,
-        /// What the trainers wait for; None with `--no-wait-servers`.
+        /// What the trainers wait for; None without `--wait-servers`.
         servers: Option<servers_ready::ServerPorts>,
     },
 }
