@@ -17,9 +17,9 @@
 #   --shape T:S    trainers and samplers per machine (default 1:0); one server per machine
 #   --runs K       runs of each launcher (default 5)
 #   --launchers    any of: launchpy (DGL's launch.py over ssh), direct, torchrun (dglrun's
-#                  trainer modes, defaults), direct-nowait, torchrun-nowait (the same with
-#                  --no-wait-servers: trainers start as soon as the servers are spawned)
-#                  (default "launchpy direct torchrun")
+#                  trainer modes), direct-wait, torchrun-wait (the same with --wait-servers:
+#                  trainers start once every server port listens)
+#                  (default "launchpy direct torchrun direct-wait torchrun-wait")
 #   --keep         keep the work directory (logs of every run)
 #   --no-build     use target/release/dgl-agent and dgl-coord as they are (no cargo build)
 # Environment: E2E_PYTHON (python with dgl and torch; default the venv of e2e-real-dgl.sh),
@@ -39,7 +39,7 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/dglrun-e2e
 HOSTS=2
 SHAPE=1:0
 RUNS=5
-LAUNCHERS="launchpy direct torchrun"
+LAUNCHERS="launchpy direct torchrun direct-wait torchrun-wait"
 KEEP=0
 BUILD=1
 while (($#)); do
@@ -59,7 +59,7 @@ done
 [[ $SHAPE =~ ^[1-9]:[0-9]$ ]] || { echo "--shape must be TRAINERS:SAMPLERS, e.g. 2:1" >&2 && exit 2; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || { echo "--runs must be a positive number" >&2 && exit 2; }
 for l in $LAUNCHERS; do
-    [[ $l =~ ^(launchpy|direct|torchrun|direct-nowait|torchrun-nowait)$ ]] ||
+    [[ $l =~ ^(launchpy|direct|torchrun|direct-wait|torchrun-wait)$ ]] ||
         { echo "--launchers: unknown launcher '$l'" >&2 && exit 2; }
 done
 IFS=: read -r TRAINERS SAMPLERS <<<"$SHAPE"
@@ -231,8 +231,8 @@ run_one() {
             --extra_envs "${ENVS[@]}" --num_omp_threads 1 "$TRAIN") >"$log" 2>&1
         ;;
     *)
-        mode=${launcher%-nowait}
-        [[ $launcher == *-nowait ]] && extra=(--no-wait-servers)
+        mode=${launcher%-wait}
+        [[ $launcher == *-wait ]] && extra=(--wait-servers)
         (cd "$SRC" && exec ip netns exec "$NS_COORD" env -u PYTHONPATH \
             timeout -s INT -k 30 "$TIMEOUT" "$COORD" launch --workspace ws \
             --num_trainers "$TRAINERS" --num_samplers "$SAMPLERS" --num_servers 1 \
