@@ -131,6 +131,14 @@ impl Agent for AgentService {
         Ok(Response::new(self.jobs.stop(spec).await?))
     }
 
+    async fn wait_listening(
+        &self,
+        req: Request<pb::WaitListeningRequest>,
+    ) -> Result<Response<pb::WaitListeningReply>, Status> {
+        let spec = crate::jobs::listening::WaitSpec::try_from(req.into_inner())?;
+        Ok(Response::new(self.jobs.wait_listening(spec).await?))
+    }
+
     async fn list_jobs(
         &self,
         _req: Request<pb::ListJobsRequest>,

@@ -8,6 +8,8 @@ examples/distributed/graphsage/node_classification.py. The same file is every ro
 
 Each trainer prints, for the test to check:
     E2E_START rank=R world=W machine_ip=IP ...
+    E2E_INIT rank=R t=T       (wall-clock time when dgl.distributed.initialize returned)
+    E2E_FIRST_STEP rank=R t=T (wall-clock time when the first training step finished)
     E2E_LOSS rank=R epoch=E step=S loss=X
     E2E_DONE rank=R steps=N first_loss=X last_loss=Y
 """
@@ -71,9 +73,13 @@ def main():
     args = p.parse_args()
 
     dgl.distributed.initialize(args.ip_config)  # servers never return from here
+    t_init = time.time()
     torch.distributed.init_process_group(backend="gloo")
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
+    # Hosts share one clock (namespaces of one machine): scripts/e2e-first-step.sh subtracts
+    # the time it started the launcher.
+    say(f"E2E_INIT rank={rank} t={t_init:.3f}")
     torch.manual_seed(0)
 
     g = dgl.distributed.DistGraph(args.graph_name, part_config=args.part_config)
@@ -122,6 +128,8 @@ def main():
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if len(losses) == 1:
+                say(f"E2E_FIRST_STEP rank={rank} t={time.time():.3f}")
             say(
                 f"E2E_LOSS rank={rank} epoch={epoch} step={step} loss={loss.item():.4f} "
                 f"batch={len(seeds)} inputs={len(input_nodes)}"

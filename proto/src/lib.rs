@@ -26,7 +26,9 @@ pub mod pb {
 /// compressed chunk for raw bytes, so the two must not talk.
 /// 3: a job's event stream carries `stopped` (who stopped it and why), StopRequest names its
 /// requester; a coordinator of version 2 would take a `stopped` event for nothing and wait.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: WaitListening (trainers start once the servers listen); an agent of version 3 would
+/// answer it UNIMPLEMENTED and fail every launch.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The version of this build, reported in handshakes.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod error;
 pub mod job;
 pub(crate) mod lease;
+pub mod listening;
 pub mod log;
 pub mod output;
 pub mod pidfd;

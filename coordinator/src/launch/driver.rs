@@ -24,6 +24,7 @@ use super::events::{ExitInfo, Outcome, ProcessSummary, Summary, Who};
 use super::follow::{renew_host, watch_host, Reconnect};
 use super::loss::Loss;
 use super::plan::{PlannedProcess, Role};
+use super::servers_ready::{self, ServerPorts};
 use super::sink::Sink;
 use super::summary::{self, Row};
 use crate::cluster::{AgentAccess, Host};
@@ -51,6 +52,8 @@ pub struct DriverOptions {
     pub started: Instant,
     /// How to reach the agents: lease renewals open fresh connections when one stalls.
     pub access: AgentAccess,
+    /// Trainers start once these ports listen; None: right after the servers.
+    pub servers_ready: Option<ServerPorts>,
 }
 
 pub(super) enum Msg {
@@ -203,6 +206,16 @@ pub async fn run(
             // The job now exists on every host: follow its events.
             for h in 0..d.hosts.len() {
                 d.start_watch(h);
+            }
+            if let (None, Some(ports)) = (&d.stopping, d.o.servers_ready.clone()) {
+                tokio::select! {
+                    r = servers_ready::wait_all(&d.hosts, &d.o.job_id, &ports) => if let Err(e) = r {
+                        d.out.note(&e.to_string());
+                        d.begin_stop(Reason::SpawnFailed { host: e.host, message: e.message });
+                    },
+                    _ = sigint.recv() => d.on_signal(2),
+                    _ = sigterm.recv() => d.on_signal(15),
+                }
             }
         }
         // A signal that arrived while spawning is handled before the next phase.

@@ -16,6 +16,7 @@ pub mod loss;
 pub mod output;
 pub mod plan;
 pub mod preflight;
+pub mod servers_ready;
 pub mod sink;
 pub mod summary;
 pub mod torchrun_failure;
@@ -48,6 +49,8 @@ pub struct RunOptions {
     pub local_ip_config: Option<PathBuf>,
     /// When the command started.
     pub started: Instant,
+    /// Start the trainers only once every server port listens (`--wait-servers`).
+    pub wait_servers: bool,
 }
 
 /// A fresh job id: unique enough that two launches never share one.
@@ -180,7 +183,11 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
     let result = start(&o, &r, &job_id, &mut out).await;
     match result {
         Ok(Started::DryRun) => Ok(0),
-        Ok(Started::Running { hosts, planned }) => {
+        Ok(Started::Running {
+            hosts,
+            planned,
+            servers,
+        }) => {
             let code = driver::run(
                 hosts,
                 planned,
@@ -191,6 +198,7 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
                     lease: r.lease,
                     started: r.started,
                     access: r.access.clone(),
+                    servers_ready: servers,
                 },
                 out,
             )
@@ -258,6 +266,8 @@ enum Started {
     Running {
         hosts: Vec<cluster::Host>,
         planned: Vec<PlannedProcess>,
+        /// What the trainers wait for; None without `--wait-servers`.
+        servers: Option<servers_ready::ServerPorts>,
     },
 }
 
@@ -294,5 +304,13 @@ async fn start(
     let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace, false).await?;
     f.master_port = Some(checked.master_port);
     let planned = plan::plan(o, &f)?;
-    Ok(Started::Running { hosts, planned })
+    let servers = r
+        .wait_servers
+        .then(|| servers_ready::ServerPorts::of(&machines.machines, o.num_servers))
+        .transpose()?;
+    Ok(Started::Running {
+        hosts,
+        planned,
+        servers,
+    })
 }

@@ -1,0 +1,260 @@
+//! WaitListening: tells when the DGL servers of a job listen, from the kernel's socket tables
+//! (`/proc/net/tcp` and `tcp6` of the agent's network namespace), never by connecting: a DGL
+//! server counts every connection as one of its clients, and a probe makes the job hang.
+//!
+//! DGL 2.1's trainers sleep 3 s after each refused connect, so trainers that start before
+//! their servers listen lose seconds; the coordinator starts them once every agent answers.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dglrun_proto::pb;
+use tokio::sync::Semaphore;
+use tonic::Status;
+
+use super::error::JobError;
+use super::job::Job;
+use super::spec::{InvalidRequest, JobId};
+use super::Jobs;
+use crate::blocking::{self, BlockingError};
+
+/// Ports per request: DGL's `--num_servers` of one machine is a handful.
+pub const MAX_PORTS: usize = 256;
+/// Longest wait a request may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// Waits served at once across all jobs; each reads the tables every [`POLL`].
+pub const MAX_WAITS: usize = 64;
+/// How often the tables are read: far below DGL's 3 s retry, a fraction of a ms of CPU each.
+const POLL: Duration = Duration::from_millis(20);
+/// Bytes read of one table (150 per socket: enough for hundreds of thousands of sockets).
+const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// Socket tables of the agent's network namespace.
+const TABLES: [&str; 2] = ["/proc/net/tcp", "/proc/net/tcp6"];
+/// `st` of a listening socket in those tables (`TCP_LISTEN`).
+const LISTEN: &str = "0A";
+
+static WAITS: Semaphore = Semaphore::const_new(MAX_WAITS);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaitSpec {
+    pub job_id: JobId,
+    /// Not empty, at most [`MAX_PORTS`], each 1..=65535.
+    pub ports: BTreeSet<u16>,
+    /// At most [`MAX_WAIT`].
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListeningError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidRequest),
+    #[error("WaitListening needs 1 to {MAX_PORTS} ports, each 1..=65535; got {0}")]
+    Ports(String),
+    #[error("WaitListening timeout_ms {0} is past the limit of {limit} ms", limit = MAX_WAIT.as_millis())]
+    Timeout(u32),
+    #[error("the agent already serves {MAX_WAITS} WaitListening calls, its limit")]
+    TooManyWaits,
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error("{label} (pid {pid}) {status} before it listened (not listening: port {ports})")]
+    Exited {
+        label: String,
+        pid: u32,
+        status: String,
+        ports: String,
+    },
+    #[error("port {ports} not listening after {:.1}s", .after.as_secs_f64())]
+    TimedOut { ports: String, after: Duration },
+    #[error("cannot read the socket table {path}")]
+    Table {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Blocking(#[from] BlockingError),
+}
+
+impl From<ListeningError> for Status {
+    fn from(e: ListeningError) -> Self {
+        let msg = crate::jobs::error_chain(&e);
+        match e {
+            ListeningError::Invalid(i) => i.into(),
+            ListeningError::Job(j) => j.into(),
+            ListeningError::Ports(_) | ListeningError::Timeout(_) => Status::invalid_argument(msg),
+            ListeningError::TooManyWaits => Status::resource_exhausted(msg),
+            ListeningError::Exited { .. } => Status::failed_precondition(msg),
+            ListeningError::TimedOut { .. } => Status::deadline_exceeded(msg),
+            ListeningError::Table { .. } | ListeningError::Blocking(_) => Status::internal(msg),
+        }
+    }
+}
+
+impl TryFrom<pb::WaitListeningRequest> for WaitSpec {
+    type Error = ListeningError;
+
+    fn try_from(r: pb::WaitListeningRequest) -> Result<Self, ListeningError> {
+        let job_id = JobId::parse(r.job_id)?;
+        if r.ports.is_empty() || r.ports.len() > MAX_PORTS {
+            return Err(ListeningError::Ports(format!("{} ports", r.ports.len())));
+        }
+        let ports = r
+            .ports
+            .iter()
+            .map(|&p| match u16::try_from(p) {
+                Ok(p) if p != 0 => Ok(p),
+                _ => Err(ListeningError::Ports(format!("port {p}"))),
+            })
+            .collect::<Result<BTreeSet<u16>, _>>()?;
+        let timeout = Duration::from_millis(u64::from(r.timeout_ms));
+        if timeout > MAX_WAIT {
+            return Err(ListeningError::Timeout(r.timeout_ms));
+        }
+        Ok(Self {
+            job_id,
+            ports,
+            timeout,
+        })
+    }
+}
+
+impl Jobs {
+    /// Returns once every port of `spec` listens; fails as soon as a process of the job has
+    /// exited (at this point of a launch only servers run), or after the timeout.
+    pub async fn wait_listening(
+        &self,
+        spec: WaitSpec,
+    ) -> Result<pb::WaitListeningReply, ListeningError> {
+        let _slot = WAITS
+            .try_acquire()
+            .map_err(|_| ListeningError::TooManyWaits)?;
+        let job = self.get(&spec.job_id)?;
+        let started = Instant::now();
+        let deadline = started + spec.timeout;
+        loop {
+            if job.state().stopping {
+                return Err(JobError::Stopping(job.id.clone()).into());
+            }
+            let listening = blocking::run(
+                "reading /proc/net/tcp",
+                blocking::FS_TIMEOUT,
+                listening_ports,
+            )
+            .await??;
+            let missing: Vec<u16> = spec.ports.difference(&listening).copied().collect();
+            if missing.is_empty() {
+                let waited = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
+                return Ok(pb::WaitListeningReply { waited_ms: waited });
+            }
+            if let Some(e) = exited(&job, &missing) {
+                return Err(e);
+            }
+            if Instant::now() >= deadline {
+                return Err(ListeningError::TimedOut {
+                    ports: port_list(&missing),
+                    after: spec.timeout,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// The first process of `job` that has exited, as the error that names it.
+fn exited(job: &Arc<Job>, missing: &[u16]) -> Option<ListeningError> {
+    let state = job.state();
+    let (p, x) = state
+        .procs
+        .iter()
+        .find_map(|p| p.exit.as_ref().map(|x| (p, x)))?;
+    let status = if x.signal != 0 {
+        format!("was killed by signal {}", x.signal)
+    } else {
+        format!("exited with code {}", x.code)
+    };
+    Some(ListeningError::Exited {
+        label: p.label.clone(),
+        pid: p.pid,
+        status,
+        ports: port_list(missing),
+    })
+}
+
+fn port_list(ports: &[u16]) -> String {
+    let v: Vec<String> = ports.iter().map(u16::to_string).collect();
+    v.join(", ")
+}
+
+/// Ports with a socket in LISTEN state in either table; a missing tcp6 (IPv6 disabled) is empty.
+fn listening_ports() -> Result<BTreeSet<u16>, ListeningError> {
+    let mut ports = BTreeSet::new();
+    for path in TABLES {
+        let mut text = String::new();
+        match std::fs::File::open(path) {
+            Ok(f) => f
+                .take(MAX_TABLE_BYTES)
+                .read_to_string(&mut text)
+                .map_err(|source| ListeningError::Table { path, source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(ListeningError::Table { path, source }),
+        };
+        ports.extend(parse_table(&text));
+    }
+    Ok(ports)
+}
+
+/// Local ports of the LISTEN rows of a `/proc/net/tcp[6]` table (header line skipped;
+/// `local_address` is `HEXADDR:HEXPORT`, `st` the fourth field).
+fn parse_table(text: &str) -> impl Iterator<Item = u16> + '_ {
+    text.lines().skip(1).filter_map(|line| {
+        let mut f = line.split_whitespace();
+        let local = f.nth(1)?;
+        let st = f.nth(1)?;
+        if st != LISTEN {
+            return None;
+        }
+        let (_, port) = local.rsplit_once(':')?;
+        u16::from_str_radix(port, 16).ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:7582 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:7583 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+   2: 024D12C6:B7D9 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0 100 0 0 10 0
+";
+
+    #[test]
+    fn only_listening_rows_count() {
+        let v: Vec<u16> = parse_table(TCP).collect();
+        // 0x7583 is an established connection, not a listener.
+        assert_eq!(v, vec![0x7582, 47065]);
+        assert_eq!(parse_table(TCP6).collect::<Vec<_>>(), vec![22]);
+        assert_eq!(parse_table("header only\n").count(), 0);
+        assert_eq!(parse_table("h\n 0: garbage\n").count(), 0);
+    }
+
+    #[test]
+    fn requests_are_bounded() {
+        let req = |ports: Vec<u32>, timeout_ms| pb::WaitListeningRequest {
+            job_id: "j".into(),
+            ports,
+            timeout_ms,
+        };
+        assert!(WaitSpec::try_from(req(vec![30050, 30051], 1000)).is_ok());
+        assert!(WaitSpec::try_from(req(vec![], 1000)).is_err());
+        assert!(WaitSpec::try_from(req(vec![0], 1000)).is_err());
+        assert!(WaitSpec::try_from(req(vec![70000], 1000)).is_err());
+        assert!(WaitSpec::try_from(req(vec![1; MAX_PORTS + 1], 1000)).is_err());
+        assert!(WaitSpec::try_from(req(vec![1], u32::MAX)).is_err());
+    }
+}
