@@ -244,9 +244,12 @@ pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Ho
             client_version: VERSION.to_string(),
         })
         .await
-        .map_err(|s| match s.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => {
-                unreachable(not_an_agent().unwrap_or_else(|| s.message().to_string()))
+        .map_err(|s| match (not_an_agent(), s.code()) {
+            // What the server's first bytes said decides, whatever code the failed call got
+            // (hyper reports the same garbage as unavailable, internal or cancelled).
+            (Some(why), _) => unreachable(why),
+            (None, tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal) => {
+                unreachable(s.message().to_string())
             }
             _ => ConnectError::Refused {
                 rank,
