@@ -204,11 +204,10 @@ fn have_shell(shell: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{shell} is not installed: .ci/run installs it (apt-get install {shell})"
+        dglrun_integration_tests::cannot_run(
+            &format!("completion in {shell}"),
+            &format!("{shell} is not installed: .ci/run installs it (apt-get install {shell})"),
         );
-        eprintln!("SKIPPED: {shell} is not installed");
     }
     found
 }

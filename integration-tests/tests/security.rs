@@ -81,7 +81,7 @@ fn put_stream(path: &str, data: &[u8]) -> impl tokio_stream::Stream<Item = pb::P
 
 /// Runs `cmd` as user `nobody`; with `CI=true` a host that cannot do so fails the test.
 fn as_nobody(cmd: &Path, args: &[&str]) -> Option<std::process::Output> {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let ci = dglrun_integration_tests::in_ci();
     let usable = nix::unistd::geteuid().is_root()
         && Command::new("runuser")
             .args(["-u", "nobody", "--", "true"])
@@ -576,12 +576,10 @@ fn status(
 #[test]
 fn non_loopback_addresses_require_tls_from_the_token() {
     let Some(ext) = non_loopback_ip() else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true: this host needs a non-loopback IPv4 address"
+        dglrun_integration_tests::cannot_run(
+            "non_loopback_addresses_require_tls_from_the_token",
+            "this host needs a non-loopback IPv4 address",
         );
-        eprintln!("SKIPPED: no non-loopback IPv4 address");
         return;
     };
     let d = tempfile::tempdir().unwrap();
@@ -632,10 +630,9 @@ fn non_loopback_addresses_require_tls_from_the_token() {
 #[test]
 fn insecure_plaintext_is_explicit_and_loud() {
     let Some(ext) = non_loopback_ip() else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true: needs a non-loopback IPv4 address"
+        dglrun_integration_tests::cannot_run(
+            "insecure_plaintext_is_explicit_and_loud",
+            "this host needs a non-loopback IPv4 address",
         );
         return;
     };
