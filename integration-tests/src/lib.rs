@@ -21,6 +21,7 @@ pub mod fake_dgl;
 pub mod netns;
 pub mod partitions;
 pub mod run;
+pub mod wire;
 
 pub use partitions::gen_partitions;
 

@@ -12,7 +12,6 @@
 use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::{RawClient, TestCluster};
-use dglrun_proto::digest::hash_reader;
 use dglrun_proto::pb::{self, put_file_message::Msg};
 use dglrun_proto::{PROTOCOL_VERSION, VERSION};
 
@@ -106,19 +105,7 @@ async fn a_stalled_put_file_stream_is_dropped_after_the_idle_timeout() {
     let cluster = TestCluster::start(1);
     let c = client(&cluster).await;
     let data = b"stalled".to_vec();
-    let d = hash_reader(&data[..], |_| {}).unwrap();
-    let header = |path: &str| pb::PutFileMessage {
-        msg: Some(Msg::Header(pb::PutFileHeader {
-            manifest: Some(pb::FileManifest {
-                path: path.into(),
-                size: d.size,
-                digest: d.digest.to_vec(),
-                chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
-                mode: 0o644,
-            }),
-            offset: 0,
-        })),
-    };
+    let header = |path: &str| dglrun_integration_tests::wire::put_header(path, &data);
     let mut senders = Vec::new();
     let mut calls = Vec::new();
     // Every permit taken by a stream that stalls after its header (distinct paths: transfers

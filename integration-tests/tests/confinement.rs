@@ -14,9 +14,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use dglrun_integration_tests::wire::{manifest, put_messages};
 use dglrun_integration_tests::{RawClient, TestCluster};
-use dglrun_proto::digest::hash_reader;
-use dglrun_proto::pb::{self, put_file_message::Msg};
+use dglrun_proto::pb;
 
 type Client = RawClient;
 
@@ -24,32 +24,8 @@ async fn client(cluster: &TestCluster) -> Client {
     cluster.client(0)
 }
 
-fn manifest(path: &str, data: &[u8]) -> pb::FileManifest {
-    let d = hash_reader(data, |_| {}).unwrap();
-    pb::FileManifest {
-        path: path.into(),
-        size: d.size,
-        digest: d.digest.to_vec(),
-        chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
-        mode: 0o644,
-    }
-}
-
 async fn put(c: &mut Client, path: &str, data: &[u8]) -> Result<(), tonic::Status> {
-    let header = pb::PutFileMessage {
-        msg: Some(Msg::Header(pb::PutFileHeader {
-            manifest: Some(manifest(path, data)),
-            offset: 0,
-        })),
-    };
-    let chunk = pb::PutFileMessage {
-        msg: Some(Msg::Chunk(pb::Chunk {
-            offset: 0,
-            data: data.to_vec().into(),
-            ..Default::default()
-        })),
-    };
-    c.put_file(tokio_stream::iter(vec![header, chunk]))
+    c.put_file(tokio_stream::iter(put_messages(path, data)))
         .await
         .map(|_| ())
 }

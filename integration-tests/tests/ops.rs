@@ -962,23 +962,12 @@ mod workspace_lease {
     //! A workspace serves one job at a time, and never a launch and a copy at once.
 
     use super::*;
+    use dglrun_integration_tests::wire::{manifest, put_messages};
     use dglrun_integration_tests::RawClient as Client;
-    use dglrun_proto::digest::hash_reader;
     use dglrun_proto::pb::{self, put_file_message::Msg};
 
     fn client(c: &TestCluster, m: usize) -> Client {
         c.client(m)
-    }
-
-    fn manifest(path: &str, data: &[u8]) -> pb::FileManifest {
-        let d = hash_reader(data, |_| {}).unwrap();
-        pb::FileManifest {
-            path: path.into(),
-            size: d.size,
-            digest: d.digest.to_vec(),
-            chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
-            mode: 0o644,
-        }
     }
 
     async fn prepare(
@@ -995,21 +984,8 @@ mod workspace_lease {
     }
 
     async fn put(client: &mut Client, path: &str, data: &[u8]) -> Result<(), tonic::Status> {
-        let header = pb::PutFileMessage {
-            msg: Some(Msg::Header(pb::PutFileHeader {
-                manifest: Some(manifest(path, data)),
-                offset: 0,
-            })),
-        };
-        let chunk = pb::PutFileMessage {
-            msg: Some(Msg::Chunk(pb::Chunk {
-                offset: 0,
-                data: data.to_vec().into(),
-                ..Default::default()
-            })),
-        };
         client
-            .put_file(tokio_stream::iter(vec![header, chunk]))
+            .put_file(tokio_stream::iter(put_messages(path, data)))
             .await
             .map(|_| ())
     }

@@ -15,7 +15,6 @@ use std::process::Command;
 
 use dglrun_integration_tests::run::run;
 use dglrun_integration_tests::{bin, repo_dir, root_flag, TestCluster};
-use dglrun_proto::digest::hash_reader;
 use dglrun_proto::meta::ClientMeta;
 use dglrun_proto::pb::agent_client::AgentClient;
 use dglrun_proto::pb::{self, put_file_message::Msg};
@@ -56,27 +55,7 @@ async fn client(
 
 /// A PutFile stream for `data` at `path`: header, then one chunk.
 fn put_stream(path: &str, data: &[u8]) -> impl tokio_stream::Stream<Item = pb::PutFileMessage> {
-    let d = hash_reader(data, |_| {}).unwrap();
-    let header = pb::PutFileMessage {
-        msg: Some(Msg::Header(pb::PutFileHeader {
-            manifest: Some(pb::FileManifest {
-                path: path.into(),
-                size: d.size,
-                digest: d.digest.to_vec(),
-                chunk_hashes: d.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
-                mode: 0o644,
-            }),
-            offset: 0,
-        })),
-    };
-    let chunk = pb::PutFileMessage {
-        msg: Some(Msg::Chunk(pb::Chunk {
-            offset: 0,
-            data: data.to_vec().into(),
-            ..Default::default()
-        })),
-    };
-    tokio_stream::iter(vec![header, chunk])
+    tokio_stream::iter(dglrun_integration_tests::wire::put_messages(path, data))
 }
 
 /// Runs `cmd` as user `nobody`; with `CI=true` a host that cannot do so fails the test.

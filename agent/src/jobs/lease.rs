@@ -135,26 +135,23 @@ async fn expire(job: Arc<Job>, grace: Duration) {
     tracing::warn!(job = %job.id, ?pids, lease_ms = lease.as_millis() as u64,
         "lease expired: no word from the coordinator; stopping the job's processes");
     super::stopped::announce(&job, pb::StopCause::LeaseExpired, "lease expiry");
-    match stop_job(&job, grace, false).await {
-        Ok(outcome) => {
-            tracing::warn!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining,
-            "job stopped after its lease expired")
-        }
-        Err(e) => {
-            tracing::error!(job = %job.id, "cannot stop the job after its lease expired: {}; retrying", error_chain(&e))
-        }
-    }
+    stop_and_log(&job, grace, "after its lease expired").await;
 }
 
 /// Stops again a job whose last stop could not finish.
 async fn retry_stop(job: Arc<Job>, grace: Duration) {
-    match stop_job(&job, grace, false).await {
+    stop_and_log(&job, grace, "on a retry").await;
+}
+
+/// Stops `job`; a stop that cannot see every process is logged, and the monitor retries it.
+async fn stop_and_log(job: &Arc<Job>, grace: Duration, when: &str) {
+    match stop_job(job, grace, false).await {
         Ok(outcome) => {
             tracing::warn!(job = %job.id, signalled = outcome.signalled, remaining = outcome.remaining,
-            "job stopped on a retry")
+            "job stopped {when}")
         }
         Err(e) => {
-            tracing::error!(job = %job.id, "the retried stop failed again: {}", error_chain(&e))
+            tracing::error!(job = %job.id, "cannot stop the job {when}: {}; retrying", error_chain(&e))
         }
     }
 }
