@@ -121,13 +121,19 @@ pub fn command(spec: &ProcessSpec, cwd: Workdir, job_id: &JobId, agent_root: &Pa
         .env(AGENT_VAR, agent_root)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
     let dir = cwd.fd;
-    // SAFETY: fchdir(2) is async-signal-safe; the closure owns the fd, which lives as long as
-    // the command and is closed in the child at exec (O_CLOEXEC).
+    // Each process leads a session of its own (and so its own process group, which the stop
+    // signals as a whole), as every command launch.py starts over ssh does: with the kernel's
+    // autogroup scheduling a session is the unit of CPU share, so a job's processes do not
+    // share one slice of a loaded host between them.
+    // SAFETY: setsid(2) and fchdir(2) are async-signal-safe; the closure owns the fd, which
+    // lives as long as the command and is closed in the child at exec (O_CLOEXEC).
     unsafe {
-        cmd.pre_exec(move || rustix::process::fchdir(dir.as_fd()).map_err(Into::into));
+        cmd.pre_exec(move || {
+            rustix::process::setsid()?;
+            rustix::process::fchdir(dir.as_fd()).map_err(Into::into)
+        });
     }
     cmd
 }

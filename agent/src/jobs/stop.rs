@@ -8,8 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use super::pidfd;
 use super::tree::{self, MemberQuery, ProcEntry, ScanError, Seed};
@@ -57,9 +56,14 @@ fn signal_member(m: &ProcEntry, seeds: &HashMap<i32, &Seed>, sig: Signal) {
         Some(start) => {
             pidfd::signal_exact(m.pid, start, sig);
         }
-        // /proc without a start time: only the pid is known.
+        // A stat line without a start time cannot tell this process from a later one that got
+        // its pid: it is not signalled, and stays among the remaining until a scan reads it whole.
         None => {
-            let _ = kill(Pid::from_raw(m.pid), sig);
+            tracing::warn!(
+                pid = m.pid,
+                "no start time in /proc/{}/stat: not signalled",
+                m.pid
+            );
         }
     }
 }

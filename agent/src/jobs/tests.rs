@@ -91,6 +91,34 @@ fn alive(pid: i32) -> bool {
         .is_some_and(|p| p.is_alive())
 }
 
+/// Each process leads its own session and process group, as a command sshd starts does: the
+/// kernel's autogroup scheduler gives each session its own CPU share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_leads_its_own_session() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    // Fields 1, 5 and 6 of /proc/self/stat: pid, process group, session (sh's comm has no space).
+    let script = "read -r pid _ _ _ pgrp sid _ < /proc/self/stat; echo $pid $pgrp $sid";
+    let procs = vec![shell("a", script), shell("b", script)];
+    jobs.spawn_pb(spawn_req("js", procs)).await.unwrap();
+    let mut lines = Vec::new();
+    for e in collect_until_exited(&jobs, "js", 2).await {
+        if let Some(Event::Line(l)) = &e.event {
+            lines.push(String::from_utf8_lossy(&l.text).to_string());
+        }
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let agent_sid = rustix::process::getsid(None)
+        .unwrap()
+        .as_raw_nonzero()
+        .get();
+    for l in &lines {
+        let ids: Vec<i32> = l.split(' ').map(|x| x.parse().unwrap()).collect();
+        assert_eq!(ids[0], ids[1], "own process group: {l}");
+        assert_eq!(ids[0], ids[2], "own session: {l}");
+        assert_ne!(ids[2], agent_sid, "{l}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_precedes_exit_and_env_is_expanded() {
     let (_d, jobs) = jobs(Duration::from_secs(30));
