@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod bench;
 pub mod fake_dgl;
+mod fresh_bins;
 pub mod netns;
 pub mod partitions;
 pub mod run;
@@ -28,16 +29,19 @@ pub use partitions::gen_partitions;
 /// The workspace directory (under each agent root) of [`TestCluster::with_workspace`].
 pub const WS: &str = "ws";
 
-/// Directory holding the built binaries (`target/debug` or `target/release`).
+/// Directory holding the built binaries (`target/debug` or `target/release`), with the agent
+/// and `dgl-coord` built there through cargo if they are missing or stale.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.ends_with("deps") {
+    let dir = if dir.ends_with("deps") {
         dir.parent().map(Path::to_path_buf).unwrap_or(dir)
     } else {
         dir
-    }
+    };
+    fresh_bins::ensure(&dir);
+    dir
 }
 
 /// Path of a workspace binary; panics with the command to run when it has not been built.
@@ -45,7 +49,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} not found: build the workspace first (`cargo build --workspace --all-targets`)",
+        "{} not found: build the workspace (`cargo build --workspace --bins`)",
         p.display()
     );
     p
