@@ -4,9 +4,10 @@
 //!
 //! `state` is the job as a pure state machine (inputs in, actions out, time passed in);
 //! `ending` decides the exit code, the error and the table from its final state; this module
-//! is the IO around them: the calls, the tasks, the terminal. One loop owns all state. Per host, a watch task forwards the job's events (reconnecting
-//! from the last seq it saw) and a renew task keeps the lease; both report a lost agent. Stops
-//! run as tasks too, so output keeps flowing while the agents stop the job.
+//! is the IO around them: the calls, the tasks, the terminal. One loop owns all state. Per
+//! host, a watch task forwards the job's events (reconnecting from the last seq it saw) and a
+//! renew task keeps the lease; both report a lost agent. Stops run as tasks too, so output
+//! keeps flowing while the agents stop the job.
 //!
 //! When a host's calls fail, the kind of failure decides how long to wait (`loss`): a refused
 //! connection (the agent process is gone) or an agent that no longer knows the job (it was
@@ -125,8 +126,9 @@ fn millis(d: Duration) -> u32 {
 impl Io {
     /// Feeds `input` to the state machine and carries out what it asks.
     fn apply(&mut self, job: &mut Job, input: Input) {
-        job.handle(input, Instant::now(), &mut self.actions);
-        for a in std::mem::take(&mut self.actions) {
+        let mut actions = std::mem::take(&mut self.actions);
+        job.handle(input, Instant::now(), &mut actions);
+        for a in actions.drain(..) {
             match a {
                 Action::Note(text) => self.out.note(&text),
                 Action::Started { who, pid } => self.out.started(&who, pid),
@@ -141,6 +143,7 @@ impl Io {
                 Action::Stop { hosts, force } => self.send_stops(&hosts, force),
             }
         }
+        self.actions = actions;
     }
 
     /// Every process: servers everywhere, then (once they listen, with `--wait-servers`)
