@@ -83,6 +83,19 @@ pub fn cannot_run(test: &str, why: &str) {
     eprintln!("SKIPPED {test}: {why}");
 }
 
+/// Snapshot filters (regex, replacement) for what changes from run to run on any machine:
+/// pids, job ids, durations in ms. See [`TestCluster::redactions`] for a cluster's own.
+pub fn redactions() -> Vec<(String, String)> {
+    [
+        (r"\bpid \d+", "pid [PID]"),
+        (r"dglrun-\d+-[0-9a-f]{8}", "[JOB]"),
+        (r"\b\d+ ms\b", "[N] ms"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect()
+}
+
 /// Python fixtures (stand-in DGL workload and torchrun).
 pub fn fixtures_dir() -> PathBuf {
     repo_dir().join("integration-tests/fixtures")
@@ -382,6 +395,26 @@ impl TestCluster {
         let mut all = vec!["--num_trainers", trainers, "--trainer-mode", "direct"];
         all.extend_from_slice(flags);
         self.launch(&all, command)
+    }
+
+    /// Snapshot filters (regex, replacement) for what changes from run to run: the temporary
+    /// directory, each agent's address (`[IP0]`, ...), the agent port, pids, job ids and
+    /// durations. For `insta::Settings::add_filter`.
+    pub fn redactions(&self) -> Vec<(String, String)> {
+        let escape = |s: &str| s.replace('.', r"\.");
+        let mut f = vec![(
+            escape(&self.dir.path().display().to_string()),
+            "[TMP]".to_string(),
+        )];
+        for (i, a) in self.agents.iter().enumerate() {
+            f.push((
+                format!(r"{}\b", escape(&a.ip.to_string())),
+                format!("[IP{i}]"),
+            ));
+        }
+        f.push((format!(r"\b{}\b", self.port), "[PORT]".to_string()));
+        f.extend(redactions());
+        f
     }
 
     /// SIGKILLs agent i (no clean-up: as if the host crashed).

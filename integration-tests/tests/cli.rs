@@ -391,3 +391,121 @@ fn bad_durations_are_usage_errors() {
         usage_error(&args, &[flag], &[]);
     }
 }
+
+/// `dgl-coord ARGS` run in `dir`, with no token and none of the environment the plan reads
+/// (PYTHONPATH, OMP_NUM_THREADS): what any user's machine would print.
+fn coord_in(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(bin("dgl-coord"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DGL_AGENT_TOKEN")
+        .env_remove("DGL_AGENT_TOKEN_FILE")
+        .env_remove("PYTHONPATH")
+        .env_remove("OMP_NUM_THREADS")
+        .output()
+        .expect("run dgl-coord")
+}
+
+/// Exit code, stdout and stderr, as a snapshot shows them.
+fn shown(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Snapshot settings with the volatile parts (job ids, pids, times) filtered out.
+fn redacted() -> insta::Settings {
+    let mut s = insta::Settings::clone_current();
+    for (re, with) in dglrun_integration_tests::redactions() {
+        s.add_filter(&re, with);
+    }
+    s
+}
+
+/// A dry run's plan as a user reads it, and as a script reads it (`--json`).
+#[test]
+fn dry_run_output_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ip_config.txt"),
+        "10.0.0.1 30050\n10.0.0.2 30050\n",
+    )
+    .unwrap();
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "launch",
+            "--workspace",
+            "/ws/job",
+            "--num_trainers",
+            "2",
+            "--num_samplers",
+            "1",
+            "--num_servers",
+            "1",
+            "--num_omp_threads",
+            "1",
+            "--part_config",
+            "data/g.json",
+            "--ip_config",
+            "ip_config.txt",
+            "--dry-run",
+            "--offline",
+        ];
+        a.extend_from_slice(extra);
+        a.push("python3 train.py --lr 0.1");
+        a
+    };
+    redacted().bind(|| {
+        let human = coord_in(dir.path(), &args(&[]));
+        assert_eq!(human.status.code(), Some(0), "{}", shown(&human));
+        insta::assert_snapshot!("dry_run_human", shown(&human));
+        let direct = coord_in(dir.path(), &args(&["--trainer-mode", "direct"]));
+        assert_eq!(direct.status.code(), Some(0), "{}", shown(&direct));
+        insta::assert_snapshot!("dry_run_direct_human", shown(&direct));
+        let json = coord_in(dir.path(), &args(&["--json"]));
+        assert_eq!(json.status.code(), Some(0), "{}", shown(&json));
+        insta::assert_snapshot!("dry_run_json", shown(&json));
+    });
+}
+
+/// The messages of input a launch refuses before it contacts any agent.
+#[test]
+fn bad_input_messages_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad_ip.txt"), "10.0.0.1\nnot-an-ip 30050\n").unwrap();
+    std::fs::write(dir.path().join("ip_config.txt"), "10.0.0.1\n").unwrap();
+    let launch = |ip_config: &'static str, extra: &[&'static str]| {
+        let mut a = vec![
+            "launch",
+            "--workspace",
+            "/ws/job",
+            "--num_trainers",
+            "1",
+            "--num_servers",
+            "1",
+            "--part_config",
+            "data/g.json",
+            "--ip_config",
+            ip_config,
+            "--dry-run",
+            "--offline",
+        ];
+        a.extend_from_slice(extra);
+        a.push("python3 train.py");
+        coord_in(dir.path(), &a)
+    };
+    redacted().bind(|| {
+        let bad_line = launch("bad_ip.txt", &[]);
+        assert_eq!(bad_line.status.code(), Some(1), "{}", shown(&bad_line));
+        insta::assert_snapshot!("bad_ip_config_line", shown(&bad_line));
+        let missing = launch("missing.txt", &[]);
+        assert_eq!(missing.status.code(), Some(1), "{}", shown(&missing));
+        insta::assert_snapshot!("missing_ip_config", shown(&missing));
+        let envs = launch("ip_config.txt", &["--extra_envs", "FOO"]);
+        assert_eq!(envs.status.code(), Some(2), "{}", shown(&envs));
+        insta::assert_snapshot!("bad_extra_envs", shown(&envs));
+    });
+}

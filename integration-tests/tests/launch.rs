@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::run::{reader, run, wait_with_timeout};
 use dglrun_integration_tests::{
-    compat_dir, fake_dgl, fixtures_dir, pids_with_env, wait_gone, TestCluster, WS,
+    compat_dir, fake_dgl, fixtures_dir, pids_with_env, wait_gone, write_token_file, TestCluster, WS,
 };
 use serde_json::Value;
 
@@ -35,6 +35,34 @@ fn cluster() -> TestCluster {
 
 fn launch(c: &TestCluster, flags: &[&str], command: &str) -> Command {
     c.launch(flags, command)
+}
+
+/// Snapshot settings with `c`'s volatile parts (addresses, port, paths, pids) filtered out.
+fn redacted(c: &TestCluster) -> insta::Settings {
+    let mut s = insta::Settings::clone_current();
+    for (re, with) in c.redactions() {
+        s.add_filter(&re, with);
+    }
+    s
+}
+
+/// dgl-coord's closing words: its last message (`dgl-coord: ...` and the lines indented
+/// under it) and the exit code line under the table.
+fn final_message(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().collect();
+    let start = lines
+        .iter()
+        .rposition(|l| l.starts_with("dgl-coord: "))
+        .unwrap_or(0);
+    let mut out: Vec<&str> = vec![lines.get(start).copied().unwrap_or_default()];
+    out.extend(
+        lines
+            .iter()
+            .skip(start + 1)
+            .take_while(|l| l.starts_with("  ")),
+    );
+    out.extend(lines.iter().rev().find(|l| l.starts_with("exit code ")));
+    out.join("\n")
 }
 
 fn torch_pythonpath() -> String {
@@ -317,6 +345,9 @@ fn a_failing_trainer_stops_the_whole_job_everywhere() {
         "last stderr lines: {r:?}"
     );
     assert!(!pid_files(&c, "sampler").is_empty(), "samplers ran");
+    redacted(&c).bind(|| {
+        insta::assert_snapshot!("failing_trainer_final_message", final_message(&r.stderr));
+    });
     assert_nothing_left(&c, "after a trainer failure");
 }
 
@@ -648,6 +679,57 @@ fn a_workspace_that_does_not_match_is_refused_before_anything_starts() {
         "{r:?}"
     );
     assert!(records(&c).is_empty(), "nothing ran");
+    redacted(&c).bind(|| {
+        insta::assert_snapshot!("workspace_mismatch", r.stderr);
+    });
+}
+
+/// What a user reads when dgl-coord cannot use an agent: the token is not the agents', the
+/// port is some other server's, nothing listens there.
+#[test]
+fn agent_connection_errors_snapshot() {
+    let mut c = TestCluster::with_workspace(1);
+    let other = c.dir.path().join("other-token");
+    write_token_file(&other).expect("token file");
+    let mut cmd = launch(&c, &["--num_trainers", "1"], "python3 fake_dgl.py");
+    cmd.env("DGL_AGENT_TOKEN_FILE", &other);
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code(), 1, "{r:?}");
+    redacted(&c).bind(|| insta::assert_snapshot!("wrong_token", r.stderr));
+
+    // An HTTP/1 server that answers everything with 400, as most web servers would.
+    let http = std::net::TcpListener::bind((c.ip(0), 0)).expect("bind");
+    c.port = http.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut conn in http.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    let r = run(
+        launch(&c, &["--num_trainers", "1"], "python3 fake_dgl.py"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 1, "{r:?}");
+    redacted(&c).bind(|| insta::assert_snapshot!("not_an_agent", r.stderr));
+
+    // A port that was just free: nothing listens there.
+    c.port = std::net::TcpListener::bind((c.ip(0), 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let r = run(
+        launch(&c, &["--num_trainers", "1"], "python3 fake_dgl.py"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 1, "{r:?}");
+    redacted(&c).bind(|| insta::assert_snapshot!("agent_unreachable", r.stderr));
 }
 
 #[test]
@@ -817,6 +899,7 @@ fn dry_run_runs_the_agents_checks_or_says_it_did_not() {
     let r = dry_run(&c, WS, &[]);
     assert_eq!(r.code(), 0, "{r:?}");
     assert!(r.stdout.contains("[m1 trainers]"), "the plan: {r:?}");
+    redacted(&c).bind(|| insta::assert_snapshot!("dry_run_checked", r.stderr));
     for m in 0..2 {
         let host = format!("m{m} ({}:{})", c.ip(m), c.port);
         assert!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dglrun_proto::pb;
 use tokio::sync::mpsc;
 
-use super::driver::Msg;
+use super::internal_events::Msg;
 use super::loss::{self, Loss};
 use crate::cluster::{self, AgentAccess, Client};
 

@@ -3,14 +3,16 @@
 //! `plan` turns the options and the cluster into the list of processes (pure, tested against
 //! DGL's own behaviour); `command` handles the user command (argv or `sh -c`, the torchrun
 //! wrap); `preflight` checks the hosts; `driver` runs the plan (`loss` decides when a host is
-//! lost); `sink` takes everything the user sees: `output` (labelled text) or `events` (JSON
-//! lines), `logdir` (files), `summary` (the table and exit codes).
+//! lost; `internal_events` is what its per-host tasks tell it); `sink` takes everything the
+//! user sees: `output` (labelled text) or `events` (JSON lines), `logdir` (files), `summary`
+//! (the table and exit codes).
 
 pub mod command;
 pub mod driver;
 pub mod events;
 #[allow(unreachable_pub)] // follow.rs is being changed elsewhere; narrow its items then
 mod follow;
+mod internal_events;
 pub mod logdir;
 pub mod loss;
 pub mod output;
@@ -188,6 +190,7 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
             planned,
             servers,
         }) => {
+            let signals = driver::Signals::os()?;
             let code = driver::run(
                 hosts,
                 planned,
@@ -201,6 +204,7 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
                     servers_ready: servers,
                 },
                 out,
+                signals,
             )
             .await?;
             // torchrun exits 1 whatever its rank did; the sink read the rank's own code.

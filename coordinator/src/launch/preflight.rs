@@ -104,6 +104,15 @@ fn finding(host: &Host, reply: &pb::PreflightReply, o: &LaunchOptions, local: &I
     )
 }
 
+/// What the replies said, once every host passed its checks.
+struct Reviewed {
+    /// What machine 0's agent reported as free (0 when it picked none).
+    free_port: u32,
+    /// Jobs of the workspace that still run, by host rank.
+    live: Vec<(usize, pb::JobInfo)>,
+    findings: Vec<String>,
+}
+
 /// Runs Preflight on every host at once and checks the replies. With `kill_stale` (where to
 /// report it), live jobs of the workspace are stopped (with `grace`); without, they are an
 /// error. A `dry_run` picks no master port.
@@ -115,42 +124,12 @@ pub async fn check_all(
     grace: Duration,
     dry_run: bool,
 ) -> anyhow::Result<Checked> {
-    let calls = hosts.iter().map(|h| {
-        let mut client = h.client.clone();
-        let req = pb::PreflightRequest {
-            workspace: o.workspace.clone(),
-            read_files: vec![o.ip_config.clone(), o.part_config.clone()],
-            free_port_on: if h.rank == 0 && !dry_run {
-                h.ip.to_string()
-            } else {
-                String::new()
-            },
-        };
-        async move { client.preflight(req).await.map(|r| r.into_inner()) }
-    });
-    let replies = futures::future::join_all(calls).await;
-    let mut problems = Vec::new();
-    let mut live = Vec::new();
-    let mut master_port = 0;
-    let mut findings = Vec::new();
-    for (h, r) in hosts.iter().zip(replies) {
-        match r {
-            Err(s) => problems.push(format!("{}: preflight failed: {}", h.name(), s.message())),
-            Ok(reply) => {
-                if h.rank == 0 {
-                    master_port = reply.free_port;
-                }
-                let found = check_host(h, &reply, o, local, &mut live);
-                if found.is_empty() {
-                    findings.push(finding(h, &reply, o, local));
-                }
-                problems.extend(found);
-            }
-        }
-    }
-    if !problems.is_empty() {
-        anyhow::bail!("cannot launch:\n  {}", problems.join("\n  "));
-    }
+    let replies = preflight_all(hosts, o, dry_run).await;
+    let Reviewed {
+        free_port,
+        live,
+        findings,
+    } = review(hosts, replies, o, local)?;
     if dry_run && live.is_empty() {
         return Ok(Checked {
             master_port: 0,
@@ -160,30 +139,13 @@ pub async fn check_all(
     let master_port = if dry_run {
         0
     } else {
-        u16::try_from(master_port)
+        u16::try_from(free_port)
             .ok()
             .filter(|&p| p > 0)
             .ok_or_else(|| anyhow::anyhow!("machine 0's agent reported no free port"))?
     };
     if !live.is_empty() {
-        let listing: Vec<String> = live
-            .iter()
-            .map(|(rank, j)| {
-                let pids: Vec<String> = j
-                    .processes
-                    .iter()
-                    .filter(|p| p.running)
-                    .map(|p| format!("{} pid {}", p.label, p.pid))
-                    .collect();
-                format!(
-                    "{}: job {} ({} live processes: {})",
-                    hosts[*rank].name(),
-                    j.job_id,
-                    j.live_pids,
-                    pids.join(", ")
-                )
-            })
-            .collect();
+        let listing = stale_listing(hosts, &live);
         let Some(out) = kill_stale else {
             anyhow::bail!(
                 "processes of an earlier job in workspace {} are still running:\n  {}\n\
@@ -201,6 +163,86 @@ pub async fn check_all(
         master_port,
         findings,
     })
+}
+
+/// Preflight on every host at once; machine 0's agent also picks a free port, unless in a
+/// dry run.
+async fn preflight_all(
+    hosts: &[Host],
+    o: &LaunchOptions,
+    dry_run: bool,
+) -> Vec<Result<pb::PreflightReply, tonic::Status>> {
+    let calls = hosts.iter().map(|h| {
+        let mut client = h.client.clone();
+        let req = pb::PreflightRequest {
+            workspace: o.workspace.clone(),
+            read_files: vec![o.ip_config.clone(), o.part_config.clone()],
+            free_port_on: if h.rank == 0 && !dry_run {
+                h.ip.to_string()
+            } else {
+                String::new()
+            },
+        };
+        async move { client.preflight(req).await.map(|r| r.into_inner()) }
+    });
+    futures::future::join_all(calls).await
+}
+
+/// Checks every host's reply; every problem of every host in one error.
+fn review(
+    hosts: &[Host],
+    replies: Vec<Result<pb::PreflightReply, tonic::Status>>,
+    o: &LaunchOptions,
+    local: &IpConfig,
+) -> anyhow::Result<Reviewed> {
+    let mut problems = Vec::new();
+    let mut r = Reviewed {
+        free_port: 0,
+        live: Vec::new(),
+        findings: Vec::new(),
+    };
+    for (h, reply) in hosts.iter().zip(replies) {
+        match reply {
+            Err(s) => problems.push(format!("{}: preflight failed: {}", h.name(), s.message())),
+            Ok(reply) => {
+                if h.rank == 0 {
+                    r.free_port = reply.free_port;
+                }
+                let found = check_host(h, &reply, o, local, &mut r.live);
+                if found.is_empty() {
+                    r.findings.push(finding(h, &reply, o, local));
+                }
+                problems.extend(found);
+            }
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("cannot launch:\n  {}", problems.join("\n  "));
+    }
+    Ok(r)
+}
+
+/// One line per live job: host, job id, its live processes.
+fn stale_listing(hosts: &[Host], live: &[(usize, pb::JobInfo)]) -> Vec<String> {
+    live.iter()
+        .map(|(rank, j)| {
+            let pids: Vec<String> = j
+                .processes
+                .iter()
+                .filter(|p| p.running)
+                .map(|p| format!("{} pid {}", p.label, p.pid))
+                .collect();
+            let host = hosts
+                .get(*rank)
+                .map_or_else(|| format!("m{rank}"), Host::name);
+            format!(
+                "{host}: job {} ({} live processes: {})",
+                j.job_id,
+                j.live_pids,
+                pids.join(", ")
+            )
+        })
+        .collect()
 }
 
 async fn stop_stale(
