@@ -13,9 +13,11 @@ pub mod hashing;
 pub mod plan;
 pub mod progress;
 pub mod reader;
+pub mod retry;
 pub mod scripts;
 pub mod send;
 pub mod summary;
+mod tally;
 
 use std::path::PathBuf;
 use std::time::Instant;
