@@ -12,6 +12,7 @@ pub mod budget;
 pub mod hashing;
 pub mod plan;
 pub mod progress;
+mod put_wire;
 pub mod reader;
 pub mod retry;
 pub mod scripts;

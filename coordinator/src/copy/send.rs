@@ -18,11 +18,12 @@ use super::budget::Budget;
 use super::hashing::Digests;
 use super::plan::{Content, CopyPlan};
 use super::progress::Progress;
+use super::put_wire;
 use super::reader::{self, ChunkMsg, Compression, Feed};
 use super::retry::{self, status_text, Backoff};
 use super::summary::HostReport;
 use super::tally::{self, Delivered, Target};
-use crate::cluster::{self, AgentAccess, Client, Host};
+use crate::cluster::{self, AgentAccess, Client, Host, Service};
 
 #[derive(Clone, Debug)]
 pub struct SendOptions {
@@ -69,7 +70,8 @@ const PREPARE_BATCH_FILES: usize = 10_000;
 struct HostCtx {
     name: String,
     root: String,
-    clients: Vec<Client>,
+    /// The host's connections, each as a client and as a plain service (for PutFile).
+    clients: Vec<(Client, Service)>,
     next_client: AtomicUsize,
     slots: Arc<Semaphore>,
     /// Set once the agent is given up on: its remaining files fail at once.
@@ -78,9 +80,13 @@ struct HostCtx {
 }
 
 impl HostCtx {
-    fn client(&self) -> Client {
+    fn connection(&self) -> &(Client, Service) {
         let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
-        self.clients[i].clone()
+        &self.clients[i]
+    }
+
+    fn client(&self) -> Client {
+        self.connection().0.clone()
     }
 
     fn dead(&self) -> Option<String> {
@@ -387,12 +393,15 @@ fn manifest(remote: &str, d: &FileDigest, mode: u32) -> pb::FileManifest {
 
 /// The host's handshake connection plus `n - 1` more; a connection that cannot be made is
 /// simply not used (the handshake one works).
-async fn connections(h: &Host, access: &AgentAccess, n: usize) -> Vec<Client> {
-    let mut out = vec![h.client.clone()];
+async fn connections(h: &Host, access: &AgentAccess, n: usize) -> Vec<(Client, Service)> {
+    let mut out = vec![(h.client.clone(), h.service.clone())];
     for _ in 1..n {
         if let Ok(ch) = access.channel(h.addr).await {
-            if let Ok(c) = cluster::client(ch, access) {
-                out.push(c);
+            if let (Ok(c), Ok(s)) = (
+                cluster::client(ch.clone(), access),
+                cluster::service(ch, access),
+            ) {
+                out.push((c, s));
             }
         }
     }
@@ -642,30 +651,28 @@ async fn put(
     ctx: &Ctx,
     wire: &Arc<AtomicU64>,
 ) -> Result<u64, Put> {
-    let header = pb::PutFileMessage {
+    let header = put_wire::message_frame(&pb::PutFileMessage {
         msg: Some(Msg::Header(pb::PutFileHeader {
             manifest: Some(m.clone()),
             offset,
         })),
-    };
+    });
     let progress = ctx.progress.clone();
     let wire = wire.clone();
-    let chunks = ReceiverStream::new(feed.rx).map(move |c: ChunkMsg| {
+    let chunks = ReceiverStream::new(feed.rx).flat_map(move |c: ChunkMsg| {
         // Progress counts the file's bytes, so its rate and ETA stay comparable with and
         // without compression; the report has the wire bytes.
         progress.advance(c.len);
         wire.fetch_add(c.data.len() as u64, Ordering::Relaxed);
-        pb::PutFileMessage {
-            msg: Some(Msg::Chunk(pb::Chunk {
-                offset: c.offset,
-                data: c.data,
-                compression: c.compression as i32,
-            })),
-        }
+        futures::stream::iter(put_wire::chunk_frames(
+            c.offset,
+            c.compression as i32,
+            c.data,
+        ))
     });
     let stream = tokio_stream::once(header).chain(chunks);
-    match h.client().put_file(stream).await {
-        Ok(r) => Ok(r.into_inner().bytes_written),
+    match put_wire::put_file(&h.connection().1, stream).await {
+        Ok(r) => Ok(r.bytes_written),
         // A stream cut short by a local read error fails on the agent; the local cause is
         // the one worth reporting.
         Err(s) => match feed.error.get() {
