@@ -104,7 +104,7 @@ pub(crate) struct CopyFlags {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
     jobs: u32,
 
-    /// Further attempts for a transfer whose agent dropped (backoff 0.5 s, doubling).
+    /// Further attempts for a transfer whose agent dropped (backoff 0.5 s, doubling up to 10 s, jittered).
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=20))]
     retries: u32,
 

@@ -25,6 +25,9 @@ mod transport;
 pub use transport::{ConnectFailure, Peer};
 
 pub type Client = AgentClient<InterceptedService<Channel, ClientMeta>>;
+/// A `Client`'s connection as a plain service, for calls framed without the generated client
+/// (`copy::put_wire`).
+pub type Service = InterceptedService<Channel, ClientMeta>;
 
 /// Environment variable naming the agent port when `--agent-port` is not given.
 pub const AGENT_PORT_ENV: &str = "DGL_AGENT_PORT";
@@ -163,6 +166,8 @@ pub struct Host {
     pub ip: IpAddr,
     pub addr: SocketAddr,
     pub client: Client,
+    /// The same connection as `client`.
+    pub service: Service,
     pub hello: HelloReply,
 }
 
@@ -212,10 +217,14 @@ fn endpoint(addr: SocketAddr) -> Endpoint {
 }
 
 pub fn client(channel: Channel, access: &AgentAccess) -> anyhow::Result<Client> {
-    let meta = ClientMeta::new(access.token.as_ref().map(Token::as_str))?;
-    Ok(AgentClient::with_interceptor(channel, meta)
+    Ok(AgentClient::new(service(channel, access)?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+pub fn service(channel: Channel, access: &AgentAccess) -> anyhow::Result<Service> {
+    let meta = ClientMeta::new(access.token.as_ref().map(Token::as_str))?;
+    Ok(InterceptedService::new(channel, meta))
 }
 
 /// Connects to one agent and shakes hands.
@@ -237,7 +246,10 @@ pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Ho
             addr.port()
         ))
     };
-    let mut client = client(channel, access).map_err(|e| unreachable(e.to_string()))?;
+    let service = service(channel, access).map_err(|e| unreachable(e.to_string()))?;
+    let mut client = AgentClient::new(service.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let hello = client
         .hello(HelloRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -263,6 +275,7 @@ pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Ho
         ip,
         addr,
         client,
+        service,
         hello,
     })
 }

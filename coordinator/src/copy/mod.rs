@@ -12,10 +12,13 @@ pub mod budget;
 pub mod hashing;
 pub mod plan;
 pub mod progress;
+mod put_wire;
 pub mod reader;
+pub mod retry;
 pub mod scripts;
 pub mod send;
 pub mod summary;
+mod tally;
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::config::{IpConfig, PartConfig};
 
@@ -138,6 +138,39 @@ pub enum PlanError {
 }
 
 pub fn plan(input: &PlanInput) -> Result<CopyPlan, PlanError> {
+    check_input(input)?;
+    let pc = input.part_config;
+    let ws = input.workspace;
+    let data_dir = remote_join(&[ws, input.rel_data_path]);
+    let ip_name = file_name(input.ip_config_path)?;
+    let pc_name = file_name(&pc.path)?;
+
+    let mut b = Builder::new(input.ip_config.len(), input.ip_config);
+    let mut doc = pc.doc.clone();
+
+    let ip = b.source(
+        "ip_config",
+        Content::File(input.ip_config_path.to_path_buf()),
+    );
+    b.place_everywhere(ip, &remote_join(&[ws, &ip_name]), DATA_MODE)?;
+    place_shared_maps(&mut b, pc, &data_dir, &mut doc)?;
+    place_partitions(&mut b, pc, &data_dir, &mut doc)?;
+    let pc_src = b.source("part_config (rewritten)", rewritten(pc, doc)?);
+    b.place_everywhere(pc_src, &remote_join(&[&data_dir, &pc_name]), DATA_MODE)?;
+    if let Some(scripts) = input.scripts {
+        place_scripts(&mut b, ws, scripts)?;
+    }
+
+    Ok(CopyPlan {
+        sources: b.sources,
+        machines: b.machines,
+        launch_part_config: remote_join(&[input.rel_data_path, &pc_name]),
+        launch_ip_config: ip_name,
+    })
+}
+
+/// One partition per machine, and flags that stay inside the workspace.
+fn check_input(input: &PlanInput) -> Result<(), PlanError> {
     let pc = input.part_config;
     let machines = input.ip_config.len();
     if pc.num_parts != machines {
@@ -149,28 +182,22 @@ pub fn plan(input: &PlanInput) -> Result<CopyPlan, PlanError> {
         });
     }
     check_flag("workspace", input.workspace, true)?;
-    check_flag("rel_data_path", input.rel_data_path, false)?;
-    let ws = input.workspace;
-    let data_dir = remote_join(&[ws, input.rel_data_path]);
-    let ip_name = file_name(input.ip_config_path)?;
-    let pc_name = file_name(&pc.path)?;
+    check_flag("rel_data_path", input.rel_data_path, false)
+}
 
-    let mut b = Builder::new(machines, input.ip_config);
-    let mut doc = pc.doc.clone();
-
-    let ip = b.source(
-        "ip_config",
-        Content::File(input.ip_config_path.to_path_buf()),
-    );
-    b.place_everywhere(ip, &remote_join(&[ws, &ip_name]), DATA_MODE)?;
-
-    // Old DGL formats: node_map / edge_map as paths to .npy files every machine needs.
+/// Old DGL formats: node_map / edge_map as paths to .npy files every machine needs.
+fn place_shared_maps(
+    b: &mut Builder,
+    pc: &PartConfig,
+    data_dir: &str,
+    doc: &mut Map<String, Value>,
+) -> Result<(), PlanError> {
     let mut new_value = HashMap::new();
     for f in pc.shared_files() {
         check_part_path(pc, &f.key, &f.written)?;
         let name = file_name(&f.local)?;
         let src = b.source(&f.key, Content::File(f.local.clone()));
-        b.place_everywhere(src, &remote_join(&[&data_dir, &name]), DATA_MODE)?;
+        b.place_everywhere(src, &remote_join(&[data_dir, &name]), DATA_MODE)?;
         new_value.insert(f.written.clone(), name);
     }
     for key in ["node_map", "edge_map"] {
@@ -180,54 +207,57 @@ pub fn plan(input: &PlanInput) -> Result<CopyPlan, PlanError> {
             Some(v) => rewrite_strings(v, &new_value),
         }
     }
+    Ok(())
+}
 
-    for rank in 0..machines {
+/// Every file under `part-{i}` goes to machine i only, in `part{i}/`.
+fn place_partitions(
+    b: &mut Builder,
+    pc: &PartConfig,
+    data_dir: &str,
+    doc: &mut Map<String, Value>,
+) -> Result<(), PlanError> {
+    for rank in 0..b.machines.len() {
         let dir = format!("part{rank}");
         let mut new_value = HashMap::new();
         for f in pc.part_files(rank) {
             check_part_path(pc, &f.key, &f.written)?;
             let name = file_name(&f.local)?;
             let src = b.source(&f.key, Content::File(f.local.clone()));
-            b.place_on(
-                rank,
-                src,
-                &remote_join(&[&data_dir, &dir, &name]),
-                DATA_MODE,
-            )?;
+            let remote = remote_join(&[data_dir, &dir, &name]);
+            b.place_on(rank, src, &remote, DATA_MODE)?;
             new_value.insert(f.written.clone(), format!("{dir}/{name}"));
         }
         if let Some(part) = doc.get_mut(&format!("part-{rank}")) {
             rewrite_strings(part, &new_value);
         }
     }
+    Ok(())
+}
 
-    // Pretty, like DGL's own json.dump(indent=4), and key order kept.
+/// The part_config with its paths rewritten: pretty, like DGL's own json.dump(indent=4), and
+/// key order kept.
+fn rewritten(pc: &PartConfig, doc: Map<String, Value>) -> Result<Content, PlanError> {
     let mut json =
         serde_json::to_vec_pretty(&Value::Object(doc)).map_err(|source| PlanError::Rewrite {
             part_config: pc.path.display().to_string(),
             source,
         })?;
     json.push(b'\n');
-    let pc_src = b.source("part_config (rewritten)", Content::Bytes(json));
-    b.place_everywhere(pc_src, &remote_join(&[&data_dir, &pc_name]), DATA_MODE)?;
+    Ok(Content::Bytes(json))
+}
 
-    if let Some(scripts) = input.scripts {
-        for f in &scripts.files {
-            let origin = format!(
-                "script_folder {}",
-                Path::new(&scripts.name).join(&f.rel).display()
-            );
-            let src = b.source(&origin, Content::File(f.local.clone()));
-            b.place_everywhere(src, &remote_join(&[ws, &scripts.name, &f.rel]), f.mode)?;
-        }
+/// The script folder lands whole at `<ws>/<folder name>` on every machine.
+fn place_scripts(b: &mut Builder, ws: &str, scripts: &ScriptFolder) -> Result<(), PlanError> {
+    for f in &scripts.files {
+        let origin = format!(
+            "script_folder {}",
+            Path::new(&scripts.name).join(&f.rel).display()
+        );
+        let src = b.source(&origin, Content::File(f.local.clone()));
+        b.place_everywhere(src, &remote_join(&[ws, &scripts.name, &f.rel]), f.mode)?;
     }
-
-    Ok(CopyPlan {
-        sources: b.sources,
-        machines: b.machines,
-        launch_part_config: remote_join(&[input.rel_data_path, &pc_name]),
-        launch_ip_config: ip_name,
-    })
+    Ok(())
 }
 
 /// Collects sources (one per local file) and placements, refusing two sources at one path.

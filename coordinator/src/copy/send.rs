@@ -1,11 +1,11 @@
 //! Carries a plan out on the hosts: prepare everywhere, check free disk, send (each source
 //! read once and fanned out), retry dropped streams, and verify at the end.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dglrun_proto::busy;
 use dglrun_proto::digest::FileDigest;
 use dglrun_proto::pb::{self, put_file_message::Msg, FileStatus};
 use futures::StreamExt;
@@ -18,9 +18,12 @@ use super::budget::Budget;
 use super::hashing::Digests;
 use super::plan::{Content, CopyPlan};
 use super::progress::Progress;
+use super::put_wire;
 use super::reader::{self, ChunkMsg, Compression, Feed};
-use super::summary::{FileOutcome, FileReport, HostReport};
-use crate::cluster::{self, AgentAccess, Client, Host};
+use super::retry::{self, status_text, Backoff};
+use super::summary::HostReport;
+use super::tally::{self, Delivered, Target};
+use crate::cluster::{self, AgentAccess, Client, Host, Service};
 
 #[derive(Clone, Debug)]
 pub struct SendOptions {
@@ -28,8 +31,10 @@ pub struct SendOptions {
     pub jobs: usize,
     /// Further attempts after a transfer fails with a connection error.
     pub retries: u32,
-    /// First backoff; doubled on each further attempt.
+    /// First backoff; doubled on each further attempt, up to `backoff_cap` (each wait is
+    /// jittered between half and all of that).
     pub backoff: Duration,
+    pub backoff_cap: Duration,
     /// HTTP/2 connections per host (streams are spread over them).
     pub connections: usize,
     /// PutFile streams open at once over all hosts (`max_in_flight` may allow fewer).
@@ -47,6 +52,7 @@ impl Default for SendOptions {
             jobs: 4,
             retries: 5,
             backoff: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(10),
             // Two connections let both of the agent's runtime threads receive (measured: a few
             // percent faster into one agent than one connection).
             connections: 2,
@@ -64,7 +70,8 @@ const PREPARE_BATCH_FILES: usize = 10_000;
 struct HostCtx {
     name: String,
     root: String,
-    clients: Vec<Client>,
+    /// The host's connections, each as a client and as a plain service (for PutFile).
+    clients: Vec<(Client, Service)>,
     next_client: AtomicUsize,
     slots: Arc<Semaphore>,
     /// Set once the agent is given up on: its remaining files fail at once.
@@ -73,9 +80,13 @@ struct HostCtx {
 }
 
 impl HostCtx {
-    fn client(&self) -> Client {
+    fn connection(&self) -> &(Client, Service) {
         let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
-        self.clients[i].clone()
+        &self.clients[i]
+    }
+
+    fn client(&self) -> Client {
+        self.connection().0.clone()
     }
 
     fn dead(&self) -> Option<String> {
@@ -143,37 +154,19 @@ impl Ctx {
     fn interrupted(&self) -> bool {
         self.interrupt.as_ref().is_some_and(|r| *r.borrow())
     }
-}
 
-/// One file for one host: where it resumes.
-#[derive(Clone, Copy)]
-struct Target {
-    host: usize,
-    file: usize,
-    offset: u64,
-}
+    /// `f`'s output, or `None` once Ctrl-C is pressed.
+    async fn unless_interrupted<T>(&self, f: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            o = f => Some(o),
+            () = super::interrupted(self.interrupt.clone()) => None,
+        }
+    }
 
-struct Delivered {
-    host: usize,
-    file: usize,
-    result: Result<u64, String>,
-    resumed_from: u64,
-    /// Chunk bytes handed to the connection, every attempt included.
-    wire_bytes: u64,
-    /// Stopped by Ctrl-C before it completed.
-    interrupted: bool,
-}
-
-impl Delivered {
-    /// `t`, stopped by Ctrl-C before anything was sent.
-    fn interrupted(t: &Target) -> Self {
-        Self {
-            host: t.host,
-            file: t.file,
-            result: Err("interrupted".into()),
-            resumed_from: t.offset,
-            wire_bytes: 0,
-            interrupted: true,
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            first: self.opts.backoff,
+            cap: self.opts.backoff_cap,
         }
     }
 }
@@ -190,134 +183,25 @@ pub async fn send(
     progress: Arc<Progress>,
     interrupt: Option<watch::Receiver<bool>>,
 ) -> anyhow::Result<Vec<HostReport>> {
-    let (digests, seen) = (&hashed.digests, &hashed.seen);
-    let manifests: Vec<Vec<pb::FileManifest>> = plan
-        .machines
-        .iter()
-        .map(|m| {
-            m.files
-                .iter()
-                .map(|f| manifest(&f.remote, &digests[f.source], f.mode))
-                .collect()
-        })
-        .collect();
     anyhow::ensure!(
         hosts.len() == plan.machines.len() && hosts.iter().enumerate().all(|(i, h)| h.rank == i),
         "internal error: hosts do not match the plan's machines"
     );
-
-    // 1. What each host has, and whether it has room: nothing is sent before all agree.
-    let prepared = futures::future::join_all(
-        hosts
-            .iter()
-            .zip(&manifests)
-            .map(|(h, ms)| prepare(h.client.clone(), ms)),
-    )
-    .await;
-    let mut errors = Vec::new();
-    let mut states = Vec::new();
-    for ((h, ms), p) in hosts.iter().zip(&manifests).zip(prepared) {
-        match p {
-            Err(s) => errors.push(format!("{}: {}", h.name(), status_text(&s))),
-            Ok((st, free)) => {
-                let need: u64 = ms
-                    .iter()
-                    .zip(&st)
-                    .filter(|(_, s)| s.status == FileStatus::Send as i32)
-                    .map(|(m, s)| m.size.saturating_sub(s.resume_offset))
-                    .sum();
-                if need > free {
-                    errors.push(format!(
-                        "{}: not enough free disk: {} to send, {} free under {}",
-                        h.name(),
-                        HumanBytes(need),
-                        HumanBytes(free),
-                        h.hello.root
-                    ));
-                }
-                states.push(st);
-            }
-        }
-    }
-    if !errors.is_empty() {
-        anyhow::bail!("{}\nnothing was sent to any host", errors.join("\n"));
-    }
-
-    // 2. Reports start with what is already there; the rest is grouped by source.
-    let mut reports: Vec<HostReport> = hosts
+    let manifests = manifests(plan, &hashed.digests);
+    let states = prepare_all(&hosts, &manifests).await?;
+    let sizes: Vec<u64> = hashed.digests.iter().map(|d| d.size).collect();
+    let ids = hosts
         .iter()
-        .map(|h| HostReport {
+        .map(|h| tally::HostId {
             machine: h.rank,
             address: h.addr.to_string(),
-            files_sent: 0,
-            files_skipped: 0,
-            files_failed: 0,
-            bytes_sent: 0,
-            wire_bytes: 0,
-            seconds: 0.0,
-            bytes_per_second: 0.0,
-            errors: Vec::new(),
-            files: Vec::new(),
         })
         .collect();
-    let mut by_source: Vec<Vec<Target>> = vec![Vec::new(); plan.sources.len()];
-    let mut total = 0u64;
-    for (hi, m) in plan.machines.iter().enumerate() {
-        for (fi, (f, st)) in m.files.iter().zip(&states[hi]).enumerate() {
-            let size = digests[f.source].size;
-            let present = st.status == FileStatus::Present as i32;
-            reports[hi].files.push(FileReport {
-                path: f.remote.clone(),
-                status: if present {
-                    FileOutcome::Skipped
-                } else {
-                    FileOutcome::Failed
-                },
-                size,
-                bytes_sent: 0,
-                wire_bytes: 0,
-                resumed_from: 0,
-                error: None,
-            });
-            if !present {
-                let offset = st.resume_offset.min(size);
-                total += size - offset;
-                by_source[f.source].push(Target {
-                    host: hi,
-                    file: fi,
-                    offset,
-                });
-            }
-        }
-    }
+    let (mut reports, by_source, total) = tally::start(plan, ids, &states, &sizes);
 
-    // 3. Send.
-    let mut host_ctxs = Vec::new();
-    for h in &hosts {
-        host_ctxs.push(HostCtx {
-            name: h.name(),
-            root: h.hello.root.clone(),
-            clients: connections(h, access, opts.connections).await,
-            next_client: AtomicUsize::new(0),
-            slots: Arc::new(Semaphore::new(opts.jobs.max(1))),
-            dead: Mutex::new(None),
-            last_done: Mutex::new(None),
-        });
-    }
     let ctx = Arc::new(Ctx {
-        hosts: host_ctxs,
-        sources: plan
-            .sources
-            .iter()
-            .zip(digests)
-            .zip(seen)
-            .map(|((s, d), seen)| SourceCtx {
-                content: s.content.clone(),
-                origin: s.origin.clone(),
-                size: d.size,
-                seen: seen.clone(),
-            })
-            .collect(),
+        hosts: host_ctxs(&hosts, access, opts.connections, opts.jobs).await,
+        sources: source_ctxs(plan, hashed),
         manifests,
         progress: progress.clone(),
         budget: Budget::new(opts.max_in_flight, dglrun_proto::CHUNK_SIZE),
@@ -326,9 +210,102 @@ pub async fn send(
     });
     let started = Instant::now();
     progress.phase("sending", total);
-    // Every source is its own task; per-host slots bound what is in flight. Sources for several
-    // hosts (configs, scripts: small) go first, while every host still has free slots.
-    // A source goes to as many hosts at once as the in-flight bound has room for.
+    for d in transfer_all(&ctx, by_source).await {
+        tally::record(&mut reports, d);
+    }
+    progress.finish_phase();
+    verify(&ctx, &mut reports).await;
+    for (h, r) in ctx.hosts.iter().zip(&mut reports) {
+        let last = *h.last_done.lock().unwrap_or_else(|p| p.into_inner());
+        tally::count(
+            r,
+            last.map_or(0.0, |t| t.duration_since(started).as_secs_f64()),
+        );
+    }
+    Ok(reports)
+}
+
+/// Per host, per planned file: what is sent in PrepareFiles and PutFile headers.
+fn manifests(plan: &CopyPlan, digests: &[FileDigest]) -> Vec<Vec<pb::FileManifest>> {
+    plan.machines
+        .iter()
+        .map(|m| {
+            m.files
+                .iter()
+                .map(|f| manifest(&f.remote, &digests[f.source], f.mode))
+                .collect()
+        })
+        .collect()
+}
+
+/// What each host has, and whether it has room: nothing is sent before all agree.
+async fn prepare_all(
+    hosts: &[Host],
+    manifests: &[Vec<pb::FileManifest>],
+) -> anyhow::Result<Vec<Vec<pb::FileState>>> {
+    let prepared = futures::future::join_all(
+        hosts
+            .iter()
+            .zip(manifests)
+            .map(|(h, ms)| prepare(h.client.clone(), ms)),
+    )
+    .await;
+    let mut errors = Vec::new();
+    let mut states = Vec::new();
+    for ((h, ms), p) in hosts.iter().zip(manifests).zip(prepared) {
+        match p {
+            Err(s) => errors.push(format!("{}: {}", h.name(), status_text(&s))),
+            Ok((st, free)) => {
+                errors.extend(tally::room_error(&h.name(), &h.hello.root, ms, &st, free));
+                states.push(st);
+            }
+        }
+    }
+    if !errors.is_empty() {
+        anyhow::bail!("{}\nnothing was sent to any host", errors.join("\n"));
+    }
+    Ok(states)
+}
+
+async fn host_ctxs(
+    hosts: &[Host],
+    access: &AgentAccess,
+    connections_per_host: usize,
+    jobs: usize,
+) -> Vec<HostCtx> {
+    let mut out = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        out.push(HostCtx {
+            name: h.name(),
+            root: h.hello.root.clone(),
+            clients: connections(h, access, connections_per_host).await,
+            next_client: AtomicUsize::new(0),
+            slots: Arc::new(Semaphore::new(jobs.max(1))),
+            dead: Mutex::new(None),
+            last_done: Mutex::new(None),
+        });
+    }
+    out
+}
+
+fn source_ctxs(plan: &CopyPlan, hashed: &Digests) -> Vec<SourceCtx> {
+    plan.sources
+        .iter()
+        .zip(&hashed.digests)
+        .zip(&hashed.seen)
+        .map(|((s, d), seen)| SourceCtx {
+            content: s.content.clone(),
+            origin: s.origin.clone(),
+            size: d.size,
+            seen: seen.clone(),
+        })
+        .collect()
+}
+
+/// Every source is its own task; per-host slots bound what is in flight. Sources for several
+/// hosts (configs, scripts: small) go first, while every host still has free slots. A source
+/// goes to as many hosts at once as the in-flight bound has room for.
+async fn transfer_all(ctx: &Arc<Ctx>, by_source: Vec<Vec<Target>>) -> Vec<Delivered> {
     let mut order: Vec<(usize, Vec<Target>)> = Vec::new();
     for (s, targets) in by_source.into_iter().enumerate() {
         let group = ctx
@@ -347,25 +324,16 @@ pub async fn send(
             )
         })
         .collect();
+    let mut out = Vec::new();
     for (targets, t) in tasks {
-        for d in joined(&targets, t.await) {
-            let r = &mut reports[d.host].files[d.file];
-            r.resumed_from = d.resumed_from;
-            r.wire_bytes = d.wire_bytes;
-            match d.result {
-                _ if d.interrupted => r.status = FileOutcome::Interrupted,
-                Ok(n) => {
-                    r.status = FileOutcome::Sent;
-                    r.bytes_sent = n;
-                }
-                Err(e) => r.error = Some(e),
-            }
-        }
+        out.extend(joined(&targets, t.await));
     }
-    progress.finish_phase();
+    out
+}
 
-    // 4. Verify: every host must now report every file present (not after Ctrl-C: the user
-    // wants out, and the report says what is incomplete).
+/// Every host must now report every file present (not after Ctrl-C: the user wants out, and
+/// the report says what is incomplete).
+async fn verify(ctx: &Ctx, reports: &mut [HostReport]) {
     let stopped = ctx.interrupted();
     let verified = futures::future::join_all(ctx.hosts.iter().zip(&ctx.manifests).map(
         |(h, ms)| async move {
@@ -376,57 +344,15 @@ pub async fn send(
         },
     ))
     .await;
-    for (hi, v) in verified.into_iter().enumerate() {
-        let h = &ctx.hosts[hi];
-        let r = &mut reports[hi];
+    for ((h, r), v) in ctx.hosts.iter().zip(reports).zip(verified) {
         match v {
             None => r.errors.extend(h.dead()),
             Some(Err(s)) => r
                 .errors
                 .push(format!("cannot verify the files: {}", status_text(&s))),
-            Some(Ok((st, _))) => {
-                for (f, s) in r.files.iter_mut().zip(st) {
-                    if f.status != FileOutcome::Failed && s.status != FileStatus::Present as i32 {
-                        f.status = FileOutcome::Failed;
-                        f.error = Some(format!(
-                            "not present on the host after the copy (status {})",
-                            s.status
-                        ));
-                    }
-                }
-            }
+            Some(Ok((st, _))) => tally::check_present(&mut r.files, &st),
         }
-        for f in r.files.iter_mut() {
-            if f.status == FileOutcome::Failed && f.error.is_none() {
-                f.error = Some("not sent".into());
-            }
-        }
-        r.files_sent = r
-            .files
-            .iter()
-            .filter(|f| f.status == FileOutcome::Sent)
-            .count();
-        r.files_skipped = r
-            .files
-            .iter()
-            .filter(|f| f.status == FileOutcome::Skipped)
-            .count();
-        r.files_failed = r
-            .files
-            .iter()
-            .filter(|f| f.status == FileOutcome::Failed)
-            .count();
-        r.bytes_sent = r.files.iter().map(|f| f.bytes_sent).sum();
-        r.wire_bytes = r.files.iter().map(|f| f.wire_bytes).sum();
-        let last = *h.last_done.lock().unwrap_or_else(|p| p.into_inner());
-        r.seconds = last.map_or(0.0, |t| t.duration_since(started).as_secs_f64());
-        r.bytes_per_second = if r.seconds > 0.0 {
-            r.bytes_sent as f64 / r.seconds
-        } else {
-            0.0
-        };
     }
-    Ok(reports)
 }
 
 /// What the transfer task for `targets` delivered. A task that panicked or was cancelled
@@ -451,14 +377,7 @@ fn joined(targets: &[Target], r: Result<Vec<Delivered>, tokio::task::JoinError>)
     tracing::error!("{why}");
     targets
         .iter()
-        .map(|t| Delivered {
-            host: t.host,
-            file: t.file,
-            result: Err(why.clone()),
-            resumed_from: t.offset,
-            wire_bytes: 0,
-            interrupted: false,
-        })
+        .map(|t| Delivered::failed(t, why.clone()))
         .collect()
 }
 
@@ -474,12 +393,15 @@ fn manifest(remote: &str, d: &FileDigest, mode: u32) -> pb::FileManifest {
 
 /// The host's handshake connection plus `n - 1` more; a connection that cannot be made is
 /// simply not used (the handshake one works).
-async fn connections(h: &Host, access: &AgentAccess, n: usize) -> Vec<Client> {
-    let mut out = vec![h.client.clone()];
+async fn connections(h: &Host, access: &AgentAccess, n: usize) -> Vec<(Client, Service)> {
+    let mut out = vec![(h.client.clone(), h.service.clone())];
     for _ in 1..n {
         if let Ok(ch) = access.channel(h.addr).await {
-            if let Ok(c) = cluster::client(ch, access) {
-                out.push(c);
+            if let (Ok(c), Ok(s)) = (
+                cluster::client(ch.clone(), access),
+                cluster::service(ch, access),
+            ) {
+                out.push((c, s));
             }
         }
     }
@@ -576,95 +498,36 @@ async fn deliver(
     let mut feed = Some(first);
     let mut attempt = 0u32;
     let wire = Arc::new(AtomicU64::new(0));
-    let mut interrupted = false;
     let result = loop {
         if let Some(reason) = h.dead() {
-            break Err(format!("not sent: {reason}"));
+            break Err(Stop::Failed(format!("not sent: {reason}")));
         }
-        let try_once = async {
-            match feed.take() {
-                Some(f) => put(h, m, offset, f, &ctx, &wire).await,
-                None => match prepare(h.client(), std::slice::from_ref(m)).await {
-                    Ok((st, _))
-                        if st
-                            .first()
-                            .is_some_and(|s| s.status == FileStatus::Present as i32) =>
-                    {
-                        // The previous attempt completed; only its reply was lost.
-                        Ok(m.size - offset)
-                    }
-                    Ok((st, _)) => {
-                        offset = st.first().map_or(0, |s| s.resume_offset.min(m.size));
-                        let mut feeds = src.feeds(&[offset], ctx.opts.compression, &ctx.budget);
-                        match feeds.pop() {
-                            Some(f) => put(h, m, offset, f, &ctx, &wire).await,
-                            None => Err(Put::Local("internal error: no reader".into())),
-                        }
-                    }
-                    Err(s) => Err(Put::Remote(s)),
-                },
-            }
-        };
         // Ctrl-C drops the stream mid-file: the agent keeps what it verified as the partial.
-        let outcome = tokio::select! {
-            o = try_once => o,
-            () = super::interrupted(ctx.interrupt.clone()) => {
-                interrupted = true;
-                break Err("interrupted".into());
-            }
+        let Some(outcome) = ctx
+            .unless_interrupted(try_once(&ctx, src, h, m, &mut offset, feed.take(), &wire))
+            .await
+        else {
+            break Err(Stop::Interrupted);
         };
         let status = match outcome {
             Ok(n) => {
-                ctx.progress.file_line(&format!(
-                    "{}: {} ({}{})",
-                    h.name,
-                    m.path,
-                    HumanBytes(n),
-                    if offset > 0 {
-                        format!(", resumed at {}", HumanBytes(offset))
-                    } else {
-                        String::new()
-                    }
-                ));
+                ctx.progress.file_line(&done_line(h, m, n, offset));
                 break Ok(n);
             }
-            Err(Put::Local(e)) => break Err(e),
+            Err(Put::Local(e)) => break Err(Stop::Failed(e)),
             Err(Put::Remote(s)) => s,
         };
-        // A chunk that fails its hash because the file changed would fail every time.
-        if status.code() == Code::DataLoss {
-            if let Some(e) = src.changed() {
-                break Err(e);
-            }
-        }
-        if !retryable(&status) || attempt >= ctx.opts.retries {
-            let mut text = status_text(&status);
-            if retryable(&status) {
-                text = format!("{text} (gave up after {} attempts)", attempt + 1);
-                if connection_lost(&status) {
-                    h.give_up(format!("agent unreachable: {text}"));
-                }
-            }
-            break Err(text);
-        }
-        let wait = (ctx.opts.backoff * 2u32.saturating_pow(attempt))
-            .max(busy::retry_after(&status).unwrap_or_default());
+        let wait = match after_failure(&ctx, src, h, m, &status, attempt) {
+            Ok(wait) => wait,
+            Err(e) => break Err(Stop::Failed(e)),
+        };
         attempt += 1;
-        ctx.progress.note(&format!(
-            "{}: {}: {}; retrying in {:.1}s (attempt {} of {})",
-            h.name,
-            m.path,
-            status_text(&status),
-            wait.as_secs_f64(),
-            attempt + 1,
-            ctx.opts.retries + 1
-        ));
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = super::interrupted(ctx.interrupt.clone()) => {
-                interrupted = true;
-                break Err("interrupted".into());
-            }
+        if ctx
+            .unless_interrupted(tokio::time::sleep(wait))
+            .await
+            .is_none()
+        {
+            break Err(Stop::Interrupted);
         }
     };
     h.done_now();
@@ -674,11 +537,101 @@ async fn deliver(
     Delivered {
         host: t.host,
         file: t.file,
-        result,
+        interrupted: matches!(result, Err(Stop::Interrupted)),
+        result: result.map_err(|e| e.to_string()),
         resumed_from: offset,
         wire_bytes: wire.load(Ordering::Relaxed),
-        interrupted,
     }
+}
+
+/// After attempt `attempt` failed with `status`: the wait before the next one (announced),
+/// or why there is none.
+fn after_failure(
+    ctx: &Ctx,
+    src: &SourceCtx,
+    h: &HostCtx,
+    m: &pb::FileManifest,
+    status: &Status,
+    attempt: u32,
+) -> Result<Duration, String> {
+    // A chunk that fails its hash because the file changed would fail every time.
+    if status.code() == Code::DataLoss {
+        if let Some(e) = src.changed() {
+            return Err(e);
+        }
+    }
+    let retries = ctx.opts.retries;
+    match retry::next(status, attempt, retries, &ctx.backoff(), rand::random()) {
+        retry::Next::Retry(wait) => {
+            ctx.progress.note(&format!(
+                "{}: {}: {}; retrying in {:.1}s (attempt {} of {})",
+                h.name,
+                m.path,
+                status_text(status),
+                wait.as_secs_f64(),
+                attempt + 2,
+                retries + 1
+            ));
+            Ok(wait)
+        }
+        retry::Next::GiveUp { text, unreachable } => {
+            if unreachable {
+                h.give_up(format!("agent unreachable: {text}"));
+            }
+            Err(text)
+        }
+    }
+}
+
+/// Why a delivery ended without the file.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    #[error("interrupted")]
+    Interrupted,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One attempt: the shared reader's feed on the first, else the file re-prepared (moving
+/// `offset` to where the agent resumes) and read again from there.
+async fn try_once(
+    ctx: &Ctx,
+    src: &SourceCtx,
+    h: &HostCtx,
+    m: &pb::FileManifest,
+    offset: &mut u64,
+    feed: Option<Feed>,
+    wire: &Arc<AtomicU64>,
+) -> Result<u64, Put> {
+    if let Some(f) = feed {
+        return put(h, m, *offset, f, ctx, wire).await;
+    }
+    let (st, _) = prepare(h.client(), std::slice::from_ref(m))
+        .await
+        .map_err(Put::Remote)?;
+    let state = st.first();
+    if state.is_some_and(|s| s.status == FileStatus::Present as i32) {
+        // The previous attempt completed; only its reply was lost.
+        return Ok(m.size - *offset);
+    }
+    *offset = state.map_or(0, |s| s.resume_offset.min(m.size));
+    match src
+        .feeds(&[*offset], ctx.opts.compression, &ctx.budget)
+        .pop()
+    {
+        Some(f) => put(h, m, *offset, f, ctx, wire).await,
+        None => Err(Put::Local("internal error: no reader".into())),
+    }
+}
+
+/// The progress line of a file delivered.
+fn done_line(h: &HostCtx, m: &pb::FileManifest, n: u64, offset: u64) -> String {
+    let resumed = if offset > 0 {
+        format!(", resumed at {}", HumanBytes(offset))
+    } else {
+        String::new()
+    };
+    format!("{}: {} ({}{resumed})", h.name, m.path, HumanBytes(n))
 }
 
 enum Put {
@@ -698,86 +651,34 @@ async fn put(
     ctx: &Ctx,
     wire: &Arc<AtomicU64>,
 ) -> Result<u64, Put> {
-    let header = pb::PutFileMessage {
+    let header = put_wire::message_frame(&pb::PutFileMessage {
         msg: Some(Msg::Header(pb::PutFileHeader {
             manifest: Some(m.clone()),
             offset,
         })),
-    };
+    });
     let progress = ctx.progress.clone();
     let wire = wire.clone();
-    let chunks = ReceiverStream::new(feed.rx).map(move |c: ChunkMsg| {
+    let chunks = ReceiverStream::new(feed.rx).flat_map(move |c: ChunkMsg| {
         // Progress counts the file's bytes, so its rate and ETA stay comparable with and
         // without compression; the report has the wire bytes.
         progress.advance(c.len);
         wire.fetch_add(c.data.len() as u64, Ordering::Relaxed);
-        pb::PutFileMessage {
-            msg: Some(Msg::Chunk(pb::Chunk {
-                offset: c.offset,
-                data: c.data,
-                compression: c.compression as i32,
-            })),
-        }
+        futures::stream::iter(put_wire::chunk_frames(
+            c.offset,
+            c.compression as i32,
+            c.data,
+        ))
     });
     let stream = tokio_stream::once(header).chain(chunks);
-    match h.client().put_file(stream).await {
-        Ok(r) => Ok(r.into_inner().bytes_written),
+    match put_wire::put_file(&h.connection().1, stream).await {
+        Ok(r) => Ok(r.bytes_written),
         // A stream cut short by a local read error fails on the agent; the local cause is
         // the one worth reporting.
         Err(s) => match feed.error.get() {
             Some(e) => Err(Put::Local(e)),
             None => Err(Put::Remote(s)),
         },
-    }
-}
-
-/// Failures that another attempt may get past: the connection or the agent went away, or
-/// the agent's state moved under us (a partial changed; re-preparing sorts it out).
-fn retryable(s: &Status) -> bool {
-    match s.code() {
-        Code::Unavailable
-        | Code::Unknown
-        | Code::Cancelled
-        | Code::Aborted
-        | Code::DeadlineExceeded
-        | Code::Internal
-        | Code::FailedPrecondition
-        // A chunk that failed its hash on the agent was damaged on the way: send it again.
-        | Code::DataLoss => true,
-        // The agent serves a bounded number of transfers and marks the refusal as busy; any
-        // other exhaustion is a bound the request broke.
-        Code::ResourceExhausted => busy::retry_after(s).is_some(),
-        _ => false,
-    }
-}
-
-/// The agent cannot be reached at all.
-fn connection_lost(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled
-    )
-}
-
-/// A status as one line: the agent's message, or the transport's cause.
-pub fn status_text(s: &Status) -> String {
-    let mut text = s.message().to_string();
-    let mut cur = std::error::Error::source(s);
-    while let Some(e) = cur {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text = if text.is_empty() {
-                part
-            } else {
-                format!("{text}: {part}")
-            };
-        }
-        cur = e.source();
-    }
-    if text.is_empty() {
-        format!("{:?}", s.code())
-    } else {
-        text
     }
 }
 
@@ -810,16 +711,5 @@ mod tests {
                 "{e}"
             );
         }
-    }
-
-    #[test]
-    fn busy_is_decided_by_its_code_not_its_words() {
-        let busy = busy::status("no room for another transfer", Duration::from_millis(500));
-        assert!(retryable(&busy));
-        // A bound the request broke: the same code without the busy mark is final, whatever
-        // its message says.
-        assert!(!retryable(&Status::resource_exhausted(
-            "the agent already serves 64 transfers; retry later"
-        )));
     }
 }

@@ -139,6 +139,20 @@ impl CopyReport {
 
     /// The table printed at the end of a copy.
     pub fn to_human(&self) -> String {
+        let mut out = self.table();
+        self.write_errors(&mut out);
+        if self.ok {
+            self.write_success(&mut out);
+        } else {
+            let bad = self.hosts.iter().filter(|h| !h.ok()).count();
+            let _ = writeln!(out, "copy failed on {bad} of {} hosts", self.hosts.len());
+        }
+        out
+    }
+
+    /// One line per host; the wire column only when compressed (otherwise it would repeat
+    /// `bytes`).
+    fn table(&self) -> String {
         let mut out = String::new();
         let width = self
             .hosts
@@ -147,7 +161,6 @@ impl CopyReport {
             .max()
             .unwrap_or(4)
             .max(4);
-        // The wire column only when compressed: otherwise it would repeat `bytes`.
         let compressed = self.compression != Compression::None;
         let wire = |text: String| {
             if compressed {
@@ -182,6 +195,11 @@ impl CopyReport {
                 HumanBytes(h.bytes_per_second as u64).to_string(),
             );
         }
+        out
+    }
+
+    /// Every host problem and failed file, one line each.
+    fn write_errors(&self, out: &mut String) {
         for h in self.hosts.iter().filter(|h| !h.ok()) {
             for e in &h.errors {
                 let _ = writeln!(out, "error: {}: {e}", h.name());
@@ -191,37 +209,35 @@ impl CopyReport {
                 let _ = writeln!(out, "error: {}: {}: {why}", h.name(), f.path);
             }
         }
+    }
+
+    /// What was verified, and the flags to launch with.
+    fn write_success(&self, out: &mut String) {
         let files: usize = self.hosts.iter().map(|h| h.files.len()).sum();
-        if self.ok {
-            let on_wire = if compressed {
-                format!(
-                    ", {} on the wire with {}",
-                    HumanBytes(self.wire_bytes),
-                    self.compression.name()
-                )
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                out,
-                "all {} hosts verified all {files} files ({} sent in {:.2}s{on_wire})",
-                self.hosts.len(),
-                HumanBytes(self.bytes_sent),
-                self.seconds
-            );
-            let _ = writeln!(
-                out,
-                "launch with: dgl-coord launch --workspace {} --part_config {} --ip_config {} ...",
-                // Shell-quoted: the hint is for pasting.
-                crate::launch::command::quote(&self.launch.workspace),
-                crate::launch::command::quote(&self.launch.part_config),
-                crate::launch::command::quote(&self.launch.ip_config)
-            );
+        let on_wire = if self.compression != Compression::None {
+            format!(
+                ", {} on the wire with {}",
+                HumanBytes(self.wire_bytes),
+                self.compression.name()
+            )
         } else {
-            let bad = self.hosts.iter().filter(|h| !h.ok()).count();
-            let _ = writeln!(out, "copy failed on {bad} of {} hosts", self.hosts.len());
-        }
-        out
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "all {} hosts verified all {files} files ({} sent in {:.2}s{on_wire})",
+            self.hosts.len(),
+            HumanBytes(self.bytes_sent),
+            self.seconds
+        );
+        let _ = writeln!(
+            out,
+            "launch with: dgl-coord launch --workspace {} --part_config {} --ip_config {} ...",
+            // Shell-quoted: the hint is for pasting.
+            crate::launch::command::quote(&self.launch.workspace),
+            crate::launch::command::quote(&self.launch.part_config),
+            crate::launch::command::quote(&self.launch.ip_config)
+        );
     }
 }
 

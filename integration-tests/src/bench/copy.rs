@@ -33,12 +33,34 @@ pub(super) fn timed_copy(
 
 /// [`timed_copy`], plus the coordinator's peak RSS in bytes.
 pub(super) fn timed_copy_rss(
-    mut cmd: Command,
+    cmd: Command,
     part_config: &Path,
     ip_config: &Path,
     cache: &Path,
     extra: &[&str],
 ) -> Result<(f64, Value, u64)> {
+    let c = timed_copy_measured(cmd, part_config, ip_config, cache, extra)?;
+    Ok((c.secs, c.report, c.peak_rss))
+}
+
+/// One `dgl-coord copy` as the kernel accounted it.
+pub(super) struct Copied {
+    pub(super) secs: f64,
+    pub(super) report: Value,
+    /// Bytes (`ru_maxrss`).
+    pub(super) peak_rss: u64,
+    /// User + system seconds of the coordinator.
+    pub(super) cpu: f64,
+}
+
+/// [`timed_copy`], with the coordinator's peak RSS and CPU time.
+pub(super) fn timed_copy_measured(
+    mut cmd: Command,
+    part_config: &Path,
+    ip_config: &Path,
+    cache: &Path,
+    extra: &[&str],
+) -> Result<Copied> {
     cmd.env("XDG_CACHE_HOME", cache)
         .args(["copy", "--json", "--progress", "quiet"])
         .args(["--workspace", "ws", "--rel_data_path", "data"])
@@ -49,23 +71,25 @@ pub(super) fn timed_copy_rss(
         .args(extra)
         .stderr(Stdio::null());
     let t = Instant::now();
-    let (status, stdout, peak) = run_with_peak_rss(cmd).context("run dgl-coord copy")?;
+    let (status, stdout, peak, cpu) = run_with_peak_rss(cmd).context("run dgl-coord copy")?;
     let secs = t.elapsed().as_secs_f64();
     ensure!(
         status.success(),
         "dgl-coord copy {extra:?} failed: {}",
         String::from_utf8_lossy(&stdout)
     );
-    Ok((
+    Ok(Copied {
         secs,
-        serde_json::from_slice(&stdout).context("copy JSON")?,
-        peak,
-    ))
+        report: serde_json::from_slice(&stdout).context("copy JSON")?,
+        peak_rss: peak,
+        cpu,
+    })
 }
 
-/// Runs `cmd` (stdout captured) to its end: its status, stdout and peak RSS in bytes. The peak
-/// is the kernel's own (`ru_maxrss` of `wait4`), so a short spike between two samples counts.
-fn run_with_peak_rss(mut cmd: Command) -> Result<(std::process::ExitStatus, Vec<u8>, u64)> {
+/// Runs `cmd` (stdout captured) to its end: its status, stdout, peak RSS in bytes and CPU
+/// seconds (user + system). The figures are the kernel's own (`wait4`'s rusage), so a short
+/// spike between two samples counts.
+fn run_with_peak_rss(mut cmd: Command) -> Result<(std::process::ExitStatus, Vec<u8>, u64, f64)> {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
     let mut child = cmd.stdout(Stdio::piped()).spawn().context("spawn")?;
@@ -82,7 +106,14 @@ fn run_with_peak_rss(mut cmd: Command) -> Result<(std::process::ExitStatus, Vec<
     ensure!(r == pid, "wait4: {}", std::io::Error::last_os_error());
     // Linux reports ru_maxrss in KiB.
     let peak = u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024;
-    Ok((std::process::ExitStatus::from_raw(status), stdout, peak))
+    let secs = |t: nix::libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let cpu = secs(usage.ru_utime) + secs(usage.ru_stime);
+    Ok((
+        std::process::ExitStatus::from_raw(status),
+        stdout,
+        peak,
+        cpu,
+    ))
 }
 
 /// [`timed_copy_rss`] to every agent of `cluster`, with `script_folder` if given.
@@ -99,6 +130,23 @@ fn copy(
     };
     let ip_config = cluster.ip_config_file();
     timed_copy_rss(cluster.coord(), part_config, &ip_config, cache, &extra)
+}
+
+/// [`timed_copy_measured`] to every agent of `cluster`, and the agents' CPU seconds spent
+/// meanwhile (all of them together).
+fn copy_measured(cluster: &TestCluster, part_config: &Path, cache: &Path) -> Result<(Copied, f64)> {
+    let ticks = || -> u64 {
+        cluster
+            .agents
+            .iter()
+            .filter_map(|a| a.pid().and_then(super::proc::cpu_ticks))
+            .sum()
+    };
+    let before = ticks();
+    let ip_config = cluster.ip_config_file();
+    let c = timed_copy_measured(cluster.coord(), part_config, &ip_config, cache, &[])?;
+    let agents = ticks().saturating_sub(before) as f64 / super::proc::TICKS;
+    Ok((c, agents))
 }
 
 /// The ssh tools a DGL user has.
@@ -218,18 +266,45 @@ fn copy_vs_scp(opts: &Opts, work: &Path, ssh: bool) -> Result<Vec<Row>> {
         opts.dir.display()
     );
     let sshd = if ssh { Some(Sshd::start()?) } else { None };
-    let reps = opts.reps.clamp(1, 3);
+    let reps = opts.reps.clamp(1, 5);
     let (mut first, mut again, mut scp) = (vec![], vec![], vec![]);
     let (mut rsync, mut rsync_again, mut peak) = (vec![], vec![], vec![]);
+    let mut cpu = CpuFigures::default();
+    let dir = pc.parent().context("part_config dir")?;
+    let files: Vec<PathBuf> = crate::list_files(dir).iter().map(|f| dir.join(f)).collect();
     for rep in 0..reps {
+        let (floor, floor_cpu) = super::floor::measure(&files, &work.join("floor"))?;
         let cache = tempfile::tempdir_in(work)?;
         let cluster = TestCluster::start(parts);
-        let (t1, _, rss) = copy(&cluster, &pc, cache.path(), None)?;
+        let (c1, agents_cpu) = copy_measured(&cluster, &pc, cache.path())?;
+        let (t1, rss) = (c1.secs, c1.peak_rss);
+        let gb_sent = c1.report["bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e9;
         let (t2, rep2, _) = copy(&cluster, &pc, cache.path(), None)?;
         let resent = rep2["bytes_sent"].as_u64().unwrap_or(0);
         let ip_config = work.join("ip_config.txt");
         fs::copy(cluster.ip_config_file(), &ip_config)?;
         drop(cluster);
+        // Fresh agents, the coordinator's hashes cached: what sending alone costs it.
+        let cluster = TestCluster::start(parts);
+        let (c3, _) = copy_measured(&cluster, &pc, cache.path())?;
+        drop(cluster);
+        let warm_gb = c3.report["bytes_sent"].as_u64().unwrap_or(0) as f64 / 1e9;
+        eprintln!(
+            "bench copy rep {rep}: floor {floor:.2}s ({:.2} GB/s, {floor_cpu:.2} CPU s), dglrun / floor {:.2}x time, {:.2}x CPU; CPU s/GB: coordinator {:.2} cold, {:.2} hashes cached ({:.2}s), agents {:.2}",
+            bytes as f64 / floor / 1e9,
+            t1 / floor,
+            (c1.cpu + agents_cpu) / floor_cpu,
+            c1.cpu / gb_sent,
+            c3.cpu / warm_gb,
+            c3.secs,
+            agents_cpu / gb_sent,
+        );
+        cpu.floor.push(floor);
+        cpu.ratio.push(t1 / floor);
+        cpu.cpu_ratio.push((c1.cpu + agents_cpu) / floor_cpu);
+        cpu.coord_cold.push(c1.cpu / gb_sent);
+        cpu.coord_cached.push(c3.cpu / warm_gb);
+        cpu.agent.push(agents_cpu / gb_sent);
         first.push(t1);
         again.push(t2);
         peak.push(rss as f64 / 1e6);
@@ -286,6 +361,48 @@ fn copy_vs_scp(opts: &Opts, work: &Path, ssh: bool) -> Result<Vec<Row>> {
             format!("copy {size} to 4 agents: dglrun (cold hash cache)"),
             "GB/s",
             &gbps(&first),
+            "",
+            None,
+        ),
+        Row::new(
+            format!("copy {size}: floor (hash on both sides, one loopback copy)"),
+            "GB/s",
+            &gbps(&cpu.floor),
+            "",
+            None,
+        ),
+        Row::new(
+            "copy to 4 agents, cold: dglrun time / floor time",
+            "x",
+            &cpu.ratio,
+            "<= 1.5x",
+            Some(&|x| x <= 1.5),
+        ),
+        Row::new(
+            "copy to 4 agents, cold: dglrun CPU / floor CPU",
+            "x",
+            &cpu.cpu_ratio,
+            "",
+            None,
+        ),
+        Row::new(
+            "copy to 4 agents, cold: coordinator CPU",
+            "s/GB",
+            &cpu.coord_cold,
+            "",
+            None,
+        ),
+        Row::new(
+            "copy to 4 agents, hashes cached: coordinator CPU",
+            "s/GB",
+            &cpu.coord_cached,
+            "<= 0.25",
+            Some(&|x| x <= 0.25),
+        ),
+        Row::new(
+            "copy to 4 agents: agent CPU (all agents, per GB received)",
+            "s/GB",
+            &cpu.agent,
             "",
             None,
         ),
@@ -367,6 +484,23 @@ fn copy_vs_scp(opts: &Opts, work: &Path, ssh: bool) -> Result<Vec<Row>> {
         ),
     ]);
     Ok(rows)
+}
+
+/// CPU figures of the 4-agent copy, one entry per rep.
+#[derive(Default)]
+struct CpuFigures {
+    /// Seconds of the floor (see `floor`).
+    floor: Vec<f64>,
+    /// Cold copy time / floor time.
+    ratio: Vec<f64>,
+    /// CPU seconds of the cold copy (coordinator and agents) / those of the floor: the ratio a
+    /// loaded machine moves least (a process with more threads gets more of a busy CPU).
+    cpu_ratio: Vec<f64>,
+    /// Coordinator CPU seconds per GB sent, cold and with its hashes cached.
+    coord_cold: Vec<f64>,
+    coord_cached: Vec<f64>,
+    /// Agents' CPU seconds per GB they received.
+    agent: Vec<f64>,
 }
 
 /// Agents of the broadcast memory figure.

@@ -6,6 +6,7 @@
 
 pub mod compress;
 pub mod copy;
+pub mod floor;
 pub mod launch;
 pub mod proc;
 pub mod scale;
