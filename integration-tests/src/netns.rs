@@ -58,6 +58,10 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// The /24 of the link benchmark (`bench links`): 198.19.219.0/24. No other cluster is given
+/// it, so a packet that leaks from one is told apart by its address.
+pub const LINKS_BLOCK: (u8, u8) = (19, 219);
+
 /// Starts a cluster, or prints why the test is skipped and returns None.
 pub fn start_or_skip(test: &str, hosts: usize, agent_args: &[&str]) -> Option<NetCluster> {
     if let Some(why) = unavailable() {
@@ -110,13 +114,29 @@ impl NetCluster {
     /// `hosts` host namespaces, each with an agent started with `agent_args` (plus its
     /// address, root, token and, as root, `--allow-root`).
     pub fn start(hosts: usize, agent_args: &[&str]) -> Result<Self> {
+        // Any /24 inside 198.18.0.0/15 but the link benchmark's; the namespaces keep clusters
+        // apart anyway, the random block just keeps a leak from one test visible as a
+        // different address.
+        let block = loop {
+            let block = (18 + rand::random_range(0u8..2), rand::random::<u8>());
+            if block != LINKS_BLOCK {
+                break block;
+            }
+        };
+        Self::start_in(block, hosts, agent_args)
+    }
+
+    /// [`NetCluster::start`] in the block 198.A.B.0/24, `block` being (A, B).
+    pub fn start_in(block: (u8, u8), hosts: usize, agent_args: &[&str]) -> Result<Self> {
         assert!(hosts <= 200, "at most 200 hosts per block");
+        assert!(
+            (18..=19).contains(&block.0),
+            "only 198.18.0.0/15 inside namespaces"
+        );
         let dir = tempfile::tempdir().context("temp dir")?;
         let token_file = dir.path().join("token");
         let token = crate::write_token_file(&token_file)?;
-        // Any /24 inside 198.18.0.0/15; the namespaces keep clusters apart anyway, the random
-        // block just keeps a leak from one test visible as a different address.
-        let (a, b) = (18 + rand::random_range(0u8..2), rand::random::<u8>());
+        let (a, b) = block;
         let mut c = Self {
             dir,
             token,
@@ -223,6 +243,11 @@ impl NetCluster {
             .with_context(|| format!("agent {i} in {}", h.ns))?;
         h.child = Some(child);
         Ok(())
+    }
+
+    /// The namespace of the bridge, where the switch end of every link (`co`, `h0`, ...) is.
+    pub fn switch_ns(&self) -> &str {
+        &self.switch_ns
     }
 
     pub fn len(&self) -> usize {
