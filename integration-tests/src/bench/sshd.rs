@@ -224,7 +224,10 @@ impl NsSshd {
         for tool in ["ssh", "scp"] {
             let real = find(tool, &[]).with_context(|| format!("{tool} not found"))?;
             let w = path_dir.join(tool);
-            fs::write(&w, format!("#!/bin/sh\nexec {} {opts} \"$@\"\n", real.display()))?;
+            fs::write(
+                &w,
+                format!("#!/bin/sh\nexec {} {opts} \"$@\"\n", real.display()),
+            )?;
             fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         }
         let mut s = NsSshd {
@@ -234,7 +237,10 @@ impl NsSshd {
         };
         for (i, (ns, addr)) in hosts.iter().enumerate() {
             let config = s._dir.path().join(format!("sshd{i}_config"));
-            fs::write(&config, self::config(&addr.to_string(), 22, &hostkey, &auth))?;
+            fs::write(
+                &config,
+                self::config(&addr.to_string(), 22, &hostkey, &auth),
+            )?;
             let child = Command::new("ip")
                 .args(["netns", "exec", ns])
                 .arg(&sshd)
@@ -243,7 +249,9 @@ impl NsSshd {
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(fs::File::create(s._dir.path().join(format!("sshd{i}.log")))?)
+                .stderr(fs::File::create(
+                    s._dir.path().join(format!("sshd{i}.log")),
+                )?)
                 .spawn()
                 .context("spawn sshd")?;
             s.children.push(child);

@@ -21,6 +21,8 @@ use anyhow::{bail, Context, Result};
 use dglrun_integration_tests::bench::{self, Opts, Row};
 
 fn main() -> Result<()> {
+    // Namespaces of `compress` and `links` go on Ctrl-C too.
+    dglrun_integration_tests::netns::delete_on_signal()?;
     let mut opts = Opts {
         reps: 5,
         size_gib: 2.0,

@@ -164,10 +164,7 @@ fn hold(
         }
         let stopping = stop.load(Ordering::SeqCst);
         let now = Instant::now();
-        while held
-            .front()
-            .is_some_and(|(due, _)| stopping || *due <= now)
-        {
+        while held.front().is_some_and(|(due, _)| stopping || *due <= now) {
             if let Some((_, mut m)) = held.pop_front() {
                 m.set_verdict(nfq::Verdict::Accept);
                 q.verdict(m).context("netfilter queue verdict")?;

@@ -19,7 +19,8 @@
 //! - (c) (a) with 25 ms added to each direction of every path (`delay`): 50 ms round trips;
 //!   the copy within 10% of (a)'s time.
 //!
-//! The coordinator's hash cache is warmed first (the figures are about links, not hashing).
+//! The coordinator's hash cache is warmed first, by a copy before the links are shaped (the
+//! figures are about links, not hashing).
 
 mod delay;
 mod sampler;
@@ -36,7 +37,6 @@ use super::copy::timed_copy;
 use super::sshd::NsSshd;
 use super::{free_bytes, Opts, Row};
 use crate::netns::{NetCluster, LINKS_BLOCK};
-use crate::TestCluster;
 use delay::DelayLines;
 use sampler::{Link, Sample, Sampler};
 
@@ -59,8 +59,22 @@ struct Net {
 }
 
 impl Net {
-    fn new(master_mbit: u64, host_mbit: u64, rtt: Option<Duration>) -> Result<Net> {
+    /// With `warm`, copies that set once before the links are shaped: the coordinator's hash
+    /// cache then holds its hashes, and the measured copies only send.
+    fn new(
+        master_mbit: u64,
+        host_mbit: u64,
+        rtt: Option<Duration>,
+        warm: Option<&Set>,
+    ) -> Result<Net> {
         let cluster = NetCluster::start_in(LINKS_BLOCK, HOSTS, &[])?;
+        if let Some(set) = warm {
+            let ip = cluster.ip_config_file(30050);
+            timed_copy(cluster.coord(), &set.pc, &ip, &set.cache, &[])?;
+            for h in &cluster.hosts {
+                let _ = fs::remove_dir_all(h.root.join("ws"));
+            }
+        }
         let sw = cluster.switch_ns().to_string();
         shape::shape(&cluster.coord_ns, "eth0", master_mbit)?;
         shape::shape(&sw, "co", master_mbit)?;
@@ -196,8 +210,12 @@ fn dglrun(net: &Net, pc: &Path, cache: &Path) -> Result<Run> {
 /// DGL's copy_files.py, unmodified, from the master's namespace: for each host in turn,
 /// `ssh mkdir` and one scp per file, to the sshd on port 22 of each host.
 fn copy_files_py(net: &Net, sshd: &NsSshd, pc: &Path, work: &Path) -> Result<Run> {
+    // DGL's tools: DGL_TOOLS, else `shared/dgl-tools` beside the checkout, else the path the
+    // other DGL scripts default to.
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/dgl-tools");
     let tools = std::env::var_os("DGL_TOOLS")
         .map(PathBuf::from)
+        .or_else(|| beside.is_dir().then_some(beside))
         .unwrap_or_else(|| PathBuf::from("/work/shared/dgl-tools"));
     let script = tools.join("copy_files.py");
     ensure!(
@@ -279,7 +297,8 @@ struct Scenario {
 }
 
 fn scenario(s: &Scenario, set: &Set, reps: usize, ssh: bool, work: &Path) -> Result<Figures> {
-    let net = Net::new(s.master_mbit, s.host_mbit, s.rtt)?;
+    let warm = (!set.cache.exists()).then_some(set);
+    let net = Net::new(s.master_mbit, s.host_mbit, s.rtt, warm)?;
     let sshd = if s.baseline && ssh {
         let hosts: Vec<_> = net
             .cluster
@@ -325,7 +344,12 @@ fn scenario(s: &Scenario, set: &Set, reps: usize, ssh: bool, work: &Path) -> Res
     }
     let samples = net.sampler.all()?;
     // The last rep of each tool, over time.
-    for (tool, run) in shown.iter().rev().take(if sshd.is_some() { 2 } else { 1 }).rev() {
+    for (tool, run) in shown
+        .iter()
+        .rev()
+        .take(if sshd.is_some() { 2 } else { 1 })
+        .rev()
+    {
         let title = format!(
             "links ({}) master {} Mbit/s, hosts {} Mbit/s{}, {tool}, {} x {} MiB",
             s.name,
@@ -353,11 +377,6 @@ fn make_set(work: &Path, part_mib: u64) -> Result<Set> {
     let per_file = part_mib * MIB / 3;
     let pc = crate::gen_partitions(&work.join("src"), HOSTS, per_file, "links")?;
     let cache = work.join("cache");
-    // Hashes every file once into the cache (loopback, unshaped): later copies only send.
-    let cluster = TestCluster::start(HOSTS);
-    let ip = cluster.ip_config_file();
-    timed_copy(cluster.coord(), &pc, &ip, &cache, &[])?;
-    drop(cluster);
     Ok(Set {
         pc,
         cache,
@@ -407,7 +426,10 @@ pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>>
     match &fa {
         Ok(f) => rows.extend([
             Row::new(
-                format!("links (a) all {}: {size} scatter, master link busy", rate(mbit)),
+                format!(
+                    "links (a) all {}: {size} scatter, master link busy",
+                    rate(mbit)
+                ),
                 "%",
                 &pct(&f.master_busy),
                 ">= 90%",
@@ -475,7 +497,10 @@ pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>>
     match scenario(&c, &set, reps, ssh, work.path()) {
         Ok(f) => {
             rows.push(Row::new(
-                format!("links (c) (a) + {} ms RTT: master link busy", RTT.as_millis()),
+                format!(
+                    "links (c) (a) + {} ms RTT: master link busy",
+                    RTT.as_millis()
+                ),
                 "%",
                 &pct(&f.master_busy),
                 "",
