@@ -405,7 +405,7 @@ pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>>
     let set = make_set(work.path(), part_mib)?;
     let reps = opts.reps.clamp(1, 3);
     let rate = |m: u64| {
-        if m >= 1000 && m % 1000 == 0 {
+        if m >= 1000 && m.is_multiple_of(1000) {
             format!("{} Gbit/s", m / 1000)
         } else {
             format!("{m} Mbit/s")
