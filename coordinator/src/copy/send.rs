@@ -337,7 +337,22 @@ pub async fn send(
             .min(ctx.opts.max_streams.max(1));
         order.extend(targets.chunks(group).map(|g| (s, g.to_vec())));
     }
-    order.sort_by_key(|(_, t)| t.len() == 1);
+    // Single-host sources (partitions) take turns by host: every host's first file, then
+    // every host's second. In plan order each host's files queued behind the previous host's,
+    // and the streams the bound allows all went to one host: on links slower than the
+    // master's, one host link busy at a time (`bench links`, scenario b).
+    let mut nth = vec![0usize; ctx.hosts.len()];
+    let mut turn = |t: &[Target]| match t {
+        [one] => {
+            nth[one.host] += 1;
+            nth[one.host]
+        }
+        _ => 0,
+    };
+    let turns: Vec<usize> = order.iter().map(|(_, t)| turn(t)).collect();
+    let mut order: Vec<_> = turns.into_iter().zip(order).collect();
+    order.sort_by_key(|(k, _)| *k);
+    let order = order.into_iter().map(|(_, o)| o);
     let tasks: Vec<_> = order
         .into_iter()
         .map(|(s, targets)| {

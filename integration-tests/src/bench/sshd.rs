@@ -230,6 +230,8 @@ impl NsSshd {
             )?;
             fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         }
+        let empty = dir.path().join("empty-bashrc");
+        fs::write(&empty, "")?;
         let mut s = NsSshd {
             path_dir,
             children: Vec::new(),
@@ -241,8 +243,19 @@ impl NsSshd {
                 &config,
                 self::config(&addr.to_string(), 22, &hostkey, &auth),
             )?;
+            // sshd runs each command through the login shell, and bash reads ~/.bashrc then:
+            // whatever it does (here: pyenv's rehash, seconds on a loaded machine) would be
+            // counted against every scp. In a mount namespace of its own, an empty file
+            // stands in for it.
             let child = Command::new("ip")
-                .args(["netns", "exec", ns])
+                .args(["netns", "exec", ns, "unshare", "--mount", "--propagation"])
+                .args(["private", "sh", "-c"])
+                .arg(
+                    "if [ -f \"$HOME/.bashrc\" ]; then mount --bind \"$1\" \"$HOME/.bashrc\" \
+                     || exit 1; fi; shift; exec \"$@\"",
+                )
+                .arg("sshd")
+                .arg(&empty)
                 .arg(&sshd)
                 .arg("-D")
                 .arg("-f")
