@@ -292,12 +292,21 @@ pub async fn send(
     }
 
     // 3. Send.
+    // Every host's further connections at once: one host after another, their handshakes
+    // (TCP, TLS, HTTP/2: a few round trips each) came before anything was sent, 0.6 s for 4
+    // hosts 50 ms away.
+    let clients = futures::future::join_all(
+        hosts
+            .iter()
+            .map(|h| connections(h, access, opts.connections)),
+    )
+    .await;
     let mut host_ctxs = Vec::new();
-    for h in &hosts {
+    for (h, clients) in hosts.iter().zip(clients) {
         host_ctxs.push(HostCtx {
             name: h.name(),
             root: h.hello.root.clone(),
-            clients: connections(h, access, opts.connections).await,
+            clients,
             next_client: AtomicUsize::new(0),
             slots: Arc::new(Semaphore::new(opts.jobs.max(1))),
             dead: Mutex::new(None),
