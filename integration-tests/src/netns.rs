@@ -66,6 +66,16 @@ fn live() -> std::sync::MutexGuard<'static, Vec<String>> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Directories [`delete_on_signal`] removes too (large generated data).
+static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// After [`delete_on_signal`], a signal also removes `dir` (gone already is fine).
+pub fn remove_on_signal(dir: &Path) {
+    DIRS.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(dir.to_path_buf());
+}
+
 /// Live pids in namespace `ns`.
 fn pids_in(ns: &str) -> Vec<u32> {
     Command::new("ip")
@@ -143,6 +153,13 @@ pub fn delete_on_signal() -> Result<()> {
         let namespaces = live().clone();
         eprintln!("signal {}: deleting {} namespaces", b[0], namespaces.len());
         delete_namespaces(&namespaces);
+        for d in DIRS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            let _ = fs::remove_dir_all(d);
+        }
         std::process::exit(128 + i32::from(b[0]));
     });
     Ok(())

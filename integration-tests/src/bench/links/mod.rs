@@ -402,6 +402,8 @@ pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>>
         );
     }
     let work = tempfile::tempdir_in(&opts.dir)?;
+    // A gigabyte in memory (/dev/shm) by default: not left behind by Ctrl-C either.
+    crate::netns::remove_on_signal(work.path());
     let set = make_set(work.path(), part_mib)?;
     let reps = opts.reps.clamp(1, 3);
     let rate = |m: u64| {
