@@ -241,6 +241,8 @@ impl NetCluster {
             "only 198.18.0.0/15 inside namespaces"
         );
         let dir = tempfile::tempdir().context("temp dir")?;
+        // The agents' roots: what a benchmark copied there goes with the namespaces.
+        remove_on_signal(dir.path());
         let token_file = dir.path().join("token");
         let token = crate::write_token_file(&token_file)?;
         let (a, b) = block;
