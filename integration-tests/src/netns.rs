@@ -58,6 +58,117 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// Namespaces of this process's live clusters, for [`delete_on_signal`].
+static LIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<String>> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Directories [`delete_on_signal`] removes too (large generated data).
+static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// After [`delete_on_signal`], a signal also removes `dir` (gone already is fine).
+pub fn remove_on_signal(dir: &Path) {
+    DIRS.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(dir.to_path_buf());
+}
+
+/// Live pids in namespace `ns`.
+fn pids_in(ns: &str) -> Vec<u32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .filter(|&p| alive(p))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGKILLs everything in `namespaces` (a namespace lives on while a process is in it), then
+/// deletes them.
+fn delete_namespaces(namespaces: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids: Vec<u32> = namespaces.iter().flat_map(|ns| pids_in(ns)).collect();
+        if pids.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        for p in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for ns in namespaces.iter().rev() {
+        if let Err(e) = ip(&["netns", "del", ns]) {
+            eprintln!("netns teardown: {e:#}");
+        }
+    }
+}
+
+/// Write end of the socket [`on_signal`] writes the signal's number to.
+static SIGNAL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: nix::libc::c_int) {
+    let fd = SIGNAL_FD.load(std::sync::atomic::Ordering::SeqCst);
+    let b = sig as u8;
+    // SAFETY: write(2) on a descriptor kept open for the process's life, from a one-byte
+    // buffer on the stack; it is async-signal-safe.
+    unsafe { nix::libc::write(fd, (&b as *const u8).cast(), 1) };
+}
+
+/// From now on SIGINT and SIGTERM delete every namespace of this process's clusters, and what
+/// runs in them, before it exits (with 128 + the signal): a benchmark stopped with Ctrl-C
+/// leaves nothing behind. A handler, not a blocked mask: child processes inherit a mask, and
+/// an agent with SIGTERM blocked would never stop.
+pub fn delete_on_signal() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    use std::io::Read;
+    use std::os::fd::IntoRawFd;
+    let (mut rx, tx) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
+    SIGNAL_FD.store(tx.into_raw_fd(), std::sync::atomic::Ordering::SeqCst);
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only calls write(2), which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.context("install a signal handler")?;
+    }
+    std::thread::spawn(move || {
+        let mut b = [0u8];
+        if rx.read_exact(&mut b).is_err() {
+            return;
+        }
+        let namespaces = live().clone();
+        eprintln!("signal {}: deleting {} namespaces", b[0], namespaces.len());
+        delete_namespaces(&namespaces);
+        for d in DIRS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            let _ = fs::remove_dir_all(d);
+        }
+        std::process::exit(128 + i32::from(b[0]));
+    });
+    Ok(())
+}
+
+/// The /24 of the link benchmark (`bench links`): 198.19.219.0/24. No other cluster is given
+/// it, so a packet that leaks from one is told apart by its address.
+pub const LINKS_BLOCK: (u8, u8) = (19, 219);
+
 /// Starts a cluster, or prints why the test is skipped and returns None.
 pub fn start_or_skip(test: &str, hosts: usize, agent_args: &[&str]) -> Option<NetCluster> {
     if let Some(why) = unavailable() {
@@ -110,13 +221,31 @@ impl NetCluster {
     /// `hosts` host namespaces, each with an agent started with `agent_args` (plus its
     /// address, root, token and, as root, `--allow-root`).
     pub fn start(hosts: usize, agent_args: &[&str]) -> Result<Self> {
+        // Any /24 inside 198.18.0.0/15 but the link benchmark's; the namespaces keep clusters
+        // apart anyway, the random block just keeps a leak from one test visible as a
+        // different address.
+        let block = loop {
+            let block = (18 + rand::random_range(0u8..2), rand::random::<u8>());
+            if block != LINKS_BLOCK {
+                break block;
+            }
+        };
+        Self::start_in(block, hosts, agent_args)
+    }
+
+    /// [`NetCluster::start`] in the block 198.A.B.0/24, `block` being (A, B).
+    pub fn start_in(block: (u8, u8), hosts: usize, agent_args: &[&str]) -> Result<Self> {
         assert!(hosts <= 200, "at most 200 hosts per block");
+        assert!(
+            (18..=19).contains(&block.0),
+            "only 198.18.0.0/15 inside namespaces"
+        );
         let dir = tempfile::tempdir().context("temp dir")?;
+        // The agents' roots: what a benchmark copied there goes with the namespaces.
+        remove_on_signal(dir.path());
         let token_file = dir.path().join("token");
         let token = crate::write_token_file(&token_file)?;
-        // Any /24 inside 198.18.0.0/15; the namespaces keep clusters apart anyway, the random
-        // block just keeps a leak from one test visible as a different address.
-        let (a, b) = (18 + rand::random_range(0u8..2), rand::random::<u8>());
+        let (a, b) = block;
         let mut c = Self {
             dir,
             token,
@@ -161,6 +290,7 @@ impl NetCluster {
                 continue;
             }
             self.made.push(ns.clone());
+            live().push(ns.clone());
             self.switch_ns = ns.clone();
             ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
             ip(&["-n", &ns, "link", "set", "br0", "up"])?;
@@ -173,6 +303,7 @@ impl NetCluster {
     fn make_host_ns(&mut self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
         ip(&["netns", "add", ns])?;
         self.made.push(ns.to_string());
+        live().push(ns.to_string());
         let sw = self.switch_ns.clone();
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
         ip(&[
@@ -223,6 +354,11 @@ impl NetCluster {
             .with_context(|| format!("agent {i} in {}", h.ns))?;
         h.child = Some(child);
         Ok(())
+    }
+
+    /// The namespace of the bridge, where the switch end of every link (`co`, `h0`, ...) is.
+    pub fn switch_ns(&self) -> &str {
+        &self.switch_ns
     }
 
     pub fn len(&self) -> usize {
@@ -346,18 +482,7 @@ impl NetCluster {
 
     /// Pids of every live process in the cluster's namespaces (agents, jobs, dgl-coord).
     pub fn pids_in_namespaces(&self) -> Vec<u32> {
-        let mut out = Vec::new();
-        for ns in &self.made {
-            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                out.extend(
-                    String::from_utf8_lossy(&o.stdout)
-                        .split_whitespace()
-                        .filter_map(|p| p.parse::<u32>().ok())
-                        .filter(|&p| alive(p)),
-                );
-            }
-        }
-        out
+        self.made.iter().flat_map(|ns| pids_in(ns)).collect()
     }
 }
 
@@ -369,26 +494,8 @@ impl Drop for NetCluster {
                 let _ = c.wait();
             }
         }
-        // A test that failed half-way may leave jobs behind; they die with the cluster. A
-        // namespace lives on while a process is in it, so they go before the namespaces.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let pids = self.pids_in_namespaces();
-            if pids.is_empty() || Instant::now() >= deadline {
-                break;
-            }
-            for p in pids {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(p as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        for ns in self.made.iter().rev() {
-            if let Err(e) = ip(&["netns", "del", ns]) {
-                eprintln!("netns teardown: {e:#}");
-            }
-        }
+        // A test that failed half-way may leave jobs behind; they die with the cluster.
+        delete_namespaces(&self.made);
+        live().retain(|ns| !self.made.contains(ns));
     }
 }

@@ -59,3 +59,55 @@ fn the_benchmark_suite_measures_every_figure_of_a_small_run() {
         .expect("row");
     assert!(left.contains("| pass"), "processes were left: {left}");
 }
+
+/// `bench links` small: 10 Mbit/s links and 4 x 1 MiB, every scenario and copy_files.py's
+/// baseline (needs root, network namespaces, sshd and DGL's copy_files.py).
+#[test]
+fn the_link_benchmark_measures_every_figure_of_a_small_run() {
+    let test = "link benchmark";
+    if let Some(why) = dglrun_integration_tests::netns::unavailable() {
+        dglrun_integration_tests::cannot_run(test, &format!("no network namespaces ({why})"));
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cmd = std::process::Command::new(bin("bench"));
+    cmd.args([
+        "links",
+        "--reps",
+        "1",
+        "--link-mbit",
+        "10",
+        "--link-mib",
+        "1",
+    ])
+    .arg("--dir")
+    .arg(dir.path());
+    let r = run(cmd, Duration::from_secs(300));
+    assert_eq!(r.code(), 0, "{r:?}");
+    let rows: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("| ")).collect();
+    let errors: Vec<&&str> = rows.iter().filter(|l| l.contains("error:")).collect();
+    assert!(
+        errors.is_empty(),
+        "figures not measured: {errors:#?}\n{r:?}"
+    );
+    for figure in [
+        "links (a) all 10 Mbit/s: 4 x 1 MiB scatter, master link busy",
+        "links (b) master 100 Mbit/s, hosts 10 Mbit/s: least busy host link",
+        "links (b): copy_files.py time / dglrun time",
+        "links (c) (a) + 50 ms RTT: master link busy",
+        "links (c): copy time / (a)'s",
+    ] {
+        assert!(
+            rows.iter().any(|l| l.contains(figure)),
+            "no row {figure:?} in the table:\n{}",
+            r.stdout
+        );
+    }
+    // The utilisation over time: one bar line per link of each scenario shown.
+    let bars = r.stdout.lines().filter(|l| l.contains(" Mbit/s |")).count();
+    assert!(
+        bars >= 5 * 4,
+        "no link utilisation over time:\n{}",
+        r.stdout
+    );
+}

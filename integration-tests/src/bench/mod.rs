@@ -2,12 +2,13 @@
 //! launch and teardown against an ssh baseline, 256-agent scale, copy against scp, broadcast.
 //! Every figure is measured against a baseline measured in the same run (ratios), because the
 //! machine is shared and noisy. Only loopback addresses are used, and for `compress`'s slow
-//! link network namespaces of this machine (198.18.0.0/15).
+//! link and `links`' shaped links network namespaces of this machine (198.18.0.0/15).
 
 pub mod compress;
 pub mod copy;
 pub mod floor;
 pub mod launch;
+pub mod links;
 pub mod proc;
 pub mod scale;
 pub mod sshd;
@@ -29,6 +30,9 @@ pub struct Opts {
     pub bcast_hosts: Vec<usize>,
     pub dir: PathBuf,
     pub scale_agents: usize,
+    /// `links`: the hosts' link rate in Mbit/s, and the size of each partition.
+    pub link_mbit: u64,
+    pub link_mib: u64,
 }
 
 /// min / median / max of some samples.

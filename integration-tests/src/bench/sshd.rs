@@ -51,40 +51,75 @@ pub fn ensure_installed() -> Result<()> {
     Ok(())
 }
 
+/// A client key and a host key (ed25519, no passphrase) in `dir`, and `authorized_keys`
+/// holding the client's: (client key, host key, authorized_keys).
+fn make_keys(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let key = dir.join("id");
+    let hostkey = dir.join("hostkey");
+    for k in [&key, &hostkey] {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(k)
+            .stdout(Stdio::null())
+            .status()?;
+        ensure!(st.success(), "ssh-keygen failed");
+    }
+    let auth = dir.join("authorized_keys");
+    fs::copy(dir.join("id.pub"), &auth)?;
+    Ok((key, hostkey, auth))
+}
+
+/// What every client of these sshds passes: the key, no host key checks, no prompts.
+fn client_opts(key: &Path) -> Vec<String> {
+    [
+        "-i",
+        &key.display().to_string(),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// An sshd_config listening on `addr:port` only, with `hostkey` and `auth`.
+fn config(addr: &str, port: u16, hostkey: &Path, auth: &Path) -> String {
+    format!(
+        "Port {port}\nListenAddress {addr}\nHostKey {}\nAuthorizedKeysFile {}\n\
+         PidFile none\nStrictModes no\nPermitRootLogin yes\nPasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\nUsePAM no\nUseDNS no\nMaxStartups 1000\n\
+         MaxSessions 1000\nLogLevel ERROR\nSubsystem sftp internal-sftp\n",
+        hostkey.display(),
+        auth.display()
+    )
+}
+
+/// The sshd binary, after installing it if missing; as root, with its privilege separation
+/// directory (made by its service unit otherwise).
+fn sshd_binary() -> Result<PathBuf> {
+    ensure_installed()?;
+    let sshd = find("sshd", &["/usr/sbin/sshd"]).context("sshd not found")?;
+    if nix::unistd::geteuid().is_root() {
+        fs::create_dir_all("/run/sshd")?;
+    }
+    Ok(sshd)
+}
+
 impl Sshd {
     pub fn start() -> Result<Sshd> {
-        ensure_installed()?;
-        let sshd = find("sshd", &["/usr/sbin/sshd"]).context("sshd not found")?;
-        if nix::unistd::geteuid().is_root() {
-            // sshd insists on its privilege separation directory, made by its service unit.
-            fs::create_dir_all("/run/sshd")?;
-        }
+        let sshd = sshd_binary()?;
         let dir = tempfile::tempdir()?;
-        let key = dir.path().join("id");
-        let hostkey = dir.path().join("hostkey");
-        for k in [&key, &hostkey] {
-            let st = Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(k)
-                .stdout(Stdio::null())
-                .status()?;
-            ensure!(st.success(), "ssh-keygen failed");
-        }
-        let auth = dir.path().join("authorized_keys");
-        fs::copy(dir.path().join("id.pub"), &auth)?;
+        let (key, hostkey, auth) = make_keys(dir.path())?;
         let port = super::free_port()?;
         let config = dir.path().join("sshd_config");
-        fs::write(
-            &config,
-            format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
-                 PidFile none\nStrictModes no\nPermitRootLogin yes\nPasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\nUsePAM no\nUseDNS no\nMaxStartups 1000\n\
-                 MaxSessions 1000\nLogLevel ERROR\nSubsystem sftp internal-sftp\n",
-                hostkey.display(),
-                auth.display()
-            ),
-        )?;
+        fs::write(&config, self::config("127.0.0.1", port, &hostkey, &auth))?;
         let child = Command::new(&sshd)
             .arg("-D")
             .arg("-f")
@@ -120,22 +155,9 @@ impl Sshd {
     }
 
     fn client_opts(&self, port_flag: &str) -> Vec<String> {
-        vec![
-            port_flag.into(),
-            self.port.to_string(),
-            "-i".into(),
-            self.key.display().to_string(),
-            "-o".into(),
-            "StrictHostKeyChecking=no".into(),
-            "-o".into(),
-            "UserKnownHostsFile=/dev/null".into(),
-            "-o".into(),
-            "BatchMode=yes".into(),
-            "-o".into(),
-            "IdentitiesOnly=yes".into(),
-            "-o".into(),
-            "LogLevel=ERROR".into(),
-        ]
+        let mut o = vec![port_flag.into(), self.port.to_string()];
+        o.extend(client_opts(&self.key));
+        o
     }
 
     /// `ssh <opts> 127.0.0.1` (append the remote command).
@@ -173,5 +195,123 @@ impl Drop for Sshd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An sshd on port 22 of each of some hosts in network namespaces, all taking one client key,
+/// and a directory of `ssh` and `scp` wrappers that add it: first on PATH, they let a tool
+/// that runs plain `ssh IP CMD` and `scp FILE IP:DIR` (DGL's copy_files.py) reach the hosts.
+pub struct NsSshd {
+    pub path_dir: PathBuf,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl NsSshd {
+    /// sshds for `hosts` (namespace, address), checked with one login each from `client_ns`.
+    pub fn start(hosts: &[(String, std::net::Ipv4Addr)], client_ns: &str) -> Result<NsSshd> {
+        let sshd = sshd_binary()?;
+        let dir = tempfile::tempdir()?;
+        let (key, hostkey, auth) = make_keys(dir.path())?;
+        let path_dir = dir.path().join("bin");
+        fs::create_dir_all(&path_dir)?;
+        // Temp dir paths hold no quote.
+        let opts = client_opts(&key)
+            .iter()
+            .map(|o| format!("'{o}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        for tool in ["ssh", "scp"] {
+            let real = find(tool, &[]).with_context(|| format!("{tool} not found"))?;
+            let w = path_dir.join(tool);
+            fs::write(
+                &w,
+                format!("#!/bin/sh\nexec {} {opts} \"$@\"\n", real.display()),
+            )?;
+            fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
+        let empty = dir.path().join("empty-bashrc");
+        fs::write(&empty, "")?;
+        let mut s = NsSshd {
+            path_dir,
+            children: Vec::new(),
+            _dir: dir,
+        };
+        for (i, (ns, addr)) in hosts.iter().enumerate() {
+            let config = s._dir.path().join(format!("sshd{i}_config"));
+            fs::write(
+                &config,
+                self::config(&addr.to_string(), 22, &hostkey, &auth),
+            )?;
+            // sshd runs each command through the login shell, and bash reads ~/.bashrc then:
+            // whatever it does (here: pyenv's rehash, seconds on a loaded machine) would be
+            // counted against every scp. In a mount namespace of its own, an empty file
+            // stands in for it.
+            let child = Command::new("ip")
+                .args(["netns", "exec", ns, "unshare", "--mount", "--propagation"])
+                .args(["private", "sh", "-c"])
+                .arg(
+                    "if [ -f \"$HOME/.bashrc\" ]; then mount --bind \"$1\" \"$HOME/.bashrc\" \
+                     || exit 1; fi; shift; exec \"$@\"",
+                )
+                .arg("sshd")
+                .arg(&empty)
+                .arg(&sshd)
+                .arg("-D")
+                .arg("-f")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(
+                    s._dir.path().join(format!("sshd{i}.log")),
+                )?)
+                .spawn()
+                .context("spawn sshd")?;
+            s.children.push(child);
+        }
+        for (ns, addr) in hosts {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let ok = s
+                    .ssh_in(client_ns)
+                    .arg(addr.to_string())
+                    .arg("true")
+                    .stderr(Stdio::null())
+                    .status()?
+                    .success();
+                if ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("no ssh login to {addr} (sshd in {ns})");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(s)
+    }
+
+    /// `ssh` (the wrapper) run in namespace `ns`; append the host and command.
+    fn ssh_in(&self, ns: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(self.path_dir.join("ssh"));
+        c
+    }
+
+    /// PATH with the wrappers first.
+    pub fn path_env(&self) -> std::ffi::OsString {
+        let rest = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![self.path_dir.clone()];
+        paths.extend(std::env::split_paths(&rest));
+        std::env::join_paths(paths).unwrap_or(rest)
+    }
+}
+
+impl Drop for NsSshd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

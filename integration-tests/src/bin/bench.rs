@@ -5,10 +5,11 @@
 //!     cargo build --release --bins
 //!     cargo run --release -p dglrun-integration-tests --bin bench -- [WHICH...] [OPTIONS]
 //!
-//! WHICH: launch, teardown, scale, copy, broadcast, compress (default: all). Options:
+//! WHICH: launch, teardown, scale, copy, broadcast, compress, links (default: all). Options:
 //! --reps N (5), --size-gib G (copy set, 2), --bcast-gib G (1), --bcast-hosts 1,4,16, --dir DIR
-//! (agent roots and generated data for copy/broadcast/compress; default /dev/shm),
-//! --scale-agents N (256), --no-ssh.
+//! (agent roots and generated data for copy/broadcast/compress/links; default /dev/shm),
+//! --scale-agents N (256), --link-mbit M (links: the hosts' rate, 1000), --link-mib M (links:
+//! each of the 4 partitions, 256), --no-ssh.
 
 // Test code throughout: a failed unwrap is a failed test, and a test may set its own
 // environment and sleep.
@@ -20,6 +21,8 @@ use anyhow::{bail, Context, Result};
 use dglrun_integration_tests::bench::{self, Opts, Row};
 
 fn main() -> Result<()> {
+    // Namespaces of `compress` and `links` go on Ctrl-C too.
+    dglrun_integration_tests::netns::delete_on_signal()?;
     let mut opts = Opts {
         reps: 5,
         size_gib: 2.0,
@@ -31,6 +34,8 @@ fn main() -> Result<()> {
             "/tmp"
         }),
         scale_agents: 256,
+        link_mbit: 1000,
+        link_mib: 256,
     };
     let mut which: Vec<String> = Vec::new();
     let mut ssh = true;
@@ -49,16 +54,18 @@ fn main() -> Result<()> {
             }
             "--dir" => opts.dir = PathBuf::from(value()?),
             "--scale-agents" => opts.scale_agents = value()?.parse::<usize>()?.clamp(1, 1000),
+            "--link-mbit" => opts.link_mbit = value()?.parse::<u64>()?.clamp(1, 10_000),
+            "--link-mib" => opts.link_mib = value()?.parse::<u64>()?.max(1),
             "--no-ssh" => ssh = false,
             "-h" | "--help" => {
                 println!(
-                    "bench [launch|teardown|scale|copy|broadcast|compress...] [--reps N] \
+                    "bench [launch|teardown|scale|copy|broadcast|compress|links...] [--reps N] \
                      [--size-gib G] [--bcast-gib G] [--bcast-hosts 1,4,16] [--dir DIR] \
-                     [--scale-agents N] [--no-ssh]"
+                     [--scale-agents N] [--link-mbit M] [--link-mib M] [--no-ssh]"
                 );
                 return Ok(());
             }
-            w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast" | "compress") => {
+            w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast" | "compress" | "links") => {
                 which.push(w.into())
             }
             other => bail!("unknown argument {other} (try --help)"),
@@ -72,6 +79,7 @@ fn main() -> Result<()> {
             "copy",
             "broadcast",
             "compress",
+            "links",
         ]
         .map(String::from)
         .to_vec();
@@ -104,6 +112,12 @@ fn main() -> Result<()> {
         match bench::compress::run(&opts) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::error("compress", &e)),
+        }
+    }
+    if has("links") {
+        match bench::links::run(&opts, opts.link_mbit, opts.link_mib, ssh) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("links", &e)),
         }
     }
     println!();
