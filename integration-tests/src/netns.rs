@@ -114,9 +114,15 @@ impl NetCluster {
         let dir = tempfile::tempdir().context("temp dir")?;
         let token_file = dir.path().join("token");
         let token = crate::write_token_file(&token_file)?;
-        // Any /24 inside 198.18.0.0/15; the namespaces keep clusters apart anyway, the random
-        // block just keeps a leak from one test visible as a different address.
-        let (a, b) = (18 + rand::random_range(0u8..2), rand::random::<u8>());
+        // Any /24 inside 198.18.0.0/15 but the Slurm cluster's (whose host link is in the root
+        // namespace); the namespaces keep clusters apart anyway, the random block just keeps a
+        // leak from one test visible as a different address.
+        let (a, b) = loop {
+            let ab = (18 + rand::random_range(0u8..2), rand::random::<u8>());
+            if ab != (18, crate::slurm::BLOCK) {
+                break ab;
+            }
+        };
         let mut c = Self {
             dir,
             token,
