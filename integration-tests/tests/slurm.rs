@@ -650,6 +650,9 @@ fn salloc_runs_the_recipe_interactively(s: &Setup) {
     assert!(left.is_empty(), "left on the nodes: {left:?}");
 }
 
+/// A name and the checks of one scenario.
+type Scenario = (&'static str, fn(&Setup));
+
 #[test]
 fn the_slurm_recipe_on_a_real_cluster() {
     bin("dgl-agent");
@@ -658,7 +661,7 @@ fn the_slurm_recipe_on_a_real_cluster() {
         return;
     };
     let s = Setup::new(c);
-    let scenarios: [(&str, fn(&Setup)); 6] = [
+    let scenarios: [Scenario; 6] = [
         (
             "copy then launch, COMPLETED",
             a_job_copies_then_launches_and_completes,
