@@ -1,6 +1,6 @@
 //! Test harness: real `dgl-agent` processes on their own 127.x.y.z addresses, each with its own
 //! root directory, as if each were a separate machine. `netns` builds truly separate hosts
-//! (network namespaces on a bridge) for tests that cut links.
+//! (network namespaces on a bridge) for tests that cut links; `slurm` a real Slurm cluster.
 
 // Test code throughout: a failed unwrap is a failed test, and a test may set its own
 // environment and sleep.
@@ -22,6 +22,7 @@ mod fresh_bins;
 pub mod netns;
 pub mod partitions;
 pub mod run;
+pub mod slurm;
 pub mod wire;
 
 pub use partitions::gen_partitions;

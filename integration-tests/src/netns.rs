@@ -221,12 +221,13 @@ impl NetCluster {
     /// `hosts` host namespaces, each with an agent started with `agent_args` (plus its
     /// address, root, token and, as root, `--allow-root`).
     pub fn start(hosts: usize, agent_args: &[&str]) -> Result<Self> {
-        // Any /24 inside 198.18.0.0/15 but the link benchmark's; the namespaces keep clusters
+        // Any /24 inside 198.18.0.0/15 but the link benchmark's and the Slurm cluster's (whose
+        // host link is in the root namespace); the namespaces keep clusters
         // apart anyway, the random block just keeps a leak from one test visible as a
         // different address.
         let block = loop {
             let block = (18 + rand::random_range(0u8..2), rand::random::<u8>());
-            if block != LINKS_BLOCK {
+            if block != LINKS_BLOCK && block != (18, crate::slurm::BLOCK) {
                 break block;
             }
         };
