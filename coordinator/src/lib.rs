@@ -8,3 +8,4 @@ pub mod config;
 pub mod copy;
 pub mod launch;
 pub mod ops;
+pub mod rsh;
