@@ -11,8 +11,8 @@
 //! command that does not read its stdin holds the client back through HTTP/2 flow control.
 //!
 //! A session ends when its command exits: the pipes are drained (until end of file, or until
-//! they stay silent for [`DRAIN_IDLE`] after the exit), the exit goes out last, and whatever
-//! the command left running is stopped. When the stream ends first (the client killed, the
+//! they stay silent for [`DRAIN_IDLE`] after the exit), whatever the command left running is
+//! stopped, and the exit goes out last. When the stream ends first (the client killed, the
 //! link lost: the server's keepalive then closes the connection), the whole tree is stopped.
 //! Either way the job is forgotten at once.
 
@@ -287,7 +287,7 @@ impl Run {
             }
         };
         feeder.abort();
-        let code = match ended {
+        let reported = match ended {
             Ended::Exited(code) => {
                 self.job.mark_reaped(index);
                 let _ = exited_tx.send(true);
@@ -299,14 +299,7 @@ impl Run {
                     Exit::Code(c) => (c, 0),
                     Exit::Signal(s) => (-1, s),
                 };
-                let exit = session_output::Msg::Exit(pb::SessionExit { code, signal });
-                let _ = self
-                    .tx
-                    .send(Ok(pb::SessionOutput { msg: Some(exit) }))
-                    .await;
-                drop(self.tx);
-                // Whatever it left behind (a background process) goes with the session.
-                Some(code)
+                Some(pb::SessionExit { code, signal })
             }
             Ended::ClientGone(why) => {
                 tracing::info!(job = %self.job.id, "session ended before its command: {why}; stopping it");
@@ -315,19 +308,28 @@ impl Run {
                     pb::StopCause::Requested,
                     "the session's client going away",
                 );
-                drop(self.tx);
                 None
             }
         };
+        // Whatever the command left running goes with the session, before the exit is
+        // reported: once rsh returns, nothing of it runs on.
         let grace = self.jobs.config.grace;
-        match stop_job(&self.job, grace, false).await {
+        let stopped = stop_job(&self.job, grace, false).await;
+        if let Some(exit) = reported {
+            let exit = session_output::Msg::Exit(exit);
+            let _ = self
+                .tx
+                .send(Ok(pb::SessionOutput { msg: Some(exit) }))
+                .await;
+        } else {
+            // The reaper has the exit by now or soon; the job is dropped either way.
+            let _ = tokio::time::timeout(grace, &mut exit).await;
+        }
+        drop(self.tx);
+        match stopped {
             Ok(outcome) if outcome.remaining == 0 => {
                 if outcome.signalled > 0 {
                     tracing::info!(job = %self.job.id, signalled = outcome.signalled, "session's processes stopped");
-                }
-                if code.is_none() {
-                    // The reaper has the exit by now or soon; the job is dropped either way.
-                    let _ = tokio::time::timeout(grace, &mut exit).await;
                 }
                 self.jobs.remove(self.job.id.as_str());
             }
