@@ -1,4 +1,4 @@
-//! `dgl-coord shims --dir DIR`: an `ssh` executable that runs `dgl-coord rsh` with this
+//! `dgl-coord shims --dir DIR`: `ssh` and `scp` executables that run `dgl-coord rsh` and `rcp` with this
 //! command's agent port and credentials, so that tools which shell out to ssh (DGL's
 //! launch.py, dispatch_data.py, mpirun's rsh agent) run over the agents unmodified.
 
@@ -12,7 +12,7 @@ use crate::access::AccessArgs;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct ShimsArgs {
-    /// Directory to write `ssh` into (created if missing); put it first on PATH.
+    /// Directory to write `ssh` and `scp` into (created if missing); put it first on PATH.
     #[arg(long, value_name = "DIR")]
     dir: PathBuf,
 
@@ -55,12 +55,12 @@ fn access_words(a: &AccessArgs) -> Result<Vec<String>, ShimsError> {
     Ok(words)
 }
 
-/// The shell script of the `ssh` shim.
-fn ssh_script(exe: &str, access: &[String]) -> String {
-    let mut line = vec![quote(exe), "rsh".to_string()];
+/// The shell script of the `ssh` (`sub` = rsh) or `scp` (rcp) shim.
+fn script(exe: &str, sub: &str, access: &[String]) -> String {
+    let mut line = vec![quote(exe), sub.to_string()];
     line.extend(access.iter().map(|w| quote(w)));
     format!(
-        "#!/bin/sh\n# ssh over dgl-agent sessions, written by `dgl-coord shims`.\nexec {} \"$@\"\n",
+        "#!/bin/sh\n# Written by `dgl-coord shims`: runs over dgl-agent, not ssh.\nexec {} \"$@\"\n",
         line.join(" ")
     )
 }
@@ -88,9 +88,11 @@ pub(crate) fn run(args: ShimsArgs) -> anyhow::Result<u8> {
         .ok_or_else(|| ShimsError::NotUtf8(exe.clone()))?;
     let access = access_words(&args.access)?;
     std::fs::create_dir_all(&args.dir).map_err(|e| ShimsError::Write(args.dir.clone(), e))?;
-    let ssh = args.dir.join("ssh");
-    write_executable(&ssh, &ssh_script(exe_s, &access))?;
-    println!("{}", ssh.display());
+    for (name, sub) in [("ssh", "rsh"), ("scp", "rcp")] {
+        let path = args.dir.join(name);
+        write_executable(&path, &script(exe_s, sub, &access))?;
+        println!("{}", path.display());
+    }
     Ok(0)
 }
 
@@ -100,7 +102,11 @@ mod tests {
 
     #[test]
     fn the_ssh_shim_passes_every_word_on() {
-        let s = ssh_script("/opt/dgl coord", &["--agent-port".into(), "7".into()]);
+        let s = script(
+            "/opt/dgl coord",
+            "rsh",
+            &["--agent-port".into(), "7".into()],
+        );
         assert!(s.starts_with("#!/bin/sh\n"));
         assert!(s.ends_with("exec '/opt/dgl coord' rsh --agent-port 7 \"$@\"\n"));
     }

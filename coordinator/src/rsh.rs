@@ -219,3 +219,44 @@ async fn forward_signals(tx: mpsc::Sender<pb::SessionInput>) {
         let _ = tx.send(pb::SessionInput { msg: Some(msg) }).await;
     }
 }
+
+/// Runs `command` on `host` with no stdin, handing its stdout to `sink` (stderr is dropped);
+/// its exit code, 128+N for signal N. For `rcp`'s questions to the host and its downloads.
+pub async fn run_quietly(
+    host: &mut crate::cluster::Host,
+    command: &str,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<i32, String> {
+    let start = session_input::Msg::Start(pb::SessionStart {
+        command: command.to_string(),
+        requester: crate::ops::requester("dgl-coord rcp"),
+    });
+    let eof = session_input::Msg::StdinEof(true);
+    let (tx, rx) = mpsc::channel(2);
+    let _ = tx.try_send(pb::SessionInput { msg: Some(start) });
+    let _ = tx.try_send(pb::SessionInput { msg: Some(eof) });
+    let mut out = host
+        .client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unimplemented => format!(
+                "dgl-agent {} has no sessions; run dgl-agent {} there",
+                host.hello.agent_version,
+                dglrun_proto::VERSION
+            ),
+            _ => s.message().to_string(),
+        })?
+        .into_inner();
+    loop {
+        match out.message().await.map_err(|s| s.message().to_string())? {
+            None => return Err("the agent ended the session without an exit status".into()),
+            Some(m) => match m.msg {
+                Some(session_output::Msg::Stdout(b)) => sink(&b).map_err(|e| e.to_string())?,
+                Some(session_output::Msg::Exit(e)) if e.signal != 0 => return Ok(128 + e.signal),
+                Some(session_output::Msg::Exit(e)) => return Ok(e.code),
+                _ => {}
+            },
+        }
+    }
+}

@@ -156,3 +156,76 @@ fn dgl_launch_py_ctrl_c_cleanup_over_the_shims_leaves_nothing() {
     assert!(left.is_empty(), "still alive: {left:?}\n{stdout}");
     assert!(stdout.contains("cleanup process runs"), "{stdout}");
 }
+
+#[test]
+fn dgl_copy_files_py_places_the_files_where_it_does_with_ssh() {
+    let c = TestCluster::start(3);
+    let shims = shims(&c);
+    let local = c.local();
+    let graph = format!("g{:x}", rand::random::<u64>());
+    let parts = local.join("parts");
+    dglrun_integration_tests::gen_partitions(&parts, 3, 5000, &graph).unwrap();
+    let code = local.join("code");
+    std::fs::create_dir_all(code.join("lib")).unwrap();
+    std::fs::write(code.join("train.py"), "print('train')\n").unwrap();
+    std::fs::write(code.join("lib/util.py"), "X = 1\n").unwrap();
+    let ip_config = c.ip_config_file();
+    // As its users run it: from the directory the part_config's relative paths start at.
+    let mut cmd = Command::new("python3");
+    cmd.arg(fixtures_dir().join("dgl-tools/copy_files.py"))
+        .args(["--workspace", WS, "--rel_data_path", "data"])
+        .arg("--part_config")
+        .arg(format!("{graph}.json"))
+        .arg("--script_folder")
+        .arg(&code)
+        .arg("--ip_config")
+        .arg(&ip_config)
+        .current_dir(&parts)
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                shims.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env_remove("DGL_AGENT_TOKEN_FILE")
+        .env_remove("DGL_AGENT_PORT");
+    let r = run(cmd, Duration::from_secs(120));
+    let rewritten = PathBuf::from(format!("/tmp/{graph}.json"));
+    let rewritten_bytes = std::fs::read(&rewritten).ok();
+    let _ = std::fs::remove_file(&rewritten);
+    assert_eq!(r.code(), 0, "{r:?}");
+    for host in 0..3 {
+        let ws = c.root(host).join(WS);
+        let mut want: Vec<(String, Vec<u8>)> = vec![
+            ("ip_config.txt".into(), std::fs::read(&ip_config).unwrap()),
+            (
+                format!("data/{graph}.json"),
+                rewritten_bytes.clone().unwrap(),
+            ),
+            ("code/train.py".into(), b"print('train')\n".to_vec()),
+            ("code/lib/util.py".into(), b"X = 1\n".to_vec()),
+        ];
+        for f in ["graph.dgl", "node_feat.dgl", "edge_feat.dgl"] {
+            let local = parts.join(format!("part{host}/{f}"));
+            want.push((
+                format!("data/part{host}/{f}"),
+                std::fs::read(local).unwrap(),
+            ));
+        }
+        want.sort();
+        let got: Vec<String> = dglrun_integration_tests::list_files(&ws)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let names: Vec<String> = want.iter().map(|w| w.0.clone()).collect();
+        assert_eq!(got, names, "host {host}");
+        for (name, bytes) in want {
+            assert!(
+                std::fs::read(ws.join(&name)).unwrap() == bytes,
+                "host {host}: {name}"
+            );
+        }
+    }
+}
