@@ -241,7 +241,7 @@ fn unreachable_refused_or_unknown_hosts_exit_255_with_ssh_like_messages() {
                 cmd.env_remove("DGL_AGENT_PORT");
                 cmd
             },
-            &"connect to host",
+            "connect to host",
         ),
         (
             {
