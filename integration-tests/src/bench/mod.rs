@@ -8,6 +8,7 @@ pub mod compress;
 pub mod copy;
 pub mod launch;
 pub mod proc;
+pub mod rsh;
 pub mod scale;
 pub mod sshd;
 

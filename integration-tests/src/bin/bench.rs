@@ -5,10 +5,10 @@
 //!     cargo build --release --bins
 //!     cargo run --release -p dglrun-integration-tests --bin bench -- [WHICH...] [OPTIONS]
 //!
-//! WHICH: launch, teardown, scale, copy, broadcast, compress (default: all). Options:
+//! WHICH: launch, teardown, scale, copy, broadcast, compress, rsh (default: all). Options:
 //! --reps N (5), --size-gib G (copy set, 2), --bcast-gib G (1), --bcast-hosts 1,4,16, --dir DIR
 //! (agent roots and generated data for copy/broadcast/compress; default /dev/shm),
-//! --scale-agents N (256), --no-ssh.
+//! --scale-agents N (256), --rsh-mib N (stream size of the rsh throughput, 256), --no-ssh.
 
 // Test code throughout: a failed unwrap is a failed test, and a test may set its own
 // environment and sleep.
@@ -34,6 +34,7 @@ fn main() -> Result<()> {
     };
     let mut which: Vec<String> = Vec::new();
     let mut ssh = true;
+    let mut rsh_mib = 256usize;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
@@ -50,15 +51,16 @@ fn main() -> Result<()> {
             "--dir" => opts.dir = PathBuf::from(value()?),
             "--scale-agents" => opts.scale_agents = value()?.parse::<usize>()?.clamp(1, 1000),
             "--no-ssh" => ssh = false,
+            "--rsh-mib" => rsh_mib = value()?.parse::<usize>()?.max(1),
             "-h" | "--help" => {
                 println!(
-                    "bench [launch|teardown|scale|copy|broadcast|compress...] [--reps N] \
+                    "bench [launch|teardown|scale|copy|broadcast|compress|rsh...] [--reps N] \
                      [--size-gib G] [--bcast-gib G] [--bcast-hosts 1,4,16] [--dir DIR] \
-                     [--scale-agents N] [--no-ssh]"
+                     [--scale-agents N] [--rsh-mib N] [--no-ssh]"
                 );
                 return Ok(());
             }
-            w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast" | "compress") => {
+            w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast" | "compress" | "rsh") => {
                 which.push(w.into())
             }
             other => bail!("unknown argument {other} (try --help)"),
@@ -72,6 +74,7 @@ fn main() -> Result<()> {
             "copy",
             "broadcast",
             "compress",
+            "rsh",
         ]
         .map(String::from)
         .to_vec();
@@ -104,6 +107,12 @@ fn main() -> Result<()> {
         match bench::compress::run(&opts) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::error("compress", &e)),
+        }
+    }
+    if has("rsh") {
+        match bench::rsh::run(&opts, ssh, rsh_mib) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("rsh", &e)),
         }
     }
     println!();
