@@ -229,3 +229,51 @@ fn dgl_copy_files_py_places_the_files_where_it_does_with_ssh() {
         }
     }
 }
+
+#[test]
+fn dgl_distgraphlaunch_py_starts_its_ranks_with_their_environment() {
+    let c = TestCluster::start(3);
+    let shims = shims(&c);
+    // Each rank records its environment where it starts: the agent's root.
+    let dump = "import json, os\n\
+                json.dump(dict(os.environ), open('rank-%s.json' % os.environ['RANK'], 'w'))\n";
+    for host in 0..3 {
+        std::fs::write(c.root(host).join("dump_env.py"), dump).unwrap();
+    }
+    let ip_config = c.ip_config_file();
+    let mut cmd = Command::new("python3");
+    cmd.arg(fixtures_dir().join("dgl-tools/distgraphlaunch.py"))
+        .args(["--num_proc_per_machine", "2", "--master_port", "31234"])
+        .arg("--ip_config")
+        .arg(&ip_config)
+        .arg("python3 dump_env.py")
+        .current_dir(c.local())
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                shims.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("PYTHONPATH", "/opt/extra")
+        .env_remove("DGL_AGENT_TOKEN_FILE")
+        .env_remove("DGL_AGENT_PORT");
+    let r = run(cmd, Duration::from_secs(120));
+    assert_eq!(r.code(), 0, "{r:?}");
+    for rank in 0..6 {
+        let host = rank / 2;
+        let path = c.root(host).join(format!("rank-{rank}.json"));
+        let env: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("rank {rank} on host {host}: {e}\n{r:?}")),
+        )
+        .unwrap();
+        assert_eq!(env["RANK"], rank.to_string());
+        assert_eq!(env["MASTER_ADDR"], c.ip(0).to_string());
+        assert_eq!(env["MASTER_PORT"], "31234");
+        assert_eq!(env["DGL_NUM_SERVER"], "2");
+        assert_eq!(env["DGL_IP_CONFIG"], ip_config.display().to_string());
+        assert_eq!(env["PYTHONPATH"], "/opt/extra");
+    }
+}

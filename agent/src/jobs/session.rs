@@ -436,3 +436,51 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(command: &str) -> pb::SessionStart {
+        pb::SessionStart {
+            command: command.to_string(),
+            requester: "t\x1b".to_string(),
+        }
+    }
+
+    #[test]
+    fn a_session_command_is_bounded_and_the_requester_printable() {
+        let ok = SessionSpec::try_from(start("echo hi")).unwrap();
+        assert_eq!(
+            (ok.command.as_str(), ok.requester.as_str()),
+            ("echo hi", "t?")
+        );
+        for (bad, want) in [
+            (" \n".to_string(), ProcessProblem::BlankShell),
+            ("a\0b".to_string(), ProcessProblem::Nul),
+            (
+                "x".repeat(MAX_ARGV_BYTES),
+                ProcessProblem::CommandTooLarge(MAX_ARGV_BYTES + 1),
+            ),
+        ] {
+            assert_eq!(
+                SessionSpec::try_from(start(&bad)),
+                Err(InvalidRequest::Session(want))
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_signals_ssh_users_send_are_forwarded() {
+        assert_eq!(forwardable(libc_sig(Signal::SIGINT)), Some(Signal::SIGINT));
+        assert_eq!(forwardable(libc_sig(Signal::SIGHUP)), Some(Signal::SIGHUP));
+        assert_eq!(forwardable(libc_sig(Signal::SIGKILL)), None);
+        assert_eq!(forwardable(libc_sig(Signal::SIGSTOP)), None);
+        assert_eq!(forwardable(0), None);
+        assert_eq!(forwardable(999), None);
+    }
+
+    fn libc_sig(s: Signal) -> i32 {
+        s as i32
+    }
+}
