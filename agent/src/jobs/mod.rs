@@ -320,7 +320,9 @@ impl Jobs {
     /// lease renewed; refused while the job cannot take more processes.
     fn admit(&self, req: &SpawnSpec, workspace: PathBuf) -> Result<Arc<Job>, JobError> {
         let mut map = self.map();
-        if map.len() >= MAX_JOBS && !map.contains_key(&req.job_id) {
+        // Open sessions have a bound of their own and take none of the launches' jobs.
+        let launches = map.len().saturating_sub(self.sessions.used());
+        if launches >= MAX_JOBS && !map.contains_key(&req.job_id) {
             return Err(JobError::TooManyJobs(MAX_JOBS));
         }
         let job = match map.get(&req.job_id) {
