@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     tonic_prost_build::configure()
         .bytes(".dglrun.v1.Chunk.data")
+        .bytes(".dglrun.v1.SessionInput")
+        .bytes(".dglrun.v1.SessionOutput")
         .compile_protos(&["proto/dglrun.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/dglrun.proto");
     Ok(())

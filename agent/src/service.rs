@@ -15,6 +15,7 @@ use crate::confine::Root;
 use crate::files::request::PrepareFiles;
 use crate::files::Files;
 use crate::jobs::preflight::Preflight;
+use crate::jobs::session::SessionSpec;
 use crate::jobs::spec::{JobId, SpawnSpec, StopSpec, WatchSpec};
 use crate::jobs::{EventStream, Jobs};
 use crate::limits;
@@ -37,6 +38,9 @@ impl AgentService {
         }
     }
 }
+
+/// How long a Session may take to name its command.
+const SESSION_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long Hello waits for the free space of the root (a hung mount must not hang Hello).
 const FREE_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -137,6 +141,33 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::WaitListeningReply>, Status> {
         let spec = crate::jobs::listening::WaitSpec::try_from(req.into_inner())?;
         Ok(Response::new(self.jobs.wait_listening(spec).await?))
+    }
+
+    type SessionStream = crate::jobs::session::OutputStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::SessionInput>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut input = req.into_inner();
+        let first = tokio::time::timeout(SESSION_START_TIMEOUT, input.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no SessionStart within {} s",
+                    SESSION_START_TIMEOUT.as_secs()
+                ))
+            })??;
+        let Some(pb::SessionInput {
+            msg: Some(pb::session_input::Msg::Start(start)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "a Session's first message must be a SessionStart",
+            ));
+        };
+        let spec = SessionSpec::try_from(start)?;
+        Ok(Response::new(self.jobs.session(spec, input).await?))
     }
 
     async fn list_jobs(

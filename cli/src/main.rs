@@ -7,8 +7,12 @@ mod copy_cmd;
 mod docs_cmd;
 mod launch_cmd;
 mod ops_cmd;
+mod rcp_cmd;
+mod rsh_cmd;
 mod run_cmd;
+mod shims_cmd;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -52,10 +56,26 @@ enum Command {
     Status(ops_cmd::StatusArgs),
     /// Stop jobs on every agent by hand (all of them, or one with --job).
     Kill(ops_cmd::KillArgs),
+    /// Run a command on one host through its agent, with ssh's command line and exit status.
+    #[command(disable_help_flag = true)]
+    Rsh(RshWords),
+    /// Copy files to (or one from) a host through its agent, with scp's command line.
+    #[command(disable_help_flag = true)]
+    Rcp(RshWords),
+    /// Write `ssh` (and `scp`) executables into a directory that run over the agents.
+    Shims(shims_cmd::ShimsArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(docs_cmd::CompletionsArgs),
     /// Print the man page, or write one per subcommand into a directory.
     Man(docs_cmd::ManArgs),
+}
+
+/// The words of `rsh` and `rcp`: parsed by hand, as ssh's and scp's (see `rsh_cmd`).
+#[derive(clap::Args, Debug)]
+struct RshWords {
+    /// rsh: [dglrun options] [ssh options] [user@]HOST COMMAND...; rcp: [-r] SRC... HOST:DST
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    words: Vec<OsString>,
 }
 
 fn main() -> ExitCode {
@@ -66,6 +86,18 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let own_parser: Option<fn(Vec<OsString>) -> u8> = match argv.get(1).and_then(|a| a.to_str()) {
+        Some("rsh") => Some(rsh_cmd::main),
+        Some("rcp") => Some(rcp_cmd::main),
+        _ => None,
+    };
+    if let Some(main) = own_parser {
+        let code = main(argv.into_iter().skip(2).collect());
+        // At once: a runtime would wait for its thread still blocked reading stdin. Every
+        // write was flushed.
+        std::process::exit(i32::from(code));
+    }
     // clap exits 2 on a usage error (0 for --help and --version); so do our own checks.
     let cli = match argv::preprocess_args(std::env::args_os().collect()) {
         Ok(argv::Prepared::Rewritten(argv)) => Cli::parse_from(argv),
@@ -81,6 +113,9 @@ fn main() -> ExitCode {
         // These need no runtime.
         Command::Completions(args) => docs_cmd::completions(args),
         Command::Man(args) => docs_cmd::man(args),
+        Command::Shims(args) => shims_cmd::run(args),
+        Command::Rsh(words) => std::process::exit(i32::from(rsh_cmd::main(words.words))),
+        Command::Rcp(words) => std::process::exit(i32::from(rcp_cmd::main(words.words))),
         command => match tokio::runtime::Runtime::new() {
             Ok(runtime) => runtime.block_on(run(command)),
             Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
@@ -108,5 +143,9 @@ async fn run(command: Command) -> anyhow::Result<u8> {
         Command::Kill(args) => ops_cmd::kill(args).await,
         Command::Completions(args) => docs_cmd::completions(args),
         Command::Man(args) => docs_cmd::man(args),
+        // Both run before any runtime starts (see main).
+        Command::Rsh(_) | Command::Rcp(_) | Command::Shims(_) => {
+            anyhow::bail!("rsh and shims run without the async runtime")
+        }
     }
 }

@@ -8,3 +8,5 @@ pub mod config;
 pub mod copy;
 pub mod launch;
 pub mod ops;
+pub mod rcp;
+pub mod rsh;

@@ -111,3 +111,24 @@ fn the_link_benchmark_measures_every_figure_of_a_small_run() {
         r.stdout
     );
 }
+
+#[test]
+fn the_rsh_benchmark_measures_its_figures() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cmd = std::process::Command::new(bin("bench"));
+    cmd.args(["rsh", "--no-ssh", "--reps", "1", "--rsh-mib", "4", "--dir"])
+        .arg(dir.path());
+    let r = run(cmd, Duration::from_secs(120));
+    assert_eq!(r.code(), 0, "{r:?}");
+    for figure in [
+        "rsh: `dgl-coord rsh HOST true`",
+        "rsh: 4 MiB through `rsh HOST cat`",
+    ] {
+        let row = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("| ") && l.contains(figure));
+        let row = row.unwrap_or_else(|| panic!("no row {figure:?}:\n{}", r.stdout));
+        assert!(!row.contains("error:"), "{row}");
+    }
+}

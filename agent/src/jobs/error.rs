@@ -25,6 +25,8 @@ pub enum JobError {
         asked: usize,
         limit: usize,
     },
+    #[error("the agent already runs {limit} sessions, its limit")]
+    TooManySessions { limit: usize },
     #[error("the agent already serves {limit} Watch streams, its limit")]
     TooManyWatches { limit: usize },
     #[error("job {job} already has {limit} Watch streams open, the limit per job")]
@@ -86,6 +88,7 @@ impl From<JobError> for Status {
             }
             JobError::TooManyJobs(_)
             | JobError::TooManyProcesses { .. }
+            | JobError::TooManySessions { .. }
             | JobError::TooManyWatches { .. }
             | JobError::TooManyJobWatches { .. } => Code::ResourceExhausted,
             JobError::NoWorkspace(_)

@@ -10,6 +10,7 @@
 //!   `stop` terminates them all; `lease` stops jobs whose coordinator went silent.
 //! * `state_file` records the running jobs under the root; `recover` reads it when the agent
 //!   starts and stops whatever a previous run of the agent left behind.
+//! * `session` runs one command the way ssh does, as a job of its own with byte streams.
 
 pub mod cgroup;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod preflight;
 pub mod process;
 pub mod reaper;
 pub mod recover;
+pub mod session;
 pub mod slots;
 pub mod spec;
 pub mod state_file;
@@ -89,6 +91,8 @@ pub struct Jobs {
     processes: Arc<Counter>,
     /// Open Watch streams, across all jobs.
     watches: Arc<Counter>,
+    /// Open sessions.
+    sessions: Arc<Counter>,
     /// Which job or copy holds each workspace (shared with `files`).
     workspaces: Arc<crate::workspace::Workspaces>,
 }
@@ -132,6 +136,7 @@ impl Jobs {
             limits,
             processes: Counter::new(limits.live_processes),
             watches: Counter::new(limits.watches),
+            sessions: Counter::new(crate::limits::MAX_SESSIONS),
             workspaces: Arc::default(),
         });
         lease::spawn_monitor(Arc::downgrade(&jobs), jobs.lease_wake.clone());
@@ -315,7 +320,9 @@ impl Jobs {
     /// lease renewed; refused while the job cannot take more processes.
     fn admit(&self, req: &SpawnSpec, workspace: PathBuf) -> Result<Arc<Job>, JobError> {
         let mut map = self.map();
-        if map.len() >= MAX_JOBS && !map.contains_key(&req.job_id) {
+        // Open sessions have a bound of their own and take none of the launches' jobs.
+        let launches = map.len().saturating_sub(self.sessions.used());
+        if launches >= MAX_JOBS && !map.contains_key(&req.job_id) {
             return Err(JobError::TooManyJobs(MAX_JOBS));
         }
         let job = match map.get(&req.job_id) {

@@ -35,6 +35,11 @@ impl JobId {
         }
     }
 
+    /// The id of session `n` of this agent's run: `rsh-<agent pid>-<n>`.
+    pub fn session(n: u64) -> Self {
+        Self(format!("rsh-{}-{n}", std::process::id()))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -110,6 +115,8 @@ pub enum InvalidRequest {
     ProcessCount(usize),
     #[error("{what} is longer than the agent's limit of {MAX_PATH_BYTES} bytes or has a NUL byte")]
     Path { what: &'static str },
+    #[error("session: {0}")]
+    Session(ProcessProblem),
     #[error("process {index} ({label:?}): {problem}")]
     Process {
         index: usize,

@@ -23,7 +23,7 @@ pub(super) fn announce(job: &Job, cause: pb::StopCause, by: &str) -> bool {
 
 /// The requester as one printable line of bounded length: it comes from the network and ends
 /// up on the launching user's terminal.
-fn printable(by: &str) -> String {
+pub(super) fn printable(by: &str) -> String {
     let mut out = String::new();
     for c in by.chars() {
         if out.len() + c.len_utf8() > MAX_REQUESTER {

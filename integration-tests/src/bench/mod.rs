@@ -10,6 +10,7 @@ pub mod floor;
 pub mod launch;
 pub mod links;
 pub mod proc;
+pub mod rsh;
 pub mod scale;
 pub mod sshd;
 

@@ -5,11 +5,11 @@
 //!     cargo build --release --bins
 //!     cargo run --release -p dglrun-integration-tests --bin bench -- [WHICH...] [OPTIONS]
 //!
-//! WHICH: launch, teardown, scale, copy, broadcast, compress, links (default: all). Options:
+//! WHICH: launch, teardown, scale, copy, broadcast, compress, links, rsh (default: all). Options:
 //! --reps N (5), --size-gib G (copy set, 2), --bcast-gib G (1), --bcast-hosts 1,4,16, --dir DIR
 //! (agent roots and generated data for copy/broadcast/compress/links; default /dev/shm),
 //! --scale-agents N (256), --link-mbit M (links: the hosts' rate, 1000), --link-mib M (links:
-//! each of the 4 partitions, 256), --no-ssh.
+//! each of the 4 partitions, 256), --rsh-mib N (stream size of the rsh throughput, 256), --no-ssh.
 
 // Test code throughout: a failed unwrap is a failed test, and a test may set its own
 // environment and sleep.
@@ -39,6 +39,7 @@ fn main() -> Result<()> {
     };
     let mut which: Vec<String> = Vec::new();
     let mut ssh = true;
+    let mut rsh_mib = 256usize;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
@@ -57,15 +58,17 @@ fn main() -> Result<()> {
             "--link-mbit" => opts.link_mbit = value()?.parse::<u64>()?.clamp(1, 10_000),
             "--link-mib" => opts.link_mib = value()?.parse::<u64>()?.max(1),
             "--no-ssh" => ssh = false,
+            "--rsh-mib" => rsh_mib = value()?.parse::<usize>()?.max(1),
             "-h" | "--help" => {
                 println!(
-                    "bench [launch|teardown|scale|copy|broadcast|compress|links...] [--reps N] \
+                    "bench [launch|teardown|scale|copy|broadcast|compress|links|rsh...] [--reps N] \
                      [--size-gib G] [--bcast-gib G] [--bcast-hosts 1,4,16] [--dir DIR] \
-                     [--scale-agents N] [--link-mbit M] [--link-mib M] [--no-ssh]"
+                     [--scale-agents N] [--link-mbit M] [--link-mib M] [--rsh-mib N] [--no-ssh]"
                 );
                 return Ok(());
             }
-            w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast" | "compress" | "links") => {
+            w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast" | "compress" | "links"
+            | "rsh") => {
                 which.push(w.into())
             }
             other => bail!("unknown argument {other} (try --help)"),
@@ -80,6 +83,7 @@ fn main() -> Result<()> {
             "broadcast",
             "compress",
             "links",
+            "rsh",
         ]
         .map(String::from)
         .to_vec();
@@ -118,6 +122,12 @@ fn main() -> Result<()> {
         match bench::links::run(&opts, opts.link_mbit, opts.link_mib, ssh) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::error("links", &e)),
+        }
+    }
+    if has("rsh") {
+        match bench::rsh::run(&opts, ssh, rsh_mib) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("rsh", &e)),
         }
     }
     println!();

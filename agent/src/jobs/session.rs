@@ -1,0 +1,486 @@
+//! Sessions: one command run the way ssh runs it, as a job of its own.
+//!
+//! The command is `/bin/sh -c COMMAND` in the agent's root, forked like a launch's processes
+//! (own process group, the job's cgroup and markers, reaped by the reaper), so stop, lease and
+//! restart clean-up apply unchanged. What differs is the plumbing: stdin is a pipe fed from
+//! the stream, and stdout and stderr go back as bytes instead of into the job's line log.
+//!
+//! Nothing queues without bound. An output reader waits for room in the outgoing channel
+//! (a few messages), so a slow client leaves the command blocked on a full pipe; the next
+//! stdin message is read off the stream only when the last one is written to the pipe, so a
+//! command that does not read its stdin holds the client back through HTTP/2 flow control.
+//!
+//! A session ends when its command exits: the pipes are drained (until end of file, or until
+//! they stay silent for [`DRAIN_IDLE`] after the exit), whatever the command left running is
+//! stopped, and the exit goes out last. When the stream ends first (the client killed, the
+//! link lost: the server's keepalive then closes the connection), the whole tree is stopped.
+//! Either way the job is forgotten at once.
+
+use std::os::fd::OwnedFd;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dglrun_proto::pb::{self, session_input, session_output};
+use futures::{Stream, StreamExt};
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::Status;
+
+use super::job::Job;
+use super::reaper::{Exit, Reaper};
+use super::spec::{self, InvalidRequest, JobId, ProcessProblem, ProcessSpec};
+use super::{cgroup, error_chain, process, slots, stop_job, stopped, JobError, Jobs};
+use crate::limits::{MAX_ARGV_BYTES, MAX_JOBS, MAX_SESSIONS};
+
+/// The session's output as the gRPC stream sends it.
+pub type OutputStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<pb::SessionOutput, Status>> + Send>>;
+
+/// Output messages held for a slow client, per session (each at most [`READ_SIZE`] bytes).
+const OUTPUT_MESSAGES: usize = 8;
+const READ_SIZE: usize = 64 << 10;
+/// After the command exited, a pipe that stays silent this long is no longer waited for (a
+/// background process may hold it open forever; it is stopped next).
+pub const DRAIN_IDLE: Duration = Duration::from_secs(2);
+/// The label of a session's process in ListJobs.
+const LABEL: &str = "rsh";
+
+/// A SessionStart within the agent's bounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSpec {
+    pub command: String,
+    pub requester: String,
+}
+
+impl TryFrom<pb::SessionStart> for SessionSpec {
+    type Error = InvalidRequest;
+
+    fn try_from(s: pb::SessionStart) -> Result<Self, InvalidRequest> {
+        let problem = if s.command.trim().is_empty() {
+            Some(ProcessProblem::BlankShell)
+        } else if s.command.len() + 1 > MAX_ARGV_BYTES {
+            Some(ProcessProblem::CommandTooLarge(s.command.len() + 1))
+        } else if s.command.contains('\0') {
+            Some(ProcessProblem::Nul)
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => Err(InvalidRequest::Session(p)),
+            None => Ok(Self {
+                command: s.command,
+                requester: stopped::printable(&s.requester),
+            }),
+        }
+    }
+}
+
+/// The signals a client may forward: those ssh users send to a remote command.
+pub fn forwardable(n: i32) -> Option<Signal> {
+    let sig = Signal::try_from(n).ok()?;
+    matches!(
+        sig,
+        Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP | Signal::SIGQUIT
+    )
+    .then_some(sig)
+}
+
+/// Numbers sessions within this run of the agent; the pid tells runs apart.
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// The forked command and what supervising it needs.
+struct Forked {
+    index: u32,
+    pid: u32,
+    exit: oneshot::Receiver<Exit>,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+impl Jobs {
+    /// Starts `spec` as a session job fed by `input`; its output is the returned stream.
+    pub async fn session<S>(
+        self: &Arc<Self>,
+        spec: SessionSpec,
+        input: S,
+    ) -> Result<OutputStream, JobError>
+    where
+        S: Stream<Item = Result<pb::SessionInput, Status>> + Send + Unpin + 'static,
+    {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(JobError::ShuttingDown);
+        }
+        let session_slot = self.sessions.take(1).ok_or(JobError::TooManySessions {
+            limit: self.sessions.limit(),
+        })?;
+        let process_slot = self
+            .processes
+            .take(1)
+            .ok_or_else(|| JobError::TooManyProcesses {
+                running: self.processes.used(),
+                asked: 1,
+                limit: self.processes.limit(),
+            })?;
+        let id = JobId::session(NEXT_SESSION.fetch_add(1, Ordering::Relaxed));
+        let cwd = self.root.open_workdir(".")?;
+        let process = ProcessSpec {
+            label: LABEL.to_string(),
+            role: "session".to_string(),
+            command: spec::Command::Shell(spec.command.clone()),
+            env: Vec::new(),
+            cwd: String::new(),
+        };
+        let mut cmd = process::command(&process, cwd, &id, self.root.path());
+        cmd.stdin(Stdio::piped());
+        let job = Arc::new(Job::new(
+            id.clone(),
+            self.root.path().to_path_buf(),
+            self.root.path(),
+            self.config.lease_timeout,
+            self.limits.watches_per_job,
+        ));
+        {
+            // Sessions take no workspace lease (ssh holds none) and have their own bound.
+            let mut map = self.map();
+            if map.len() >= MAX_JOBS + MAX_SESSIONS {
+                return Err(JobError::TooManyJobs(MAX_JOBS));
+            }
+            map.insert(id.clone(), job.clone());
+        }
+        self.lease_wake.notify_one();
+        let (j, cgroups, reaper) = (job.clone(), self.cgroups.clone(), self.reaper.clone());
+        let forked = tokio::task::spawn_blocking(move || fork(&j, cmd, cgroups, &reaper))
+            .await
+            .map_err(|e| JobError::Task("session", e))
+            .and_then(|r| r);
+        let forked = match forked {
+            Ok(f) => f,
+            Err(e) => {
+                self.remove(id.as_str());
+                return Err(e);
+            }
+        };
+        let _ = self.save_state_soon().await;
+        tracing::info!(job = %id, pid = forked.pid, requester = %spec.requester, "session started");
+        let (tx, rx) = mpsc::channel(OUTPUT_MESSAGES);
+        let started = session_output::Msg::Started(pb::SessionStarted {
+            job_id: id.to_string(),
+            pid: forked.pid,
+        });
+        // The channel is new and has room: this cannot fail.
+        let _ = tx.try_send(Ok(pb::SessionOutput { msg: Some(started) }));
+        let run = Run {
+            jobs: self.clone(),
+            job,
+            tx,
+            slots: (session_slot, process_slot),
+        };
+        tokio::spawn(run.supervise(forked, input));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+/// Forks the command into `job` (blocking: fork and exec).
+fn fork(
+    job: &Arc<Job>,
+    mut cmd: std::process::Command,
+    cgroups: Option<Arc<cgroup::Cgroups>>,
+    reaper: &Reaper,
+) -> Result<Forked, JobError> {
+    use std::os::unix::process::CommandExt;
+    let cgroup = cgroups
+        .as_ref()
+        .map(|c| job.cgroup_in(c))
+        .transpose()
+        .map_err(|source| JobError::Cgroup {
+            job: job.id.clone(),
+            source,
+        })?;
+    if let Some(cg) = &cgroup {
+        let fd = cg.procs_fd();
+        // SAFETY: `enter` only calls write(2) on a descriptor the job's cgroup keeps open for
+        // the job's life; it allocates nothing (async-signal-safe).
+        unsafe { cmd.pre_exec(move || cgroup::enter(fd)) };
+    }
+    let spawned = reaper.spawn(&mut cmd).map_err(|source| JobError::Start {
+        label: LABEL.to_string(),
+        what: "/bin/sh".to_string(),
+        source,
+    })?;
+    let mut child = spawned.child;
+    let pid = child.id();
+    let index = job.add_process(LABEL, pid, spawned.start, spawned.pidfd, Instant::now());
+    crate::metrics::add(&crate::metrics::COUNTERS.processes_started, 1);
+    Ok(Forked {
+        index,
+        pid,
+        exit: spawned.exit,
+        stdin: child.stdin.take().map(OwnedFd::from),
+        stdout: child.stdout.take().map(OwnedFd::from),
+        stderr: child.stderr.take().map(OwnedFd::from),
+    })
+}
+
+/// How the input side ended.
+enum InputEnd {
+    /// The client closed its side: no more stdin, the session goes on.
+    Closed,
+    /// The stream broke: the client is gone.
+    Broken(String),
+}
+
+/// How a session ended.
+enum Ended {
+    Exited(Exit),
+    ClientGone(String),
+}
+
+struct Run {
+    jobs: Arc<Jobs>,
+    job: Arc<Job>,
+    tx: mpsc::Sender<Result<pb::SessionOutput, Status>>,
+    /// Given back when the session is over.
+    slots: (slots::Slots, slots::Slots),
+}
+
+impl Run {
+    async fn supervise<S>(self, forked: Forked, input: S)
+    where
+        S: Stream<Item = Result<pb::SessionInput, Status>> + Send + Unpin + 'static,
+    {
+        let Forked {
+            index,
+            pid,
+            mut exit,
+            stdin,
+            stdout,
+            stderr,
+        } = forked;
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let mut readers = Vec::new();
+        for (fd, stdout) in [(stdout, true), (stderr, false)] {
+            if let Some(fd) = fd {
+                let (tx, rx) = (self.tx.clone(), exited_rx.clone());
+                readers.push(tokio::spawn(forward_output(fd, stdout, tx, rx)));
+            }
+        }
+        let reaper = self.jobs.reaper.clone();
+        let mut feeder = tokio::spawn(feed_input(input, stdin, pid, reaper));
+        let mut input_open = true;
+        let lease = self.job.state().lease;
+        let mut renew = tokio::time::interval(lease / 4);
+        let ended = loop {
+            tokio::select! {
+                e = &mut exit => break Ended::Exited(e.unwrap_or(Exit::Code(-1))),
+                r = &mut feeder, if input_open => {
+                    input_open = false;
+                    if let Ok(InputEnd::Broken(why)) = r {
+                        break Ended::ClientGone(why);
+                    }
+                }
+                _ = self.tx.closed() => break Ended::ClientGone("the client went away".into()),
+                _ = renew.tick() => self.job.renew(),
+            }
+        };
+        feeder.abort();
+        let reported = match ended {
+            Ended::Exited(code) => {
+                self.job.mark_reaped(index);
+                let _ = exited_tx.send(true);
+                for r in readers {
+                    let _ = r.await;
+                }
+                self.job.record_exit(index, code);
+                let (code, signal) = match code {
+                    Exit::Code(c) => (c, 0),
+                    Exit::Signal(s) => (-1, s),
+                };
+                Some(pb::SessionExit { code, signal })
+            }
+            Ended::ClientGone(why) => {
+                tracing::info!(job = %self.job.id, "session ended before its command: {why}; stopping it");
+                stopped::announce(
+                    &self.job,
+                    pb::StopCause::Requested,
+                    "the session's client going away",
+                );
+                None
+            }
+        };
+        // Whatever the command left running goes with the session, before the exit is
+        // reported: once rsh returns, nothing of it runs on.
+        let grace = self.jobs.config.grace;
+        let stopped = stop_job(&self.job, grace, false).await;
+        if let Some(exit) = reported {
+            let exit = session_output::Msg::Exit(exit);
+            let _ = self
+                .tx
+                .send(Ok(pb::SessionOutput { msg: Some(exit) }))
+                .await;
+        } else {
+            // The reaper has the exit by now or soon; the job is dropped either way.
+            let _ = tokio::time::timeout(grace, &mut exit).await;
+        }
+        drop(self.tx);
+        match stopped {
+            Ok(outcome) if outcome.remaining == 0 => {
+                if outcome.signalled > 0 {
+                    tracing::info!(job = %self.job.id, signalled = outcome.signalled, "session's processes stopped");
+                }
+                self.jobs.remove(self.job.id.as_str());
+            }
+            // The job stays, stopping: the lease monitor retries the stop.
+            Ok(outcome) => {
+                tracing::warn!(job = %self.job.id, remaining = outcome.remaining, "processes of the session survived the stop")
+            }
+            Err(e) => {
+                tracing::error!(job = %self.job.id, "cannot stop the session's processes: {}", error_chain(&e))
+            }
+        }
+        drop(self.slots);
+    }
+}
+
+/// Sends one pipe's bytes to the client until end of file (or, once the command exited, until
+/// the pipe stays silent for [`DRAIN_IDLE`]).
+async fn forward_output(
+    fd: OwnedFd,
+    stdout: bool,
+    tx: mpsc::Sender<Result<pb::SessionOutput, Status>>,
+    mut exited: watch::Receiver<bool>,
+) {
+    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+        return;
+    };
+    let mut buf = vec![0u8; READ_SIZE];
+    let mut after_exit = false;
+    loop {
+        let read = pipe.read(&mut buf);
+        let r = if after_exit {
+            match tokio::time::timeout(DRAIN_IDLE, read).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                r = read => r,
+                _ = exited.wait_for(|e| *e) => {
+                    after_exit = true;
+                    continue;
+                }
+            }
+        };
+        let n = match r {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let data = buf[..n].to_vec().into();
+        let msg = if stdout {
+            session_output::Msg::Stdout(data)
+        } else {
+            session_output::Msg::Stderr(data)
+        };
+        if tx
+            .send(Ok(pb::SessionOutput { msg: Some(msg) }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Writes the client's stdin to the command and forwards its signals.
+async fn feed_input<S>(
+    mut input: S,
+    stdin: Option<OwnedFd>,
+    pid: u32,
+    reaper: Arc<Reaper>,
+) -> InputEnd
+where
+    S: Stream<Item = Result<pb::SessionInput, Status>> + Send + Unpin,
+{
+    let mut writer = stdin.and_then(|fd| tokio::net::unix::pipe::Sender::from_owned_fd(fd).ok());
+    loop {
+        let msg = match input.next().await {
+            None => return InputEnd::Closed,
+            Some(Err(s)) => return InputEnd::Broken(s.message().to_string()),
+            Some(Ok(m)) => m.msg,
+        };
+        match msg {
+            Some(session_input::Msg::Stdin(data)) => {
+                if let Some(w) = writer.as_mut() {
+                    // A command that closed its stdin gets no more, as with ssh.
+                    if w.write_all(&data).await.is_err() {
+                        writer = None;
+                    }
+                }
+            }
+            Some(session_input::Msg::StdinEof(_)) => writer = None,
+            Some(session_input::Msg::Signal(n)) => match forwardable(n) {
+                // The command leads its own process group; signalled only while unreaped, so
+                // a reused group id is never hit.
+                Some(sig) => {
+                    reaper.signal_unreaped_group(pid as i32, &[sig]);
+                }
+                None => tracing::warn!(
+                    signal = n,
+                    "a session client asked for a signal that is not forwarded"
+                ),
+            },
+            Some(session_input::Msg::Start(_)) | None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(command: &str) -> pb::SessionStart {
+        pb::SessionStart {
+            command: command.to_string(),
+            requester: "t\x1b".to_string(),
+        }
+    }
+
+    #[test]
+    fn a_session_command_is_bounded_and_the_requester_printable() {
+        let ok = SessionSpec::try_from(start("echo hi")).unwrap();
+        assert_eq!(
+            (ok.command.as_str(), ok.requester.as_str()),
+            ("echo hi", "t?")
+        );
+        for (bad, want) in [
+            (" \n".to_string(), ProcessProblem::BlankShell),
+            ("a\0b".to_string(), ProcessProblem::Nul),
+            (
+                "x".repeat(MAX_ARGV_BYTES),
+                ProcessProblem::CommandTooLarge(MAX_ARGV_BYTES + 1),
+            ),
+        ] {
+            assert_eq!(
+                SessionSpec::try_from(start(&bad)),
+                Err(InvalidRequest::Session(want))
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_signals_ssh_users_send_are_forwarded() {
+        assert_eq!(forwardable(libc_sig(Signal::SIGINT)), Some(Signal::SIGINT));
+        assert_eq!(forwardable(libc_sig(Signal::SIGHUP)), Some(Signal::SIGHUP));
+        assert_eq!(forwardable(libc_sig(Signal::SIGKILL)), None);
+        assert_eq!(forwardable(libc_sig(Signal::SIGSTOP)), None);
+        assert_eq!(forwardable(0), None);
+        assert_eq!(forwardable(999), None);
+    }
+
+    fn libc_sig(s: Signal) -> i32 {
+        s as i32
+    }
+}

@@ -1,0 +1,262 @@
+//! `dgl-coord rsh`: one command on one host over its agent's Session call, with ssh's exit
+//! rules (the remote exit code; 255 when the host cannot be reached or refuses).
+//!
+//! Local stdin is streamed to the command and closed when it ends; the command's stdout and
+//! stderr are written here byte for byte. SIGINT, SIGTERM and SIGHUP are forwarded to it; a
+//! second one ends `rsh` at once, which ends the stream, and the agent then stops the whole
+//! remote tree (as it does when `rsh` is killed or the link is lost).
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+
+use dglrun_proto::pb::{self, session_input, session_output};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::cluster::{self, AgentAccess, ConnectError};
+
+/// ssh's exit status for "the remote command did not run or did not report".
+pub const FAILED: u8 = 255;
+/// Bytes of stdin per message.
+const STDIN_CHUNK: usize = 256 << 10;
+/// Input messages queued for the stream (each at most [`STDIN_CHUNK`]).
+const INPUT_MESSAGES: usize = 4;
+
+/// One `rsh` invocation.
+#[derive(Clone, Debug)]
+pub struct RshOptions {
+    /// A name or an address.
+    pub host: String,
+    /// Run by the remote `/bin/sh -c`.
+    pub command: String,
+    /// Stream local stdin (false with `-n`: the command reads end of file at once).
+    pub stdin: bool,
+    /// No notes of ours on stderr (`-q`).
+    pub quiet: bool,
+}
+
+/// The address of `host`: an address as given, else the first the resolver returns (IPv4
+/// first, as ip_config holds IPv4 only).
+pub async fn resolve(host: &str, port: u16) -> Result<IpAddr, String> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
+        .await
+        .map_err(|e| format!("Could not resolve hostname {host}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .map(SocketAddr::ip)
+        .ok_or_else(|| format!("Could not resolve hostname {host}: no address"))
+}
+
+/// Runs the session; returns the exit status `rsh` exits with. Messages go to stderr,
+/// prefixed `dgl-coord rsh:`, as ssh prefixes its own.
+pub async fn run(opts: RshOptions, access: &AgentAccess) -> u8 {
+    let fail = |msg: String| {
+        eprintln!("dgl-coord rsh: {msg}");
+        FAILED
+    };
+    let ip = match resolve(&opts.host, access.port).await {
+        Ok(ip) => ip,
+        Err(e) => return fail(e),
+    };
+    let mut host = match cluster::connect(0, ip, access).await {
+        Ok(h) => h,
+        Err(ConnectError::Unreachable { addr, reason, .. }) => {
+            return fail(format!(
+                "connect to host {} port {}: {reason}",
+                opts.host,
+                addr.port()
+            ))
+        }
+        Err(ConnectError::Refused { addr, reason, .. }) => {
+            return fail(format!(
+                "{} ({addr}): the agent refused: {reason}",
+                opts.host
+            ))
+        }
+    };
+    let (tx, rx) = mpsc::channel(INPUT_MESSAGES);
+    let start = session_input::Msg::Start(pb::SessionStart {
+        command: opts.command.clone(),
+        requester: crate::ops::requester("dgl-coord rsh"),
+    });
+    // The channel is new and has room.
+    let _ = tx.try_send(pb::SessionInput { msg: Some(start) });
+    let signals = tokio::spawn(forward_signals(tx.clone()));
+    let with_stdin = opts.stdin;
+    std::thread::spawn(move || pump_stdin(tx, with_stdin));
+    let outcome = match host
+        .client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(resp) => receive(resp.into_inner()).await,
+        Err(s) if s.code() == tonic::Code::Unimplemented => Err(format!(
+            "{}: dgl-agent {} has no sessions; run dgl-agent {} there",
+            opts.host,
+            host.hello.agent_version,
+            dglrun_proto::VERSION
+        )),
+        Err(s) => Err(format!("{}: {}", opts.host, s.message())),
+    };
+    signals.abort();
+    match outcome {
+        Ok(Ended::Code(c)) => (c & 0xff) as u8,
+        Ok(Ended::Signal(s)) => {
+            if !opts.quiet {
+                eprintln!(
+                    "dgl-coord rsh: remote command on {} killed by signal {s}",
+                    opts.host
+                );
+            }
+            FAILED
+        }
+        Ok(Ended::Interrupted) => FAILED,
+        Err(e) => fail(e),
+    }
+}
+
+enum Ended {
+    Code(i32),
+    Signal(i32),
+    /// A second signal here: the stream was dropped, the agent stops the command.
+    Interrupted,
+}
+
+/// Writes the command's output here until its exit arrives.
+async fn receive(mut out: tonic::Streaming<pb::SessionOutput>) -> Result<Ended, String> {
+    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+    loop {
+        let msg = match out.message().await {
+            Ok(Some(m)) => m.msg,
+            Ok(None) => return Err("the agent ended the session without an exit status".into()),
+            Err(s) if s.code() == tonic::Code::Cancelled => return Ok(Ended::Interrupted),
+            Err(s) => return Err(format!("session lost: {}", s.message())),
+        };
+        // A closed local stdout (`rsh host cmd | head`) ends the session, as with ssh.
+        let written = match msg {
+            Some(session_output::Msg::Stdout(b)) => {
+                stdout.write_all(&b).and_then(|_| stdout.flush())
+            }
+            Some(session_output::Msg::Stderr(b)) => {
+                stderr.write_all(&b).and_then(|_| stderr.flush())
+            }
+            Some(session_output::Msg::Exit(e)) if e.signal != 0 => {
+                return Ok(Ended::Signal(e.signal))
+            }
+            Some(session_output::Msg::Exit(e)) => return Ok(Ended::Code(e.code)),
+            Some(session_output::Msg::Started(_)) | None => Ok(()),
+        };
+        if written.is_err() {
+            return Ok(Ended::Interrupted);
+        }
+    }
+}
+
+/// Streams local stdin, then its end of file. On a thread of its own, blocked in read(2):
+/// `rsh` exits without waiting for it.
+fn pump_stdin(tx: mpsc::Sender<pb::SessionInput>, enabled: bool) {
+    use std::io::Read;
+    if enabled {
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut buf = vec![0u8; STDIN_CHUNK];
+            match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    let msg = session_input::Msg::Stdin(buf.into());
+                    if tx
+                        .blocking_send(pb::SessionInput { msg: Some(msg) })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    let eof = session_input::Msg::StdinEof(true);
+    let _ = tx.blocking_send(pb::SessionInput { msg: Some(eof) });
+}
+
+/// Forwards the first SIGINT, SIGTERM or SIGHUP; a second one ends `rsh` (the agent then
+/// stops the remote tree).
+async fn forward_signals(tx: mpsc::Sender<pb::SessionInput>) {
+    let kinds = [
+        (SignalKind::interrupt(), libc::SIGINT),
+        (SignalKind::terminate(), libc::SIGTERM),
+        (SignalKind::hangup(), libc::SIGHUP),
+    ];
+    let mut streams = Vec::new();
+    for (kind, n) in kinds {
+        if let Ok(s) = signal(kind) {
+            streams.push((s, n));
+        }
+    }
+    let mut forwarded = false;
+    loop {
+        let recv = streams
+            .iter_mut()
+            .map(|(s, n)| Box::pin(async move { s.recv().await.map(|_| *n) }));
+        let (got, _, _) = futures::future::select_all(recv).await;
+        let Some(n) = got else { return };
+        if forwarded {
+            // Exits without waiting for the remote command: dropping the connection is the
+            // agent's cue to stop it.
+            std::process::exit(i32::from(FAILED));
+        }
+        forwarded = true;
+        let msg = session_input::Msg::Signal(n);
+        let _ = tx.send(pb::SessionInput { msg: Some(msg) }).await;
+    }
+}
+
+/// Runs `command` on `host` with no stdin, handing its stdout to `sink` (stderr is dropped);
+/// its exit code, 128+N for signal N. For `rcp`'s questions to the host and its downloads.
+pub async fn run_quietly(
+    host: &mut crate::cluster::Host,
+    command: &str,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<i32, String> {
+    let start = session_input::Msg::Start(pb::SessionStart {
+        command: command.to_string(),
+        requester: crate::ops::requester("dgl-coord rcp"),
+    });
+    let eof = session_input::Msg::StdinEof(true);
+    let (tx, rx) = mpsc::channel(2);
+    let _ = tx.try_send(pb::SessionInput { msg: Some(start) });
+    let _ = tx.try_send(pb::SessionInput { msg: Some(eof) });
+    let mut out = host
+        .client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unimplemented => format!(
+                "dgl-agent {} has no sessions; run dgl-agent {} there",
+                host.hello.agent_version,
+                dglrun_proto::VERSION
+            ),
+            _ => s.message().to_string(),
+        })?
+        .into_inner();
+    loop {
+        match out.message().await.map_err(|s| s.message().to_string())? {
+            None => return Err("the agent ended the session without an exit status".into()),
+            Some(m) => match m.msg {
+                Some(session_output::Msg::Stdout(b)) => sink(&b).map_err(|e| e.to_string())?,
+                Some(session_output::Msg::Exit(e)) if e.signal != 0 => return Ok(128 + e.signal),
+                Some(session_output::Msg::Exit(e)) => return Ok(e.code),
+                _ => {}
+            },
+        }
+    }
+}
