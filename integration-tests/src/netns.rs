@@ -286,6 +286,23 @@ impl NetCluster {
         c
     }
 
+    /// Gives host i a second interface, `wan0` (one end of a veth pair whose other end, `wan1`,
+    /// stays in the namespace too; at 10.254.i.2/24), carrying its
+    /// default route: as on a cluster node whose ip_config address is on a private network
+    /// while the default route leaves through another interface.
+    pub fn add_default_route_link(&self, i: usize) {
+        let ns = &self.hosts[i].ns;
+        let addr = format!("10.254.{i}.2/24");
+        ip(&[
+            "-n", ns, "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
+        ])
+        .expect("add wan0");
+        ip(&["-n", ns, "link", "set", "wan1", "up"]).expect("wan1 up");
+        ip(&["-n", ns, "addr", "add", &addr, "dev", "wan0"]).expect("address wan0");
+        ip(&["-n", ns, "link", "set", "wan0", "up"]).expect("wan0 up");
+        ip(&["-n", ns, "route", "add", "default", "dev", "wan0"]).expect("default route");
+    }
+
     /// Takes host i's link down (at the switch): its packets are dropped both ways, nothing is
     /// refused or reset, as when a cable is pulled.
     pub fn cut_link(&self, i: usize) {

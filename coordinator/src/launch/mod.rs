@@ -11,6 +11,7 @@ pub mod driver;
 pub mod events;
 #[allow(unreachable_pub)] // follow.rs is being changed elsewhere; narrow its items then
 mod follow;
+pub mod host_env;
 pub mod logdir;
 pub mod loss;
 pub mod output;
@@ -101,7 +102,22 @@ pub fn facts(machines: &IpConfig, job_id: &str) -> ClusterFacts {
         omp_num_threads_env: std::env::var("OMP_NUM_THREADS").ok(),
         cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
         job_id: job_id.to_string(),
+        hosts: Vec::new(),
     }
+}
+
+/// Each machine's facts from its agent's Hello; a warning for each machine whose processes
+/// get no interface variables.
+fn host_facts(hosts: &[cluster::Host], out: &mut sink::Sink) -> Vec<host_env::HostFacts> {
+    hosts
+        .iter()
+        .map(|h| {
+            if let Some(w) = host_env::unset_reason(&h.name(), &h.hello, h.ip) {
+                out.note(&w);
+            }
+            host_env::from_hello(&h.hello, h.ip)
+        })
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -239,26 +255,53 @@ async fn dry_run_checks(
     o: &LaunchOptions,
     r: &RunOptions,
     machines: &IpConfig,
+    hosts: Result<&[cluster::Host], &str>,
     out: &mut sink::Sink,
 ) -> anyhow::Result<()> {
-    if r.offline {
-        out.note("dry run: nothing remote was checked (--offline): no agent was contacted");
-        return Ok(());
-    }
-    let hosts = match cluster::connect_all(machines, &r.access).await {
+    let hosts = match hosts {
         Ok(h) => h,
-        Err(e) => {
-            out.note(&format!(
-                "dry run: nothing remote was checked: cannot reach the agents: {e:#}"
-            ));
+        Err(why) => {
+            out.note(why);
             return Ok(());
         }
     };
-    let checked = preflight::check_all(&hosts, o, machines, None, r.grace, true).await?;
+    let checked = preflight::check_all(hosts, o, machines, None, r.grace, true).await?;
     for line in &checked.findings {
         out.note(&format!("dry run: {line}"));
     }
     Ok(())
+}
+
+/// A dry run: the agents are asked first (unless offline), so the plan shows what each host's
+/// processes would get; where none was asked, placeholders stand for what the agents report.
+async fn dry_run(
+    o: &LaunchOptions,
+    r: &RunOptions,
+    machines: &IpConfig,
+    mut f: ClusterFacts,
+    out: &mut sink::Sink,
+) -> anyhow::Result<()> {
+    let hosts = if r.offline {
+        Err("dry run: nothing remote was checked (--offline): no agent was contacted".to_string())
+    } else {
+        cluster::connect_all(machines, &r.access)
+            .await
+            .map_err(|e| {
+                format!("dry run: nothing remote was checked: cannot reach the agents: {e:#}")
+            })
+    };
+    f.hosts = match &hosts {
+        Ok(h) => host_facts(h, out),
+        Err(_) => machines
+            .machines
+            .iter()
+            .map(|m| host_env::placeholder(m.ip))
+            .collect(),
+    };
+    let planned = plan::plan(o, &f)?;
+    print_plan(o, &f, &planned, r.json)?;
+    let hosts = hosts.as_deref().map_err(String::as_str);
+    dry_run_checks(o, r, machines, hosts, out).await
 }
 
 enum Started {
@@ -295,11 +338,11 @@ async fn start(
         ));
     }
     if r.dry_run {
-        print_plan(o, &f, &dry, r.json)?;
-        dry_run_checks(o, r, &machines, out).await?;
+        dry_run(o, r, &machines, f, out).await?;
         return Ok(Started::DryRun);
     }
     let hosts = cluster::connect_all(&machines, &r.access).await?;
+    f.hosts = host_facts(&hosts, out);
     let kill_stale = r.kill_stale.then_some(out);
     let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace, false).await?;
     f.master_port = Some(checked.master_port);

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::command::{self, CommandLine, TorchRun};
+use super::host_env::{HostFacts, SOCKET_IFNAME_VARS};
 use crate::config::Machine;
 
 /// How trainers are started.
@@ -59,6 +60,9 @@ pub struct ClusterFacts {
     pub cpu_count: usize,
     /// Also torchrun's run id in direct mode.
     pub job_id: String,
+    /// Per machine, in ip_config order, what its agent reported; empty when no agent was
+    /// asked (then dglrun adds nothing of its own to DGL's environment).
+    pub hosts: Vec<HostFacts>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -230,14 +234,24 @@ impl<'a> Planning<'a> {
     }
 
     /// A process's environment: extra_envs first (DGL exports them in an outer scope, so
-    /// its own variables win), then `pairs`, then the launcher's PYTHONPATH.
-    fn env(&self, pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+    /// its own variables win), then `pairs`, then the launcher's PYTHONPATH, then dglrun's
+    /// own additions for `machine` where neither the user nor the agent's environment has them.
+    fn env(&self, machine: usize, pairs: &[(&str, String)]) -> BTreeMap<String, String> {
         let mut env: BTreeMap<String, String> = self.o.extra_envs.iter().cloned().collect();
         for (k, v) in pairs {
             env.insert(k.to_string(), v.clone());
         }
         if let Some(pp) = &self.f.pythonpath {
             env.insert("PYTHONPATH".into(), pp.clone());
+        }
+        if let Some(host) = self.f.hosts.get(machine) {
+            if let Some(ifname) = &host.socket_ifname {
+                for k in SOCKET_IFNAME_VARS {
+                    if !env.contains_key(k) && !host.agent_env.iter().any(|a| a == k) {
+                        env.insert(k.to_string(), ifname.clone());
+                    }
+                }
+            }
         }
         env
     }
@@ -270,7 +284,7 @@ impl<'a> Planning<'a> {
                 role: Role::Server,
                 label: format!("server{j}"),
                 command: self.user_command.clone(),
-                env: self.env(&pairs),
+                env: self.env(machine, &pairs),
                 cwd: String::new(),
             }
         })
@@ -302,7 +316,7 @@ impl<'a> Planning<'a> {
                 )?;
                 // dglrun's own addition: where torchrun keeps its failed rank's error record
                 // (torch's `@record` writes it there), one file per torchrun and job.
-                let mut env = self.env(&client);
+                let mut env = self.env(machine, &client);
                 env.insert(
                     TORCHELASTIC_ERROR_FILE.into(),
                     torchrun_error_file(&self.f.job_id, machine),
@@ -337,7 +351,7 @@ impl<'a> Planning<'a> {
                         role: Role::Trainer,
                         label: format!("trainer{l}"),
                         command: self.user_command.clone(),
-                        env: self.env(&pairs),
+                        env: self.env(machine, &pairs),
                         cwd: String::new(),
                     }
                 })

@@ -74,6 +74,7 @@ fn facts(ip_lines: &[String]) -> ClusterFacts {
         omp_num_threads_env: None,
         cpu_count: 8,
         job_id: "job-1".into(),
+        hosts: Vec::new(),
     }
 }
 
@@ -490,4 +491,32 @@ fn every_trainer_and_sampler_is_a_client_of_every_server() {
             "{world} trainers, {samplers} samplers each"
         );
     }
+}
+
+#[test]
+fn each_host_gets_its_interface_unless_the_user_or_the_agent_set_it() {
+    use crate::launch::host_env::HostFacts;
+    let mut f = two_machines();
+    f.hosts = vec![
+        HostFacts {
+            socket_ifname: Some("eth1".into()),
+            agent_env: vec![],
+        },
+        HostFacts {
+            socket_ifname: Some("ib0".into()),
+            agent_env: vec!["NCCL_SOCKET_IFNAME".into()],
+        },
+    ];
+    let mut o = simple_options();
+    o.extra_envs = vec![("TP_SOCKET_IFNAME".into(), "bond0".into())];
+    let planned = plan(&o, &f).unwrap();
+    for p in &planned {
+        let get = |k: &str| p.env.get(k).map(String::as_str);
+        let own = if p.machine == 0 { "eth1" } else { "ib0" };
+        assert_eq!(get("GLOO_SOCKET_IFNAME"), Some(own), "{p:?}");
+        assert_eq!(get("TP_SOCKET_IFNAME"), Some("bond0"), "{p:?}");
+        let nccl = (p.machine == 0).then_some("eth1");
+        assert_eq!(get("NCCL_SOCKET_IFNAME"), nccl, "{p:?}");
+    }
+    assert!(overridden_extra_envs(&o, &planned).is_empty());
 }

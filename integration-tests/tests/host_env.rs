@@ -1,0 +1,74 @@
+//! What dglrun adds to DGL's environment from each host's agent, on real separate hosts
+//! (network namespaces, `netns`): the interface gloo, tensorpipe and NCCL must use.
+//!
+//! Every host's ip_config address is on `eth0` while a second interface, `wan0`, carries its
+//! default route: the layout where a library left to pick its own interface picks the wrong
+//! one and the job hangs at initialisation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use dglrun_integration_tests::fake_dgl::{self, env_of, records};
+use dglrun_integration_tests::netns::{start_or_skip, NetCluster};
+use dglrun_integration_tests::run::run;
+
+const IFNAME_VARS: [&str; 3] = [
+    "GLOO_SOCKET_IFNAME",
+    "TP_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
+];
+
+fn two_hosts_with_a_default_route_elsewhere(test: &str) -> Option<NetCluster> {
+    let c = start_or_skip(test, 2, &[])?;
+    let ip_config = std::fs::read(c.ip_config_file(30050)).expect("ip_config");
+    for i in 0..c.len() {
+        c.add_default_route_link(i);
+        fake_dgl::write_workspace(c.root(i), &ip_config, c.len());
+    }
+    Some(c)
+}
+
+fn launch(c: &NetCluster, flags: &[&str]) -> std::process::Command {
+    let mut all = vec!["--trainer-mode", "direct", "--num_trainers", "1"];
+    all.extend_from_slice(flags);
+    fake_dgl::launch(c.coord(), &all, "python3 fake_dgl.py")
+}
+
+#[test]
+fn every_process_gets_the_interface_of_its_hosts_ip_config_address() {
+    let Some(c) = two_hosts_with_a_default_route_elsewhere("socket interface") else {
+        return;
+    };
+    let dry = run(launch(&c, &["--dry-run"]), Duration::from_secs(30));
+    assert_eq!(dry.code(), 0, "{dry:?}");
+    for i in 0..c.len() {
+        let line = dry
+            .stdout
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("[m{i} server0]")))
+            .find(|l| l.trim_start().starts_with("env:"))
+            .unwrap_or_else(|| panic!("no env line of m{i}: {dry:?}"));
+        for k in IFNAME_VARS {
+            assert!(line.contains(&format!("{k}=eth0")), "m{i} {k}: {line}");
+        }
+    }
+
+    // The user's own setting wins, variable by variable.
+    let r = run(
+        launch(&c, &["--extra_envs", "TP_SOCKET_IFNAME=wan0"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    for i in 0..c.len() {
+        let recs = records(c.root(i));
+        assert_eq!(recs.len(), 2, "a server and a trainer on m{i}: {recs:?}");
+        for (name, rec) in &recs {
+            let env = env_of(rec);
+            let get = |k: &str| env.get(k).map(String::as_str);
+            assert_eq!(get("GLOO_SOCKET_IFNAME"), Some("eth0"), "m{i} {name}");
+            assert_eq!(get("NCCL_SOCKET_IFNAME"), Some("eth0"), "m{i} {name}");
+            assert_eq!(get("TP_SOCKET_IFNAME"), Some("wan0"), "m{i} {name}");
+        }
+    }
+}
