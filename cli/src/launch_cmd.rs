@@ -168,8 +168,11 @@ pub(crate) struct JobArgs {
     pub(crate) server_name: Option<String>,
 
     /// Trainers of each machine, one count per ip_config line (`2,2,1`), or `@FILE` holding
-    /// them (commas, spaces or lines; `#` starts a comment). Counts that differ need
-    /// --trainer-mode direct.
+    /// them (commas, spaces or lines; `#` starts a comment), or `gpus`: one trainer per GPU
+    /// of each host (per --gpus-per-trainer GPUs with that flag), as `nvidia-smi -L` counts
+    /// them there. Counts that differ need --trainer-mode direct; DGL_NUM_CLIENT and
+    /// WORLD_SIZE then count every host's own trainers, and DGL's node_split (which assumes
+    /// the same count everywhere) must be replaced by a split on LOCAL_RANK.
     #[arg(
         long = "trainers-per-host",
         visible_alias = "trainers_per_host",
@@ -178,6 +181,18 @@ pub(crate) struct JobArgs {
         help_heading = DGLRUN
     )]
     pub(crate) trainers_per_host: Option<String>,
+    /// GPUs of each trainer. In direct mode trainer L of a host gets CUDA_VISIBLE_DEVICES
+    /// with devices L*N .. L*N+N-1 of its host, so `cuda:0` is its own on every rank; in
+    /// torchrun mode nothing is set (the script picks by LOCAL_RANK). Either way a host
+    /// without enough GPUs (`nvidia-smi -L` on its agent's PATH) is refused before anything
+    /// starts.
+    #[arg(
+        long = "gpus-per-trainer",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = DGLRUN
+    )]
+    pub(crate) gpus_per_trainer: Option<u32>,
     /// How trainers are started.
     #[arg(
         long = "trainer-mode",
@@ -357,8 +372,11 @@ impl JobArgs {
             trainers_per_host: self
                 .trainers_per_host
                 .as_deref()
+                .filter(|v| *v != "gpus")
                 .map(parse_host_counts)
                 .transpose()?,
+            gpus_per_trainer: self.gpus_per_trainer,
+            trainers_from_gpus: self.trainers_per_host.as_deref() == Some("gpus"),
             num_samplers: self.num_samplers,
             num_servers: self.num_servers,
             part_config,

@@ -11,6 +11,7 @@ pub mod driver;
 pub mod events;
 #[allow(unreachable_pub)] // follow.rs is being changed elsewhere; narrow its items then
 mod follow;
+pub mod gpus;
 pub mod host_env;
 pub mod logdir;
 pub mod loss;
@@ -298,6 +299,22 @@ async fn dry_run(
             .map(|m| host_env::placeholder(m.ip))
             .collect(),
     };
+    let mut o = o.clone();
+    match &hosts {
+        Ok(h) if gpus::needed(&o) => {
+            let counts = gpus::count_all(h).await?;
+            gpus::apply(&mut o, h, &counts)?;
+        }
+        Err(_) if o.trainers_from_gpus => {
+            o.num_trainers = 1;
+            out.note(
+                "dry run: --trainers-per-host gpus is shown as one trainer per host: no agent \
+                 was asked for its GPUs",
+            );
+        }
+        _ => {}
+    }
+    let o = &o;
     let planned = plan::plan(o, &f)?;
     print_plan(o, &f, &planned, r.json)?;
     let hosts = hosts.as_deref().map_err(String::as_str);
@@ -326,8 +343,13 @@ async fn start(
         None => local_ip_config(o)?.1,
     };
     let mut f = facts(&machines, job_id);
-    // Planned once without the port, so a bad command fails before any agent is contacted.
-    let dry = plan::plan(o, &f)?;
+    // Planned once without the port, so a bad command fails before any agent is contacted
+    // (with one trainer a host where the GPUs will decide).
+    let mut pre = o.clone();
+    if o.trainers_from_gpus {
+        pre.num_trainers = 1;
+    }
+    let dry = plan::plan(&pre, &f)?;
     let overridden = plan::overridden_extra_envs(o, &dry);
     if !overridden.is_empty() {
         out.note(&format!(
@@ -343,6 +365,12 @@ async fn start(
     }
     let hosts = cluster::connect_all(&machines, &r.access).await?;
     f.hosts = host_facts(&hosts, out);
+    let mut o = o.clone();
+    if gpus::needed(&o) {
+        let counts = gpus::count_all(&hosts).await?;
+        gpus::apply(&mut o, &hosts, &counts)?;
+    }
+    let o = &o;
     let kill_stale = r.kill_stale.then_some(out);
     let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace, false).await?;
     f.master_port = Some(checked.master_port);

@@ -43,6 +43,12 @@ pub struct LaunchOptions {
     pub extra_envs: Vec<(String, String)>,
     pub udf_command: String,
     pub trainer_mode: TrainerMode,
+    /// `--gpus-per-trainer`: in direct mode each trainer gets CUDA_VISIBLE_DEVICES with its
+    /// own this many devices of its host (torchrun mode sets nothing; both check the counts).
+    pub gpus_per_trainer: Option<u32>,
+    /// `--trainers-per-host gpus`: `trainers_per_host` is filled from the hosts' GPU counts
+    /// once the agents answered.
+    pub trainers_from_gpus: bool,
 }
 
 /// Facts about the cluster and the launching machine the plan depends on.
@@ -346,6 +352,13 @@ impl<'a> Planning<'a> {
                         &self.master_port,
                         &self.f.job_id,
                     ));
+                    if let Some(n) = self.o.gpus_per_trainer {
+                        // Trainer l owns devices l*n .. l*n+n-1: `cuda:0` is its own on
+                        // every rank.
+                        let devices: Vec<String> =
+                            (l * n..(l + 1) * n).map(|d| d.to_string()).collect();
+                        pairs.push(("CUDA_VISIBLE_DEVICES", devices.join(",")));
+                    }
                     PlannedProcess {
                         machine,
                         role: Role::Trainer,

@@ -61,6 +61,8 @@ fn options(c: &Case, mode: TrainerMode) -> LaunchOptions {
         udf_command: c.udf_command.clone(),
         trainer_mode: mode,
         trainers_per_host: None,
+        gpus_per_trainer: None,
+        trainers_from_gpus: false,
     }
 }
 
@@ -168,6 +170,8 @@ fn simple_options() -> LaunchOptions {
         udf_command: "python3 train.py".into(),
         trainer_mode: TrainerMode::Direct,
         trainers_per_host: None,
+        gpus_per_trainer: None,
+        trainers_from_gpus: false,
     }
 }
 
@@ -519,4 +523,26 @@ fn each_host_gets_its_interface_unless_the_user_or_the_agent_set_it() {
         assert_eq!(get("NCCL_SOCKET_IFNAME"), nccl, "{p:?}");
     }
     assert!(overridden_extra_envs(&o, &planned).is_empty());
+}
+
+#[test]
+fn each_direct_trainer_gets_its_own_gpus() {
+    let mut o = simple_options();
+    o.num_trainers = 2;
+    o.gpus_per_trainer = Some(2);
+    let planned = plan(&o, &two_machines()).unwrap();
+    let devices = |m: usize, label: &str| {
+        planned
+            .iter()
+            .find(|p| p.machine == m && p.label == label)
+            .and_then(|p| p.env.get("CUDA_VISIBLE_DEVICES").cloned())
+    };
+    assert_eq!(devices(1, "trainer0").as_deref(), Some("0,1"));
+    assert_eq!(devices(1, "trainer1").as_deref(), Some("2,3"));
+    assert_eq!(devices(0, "server0"), None);
+    o.trainer_mode = TrainerMode::Torchrun;
+    let planned = plan(&o, &two_machines()).unwrap();
+    assert!(planned
+        .iter()
+        .all(|p| !p.env.contains_key("CUDA_VISIBLE_DEVICES")));
 }
