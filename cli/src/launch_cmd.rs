@@ -193,6 +193,17 @@ pub(crate) struct JobArgs {
         help_heading = DGLRUN
     )]
     pub(crate) gpus_per_trainer: Option<u32>,
+    /// Shell text every process runs first, in the same shell as its command (`sh -c`), e.g.
+    /// `. /opt/conda/etc/profile.d/conda.sh && conda activate dgl` or `module load cuda`.
+    /// With it (or --python), each host must import dgl and torch with the command's
+    /// interpreter before anything starts.
+    #[arg(long, value_name = "SHELL", help_heading = DGLRUN)]
+    pub(crate) setup: Option<String>,
+    /// The Python interpreter to run instead of the one in the command (the first python in
+    /// command position, where torchrun mode inserts `-m torch.distributed.run`), e.g.
+    /// /opt/envs/dgl/bin/python; it must import dgl and torch on every host.
+    #[arg(long, value_name = "PATH", help_heading = DGLRUN)]
+    pub(crate) python: Option<String>,
     /// How trainers are started.
     #[arg(
         long = "trainer-mode",
@@ -362,6 +373,11 @@ impl JobArgs {
             // argv::preprocess_args explains these; reached only when it was bypassed.
             _ => anyhow::bail!("give the user command as one quoted argument"),
         };
+        let udf_command = match &self.python {
+            Some(p) => launch::command::replace_python(&udf_command, p)
+                .map_err(|e| anyhow::anyhow!("--python {p}: {e}"))?,
+            None => udf_command,
+        };
         let lease = seconds("lease-timeout", self.lease_timeout)?;
         if lease < Duration::from_millis(500) {
             return Err(UsageError("--lease-timeout must be at least 0.5 seconds".into()).into());
@@ -377,6 +393,8 @@ impl JobArgs {
                 .transpose()?,
             gpus_per_trainer: self.gpus_per_trainer,
             trainers_from_gpus: self.trainers_per_host.as_deref() == Some("gpus"),
+            setup: self.setup,
+            python: self.python,
             num_samplers: self.num_samplers,
             num_servers: self.num_servers,
             part_config,

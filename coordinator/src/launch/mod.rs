@@ -18,6 +18,7 @@ pub mod loss;
 pub mod output;
 pub mod plan;
 pub mod preflight;
+pub mod python_env;
 pub mod servers_ready;
 pub mod sink;
 pub mod summary;
@@ -374,6 +375,7 @@ async fn start(
     let kill_stale = r.kill_stale.then_some(out);
     let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace, false).await?;
     f.master_port = Some(checked.master_port);
+    python_env::check_all(&hosts, o).await?;
     let planned = plan::plan(o, &f)?;
     let servers = r
         .wait_servers

@@ -49,6 +49,10 @@ pub struct LaunchOptions {
     /// `--trainers-per-host gpus`: `trainers_per_host` is filled from the hosts' GPU counts
     /// once the agents answered.
     pub trainers_from_gpus: bool,
+    /// `--setup`: shell text every process runs first, in the same shell as its command.
+    pub setup: Option<String>,
+    /// `--python`: the interpreter that replaced the command's (already in `udf_command`).
+    pub python: Option<String>,
 }
 
 /// Facts about the cluster and the launching machine the plan depends on.
@@ -289,7 +293,7 @@ impl<'a> Planning<'a> {
                 machine,
                 role: Role::Server,
                 label: format!("server{j}"),
-                command: self.user_command.clone(),
+                command: command::with_setup(self.user_command.clone(), self.o.setup.as_deref()),
                 env: self.env(machine, &pairs),
                 cwd: String::new(),
             }
@@ -331,7 +335,7 @@ impl<'a> Planning<'a> {
                     machine,
                     role: Role::TrainerGroup,
                     label: "trainers".into(),
-                    command: command::parse(&wrapped),
+                    command: command::with_setup(command::parse(&wrapped), self.o.setup.as_deref()),
                     env,
                     cwd: String::new(),
                 }])
@@ -363,7 +367,10 @@ impl<'a> Planning<'a> {
                         machine,
                         role: Role::Trainer,
                         label: format!("trainer{l}"),
-                        command: self.user_command.clone(),
+                        command: command::with_setup(
+                            self.user_command.clone(),
+                            self.o.setup.as_deref(),
+                        ),
                         env: self.env(machine, &pairs),
                         cwd: String::new(),
                     }

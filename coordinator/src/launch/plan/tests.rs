@@ -63,6 +63,8 @@ fn options(c: &Case, mode: TrainerMode) -> LaunchOptions {
         trainers_per_host: None,
         gpus_per_trainer: None,
         trainers_from_gpus: false,
+        setup: None,
+        python: None,
     }
 }
 
@@ -172,6 +174,8 @@ fn simple_options() -> LaunchOptions {
         trainers_per_host: None,
         gpus_per_trainer: None,
         trainers_from_gpus: false,
+        setup: None,
+        python: None,
     }
 }
 
