@@ -109,16 +109,18 @@ pub(crate) struct JobArgs {
         help_heading = DGL
     )]
     pub(crate) num_server_threads: u32,
-    /// OMP threads of each trainer [default, as DGL: max(CPUs / 2 / trainers of its machine,
-    /// 1), counting this machine's CPUs; OMP_NUM_THREADS set in this shell wins].
+    /// OMP threads of each trainer, or `host`: each host's own usable CPUs (its affinity
+    /// and cgroup CPU quota, asked of its agent) divided by its own trainer count [default,
+    /// kept as DGL's for compatibility: max(CPUs / 2 / trainers of its machine, 1), counting
+    /// this launching machine's CPUs; OMP_NUM_THREADS set in this shell wins over both].
     #[arg(
         long = "num_omp_threads",
         visible_alias = "num-omp-threads",
-        value_name = "N",
-        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "N|host",
+        value_parser = omp_threads,
         help_heading = DGL
     )]
-    pub(crate) num_omp_threads: Option<u32>,
+    pub(crate) num_omp_threads: Option<OmpThreads>,
     /// Graph formats the servers keep: csr, csc or coo, or several separated by commas.
     #[arg(
         long = "graph_format",
@@ -314,6 +316,25 @@ pub(crate) fn parse_extra_envs(words: &[String]) -> anyhow::Result<Vec<(String, 
         .collect()
 }
 
+/// `--num_omp_threads`: a count, or each host's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OmpThreads {
+    Count(u32),
+    Host,
+}
+
+fn omp_threads(v: &str) -> Result<OmpThreads, String> {
+    if v == "host" {
+        return Ok(OmpThreads::Host);
+    }
+    match v.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(OmpThreads::Count(n)),
+        _ => Err(format!(
+            "{v:?} is neither a thread count (1 or more) nor `host`"
+        )),
+    }
+}
+
 /// `2,2,1`, or `@FILE` with the counts separated by commas, spaces or lines.
 pub(crate) fn parse_host_counts(value: &str) -> anyhow::Result<Vec<u32>> {
     let (text, origin) = match value.strip_prefix('@') {
@@ -400,7 +421,11 @@ impl JobArgs {
             part_config,
             ip_config,
             num_server_threads: self.num_server_threads,
-            num_omp_threads: self.num_omp_threads,
+            num_omp_threads: match self.num_omp_threads {
+                Some(OmpThreads::Count(n)) => Some(n),
+                _ => None,
+            },
+            omp_per_host: self.num_omp_threads == Some(OmpThreads::Host),
             graph_format: self.graph_format,
             extra_envs: parse_extra_envs(&self.extra_envs)?,
             udf_command,

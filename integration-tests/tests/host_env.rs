@@ -72,3 +72,45 @@ fn every_process_gets_the_interface_of_its_hosts_ip_config_address() {
         }
     }
 }
+
+/// Sets the CPU affinity of the calling thread (children it spawns inherit it).
+fn pin_this_thread(cpus: &str) {
+    let link = std::fs::read_link("/proc/thread-self").expect("thread-self");
+    let tid = link.file_name().unwrap().to_string_lossy().to_string();
+    let st = std::process::Command::new("taskset")
+        .args(["-pc", cpus, &tid])
+        .output()
+        .expect("taskset");
+    assert!(st.status.success(), "{st:?}");
+}
+
+#[test]
+fn host_omp_threads_follow_each_hosts_own_usable_cpus() {
+    use dglrun_integration_tests::TestCluster;
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if all < 2 {
+        dglrun_integration_tests::cannot_run(
+            "host OMP threads",
+            "needs 2 CPUs to give two hosts different counts",
+        );
+        return;
+    }
+    let mut c = TestCluster::with_workspace(2);
+    // Host 1's agent restarted while this thread runs on one CPU: it and its jobs inherit that.
+    pin_this_thread("0");
+    c.set_agent_env(1, &[]);
+    pin_this_thread(&format!("0-{}", all - 1));
+    let r = run(
+        c.launch_direct("1", &["--num_omp_threads", "host"], "python3 fake_dgl.py"),
+        Duration::from_secs(90),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    for (i, want) in [(0, all.to_string()), (1, "1".to_string())] {
+        let trainer = records(c.root(i))
+            .iter()
+            .map(|(_, rec)| env_of(rec))
+            .find(|e| e.get("DGL_ROLE").map(String::as_str) == Some("client"))
+            .expect("a trainer record");
+        assert_eq!(trainer["OMP_NUM_THREADS"], want, "m{i}: {r:?}");
+    }
+}

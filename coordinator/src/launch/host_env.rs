@@ -26,6 +26,8 @@ pub struct HostFacts {
     /// Names of [`dglrun_proto::REPORTED_ENV`] the agent's own environment sets: its processes
     /// inherit those, so dglrun does not set them.
     pub agent_env: Vec<String>,
+    /// Usable CPUs, asked only for `--num_omp_threads host`.
+    pub cpus: Option<u32>,
 }
 
 /// Where the host's ip_config address is among its interfaces.
@@ -77,6 +79,7 @@ pub fn from_hello(hello: &HelloReply, ip: IpAddr) -> HostFacts {
             _ => None,
         },
         agent_env: hello.env_set.clone(),
+        cpus: None,
     }
 }
 
@@ -85,6 +88,7 @@ pub fn placeholder(ip: IpAddr) -> HostFacts {
     HostFacts {
         socket_ifname: Some(format!("<interface of {ip}>")),
         agent_env: Vec::new(),
+        cpus: None,
     }
 }
 

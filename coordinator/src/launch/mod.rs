@@ -7,6 +7,7 @@
 //! lines), `logdir` (files), `summary` (the table and exit codes).
 
 pub mod command;
+pub mod cpus;
 pub mod driver;
 pub mod events;
 #[allow(unreachable_pub)] // follow.rs is being changed elsewhere; narrow its items then
@@ -316,6 +317,11 @@ async fn dry_run(
         _ => {}
     }
     let o = &o;
+    if let (Ok(h), true) = (&hosts, o.omp_per_host) {
+        for (facts, n) in f.hosts.iter_mut().zip(cpus::count_all(h).await?) {
+            facts.cpus = Some(n);
+        }
+    }
     let planned = plan::plan(o, &f)?;
     print_plan(o, &f, &planned, r.json)?;
     let hosts = hosts.as_deref().map_err(String::as_str);
@@ -372,6 +378,11 @@ async fn start(
         gpus::apply(&mut o, &hosts, &counts)?;
     }
     let o = &o;
+    if o.omp_per_host {
+        for (h, n) in f.hosts.iter_mut().zip(cpus::count_all(&hosts).await?) {
+            h.cpus = Some(n);
+        }
+    }
     let kill_stale = r.kill_stale.then_some(out);
     let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace, false).await?;
     f.master_port = Some(checked.master_port);

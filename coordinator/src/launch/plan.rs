@@ -53,6 +53,9 @@ pub struct LaunchOptions {
     pub setup: Option<String>,
     /// `--python`: the interpreter that replaced the command's (already in `udf_command`).
     pub python: Option<String>,
+    /// `--num_omp_threads host`: each trainer gets its host's usable CPUs (`HostFacts::cpus`)
+    /// divided by its host's trainer count.
+    pub omp_per_host: bool,
 }
 
 /// Facts about the cluster and the launching machine the plan depends on.
@@ -268,12 +271,22 @@ impl<'a> Planning<'a> {
 
     /// DGL's default divides the launching machine's CPUs by the trainer count; with
     /// per-host counts, by that host's count.
-    fn client_omp(&self, trainers: u32) -> String {
+    fn client_omp(&self, machine: usize, trainers: u32) -> String {
+        let host_cpus = self
+            .f
+            .hosts
+            .get(machine)
+            .and_then(|h| h.cpus)
+            .filter(|_| self.o.omp_per_host);
         self.f.omp_num_threads_env.clone().unwrap_or_else(|| {
-            self.o
-                .num_omp_threads
-                .unwrap_or_else(|| default_omp_threads(self.f.cpu_count, trainers))
-                .to_string()
+            match host_cpus {
+                Some(cpus) => (cpus / trainers.max(1)).max(1),
+                None => self
+                    .o
+                    .num_omp_threads
+                    .unwrap_or_else(|| default_omp_threads(self.f.cpu_count, trainers)),
+            }
+            .to_string()
         })
     }
 
@@ -307,7 +320,7 @@ impl<'a> Planning<'a> {
         let mut client = vec![
             ("DGL_DIST_MODE", "distributed".to_string()),
             ("DGL_ROLE", "client".to_string()),
-            ("OMP_NUM_THREADS", self.client_omp(local_world)),
+            ("OMP_NUM_THREADS", self.client_omp(machine, local_world)),
             ("DGL_GROUP_ID", "0".to_string()),
         ];
         client.extend(self.shared.iter().cloned());

@@ -65,6 +65,7 @@ fn options(c: &Case, mode: TrainerMode) -> LaunchOptions {
         trainers_from_gpus: false,
         setup: None,
         python: None,
+        omp_per_host: false,
     }
 }
 
@@ -176,6 +177,7 @@ fn simple_options() -> LaunchOptions {
         trainers_from_gpus: false,
         setup: None,
         python: None,
+        omp_per_host: false,
     }
 }
 
@@ -509,10 +511,12 @@ fn each_host_gets_its_interface_unless_the_user_or_the_agent_set_it() {
         HostFacts {
             socket_ifname: Some("eth1".into()),
             agent_env: vec![],
+            cpus: None,
         },
         HostFacts {
             socket_ifname: Some("ib0".into()),
             agent_env: vec!["NCCL_SOCKET_IFNAME".into()],
+            cpus: None,
         },
     ];
     let mut o = simple_options();
@@ -549,4 +553,30 @@ fn each_direct_trainer_gets_its_own_gpus() {
     assert!(planned
         .iter()
         .all(|p| !p.env.contains_key("CUDA_VISIBLE_DEVICES")));
+}
+
+#[test]
+fn host_omp_threads_divide_each_hosts_own_cpus_by_its_trainers() {
+    use crate::launch::host_env::HostFacts;
+    let mut f = two_machines();
+    f.hosts = [64, 6]
+        .map(|n| HostFacts {
+            cpus: Some(n),
+            ..HostFacts::default()
+        })
+        .to_vec();
+    let mut o = simple_options();
+    o.trainers_per_host = Some(vec![4, 4]);
+    o.omp_per_host = true;
+    let planned = plan(&o, &f).unwrap();
+    let omp = |m: usize| {
+        planned
+            .iter()
+            .find(|p| p.machine == m && p.role == Role::Trainer)
+            .map(|p| p.env["OMP_NUM_THREADS"].clone())
+    };
+    assert_eq!(
+        (omp(0).as_deref(), omp(1).as_deref()),
+        (Some("16"), Some("1"))
+    );
 }
