@@ -303,6 +303,36 @@ impl NetCluster {
         ip(&["-n", ns, "route", "add", "default", "dev", "wan0"]).expect("default route");
     }
 
+    /// An address that host i accepts as its own (a `local` route) but that none of its
+    /// interfaces lists, as with an anycast or NAT-ed address; the coordinator's namespace
+    /// routes it to host i. Returns the address.
+    pub fn add_route_only_address(&self, i: usize) -> Ipv4Addr {
+        let o = self.coord_ip.octets();
+        let addr = Ipv4Addr::new(o[0], o[1], o[2], 200 + i as u8);
+        ip(&[
+            "-n",
+            &self.hosts[i].ns,
+            "route",
+            "add",
+            "local",
+            &format!("{addr}/32"),
+            "dev",
+            "lo",
+        ])
+        .expect("local route");
+        ip(&[
+            "-n",
+            &self.coord_ns,
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "via",
+            &self.hosts[i].ip.to_string(),
+        ])
+        .expect("route from the coordinator");
+        addr
+    }
+
     /// Takes host i's link down (at the switch): its packets are dropped both ways, nothing is
     /// refused or reset, as when a cable is pulled.
     pub fn cut_link(&self, i: usize) {

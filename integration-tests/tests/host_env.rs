@@ -114,3 +114,53 @@ fn host_omp_threads_follow_each_hosts_own_usable_cpus() {
         assert_eq!(trainer["OMP_NUM_THREADS"], want, "m{i}: {r:?}");
     }
 }
+
+#[test]
+fn doctor_fails_a_host_whose_ip_config_address_is_on_none_of_its_interfaces() {
+    use dglrun_integration_tests::netns::AGENT_PORT;
+    use dglrun_integration_tests::{bin, root_flag, wait_until_listening};
+    let Some(c) = start_or_skip("doctor interface", 1, &[]) else {
+        return;
+    };
+    let addr = c.add_route_only_address(0);
+    // A second agent on host 0, reached at that address.
+    let root = c.dir.path().join("route-only-root");
+    std::fs::create_dir_all(&root).unwrap();
+    let log = c.dir.path().join("route-only-agent.log");
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.hosts[0].ns])
+        .arg(bin("dgl-agent"))
+        .arg("--listen")
+        .arg(format!("{addr}:{AGENT_PORT}"))
+        .arg("--root")
+        .arg(&root)
+        .arg("--token-file")
+        .arg(&c.token_file)
+        .args(root_flag())
+        .env("XDG_CONFIG_HOME", c.dir.path().join("config"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = wait_until_listening(child, &log, Duration::from_secs(30)).unwrap();
+    let ip_config = c.local().join("route-only.txt");
+    std::fs::write(&ip_config, format!("{addr} 30050\n")).unwrap();
+    let mut cmd = c.coord();
+    cmd.args(["doctor", "--json", "--python", "true", "--ip_config"])
+        .arg(&ip_config);
+    let r = run(cmd, Duration::from_secs(60));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.code(), 1, "{r:?}");
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).expect("JSON");
+    let iface = &reports[0]["interface"];
+    assert_eq!(iface["status"], "fail", "{r:?}");
+    assert!(
+        iface["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("eth0 {}", c.ip(0))),
+        "names the host's addresses: {r:?}"
+    );
+}
