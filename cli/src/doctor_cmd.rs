@@ -17,9 +17,19 @@ pub(crate) struct DoctorArgs {
     #[arg(long = "part_config", alias = "part-config")]
     part_config: Option<PathBuf>,
 
-    /// Where the probe runs on every host, relative to the agent root (default: the root).
+    /// Where the probe runs on every host, relative to the agent root (default: the root);
+    /// with --part_config and --rel_data_path, the workspace `dgl-coord copy` filled.
     #[arg(long, default_value = ".")]
     workspace: String,
+
+    /// As given to `dgl-coord copy`: with --part_config, each host's files (its partition,
+    /// the configs) are verified by digest where that copy put them.
+    #[arg(
+        long = "rel_data_path",
+        alias = "rel-data-path",
+        requires = "part_config"
+    )]
+    rel_data_path: Option<String>,
 
     /// The Python interpreter the job would use.
     #[arg(long, default_value = "python3")]
@@ -50,6 +60,7 @@ pub(crate) async fn run(args: DoctorArgs) -> anyhow::Result<u8> {
         python: args.python,
         setup: args.setup,
         num_servers: args.num_servers,
+        rel_data_path: args.rel_data_path,
     };
     let reports = doctor::run(&o, &args.access.access()?).await?;
     if args.json {

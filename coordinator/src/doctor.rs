@@ -6,6 +6,7 @@
 //! GPUs on its PATH, /dev/shm, who listens on DGL's server ports, the Python the job would use.
 
 mod host_probe;
+mod partition;
 pub mod table;
 
 use std::net::IpAddr;
@@ -37,6 +38,9 @@ pub struct DoctorOptions {
     /// Shell text run before the probe, as `launch --setup` runs it before the command.
     pub setup: Option<String>,
     pub num_servers: u32,
+    /// With `part_config` and `workspace`: where `dgl-coord copy --rel_data_path` put the
+    /// data, so each host's files can be verified by digest.
+    pub rel_data_path: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -93,10 +97,12 @@ pub struct HostReport {
     pub gpus: Check,
     pub disk: Check,
     pub ports: Check,
+    /// What a copy would place there, verified by digest (`--rel_data_path`).
+    pub partition: Check,
 }
 
 impl HostReport {
-    pub fn checks(&self) -> [(&'static str, &Check); 6] {
+    pub fn checks(&self) -> [(&'static str, &Check); 7] {
         [
             ("agent", &self.agent),
             ("interface", &self.interface),
@@ -104,6 +110,7 @@ impl HostReport {
             ("gpus", &self.gpus),
             ("disk", &self.disk),
             ("ports", &self.ports),
+            ("partition", &self.partition),
         ]
     }
 
@@ -119,9 +126,14 @@ pub async fn run(o: &DoctorOptions, access: &AgentAccess) -> anyhow::Result<Vec<
         Some(p) => Some(partition_sizes(&PartConfig::load(p)?, ips.len())?),
         None => None,
     };
+    let expected = partition::expected(o, &ips).await?;
     let per_host = ips.machines.iter().map(|m| {
         let need = part_sizes.as_ref().and_then(|s| s.get(m.rank).copied());
-        async move { check_host(o, access, m.rank, m.ip, m.port, need).await }
+        let files = expected
+            .as_ref()
+            .and_then(|e| e.get(m.rank))
+            .map(Vec::as_slice);
+        async move { check_host(o, access, (m.rank, m.ip, m.port), need, files).await }
     });
     let mut reports = futures::future::join_all(per_host).await;
     flag_python_differences(&mut reports);
@@ -154,10 +166,9 @@ fn partition_sizes(pc: &PartConfig, machines: usize) -> anyhow::Result<Vec<u64>>
 async fn check_host(
     o: &DoctorOptions,
     access: &AgentAccess,
-    rank: usize,
-    ip: IpAddr,
-    server_port: u16,
+    (rank, ip, server_port): (usize, IpAddr, u16),
     need: Option<u64>,
+    files: Option<&[pb::FileManifest]>,
 ) -> HostReport {
     let mut r = HostReport {
         machine: rank,
@@ -168,6 +179,7 @@ async fn check_host(
         gpus: Check::unknown(),
         disk: Check::unknown(),
         ports: Check::unknown(),
+        partition: Check::unknown(),
     };
     let host = match cluster::connect(rank, ip, access).await {
         Ok(h) => h,
@@ -184,6 +196,9 @@ async fn check_host(
     };
     r.agent = agent_check(&host).await;
     r.interface = interface_check(&host.hello, ip);
+    if let Some(files) = files {
+        r.partition = partition::check(&host, files).await;
+    }
     let ports: Vec<u16> = (0..o.num_servers)
         .filter_map(|j| server_port.checked_add(j as u16))
         .collect();

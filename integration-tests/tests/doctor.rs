@@ -213,3 +213,58 @@ fn a_partition_larger_than_the_free_space_fails_the_disk_check() {
         "{r:?}"
     );
 }
+
+#[test]
+fn a_host_missing_its_partition_fails_the_partition_check_by_digest() {
+    let c = TestCluster::start(2);
+    let part = dglrun_integration_tests::gen_partitions(&c.local().join("out"), 2, 4096, "g")
+        .expect("partitions");
+    let mut copy = c.coord();
+    copy.env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .args([
+            "copy",
+            "--workspace",
+            "ws",
+            "--rel_data_path",
+            "data",
+            "--part_config",
+        ])
+        .arg(&part)
+        .arg("--ip_config")
+        .arg(c.ip_config_file());
+    let r = run(copy, Duration::from_secs(60));
+    assert_eq!(r.code(), 0, "{r:?}");
+    let setup = standin_setup();
+    let flags = [
+        "--setup",
+        &setup,
+        "--workspace",
+        "ws",
+        "--rel_data_path",
+        "data",
+        "--part_config",
+        part.to_str().unwrap(),
+    ];
+    let (r, reports) = doctor(&c, &flags);
+    assert_eq!(r.code(), 0, "{r:?}");
+    for m in 0..2 {
+        assert_eq!(status(&reports, m, "partition").0, "ok", "{r:?}");
+    }
+
+    // One byte of host 1's partition changes: its digest no longer matches.
+    let feat = c.root(1).join("ws/data/part1/node_feat.dgl");
+    let mut bytes = std::fs::read(&feat).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&feat, bytes).unwrap();
+    let (r, reports) = doctor(&c, &flags);
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert_eq!(status(&reports, 0, "partition").0, "ok", "{r:?}");
+    assert_eq!(status(&reports, 1, "partition").0, "fail", "{r:?}");
+    assert!(
+        reports[1]["partition"]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("part1/node_feat.dgl"),
+        "{r:?}"
+    );
+}

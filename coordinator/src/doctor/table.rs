@@ -21,6 +21,7 @@ pub fn render(reports: &[HostReport]) -> String {
         "gpus",
         "disk",
         "ports",
+        "partition",
     ]
     .map(String::from)
     .to_vec()];
@@ -81,6 +82,7 @@ mod tests {
             gpus: Check::ok("4"),
             disk: Check::ok("root 812.4 GiB free, /dev/shm 125.9 GiB free, partition 3.2 GiB"),
             ports: Check::ok("30050 free"),
+            partition: Check::ok("5 files verified"),
         }
     }
 
@@ -100,6 +102,12 @@ mod tests {
              'dgl'): install it there, or point --python / --setup at the environment that has it",
         );
         bad.gpus = Check::ok("none (no nvidia-smi)");
+        bad.partition = Check::bad(
+            Status::Fail,
+            "2 of 5 files missing or different",
+            "such as ws/data/part1/graph.dgl, ws/data/part1/node_feat.dgl: run dgl-coord copy \
+             with the same --workspace, --rel_data_path and --part_config",
+        );
         bad.ports = Check::bad(
             Status::Fail,
             "held: 30050 by pid 4242 (python3 train_dist.py --graph_name g)",
@@ -118,6 +126,7 @@ mod tests {
             &mut gone.gpus,
             &mut gone.disk,
             &mut gone.ports,
+            &mut gone.partition,
         ] {
             *c = Check::unknown();
         }
