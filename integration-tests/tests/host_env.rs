@@ -164,3 +164,24 @@ fn doctor_fails_a_host_whose_ip_config_address_is_on_none_of_its_interfaces() {
         "names the host's addresses: {r:?}"
     );
 }
+
+#[test]
+fn a_variable_the_agents_environment_sets_is_left_to_it() {
+    use dglrun_integration_tests::TestCluster;
+    let mut c = TestCluster::with_workspace(2);
+    c.set_agent_env(0, &[("GLOO_SOCKET_IFNAME", "bond7")]);
+    let r = run(
+        c.launch_direct("1", &[], "python3 fake_dgl.py"),
+        Duration::from_secs(90),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    for (i, gloo) in [(0, "bond7"), (1, "lo")] {
+        let recs = records(c.root(i));
+        assert_eq!(recs.len(), 2, "{r:?}");
+        for (name, rec) in &recs {
+            let env = env_of(rec);
+            assert_eq!(env["GLOO_SOCKET_IFNAME"], gloo, "m{i} {name}");
+            assert_eq!(env["TP_SOCKET_IFNAME"], "lo", "m{i} {name}");
+        }
+    }
+}
