@@ -20,6 +20,8 @@
 # Environment: E2E_PYTHON (the python with dgl and torch), E2E_TIMEOUT (seconds per launch,
 # default 300), E2E_NODES (graph size, default 4000), E2E_PART_METHOD (metis|random),
 # E2E_HOLD_ON_FAIL (seconds to keep the hosts up after a failed launch, to look around),
+# E2E_CONTROL=0 (skip the control launch with the interface variables emptied, which must
+# fail or hang; E2E_CONTROL_TIMEOUT seconds, default 120),
 # E2E_BIN_DIR (test the dgl-agent and dgl-coord in this directory; implies --no-build).
 #
 # Needs root (network and mount namespaces), iproute2 (`ip`) and util-linux (`unshare`).
@@ -219,24 +221,34 @@ for ((m = 0; m < HOSTS; m++)); do
     ns=${NS_HOST[m]}
     ip netns add "$ns"
     ip -n "$ns" link set lo up
-    # The host's end is eth0 in every namespace, so one GLOO_SOCKET_IFNAME fits all hosts.
+    # The ip_config address is on eth0; a second interface, wan0 (a veth whose peer stays in
+    # the namespace), carries the default route, as on a cluster node whose job network is
+    # not its default one. Nobody passes GLOO_SOCKET_IFNAME: dgl-coord sets it per host.
     ip -n "$ns" link add eth0 type veth peer name "h$m" netns "$NS_COORD"
     ip -n "$ns" addr add "$(host_ip "$m")/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$NS_COORD" link set "h$m" master br0
     ip -n "$NS_COORD" link set "h$m" up
-    echo "host m$m: namespace $ns, eth0 $(host_ip "$m")/24"
+    ip -n "$ns" link add wan0 type veth peer name wan1
+    ip -n "$ns" addr add "10.254.$m.2/24" dev wan0
+    ip -n "$ns" link set wan0 up
+    ip -n "$ns" link set wan1 up
+    ip -n "$ns" route add default dev wan0
+    echo "host m$m: namespace $ns, eth0 $(host_ip "$m")/24, default route on wan0 10.254.$m.2/24"
 done
 
 head -c 32 /dev/urandom | base64 >"$TOKEN"
 chmod 600 "$TOKEN"
 
-section "Starting one dgl-agent per host, each with a private /dev/shm (logs in $WORK/agent-m*.log)"
+section "Starting one dgl-agent per host, each with a private /dev/shm and /etc/hosts (logs in $WORK/agent-m*.log)"
+# Each host's hostname resolves to a loopback address (Debian's default /etc/hosts): what
+# gloo and tensorpipe bind to when nobody names their interface.
+printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$(hostname)" >"$WORK/hosts"
 for ((m = 0; m < HOSTS; m++)); do
     mkdir -p "$WORK/root$m"
     # shellcheck disable=SC2016 # $@ is expanded by the inner sh
     ip netns exec "${NS_HOST[m]}" unshare --mount --propagation private \
-        sh -c 'mount -t tmpfs -o size=2g tmpfs /dev/shm && exec "$@"' agent \
+        sh -c 'mount -t tmpfs -o size=2g tmpfs /dev/shm && mount --bind "$0" /etc/hosts && exec "$@"' "$WORK/hosts" \
         "$AGENT" --listen "$(host_ip "$m"):$AGENT_PORT" --root "$WORK/root$m" \
         --token-file "$TOKEN" --allow-root >"$WORK/agent-m$m.log" 2>&1 &
     AGENT_PIDS+=("$!")
@@ -397,7 +409,7 @@ for run in $RUNS; do
         --workspace ws --num_trainers "$trainers" --num_samplers "$samplers" --num_servers 1 \
         --num_omp_threads 1 --part_config "data/$GRAPH.json" --ip_config ip_config.txt \
         --trainer-mode "$mode" --token-file "$TOKEN" \
-        --extra_envs GLOO_SOCKET_IFNAME=eth0 TP_SOCKET_IFNAME=eth0 PYTHONUNBUFFERED=1 \
+        --extra_envs PYTHONUNBUFFERED=1 \
         "$PY code/train_dist.py --graph_name $GRAPH --ip_config ip_config.txt --num_epochs 2 --max_steps 3") \
         2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
@@ -416,6 +428,38 @@ for run in $RUNS; do
     fi
     FAILED=$((FAILED | failed_before))
 done
+
+# The control: the same job with dglrun's interface variables emptied (gloo then falls back to
+# the hostname, a loopback address) must fail or hang; the runs above show dglrun's fix.
+if [[ ${E2E_CONTROL:-1} == 1 ]]; then
+    name="control: torchrun:1:0 with GLOO_SOCKET_IFNAME and TP_SOCKET_IFNAME emptied"
+    log=$WORK/launch-control.log
+    section "$name"
+    control_timeout=${E2E_CONTROL_TIMEOUT:-120}
+    set +e
+    (cd "$SRC" && exec ip netns exec "$NS_COORD" env -u PYTHONPATH \
+        timeout --foreground -s INT -k 60 "$control_timeout" "$COORD" launch \
+        --workspace ws --num_trainers 1 --num_samplers 0 --num_servers 1 \
+        --num_omp_threads 1 --part_config "data/$GRAPH.json" --ip_config ip_config.txt \
+        --token-file "$TOKEN" \
+        --extra_envs GLOO_SOCKET_IFNAME= TP_SOCKET_IFNAME= NCCL_SOCKET_IFNAME= PYTHONUNBUFFERED=1 \
+        "$PY code/train_dist.py --graph_name $GRAPH --ip_config ip_config.txt --num_epochs 2 --max_steps 3") \
+        >"$log" 2>&1
+    status=$?
+    set -e
+    if ((status == 0)); then
+        problem "the job passed without dglrun's interface variables: the hosts do not show the problem"
+    fi
+    for ((m = 0; m < HOSTS; m++)); do
+        for ((tries = 0; tries < 50; tries++)); do
+            left=$(leftovers "$m")
+            [[ -z $left ]] && break
+            sleep 0.2
+        done
+        [[ -z $left ]] || problem "processes left on m$m after the control run"
+    done
+    verdict "$name" "failed or hung as expected (exit $status, log $log), nothing left running"
+fi
 
 section "Summary"
 printf '%s\n' "${RESULTS[@]}"

@@ -7,6 +7,7 @@
 pub mod blocking;
 pub mod confine;
 pub mod files;
+pub mod host_facts;
 pub mod jobs;
 pub mod limits;
 pub mod listen;

@@ -14,6 +14,7 @@ use crate::blocking;
 use crate::confine::Root;
 use crate::files::request::PrepareFiles;
 use crate::files::Files;
+use crate::host_facts;
 use crate::jobs::preflight::Preflight;
 use crate::jobs::session::SessionSpec;
 use crate::jobs::spec::{JobId, SpawnSpec, StopSpec, WatchSpec};
@@ -68,6 +69,9 @@ impl Agent for AgentService {
             root: self.root.path().display().to_string(),
             free_bytes,
             pid: std::process::id(),
+            interfaces: host_facts::interfaces(),
+            env_set: host_facts::env_set(),
+            unix_time_ms: host_facts::unix_time_ms(),
         }))
     }
 

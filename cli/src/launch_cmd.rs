@@ -109,16 +109,18 @@ pub(crate) struct JobArgs {
         help_heading = DGL
     )]
     pub(crate) num_server_threads: u32,
-    /// OMP threads of each trainer [default, as DGL: max(CPUs / 2 / trainers of its machine,
-    /// 1), counting this machine's CPUs; OMP_NUM_THREADS set in this shell wins].
+    /// OMP threads of each trainer, or `host`: each host's own usable CPUs (its affinity
+    /// and cgroup CPU quota, asked of its agent) divided by its own trainer count [default,
+    /// kept as DGL's for compatibility: max(CPUs / 2 / trainers of its machine, 1), counting
+    /// this launching machine's CPUs; OMP_NUM_THREADS set in this shell wins over both].
     #[arg(
         long = "num_omp_threads",
         visible_alias = "num-omp-threads",
-        value_name = "N",
-        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "N|host",
+        value_parser = omp_threads,
         help_heading = DGL
     )]
-    pub(crate) num_omp_threads: Option<u32>,
+    pub(crate) num_omp_threads: Option<OmpThreads>,
     /// Graph formats the servers keep: csr, csc or coo, or several separated by commas.
     #[arg(
         long = "graph_format",
@@ -168,8 +170,11 @@ pub(crate) struct JobArgs {
     pub(crate) server_name: Option<String>,
 
     /// Trainers of each machine, one count per ip_config line (`2,2,1`), or `@FILE` holding
-    /// them (commas, spaces or lines; `#` starts a comment). Counts that differ need
-    /// --trainer-mode direct.
+    /// them (commas, spaces or lines; `#` starts a comment), or `gpus`: one trainer per GPU
+    /// of each host (per --gpus-per-trainer GPUs with that flag), as `nvidia-smi -L` counts
+    /// them there. Counts that differ need --trainer-mode direct; DGL_NUM_CLIENT and
+    /// WORLD_SIZE then count every host's own trainers, and DGL's node_split (which assumes
+    /// the same count everywhere) must be replaced by a split on LOCAL_RANK.
     #[arg(
         long = "trainers-per-host",
         visible_alias = "trainers_per_host",
@@ -178,6 +183,29 @@ pub(crate) struct JobArgs {
         help_heading = DGLRUN
     )]
     pub(crate) trainers_per_host: Option<String>,
+    /// GPUs of each trainer. In direct mode trainer L of a host gets CUDA_VISIBLE_DEVICES
+    /// with devices L*N .. L*N+N-1 of its host, so `cuda:0` is its own on every rank; in
+    /// torchrun mode nothing is set (the script picks by LOCAL_RANK). Either way a host
+    /// without enough GPUs (`nvidia-smi -L` on its agent's PATH) is refused before anything
+    /// starts.
+    #[arg(
+        long = "gpus-per-trainer",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = DGLRUN
+    )]
+    pub(crate) gpus_per_trainer: Option<u32>,
+    /// Shell text every process runs first, in the same shell as its command (`sh -c`), e.g.
+    /// `. /opt/conda/etc/profile.d/conda.sh && conda activate dgl` or `module load cuda`.
+    /// With it (or --python), each host must import dgl and torch with the command's
+    /// interpreter before anything starts.
+    #[arg(long, value_name = "SHELL", help_heading = DGLRUN)]
+    pub(crate) setup: Option<String>,
+    /// The Python interpreter to run instead of the one in the command (the first python in
+    /// command position, where torchrun mode inserts `-m torch.distributed.run`), e.g.
+    /// /opt/envs/dgl/bin/python; it must import dgl and torch on every host.
+    #[arg(long, value_name = "PATH", help_heading = DGLRUN)]
+    pub(crate) python: Option<String>,
     /// How trainers are started.
     #[arg(
         long = "trainer-mode",
@@ -288,6 +316,25 @@ pub(crate) fn parse_extra_envs(words: &[String]) -> anyhow::Result<Vec<(String, 
         .collect()
 }
 
+/// `--num_omp_threads`: a count, or each host's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OmpThreads {
+    Count(u32),
+    Host,
+}
+
+fn omp_threads(v: &str) -> Result<OmpThreads, String> {
+    if v == "host" {
+        return Ok(OmpThreads::Host);
+    }
+    match v.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(OmpThreads::Count(n)),
+        _ => Err(format!(
+            "{v:?} is neither a thread count (1 or more) nor `host`"
+        )),
+    }
+}
+
 /// `2,2,1`, or `@FILE` with the counts separated by commas, spaces or lines.
 pub(crate) fn parse_host_counts(value: &str) -> anyhow::Result<Vec<u32>> {
     let (text, origin) = match value.strip_prefix('@') {
@@ -347,6 +394,11 @@ impl JobArgs {
             // argv::preprocess_args explains these; reached only when it was bypassed.
             _ => anyhow::bail!("give the user command as one quoted argument"),
         };
+        let udf_command = match &self.python {
+            Some(p) => launch::command::replace_python(&udf_command, p)
+                .map_err(|e| anyhow::anyhow!("--python {p}: {e}"))?,
+            None => udf_command,
+        };
         let lease = seconds("lease-timeout", self.lease_timeout)?;
         if lease < Duration::from_millis(500) {
             return Err(UsageError("--lease-timeout must be at least 0.5 seconds".into()).into());
@@ -357,14 +409,23 @@ impl JobArgs {
             trainers_per_host: self
                 .trainers_per_host
                 .as_deref()
+                .filter(|v| *v != "gpus")
                 .map(parse_host_counts)
                 .transpose()?,
+            gpus_per_trainer: self.gpus_per_trainer,
+            trainers_from_gpus: self.trainers_per_host.as_deref() == Some("gpus"),
+            setup: self.setup,
+            python: self.python,
             num_samplers: self.num_samplers,
             num_servers: self.num_servers,
             part_config,
             ip_config,
             num_server_threads: self.num_server_threads,
-            num_omp_threads: self.num_omp_threads,
+            num_omp_threads: match self.num_omp_threads {
+                Some(OmpThreads::Count(n)) => Some(n),
+                _ => None,
+            },
+            omp_per_host: self.num_omp_threads == Some(OmpThreads::Host),
             graph_format: self.graph_format,
             extra_envs: parse_extra_envs(&self.extra_envs)?,
             udf_command,

@@ -5,6 +5,7 @@ mod access;
 mod argv;
 mod copy_cmd;
 mod docs_cmd;
+mod doctor_cmd;
 mod launch_cmd;
 mod ops_cmd;
 mod rcp_cmd;
@@ -64,6 +65,8 @@ enum Command {
     Rcp(RshWords),
     /// Write `ssh` (and `scp`) executables into a directory that run over the agents.
     Shims(shims_cmd::ShimsArgs),
+    /// Check every host before a launch: agent, interface, Python, GPUs, disk, ports.
+    Doctor(doctor_cmd::DoctorArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(docs_cmd::CompletionsArgs),
     /// Print the man page, or write one per subcommand into a directory.
@@ -141,6 +144,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
         Command::Run(args) => run_cmd::run(args).await,
         Command::Status(args) => ops_cmd::status(args).await,
         Command::Kill(args) => ops_cmd::kill(args).await,
+        Command::Doctor(args) => doctor_cmd::run(args).await,
         Command::Completions(args) => docs_cmd::completions(args),
         Command::Man(args) => docs_cmd::man(args),
         // Both run before any runtime starts (see main).

@@ -6,7 +6,9 @@
 pub mod cluster;
 pub mod config;
 pub mod copy;
+pub mod doctor;
 pub mod launch;
 pub mod ops;
 pub mod rcp;
 pub mod rsh;
+pub mod probe;

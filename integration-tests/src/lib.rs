@@ -117,6 +117,8 @@ pub struct Agent {
     pub log: PathBuf,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Set in the agent's environment (see [`TestCluster::set_agent_env`]).
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -257,6 +259,7 @@ impl TestCluster {
                 log: cluster.dir.path().join(format!("agent{i}.log")),
                 child: None,
                 extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+                env: Vec::new(),
             });
             cluster.spawn_agent(i).expect("start agent");
         }
@@ -273,6 +276,7 @@ impl TestCluster {
             log: cluster.dir.path().join("agent0.log"),
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         });
         cluster.spawn_agent(0).expect("start agent");
         cluster
@@ -307,6 +311,7 @@ impl TestCluster {
         let child = cmd
             .args(&a.extra_args)
             .args(root_flag())
+            .envs(a.env.iter().map(|(k, v)| (k, v)))
             .env("XDG_CONFIG_HOME", config_home)
             .env_remove("DGL_AGENT_TOKEN")
             .env_remove("DGL_AGENT_TOKEN_FILE")
@@ -439,6 +444,15 @@ impl TestCluster {
 
     pub fn agent_log(&self, i: usize) -> String {
         fs::read_to_string(&self.agents[i].log).unwrap_or_default()
+    }
+
+    /// Restarts agent i with `env` added to its environment (e.g. a PATH holding stand-ins).
+    pub fn set_agent_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.agents[i].env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.restart_agent(i);
     }
 }
 

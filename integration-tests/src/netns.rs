@@ -423,6 +423,53 @@ impl NetCluster {
         c
     }
 
+    /// Gives host i a second interface, `wan0` (one end of a veth pair whose other end, `wan1`,
+    /// stays in the namespace too; at 10.254.i.2/24), carrying its
+    /// default route: as on a cluster node whose ip_config address is on a private network
+    /// while the default route leaves through another interface.
+    pub fn add_default_route_link(&self, i: usize) {
+        let ns = &self.hosts[i].ns;
+        let addr = format!("10.254.{i}.2/24");
+        ip(&[
+            "-n", ns, "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
+        ])
+        .expect("add wan0");
+        ip(&["-n", ns, "link", "set", "wan1", "up"]).expect("wan1 up");
+        ip(&["-n", ns, "addr", "add", &addr, "dev", "wan0"]).expect("address wan0");
+        ip(&["-n", ns, "link", "set", "wan0", "up"]).expect("wan0 up");
+        ip(&["-n", ns, "route", "add", "default", "dev", "wan0"]).expect("default route");
+    }
+
+    /// An address that host i accepts as its own (a `local` route) but that none of its
+    /// interfaces lists, as with an anycast or NAT-ed address; the coordinator's namespace
+    /// routes it to host i. Returns the address.
+    pub fn add_route_only_address(&self, i: usize) -> Ipv4Addr {
+        let o = self.coord_ip.octets();
+        let addr = Ipv4Addr::new(o[0], o[1], o[2], 200 + i as u8);
+        ip(&[
+            "-n",
+            &self.hosts[i].ns,
+            "route",
+            "add",
+            "local",
+            &format!("{addr}/32"),
+            "dev",
+            "lo",
+        ])
+        .expect("local route");
+        ip(&[
+            "-n",
+            &self.coord_ns,
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "via",
+            &self.hosts[i].ip.to_string(),
+        ])
+        .expect("route from the coordinator");
+        addr
+    }
+
     /// Takes host i's link down (at the switch): its packets are dropped both ways, nothing is
     /// refused or reset, as when a cable is pulled.
     pub fn cut_link(&self, i: usize) {

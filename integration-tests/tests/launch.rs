@@ -807,10 +807,30 @@ fn dry_run_json_matches_dgl_for_the_compat_cases() {
                     (_, Value::String(s)) => s.clone(),
                     other => panic!("{name}: command {other:?}"),
                 };
-                // dglrun's one addition to DGL's environment: torchrun's error file.
+                // dglrun's additions to DGL's environment: torchrun's error file, and the
+                // interface gloo, tensorpipe and NCCL use (no agent answers here: the dry run
+                // shows a placeholder for it).
                 let mut env = p["env"].clone();
                 if let Some(e) = env.as_object_mut() {
-                    e.remove("TORCHELASTIC_ERROR_FILE");
+                    e.shift_remove("TORCHELASTIC_ERROR_FILE");
+                    for k in [
+                        "GLOO_SOCKET_IFNAME",
+                        "TP_SOCKET_IFNAME",
+                        "NCCL_SOCKET_IFNAME",
+                    ] {
+                        let ip = case["ip_config"][p["machine"].as_u64().unwrap() as usize]
+                            .as_str()
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
+                        assert_eq!(
+                            e.shift_remove(k),
+                            Some(Value::String(format!("<interface of {ip}>"))),
+                            "{name}: {k}"
+                        );
+                    }
                 }
                 format!(
                     "{} {} {} {}",

@@ -30,6 +30,15 @@ pub mod pb {
 /// answer it UNIMPLEMENTED and fail every launch.
 pub const PROTOCOL_VERSION: u32 = 4;
 
+/// Variables of the agent's environment whose presence (never value) Hello reports: a
+/// process inherits them, and dglrun sets none of these itself where the agent already has it.
+pub const REPORTED_ENV: &[&str] = &[
+    "GLOO_SOCKET_IFNAME",
+    "TP_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
+    "CUDA_VISIBLE_DEVICES",
+];
+
 /// The version of this build, reported in handshakes.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

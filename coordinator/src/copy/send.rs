@@ -405,7 +405,7 @@ fn joined(targets: &[Target], r: Result<Vec<Delivered>, tokio::task::JoinError>)
         .collect()
 }
 
-fn manifest(remote: &str, d: &FileDigest, mode: u32) -> pb::FileManifest {
+pub(crate) fn manifest(remote: &str, d: &FileDigest, mode: u32) -> pb::FileManifest {
     pb::FileManifest {
         path: remote.to_string(),
         size: d.size,

@@ -112,6 +112,27 @@ pub fn find_python(command: &str) -> Option<std::ops::Range<usize>> {
         .map(|(range, _)| range)
 }
 
+/// The command with its interpreter (see [`find_python`]) replaced by `python` (`--python`).
+pub fn replace_python(command: &str, python: &str) -> Result<String, NoInterpreter> {
+    let at = find_python(command).ok_or_else(|| NoInterpreter {
+        command: command.to_string(),
+    })?;
+    Ok(format!(
+        "{}{}{}",
+        &command[..at.start],
+        quote(python),
+        &command[at.end..]
+    ))
+}
+
+/// `command` run after `setup` in the same shell (`--setup`): always `sh -c`.
+pub fn with_setup(command: CommandLine, setup: Option<&str>) -> CommandLine {
+    match setup {
+        Some(s) => CommandLine::Shell(format!("{s}\n{}", command.display())),
+        None => command,
+    }
+}
+
 /// `python\d*(\.\d+)?`
 fn is_python_name(name: &str) -> bool {
     let Some(rest) = name.strip_prefix("python") else {
@@ -252,6 +273,22 @@ mod tests {
             Some("python3")
         );
         assert_eq!(find("bash run.sh"), None);
+    }
+
+    #[test]
+    fn the_interpreter_is_replaced_and_setup_runs_first() {
+        assert_eq!(
+            replace_python("cd code && python3 train.py --x", "/opt/env/bin/python").unwrap(),
+            "cd code && /opt/env/bin/python train.py --x"
+        );
+        assert!(replace_python("./run.sh", "/usr/bin/python3").is_err());
+        assert_eq!(
+            with_setup(
+                argv(&["python3", "a b.py"]),
+                Some(". /opt/env/bin/activate")
+            ),
+            CommandLine::Shell(". /opt/env/bin/activate\npython3 'a b.py'".into())
+        );
     }
 
     #[test]

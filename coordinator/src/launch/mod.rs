@@ -8,16 +8,20 @@
 //! (the table and exit codes).
 
 pub mod command;
+pub mod cpus;
 pub mod driver;
 pub mod events;
 #[allow(unreachable_pub)] // follow.rs is being changed elsewhere; narrow its items then
 mod follow;
 mod internal_events;
+pub mod gpus;
+pub mod host_env;
 pub mod logdir;
 pub mod loss;
 pub mod output;
 pub mod plan;
 pub mod preflight;
+pub mod python_env;
 pub mod servers_ready;
 pub mod sink;
 pub mod summary;
@@ -103,7 +107,22 @@ pub fn facts(machines: &IpConfig, job_id: &str) -> ClusterFacts {
         omp_num_threads_env: std::env::var("OMP_NUM_THREADS").ok(),
         cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
         job_id: job_id.to_string(),
+        hosts: Vec::new(),
     }
+}
+
+/// Each machine's facts from its agent's Hello; a warning for each machine whose processes
+/// get no interface variables.
+fn host_facts(hosts: &[cluster::Host], out: &mut sink::Sink) -> Vec<host_env::HostFacts> {
+    hosts
+        .iter()
+        .map(|h| {
+            if let Some(w) = host_env::unset_reason(&h.name(), &h.hello, h.ip) {
+                out.note(&w);
+            }
+            host_env::from_hello(&h.hello, h.ip)
+        })
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -243,26 +262,74 @@ async fn dry_run_checks(
     o: &LaunchOptions,
     r: &RunOptions,
     machines: &IpConfig,
+    hosts: Result<&[cluster::Host], &str>,
     out: &mut sink::Sink,
 ) -> anyhow::Result<()> {
-    if r.offline {
-        out.note("dry run: nothing remote was checked (--offline): no agent was contacted");
-        return Ok(());
-    }
-    let hosts = match cluster::connect_all(machines, &r.access).await {
+    let hosts = match hosts {
         Ok(h) => h,
-        Err(e) => {
-            out.note(&format!(
-                "dry run: nothing remote was checked: cannot reach the agents: {e:#}"
-            ));
+        Err(why) => {
+            out.note(why);
             return Ok(());
         }
     };
-    let checked = preflight::check_all(&hosts, o, machines, None, r.grace, true).await?;
+    let checked = preflight::check_all(hosts, o, machines, None, r.grace, true).await?;
     for line in &checked.findings {
         out.note(&format!("dry run: {line}"));
     }
     Ok(())
+}
+
+/// A dry run: the agents are asked first (unless offline), so the plan shows what each host's
+/// processes would get; where none was asked, placeholders stand for what the agents report.
+async fn dry_run(
+    o: &LaunchOptions,
+    r: &RunOptions,
+    machines: &IpConfig,
+    mut f: ClusterFacts,
+    out: &mut sink::Sink,
+) -> anyhow::Result<()> {
+    let hosts = if r.offline {
+        Err("dry run: nothing remote was checked (--offline): no agent was contacted".to_string())
+    } else {
+        cluster::connect_all(machines, &r.access)
+            .await
+            .map_err(|e| {
+                format!("dry run: nothing remote was checked: cannot reach the agents: {e:#}")
+            })
+    };
+    f.hosts = match &hosts {
+        Ok(h) => host_facts(h, out),
+        Err(_) => machines
+            .machines
+            .iter()
+            .map(|m| host_env::placeholder(m.ip))
+            .collect(),
+    };
+    let mut o = o.clone();
+    match &hosts {
+        Ok(h) if gpus::needed(&o) => {
+            let counts = gpus::count_all(h).await?;
+            gpus::apply(&mut o, h, &counts)?;
+        }
+        Err(_) if o.trainers_from_gpus => {
+            o.num_trainers = 1;
+            out.note(
+                "dry run: --trainers-per-host gpus is shown as one trainer per host: no agent \
+                 was asked for its GPUs",
+            );
+        }
+        _ => {}
+    }
+    let o = &o;
+    if let (Ok(h), true) = (&hosts, o.omp_per_host) {
+        for (facts, n) in f.hosts.iter_mut().zip(cpus::count_all(h).await?) {
+            facts.cpus = Some(n);
+        }
+    }
+    let planned = plan::plan(o, &f)?;
+    print_plan(o, &f, &planned, r.json)?;
+    let hosts = hosts.as_deref().map_err(String::as_str);
+    dry_run_checks(o, r, machines, hosts, out).await
 }
 
 enum Started {
@@ -287,8 +354,13 @@ async fn start(
         None => local_ip_config(o)?.1,
     };
     let mut f = facts(&machines, job_id);
-    // Planned once without the port, so a bad command fails before any agent is contacted.
-    let dry = plan::plan(o, &f)?;
+    // Planned once without the port, so a bad command fails before any agent is contacted
+    // (with one trainer a host where the GPUs will decide).
+    let mut pre = o.clone();
+    if o.trainers_from_gpus {
+        pre.num_trainers = 1;
+    }
+    let dry = plan::plan(&pre, &f)?;
     let overridden = plan::overridden_extra_envs(o, &dry);
     if !overridden.is_empty() {
         out.note(&format!(
@@ -299,14 +371,26 @@ async fn start(
         ));
     }
     if r.dry_run {
-        print_plan(o, &f, &dry, r.json)?;
-        dry_run_checks(o, r, &machines, out).await?;
+        dry_run(o, r, &machines, f, out).await?;
         return Ok(Started::DryRun);
     }
     let hosts = cluster::connect_all(&machines, &r.access).await?;
+    f.hosts = host_facts(&hosts, out);
+    let mut o = o.clone();
+    if gpus::needed(&o) {
+        let counts = gpus::count_all(&hosts).await?;
+        gpus::apply(&mut o, &hosts, &counts)?;
+    }
+    let o = &o;
+    if o.omp_per_host {
+        for (h, n) in f.hosts.iter_mut().zip(cpus::count_all(&hosts).await?) {
+            h.cpus = Some(n);
+        }
+    }
     let kill_stale = r.kill_stale.then_some(out);
     let checked = preflight::check_all(&hosts, o, &machines, kill_stale, r.grace, false).await?;
     f.master_port = Some(checked.master_port);
+    python_env::check_all(&hosts, o).await?;
     let planned = plan::plan(o, &f)?;
     let servers = r
         .wait_servers

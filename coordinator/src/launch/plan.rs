@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::command::{self, CommandLine, TorchRun};
+use super::host_env::{HostFacts, SOCKET_IFNAME_VARS};
 use crate::config::Machine;
 
 /// How trainers are started.
@@ -42,6 +43,19 @@ pub struct LaunchOptions {
     pub extra_envs: Vec<(String, String)>,
     pub udf_command: String,
     pub trainer_mode: TrainerMode,
+    /// `--gpus-per-trainer`: in direct mode each trainer gets CUDA_VISIBLE_DEVICES with its
+    /// own this many devices of its host (torchrun mode sets nothing; both check the counts).
+    pub gpus_per_trainer: Option<u32>,
+    /// `--trainers-per-host gpus`: `trainers_per_host` is filled from the hosts' GPU counts
+    /// once the agents answered.
+    pub trainers_from_gpus: bool,
+    /// `--setup`: shell text every process runs first, in the same shell as its command.
+    pub setup: Option<String>,
+    /// `--python`: the interpreter that replaced the command's (already in `udf_command`).
+    pub python: Option<String>,
+    /// `--num_omp_threads host`: each trainer gets its host's usable CPUs (`HostFacts::cpus`)
+    /// divided by its host's trainer count.
+    pub omp_per_host: bool,
 }
 
 /// Facts about the cluster and the launching machine the plan depends on.
@@ -59,6 +73,9 @@ pub struct ClusterFacts {
     pub cpu_count: usize,
     /// Also torchrun's run id in direct mode.
     pub job_id: String,
+    /// Per machine, in ip_config order, what its agent reported; empty when no agent was
+    /// asked (then dglrun adds nothing of its own to DGL's environment).
+    pub hosts: Vec<HostFacts>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -230,8 +247,9 @@ impl<'a> Planning<'a> {
     }
 
     /// A process's environment: extra_envs first (DGL exports them in an outer scope, so
-    /// its own variables win), then `pairs`, then the launcher's PYTHONPATH.
-    fn env(&self, pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+    /// its own variables win), then `pairs`, then the launcher's PYTHONPATH, then dglrun's
+    /// own additions for `machine` where neither the user nor the agent's environment has them.
+    fn env(&self, machine: usize, pairs: &[(&str, String)]) -> BTreeMap<String, String> {
         let mut env: BTreeMap<String, String> = self.o.extra_envs.iter().cloned().collect();
         for (k, v) in pairs {
             env.insert(k.to_string(), v.clone());
@@ -239,17 +257,36 @@ impl<'a> Planning<'a> {
         if let Some(pp) = &self.f.pythonpath {
             env.insert("PYTHONPATH".into(), pp.clone());
         }
+        if let Some(host) = self.f.hosts.get(machine) {
+            if let Some(ifname) = &host.socket_ifname {
+                for k in SOCKET_IFNAME_VARS {
+                    if !env.contains_key(k) && !host.agent_env.iter().any(|a| a == k) {
+                        env.insert(k.to_string(), ifname.clone());
+                    }
+                }
+            }
+        }
         env
     }
 
     /// DGL's default divides the launching machine's CPUs by the trainer count; with
     /// per-host counts, by that host's count.
-    fn client_omp(&self, trainers: u32) -> String {
+    fn client_omp(&self, machine: usize, trainers: u32) -> String {
+        let host_cpus = self
+            .f
+            .hosts
+            .get(machine)
+            .and_then(|h| h.cpus)
+            .filter(|_| self.o.omp_per_host);
         self.f.omp_num_threads_env.clone().unwrap_or_else(|| {
-            self.o
-                .num_omp_threads
-                .unwrap_or_else(|| default_omp_threads(self.f.cpu_count, trainers))
-                .to_string()
+            match host_cpus {
+                Some(cpus) => (cpus / trainers.max(1)).max(1),
+                None => self
+                    .o
+                    .num_omp_threads
+                    .unwrap_or_else(|| default_omp_threads(self.f.cpu_count, trainers)),
+            }
+            .to_string()
         })
     }
 
@@ -269,8 +306,8 @@ impl<'a> Planning<'a> {
                 machine,
                 role: Role::Server,
                 label: format!("server{j}"),
-                command: self.user_command.clone(),
-                env: self.env(&pairs),
+                command: command::with_setup(self.user_command.clone(), self.o.setup.as_deref()),
+                env: self.env(machine, &pairs),
                 cwd: String::new(),
             }
         })
@@ -283,7 +320,7 @@ impl<'a> Planning<'a> {
         let mut client = vec![
             ("DGL_DIST_MODE", "distributed".to_string()),
             ("DGL_ROLE", "client".to_string()),
-            ("OMP_NUM_THREADS", self.client_omp(local_world)),
+            ("OMP_NUM_THREADS", self.client_omp(machine, local_world)),
             ("DGL_GROUP_ID", "0".to_string()),
         ];
         client.extend(self.shared.iter().cloned());
@@ -302,7 +339,7 @@ impl<'a> Planning<'a> {
                 )?;
                 // dglrun's own addition: where torchrun keeps its failed rank's error record
                 // (torch's `@record` writes it there), one file per torchrun and job.
-                let mut env = self.env(&client);
+                let mut env = self.env(machine, &client);
                 env.insert(
                     TORCHELASTIC_ERROR_FILE.into(),
                     torchrun_error_file(&self.f.job_id, machine),
@@ -311,7 +348,7 @@ impl<'a> Planning<'a> {
                     machine,
                     role: Role::TrainerGroup,
                     label: "trainers".into(),
-                    command: command::parse(&wrapped),
+                    command: command::with_setup(command::parse(&wrapped), self.o.setup.as_deref()),
                     env,
                     cwd: String::new(),
                 }])
@@ -332,12 +369,22 @@ impl<'a> Planning<'a> {
                         &self.master_port,
                         &self.f.job_id,
                     ));
+                    if let Some(n) = self.o.gpus_per_trainer {
+                        // Trainer l owns devices l*n .. l*n+n-1: `cuda:0` is its own on
+                        // every rank.
+                        let devices: Vec<String> =
+                            (l * n..(l + 1) * n).map(|d| d.to_string()).collect();
+                        pairs.push(("CUDA_VISIBLE_DEVICES", devices.join(",")));
+                    }
                     PlannedProcess {
                         machine,
                         role: Role::Trainer,
                         label: format!("trainer{l}"),
-                        command: self.user_command.clone(),
-                        env: self.env(&pairs),
+                        command: command::with_setup(
+                            self.user_command.clone(),
+                            self.o.setup.as_deref(),
+                        ),
+                        env: self.env(machine, &pairs),
                         cwd: String::new(),
                     }
                 })

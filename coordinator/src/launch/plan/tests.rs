@@ -61,6 +61,11 @@ fn options(c: &Case, mode: TrainerMode) -> LaunchOptions {
         udf_command: c.udf_command.clone(),
         trainer_mode: mode,
         trainers_per_host: None,
+        gpus_per_trainer: None,
+        trainers_from_gpus: false,
+        setup: None,
+        python: None,
+        omp_per_host: false,
     }
 }
 
@@ -74,6 +79,7 @@ fn facts(ip_lines: &[String]) -> ClusterFacts {
         omp_num_threads_env: None,
         cpu_count: 8,
         job_id: "job-1".into(),
+        hosts: Vec::new(),
     }
 }
 
@@ -167,6 +173,11 @@ fn simple_options() -> LaunchOptions {
         udf_command: "python3 train.py".into(),
         trainer_mode: TrainerMode::Direct,
         trainers_per_host: None,
+        gpus_per_trainer: None,
+        trainers_from_gpus: false,
+        setup: None,
+        python: None,
+        omp_per_host: false,
     }
 }
 
@@ -490,4 +501,82 @@ fn every_trainer_and_sampler_is_a_client_of_every_server() {
             "{world} trainers, {samplers} samplers each"
         );
     }
+}
+
+#[test]
+fn each_host_gets_its_interface_unless_the_user_or_the_agent_set_it() {
+    use crate::launch::host_env::HostFacts;
+    let mut f = two_machines();
+    f.hosts = vec![
+        HostFacts {
+            socket_ifname: Some("eth1".into()),
+            agent_env: vec![],
+            cpus: None,
+        },
+        HostFacts {
+            socket_ifname: Some("ib0".into()),
+            agent_env: vec!["NCCL_SOCKET_IFNAME".into()],
+            cpus: None,
+        },
+    ];
+    let mut o = simple_options();
+    o.extra_envs = vec![("TP_SOCKET_IFNAME".into(), "bond0".into())];
+    let planned = plan(&o, &f).unwrap();
+    for p in &planned {
+        let get = |k: &str| p.env.get(k).map(String::as_str);
+        let own = if p.machine == 0 { "eth1" } else { "ib0" };
+        assert_eq!(get("GLOO_SOCKET_IFNAME"), Some(own), "{p:?}");
+        assert_eq!(get("TP_SOCKET_IFNAME"), Some("bond0"), "{p:?}");
+        let nccl = (p.machine == 0).then_some("eth1");
+        assert_eq!(get("NCCL_SOCKET_IFNAME"), nccl, "{p:?}");
+    }
+    assert!(overridden_extra_envs(&o, &planned).is_empty());
+}
+
+#[test]
+fn each_direct_trainer_gets_its_own_gpus() {
+    let mut o = simple_options();
+    o.num_trainers = 2;
+    o.gpus_per_trainer = Some(2);
+    let planned = plan(&o, &two_machines()).unwrap();
+    let devices = |m: usize, label: &str| {
+        planned
+            .iter()
+            .find(|p| p.machine == m && p.label == label)
+            .and_then(|p| p.env.get("CUDA_VISIBLE_DEVICES").cloned())
+    };
+    assert_eq!(devices(1, "trainer0").as_deref(), Some("0,1"));
+    assert_eq!(devices(1, "trainer1").as_deref(), Some("2,3"));
+    assert_eq!(devices(0, "server0"), None);
+    o.trainer_mode = TrainerMode::Torchrun;
+    let planned = plan(&o, &two_machines()).unwrap();
+    assert!(planned
+        .iter()
+        .all(|p| !p.env.contains_key("CUDA_VISIBLE_DEVICES")));
+}
+
+#[test]
+fn host_omp_threads_divide_each_hosts_own_cpus_by_its_trainers() {
+    use crate::launch::host_env::HostFacts;
+    let mut f = two_machines();
+    f.hosts = [64, 6]
+        .map(|n| HostFacts {
+            cpus: Some(n),
+            ..HostFacts::default()
+        })
+        .to_vec();
+    let mut o = simple_options();
+    o.trainers_per_host = Some(vec![4, 4]);
+    o.omp_per_host = true;
+    let planned = plan(&o, &f).unwrap();
+    let omp = |m: usize| {
+        planned
+            .iter()
+            .find(|p| p.machine == m && p.role == Role::Trainer)
+            .map(|p| p.env["OMP_NUM_THREADS"].clone())
+    };
+    assert_eq!(
+        (omp(0).as_deref(), omp(1).as_deref()),
+        (Some("16"), Some("1"))
+    );
 }
