@@ -9,6 +9,6 @@ pub mod copy;
 pub mod doctor;
 pub mod launch;
 pub mod ops;
+pub mod probe;
 pub mod rcp;
 pub mod rsh;
-pub mod probe;

@@ -29,7 +29,9 @@ fn stale(bin_dir: &Path, name: &str) -> bool {
     let Ok(deps) = std::fs::read_to_string(bin_dir.join(format!("{name}.d"))) else {
         return false;
     };
-    dep_paths(&deps).into_iter().any(|p| modified(&p).is_none_or(|t| t > built))
+    dep_paths(&deps)
+        .into_iter()
+        .any(|p| modified(&p).is_none_or(|t| t > built))
 }
 
 fn modified(p: &Path) -> Option<SystemTime> {

@@ -13,9 +13,9 @@ pub mod driver;
 pub mod events;
 #[allow(unreachable_pub)] // follow.rs is being changed elsewhere; narrow its items then
 mod follow;
-mod internal_events;
 pub mod gpus;
 pub mod host_env;
+mod internal_events;
 pub mod logdir;
 pub mod loss;
 pub mod output;

@@ -68,9 +68,7 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast" | "compress" | "links"
-            | "rsh") => {
-                which.push(w.into())
-            }
+            | "rsh") => which.push(w.into()),
             other => bail!("unknown argument {other} (try --help)"),
         }
     }
