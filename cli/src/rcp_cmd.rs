@@ -3,10 +3,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::Parser;
 use dglrun_coordinator::rcp::{self, Upload};
-
-use crate::access::AccessArgs;
 
 /// scp's exit status for any failure.
 const FAILED: u8 = 1;
@@ -160,13 +157,6 @@ fn plan(p: Parsed) -> Result<Plan, RcpUsage> {
     }
 }
 
-#[derive(clap::Parser, Debug)]
-#[command(name = "dgl-coord rcp", disable_help_flag = true)]
-struct AccessOnly {
-    #[command(flatten)]
-    access: AccessArgs,
-}
-
 /// Runs `dgl-coord rcp ARGS`; returns the exit status.
 pub(crate) fn main(args: Vec<OsString>) -> u8 {
     let parsed = match parse(args) {
@@ -180,17 +170,15 @@ pub(crate) fn main(args: Vec<OsString>) -> u8 {
             return FAILED;
         }
     };
-    let argv = std::iter::once(OsString::from("dgl-coord rcp")).chain(parsed.access.clone());
-    let access = match AccessOnly::try_parse_from(argv).map(|a| a.access.access()) {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => {
-            eprintln!("dgl-coord rcp: {e:#}");
-            return FAILED;
-        }
-        Err(e) => {
-            eprintln!("dgl-coord rcp: {}", e.to_string().trim_end());
-            return FAILED;
-        }
+    let access = match crate::rsh_cmd::parse_access("dgl-coord rcp", &parsed.access) {
+        Ok(a) => match a.access() {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("dgl-coord rcp: {e:#}");
+                return FAILED;
+            }
+        },
+        Err(code) => return code,
     };
     let plan = match plan(parsed) {
         Ok(p) => p,

@@ -4,7 +4,6 @@
 
 use std::ffi::OsString;
 
-use clap::Parser;
 use dglrun_coordinator::rsh::{self, RshOptions, FAILED};
 
 use crate::access::AccessArgs;
@@ -187,10 +186,26 @@ fn short_options(
 
 /// dglrun's access flags, parsed by clap (with their environment variables).
 #[derive(clap::Parser, Debug)]
-#[command(name = "dgl-coord rsh", disable_help_flag = true)]
+#[command(disable_help_flag = true)]
 struct AccessOnly {
     #[command(flatten)]
     access: AccessArgs,
+}
+
+/// The access flags `rsh` and `rcp` found among ssh's or scp's words, parsed by clap for
+/// `tool` (`dgl-coord rsh`); a bad one is printed and the exit status returned.
+pub(crate) fn parse_access(tool: &'static str, words: &[OsString]) -> Result<AccessArgs, u8> {
+    use clap::{CommandFactory, FromArgMatches};
+    let argv = std::iter::once(OsString::from(tool)).chain(words.iter().cloned());
+    AccessOnly::command()
+        .name(tool)
+        .try_get_matches_from(argv)
+        .and_then(|m| AccessOnly::from_arg_matches(&m))
+        .map(|a| a.access)
+        .map_err(|e| {
+            eprintln!("{tool}: {}", e.to_string().trim_end());
+            FAILED
+        })
 }
 
 /// Runs `dgl-coord rsh ARGS`; returns the exit status.
@@ -206,13 +221,9 @@ pub(crate) fn main(args: Vec<OsString>) -> u8 {
             return FAILED;
         }
     };
-    let argv = std::iter::once(OsString::from("dgl-coord rsh")).chain(p.access.iter().cloned());
-    let access = match AccessOnly::try_parse_from(argv) {
-        Ok(a) => a.access,
-        Err(e) => {
-            eprintln!("dgl-coord rsh: {}", e.to_string().trim_end());
-            return FAILED;
-        }
+    let access = match parse_access("dgl-coord rsh", &p.access) {
+        Ok(a) => a,
+        Err(code) => return code,
     };
     if !p.quiet {
         for o in &p.ignored {
