@@ -1,7 +1,9 @@
 //! Running a command to completion (or to a timeout) and keeping what it printed.
 
 use std::io::{BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -62,26 +64,74 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitSta
 }
 
 /// Runs to completion; a run that hangs is killed and fails the test with its output.
+///
+/// The command leads a process group of its own, so that a hang kills everything it started,
+/// and its output is read for at most a few seconds after it ends: a leftover grandchild that
+/// holds the pipes open fails the test instead of hanging it.
 pub fn run(mut cmd: Command, timeout: Duration) -> Run {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .expect("start the command");
-    let out = reader(child.stdout.take().expect("stdout"));
-    let err = reader(child.stderr.take().expect("stderr"));
+    let out = Capture::start(child.stdout.take().expect("stdout"));
+    let err = Capture::start(child.stderr.take().expect("stderr"));
     let status = wait_with_timeout(&mut child, timeout);
+    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+    let status_now = status.unwrap_or_else(|| {
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        child.wait().expect("wait")
+    });
+    let grace = Instant::now() + Duration::from_secs(10);
+    let (stdout, out_closed) = out.finish(grace);
+    let (stderr, err_closed) = err.finish(grace);
     let r = Run {
-        status: status.unwrap_or_else(|| {
-            let _ = child.kill();
-            child.wait().expect("wait")
-        }),
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        status: status_now,
+        stdout,
+        stderr,
         elapsed: start.elapsed(),
     };
-    assert!(status.is_some(), "did not finish in {timeout:?}: {r:?}");
+    if status.is_none() {
+        panic!("did not finish in {timeout:?}: {r:?}");
+    }
+    if !(out_closed && err_closed) {
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        panic!("exited, but something it started still holds its output open: {r:?}");
+    }
     r
+}
+
+/// A pipe read on a thread of its own into a buffer that can be taken at any time.
+struct Capture {
+    buf: Arc<Mutex<Vec<u8>>>,
+    closed: mpsc::Receiver<()>,
+}
+
+impl Capture {
+    fn start<R: Read + Send + 'static>(mut r: R) -> Capture {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let (tx, closed) = mpsc::channel();
+        let sink = buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n @ 1..) = r.read(&mut chunk) {
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&chunk[..n]);
+            }
+            let _ = tx.send(());
+        });
+        Capture { buf, closed }
+    }
+
+    /// What was read by `deadline`, and whether the pipe had closed by then.
+    fn finish(self, deadline: Instant) -> (String, bool) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let closed = self.closed.recv_timeout(left).is_ok();
+        let bytes = self.buf.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (String::from_utf8_lossy(&bytes).into_owned(), closed)
+    }
 }

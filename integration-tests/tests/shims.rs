@@ -41,35 +41,56 @@ fn shims(c: &TestCluster) -> PathBuf {
     dir
 }
 
+/// `python3 TOOL` for one of DGL's tools, unmodified, with multiprocessing's "spawn" start method.
+///
+/// launch.py and distgraphlaunch.py fork their clean-up process (the default "fork") while
+/// their threads are starting `ssh` through subprocess. A fork inside one thread's window
+/// between pipe() and exec() keeps that thread's exec-status pipe open in the clean-up process:
+/// the thread never returns and the tool deadlocks, over ssh as over the shims (seen under
+/// load). A spawned clean-up process inherits no such pipe.
+fn dgl_tool(tool: &str) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(
+            "import multiprocessing, runpy, sys\n\
+             multiprocessing.set_start_method('spawn')\n\
+             sys.argv = sys.argv[1:]\n\
+             runpy.run_path(sys.argv[0], run_name='__main__')\n",
+        )
+        .arg(fixtures_dir().join("dgl-tools").join(tool))
+        // Lines of the clean-up process arrive when printed, so a test can wait for them.
+        .env("PYTHONUNBUFFERED", "1");
+    cmd
+}
+
 /// DGL's launch.py as its users run it, from machine 0's root (the workspace path is relative:
 /// launch.py reads ip_config and part_config locally, and the remote shell starts in the
 /// agent's root, as ssh's starts in the home directory).
 fn launch_py(c: &TestCluster, shims: &std::path::Path, trainers: &str, udf: &str) -> Command {
-    let mut cmd = Command::new("python3");
-    cmd.arg(fixtures_dir().join("dgl-tools/launch.py"))
-        .args([
-            "--workspace",
-            WS,
-            "--num_trainers",
-            trainers,
-            "--num_samplers",
-            "0",
-        ])
-        .args(["--num_servers", "1", "--part_config", "data/g.json"])
-        .args(["--ip_config", "ip_config.txt", udf])
-        .current_dir(c.root(0))
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                shims.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .env("PYTHONPATH", fixtures_dir().join("pythonpath"))
-        .env_remove("OMP_NUM_THREADS")
-        .env_remove("DGL_AGENT_TOKEN_FILE")
-        .env_remove("DGL_AGENT_PORT");
+    let mut cmd = dgl_tool("launch.py");
+    cmd.args([
+        "--workspace",
+        WS,
+        "--num_trainers",
+        trainers,
+        "--num_samplers",
+        "0",
+    ])
+    .args(["--num_servers", "1", "--part_config", "data/g.json"])
+    .args(["--ip_config", "ip_config.txt", udf])
+    .current_dir(c.root(0))
+    .env(
+        "PATH",
+        format!(
+            "{}:{}",
+            shims.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    )
+    .env("PYTHONPATH", fixtures_dir().join("pythonpath"))
+    .env_remove("OMP_NUM_THREADS")
+    .env_remove("DGL_AGENT_TOKEN_FILE")
+    .env_remove("DGL_AGENT_PORT");
     cmd
 }
 
@@ -130,16 +151,24 @@ fn dgl_launch_py_ctrl_c_cleanup_over_the_shims_leaves_nothing() {
     let err = reader(child.stderr.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut hanging = 0;
-    while hanging < 3 {
+    // A clean-up process still starting would die of the Ctrl-C instead of cleaning up.
+    let mut cleanup_runs = false;
+    while hanging < 3 || !cleanup_runs {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) if line.contains("hanging") => hanging += 1,
+            Ok(line) if line.contains("cleanup process runs") => cleanup_runs = true,
             Ok(_) => {}
             Err(_) => {
                 let _ = child.kill();
-                panic!("saw {hanging} of 3 trainers hang: {}", err.join().unwrap());
+                panic!(
+                    "saw {hanging} of 3 trainers hang, clean-up running: {cleanup_runs}: {}",
+                    err.join().unwrap()
+                );
             }
         }
     }
+    // cleanup_proc prints its line before it ignores SIGINT: a Ctrl-C in between kills it.
+    std::thread::sleep(Duration::from_secs(1));
     let mut pids: Vec<u32> = record_pids(&c, "server").into_iter().map(|p| p.1).collect();
     pids.extend(record_pids(&c, "trainer").into_iter().map(|p| p.1));
     assert_eq!(pids.len(), 6, "{pids:?}");
@@ -154,7 +183,11 @@ fn dgl_launch_py_ctrl_c_cleanup_over_the_shims_leaves_nothing() {
     assert!(status.is_some(), "launch.py did not exit\n{stdout}");
     let left = wait_gone(&pids, Duration::from_secs(30));
     assert!(left.is_empty(), "still alive: {left:?}\n{stdout}");
-    assert!(stdout.contains("cleanup process runs"), "{stdout}");
+    assert!(
+        stdout.contains("cleanup process exits"),
+        "{stdout}\n{}",
+        err.join().unwrap()
+    );
 }
 
 #[test]
@@ -241,9 +274,8 @@ fn dgl_distgraphlaunch_py_starts_its_ranks_with_their_environment() {
         std::fs::write(c.root(host).join("dump_env.py"), dump).unwrap();
     }
     let ip_config = c.ip_config_file();
-    let mut cmd = Command::new("python3");
-    cmd.arg(fixtures_dir().join("dgl-tools/distgraphlaunch.py"))
-        .args(["--num_proc_per_machine", "2", "--master_port", "31234"])
+    let mut cmd = dgl_tool("distgraphlaunch.py");
+    cmd.args(["--num_proc_per_machine", "2", "--master_port", "31234"])
         .arg("--ip_config")
         .arg(&ip_config)
         .arg("python3 dump_env.py")

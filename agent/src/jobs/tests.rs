@@ -107,10 +107,17 @@ async fn every_process_leads_its_own_session() {
         }
     }
     assert_eq!(lines.len(), 2, "{lines:?}");
-    let agent_sid = rustix::process::getsid(None)
+    // From /proc, not getsid(2): a session whose leader lives outside this pid namespace (a
+    // container's) reads as 0 there, which rustix's Pid cannot hold.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 1..];
+    // state, ppid, pgrp, session
+    let agent_sid: i32 = after_comm
+        .split_whitespace()
+        .nth(3)
         .unwrap()
-        .as_raw_nonzero()
-        .get();
+        .parse()
+        .unwrap();
     for l in &lines {
         let ids: Vec<i32> = l.split(' ').map(|x| x.parse().unwrap()).collect();
         assert_eq!(ids[0], ids[1], "own process group: {l}");
