@@ -147,6 +147,14 @@ impl Agent for AgentService {
         Ok(Response::new(self.jobs.wait_listening(spec).await?))
     }
 
+    async fn dump_stacks(
+        &self,
+        req: Request<pb::DumpStacksRequest>,
+    ) -> Result<Response<pb::DumpStacksReply>, Status> {
+        let spec = crate::jobs::stacks::StacksSpec::try_from(req.into_inner())?;
+        Ok(Response::new(self.jobs.dump_stacks(spec).await?))
+    }
+
     type SessionStream = crate::jobs::session::OutputStream;
 
     async fn session(

@@ -11,6 +11,7 @@
 //! * `state_file` records the running jobs under the root; `recover` reads it when the agent
 //!   starts and stops whatever a previous run of the agent left behind.
 //! * `session` runs one command the way ssh does, as a job of its own with byte streams.
+//! * `stacks` dumps the Python stack of every Python process of a job (py-spy).
 
 pub mod cgroup;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod recover;
 pub mod session;
 pub mod slots;
 pub mod spec;
+pub mod stacks;
 pub mod state_file;
 pub mod stop;
 mod stopped;
