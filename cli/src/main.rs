@@ -12,6 +12,7 @@ mod rcp_cmd;
 mod rsh_cmd;
 mod run_cmd;
 mod shims_cmd;
+mod stacks_cmd;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -57,6 +58,8 @@ enum Command {
     Status(ops_cmd::StatusArgs),
     /// Stop jobs on every agent by hand (all of them, or one with --job).
     Kill(ops_cmd::KillArgs),
+    /// Print the Python stack of every process of a running job (py-spy on every host).
+    Stacks(stacks_cmd::StacksArgs),
     /// Run a command on one host through its agent, with ssh's command line and exit status.
     #[command(disable_help_flag = true)]
     Rsh(RshWords),
@@ -144,6 +147,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
         Command::Run(args) => run_cmd::run(args).await,
         Command::Status(args) => ops_cmd::status(args).await,
         Command::Kill(args) => ops_cmd::kill(args).await,
+        Command::Stacks(args) => stacks_cmd::run(args).await,
         Command::Doctor(args) => doctor_cmd::run(args).await,
         Command::Completions(args) => docs_cmd::completions(args),
         Command::Man(args) => docs_cmd::man(args),

@@ -12,3 +12,4 @@ pub mod ops;
 pub mod probe;
 pub mod rcp;
 pub mod rsh;
+pub mod stacks;

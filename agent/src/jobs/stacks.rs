@@ -171,8 +171,13 @@ pub fn label_members(
         .collect();
     let is_python = |pid: i32| by_pid.get(&pid).is_some_and(|m| m.python);
     // (sort key, owner label, member, role, numbered): numbered names get `<k>` appended.
-    let mut named: Vec<((usize, usize, u64, i32), String, &Member, &'static str, bool)> =
-        Vec::new();
+    let mut named: Vec<(
+        (usize, usize, u64, i32),
+        String,
+        &Member,
+        &'static str,
+        bool,
+    )> = Vec::new();
     for m in members.iter().filter(|m| m.python) {
         // Up to the launched process it descends from, through Python ancestors only counted.
         let mut chain = vec![m.entry.pid];
@@ -232,9 +237,7 @@ pub fn label_members(
                 (key, format!("{owner} sampler"), m, "sampler", true)
             }
             (Kind::Other, 0, _) => (key, seed_label, m, "process", false),
-            (Kind::Server | Kind::Other, _, _) => {
-                (key, format!("{owner} child"), m, "child", true)
-            }
+            (Kind::Server | Kind::Other, _, _) => (key, format!("{owner} child"), m, "child", true),
         };
         named.push(entry);
     }
@@ -570,7 +573,10 @@ mod tests {
     }
 
     fn names(members: &[Member], seeds: &[(i32, &str)]) -> Vec<(i32, String, &'static str)> {
-        let parents = members.iter().map(|m| (m.entry.pid, m.entry.ppid)).collect();
+        let parents = members
+            .iter()
+            .map(|m| (m.entry.pid, m.entry.ppid))
+            .collect();
         let seeds: Vec<(i32, String)> = seeds.iter().map(|(p, l)| (*p, l.to_string())).collect();
         label_members(members, &seeds, &parents)
             .into_iter()
@@ -588,7 +594,13 @@ mod tests {
             member(401, 400, 4, true, "python3 train.py"),
             member(302, 300, 9, true, "python3 train.py"),
             member(301, 300, 8, true, "python3 train.py"),
-            member(303, 300, 7, true, "python3 -c from multiprocessing.resource_tracker import main;main(5)"),
+            member(
+                303,
+                300,
+                7,
+                true,
+                "python3 -c from multiprocessing.resource_tracker import main;main(5)",
+            ),
             member(402, 401, 5, true, "python3 train.py"),
         ];
         let got = names(
