@@ -9,6 +9,8 @@ use serde::Serialize;
 
 use crate::cluster::{self, AgentAccess, Host};
 use crate::config::IpConfig;
+use crate::launch::events::escape_del_c1;
+use crate::launch::output::escape_controls;
 
 /// How long one agent may take to dump a job: it runs at most 8 py-spy at once, 20 s each at
 /// worst, for up to 128 processes.
@@ -65,6 +67,12 @@ pub struct StacksReport {
     pub hosts: Vec<HostStacks>,
     /// One line per problem, naming the host (and the process).
     pub errors: Vec<String>,
+}
+
+/// `text` with every control character but newline and tab shown as `\xNN`: a process's
+/// command line and py-spy's output must not drive the terminal.
+fn terminal_safe(text: &str) -> String {
+    String::from_utf8_lossy(&escape_controls(text.as_bytes(), true)).into_owned()
 }
 
 /// The innermost frame of the main thread (else of the first thread) in py-spy's text:
@@ -126,7 +134,7 @@ impl StacksReport {
             }
         }
         out.push_str(&self.render_summary());
-        out
+        terminal_safe(&out)
     }
 
     /// One line per process: where its main thread is.
@@ -153,14 +161,14 @@ impl StacksReport {
         for [a, b, c] in rows {
             out.push_str(&format!("  {a:<w0$}  {b:<w1$}  {c}\n"));
         }
-        out
+        terminal_safe(&out)
     }
 
     /// One JSON object per process, one a line.
     pub fn render_json_lines(&self) -> String {
         self.processes()
             .filter_map(|p| serde_json::to_string(p).ok())
-            .map(|l| l + "\n")
+            .map(|l| escape_del_c1(l) + "\n")
             .collect()
     }
 }
@@ -374,7 +382,7 @@ mod tests {
             label: label.into(),
             role: "trainer".into(),
             pid: 4250,
-            command: "python3 fake_dgl.py --hang".into(),
+            command: "python3 fake_dgl.py --hang \x1b[2J".into(),
             stack: stack.map(str::to_string),
             truncated: false,
             location: stack.and_then(location),
