@@ -153,6 +153,18 @@ fn helper(command: &str) -> Option<&'static str> {
         .find(|h| command.contains(&format!("multiprocessing.{h}")))
 }
 
+/// A member on its way to a label.
+struct Named<'a> {
+    /// Launched process (its launch order), Python depth below it, start time, pid.
+    key: (usize, usize, u64, i32),
+    /// The label, before a number when `numbered`.
+    base: String,
+    member: &'a Member,
+    role: &'static str,
+    /// Samplers and children get `<k>`, by start time within their base.
+    numbered: bool,
+}
+
 /// Names every Python member: `seeds` are the job's launched processes (pid, label) in launch
 /// order, `parents` maps every pid of the scan to its parent. Servers, trainers and torchruns
 /// keep their launch label; a torchrun's Python child is `trainer<LOCAL_RANK>`; Python
@@ -170,14 +182,7 @@ pub fn label_members(
         .map(|(i, (pid, _))| (*pid, i))
         .collect();
     let is_python = |pid: i32| by_pid.get(&pid).is_some_and(|m| m.python);
-    // (sort key, owner label, member, role, numbered): numbered names get `<k>` appended.
-    let mut named: Vec<(
-        (usize, usize, u64, i32),
-        String,
-        &Member,
-        &'static str,
-        bool,
-    )> = Vec::new();
+    let mut named: Vec<Named<'_>> = Vec::new();
     for m in members.iter().filter(|m| m.python) {
         // Up to the launched process it descends from, through Python ancestors only counted.
         let mut chain = vec![m.entry.pid];
@@ -195,13 +200,13 @@ pub fn label_members(
         }
         let start = m.entry.start.unwrap_or(0);
         let Some(si) = seed else {
-            named.push((
-                (usize::MAX, 0, start, m.entry.pid),
-                "orphan".into(),
-                m,
-                "orphan",
-                false,
-            ));
+            named.push(Named {
+                key: (usize::MAX, 0, start, m.entry.pid),
+                base: "orphan".into(),
+                member: m,
+                role: "orphan",
+                numbered: false,
+            });
             continue;
         };
         // Python processes from the launched one down to m's parent, outermost first.
@@ -227,45 +232,50 @@ pub fn label_members(
             (Kind::Torchrun, d) if d >= 2 => worker_label(above[1]),
             _ => seed_label.clone(),
         };
-        let entry = match (kind, depth, helper(&m.command)) {
-            (_, d, Some(h)) if d > 0 => (key, format!("{owner} {h}"), m, "helper", false),
-            (Kind::Server, 0, _) => (key, seed_label, m, "server", false),
-            (Kind::Trainer, 0, _) => (key, seed_label, m, "trainer", false),
-            (Kind::Torchrun, 0, _) => (key, seed_label, m, "torchrun", false),
-            (Kind::Torchrun, 1, _) => (key, worker_label(m.entry.pid), m, "trainer", false),
-            (Kind::Trainer | Kind::Torchrun, _, _) => {
-                (key, format!("{owner} sampler"), m, "sampler", true)
-            }
-            (Kind::Other, 0, _) => (key, seed_label, m, "process", false),
-            (Kind::Server | Kind::Other, _, _) => (key, format!("{owner} child"), m, "child", true),
+        let (base, role, numbered) = match (kind, depth, helper(&m.command)) {
+            (_, d, Some(h)) if d > 0 => (format!("{owner} {h}"), "helper", false),
+            (Kind::Server, 0, _) => (seed_label, "server", false),
+            (Kind::Trainer, 0, _) => (seed_label, "trainer", false),
+            (Kind::Torchrun, 0, _) => (seed_label, "torchrun", false),
+            (Kind::Torchrun, 1, _) => (worker_label(m.entry.pid), "trainer", false),
+            (Kind::Trainer | Kind::Torchrun, _, _) => (format!("{owner} sampler"), "sampler", true),
+            (Kind::Other, 0, _) => (seed_label, "process", false),
+            (Kind::Server | Kind::Other, _, _) => (format!("{owner} child"), "child", true),
+        };
+        let entry = Named {
+            key,
+            base,
+            member: m,
+            role,
+            numbered,
         };
         named.push(entry);
     }
-    named.sort_by_key(|n| n.0);
+    named.sort_by_key(|n| n.key);
     // Numbered by start time within each owner (ties by pid).
     let mut numbering: Vec<(u64, i32, usize)> = named
         .iter()
         .enumerate()
-        .filter(|(_, n)| n.4)
-        .map(|(i, n)| (n.2.entry.start.unwrap_or(0), n.2.entry.pid, i))
+        .filter(|(_, n)| n.numbered)
+        .map(|(i, n)| (n.member.entry.start.unwrap_or(0), n.member.entry.pid, i))
         .collect();
     numbering.sort_unstable();
     let mut next: HashMap<String, usize> = HashMap::new();
-    let mut labels: Vec<String> = named.iter().map(|n| n.1.clone()).collect();
+    let mut labels: Vec<String> = named.iter().map(|n| n.base.clone()).collect();
     for (_, _, i) in numbering {
-        let k = next.entry(named[i].1.clone()).or_insert(0);
-        labels[i] = format!("{}{k}", named[i].1);
+        let k = next.entry(named[i].base.clone()).or_insert(0);
+        labels[i] = format!("{}{k}", named[i].base);
         *k += 1;
     }
     named
         .iter()
         .zip(labels)
         .map(|(n, label)| Labelled {
-            pid: n.2.entry.pid,
-            start: n.2.entry.start,
+            pid: n.member.entry.pid,
+            start: n.member.entry.start,
             label,
-            role: n.3,
-            command: n.2.command.clone(),
+            role: n.role,
+            command: n.member.command.clone(),
         })
         .collect()
 }
