@@ -76,7 +76,12 @@ fn path_without_py_spy(dir: &Path) -> String {
 struct Hanging(Child);
 
 impl Hanging {
-    fn start(mut cmd: Command, expected: usize) -> Self {
+    fn start(cmd: Command, expected: usize) -> Self {
+        Self::start_until(cmd, "hanging", expected, Duration::from_secs(90))
+    }
+
+    /// Once `expected` lines said `word`.
+    fn start_until(mut cmd: Command, word: &str, expected: usize, limit: Duration) -> Self {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -90,11 +95,11 @@ impl Hanging {
                 let _ = tx.send(line);
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(90);
+        let deadline = Instant::now() + limit;
         let mut hanging = 0;
         while hanging < expected {
             match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) => hanging += usize::from(l.contains("hanging")),
+                Ok(l) => hanging += usize::from(l.contains(word)),
                 Err(_) => {
                     let _ = child.kill();
                     panic!("only {hanging} of {expected} trainers hung");
@@ -350,4 +355,97 @@ fn an_unknown_job_is_an_error_naming_the_hosts_asked() {
         r.stderr.contains(&format!("m0 ({}:{}): ", c.ip(0), c.port)),
         "{r:?}"
     );
+}
+
+/// The real DGL 2.1 job (`integration-tests/e2e/wait_before_barrier.py`): servers in DGL's
+/// server loop, a trainer that waits before its barrier, its sampler. Opt-in: it needs DGL and
+/// torch (`DGLRUN_E2E_VENV`, default `~/.cache/dglrun-e2e/venv`, as `scripts/e2e-real-dgl.sh
+/// --install` makes it) and takes a minute; run it with
+/// `cargo nextest run -p dglrun-integration-tests --run-ignored only -E 'test(real_dgl)'`.
+#[test]
+#[ignore = "opt-in: a real DGL job (DGLRUN_E2E_VENV, default ~/.cache/dglrun-e2e/venv)"]
+fn a_real_dgl_trainer_waiting_before_its_barrier_is_named() {
+    let venv = std::env::var_os("DGLRUN_E2E_VENV").map_or_else(
+        || PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/dglrun-e2e/venv"),
+        PathBuf::from,
+    );
+    assert!(
+        venv.join("bin/python3").exists(),
+        "no DGL venv at {}: scripts/e2e-real-dgl.sh --install makes one",
+        venv.display()
+    );
+    let path = path_with_py_spy("stacks of a real DGL job").expect("py-spy");
+    let mut c = TestCluster::start(1);
+    let path = format!("{}:{path}", venv.join("bin").display());
+    c.set_agent_env(0, &[("PATH", &path)]);
+    let ws = c.root(0).join(dglrun_integration_tests::WS);
+    std::fs::create_dir_all(&ws).unwrap();
+    let e2e = dglrun_integration_tests::repo_dir().join("integration-tests/e2e");
+    std::fs::copy(e2e.join("wait_before_barrier.py"), ws.join("wait.py")).unwrap();
+    std::fs::copy(c.ip_config_file(), ws.join("ip_config.txt")).unwrap();
+    let mut part = Command::new(venv.join("bin/python3"));
+    part.arg(e2e.join("partition_graph.py"))
+        .arg("--out")
+        .arg(ws.join("data"))
+        .args(["--parts", "1", "--graph-name", "g", "--method", "random"]);
+    let r = run(part, Duration::from_secs(300));
+    assert_eq!(r.code(), 0, "partition_graph.py: {r:?}");
+
+    let mut launch = c.coord();
+    launch
+        .args(["launch", "--workspace", dglrun_integration_tests::WS])
+        .args([
+            "--num_trainers",
+            "1",
+            "--num_samplers",
+            "1",
+            "--num_servers",
+            "1",
+        ])
+        .args(["--trainer-mode", "direct", "--grace", "1"])
+        .args([
+            "--part_config",
+            "data/g.json",
+            "--ip_config",
+            "ip_config.txt",
+        ])
+        .arg("python3 wait.py --graph_name g --ip_config ip_config.txt")
+        .env_remove("PYTHONPATH");
+    let started = Instant::now();
+    let _job = Hanging::start_until(launch, "E2E_WAITING", 1, Duration::from_secs(240));
+    eprintln!(
+        "the trainer waited after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let job = job_id(&c);
+    let t = Instant::now();
+    let r = stacks(&c, &job, &["--json"]);
+    eprintln!("dgl-coord stacks took {:.2} s", t.elapsed().as_secs_f64());
+    assert_eq!(r.code(), 0, "{r:?}");
+    let records = r.events();
+    let trainer = records
+        .iter()
+        .find(|e| e["label"] == "trainer0")
+        .unwrap_or_else(|| panic!("no trainer0: {r:?}"));
+    assert!(
+        trainer["location"]
+            .as_str()
+            .unwrap()
+            .starts_with("wait_before_barrier (wait.py:"),
+        "{trainer}"
+    );
+    let server = records
+        .iter()
+        .find(|e| e["label"] == "server0")
+        .unwrap_or_else(|| panic!("no server0: {r:?}"));
+    assert!(
+        server["stack"].as_str().unwrap().contains("initialize"),
+        "{server}"
+    );
+    assert!(
+        records.iter().any(|e| e["role"] == "sampler"),
+        "no sampler: {r:?}"
+    );
+    let text = stacks(&c, &job, &[]);
+    eprintln!("{}", text.stdout);
 }
