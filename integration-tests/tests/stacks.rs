@@ -357,6 +357,86 @@ fn an_unknown_job_is_an_error_naming_the_hosts_asked() {
     );
 }
 
+/// The state letter of `pid` in /proc (`T` when stopped).
+fn state_of(pid: u64) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// A py-spy that pauses its target and never finishes (as one stuck while attached) is killed
+/// after the agent's 20 s, and the target goes on: the agent sends it SIGCONT.
+#[test]
+fn a_dump_that_never_ends_is_killed_and_its_target_resumed() {
+    let mut c = TestCluster::with_workspace(1);
+    let fake = c.dir.path().join("stuck-py-spy");
+    std::fs::create_dir_all(&fake).unwrap();
+    let script = fake.join("py-spy");
+    std::fs::write(&script, "#!/bin/sh\nkill -STOP \"$3\"\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        fake.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    c.set_agent_env(0, &[("PATH", &path)]);
+    let _job = Hanging::start(
+        c.launch_direct(
+            "1",
+            &[],
+            "python3 fake_dgl.py --ip_config ip_config.txt --hang",
+        ),
+        1,
+    );
+    let job = job_id(&c);
+    let r = stacks(&c, &job, &["--json"]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    let records = r.events();
+    assert_eq!(records.len(), 2, "server and trainer: {r:?}");
+    for rec in &records {
+        let error = rec["error"].as_str().unwrap_or_default();
+        assert!(error.contains("did not finish within 20 s"), "{rec}");
+        let pid = rec["pid"].as_u64().unwrap();
+        // SIGCONT is sent once py-spy is killed; the kernel applies it at once.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state_of(pid) == "T" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_ne!(state_of(pid), "T", "{} left stopped", rec["label"]);
+    }
+    assert!(
+        r.stderr.contains("trainer0 (pid ") && r.stderr.contains("it was killed"),
+        "{r:?}"
+    );
+}
+
+/// DumpStacks is refused before anything runs without the token, like every call; with it,
+/// an unknown job is NOT_FOUND.
+#[test]
+fn dump_stacks_needs_the_token() {
+    use dglrun_proto::pb;
+    let c = TestCluster::start(1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let uri = format!("http://{}:{}", c.ip(0), c.port);
+        let channel = tonic::transport::Endpoint::from_shared(uri)
+            .unwrap()
+            .connect_lazy();
+        let meta = dglrun_proto::meta::ClientMeta::new(Some(&"0".repeat(64))).unwrap();
+        let mut wrong = pb::agent_client::AgentClient::with_interceptor(channel, meta);
+        let req = || pb::DumpStacksRequest {
+            job_id: "x".into(),
+            native: false,
+        };
+        let err = wrong.dump_stacks(req()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        let err = c.client(0).dump_stacks(req()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    });
+}
+
 /// The real DGL 2.1 job (`integration-tests/e2e/wait_before_barrier.py`): servers in DGL's
 /// server loop, a trainer that waits before its barrier, its sampler. Opt-in: it needs DGL and
 /// torch (`DGLRUN_E2E_VENV`, default `~/.cache/dglrun-e2e/venv`, as `scripts/e2e-real-dgl.sh
