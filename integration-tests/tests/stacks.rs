@@ -391,6 +391,40 @@ fn a_dump_that_never_ends_is_killed_and_its_target_resumed() {
         1,
     );
     let job = job_id(&c);
+    let pids: Vec<u64> = {
+        let mut status = c.coord();
+        status
+            .args(["status", "--json", "--ip_config"])
+            .arg(c.ip_config_file());
+        let st: Value = serde_json::from_str(&run(status, Duration::from_secs(30)).stdout).unwrap();
+        st[0]["jobs"][0]["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["pid"].as_u64().unwrap())
+            .collect()
+    };
+    let resumed = |pids: &[u64]| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|&p| state_of(p) == "T") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pids.iter().all(|&p| state_of(p) != "T")
+    };
+    // A caller that gives up (its call dropped) ends the dumps too.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = c.client(0);
+        let call = client.dump_stacks(dglrun_proto::pb::DumpStacksRequest {
+            job_id: job.clone(),
+            native: false,
+        });
+        assert!(tokio::time::timeout(Duration::from_secs(2), call)
+            .await
+            .is_err());
+    });
+    assert!(resumed(&pids), "left stopped after a dropped call");
+
     let r = stacks(&c, &job, &["--json"]);
     assert_eq!(r.code(), 1, "{r:?}");
     let records = r.events();

@@ -446,6 +446,11 @@ async fn dump_one(py_spy: &Path, p: &Labelled, native: bool) -> Dump {
     };
     let stdout = spawned.child.stdout.take().map(OwnedFd::from);
     let stderr = spawned.child.stderr.take().map(OwnedFd::from);
+    let mut guard = Unfinished {
+        py_spy: spawned.pidfd.take(),
+        target: p,
+        finished: false,
+    };
     let run = async {
         let ((out, truncated), (err, _)) = tokio::join!(
             read_capped(stdout, MAX_STACK_BYTES),
@@ -455,7 +460,10 @@ async fn dump_one(py_spy: &Path, p: &Labelled, native: bool) -> Dump {
         let exit = (&mut spawned.exit).await.unwrap_or(Exit::Code(-1));
         (out, truncated, err, exit)
     };
-    match tokio::time::timeout(DUMP_TIMEOUT, run).await {
+    let outcome = tokio::time::timeout(DUMP_TIMEOUT, run).await;
+    guard.finished = outcome.is_ok();
+    drop(guard);
+    match outcome {
         Ok((out, truncated, _, Exit::Code(0))) => Dump {
             stack: String::from_utf8_lossy(&out).into_owned(),
             truncated,
@@ -481,21 +489,35 @@ async fn dump_one(py_spy: &Path, p: &Labelled, native: bool) -> Dump {
                 ..Dump::default()
             }
         }
-        Err(_) => {
-            if let Some(fd) = &spawned.pidfd {
-                let _ = fd.signal(Signal::SIGKILL);
-            }
-            // A py-spy killed while attached may leave its target stopped.
-            if let Some(start) = p.start {
-                super::pidfd::signal_exact(p.pid, start, Signal::SIGCONT);
-            }
-            Dump {
-                error: format!(
-                    "py-spy did not finish within {} s; it was killed",
-                    DUMP_TIMEOUT.as_secs()
-                ),
-                ..Dump::default()
-            }
+        Err(_) => Dump {
+            error: format!(
+                "py-spy did not finish within {} s; it was killed",
+                DUMP_TIMEOUT.as_secs()
+            ),
+            ..Dump::default()
+        },
+    }
+}
+
+/// A py-spy still running when its dump ends (the timeout, or the call dropped with its
+/// client): it is killed, and its target sent SIGCONT, since a py-spy killed while attached
+/// may leave the process it paused stopped.
+struct Unfinished<'a> {
+    py_spy: Option<super::pidfd::PidFd>,
+    target: &'a Labelled,
+    finished: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some(fd) = &self.py_spy {
+            let _ = fd.signal(Signal::SIGKILL);
+        }
+        if let Some(start) = self.target.start {
+            super::pidfd::signal_exact(self.target.pid, start, Signal::SIGCONT);
         }
     }
 }
