@@ -20,6 +20,7 @@ use crate::jobs::session::SessionSpec;
 use crate::jobs::spec::{JobId, SpawnSpec, StopSpec, WatchSpec};
 use crate::jobs::{EventStream, Jobs};
 use crate::limits;
+use crate::supervise::Supervisor;
 
 pub struct AgentService {
     pub root: Root,
@@ -27,6 +28,8 @@ pub struct AgentService {
     pub jobs: Arc<Jobs>,
     /// Bounds the transfers served at once.
     pub transfers: Arc<Semaphore>,
+    /// Detached jobs this agent supervises.
+    pub supervisor: Arc<Supervisor>,
 }
 
 impl AgentService {
@@ -36,7 +39,13 @@ impl AgentService {
             files,
             jobs,
             transfers: Arc::new(Semaphore::new(limits::MAX_CONCURRENT_TRANSFERS)),
+            supervisor: Supervisor::disabled(),
         }
+    }
+
+    pub fn with_supervisor(mut self, supervisor: Arc<Supervisor>) -> Self {
+        self.supervisor = supervisor;
+        self
     }
 }
 
@@ -172,6 +181,22 @@ impl Agent for AgentService {
         };
         let spec = SessionSpec::try_from(start)?;
         Ok(Response::new(self.jobs.session(spec, input).await?))
+    }
+
+    async fn supervise(
+        &self,
+        req: Request<pb::SuperviseRequest>,
+    ) -> Result<Response<pb::SuperviseReply>, Status> {
+        Ok(Response::new(
+            self.supervisor.supervise(req.into_inner()).await?,
+        ))
+    }
+
+    async fn wait_job(
+        &self,
+        req: Request<pb::WaitJobRequest>,
+    ) -> Result<Response<pb::WaitJobReply>, Status> {
+        Ok(Response::new(self.supervisor.wait(req.into_inner()).await?))
     }
 
     async fn list_jobs(

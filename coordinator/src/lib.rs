@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod config;
 pub mod copy;
+pub mod detached;
 pub mod doctor;
 pub mod launch;
 pub mod ops;
