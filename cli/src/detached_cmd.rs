@@ -1,11 +1,11 @@
-//! `dgl-coord wait` and `dgl-coord stop`: a detached job (`launch --detach`) from any shell.
+//! `dgl-coord attach`, `wait` and `stop`: a detached job (`launch --detach`) from any shell.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use dglrun_coordinator::config::IpConfig;
-use dglrun_coordinator::{detached, ops};
+use dglrun_coordinator::{attach, detached, ops};
 
 use crate::access::AccessArgs;
 
@@ -49,6 +49,49 @@ pub(crate) struct StopArgs {
 
     #[command(flatten)]
     access: AccessArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct AttachArgs {
+    /// The job id `launch --detach` printed.
+    job: String,
+
+    /// ip_config.txt listing the machines (a local file).
+    #[arg(long = "ip_config", alias = "ip-config")]
+    ip_config: PathBuf,
+
+    /// Print every line the agents still hold (up to 100,000 lines or 32 MiB per host), not
+    /// only the lines from now on.
+    #[arg(long = "from-start")]
+    from_start: bool,
+
+    /// Ctrl-C stops the job (on every machine) instead of detaching from it.
+    #[arg(long = "stop-on-interrupt")]
+    stop_on_interrupt: bool,
+
+    /// Seconds between SIGTERM and SIGKILL with --stop-on-interrupt.
+    #[arg(long, default_value_t = 5.0)]
+    grace: f64,
+
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+/// The job's output until it ends (its exit code), or until Ctrl-C (130; the job runs on).
+pub(crate) async fn attach(args: AttachArgs) -> anyhow::Result<u8> {
+    anyhow::ensure!(
+        args.grace.is_finite() && args.grace >= 0.0,
+        "--grace must be a number of seconds, not {}",
+        args.grace
+    );
+    let ips = IpConfig::load(&args.ip_config)?;
+    let o = attach::AttachOptions {
+        job_id: args.job,
+        from_start: args.from_start,
+        stop_on_interrupt: args.stop_on_interrupt,
+        grace: Duration::from_secs_f64(args.grace),
+    };
+    attach::attach(&ips, &args.access.access()?, o).await
 }
 
 /// Exits with the job's own exit code once it is over.

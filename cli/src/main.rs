@@ -68,6 +68,8 @@ enum Command {
     Shims(shims_cmd::ShimsArgs),
     /// Check every host before a launch: agent, interface, Python, GPUs, disk, ports.
     Doctor(doctor_cmd::DoctorArgs),
+    /// Follow a detached job's output until it ends; Ctrl-C detaches.
+    Attach(detached_cmd::AttachArgs),
     /// Wait for a detached job to end; exit with its exit code.
     Wait(detached_cmd::WaitArgs),
     /// Stop a job on every machine (as `kill --job JOB`).
@@ -150,6 +152,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
         Command::Status(args) => ops_cmd::status(args).await,
         Command::Kill(args) => ops_cmd::kill(args).await,
         Command::Doctor(args) => doctor_cmd::run(args).await,
+        Command::Attach(args) => detached_cmd::attach(args).await,
         Command::Wait(args) => detached_cmd::wait(args).await,
         Command::Stop(args) => detached_cmd::stop(args).await,
         Command::Completions(args) => docs_cmd::completions(args),

@@ -13,7 +13,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dglrun_integration_tests::run::{run, Run};
+use dglrun_integration_tests::run::{reader, run, wait_with_timeout, Run};
 use dglrun_integration_tests::{pids_with_env, TestCluster, WS};
 use serde_json::Value;
 
@@ -42,7 +42,8 @@ fn coord(c: &TestCluster, sub: &str, job: &str, flags: &[&str]) -> Command {
     cmd.arg(sub)
         .arg(job)
         .arg("--ip_config")
-        .arg(c.ip_config_file())
+        // Written once by `with_workspace`: rewriting it here would race a running command.
+        .arg(c.local().join("ip_config.txt"))
         .args(flags);
     cmd
 }
@@ -184,7 +185,7 @@ fn a_detached_launch_whose_start_fails_exits_non_zero_with_the_launch_message() 
 
 #[test]
 fn wait_for_a_job_nobody_supervises_names_it() {
-    let c = TestCluster::start(1);
+    let c = TestCluster::with_workspace(1);
     let r = run(
         coord(&c, "wait", "dglrun-0-nosuchjob", &[]),
         Duration::from_secs(30),
@@ -195,4 +196,120 @@ fn wait_for_a_job_nobody_supervises_names_it() {
             .contains("supervises no job \"dglrun-0-nosuchjob\""),
         "{r:?}"
     );
+}
+
+/// A job whose every process prints `tick N` every 0.1 s, `n` times, then exits 0.
+fn ticking(n: u32) -> String {
+    format!("i=1; while [ $i -le {n} ]; do echo tick $i; i=$((i+1)); sleep 0.1; done")
+}
+
+/// A running `dgl-coord attach`, its output read on threads.
+struct Attach {
+    child: std::process::Child,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+fn start_attach(c: &TestCluster, job: &str, flags: &[&str]) -> Attach {
+    use std::process::Stdio;
+    let mut cmd = coord(c, "attach", job, flags);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = reader(child.stdout.take().unwrap());
+    let err = reader(child.stderr.take().unwrap());
+    Attach { child, out, err }
+}
+
+impl Attach {
+    fn interrupt(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    }
+
+    /// Exit code, stdout, stderr.
+    fn finish(mut self, within: Duration) -> (i32, String, String) {
+        let st = wait_with_timeout(&mut self.child, within);
+        if st.is_none() {
+            let _ = self.child.kill();
+        }
+        let (out, err) = (self.out.join().unwrap(), self.err.join().unwrap());
+        let st = st.unwrap_or_else(|| panic!("attach did not end: {out}\n{err}"));
+        (st.code().unwrap_or(-1), out, err)
+    }
+}
+
+/// Every trainer line of machine `m`, in order.
+fn trainer_ticks(out: &str, m: usize) -> Vec<String> {
+    let prefix = format!("[m{m} trainer0] tick ");
+    out.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn two_attaches_see_every_line_labelled_and_end_with_the_job() {
+    let c = TestCluster::with_workspace(2);
+    let job = job_id(&detach(&c, &[], &ticking(40)));
+    let a = start_attach(&c, &job, &["--from-start"]);
+    let b = start_attach(&c, &job, &["--from-start"]);
+    let (ca, out_a, err_a) = a.finish(Duration::from_secs(60));
+    let (cb, out_b, err_b) = b.finish(Duration::from_secs(60));
+    assert_eq!((ca, cb), (0, 0), "{out_a}\n{err_a}\n---\n{out_b}\n{err_b}");
+    let want: Vec<String> = (1..=40)
+        .map(|i| format!("[m1 trainer0] tick {i}"))
+        .collect();
+    assert_eq!(trainer_ticks(&out_a, 1), want, "{out_a}");
+    assert_eq!(trainer_ticks(&out_b, 1), want, "{out_b}");
+    assert_eq!(trainer_ticks(&out_a, 0).len(), 40, "{out_a}");
+    // The closing table of the supervising driver, as an attached launch ends.
+    assert!(err_a.contains("exit code 0"), "{err_a}");
+}
+
+#[test]
+fn attach_follows_from_now_on_and_ctrl_c_detaches() {
+    let c = TestCluster::with_workspace(2);
+    let job = job_id(&detach(&c, &[], &ticking(600)));
+    std::thread::sleep(Duration::from_secs(2));
+    let a = start_attach(&c, &job, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    a.interrupt();
+    let (code, out, err) = a.finish(Duration::from_secs(20));
+    assert_eq!(code, 130, "{out}\n{err}");
+    assert!(err.contains("detached from job"), "{err}");
+    let ticks = trainer_ticks(&out, 0);
+    assert!(!ticks.is_empty(), "new lines are shown: {out}\n{err}");
+    assert!(
+        !ticks.contains(&"[m0 trainer0] tick 1".to_string()),
+        "only the lines from now on: {out}"
+    );
+    assert!(
+        !pids_with_env("DGLRUN_JOB_ID", &job).is_empty(),
+        "the job runs on after a detach"
+    );
+    let s = run(coord(&c, "stop", &job, &[]), Duration::from_secs(30));
+    assert_eq!(s.code(), 0, "{s:?}");
+    assert_gone(&job, Duration::from_secs(10));
+}
+
+#[test]
+fn a_stop_from_either_attach_wins_and_both_end_with_the_job() {
+    let c = TestCluster::with_workspace(2);
+    let job = job_id(&detach(&c, &[], &ticking(600)));
+    let stopper = start_attach(&c, &job, &["--stop-on-interrupt"]);
+    let watcher = start_attach(&c, &job, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    stopper.interrupt();
+    let (cs, out_s, err_s) = stopper.finish(Duration::from_secs(30));
+    assert_eq!(cs, 143, "{out_s}\n{err_s}");
+    let (cw, out_w, err_w) = watcher.finish(Duration::from_secs(30));
+    assert_eq!(cw, 143, "{out_w}\n{err_w}");
+    assert!(
+        err_w.contains("job stopped by dgl-coord kill from"),
+        "{err_w}"
+    );
+    assert_gone(&job, Duration::from_secs(10));
 }
