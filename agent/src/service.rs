@@ -21,6 +21,7 @@ use crate::jobs::spec::{JobId, SpawnSpec, StopSpec, WatchSpec};
 use crate::jobs::{EventStream, Jobs};
 use crate::limits;
 use crate::supervise::Supervisor;
+use dglrun_coordinator::launch::supervised::Supervision;
 
 pub struct AgentService {
     pub root: Root,
@@ -187,9 +188,10 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::SuperviseRequest>,
     ) -> Result<Response<pb::SuperviseReply>, Status> {
-        Ok(Response::new(
-            self.supervisor.supervise(req.into_inner()).await?,
-        ))
+        let req = req.into_inner();
+        JobId::parse(req.job_id.clone())?;
+        let s = Supervision::parse(req).map_err(Status::invalid_argument)?;
+        Ok(Response::new(self.supervisor.supervise(s).await?))
     }
 
     async fn wait_job(

@@ -20,8 +20,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 use tonic::Status;
 
-use crate::jobs::spec::JobId;
-
 /// Jobs supervised at once.
 pub const MAX_SUPERVISED: usize = 16;
 /// Outcomes kept (the oldest finished ones go first).
@@ -218,15 +216,8 @@ impl Supervisor {
 
     /// Supervise: checks, reaches every agent, starts the driver; answers once every process
     /// started or starting failed. The driver runs on whatever becomes of this call.
-    pub async fn supervise(
-        self: &Arc<Self>,
-        req: pb::SuperviseRequest,
-    ) -> Result<pb::SuperviseReply, Status> {
+    pub async fn supervise(self: &Arc<Self>, s: Supervision) -> Result<pb::SuperviseReply, Status> {
         let access = self.access.clone().map_err(Status::failed_precondition)?;
-        JobId::try_from(pb::RenewRequest {
-            job_id: req.job_id.clone(),
-        })?;
-        let s = Supervision::parse(req).map_err(Status::invalid_argument)?;
         {
             let entries = self.entries.lock();
             if entries.contains_key(&s.job_id) {

@@ -281,3 +281,82 @@ pub async fn run(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(machine: u32, role: &str) -> pb::SupervisedHost {
+        pb::SupervisedHost {
+            machine,
+            address: format!("10.0.0.{}:47001", machine + 1),
+            processes: vec![pb::ProcessSpec {
+                label: "server0".into(),
+                role: role.into(),
+                command: Some(pb::process_spec::Command::Shell("sleep 1".into())),
+                env: [("A".to_string(), "1".to_string())].into(),
+                cwd: String::new(),
+            }],
+            server_ports: vec![30050],
+        }
+    }
+
+    fn req(hosts: Vec<pb::SupervisedHost>) -> pb::SuperviseRequest {
+        pb::SuperviseRequest {
+            job_id: "j".into(),
+            workspace: "ws".into(),
+            hosts,
+            lease_ms: 3000,
+            grace_ms: 1000,
+            wait_servers_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_request_becomes_the_plan_the_driver_runs() {
+        let mut r = req(vec![host(0, "server"), host(1, "trainer-group")]);
+        let s = Supervision::parse(r.clone()).unwrap();
+        assert_eq!(s.agents[1], "10.0.0.2:47001".parse().unwrap());
+        assert_eq!(s.plan.len(), 2);
+        assert_eq!((s.plan[1].machine, s.plan[1].role), (1, Role::TrainerGroup));
+        assert_eq!(s.plan[0].command, CommandLine::Shell("sleep 1".into()));
+        assert_eq!(s.plan[0].env["A"], "1");
+        assert!(s.servers.is_none(), "no --wait-servers");
+        r.wait_servers_ms = 5000;
+        let s = Supervision::parse(r).unwrap();
+        let ports = s.servers.unwrap();
+        assert_eq!(ports.per_machine, vec![vec![30050], vec![30050]]);
+        assert_eq!(ports.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_bad_request_is_refused_naming_what() {
+        let cases = [
+            (req(vec![]), "1 to 1024 machines, not 0"),
+            (req(vec![host(1, "server")]), "machine 1 at position 0"),
+            (req(vec![host(0, "sampler")]), "role \"sampler\" is none of"),
+            (
+                pb::SuperviseRequest {
+                    grace_ms: 3_600_000,
+                    ..req(vec![host(0, "server")])
+                },
+                "grace_ms 3600000 is over 600 s",
+            ),
+            (
+                req(vec![pb::SupervisedHost {
+                    address: "nowhere".into(),
+                    ..host(0, "server")
+                }]),
+                "agent address \"nowhere\" is not IP:PORT",
+            ),
+            (
+                req((0..1025).map(|m| host(m, "server")).collect()),
+                "not 1025",
+            ),
+        ];
+        for (r, want) in cases {
+            let e = Supervision::parse(r).unwrap_err();
+            assert!(e.contains(want), "{e} (wanted {want})");
+        }
+    }
+}
