@@ -313,3 +313,47 @@ fn a_stop_from_either_attach_wins_and_both_end_with_the_job() {
     );
     assert_gone(&job, Duration::from_secs(10));
 }
+
+#[test]
+fn run_detach_copies_then_hands_the_job_over_with_json() {
+    use dglrun_integration_tests::{fixtures_dir, gen_partitions};
+    let c = TestCluster::start(2);
+    let local = c.local();
+    let part_config = gen_partitions(&local.join("parts"), 2, 1000, "g").unwrap();
+    let code = local.join("code");
+    std::fs::create_dir_all(&code).unwrap();
+    std::fs::copy(fixtures_dir().join("fake_dgl.py"), code.join("fake_dgl.py")).unwrap();
+    let ip_config = c.ip_config_file();
+    let mut cmd = c.coord();
+    cmd.env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .args(["run", "--workspace", WS, "--rel_data_path", "data"])
+        .arg("--part_config")
+        .arg(&part_config)
+        .arg("--ip_config")
+        .arg(&ip_config)
+        .arg("--script_folder")
+        .arg(&code)
+        .args(["--progress", "quiet", "--num_trainers", "1"])
+        .args([
+            "--num_servers",
+            "1",
+            "--trainer-mode",
+            "direct",
+            "--grace",
+            "1",
+        ])
+        .args(["--json", "--detach"])
+        .arg("python3 code/fake_dgl.py --ip_config ip_config.txt --fail-rank 0 --fail-code 9")
+        .env_remove("OMP_NUM_THREADS")
+        .env_remove("PYTHONPATH");
+    let r = run(cmd, Duration::from_secs(90));
+    assert_eq!(r.code(), 0, "{r:?}");
+    let events = r.events();
+    assert_eq!(events[0]["event"], "copy", "{r:?}");
+    let detached = &events[1];
+    assert_eq!(detached["event"], "detached", "{r:?}");
+    assert_eq!(detached["supervisor"], format!("{}:{}", c.ip(0), c.port));
+    let job = detached["job_id"].as_str().unwrap();
+    let (w, v) = wait_json(&c, job);
+    assert_eq!((w.code(), &v["outcome"]), (9, &"failed".into()), "{w:?}");
+}
