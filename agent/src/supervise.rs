@@ -143,13 +143,45 @@ impl Supervisor {
         s
     }
 
+    /// Takes `job_id` for a new supervised job (running), in one step with the checks, so two
+    /// calls naming one job cannot both start it.
+    fn reserve(&self, job_id: &str) -> Result<(), Status> {
+        let mut entries = self.entries.lock();
+        if entries.contains_key(job_id) {
+            return Err(Status::already_exists(format!(
+                "job {job_id} is already supervised here"
+            )));
+        }
+        let running = entries
+            .values()
+            .filter(|e| e.done.borrow().is_none())
+            .count();
+        if running >= MAX_SUPERVISED {
+            return Err(Status::resource_exhausted(format!(
+                "this agent already supervises {MAX_SUPERVISED} detached jobs"
+            )));
+        }
+        self.insert_into(&mut entries, job_id, now_ms(), None);
+        Ok(())
+    }
+
     fn insert(&self, job_id: &str, started_unix_ms: u64, outcome: Option<Outcome>) {
+        let mut entries = self.entries.lock();
+        self.insert_into(&mut entries, job_id, started_unix_ms, outcome);
+    }
+
+    fn insert_into(
+        &self,
+        entries: &mut BTreeMap<String, Entry>,
+        job_id: &str,
+        started_unix_ms: u64,
+        outcome: Option<Outcome>,
+    ) {
         let n = {
             let mut next = self.next.lock();
             *next += 1;
             *next
         };
-        let mut entries = self.entries.lock();
         entries.insert(
             job_id.to_string(),
             Entry {
@@ -218,29 +250,15 @@ impl Supervisor {
     /// started or starting failed. The driver runs on whatever becomes of this call.
     pub async fn supervise(self: &Arc<Self>, s: Supervision) -> Result<pb::SuperviseReply, Status> {
         let access = self.access.clone().map_err(Status::failed_precondition)?;
-        {
-            let entries = self.entries.lock();
-            if entries.contains_key(&s.job_id) {
-                return Err(Status::already_exists(format!(
-                    "job {} is already supervised here",
-                    s.job_id
-                )));
-            }
-            let running = entries
-                .values()
-                .filter(|e| e.done.borrow().is_none())
-                .count();
-            if running >= MAX_SUPERVISED {
-                return Err(Status::resource_exhausted(format!(
-                    "this agent already supervises {MAX_SUPERVISED} detached jobs"
-                )));
-            }
-        }
-        let hosts = supervised::connect(&s, &access)
-            .await
-            .map_err(Status::failed_precondition)?;
         let job_id = s.job_id.clone();
-        self.insert(&job_id, now_ms(), None);
+        self.reserve(&job_id)?;
+        let hosts = match supervised::connect(&s, &access).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.entries.lock().remove(&job_id);
+                return Err(Status::failed_precondition(e));
+            }
+        };
         self.save().await;
         let mut done = match self.entries.lock().get(&job_id) {
             Some(e) => e.done.subscribe(),
@@ -332,6 +350,21 @@ mod tests {
         let b = bounded(t);
         assert!(b.len() <= MAX_TEXT_BYTES + 8);
         assert!(b.starts_with("[...]\n") && b.ends_with("exit code 3\n"));
+    }
+
+    #[test]
+    fn one_job_id_is_supervised_once_and_running_jobs_are_bounded() {
+        let s = Supervisor::disabled();
+        s.reserve("j").unwrap();
+        assert_eq!(
+            s.reserve("j").unwrap_err().code(),
+            tonic::Code::AlreadyExists
+        );
+        for i in 1..MAX_SUPERVISED {
+            s.reserve(&format!("j{i}")).unwrap();
+        }
+        let e = s.reserve("one-more").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
     }
 
     #[test]
