@@ -219,3 +219,42 @@ fn a_detach_is_refused_when_the_leader_cannot_reach_another_agent() {
     );
     assert!(records(&c).is_empty(), "nothing started: {r:?}");
 }
+
+#[test]
+fn attach_across_a_link_blip_loses_and_repeats_no_line() {
+    let Some(c) = start_or_skip("detached: attach across a blip", 3, AGENT_FLAGS) else {
+        return;
+    };
+    setup_workspaces(&c);
+    // Every process prints `tick i` every 0.1 s for 6 s, then exits 0.
+    let ticks = "i=1; while [ $i -le 60 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done";
+    let r = run(
+        launch(&c, &["--num_trainers", "1", "--detach"], ticks),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    let job = r.stdout.trim().to_string();
+    let attach = Coord::start(coord(&c, "attach", &job, &["--from-start"]));
+    std::thread::sleep(Duration::from_secs(2));
+    // Shorter than half the lease: the job lives on, the streams resume.
+    c.cut_link(1);
+    std::thread::sleep(Duration::from_secs(1));
+    c.restore_link(1);
+    let f = attach.wait(Duration::from_secs(60));
+    assert_eq!(f.code, Some(0), "{f:?}");
+    let want: Vec<String> = (1..=60)
+        .map(|i| format!("[m1 trainer0] tick {i}"))
+        .collect();
+    let got: Vec<&str> = f
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("[m1 trainer0] "))
+        .collect();
+    print_figures(
+        "detached: attach across a 1 s blip",
+        Duration::ZERO,
+        0,
+        want.len().abs_diff(got.len()),
+    );
+    assert_eq!(got, want, "every line once, in order: {f:?}");
+}
