@@ -17,5 +17,6 @@ pub mod server;
 pub mod service;
 pub mod settings;
 pub mod status;
+pub mod supervise;
 pub mod test_hooks;
 pub mod workspace;

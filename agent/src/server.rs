@@ -107,7 +107,22 @@ pub async fn run(
         .context("start-up clean-up failed")??;
     let jobs = Jobs::start(root.clone(), config.jobs.clone())?;
     let files = Arc::new(Files::new(root.clone()).with_workspaces(jobs.workspaces().clone()));
-    let service = AgentService::new(root.clone(), files, jobs.clone());
+    let access = match &config.token {
+        Some(_) => dglrun_coordinator::cluster::AgentAccess::with_token(
+            listener.local_addr()?.port(),
+            config.token.clone(),
+            config.tls.clone(),
+            config.insecure_plaintext,
+        )
+        .map_err(|e| format!("cannot set up access to the other agents: {e}")),
+        None => Err(
+            "this agent has no token (it admits certified TLS peers only): it reaches \
+                     the other agents with its token, so detached jobs need agents sharing one"
+                .to_string(),
+        ),
+    };
+    let supervisor = crate::supervise::Supervisor::start(root.state_dir(), access);
+    let service = AgentService::new(root.clone(), files, jobs.clone()).with_supervisor(supervisor);
     if let Some(addr) = config.metrics_listen {
         let serving = crate::metrics::serve(crate::metrics::bind(addr).await?, jobs.gauges());
         tokio::spawn(async move {

@@ -20,6 +20,8 @@ use crate::jobs::session::SessionSpec;
 use crate::jobs::spec::{JobId, SpawnSpec, StopSpec, WatchSpec};
 use crate::jobs::{EventStream, Jobs};
 use crate::limits;
+use crate::supervise::Supervisor;
+use dglrun_coordinator::launch::supervised::Supervision;
 
 pub struct AgentService {
     pub root: Root,
@@ -27,6 +29,8 @@ pub struct AgentService {
     pub jobs: Arc<Jobs>,
     /// Bounds the transfers served at once.
     pub transfers: Arc<Semaphore>,
+    /// Detached jobs this agent supervises.
+    pub supervisor: Arc<Supervisor>,
 }
 
 impl AgentService {
@@ -36,7 +40,13 @@ impl AgentService {
             files,
             jobs,
             transfers: Arc::new(Semaphore::new(limits::MAX_CONCURRENT_TRANSFERS)),
+            supervisor: Supervisor::disabled(),
         }
+    }
+
+    pub fn with_supervisor(mut self, supervisor: Arc<Supervisor>) -> Self {
+        self.supervisor = supervisor;
+        self
     }
 }
 
@@ -180,6 +190,23 @@ impl Agent for AgentService {
         };
         let spec = SessionSpec::try_from(start)?;
         Ok(Response::new(self.jobs.session(spec, input).await?))
+    }
+
+    async fn supervise(
+        &self,
+        req: Request<pb::SuperviseRequest>,
+    ) -> Result<Response<pb::SuperviseReply>, Status> {
+        let req = req.into_inner();
+        JobId::parse(req.job_id.clone())?;
+        let s = Supervision::parse(req).map_err(Status::invalid_argument)?;
+        Ok(Response::new(self.supervisor.supervise(s).await?))
+    }
+
+    async fn wait_job(
+        &self,
+        req: Request<pb::WaitJobRequest>,
+    ) -> Result<Response<pb::WaitJobReply>, Status> {
+        Ok(Response::new(self.supervisor.wait(req.into_inner()).await?))
     }
 
     async fn list_jobs(

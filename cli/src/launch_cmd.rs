@@ -229,6 +229,11 @@ pub(crate) struct JobArgs {
     /// measured hosts (README, "Time to the first training step"), hence not the default.
     #[arg(long = "wait-servers", visible_alias = "wait_servers", help_heading = DGLRUN)]
     pub(crate) wait_servers: bool,
+    /// Hand the job to machine 0's agent, print its id and exit 0 once every process has
+    /// started: the job runs on without dgl-coord, with the same supervision. Follow it with
+    /// `dgl-coord attach`, `wait` and `stop`.
+    #[arg(long, help_heading = DGLRUN, conflicts_with = "log_dir")]
+    pub(crate) detach: bool,
     /// Seconds between SIGTERM and SIGKILL when stopping processes.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0, help_heading = DGLRUN)]
     pub(crate) grace: f64,
@@ -446,6 +451,7 @@ impl JobArgs {
             local_ip_config: None,
             started,
             wait_servers: self.wait_servers,
+            detach: self.detach,
         };
         Ok((options, run))
     }

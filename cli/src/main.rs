@@ -4,6 +4,7 @@
 mod access;
 mod argv;
 mod copy_cmd;
+mod detached_cmd;
 mod docs_cmd;
 mod doctor_cmd;
 mod launch_cmd;
@@ -70,6 +71,12 @@ enum Command {
     Shims(shims_cmd::ShimsArgs),
     /// Check every host before a launch: agent, interface, Python, GPUs, disk, ports.
     Doctor(doctor_cmd::DoctorArgs),
+    /// Follow a detached job's output until it ends; Ctrl-C detaches.
+    Attach(detached_cmd::AttachArgs),
+    /// Wait for a detached job to end; exit with its exit code.
+    Wait(detached_cmd::WaitArgs),
+    /// Stop a job on every machine (as `kill --job JOB`).
+    Stop(detached_cmd::StopArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(docs_cmd::CompletionsArgs),
     /// Print the man page, or write one per subcommand into a directory.
@@ -149,6 +156,9 @@ async fn run(command: Command) -> anyhow::Result<u8> {
         Command::Kill(args) => ops_cmd::kill(args).await,
         Command::Stacks(args) => stacks_cmd::run(args).await,
         Command::Doctor(args) => doctor_cmd::run(args).await,
+        Command::Attach(args) => detached_cmd::attach(args).await,
+        Command::Wait(args) => detached_cmd::wait(args).await,
+        Command::Stop(args) => detached_cmd::stop(args).await,
         Command::Completions(args) => docs_cmd::completions(args),
         Command::Man(args) => docs_cmd::man(args),
         // Both run before any runtime starts (see main).

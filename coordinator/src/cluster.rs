@@ -84,6 +84,16 @@ impl AgentAccess {
                 Some(Token::read_file(&path)?)
             }
         };
+        Self::with_token(port, token, tls, insecure_plaintext)
+    }
+
+    /// From a token already read (an agent reaching the others with its own).
+    pub fn with_token(
+        port: u16,
+        token: Option<Token>,
+        tls: Option<TlsFiles>,
+        insecure_plaintext: bool,
+    ) -> Result<Self, AccessError> {
         let token_tls = match &token {
             Some(t) => Some(Arc::new(
                 TokenKeys::derive(t)
@@ -104,6 +114,14 @@ impl AgentAccess {
             token_tls,
             user_tls,
         })
+    }
+
+    /// The same access to agents listening on another port.
+    pub fn with_port(&self, port: u16) -> Self {
+        Self {
+            port,
+            ..self.clone()
+        }
     }
 
     /// A connector for `addr`: the user's TLS for every address when given; otherwise TLS

@@ -3,9 +3,11 @@
 //! `config` reads DGL's own files, `cluster` reaches the agents, `copy` and `launch` are the
 //! two commands, each a pure plan plus a driver that carries the plan out.
 
+pub mod attach;
 pub mod cluster;
 pub mod config;
 pub mod copy;
+pub mod detached;
 pub mod doctor;
 pub mod launch;
 pub mod ops;

@@ -296,6 +296,7 @@ impl Job {
                 })
                 .collect(),
             live_pids,
+            last_seq: st.log.last_seq(),
         }
     }
 }

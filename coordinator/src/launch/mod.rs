@@ -25,6 +25,7 @@ pub mod python_env;
 pub mod servers_ready;
 pub mod sink;
 pub mod summary;
+pub mod supervised;
 pub mod torchrun_failure;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,8 @@ pub struct RunOptions {
     pub started: Instant,
     /// Start the trainers only once every server port listens (`--wait-servers`).
     pub wait_servers: bool,
+    /// Hand the job to machine 0's agent once planned and checked (`--detach`).
+    pub detach: bool,
 }
 
 /// A fresh job id: unique enough that two launches never share one.
@@ -208,6 +211,22 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
             hosts,
             planned,
             servers,
+        }) if r.detach => {
+            let req = supervised::request(
+                &hosts,
+                &planned,
+                &job_id,
+                &o.workspace,
+                r.lease,
+                r.grace,
+                servers.as_ref(),
+            );
+            detach(&hosts, req, &r).await
+        }
+        Ok(Started::Running {
+            hosts,
+            planned,
+            servers,
         }) => {
             let signals = driver::Signals::os()?;
             let code = driver::run(
@@ -234,6 +253,50 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
             Err(e)
         }
     }
+}
+
+/// `--detach`: machine 0's agent takes the job; its id on stdout once every process started.
+async fn detach(
+    hosts: &[cluster::Host],
+    req: dglrun_proto::pb::SuperviseRequest,
+    r: &RunOptions,
+) -> anyhow::Result<u8> {
+    let Some(leader) = hosts.first() else {
+        anyhow::bail!("no machines in ip_config");
+    };
+    let job_id = req.job_id.clone();
+    let reply = match leader.client.clone().supervise(req).await {
+        Ok(reply) => reply.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unimplemented => anyhow::bail!(
+            "the agent of {} cannot supervise detached jobs (it is older than this dgl-coord): \
+             upgrade it, or launch without --detach",
+            leader.name()
+        ),
+        Err(s) => anyhow::bail!(
+            "the agent of {} did not take the job: {}",
+            leader.name(),
+            s.message()
+        ),
+    };
+    if !reply.started {
+        let shown = output::escape_controls(reply.text.as_bytes(), true);
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &shown);
+        return Ok(u8::try_from(reply.exit_code).unwrap_or(1).max(1));
+    }
+    if r.json {
+        println!(
+            "{}",
+            serde_json::json!({"event": "detached", "job_id": job_id, "supervisor": leader.addr.to_string()})
+        );
+    } else {
+        println!("{job_id}");
+    }
+    output::note(&format!(
+        "job {job_id} started; the agent of {} supervises it. Follow it with `dgl-coord \
+         attach|wait|stop --ip_config FILE {job_id}`",
+        leader.name()
+    ));
+    Ok(0)
 }
 
 /// The `summary` event (outcome `error`) of a launch that failed before it started anything,

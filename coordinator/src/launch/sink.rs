@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use dglrun_proto::pb::{OutputStream, ProcessExited};
@@ -24,6 +26,16 @@ pub struct Sink {
     torchruns: BTreeMap<usize, torchrun_failure::Reader>,
     /// Set when the job failed through a torchrun whose failed rank's own code is known.
     rank_exit: Arc<OnceLock<u8>>,
+    /// Where a driver without a terminal (an agent supervising a detached job) keeps what an
+    /// attached launch would print on stderr; nothing then goes to stdout or stderr.
+    capture: Option<Arc<Mutex<Captured>>>,
+}
+
+/// What a captured sink kept: dgl-coord's notes and the end (the table), as one text.
+#[derive(Clone, Debug, Default)]
+pub struct Captured {
+    pub text: String,
+    pub outcome: Option<events::Outcome>,
 }
 
 /// Writes one line to stdout; a closed pipe is ignored (the job goes on).
@@ -43,7 +55,22 @@ impl Sink {
             agent_port: None,
             torchruns: BTreeMap::new(),
             rank_exit: Arc::new(OnceLock::new()),
+            capture: None,
         }
+    }
+
+    /// A sink that prints nothing and keeps the notes and the end in the returned buffer.
+    pub fn captured(started: Instant) -> (Self, Arc<Mutex<Captured>>) {
+        let buf = Arc::new(Mutex::new(Captured::default()));
+        let mut sink = Self::new(false, started, None);
+        sink.capture = Some(buf.clone());
+        (sink, buf)
+    }
+
+    fn keep(&self, text: &str) -> bool {
+        let Some(c) = &self.capture else { return false };
+        c.lock().text.push_str(text);
+        true
     }
 
     /// Where the summary leaves the failed rank's own exit code when torchrun hid it.
@@ -118,7 +145,7 @@ impl Sink {
                 .or_default()
                 .feed(&String::from_utf8_lossy(text));
         }
-        if !self.json {
+        if !self.json && self.capture.is_none() {
             print_line(&prefix, stream, text);
         }
         let elapsed_ms = self.elapsed_ms();
@@ -163,8 +190,10 @@ impl Sink {
     /// A message of dgl-coord itself: always on stderr (also with `--json`, whose stdout
     /// carries events only), and in the merged log.
     pub fn note(&mut self, msg: &str) {
-        note(msg);
         let line = format!("dgl-coord: {msg}\n");
+        if !self.keep(&line) {
+            note(msg);
+        }
         self.log_with(|l| l.merged(line.as_bytes()));
     }
 
@@ -212,7 +241,10 @@ impl Sink {
             Some((s, t)) => (s, t.as_str()),
             None => (s, text),
         };
-        if show_text {
+        if let Some(c) = &self.capture {
+            c.lock().outcome = Some(s.outcome);
+        }
+        if show_text && !self.keep(text) {
             let shown = super::output::escape_controls(text.as_bytes(), true);
             let _ = std::io::stderr().lock().write_all(&shown);
         }

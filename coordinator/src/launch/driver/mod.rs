@@ -78,7 +78,20 @@ pub async fn run(
     plan: Vec<PlannedProcess>,
     o: DriverOptions,
     out: Sink,
+    signals: Signals,
+) -> anyhow::Result<u8> {
+    run_reporting_start(hosts, plan, o, out, signals, None).await
+}
+
+/// As `run`; `started` is told once every process has started (dropped unsent when starting
+/// failed), for a caller that answers as soon as the job runs (a detached launch).
+pub async fn run_reporting_start(
+    hosts: Vec<Host>,
+    plan: Vec<PlannedProcess>,
+    o: DriverOptions,
+    out: Sink,
     mut signals: Signals,
+    started: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> anyhow::Result<u8> {
     let (tx, rx) = mpsc::channel(4096);
     let requester = crate::ops::requester("dgl-coord launch");
@@ -107,6 +120,9 @@ pub async fn run(
         actions: Vec::new(),
     };
     io.start(&mut job, &mut signals).await;
+    if let (false, Some(tx)) = (job.is_stopping(), started) {
+        let _ = tx.send(());
+    }
     io.follow(&mut job, rx, &mut signals).await;
     io.tasks.abort_all();
     Ok(io.finish(&job))
@@ -316,7 +332,7 @@ async fn spawn_on(h: &Host, req: pb::SpawnRequest) -> (usize, Result<pb::SpawnRe
     (h.rank, r)
 }
 
-fn to_spec(p: &PlannedProcess) -> pb::ProcessSpec {
+pub(crate) fn to_spec(p: &PlannedProcess) -> pb::ProcessSpec {
     use super::command::CommandLine;
     pb::ProcessSpec {
         label: p.label.clone(),
