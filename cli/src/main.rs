@@ -6,6 +6,7 @@ mod argv;
 mod copy_cmd;
 mod docs_cmd;
 mod doctor_cmd;
+mod duration;
 mod launch_cmd;
 mod ops_cmd;
 mod rcp_cmd;

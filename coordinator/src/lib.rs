@@ -3,6 +3,7 @@
 //! `config` reads DGL's own files, `cluster` reaches the agents, `copy` and `launch` are the
 //! two commands, each a pure plan plus a driver that carries the plan out.
 
+pub mod backoff;
 pub mod cluster;
 pub mod config;
 pub mod copy;

@@ -57,6 +57,7 @@ fn spawn_req(id: &str, procs: Vec<pb::ProcessSpec>) -> pb::SpawnRequest {
         workspace: "ws".into(),
         processes: procs,
         lease_ms: 0,
+        restart: false,
     }
 }
 

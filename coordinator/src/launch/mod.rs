@@ -57,6 +57,8 @@ pub struct RunOptions {
     pub started: Instant,
     /// Start the trainers only once every server port listens (`--wait-servers`).
     pub wait_servers: bool,
+    /// Restarts, stall and start timeouts.
+    pub policy: driver::JobPolicy,
 }
 
 /// A fresh job id: unique enough that two launches never share one.
@@ -221,6 +223,7 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
                     started: r.started,
                     access: r.access.clone(),
                     servers_ready: servers,
+                    policy: r.policy.clone(),
                 },
                 out,
                 signals,
