@@ -687,6 +687,7 @@ fn line(host: usize, index: u32, text: &str) -> Input {
             index,
             stream: pb::OutputStream::Stdout as i32,
             text: text.as_bytes().to_vec(),
+            partial: false,
         }),
     )
 }
