@@ -31,8 +31,9 @@ a table of every process. --json prints one JSON event per line on stdout instea
 keeps one .out/.err pair per process, the merged log and the summary (see the README).
 
 Exit status: 0 when every trainer exited 0; else the worst exit code of a failed process
-(128+N for signal N), at least 1; 130/143 when stopped by Ctrl-C/SIGTERM; 1 when nothing could
-be started; 2 for a usage error.
+(128+N for signal N), at least 1; 130/143 when stopped by Ctrl-C/SIGTERM; 124 for a stall or a
+start timeout; 1 when nothing could be started; 2 for a usage error. With --max-restarts, that of
+the last attempt.
 
 Example (DGL's own, with `dgl-coord launch` for `python3 tools/launch.py`, and a workspace inside
 the agents' --root ~/dglrun):
