@@ -433,11 +433,11 @@ impl Jobs {
             return Ok(pb::JobCpuReply::default());
         }
         let hz = rustix::param::clock_ticks_per_second();
-        let per = tokio::task::spawn_blocking(move || {
+        // A bounded slot of the blocking pool: a client asking in a loop takes no more.
+        let per = crate::blocking::run("reading /proc", crate::blocking::FS_TIMEOUT, move || {
             cpu::snapshot(Path::new("/proc")).map(|all| cpu::per_tree(&all, &seeds, hz))
         })
-        .await
-        .map_err(|e| JobError::Task("cpu time", e))?
+        .await?
         .map_err(JobError::Scan)?;
         Ok(pb::JobCpuReply {
             processes: per
