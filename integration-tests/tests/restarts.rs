@@ -327,12 +327,13 @@ fn a_stalled_job_is_detected_within_the_timeout_plus_a_second_and_restarts_as_a_
 #[test]
 fn a_busy_silent_trainer_is_no_stall() {
     let c = TestCluster::with_workspace(MACHINES);
-    // Silent for 4 s but computing the whole time: the agents' CPU times keep it alive.
+    // Silent for 6 s but computing the whole time: the agents' CPU times keep it alive. The
+    // first sample after the start is a baseline, so the timeout leaves room for two.
     let r = run(
         c.launch_direct(
             "1",
-            &["--stall-timeout", "2s"],
-            "python3 fake_dgl.py --busy 4",
+            &["--stall-timeout", "3s"],
+            "python3 fake_dgl.py --busy 6",
         ),
         Duration::from_secs(120),
     );
