@@ -395,3 +395,25 @@ fn ctrl_c_during_the_backoff_stops_for_good() {
         .collect();
     assert_eq!(trainers, BTreeSet::from(["0".to_string()]));
 }
+
+#[test]
+fn a_lost_host_restarts_the_job_like_any_failure() {
+    let mut c = TestCluster::with_workspace(MACHINES);
+    let mut live = Live::start(c.launch_direct(
+        "1",
+        &["--max-restarts", "2", "--restart-backoff", "3s"],
+        "python3 fake_dgl.py --sleep 5",
+    ));
+    live.until("trainer 1 talked to", Duration::from_secs(60));
+    // As if the host crashed and came back: its agent stops what it left behind.
+    c.restart_agent(1);
+    live.until("lost the agent of", Duration::from_secs(30));
+    live.until("starting the whole job again in ", Duration::from_secs(30));
+    let (code, text) = live.finish(Duration::from_secs(120));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        counts_of(&attempts_seen(&c), "trainer", "1"),
+        ["0", "1"],
+        "{text}"
+    );
+}
