@@ -22,6 +22,8 @@ use dglrun_integration_tests::{fake_dgl, TestCluster, WS};
 use serde_json::Value;
 
 const MACHINES: usize = 2;
+// Each cluster below has DGL server ports of its own (30151, ...): the other tests' servers
+// listen on 30050 at the same time, and a socket table shows a port on every address.
 
 /// Every trainer and server record: (role, id, DGLRUN_RESTART_COUNT, TORCHELASTIC_RESTART_COUNT).
 fn attempts_seen(c: &TestCluster) -> Vec<(String, String, String, String)> {
@@ -58,7 +60,7 @@ fn events_named<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
 
 #[test]
 fn a_job_failing_twice_succeeds_on_the_third_attempt_each_knowing_its_restart_count() {
-    let c = TestCluster::with_workspace(MACHINES);
+    let c = TestCluster::with_workspace_on_port(MACHINES, 30151);
     let r = run(
         c.launch_direct(
             "1",
@@ -146,7 +148,7 @@ fn a_job_failing_twice_succeeds_on_the_third_attempt_each_knowing_its_restart_co
 
 #[test]
 fn a_job_exceeding_max_restarts_fails_with_its_code_and_usage_errors_do_not_restart() {
-    let c = TestCluster::with_workspace(MACHINES);
+    let c = TestCluster::with_workspace_on_port(MACHINES, 30152);
     let r = run(
         c.launch_direct(
             "1",
@@ -167,7 +169,7 @@ fn a_job_exceeding_max_restarts_fails_with_its_code_and_usage_errors_do_not_rest
     assert_eq!(counts_of(&attempts_seen(&c), "trainer", "0"), ["0", "1"]);
 
     // Exit code 2 is a usage error: the same command would fail the same way.
-    let c = TestCluster::with_workspace(MACHINES);
+    let c = TestCluster::with_workspace_on_port(MACHINES, 30153);
     let r = run(
         c.launch_direct(
             "1",
@@ -185,7 +187,7 @@ fn a_job_exceeding_max_restarts_fails_with_its_code_and_usage_errors_do_not_rest
     assert_eq!(counts_of(&attempts_seen(&c), "trainer", "0"), ["0"]);
 
     // --restart-on names the codes that restart; 7 is not among them.
-    let c = TestCluster::with_workspace(MACHINES);
+    let c = TestCluster::with_workspace_on_port(MACHINES, 30154);
     let r = run(
         c.launch_direct(
             "1",
@@ -275,7 +277,7 @@ impl Live {
 
 #[test]
 fn a_stalled_job_is_detected_within_the_timeout_plus_a_second_and_restarts_as_a_failure() {
-    let c = TestCluster::with_workspace(MACHINES);
+    let c = TestCluster::with_workspace_on_port(MACHINES, 30155);
     let timeout = Duration::from_secs(3);
     let mut live = Live::start(c.launch_direct(
         "1",
@@ -326,7 +328,7 @@ fn a_stalled_job_is_detected_within_the_timeout_plus_a_second_and_restarts_as_a_
 
 #[test]
 fn a_busy_silent_trainer_is_no_stall() {
-    let c = TestCluster::with_workspace(MACHINES);
+    let c = TestCluster::with_workspace_on_port(MACHINES, 30156);
     // Silent for 6 s but computing the whole time: the agents' CPU times keep it alive. The
     // first sample after the start is a baseline, so the timeout leaves room for two.
     let r = run(
@@ -342,7 +344,7 @@ fn a_busy_silent_trainer_is_no_stall() {
 
 #[test]
 fn a_hang_at_start_fails_after_the_start_timeout_naming_the_silent_trainers() {
-    let c = TestCluster::with_workspace(MACHINES);
+    let c = TestCluster::with_workspace_on_port(MACHINES, 30157);
     let t = Instant::now();
     let r = run(
         c.launch_direct(
@@ -370,7 +372,7 @@ fn a_hang_at_start_fails_after_the_start_timeout_naming_the_silent_trainers() {
 
 #[test]
 fn ctrl_c_during_the_backoff_stops_for_good() {
-    let c = TestCluster::with_workspace(MACHINES);
+    let c = TestCluster::with_workspace_on_port(MACHINES, 30158);
     let mut live = Live::start(c.launch_direct(
         "1",
         &["--max-restarts", "5", "--restart-backoff", "60s"],
@@ -398,7 +400,7 @@ fn ctrl_c_during_the_backoff_stops_for_good() {
 
 #[test]
 fn a_lost_host_restarts_the_job_like_any_failure() {
-    let mut c = TestCluster::with_workspace(MACHINES);
+    let mut c = TestCluster::with_workspace_on_port(MACHINES, 30159);
     let mut live = Live::start(c.launch_direct(
         "1",
         &["--max-restarts", "2", "--restart-backoff", "3s"],
