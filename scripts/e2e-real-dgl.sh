@@ -22,7 +22,9 @@
 # E2E_HOLD_ON_FAIL (seconds to keep the hosts up after a failed launch, to look around),
 # E2E_CONTROL=0 (skip the control launch with the interface variables emptied, which must
 # fail or hang; E2E_CONTROL_TIMEOUT seconds, default 120),
-# E2E_BIN_DIR (test the dgl-agent and dgl-coord in this directory; implies --no-build).
+# E2E_BIN_DIR (test the dgl-agent and dgl-coord in this directory; implies --no-build),
+# E2E_LAUNCH_FLAGS (words added to each launch's flags, e.g. "--max-restarts 1"),
+# E2E_TRAIN_FLAGS (words added to train_dist.py's, e.g. --fail_on_first_attempt).
 #
 # Needs root (network and mount namespaces), iproute2 (`ip`) and util-linux (`unshare`).
 # Without dgl/torch it prints how to get them and exits 0 with SKIP.
@@ -409,8 +411,8 @@ for run in $RUNS; do
         --workspace ws --num_trainers "$trainers" --num_samplers "$samplers" --num_servers 1 \
         --num_omp_threads 1 --part_config "data/$GRAPH.json" --ip_config ip_config.txt \
         --trainer-mode "$mode" --token-file "$TOKEN" \
-        --extra_envs PYTHONUNBUFFERED=1 \
-        "$PY code/train_dist.py --graph_name $GRAPH --ip_config ip_config.txt --num_epochs 2 --max_steps 3") \
+        --extra_envs PYTHONUNBUFFERED=1 ${E2E_LAUNCH_FLAGS:-} \
+        "$PY code/train_dist.py --graph_name $GRAPH --ip_config ip_config.txt --num_epochs 2 --max_steps 3 ${E2E_TRAIN_FLAGS:-}") \
         2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     set -e

@@ -144,6 +144,14 @@ impl Agent for AgentService {
         Ok(Response::new(self.jobs.renew(&id)))
     }
 
+    async fn job_cpu(
+        &self,
+        req: Request<pb::JobCpuRequest>,
+    ) -> Result<Response<pb::JobCpuReply>, Status> {
+        let id = JobId::parse(req.into_inner().job_id)?;
+        Ok(Response::new(self.jobs.cpu(&id).await?))
+    }
+
     async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::StopReply>, Status> {
         let spec = StopSpec::try_from(req.into_inner())?;
         Ok(Response::new(self.jobs.stop(spec).await?))

@@ -10,6 +10,7 @@ use dglrun_coordinator::launch::{self, LaunchOptions, RunOptions, TrainerMode};
 
 use crate::access::AccessArgs;
 use crate::argv::is_kv;
+use crate::duration;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub(crate) enum Mode {
@@ -30,8 +31,9 @@ a table of every process. --json prints one JSON event per line on stdout instea
 keeps one .out/.err pair per process, the merged log and the summary (see the README).
 
 Exit status: 0 when every trainer exited 0; else the worst exit code of a failed process
-(128+N for signal N), at least 1; 130/143 when stopped by Ctrl-C/SIGTERM; 1 when nothing could
-be started; 2 for a usage error.
+(128+N for signal N), at least 1; 130/143 when stopped by Ctrl-C/SIGTERM; 124 for a stall or a
+start timeout; 1 when nothing could be started; 2 for a usage error. With --max-restarts, that of
+the last attempt.
 
 Example (DGL's own, with `dgl-coord launch` for `python3 tools/launch.py`, and a workspace inside
 the agents' --root ~/dglrun):
@@ -248,6 +250,36 @@ pub(crate) struct JobArgs {
     /// Stop processes of earlier jobs still running in the same workspace instead of refusing.
     #[arg(long = "kill-stale", help_heading = DGLRUN)]
     pub(crate) kill_stale: bool,
+    /// Start the whole job again (servers and trainers, same job id) up to N times when it
+    /// fails: a process failing (but with exit code 2, a usage error), a lost host, a stall.
+    /// Every process gets DGLRUN_RESTART_COUNT (and TORCHELASTIC_RESTART_COUNT), 0 at first.
+    #[arg(long = "max-restarts", value_name = "N", default_value_t = 0, help_heading = DGLRUN)]
+    pub(crate) max_restarts: u32,
+    /// Wait before the first restart; doubled for each further one (at most 5m), each wait
+    /// drawn between half and all of that.
+    #[arg(
+        long = "restart-backoff",
+        value_name = "DUR",
+        default_value = "1s",
+        value_parser = duration::duration,
+        help_heading = DGLRUN
+    )]
+    pub(crate) restart_backoff: Duration,
+    /// Restart only on these exit codes of dgl-coord's (e.g. 1,137; 124 for a stall).
+    #[arg(
+        long = "restart-on",
+        value_name = "CODES",
+        value_parser = duration::exit_codes,
+        help_heading = DGLRUN
+    )]
+    pub(crate) restart_on: Option<duration::ExitCodes>,
+    /// Fail the job (exit code 124) when no trainer wrote a line or used CPU time for DUR
+    /// (e.g. 10m), saying what each trainer last printed and when.
+    #[arg(long = "stall-timeout", value_name = "DUR", value_parser = duration::duration, help_heading = DGLRUN)]
+    pub(crate) stall_timeout: Option<Duration>,
+    /// Fail the job (exit code 124) when a trainer printed nothing within DUR of the start.
+    #[arg(long = "start-timeout", value_name = "DUR", value_parser = duration::duration, help_heading = DGLRUN)]
+    pub(crate) start_timeout: Option<Duration>,
 
     /// The command every process runs, as ONE quoted argument (as in DGL's launch.py).
     #[arg(value_name = "COMMAND", allow_hyphen_values = true)]
@@ -452,6 +484,17 @@ impl JobArgs {
             started,
             wait_servers: self.wait_servers,
             detach: self.detach,
+            policy: launch::driver::JobPolicy {
+                restart: launch::driver::RestartPolicy {
+                    max_restarts: self.max_restarts,
+                    first_backoff: self.restart_backoff,
+                    restart_on: self.restart_on.map(|c| c.0),
+                },
+                watchdog: launch::driver::Watchdog {
+                    stall_timeout: self.stall_timeout.filter(|d| !d.is_zero()),
+                    start_timeout: self.start_timeout.filter(|d| !d.is_zero()),
+                },
+            },
         };
         Ok((options, run))
     }

@@ -7,6 +7,7 @@ mod copy_cmd;
 mod detached_cmd;
 mod docs_cmd;
 mod doctor_cmd;
+mod duration;
 mod launch_cmd;
 mod ops_cmd;
 mod rcp_cmd;

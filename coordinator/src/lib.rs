@@ -4,6 +4,7 @@
 //! two commands, each a pure plan plus a driver that carries the plan out.
 
 pub mod attach;
+pub mod backoff;
 pub mod cluster;
 pub mod config;
 pub mod copy;

@@ -46,6 +46,7 @@ pub async fn run(
             workspace: workspace.to_string(),
             processes: vec![spec],
             lease_ms: (timeout + Duration::from_secs(5)).as_millis() as u32,
+            restart: false,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}: cannot start a probe: {}", host.name(), s.message()))?;

@@ -70,6 +70,8 @@ def main():
     p.add_argument("--num_hidden", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--num_classes", type=int, default=4, help="as partition_graph.py --classes")
+    p.add_argument("--fail_on_first_attempt", action="store_true",
+                   help="rank 0 exits 5 after its start line unless DGLRUN_RESTART_COUNT > 0")
     args = p.parse_args()
 
     dgl.distributed.initialize(args.ip_config)  # servers never return from here
@@ -92,6 +94,11 @@ def main():
         f"train_nodes={len(train_nid)} num_samplers={os.environ.get('DGL_NUM_SAMPLER')} "
         f"pid={os.getpid()}"
     )
+    if args.fail_on_first_attempt and rank == 0:
+        restarts = int(os.environ.get("DGLRUN_RESTART_COUNT", "0"))
+        say(f"E2E_ATTEMPT rank={rank} restart_count={restarts}")
+        if restarts == 0:
+            sys.exit(5)
 
     sampler = dgl.dataloading.NeighborSampler([int(f) for f in args.fan_out.split(",")])
     dataloader = dgl.dataloading.DistNodeDataLoader(

@@ -382,8 +382,15 @@ impl TestCluster {
     /// Starts `n` agents whose workspace [`WS`] holds what `dgl-coord copy` would have left
     /// (see [`fake_dgl::write_workspace`]).
     pub fn with_workspace(n: usize) -> Self {
+        Self::with_workspace_on_port(n, 30050)
+    }
+
+    /// [`with_workspace`](Self::with_workspace) with DGL's servers on `server_port`: tests
+    /// running at the same time then never share a server port number (an agent's socket
+    /// table shows a port's listeners on every address of the machine).
+    pub fn with_workspace_on_port(n: usize, server_port: u16) -> Self {
         let c = Self::start(n);
-        let ip_config = fs::read(c.ip_config_file()).expect("ip_config");
+        let ip_config = fs::read(c.ip_config_file_with_port(server_port)).expect("ip_config");
         for i in 0..c.len() {
             fake_dgl::write_workspace(c.root(i), &ip_config, c.len());
         }

@@ -55,6 +55,7 @@ async fn a_job_printing_without_pause_keeps_the_agent_under_64_mib() {
             workspace: id.into(),
             processes: vec![shell("t0", script)],
             lease_ms: 30_000,
+            restart: false,
         })
         .await
         .unwrap();
@@ -132,6 +133,7 @@ async fn a_stop_that_cannot_read_proc_fails_and_the_job_is_stopped_later() {
             workspace: "ws".into(),
             processes: vec![shell("t0", "exec sleep 60")],
             lease_ms: 60_000,
+            restart: false,
         })
         .await
         .unwrap()

@@ -71,6 +71,8 @@ pub enum JobError {
     Scan(#[source] ScanError),
     #[error("the agent's {0} task failed")]
     Task(&'static str, #[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Blocking(#[from] crate::blocking::BlockingError),
 }
 
 impl From<JobError> for Status {
@@ -102,7 +104,7 @@ impl From<JobError> for Status {
             JobError::NotUtf8(_) => Code::InvalidArgument,
             JobError::Confine(_) => Code::PermissionDenied,
             JobError::Held(_) => Code::FailedPrecondition,
-            JobError::Task(..) => Code::Internal,
+            JobError::Task(..) | JobError::Blocking(_) => Code::Internal,
         };
         Status::new(code, super::error_chain(&e))
     }

@@ -116,6 +116,20 @@ impl Job {
         Ok(self.cgroup.get_or_init(|| cg).clone())
     }
 
+    /// A job started again under the same id keeps the cgroup of the one it replaces, so
+    /// the old one's removal cannot take the directory from under the new processes.
+    pub fn inherit_cgroup(&self, from: &Job) {
+        if let Some(cg) = from.cgroup.get() {
+            let _ = self.cgroup.set(cg.clone());
+        }
+    }
+
+    /// Nothing of the job is left: every process exited and a stop found no descendant.
+    pub fn is_over(&self) -> bool {
+        let st = self.state();
+        st.clean && st.procs.iter().all(|p| p.exit.is_some())
+    }
+
     pub fn state(&self) -> MutexGuard<'_, JobState> {
         // The state stays consistent across a panicking holder (every update is one step).
         self.state.lock()

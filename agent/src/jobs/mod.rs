@@ -14,6 +14,7 @@
 //! * `stacks` dumps the Python stack of every Python process of a job (py-spy).
 
 pub mod cgroup;
+pub mod cpu;
 pub mod error;
 pub mod job;
 pub(crate) mod lease;
@@ -327,6 +328,15 @@ impl Jobs {
         if launches >= MAX_JOBS && !map.contains_key(&req.job_id) {
             return Err(JobError::TooManyJobs(MAX_JOBS));
         }
+        // A restart replaces the job it follows once nothing of that one is left; its
+        // watchers' streams end with it.
+        let replaced = match map.get(&req.job_id) {
+            Some(old) if req.restart && old.is_over() => {
+                old.forget();
+                map.remove(&req.job_id)
+            }
+            _ => None,
+        };
         let job = match map.get(&req.job_id) {
             Some(job) => job.clone(),
             None => {
@@ -337,6 +347,9 @@ impl Jobs {
                     req.lease.unwrap_or(self.config.lease_timeout),
                     self.limits.watches_per_job,
                 ));
+                if let Some(old) = &replaced {
+                    job.inherit_cgroup(old);
+                }
                 self.workspaces.claim_for_job(&workspace, &job)?;
                 map.insert(req.job_id.clone(), job.clone());
                 job
@@ -405,6 +418,35 @@ impl Jobs {
             }
             None => pb::RenewReply { known: false },
         }
+    }
+
+    /// CPU time of each running process of the job, its descendants included.
+    pub async fn cpu(&self, id: &JobId) -> Result<pb::JobCpuReply, JobError> {
+        let job = self.get(id)?;
+        let seeds: Vec<(u32, i32, Option<u64>)> = job
+            .state()
+            .procs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.exit.is_none() && !p.reaped)
+            .map(|(i, p)| (i as u32, p.pid as i32, p.start_ticks))
+            .collect();
+        if seeds.is_empty() {
+            return Ok(pb::JobCpuReply::default());
+        }
+        let hz = rustix::param::clock_ticks_per_second();
+        // A bounded slot of the blocking pool: a client asking in a loop takes no more.
+        let per = crate::blocking::run("reading /proc", crate::blocking::FS_TIMEOUT, move || {
+            cpu::snapshot(Path::new("/proc")).map(|all| cpu::per_tree(&all, &seeds, hz))
+        })
+        .await?
+        .map_err(JobError::Scan)?;
+        Ok(pb::JobCpuReply {
+            processes: per
+                .into_iter()
+                .map(|(index, cpu_ms)| pb::ProcessCpu { index, cpu_ms })
+                .collect(),
+        })
     }
 
     pub async fn stop(&self, req: StopSpec) -> Result<pb::StopReply, JobError> {

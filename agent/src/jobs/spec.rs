@@ -86,6 +86,8 @@ pub struct SpawnSpec {
     pub lease: Option<Duration>,
     /// 1 to [`MAX_PROCESSES_PER_SPAWN`].
     pub processes: Vec<ProcessSpec>,
+    /// The job starts again: a finished job of the same id is replaced.
+    pub restart: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -283,6 +285,7 @@ impl TryFrom<pb::SpawnRequest> for SpawnSpec {
             workspace,
             lease,
             processes,
+            restart: r.restart,
         })
     }
 }
@@ -339,6 +342,7 @@ mod tests {
             workspace: "ws".into(),
             processes,
             lease_ms: 0,
+            restart: false,
         }
     }
 
@@ -453,7 +457,7 @@ mod tests {
             procs in proptest::collection::vec(any_spec(), 0..4),
             lease_ms in any::<u32>(),
         ) {
-            let req = pb::SpawnRequest { job_id: id, workspace, processes: procs, lease_ms };
+            let req = pb::SpawnRequest { job_id: id, workspace, processes: procs, lease_ms, restart: false };
             if let Ok(s) = SpawnSpec::try_from(req) {
                 check_accepted(&s)?;
             }

@@ -57,6 +57,7 @@ fn spawn_req(id: &str, procs: Vec<pb::ProcessSpec>) -> pb::SpawnRequest {
         workspace: "ws".into(),
         processes: procs,
         lease_ms: 0,
+        restart: false,
     }
 }
 
@@ -756,4 +757,47 @@ fn a_spawn_may_add_processes_only_to_a_live_job() {
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_replaces_a_stopped_job_but_a_plain_spawn_does_not() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    let stop = |id: &str| pb::StopRequest {
+        job_id: id.into(),
+        grace_ms: 300,
+        force: false,
+        requester: "test".into(),
+    };
+    jobs.spawn_pb(spawn_req("j-again", vec![shell("t0", "sleep 60")]))
+        .await
+        .unwrap();
+    // A restart of a job still running only adds to it, as any Spawn.
+    let mut again = spawn_req("j-again", vec![shell("t1", "sleep 60")]);
+    again.restart = true;
+    let added = jobs.spawn_pb(again.clone()).await.unwrap();
+    assert_eq!(added.processes[0].index, 1);
+    jobs.stop_pb(stop("j-again")).await.unwrap();
+    collect_until_exited(&jobs, "j-again", 2).await;
+
+    let plain = jobs
+        .spawn_pb(spawn_req("j-again", vec![shell("t0", "sleep 60")]))
+        .await
+        .expect_err("a stopped job takes no more processes");
+    assert_eq!(plain.code(), tonic::Code::Aborted, "{plain}");
+
+    let fresh = jobs.spawn_pb(again).await.unwrap();
+    assert_eq!(fresh.processes[0].index, 0, "a new job, numbered from 0");
+    let cpu = jobs
+        .cpu(&JobId::parse("j-again".into()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(cpu.processes.len(), 1, "{cpu:?}");
+    jobs.stop_pb(stop("j-again")).await.unwrap();
+    let events = collect_until_exited(&jobs, "j-again", 1).await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(&e.event, Some(Event::Started(s)) if s.label != "t1")),
+        "the new job's events only: {events:?}"
+    );
 }

@@ -116,6 +116,10 @@ pub enum Outcome {
     Signal,
     /// Someone else stopped the job (`dgl-coord kill`).
     Stopped,
+    /// No trainer wrote a line or used CPU time for `--stall-timeout`.
+    Stalled,
+    /// A trainer printed nothing within `--start-timeout` of the start.
+    StartTimeout,
     /// Nothing was started: bad input, an unreachable agent or a failed preflight.
     Error,
 }
@@ -152,6 +156,24 @@ pub struct Summary {
     pub teardown_ms: Option<u64>,
     pub elapsed_ms: u64,
     pub processes: Vec<ProcessSummary>,
+    /// Every attempt, the last one included; only with `--max-restarts`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptSummary>,
+}
+
+/// How one attempt of a job that may restart ended.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttemptSummary {
+    /// Restarts before it (the processes' DGLRUN_RESTART_COUNT): 0 for the first.
+    pub restart: u32,
+    pub outcome: Outcome,
+    pub exit_code: u8,
+    pub error: Option<String>,
+    /// The process whose failure ended it.
+    pub failed_process: Option<Who>,
+    /// Milliseconds since dgl-coord started: when it began spawning, when it was over.
+    pub started_ms: u64,
+    pub ended_ms: u64,
 }
 
 impl Summary {
@@ -168,6 +190,7 @@ impl Summary {
             teardown_ms: None,
             elapsed_ms,
             processes: Vec::new(),
+            attempts: Vec::new(),
         }
     }
 }

@@ -24,4 +24,9 @@ pub(crate) enum Msg {
         host: usize,
         result: Result<pb::StopReply, String>,
     },
+    /// CPU time of the job's running processes on `host`, as its agent measured it.
+    Cpu {
+        host: usize,
+        processes: Vec<pb::ProcessCpu>,
+    },
 }

@@ -60,6 +60,8 @@ pub struct RunOptions {
     pub wait_servers: bool,
     /// Hand the job to machine 0's agent once planned and checked (`--detach`).
     pub detach: bool,
+    /// Restarts, stall and start timeouts.
+    pub policy: driver::JobPolicy,
 }
 
 /// A fresh job id: unique enough that two launches never share one.
@@ -220,6 +222,7 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
                 r.lease,
                 r.grace,
                 servers.as_ref(),
+                &r.policy,
             );
             detach(&hosts, req, &r).await
         }
@@ -240,6 +243,7 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
                     started: r.started,
                     access: r.access.clone(),
                     servers_ready: servers,
+                    policy: r.policy.clone(),
                 },
                 out,
                 signals,

@@ -255,6 +255,11 @@ impl Sink {
         for p in &mut s.processes {
             p.who = self.addressed(&p.who);
         }
+        for a in &mut s.attempts {
+            if let Some(w) = &mut a.failed_process {
+                *w = self.addressed(w);
+            }
+        }
         self.event(&Event::Summary(&s));
         let json = events::escape_del_c1(serde_json::to_string_pretty(&s).unwrap_or_default());
         self.log_with(|l| {

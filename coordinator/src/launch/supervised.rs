@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dglrun_proto::pb;
 
 use super::command::CommandLine;
-use super::driver::{self, DriverOptions, Signals};
+use super::driver::{self, DriverOptions, JobPolicy, RestartPolicy, Signals, Watchdog};
 use super::plan::{PlannedProcess, Role};
 use super::servers_ready::ServerPorts;
 use super::sink::Sink;
@@ -27,6 +27,8 @@ pub const MAX_PROCESSES_PER_HOST: usize = 1024;
 pub const MAX_GRACE: Duration = Duration::from_secs(600);
 /// The longest `--wait-servers` wait.
 pub const MAX_WAIT_SERVERS: Duration = Duration::from_secs(3600);
+/// Restarts of one supervised job: a bound on what a request can make an agent do.
+pub const MAX_RESTARTS: u32 = 10_000;
 /// How long the supervising agent waits for each other agent's Hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,6 +45,7 @@ pub fn request(
     lease: Duration,
     grace: Duration,
     servers: Option<&ServerPorts>,
+    policy: &JobPolicy,
 ) -> pb::SuperviseRequest {
     pb::SuperviseRequest {
         job_id: job_id.to_string(),
@@ -60,7 +63,7 @@ pub fn request(
                         plan.iter()
                             .filter(|p| p.machine == h.rank && p.role.is_trainer()),
                     )
-                    .map(driver::to_spec)
+                    .map(|p| driver::to_spec(p, 0))
                     .collect(),
                 server_ports: servers
                     .and_then(|s| s.per_machine.get(h.rank))
@@ -71,6 +74,17 @@ pub fn request(
         lease_ms: millis(lease),
         grace_ms: millis(grace),
         wait_servers_ms: servers.map_or(0, |s| millis(s.timeout).max(1)),
+        max_restarts: policy.restart.max_restarts,
+        restart_backoff_ms: millis(policy.restart.first_backoff),
+        restart_on: policy
+            .restart
+            .restart_on
+            .iter()
+            .flatten()
+            .map(|&c| u32::from(c))
+            .collect(),
+        stall_timeout_ms: policy.watchdog.stall_timeout.map_or(0, millis),
+        start_timeout_ms: policy.watchdog.start_timeout.map_or(0, millis),
     }
 }
 
@@ -85,6 +99,7 @@ pub struct Supervision {
     pub lease: Duration,
     pub grace: Duration,
     pub servers: Option<ServerPorts>,
+    pub policy: JobPolicy,
 }
 
 fn role(name: &str) -> Option<Role> {
@@ -119,6 +134,7 @@ impl Supervision {
                 MAX_WAIT_SERVERS.as_secs()
             ));
         }
+        let policy = policy(&r)?;
         let mut agents = Vec::with_capacity(r.hosts.len());
         let mut plan = Vec::new();
         let mut ports = Vec::with_capacity(r.hosts.len());
@@ -169,8 +185,36 @@ impl Supervision {
             lease: Duration::from_millis(u64::from(r.lease_ms)),
             grace,
             servers,
+            policy,
         })
     }
+}
+
+/// Restart and watchdog settings as the attached driver takes them.
+fn policy(r: &pb::SuperviseRequest) -> Result<JobPolicy, String> {
+    if r.max_restarts > MAX_RESTARTS {
+        return Err(format!(
+            "max_restarts {} is over {MAX_RESTARTS}",
+            r.max_restarts
+        ));
+    }
+    let restart_on = r
+        .restart_on
+        .iter()
+        .map(|&c| u8::try_from(c).map_err(|_| format!("restart_on code {c} is over 255")))
+        .collect::<Result<Vec<u8>, String>>()?;
+    let ms = |v: u32| (v > 0).then(|| Duration::from_millis(u64::from(v)));
+    Ok(JobPolicy {
+        restart: RestartPolicy {
+            max_restarts: r.max_restarts,
+            first_backoff: Duration::from_millis(u64::from(r.restart_backoff_ms)),
+            restart_on: (!restart_on.is_empty()).then_some(restart_on),
+        },
+        watchdog: Watchdog {
+            stall_timeout: ms(r.stall_timeout_ms),
+            start_timeout: ms(r.start_timeout_ms),
+        },
+    })
 }
 
 fn planned(machine: usize, p: pb::ProcessSpec) -> Result<PlannedProcess, String> {
@@ -259,6 +303,7 @@ pub async fn run(
         started: Instant::now(),
         access,
         servers_ready: s.servers,
+        policy: s.policy,
     };
     let code = driver::run_reporting_start(hosts, s.plan, o, out, signals, Some(started)).await;
     let c = captured.lock().clone();
@@ -309,6 +354,7 @@ mod tests {
             lease_ms: 3000,
             grace_ms: 1000,
             wait_servers_ms: 0,
+            ..Default::default()
         }
     }
 
@@ -327,6 +373,23 @@ mod tests {
         let ports = s.servers.unwrap();
         assert_eq!(ports.per_machine, vec![vec![30050], vec![30050]]);
         assert_eq!(ports.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn restarts_and_timeouts_reach_the_supervising_driver() {
+        let r = pb::SuperviseRequest {
+            max_restarts: 3,
+            restart_backoff_ms: 250,
+            restart_on: vec![1, 137],
+            stall_timeout_ms: 60_000,
+            ..req(vec![host(0, "server")])
+        };
+        let p = Supervision::parse(r).unwrap().policy;
+        assert_eq!(p.restart.max_restarts, 3);
+        assert_eq!(p.restart.first_backoff, Duration::from_millis(250));
+        assert_eq!(p.restart.restart_on, Some(vec![1, 137]));
+        assert_eq!(p.watchdog.stall_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(p.watchdog.start_timeout, None);
     }
 
     #[test]
@@ -352,6 +415,13 @@ mod tests {
             (
                 req((0..1025).map(|m| host(m, "server")).collect()),
                 "not 1025",
+            ),
+            (
+                pb::SuperviseRequest {
+                    restart_on: vec![256],
+                    ..req(vec![host(0, "server")])
+                },
+                "restart_on code 256 is over 255",
             ),
         ];
         for (r, want) in cases {

@@ -69,6 +69,7 @@ async fn main() {
                 ..Default::default()
             }],
             lease_ms: 10_000,
+            restart: false,
         })
         .await
         .map(|_| ());

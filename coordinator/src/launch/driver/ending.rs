@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::super::events::{ExitInfo, Outcome, ProcessSummary, Summary};
+use super::super::events::{AttemptSummary, ExitInfo, Outcome, ProcessSummary, Summary};
 use super::super::summary::{self, Row};
+use super::stall::{self, NO_PROGRESS_EXIT};
 use super::state::{Job, Proc, Reason};
 
 /// dgl-coord's exit code when someone else stopped the job and no process had failed before:
@@ -33,6 +34,7 @@ pub(crate) fn exit_code(reason: Option<&Reason>, worst: u8) -> u8 {
         Some(Reason::Signal(sig)) if worst == 0 => (128 + sig).clamp(0, 255) as u8,
         Some(Reason::StoppedBy { .. }) if worst == 0 => STOPPED_BY_OTHER_EXIT,
         Some(Reason::Signal(_) | Reason::StoppedBy { .. }) => worst,
+        Some(Reason::Stalled { .. } | Reason::StartTimeout { .. }) => NO_PROGRESS_EXIT,
     }
 }
 
@@ -44,6 +46,8 @@ pub(crate) fn outcome(reason: Option<&Reason>) -> Outcome {
         Some(Reason::Lost { .. }) => Outcome::Lost,
         Some(Reason::Signal(_)) => Outcome::Signal,
         Some(Reason::StoppedBy { .. }) => Outcome::Stopped,
+        Some(Reason::Stalled { .. }) => Outcome::Stalled,
+        Some(Reason::StartTimeout { .. }) => Outcome::StartTimeout,
     }
 }
 
@@ -68,6 +72,15 @@ pub(crate) fn error_text(
         Reason::StoppedBy { by, .. } => {
             Some(format!("job stopped by {by} (seen by the agent of {host})"))
         }
+        Reason::Stalled { after } => Some(format!(
+            "stalled: no progress for {}: no trainer wrote a line or used CPU time",
+            stall::human(*after)
+        )),
+        Reason::StartTimeout { after, silent } => Some(format!(
+            "start timeout: {} printed nothing within {} of the start",
+            silent.join(", "),
+            stall::human(*after)
+        )),
     }
 }
 
@@ -137,8 +150,52 @@ fn millis(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
-/// Everything the end of `job` prints, with `now` as the moment it ends.
-pub(crate) fn ending(job: &Job, now: Instant) -> Ending {
+/// How `job`, one attempt, ended at `now`.
+pub(crate) fn attempt(job: &Job, now: Instant) -> AttemptSummary {
+    let reason = job.stopping.as_ref().map(|s| &s.reason);
+    let failed = match reason {
+        Some(Reason::Failed { host, label }) => job.procs.get(&(*host, label.clone())),
+        _ => None,
+    };
+    let error = reason.and_then(|r| {
+        let host = reason_host(r).map_or_else(String::new, |h| host_name(job, h));
+        error_text(r, &host, failed, job.facts.lease)
+    });
+    let since = |t: Instant| millis(t.saturating_duration_since(job.facts.started));
+    AttemptSummary {
+        restart: job.facts.restarts,
+        outcome: outcome(reason),
+        exit_code: exit_code(reason, worst_failure(job)),
+        // The first line: the stderr lines under it are the last attempt's to show.
+        error: error.map(|e| e.lines().next().unwrap_or_default().to_string()),
+        failed_process: failed.map(|p| p.who.clone()),
+        started_ms: since(job.facts.attempt_started),
+        ended_ms: since(now),
+    }
+}
+
+/// One line per attempt, under the table.
+pub(crate) fn attempts_text(attempts: &[AttemptSummary]) -> String {
+    attempts
+        .iter()
+        .map(|a| {
+            let secs = a.ended_ms.saturating_sub(a.started_ms) as f64 / 1000.0;
+            let how = match &a.error {
+                Some(e) => format!("exit code {}: {e}", a.exit_code),
+                None => format!("exit code {}", a.exit_code),
+            };
+            format!(
+                "attempt {} (restart {}): {secs:.1} s, {how}\n",
+                a.restart + 1,
+                a.restart
+            )
+        })
+        .collect()
+}
+
+/// Everything the end of `job` prints, with `now` as the moment it ends; `attempts`: every
+/// attempt's ending when the job may restart (the last is `job`'s), else empty.
+pub(crate) fn ending(job: &Job, now: Instant, attempts: Vec<AttemptSummary>) -> Ending {
     let reason = job.stopping.as_ref().map(|s| &s.reason);
     let code = exit_code(reason, worst_failure(job));
     let failed = match reason {
@@ -159,8 +216,9 @@ pub(crate) fn ending(job: &Job, now: Instant) -> Ending {
         .map(|t| millis(t.saturating_duration_since(job.facts.started)));
     let teardown = teardown(job);
     let text = format!(
-        "\n{}{}",
+        "\n{}{}{}",
         summary::render(&rows),
+        attempts_text(&attempts),
         timings_text(job.order.len(), all_started_ms, teardown, code)
     );
     let processes = process_summaries(job, &rows);
@@ -176,6 +234,7 @@ pub(crate) fn ending(job: &Job, now: Instant) -> Ending {
         teardown_ms: teardown.map(|(_, ms)| ms),
         elapsed_ms: millis(now.saturating_duration_since(job.facts.started)),
         processes,
+        attempts,
     };
     Ending {
         note,
@@ -230,6 +289,9 @@ fn reason_host(r: &Reason) -> Option<usize> {
         | Reason::SpawnFailed { host, .. }
         | Reason::Lost { host, .. }
         | Reason::StoppedBy { host, .. } => Some(*host),
-        Reason::Success | Reason::Signal(_) => None,
+        Reason::Success
+        | Reason::Signal(_)
+        | Reason::Stalled { .. }
+        | Reason::StartTimeout { .. } => None,
     }
 }

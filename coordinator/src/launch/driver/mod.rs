@@ -9,13 +9,19 @@
 //! renew task keeps the lease; both report a lost agent. Stops run as tasks too, so output
 //! keeps flowing while the agents stop the job.
 //!
+//! A job may run several times (`restart`: after a failure, a backoff, then the whole job
+//! again under the same id, each attempt a fresh state machine); `stall` watches the
+//! trainers' lines and CPU time (polled from the agents) for the stall and start timeouts.
+//!
 //! When a host's calls fail, the kind of failure decides how long to wait (`loss`): a refused
 //! connection (the agent process is gone) or an agent that no longer knows the job (it was
 //! restarted) fail the job at once; a call that gets no answer (a link down) is retried until
 //! the lease would have expired, since a blip shorter than that must not kill a healthy job.
 
 mod ending;
+mod restart;
 mod signals;
+mod stall;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -33,8 +39,20 @@ use super::servers_ready::{self, ServerPorts};
 use super::sink::Sink;
 use crate::cluster::{AgentAccess, Host};
 pub use ending::STOPPED_BY_OTHER_EXIT;
+pub use restart::{RestartPolicy, USAGE_ERROR_EXIT};
 pub use signals::Signals;
+pub use stall::{human as human_duration, Watchdog, NO_PROGRESS_EXIT};
 use state::{Action, HostName, Input, Job, JobFacts, SpawnError};
+
+/// Every process's restart count: dglrun's own, and torchrun's name for it.
+pub const RESTART_COUNT_VARS: [&str; 2] = ["DGLRUN_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"];
+
+/// What the driver does beyond running the job once: restarts and the progress watch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobPolicy {
+    pub restart: RestartPolicy,
+    pub watchdog: Watchdog,
+}
 
 /// A Spawn is a fork per process; anything slower means the agent is in trouble.
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,6 +73,7 @@ pub struct DriverOptions {
     pub access: AgentAccess,
     /// Trainers start once these ports listen; None: right after the servers.
     pub servers_ready: Option<ServerPorts>,
+    pub policy: JobPolicy,
 }
 
 /// The IO around the state machine: the agents, the per-host tasks, the terminal.
@@ -69,6 +88,8 @@ struct Io {
     requester: String,
     /// Actions of the last input, reused.
     actions: Vec<Action>,
+    /// Restarts before the current attempt.
+    restarts: u32,
 }
 
 /// Runs the job to its end; returns dgl-coord's exit code. `signals` is where SIGINT and
@@ -93,39 +114,94 @@ pub async fn run_reporting_start(
     mut signals: Signals,
     started: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> anyhow::Result<u8> {
-    let (tx, rx) = mpsc::channel(4096);
     let requester = crate::ops::requester("dgl-coord launch");
-    let names = hosts
+    let names: Vec<HostName> = hosts
         .iter()
         .map(|h| HostName {
             name: h.name(),
             ip: h.ip.to_string(),
         })
         .collect();
-    let facts = JobFacts {
-        job_id: o.job_id.clone(),
-        lease: o.lease,
-        requester: requester.clone(),
-        started: o.started,
-    };
-    let mut job = Job::new(&plan, names, facts);
     let mut io = Io {
         hosts,
         o,
         plan,
-        tx,
+        // Each attempt gets a channel of its own.
+        tx: mpsc::channel(1).0,
         tasks: JoinSet::new(),
         out,
         requester,
         actions: Vec::new(),
+        restarts: 0,
     };
-    io.start(&mut job, &mut signals).await;
-    if let (false, Some(tx)) = (job.is_stopping(), started) {
-        let _ = tx.send(());
+    let policy = io.o.policy.clone();
+    let mut started = started;
+    let mut attempts = Vec::new();
+    loop {
+        let (tx, rx) = mpsc::channel(4096);
+        io.tx = tx;
+        let facts = JobFacts {
+            job_id: io.o.job_id.clone(),
+            lease: io.o.lease,
+            requester: io.requester.clone(),
+            started: io.o.started,
+            restarts: io.restarts,
+            attempt_started: Instant::now(),
+            watchdog: policy.watchdog.clone(),
+        };
+        let mut job = Job::new(&io.plan, names.clone(), facts);
+        io.start(&mut job, &mut signals).await;
+        // A detached launch returns once the first attempt has every process running.
+        if let (false, Some(tx)) = (job.is_stopping(), started.take()) {
+            let _ = tx.send(());
+        }
+        io.follow(&mut job, rx, &mut signals).await;
+        // The attempt's watch, renew and poll tasks end here; the next one starts its own.
+        io.tasks = JoinSet::new();
+        let attempt = ending::attempt(&job, Instant::now());
+        let reason = job.stopping.as_ref().map(|s| &s.reason);
+        let decision = restart::decide(
+            &policy.restart,
+            reason,
+            attempt.exit_code,
+            io.restarts,
+            rand::random(),
+        );
+        let failed = attempt.error.clone().unwrap_or_default();
+        if policy.restart.max_restarts > 0 {
+            attempts.push(attempt);
+        }
+        match decision {
+            restart::Decision::Restart(wait) => {
+                io.out.note(&format!(
+                    "attempt {} failed ({failed}); starting the whole job again in {} \
+                     (restart {} of {})",
+                    io.restarts + 1,
+                    stall::human(wait),
+                    io.restarts + 1,
+                    policy.restart.max_restarts
+                ));
+                io.out.flush();
+                if let Some(sig) = io.pause(wait, &mut signals).await {
+                    io.out.note(&format!(
+                        "{} during the wait: not starting the job again",
+                        super::summary::signal_name(sig)
+                    ));
+                    return Ok(io.finish(&job, attempts));
+                }
+                io.restarts += 1;
+            }
+            restart::Decision::Exhausted => {
+                io.out.note(&format!(
+                    "no restart left: the job failed {} times (--max-restarts {})",
+                    io.restarts + 1,
+                    policy.restart.max_restarts
+                ));
+                return Ok(io.finish(&job, attempts));
+            }
+            restart::Decision::Finish => return Ok(io.finish(&job, attempts)),
+        }
     }
-    io.follow(&mut job, rx, &mut signals).await;
-    io.tasks.abort_all();
-    Ok(io.finish(&job))
 }
 
 async fn sleep_until(t: Option<Instant>) {
@@ -157,6 +233,7 @@ impl Io {
                 } => self.out.lost_lines(machine, &ip, count, &name),
                 Action::Exited { who, pid, exit } => self.out.exited(&who, pid, &exit),
                 Action::Stop { hosts, force } => self.send_stops(&hosts, force),
+                Action::DumpStacks => self.dump_stacks(),
             }
         }
         self.actions = actions;
@@ -169,6 +246,11 @@ impl Io {
         // the others' leases run out while the rest of the phase waits for it.
         for h in 0..self.hosts.len() {
             self.start_renewal(h);
+        }
+        if self.o.policy.watchdog.cpu_needed() {
+            for h in 0..self.hosts.len() {
+                self.start_cpu_poll(h);
+            }
         }
         // Servers everywhere first, then trainers: DGL's clients expect their servers up.
         for trainers in [false, true] {
@@ -194,18 +276,41 @@ impl Io {
     }
 
     /// `--wait-servers`: until every server port listens, a server fails, or a signal.
+    /// `--start-timeout` counts here too.
     async fn wait_servers(&mut self, job: &mut Job, ports: &ServerPorts, signals: &mut Signals) {
-        tokio::select! {
-            r = servers_ready::wait_all(&self.hosts, &self.o.job_id, ports) => if let Err(e) = r {
-                let input = Input::ServersNotReady {
-                    host: e.host,
-                    text: e.to_string(),
-                    message: e.message,
-                };
-                self.apply(job, input);
-            },
-            sig = signals.recv() => self.apply(job, Input::Signal(sig)),
+        let (hosts, job_id) = (self.hosts.clone(), self.o.job_id.clone());
+        let wait = servers_ready::wait_all(&hosts, &job_id, ports);
+        tokio::pin!(wait);
+        while !job.is_stopping() {
+            tokio::select! {
+                r = &mut wait => {
+                    if let Err(e) = r {
+                        let input = Input::ServersNotReady {
+                            host: e.host,
+                            text: e.to_string(),
+                            message: e.message,
+                        };
+                        self.apply(job, input);
+                    }
+                    return;
+                },
+                sig = signals.recv() => self.apply(job, Input::Signal(sig)),
+                _ = sleep_until(job.wakeup()) => self.apply(job, Input::Tick),
+            }
         }
+    }
+
+    /// Waits `wait` before the next attempt; a signal that comes first is returned.
+    async fn pause(&mut self, wait: Duration, signals: &mut Signals) -> Option<i32> {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => None,
+            sig = signals.recv() => Some(sig),
+        }
+    }
+
+    /// The stalled job's processes still exist here: this is where their stacks are taken.
+    fn dump_stacks(&mut self) {
+        tracing::info!(job = %self.o.job_id, "stall: stack dump of every process requested");
     }
 
     /// The running job: events, signals and stops until the state machine says it is over.
@@ -218,6 +323,7 @@ impl Io {
                     None => break,
                 },
                 sig = signals.recv() => self.apply(job, Input::Signal(sig)),
+                _ = sleep_until(job.wakeup()) => self.apply(job, Input::Tick),
                 _ = sleep_until(job.drain_deadline()) => break,
                 _ = flush.tick() => self.out.flush(),
             }
@@ -225,8 +331,8 @@ impl Io {
     }
 
     /// The error, the table and the summary; returns the exit code.
-    fn finish(&mut self, job: &Job) -> u8 {
-        let end = ending::ending(job, Instant::now());
+    fn finish(&mut self, job: &Job, attempts: Vec<super::events::AttemptSummary>) -> u8 {
+        let end = ending::ending(job, Instant::now(), attempts);
         if let Some(note) = &end.note {
             self.out.note(note);
         }
@@ -244,9 +350,10 @@ impl Io {
                     .plan
                     .iter()
                     .filter(|p| p.machine == h.rank && p.role.is_trainer() == trainers)
-                    .map(to_spec)
+                    .map(|p| to_spec(p, self.restarts))
                     .collect(),
                 lease_ms: millis(self.o.lease),
+                restart: self.restarts > 0,
             };
             spawn_on(h, req)
         });
@@ -271,6 +378,34 @@ impl Io {
             self.tx.clone(),
             self.o.lease,
         ));
+    }
+
+    /// Asks the host's agent for the job's CPU times every `CPU_POLL`, for the stall watch.
+    fn start_cpu_poll(&mut self, host: usize) {
+        let (mut client, tx) = (self.hosts[host].client.clone(), self.tx.clone());
+        let job_id = self.o.job_id.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(stall::CPU_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let req = pb::JobCpuRequest {
+                    job_id: job_id.clone(),
+                };
+                match tokio::time::timeout(stall::CPU_POLL, client.job_cpu(req)).await {
+                    Ok(Ok(r)) => {
+                        let processes = r.into_inner().processes;
+                        if tx.send(Msg::Cpu { host, processes }).await.is_err() {
+                            return;
+                        }
+                    }
+                    // An agent without the call: its trainers' lines alone tell progress.
+                    Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => return,
+                    // A lost agent is the watch and renew tasks' to report.
+                    _ => {}
+                }
+            }
+        });
     }
 
     fn start_renewal(&mut self, host: usize) {
@@ -332,8 +467,13 @@ async fn spawn_on(h: &Host, req: pb::SpawnRequest) -> (usize, Result<pb::SpawnRe
     (h.rank, r)
 }
 
-pub(crate) fn to_spec(p: &PlannedProcess) -> pb::ProcessSpec {
+/// `p` as the agent takes it, with the attempt's restart count in its environment.
+pub(crate) fn to_spec(p: &PlannedProcess, restarts: u32) -> pb::ProcessSpec {
     use super::command::CommandLine;
+    let mut env = p.env.clone();
+    for var in RESTART_COUNT_VARS {
+        env.insert(var.to_string(), restarts.to_string());
+    }
     pb::ProcessSpec {
         label: p.label.clone(),
         role: p.role.as_str().to_string(),
@@ -341,7 +481,7 @@ pub(crate) fn to_spec(p: &PlannedProcess) -> pb::ProcessSpec {
             CommandLine::Argv(a) => pb::process_spec::Command::Argv(pb::Argv { args: a.clone() }),
             CommandLine::Shell(s) => pb::process_spec::Command::Shell(s.clone()),
         }),
-        env: p.env.clone().into_iter().collect(),
+        env: env.into_iter().collect(),
         cwd: p.cwd.clone(),
     }
 }

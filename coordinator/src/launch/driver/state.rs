@@ -13,6 +13,7 @@ use super::super::internal_events::Msg;
 use super::super::loss::Loss;
 use super::super::plan::{PlannedProcess, Role};
 use super::super::summary;
+use super::stall::{self, Progress, Verdict, Watchdog};
 
 /// stderr lines kept per process for the failure report.
 const TAIL_LINES: usize = 10;
@@ -40,6 +41,11 @@ pub(crate) struct JobFacts {
     pub(crate) requester: String,
     /// When the command started (for the start-up figure and the elapsed time).
     pub(crate) started: Instant,
+    /// Restarts before this attempt (0 for the first).
+    pub(crate) restarts: u32,
+    /// When this attempt began spawning.
+    pub(crate) attempt_started: Instant,
+    pub(crate) watchdog: Watchdog,
 }
 
 /// Why the job is being stopped.
@@ -65,6 +71,15 @@ pub(crate) enum Reason {
         host: usize,
         by: String,
         named: bool,
+    },
+    /// No trainer wrote a line or used CPU time for `after` (`--stall-timeout`).
+    Stalled {
+        after: Duration,
+    },
+    /// These trainers printed nothing within `after` of the start (`--start-timeout`).
+    StartTimeout {
+        after: Duration,
+        silent: Vec<String>,
     },
 }
 
@@ -99,6 +114,8 @@ pub(crate) enum Input {
     /// From a host's tasks.
     Msg(Msg),
     Signal(i32),
+    /// The time `wakeup` asked for came.
+    Tick,
 }
 
 /// What the loop must do.
@@ -131,6 +148,8 @@ pub(crate) enum Action {
         hosts: Vec<usize>,
         force: bool,
     },
+    /// The job stalled: take the stack of every process before it is stopped.
+    DumpStacks,
 }
 
 pub(crate) struct Proc {
@@ -168,6 +187,8 @@ pub(crate) struct Job {
     signals: u32,
     /// The third signal: leave without waiting for the agents.
     abandoned: bool,
+    /// What the trainers last did, for the stall and start timeouts.
+    progress: Progress,
 }
 
 impl Job {
@@ -193,7 +214,15 @@ impl Job {
                 ((p.machine, p.label.clone()), proc)
             })
             .collect();
+        let trainers = plan.iter().filter(|p| p.role.is_trainer()).map(|p| {
+            let host = hosts
+                .get(p.machine)
+                .map_or_else(|| format!("m{}", p.machine), |h| h.name.clone());
+            ((p.machine, p.label.clone()), format!("{host} {}", p.label))
+        });
+        let progress = Progress::new(facts.watchdog.clone(), facts.attempt_started, trainers);
         Self {
+            progress,
             trainers_left: plan.iter().filter(|p| p.role.is_trainer()).count(),
             order: plan.iter().map(|p| (p.machine, p.label.clone())).collect(),
             hosts,
@@ -225,10 +254,53 @@ impl Job {
                 out.push(Action::Note(text));
                 self.begin_stop(Reason::SpawnFailed { host, message }, now, out);
             }
-            Input::AllStarted => self.all_started = Some(now),
+            Input::AllStarted => {
+                self.all_started = Some(now);
+                self.progress.all_started(now);
+            }
             Input::Msg(m) => self.on_msg(m, now, out),
             Input::Signal(sig) => self.on_signal(sig, now, out),
+            Input::Tick => self.check_progress(now, out),
         }
+    }
+
+    /// When the loop must feed a `Tick`: a stall or start timeout may be due.
+    pub(crate) fn wakeup(&self) -> Option<Instant> {
+        if self.stopping.is_some() {
+            return None;
+        }
+        self.progress.deadline()
+    }
+
+    /// A job without progress is failed: first who is waiting where and the stacks, then
+    /// the stop.
+    fn check_progress(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let reason = match self.progress.check(now) {
+            None => return,
+            Some(Verdict::Stalled) => {
+                let after = self.facts.watchdog.stall_timeout.unwrap_or_default();
+                out.push(Action::Note(format!(
+                    "stalled: no progress for {}; where the trainers are:\n{}",
+                    stall::human(after),
+                    self.progress.report(now).join("\n")
+                )));
+                Reason::Stalled { after }
+            }
+            Some(Verdict::StartTimeout { silent }) => {
+                let after = self.facts.watchdog.start_timeout.unwrap_or_default();
+                out.push(Action::Note(format!(
+                    "start timeout: {} printed nothing within {} of the start",
+                    silent.join(", "),
+                    stall::human(after)
+                )));
+                Reason::StartTimeout { after, silent }
+            }
+        };
+        out.push(Action::DumpStacks);
+        self.begin_stop(reason, now, out);
     }
 
     pub(crate) fn is_stopping(&self) -> bool {
@@ -342,6 +414,13 @@ impl Job {
                 }
             }
             Msg::Stopped { host, result } => self.stop_returned(host, result, now, out),
+            Msg::Cpu { host, processes } => {
+                for p in processes {
+                    if let Some(label) = self.index.get(&(host, p.index)) {
+                        self.progress.cpu(&(host, label.clone()), now, p.cpu_ms);
+                    }
+                }
+            }
         }
     }
 
@@ -398,7 +477,7 @@ impl Job {
     fn on_event(&mut self, host: usize, ev: pb::JobEvent, now: Instant, out: &mut Vec<Action>) {
         match ev.event {
             Some(Event::Started(s)) => self.note_started(host, s.index, &s.label, s.pid, out),
-            Some(Event::Line(l)) => self.on_line(host, l, out),
+            Some(Event::Line(l)) => self.on_line(host, l, now, out),
             Some(Event::LostLines(count)) => out.push(Action::LostLines {
                 machine: host,
                 ip: self
@@ -414,7 +493,7 @@ impl Job {
         }
     }
 
-    fn on_line(&mut self, host: usize, l: pb::OutputLine, out: &mut Vec<Action>) {
+    fn on_line(&mut self, host: usize, l: pb::OutputLine, now: Instant, out: &mut Vec<Action>) {
         let label = self
             .index
             .get(&(host, l.index))
@@ -422,6 +501,7 @@ impl Job {
             .unwrap_or_else(|| format!("#{}", l.index));
         let stream = OutputStream::try_from(l.stream).unwrap_or(OutputStream::Stdout);
         let who = self.who(host, &label);
+        self.progress.line(&(host, label.clone()), now, &l.text);
         if stream == OutputStream::Stderr {
             if let Some(p) = self.procs.get_mut(&(host, label)) {
                 if p.stderr_tail.len() == TAIL_LINES {
@@ -451,6 +531,7 @@ impl Job {
         }
         p.exit = Some(x);
         let role = p.role;
+        self.progress.exited(&(host, label.clone()));
         out.push(Action::Exited {
             who: p.who.clone(),
             pid: p.pid,

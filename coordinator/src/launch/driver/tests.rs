@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use dglrun_proto::pb::{self, job_event::Event};
 
 use super::ending::{self, Ending, STOPPED_BY_OTHER_EXIT};
+use super::stall::Watchdog;
 use super::state::{Action, HostName, Input, Job, JobFacts, Proc, Reason, SpawnError};
 use crate::launch::command::CommandLine;
 use crate::launch::events::{Outcome, Who};
@@ -37,6 +38,10 @@ const TRAINERS: [&str; 2] = ["trainer0", "trainer1"];
 
 impl Sim {
     fn new() -> Self {
+        Self::watched(Watchdog::default())
+    }
+
+    fn watched(watchdog: Watchdog) -> Self {
         let t0 = Instant::now();
         let plan: Vec<PlannedProcess> = (0..2)
             .flat_map(|m| {
@@ -57,6 +62,9 @@ impl Sim {
             lease: Duration::from_secs(10),
             requester: REQUESTER.to_string(),
             started: t0,
+            restarts: 0,
+            attempt_started: t0,
+            watchdog,
         };
         Self {
             job: Job::new(&plan, hosts, facts),
@@ -93,7 +101,7 @@ impl Sim {
     }
 
     fn ending(&self, ms: u64) -> Ending {
-        ending::ending(&self.job, self.t0 + Duration::from_millis(ms))
+        ending::ending(&self.job, self.t0 + Duration::from_millis(ms), Vec::new())
     }
 }
 
@@ -669,5 +677,77 @@ fn timings_text_says_what_it_knows() {
         ending::timings_text(4, Some(812), Some(("servers stopped", 40)), 0),
         "all 4 processes started 812 ms after the command\n\
          servers stopped 40 ms after the stop began\nexit code 0\n"
+    );
+}
+
+fn line(host: usize, index: u32, text: &str) -> Input {
+    event(
+        host,
+        Event::Line(pb::OutputLine {
+            index,
+            stream: pb::OutputStream::Stdout as i32,
+            text: text.as_bytes().to_vec(),
+            partial: false,
+        }),
+    )
+}
+
+#[test]
+fn a_job_without_progress_is_stalled_then_stopped_with_its_own_code() {
+    let mut s = Sim::watched(Watchdog {
+        stall_timeout: Some(Duration::from_secs(10)),
+        start_timeout: None,
+    });
+    s.started();
+    assert_eq!(s.job.wakeup(), Some(s.t0 + Duration::from_millis(10_020)));
+    s.at(5_000, line(1, 1, "epoch 0"));
+    // A server's line is no trainer's progress.
+    s.at(6_000, line(0, 0, "serving"));
+    assert_eq!(s.job.wakeup(), Some(s.t0 + Duration::from_secs(15)));
+    assert!(s.at(14_999, Input::Tick).is_empty());
+    let acts = s.at(15_000, Input::Tick);
+    let note = match &acts[..] {
+        [Action::Note(n), Action::DumpStacks, Action::Stop {
+            hosts,
+            force: false,
+        }] => {
+            assert_eq!(hosts, &vec![0, 1]);
+            n.clone()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(note.starts_with("stalled: no progress for 10s"), "{note}");
+    assert!(
+        note.contains("m1 (10.0.0.2:47001) trainer1: last line 10s ago: \"epoch 0\""),
+        "{note}"
+    );
+    assert_eq!(s.job.wakeup(), None);
+    let end = s.ending(16_000);
+    assert_eq!((end.code, end.summary.outcome), (124, Outcome::Stalled));
+    assert_eq!(
+        end.summary.error.as_deref(),
+        Some("stalled: no progress for 10s: no trainer wrote a line or used CPU time")
+    );
+}
+
+#[test]
+fn a_trainer_silent_past_the_start_timeout_fails_the_start() {
+    let mut s = Sim::watched(Watchdog {
+        stall_timeout: None,
+        start_timeout: Some(Duration::from_secs(30)),
+    });
+    s.started();
+    s.at(1_000, line(0, 1, "hello"));
+    assert_eq!(s.job.wakeup(), Some(s.t0 + Duration::from_secs(30)));
+    let acts = s.at(30_000, Input::Tick);
+    assert!(
+        matches!(&acts[..], [Action::Note(n), Action::DumpStacks, Action::Stop { .. }]
+            if n == "start timeout: m1 (10.0.0.2:47001) trainer1 printed nothing within 30s of the start"),
+        "{acts:?}"
+    );
+    let end = s.ending(31_000);
+    assert_eq!(
+        (end.code, end.summary.outcome),
+        (124, Outcome::StartTimeout)
     );
 }
