@@ -6,6 +6,7 @@ mod argv;
 mod copy_cmd;
 mod docs_cmd;
 mod doctor_cmd;
+mod jobs_cmd;
 mod launch_cmd;
 mod ops_cmd;
 mod rcp_cmd;
@@ -67,6 +68,10 @@ enum Command {
     Shims(shims_cmd::ShimsArgs),
     /// Check every host before a launch: agent, interface, Python, GPUs, disk, ports.
     Doctor(doctor_cmd::DoctorArgs),
+    /// List every job the agents keep a record of, running or finished, with its exit code.
+    Jobs(jobs_cmd::JobsArgs),
+    /// Print a job's output as its hosts kept it, during the job or after it (--follow).
+    Logs(jobs_cmd::LogsArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(docs_cmd::CompletionsArgs),
     /// Print the man page, or write one per subcommand into a directory.
@@ -145,6 +150,8 @@ async fn run(command: Command) -> anyhow::Result<u8> {
         Command::Status(args) => ops_cmd::status(args).await,
         Command::Kill(args) => ops_cmd::kill(args).await,
         Command::Doctor(args) => doctor_cmd::run(args).await,
+        Command::Jobs(args) => jobs_cmd::jobs(args).await,
+        Command::Logs(args) => jobs_cmd::logs(args).await,
         Command::Completions(args) => docs_cmd::completions(args),
         Command::Man(args) => docs_cmd::man(args),
         // Both run before any runtime starts (see main).

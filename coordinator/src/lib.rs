@@ -7,6 +7,8 @@ pub mod cluster;
 pub mod config;
 pub mod copy;
 pub mod doctor;
+pub mod job_history;
+pub mod job_logs;
 pub mod launch;
 pub mod ops;
 pub mod probe;
