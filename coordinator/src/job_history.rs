@@ -12,6 +12,10 @@ use crate::config::IpConfig;
 use crate::launch::summary;
 use crate::ops;
 
+/// The exit code of a job whose trainers were stopped from outside, as `launch` gives it
+/// when another command stopped the job (SIGTERM's 128 + 15).
+const STOPPED_EXIT: u8 = 143;
+
 /// How long `JobRecords` may take on an agent that did answer Hello.
 const RECORDS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,7 +38,8 @@ pub struct JobSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_unix_ms: Option<u64>,
     /// As srun gives it: the worst code of a process that failed on its own (128 + signal
-    /// for a signal), 0 when none did; none while the job runs.
+    /// for a signal); else 143 when a trainer was stopped before it ended; else 0. None while
+    /// the job runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<u8>,
     /// The command of its first trainer process (of its first process when it has none).
@@ -190,10 +195,14 @@ pub fn merge(hosts: Vec<(usize, String, Vec<pb::JobRecord>)>) -> Vec<JobSummary>
                 (false, true) => JobState::Interrupted,
                 (false, false) => JobState::Finished,
             };
+            // A trainer stopped before it ended (Ctrl-C, `kill`, a lease that ran out): the
+            // job did not succeed, whoever stopped it. Servers are stopped on success too.
+            let cut_short = all().any(|p| p.stopped_by_agent && p.label.starts_with("trainer"));
             let exit_code = match state {
                 JobState::Running => None,
                 // An end nobody saw is no success.
                 JobState::Interrupted => Some(worst.max(1)),
+                JobState::Finished if worst == 0 && cut_short => Some(STOPPED_EXIT),
                 JobState::Finished => Some(worst),
             };
             let command = all()

@@ -373,3 +373,62 @@ fn a_full_disk_keeps_the_job_running_and_reports_the_loss() {
     );
     assert!(c.agent_log(0).contains("No space left on device"));
 }
+
+#[test]
+fn logs_outlive_a_coordinator_killed_mid_job() {
+    let c = with_workspace(1, &["--lease-timeout", "2"]);
+    fs::write(c.root(0).join(WS).join("slow.py"), SLOW).unwrap();
+    let mut launch = c
+        .launch_direct("1", &[], "python3 slow.py 100000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let (_, report) = jobs(&c);
+        let trainer_started = report["jobs"][0]["hosts"][0]["processes"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["label"] == "trainer0"));
+        if trainer_started {
+            break report["jobs"][0]["job_id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no job listed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    launch.kill().unwrap();
+    launch.wait().unwrap();
+    // The agent stops the job once the lease runs out; the record says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let (_, report) = jobs(&c);
+        let job = only_job(&report).clone();
+        if job["state"] != "running" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the job still runs: {job:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(job["stopped_by"], "lease expiry", "{job:#}");
+    assert_eq!(job["state"], "finished", "{job:#}");
+    assert_eq!(job["exit_code"], 143, "{job:#}");
+    let logs = run(
+        coord(&c, &["logs", &id, "--process", "trainer0"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(logs.code(), 0, "{logs:?}");
+    let n: Vec<usize> = logs
+        .stdout
+        .lines()
+        .map(|l| {
+            l.strip_prefix("[m0 trainer0] line ")
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(n.len() > 10, "{logs:?}");
+    assert_eq!(n, (0..n.len()).collect::<Vec<_>>());
+}

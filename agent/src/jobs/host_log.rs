@@ -34,8 +34,9 @@ use super::output::Piece;
 use super::spec::JobId;
 use crate::confine::{Dir, Root};
 
-/// Line batches (one pipe read each) waiting for the writer.
-const CHANNEL: usize = 1024;
+/// Line batches (one pipe read each, at most 64 KiB of lines) waiting for the writer: at most
+/// 16 MiB held for a disk that falls behind.
+const CHANNEL: usize = 256;
 /// Finished jobs kept at most, whatever their size.
 pub const MAX_RECORDS: usize = 1000;
 /// How often the writer looks at retention and lost-line counts when nothing else happens.
