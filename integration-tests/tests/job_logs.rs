@@ -432,3 +432,60 @@ fn logs_outlive_a_coordinator_killed_mid_job() {
     assert!(n.len() > 10, "{logs:?}");
     assert_eq!(n, (0..n.len()).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_job_running_when_its_agent_died_is_recorded_as_interrupted() {
+    let mut c = with_workspace(1, &[]);
+    fs::write(c.root(0).join(WS).join("slow.py"), SLOW).unwrap();
+    let mut launch = c
+        .launch_direct("1", &[], "python3 slow.py 100000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = c.root(0).join(".dglrun/jobs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let (_, report) = jobs(&c);
+        let lines = report["jobs"][0]["job_id"]
+            .as_str()
+            .map(|id| dir.join(id).join("trainer0.out"))
+            .and_then(|f| fs::read_to_string(f).ok())
+            .map_or(0, |t| t.lines().count());
+        if lines > 10 {
+            break report["jobs"][0]["job_id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no output kept");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    c.restart_agent(0);
+    let _ = wait_with_timeout(&mut launch, Duration::from_secs(60));
+    let _ = launch.kill();
+    let (_, report) = jobs(&c);
+    let job = only_job(&report);
+    assert_eq!(job["job_id"], id.as_str());
+    assert_eq!(job["state"], "interrupted", "{job:#}");
+    assert_eq!(job["exit_code"], 1, "{job:#}");
+    let trainer = job["hosts"][0]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["label"] == "trainer0")
+        .unwrap()
+        .clone();
+    assert!(
+        trainer["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("end unknown"),
+        "{job:#}"
+    );
+    let logs = run(
+        coord(&c, &["logs", &id, "--tail", "1"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(logs.code(), 0, "{logs:?}");
+    assert!(logs.stdout.starts_with("[m0 trainer0] line "), "{logs:?}");
+    assert!(c.agent_log(0).contains("restarted while the job ran"));
+}
