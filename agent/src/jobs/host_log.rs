@@ -11,9 +11,8 @@
 //!
 //! Bounds: each output file is rotated at `max_file_bytes` (`<stem>.out` becomes
 //! `<stem>.out.1`, replacing the one before), so a process keeps at most twice that per stream;
-//! finished jobs are deleted, oldest first, once older than `max_age` or while the directory
-//! of all jobs holds more than `max_total_bytes` or more than [`MAX_RECORDS`] jobs. Each
-//! deletion is logged. A running job is never deleted.
+//! finished jobs go by the rules of `retention`, which the writer applies at start, when a job
+//! ends, and every minute.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
@@ -37,8 +36,6 @@ use crate::confine::{Dir, Root};
 /// Line batches (one pipe read each, at most 64 KiB of lines) waiting for the writer: at most
 /// 16 MiB held for a disk that falls behind.
 const CHANNEL: usize = 256;
-/// Finished jobs kept at most, whatever their size.
-pub const MAX_RECORDS: usize = 1000;
 /// How often the writer looks at retention and lost-line counts when nothing else happens.
 const TICK: Duration = Duration::from_secs(1);
 /// How often retention runs without a job ending.
@@ -265,7 +262,7 @@ struct Writer {
     next_retention: Instant,
 }
 
-fn name(s: &str) -> &OsStr {
+pub(super) fn name(s: &str) -> &OsStr {
     OsStr::new(s)
 }
 
@@ -620,7 +617,7 @@ impl Writer {
         self.enforce_retention();
     }
 
-    /// Deletes finished jobs past the age, total size or count bound, oldest first.
+    /// Deletes finished jobs past the retention bounds (see `retention`).
     fn enforce_retention(&mut self) {
         self.next_retention = Instant::now() + RETENTION_EVERY;
         let dir = match self.jobs_dir(false) {
@@ -631,45 +628,8 @@ impl Writer {
                 return;
             }
         };
-        let records = self.history.all();
-        let mut total = 0u64;
-        let mut finished = Vec::new();
-        for r in &records {
-            let bytes = dir_bytes(&dir, &r.job_id);
-            total += bytes;
-            if let Some(ended) = r.ended_unix_ms {
-                finished.push((ended, r.job_id.clone(), bytes));
-            }
-        }
-        finished.sort();
-        let now = now_ms();
-        let max_age_ms = self.config.max_age.as_millis() as u64;
-        let mut kept = finished.len();
-        for (ended, job, bytes) in finished {
-            let reason = if now.saturating_sub(ended) > max_age_ms {
-                format!("ended more than {} s ago", self.config.max_age.as_secs())
-            } else if total > self.config.max_total_bytes {
-                format!(
-                    "the jobs' logs take {total} bytes, more than the {} allowed",
-                    self.config.max_total_bytes
-                )
-            } else if kept > MAX_RECORDS {
-                format!("more than {MAX_RECORDS} finished jobs are kept")
-            } else {
-                continue;
-            };
-            match remove_job_dir(&dir, &job) {
-                Ok(()) => {
-                    tracing::info!(%job, bytes, ended_unix_ms = ended, "retention: deleted the finished job's logs and record: {reason}");
-                    total = total.saturating_sub(bytes);
-                    kept -= 1;
-                    self.history.remove(&job);
-                    self.jobs.remove(job.as_str());
-                }
-                Err(e) => {
-                    tracing::warn!(%job, "retention: cannot delete the finished job's logs: {e}")
-                }
-            }
+        for job in super::retention::enforce(&dir, &self.history, &self.config) {
+            self.jobs.remove(job.as_str());
         }
     }
 }
@@ -699,32 +659,6 @@ fn read_record(dir: &Dir) -> std::io::Result<JobRecord> {
     let mut bytes = Vec::new();
     f.take(MAX_RECORD_BYTES).read_to_end(&mut bytes)?;
     serde_json::from_slice(&bytes).map_err(std::io::Error::other)
-}
-
-/// Bytes of the files in a job's directory.
-fn dir_bytes(jobs: &Dir, job: &str) -> u64 {
-    let Ok(d) = jobs.open_subdir(name(job)) else {
-        return 0;
-    };
-    let names = d.names().unwrap_or_default();
-    names
-        .iter()
-        .filter_map(|n| d.stat_entry(n).ok().flatten())
-        .map(|st| st.st_size.max(0) as u64)
-        .sum()
-}
-
-fn remove_job_dir(jobs: &Dir, job: &str) -> std::io::Result<()> {
-    match jobs.open_subdir(name(job)) {
-        Ok(d) => {
-            for n in d.names()? {
-                d.unlink(&n)?;
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    jobs.remove_dir(name(job))
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub mod preflight;
 pub mod process;
 pub mod reaper;
 pub mod recover;
+pub mod retention;
 pub mod session;
 pub mod slots;
 pub mod spec;
