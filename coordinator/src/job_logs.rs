@@ -3,7 +3,9 @@
 //!
 //! Every host is read at once; lines of one process and stream come in order, hosts and
 //! processes interleave as their lines arrive. With `follow` each host's stream ends once the
-//! job has ended there, so the command ends when it has ended on every host.
+//! job has ended there, so the command ends when it has ended on every host; a stream that
+//! breaks (a link down, the agent restarting) is taken up again for up to a minute, resumed
+//! after the lines already printed, so none is printed twice.
 
 use std::time::Instant;
 
@@ -128,6 +130,19 @@ pub async fn logs(ips: &IpConfig, access: &AgentAccess, opts: &LogsOptions) -> a
     Ok(if failed.is_empty() { 0 } else { 1 })
 }
 
+/// How long a follow tries to reach a host again after its stream broke.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// Pause between two tries.
+const RECONNECT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How one read of a host ended.
+enum Read {
+    /// Sent its end (or the printer went away): nothing more to do.
+    Done,
+    /// The stream broke; a follow may try again.
+    Broken(String),
+}
+
 async fn read_host(
     machine: usize,
     ip: std::net::IpAddr,
@@ -141,16 +156,47 @@ async fn read_host(
         address: address.clone(),
         error,
     };
+    // Lines delivered per (label, stream), so that a follow that reconnects skips them.
+    let mut delivered: std::collections::BTreeMap<(String, i32), u64> = Default::default();
+    let mut broken_since: Option<Instant> = None;
+    loop {
+        let error = match read_once(machine, ip, access, opts, &tx, &mut delivered).await {
+            Ok(Read::Done) => return,
+            Ok(Read::Broken(e)) => e,
+            Err(e) if broken_since.is_none() => {
+                let _ = tx.send(failed(e)).await;
+                return;
+            }
+            Err(e) => e,
+        };
+        let resumable = opts.follow && opts.tail == 0;
+        let since = *broken_since.get_or_insert_with(Instant::now);
+        if !resumable || since.elapsed() >= RECONNECT_FOR {
+            let _ = tx.send(failed(error)).await;
+            return;
+        }
+        tokio::time::sleep(RECONNECT_EVERY).await;
+    }
+}
+
+/// One ReadLogs call, resumed after what `delivered` counts. Err: the host could not be
+/// asked at all.
+async fn read_once(
+    machine: usize,
+    ip: std::net::IpAddr,
+    access: &AgentAccess,
+    opts: &LogsOptions,
+    tx: &mpsc::Sender<HostMsg>,
+    delivered: &mut std::collections::BTreeMap<(String, i32), u64>,
+) -> Result<Read, String> {
+    let address = format!("{ip}:{}", access.port);
     let mut host = match job_history::records(machine, ip, access, &opts.job).await {
         Ok((_, r)) if r.is_empty() => {
             let _ = tx.send(HostMsg::Unknown).await;
-            return;
+            return Ok(Read::Done);
         }
         Ok((host, _)) => host,
-        Err(e) => {
-            let _ = tx.send(failed(e)).await;
-            return;
-        }
+        Err(e) => return Err(e),
     };
     let req = pb::ReadLogsRequest {
         job_id: opts.job.clone(),
@@ -158,30 +204,38 @@ async fn read_host(
         stream: opts.stream.map_or(0, |s| s as i32),
         tail: opts.tail,
         follow: opts.follow,
+        resume: delivered
+            .iter()
+            .map(|((label, stream), lines)| pb::LogResume {
+                label: label.clone(),
+                stream: *stream,
+                lines: *lines,
+            })
+            .collect(),
     };
     let mut stream = match host.client.read_logs(req).await {
         Ok(s) => s.into_inner(),
         Err(s) if s.code() == tonic::Code::NotFound => {
             let _ = tx.send(HostMsg::Unknown).await;
-            return;
+            return Ok(Read::Done);
         }
-        Err(s) => {
-            let _ = tx.send(failed(s.message().to_string())).await;
-            return;
-        }
+        Err(s) => return Err(s.message().to_string()),
     };
     loop {
         match stream.message().await {
             Ok(Some(pb::LogChunk {
                 msg: Some(pb::log_chunk::Msg::Lines(lines)),
             })) => {
+                *delivered
+                    .entry((lines.label.clone(), lines.stream))
+                    .or_default() += lines.lines.len() as u64;
                 let msg = HostMsg::Lines {
                     machine,
                     ip: ip.to_string(),
                     lines,
                 };
                 if tx.send(msg).await.is_err() {
-                    return;
+                    return Ok(Read::Done);
                 }
             }
             Ok(Some(pb::LogChunk {
@@ -190,25 +244,15 @@ async fn read_host(
                 let _ = tx
                     .send(HostMsg::End {
                         machine,
-                        address: address.clone(),
+                        address,
                         record,
                     })
                     .await;
-                return;
+                return Ok(Read::Done);
             }
             Ok(Some(_)) => {}
-            Ok(None) => {
-                let _ = tx
-                    .send(failed("the agent ended the stream early".into()))
-                    .await;
-                return;
-            }
-            Err(s) => {
-                let _ = tx
-                    .send(failed(format!("reading stopped: {}", s.message())))
-                    .await;
-                return;
-            }
+            Ok(None) => return Ok(Read::Broken("the agent ended the stream early".into())),
+            Err(s) => return Ok(Read::Broken(format!("reading stopped: {}", s.message()))),
         }
     }
 }

@@ -489,3 +489,68 @@ fn a_job_running_when_its_agent_died_is_recorded_as_interrupted() {
     assert!(logs.stdout.starts_with("[m0 trainer0] line "), "{logs:?}");
     assert!(c.agent_log(0).contains("restarted while the job ran"));
 }
+
+#[test]
+fn logs_follow_resumes_across_an_agent_restart_without_a_line_twice() {
+    let mut c = with_workspace(2, &[]);
+    for i in 0..c.len() {
+        fs::write(c.root(i).join(WS).join("slow.py"), SLOW).unwrap();
+    }
+    let mut launch = c
+        .launch_direct("1", &[], "python3 slow.py 100000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let (_, report) = jobs(&c);
+        if let Some(j) = report["jobs"].as_array().and_then(|a| a.first()) {
+            break j["job_id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no job listed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut follow = coord(&c, &["logs", &id, "--follow", "--stream", "stdout"]);
+    let mut follow = follow
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = reader(follow.stdout.take().unwrap());
+    let err = reader(follow.stderr.take().unwrap());
+    std::thread::sleep(Duration::from_millis(1500));
+    c.restart_agent(1);
+    let followed = wait_with_timeout(&mut follow, Duration::from_secs(60))
+        .expect("logs --follow ends once the job has ended on every host");
+    let _ = wait_with_timeout(&mut launch, Duration::from_secs(30));
+    let _ = launch.kill();
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    assert!(followed.success(), "{followed:?} {err}");
+    let mut per: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for l in out.lines() {
+        let (label, text) = l.split_once("] ").unwrap();
+        let n = text.strip_prefix("line ").unwrap().parse().unwrap();
+        per.entry(label.to_string()).or_default().push(n);
+    }
+    let m1 = &per["[m1 trainer0"];
+    assert!(m1.len() > 20, "{per:?}");
+    for (label, lines) in &per {
+        assert_eq!(
+            *lines,
+            (0..lines.len()).collect::<Vec<_>>(),
+            "{label}: {err}"
+        );
+    }
+    // What host 1 kept is exactly what was printed for it.
+    let kept = fs::read_to_string(
+        c.root(1)
+            .join(".dglrun/jobs")
+            .join(&id)
+            .join("trainer0.out"),
+    )
+    .unwrap();
+    assert_eq!(kept.lines().count(), m1.len());
+}

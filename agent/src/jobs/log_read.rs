@@ -50,6 +50,8 @@ pub struct ReadSpec {
     pub stderr: Option<bool>,
     pub tail: u64,
     pub follow: bool,
+    /// Lines already delivered, by (label, stderr): skipped from the start of the files.
+    pub resume: Vec<(String, bool, u64)>,
 }
 
 impl TryFrom<pb::ReadLogsRequest> for ReadSpec {
@@ -73,12 +75,24 @@ impl TryFrom<pb::ReadLogsRequest> for ReadSpec {
                 )))
             }
         };
+        if r.resume.len() > MAX_LABELS * 2 || (r.tail > 0 && !r.resume.is_empty()) {
+            return Err(Status::invalid_argument(format!(
+                "ReadLogs resumes at most {} streams, and never with a tail",
+                MAX_LABELS * 2
+            )));
+        }
+        let resume = r
+            .resume
+            .into_iter()
+            .map(|p| (p.label, p.stream == OutputStream::Stderr as i32, p.lines))
+            .collect();
         Ok(Self {
             job_id,
             labels: r.labels,
             stderr,
             tail: r.tail,
             follow: r.follow,
+            resume,
         })
     }
 }
@@ -142,11 +156,10 @@ impl Reader {
         }
         // Lines without their newline at the very end.
         for i in 0..self.cursors.len() {
-            let rest = self.cursors[i].splitter.finish();
-            if let Some(p) = rest {
-                if self.send(i, vec![p]).is_err() {
-                    return Ok(());
-                }
+            let mut rest: Vec<Piece> = self.cursors[i].splitter.finish().into_iter().collect();
+            self.cursors[i].skip_delivered(&mut rest);
+            if !rest.is_empty() && self.send(i, rest).is_err() {
+                return Ok(());
             }
         }
         let end = self
@@ -174,8 +187,14 @@ impl Reader {
                     .iter()
                     .any(|c| c.stem == p.stem && c.stderr == stderr);
                 if !known {
-                    self.cursors
-                        .push(Cursor::new(p.index, &p.label, &p.stem, stderr));
+                    let mut c = Cursor::new(p.index, &p.label, &p.stem, stderr);
+                    c.skip = self
+                        .spec
+                        .resume
+                        .iter()
+                        .find(|(l, e, _)| *l == p.label && *e == stderr)
+                        .map_or(0, |r| r.2);
+                    self.cursors.push(c);
                 }
             }
         }
@@ -205,6 +224,7 @@ impl Reader {
                 self.cursors[i].read_turn(dir, tail, &mut pieces)
             };
             progressed |= read > 0;
+            self.cursors[i].skip_delivered(&mut pieces);
             if !pieces.is_empty() {
                 self.send(i, pieces)?;
             }
@@ -260,6 +280,8 @@ struct Cursor {
     current: Option<(File, u64)>,
     splitter: LineSplitter,
     buf: Vec<u8>,
+    /// Lines still to drop: a reader before this one delivered them.
+    skip: u64,
 }
 
 impl Cursor {
@@ -274,7 +296,14 @@ impl Cursor {
             current: None,
             splitter: LineSplitter::new(MAX_LINE),
             buf: vec![0; 64 << 10],
+            skip: 0,
         }
+    }
+
+    fn skip_delivered(&mut self, pieces: &mut Vec<Piece>) {
+        let n = (self.skip.min(pieces.len() as u64)) as usize;
+        pieces.drain(..n);
+        self.skip -= n as u64;
     }
 
     fn name(&self) -> String {

@@ -844,6 +844,7 @@ async fn output_is_kept_in_files_with_a_record_rotated_at_its_cap() {
             stream: pb::OutputStream::Stdout as i32,
             tail: 3,
             follow: false,
+            resume: Vec::new(),
         },
     )
     .await;
@@ -864,4 +865,23 @@ async fn output_is_kept_in_files_with_a_record_rotated_at_its_cap() {
     let n: Vec<u32> = lines.iter().map(|l| l.2.parse().unwrap()).collect();
     assert_eq!(*n.last().unwrap(), 500);
     assert!(n.windows(2).all(|w| w[1] == w[0] + 1), "{n:?}");
+
+    // A reader that already had all but the last two lines gets only those.
+    let (rest, _) = read_logs(
+        &jobs,
+        pb::ReadLogsRequest {
+            job_id: "jl".into(),
+            labels: vec!["server0".into()],
+            stream: pb::OutputStream::Stdout as i32,
+            resume: vec![pb::LogResume {
+                label: "server0".into(),
+                stream: pb::OutputStream::Stdout as i32,
+                lines: n.len() as u64 - 2,
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let texts: Vec<&str> = rest.iter().map(|l| l.2.as_str()).collect();
+    assert_eq!(texts, ["499", "500"]);
 }
