@@ -425,7 +425,8 @@ impl Dir {
         self.fd.as_fd()
     }
 
-    fn open_subdir(&self, name: &OsStr) -> io::Result<Dir> {
+    /// Opens the directory `name` in this one, never through a symlink.
+    pub fn open_subdir(&self, name: &OsStr) -> io::Result<Dir> {
         let resolve = beneath() | ResolveFlags::NO_SYMLINKS;
         let fd = rustix::fs::openat2(self.fd.as_fd(), name, dir_flags(), Mode::empty(), resolve)?;
         Ok(Dir { fd })
@@ -478,6 +479,36 @@ impl Dir {
 
     pub fn sync(&self) -> io::Result<()> {
         Ok(rustix::fs::fsync(&self.fd)?)
+    }
+
+    /// Makes the directory `name` here (mode 0777 less the umask); an existing one is fine.
+    pub fn mkdir(&self, name: &OsStr) -> io::Result<()> {
+        match rustix::fs::mkdirat(self.fd.as_fd(), name, Mode::from_raw_mode(0o777)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the empty directory `name`; a missing one is not an error.
+    pub fn remove_dir(&self, name: &OsStr) -> io::Result<()> {
+        match rustix::fs::unlinkat(self.fd.as_fd(), name, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The names in this directory, `.` and `..` left out.
+    pub fn names(&self) -> io::Result<Vec<std::ffi::OsString>> {
+        let mut dir = rustix::fs::Dir::read_from(self.fd.as_fd())?;
+        let mut out = Vec::new();
+        while let Some(entry) = dir.read() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                out.push(OsStr::from_bytes(name).to_os_string());
+            }
+        }
+        Ok(out)
     }
 }
 

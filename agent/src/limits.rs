@@ -20,6 +20,8 @@ pub const MAX_WATCHES: usize = 256;
 pub const MAX_WATCHES_PER_JOB: usize = 16;
 /// Sessions (`dgl-coord rsh`) an agent runs at once; each is a job besides the `MAX_JOBS`.
 pub const MAX_SESSIONS: usize = 64;
+/// ReadLogs streams open at once (each holds a blocking-pool thread while it follows).
+pub const MAX_LOG_READS: usize = 64;
 /// Processes one Spawn may start.
 pub const MAX_PROCESSES_PER_SPAWN: usize = 1024;
 /// Bytes of one process's argv as the kernel counts them (each string with its NUL), or of

@@ -217,6 +217,28 @@ impl Agent for AgentService {
         Ok(Response::new(self.supervisor.wait(req.into_inner()).await?))
     }
 
+    async fn job_records(
+        &self,
+        req: Request<pb::JobRecordsRequest>,
+    ) -> Result<Response<pb::JobRecordsReply>, Status> {
+        let req = req.into_inner();
+        let job = match req.job_id.is_empty() {
+            true => None,
+            false => Some(JobId::parse(req.job_id)?),
+        };
+        Ok(Response::new(self.jobs.job_records(job.as_ref())))
+    }
+
+    type ReadLogsStream = crate::jobs::log_read::LogStream;
+
+    async fn read_logs(
+        &self,
+        req: Request<pb::ReadLogsRequest>,
+    ) -> Result<Response<Self::ReadLogsStream>, Status> {
+        let spec = crate::jobs::log_read::ReadSpec::try_from(req.into_inner())?;
+        Ok(Response::new(self.jobs.read_logs(spec)?))
+    }
+
     async fn list_jobs(
         &self,
         _req: Request<pb::ListJobsRequest>,

@@ -11,11 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use dglrun_proto::token::{default_token_path, read_or_create, Token, TOKEN_ENV};
 
+use crate::jobs::host_log::HostLogConfig;
 use crate::jobs::JobsConfig;
 use crate::server::AgentConfig;
 
 const DEFAULT_LEASE_SECS: f64 = 10.0;
 const DEFAULT_GRACE_SECS: f64 = 3.0;
+const DEFAULT_LOG_MAX_FILE_SIZE: &str = "256M";
+const DEFAULT_LOG_MAX_TOTAL_SIZE: &str = "4G";
+const DEFAULT_LOG_RETENTION_DAYS: f64 = 14.0;
 
 /// dgl-agent: runs on every host of a DGL cluster; dgl-coord sends it files and processes.
 ///
@@ -96,6 +100,21 @@ pub struct Args {
     /// Allow --metrics-listen on a non-loopback address (anyone who reaches it reads them).
     #[arg(long, env = "DGL_AGENT_METRICS_PUBLIC")]
     pub metrics_public: bool,
+
+    /// Size at which a process's kept stdout or stderr file (`<root>/.dglrun/jobs/<job>/`) is
+    /// rotated; one rotated file is kept. Bytes, or with a K, M or G suffix [default: 256M].
+    #[arg(long, value_name = "SIZE", env = "DGL_AGENT_LOG_MAX_FILE_SIZE")]
+    pub log_max_file_size: Option<String>,
+
+    /// Finished jobs' logs and records are deleted, oldest first, while all jobs' logs take
+    /// more than this [default: 4G].
+    #[arg(long, value_name = "SIZE", env = "DGL_AGENT_LOG_MAX_TOTAL_SIZE")]
+    pub log_max_total_size: Option<String>,
+
+    /// Finished jobs' logs and records are deleted this many days after the job ended
+    /// (fractions allowed) [default: 14].
+    #[arg(long, value_name = "DAYS", env = "DGL_AGENT_LOG_RETENTION_DAYS")]
+    pub log_retention_days: Option<f64>,
 }
 
 /// The TOML file: every key optional, unknown keys refused (a typo must not be ignored).
@@ -128,6 +147,12 @@ pub struct FileSettings {
     pub metrics_listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_public: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_max_file_size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_max_total_size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_retention_days: Option<f64>,
 }
 
 impl FileSettings {
@@ -160,6 +185,9 @@ pub struct Effective {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
     pub metrics_public: bool,
+    pub log_max_file_size: String,
+    pub log_max_total_size: String,
+    pub log_retention_days: f64,
 }
 
 impl Effective {
@@ -193,13 +221,40 @@ impl Effective {
             grace: args.grace.or(file.grace).unwrap_or(DEFAULT_GRACE_SECS),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             metrics_public: args.metrics_public || file.metrics_public.unwrap_or(false),
+            log_max_file_size: args
+                .log_max_file_size
+                .clone()
+                .or(file.log_max_file_size)
+                .unwrap_or_else(|| DEFAULT_LOG_MAX_FILE_SIZE.to_string()),
+            log_max_total_size: args
+                .log_max_total_size
+                .clone()
+                .or(file.log_max_total_size)
+                .unwrap_or_else(|| DEFAULT_LOG_MAX_TOTAL_SIZE.to_string()),
+            log_retention_days: args
+                .log_retention_days
+                .or(file.log_retention_days)
+                .unwrap_or(DEFAULT_LOG_RETENTION_DAYS),
         };
         if eff.max_connections == Some(0) {
             anyhow::bail!("max-connections must be at least 1");
         }
         secs("lease-timeout", eff.lease_timeout)?;
         secs("grace", eff.grace)?;
+        eff.host_logs()?;
         Ok(eff)
+    }
+
+    fn host_logs(&self) -> anyhow::Result<HostLogConfig> {
+        let days = self.log_retention_days;
+        let age = secs("log-retention-days", days * 86_400.0).map_err(|_| {
+            anyhow::anyhow!("log-retention-days must be a positive number of days, not {days}")
+        })?;
+        Ok(HostLogConfig {
+            max_file_bytes: size("log-max-file-size", &self.log_max_file_size)?,
+            max_total_bytes: size("log-max-total-size", &self.log_max_total_size)?,
+            max_age: age,
+        })
     }
 
     pub fn to_toml(&self) -> String {
@@ -208,6 +263,7 @@ impl Effective {
 
     /// The server configuration, with the token already read and the open-file limit known.
     pub fn into_config(self, token: Option<Token>, nofile: u64) -> anyhow::Result<AgentConfig> {
+        let host_logs = self.host_logs()?;
         let tls =
             dglrun_proto::tls::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca)?;
         Ok(AgentConfig {
@@ -224,9 +280,36 @@ impl Effective {
             jobs: JobsConfig {
                 lease_timeout: secs("lease-timeout", self.lease_timeout)?,
                 grace: secs("grace", self.grace)?,
+                host_logs,
             },
         })
     }
+}
+
+/// A size in bytes: digits, optionally followed by K, M or G (powers of 1024).
+fn size(name: &str, v: &str) -> anyhow::Result<u64> {
+    let t = v.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => anyhow::bail!("{name} must be a size such as 4096, 64K, 256M or 4G, not {v:?}"),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n > 0)
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{name} must be a positive size such as 4096, 64K, 256M or 4G, not {v:?}"
+            )
+        })
 }
 
 fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
@@ -318,6 +401,23 @@ mod tests {
         );
         let bad = Args {
             grace: Some(-1.0),
+            ..Args::default()
+        };
+        assert!(Effective::resolve(&bad, Some("/h".into())).is_err());
+    }
+
+    #[test]
+    fn log_sizes_take_suffixes_and_refuse_nonsense() {
+        assert_eq!(size("s", "4096").unwrap(), 4096);
+        assert_eq!(size("s", "64K").unwrap(), 64 << 10);
+        assert_eq!(size("s", "256MiB").unwrap(), 256 << 20);
+        assert_eq!(size("s", "4g").unwrap(), 4 << 30);
+        for bad in ["", "0", "-1", "12T", "M", "1.5G"] {
+            let e = size("log-max-file-size", bad).unwrap_err().to_string();
+            assert!(e.contains("log-max-file-size"), "{e}");
+        }
+        let bad = Args {
+            log_retention_days: Some(0.0),
             ..Args::default()
         };
         assert!(Effective::resolve(&bad, Some("/h".into())).is_err());

@@ -30,6 +30,7 @@ async fn an_in_process_agent_answers_only_its_token_and_stops_on_shutdown() {
         jobs: JobsConfig {
             lease_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(1),
+            host_logs: Default::default(),
         },
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

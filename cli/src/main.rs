@@ -8,6 +8,7 @@ mod detached_cmd;
 mod docs_cmd;
 mod doctor_cmd;
 mod duration;
+mod jobs_cmd;
 mod launch_cmd;
 mod ops_cmd;
 mod rcp_cmd;
@@ -78,6 +79,10 @@ enum Command {
     Wait(detached_cmd::WaitArgs),
     /// Stop a job on every machine (as `kill --job JOB`).
     Stop(detached_cmd::StopArgs),
+    /// List every job the agents keep a record of, running or finished, with its exit code.
+    Jobs(jobs_cmd::JobsArgs),
+    /// Print a job's output as its hosts kept it, during the job or after it (--follow).
+    Logs(jobs_cmd::LogsArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(docs_cmd::CompletionsArgs),
     /// Print the man page, or write one per subcommand into a directory.
@@ -160,6 +165,8 @@ async fn run(command: Command) -> anyhow::Result<u8> {
         Command::Attach(args) => detached_cmd::attach(args).await,
         Command::Wait(args) => detached_cmd::wait(args).await,
         Command::Stop(args) => detached_cmd::stop(args).await,
+        Command::Jobs(args) => jobs_cmd::jobs(args).await,
+        Command::Logs(args) => jobs_cmd::logs(args).await,
         Command::Completions(args) => docs_cmd::completions(args),
         Command::Man(args) => docs_cmd::man(args),
         // Both run before any runtime starts (see main).

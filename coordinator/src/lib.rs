@@ -10,6 +10,8 @@ pub mod config;
 pub mod copy;
 pub mod detached;
 pub mod doctor;
+pub mod job_history;
+pub mod job_logs;
 pub mod launch;
 pub mod ops;
 pub mod probe;

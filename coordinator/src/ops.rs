@@ -16,7 +16,7 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_millis(2500);
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `cluster::connect` bounded by [`ANSWER_TIMEOUT`], the silence reported naming the host.
-async fn connect(
+pub(crate) async fn connect(
     rank: usize,
     ip: std::net::IpAddr,
     access: &AgentAccess,

@@ -132,3 +132,40 @@ fn the_rsh_benchmark_measures_its_figures() {
         assert!(!row.contains("error:"), "{row}");
     }
 }
+
+#[test]
+fn the_logs_benchmark_measures_every_figure_of_a_small_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cmd = std::process::Command::new(bin("bench"));
+    cmd.args([
+        "logs",
+        "--reps",
+        "1",
+        "--logs-mib",
+        "4",
+        "--logs-rate",
+        "2000",
+    ])
+    .arg("--dir")
+    .arg(dir.path());
+    let r = run(cmd, Duration::from_secs(300));
+    assert_eq!(r.code(), 0, "{r:?}");
+    let rows: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("| ")).collect();
+    assert!(
+        !rows.iter().any(|l| l.contains("error:")),
+        "figures not measured:\n{}",
+        r.stdout
+    );
+    for figure in [
+        "logs: `dgl-coord logs` of 4 MiB on 4 hosts",
+        "logs: --follow, line written -> printed",
+        "logs: agent CPU, job printing 2000 lines/s",
+        "logs: agent peak RSS",
+    ] {
+        assert!(
+            rows.iter().any(|l| l.contains(figure)),
+            "no row {figure:?} in the table:\n{}",
+            r.stdout
+        );
+    }
+}

@@ -44,6 +44,7 @@ async fn agent_with_idle_timeout(idle: std::time::Duration) -> Agent {
         JobsConfig {
             lease_timeout: std::time::Duration::from_secs(10),
             grace: std::time::Duration::from_secs(1),
+            host_logs: Default::default(),
         },
     )
     .unwrap();

@@ -29,6 +29,8 @@ pub enum JobError {
     TooManySessions { limit: usize },
     #[error("the agent already serves {limit} Watch streams, its limit")]
     TooManyWatches { limit: usize },
+    #[error("the agent already serves {limit} ReadLogs streams, its limit")]
+    TooManyLogReads { limit: usize },
     #[error("job {job} already has {limit} Watch streams open, the limit per job")]
     TooManyJobWatches { job: JobId, limit: usize },
     #[error("workspace {} does not exist on this host", .0.display())]
@@ -92,6 +94,7 @@ impl From<JobError> for Status {
             | JobError::TooManyProcesses { .. }
             | JobError::TooManySessions { .. }
             | JobError::TooManyWatches { .. }
+            | JobError::TooManyLogReads { .. }
             | JobError::TooManyJobWatches { .. } => Code::ResourceExhausted,
             JobError::NoWorkspace(_)
             | JobError::OtherWorkspace { .. }

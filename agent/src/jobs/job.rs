@@ -13,6 +13,7 @@ use dglrun_proto::pb::{self, job_event::Event, OutputStream};
 use tokio::sync::watch;
 
 use super::cgroup::{Cgroups, JobCgroup};
+use super::host_log::JobLog;
 use super::log::EventLog;
 use super::output::Piece;
 use super::pidfd::PidFd;
@@ -70,6 +71,8 @@ pub struct Job {
     cgroup: OnceLock<Arc<JobCgroup>>,
     /// Open Watch streams of this job.
     pub watches: Arc<Counter>,
+    /// Where its output is kept on this host (launch jobs; sessions keep none).
+    output_log: OnceLock<JobLog>,
 }
 
 impl Job {
@@ -104,7 +107,17 @@ impl Job {
             seq_tx: watch::Sender::new(0),
             cgroup: OnceLock::new(),
             watches: Counter::new(max_watches),
+            output_log: OnceLock::new(),
         }
+    }
+
+    /// Keeps the job's output and record on this host from now on (see `host_log`).
+    pub fn keep_output(&self, log: JobLog) {
+        let _ = self.output_log.set(log);
+    }
+
+    pub fn output_log(&self) -> Option<&JobLog> {
+        self.output_log.get()
     }
 
     /// The job's cgroup, created on first use. Blocking (mkdir in the cgroup file system).
@@ -185,6 +198,11 @@ impl Job {
         stream: OutputStream,
         pieces: impl Iterator<Item = Piece>,
     ) {
+        let pieces: Vec<Piece> = pieces.collect();
+        // Sent first, so the writer has every line before the exit that follows them.
+        if let Some(log) = self.output_log.get() {
+            log.lines(index, stream, &pieces);
+        }
         let mut st = self.state();
         let mut last = None;
         for p in pieces {
@@ -236,6 +254,9 @@ impl Job {
         let seq = st.log.push(Event::Exited(ev));
         drop(st);
         self.publish(seq);
+        if let Some(log) = self.output_log.get() {
+            log.exited(index, code, signal, stopped_by_agent);
+        }
     }
 
     /// Publishes that the job is being stopped and by whom, before any signal is sent, so a
@@ -248,6 +269,9 @@ impl Job {
         }));
         drop(st);
         self.publish(seq);
+        if let Some(log) = self.output_log.get() {
+            log.stopped(by);
+        }
     }
 
     /// Ends every watcher's stream.

@@ -135,6 +135,11 @@ async fn expire(job: Arc<Job>, grace: Duration) {
     tracing::warn!(job = %job.id, ?pids, lease_ms = lease.as_millis() as u64,
         "lease expired: no word from the coordinator; stopping the job's processes");
     super::stopped::announce(&job, pb::StopCause::LeaseExpired, "lease expiry");
+    // `announce` records nothing once `stopping` is set (above); the job's record still
+    // says who stopped it.
+    if let Some(log) = job.output_log() {
+        log.stopped("lease expiry");
+    }
     stop_and_log(&job, grace, "after its lease expired").await;
 }
 

@@ -16,16 +16,20 @@
 pub mod cgroup;
 pub mod cpu;
 pub mod error;
+pub mod history;
+pub mod host_log;
 pub mod job;
 pub(crate) mod lease;
 pub mod listening;
 pub mod log;
+pub mod log_read;
 pub mod output;
 pub mod pidfd;
 pub mod preflight;
 pub mod process;
 pub mod reaper;
 pub mod recover;
+pub mod retention;
 pub mod session;
 pub mod slots;
 pub mod spec;
@@ -70,8 +74,12 @@ pub struct JobsConfig {
     pub lease_timeout: Duration,
     /// Time between SIGTERM and SIGKILL when the agent stops a job on its own.
     pub grace: Duration,
+    /// Where launch processes' output is kept on this host, and for how long.
+    pub host_logs: host_log::HostLogConfig,
 }
 
+/// How long a shutting-down agent waits for the job records to be written.
+const HOST_LOG_FLUSH: Duration = Duration::from_secs(2);
 /// Events sent to a watcher per read of the log.
 const WATCH_BATCH: usize = 512;
 /// How long after its exit a process's pipes may still be drained before the exit is
@@ -98,6 +106,10 @@ pub struct Jobs {
     sessions: Arc<Counter>,
     /// Which job or copy holds each workspace (shared with `files`).
     workspaces: Arc<crate::workspace::Workspaces>,
+    /// Output files and job records under the root.
+    host_logs: Arc<host_log::HostLogs>,
+    /// Open ReadLogs streams.
+    log_reads: Arc<Counter>,
 }
 
 impl Jobs {
@@ -127,6 +139,7 @@ impl Jobs {
                 None
             }
         };
+        let host_logs = host_log::HostLogs::start(root.clone(), config.host_logs.clone())?;
         let jobs = Arc::new(Self {
             root,
             config,
@@ -141,6 +154,8 @@ impl Jobs {
             watches: Counter::new(limits.watches),
             sessions: Counter::new(crate::limits::MAX_SESSIONS),
             workspaces: Arc::default(),
+            host_logs,
+            log_reads: Counter::new(crate::limits::MAX_LOG_READS),
         });
         lease::spawn_monitor(Arc::downgrade(&jobs), jobs.lease_wake.clone());
         Ok(jobs)
@@ -313,6 +328,7 @@ impl Jobs {
             commands.push(Prepared {
                 label: spec.label.clone(),
                 what: describe(spec),
+                command: command_text(spec),
                 cmd,
             });
         }
@@ -351,6 +367,7 @@ impl Jobs {
                     job.inherit_cgroup(old);
                 }
                 self.workspaces.claim_for_job(&workspace, &job)?;
+                job.keep_output(self.host_logs.job(&req.job_id));
                 map.insert(req.job_id.clone(), job.clone());
                 job
             }
@@ -527,6 +544,35 @@ impl Jobs {
         Ok(pb::ListJobsReply { jobs })
     }
 
+    /// The records kept of launch jobs (see `history`), running and finished: every one, or
+    /// the one named.
+    pub fn job_records(&self, job: Option<&JobId>) -> pb::JobRecordsReply {
+        let history = self.host_logs.history();
+        let jobs = match job {
+            Some(id) => history.get(id.as_str()).into_iter().collect(),
+            None => history.all(),
+        };
+        pb::JobRecordsReply {
+            jobs: jobs.iter().map(history::JobRecord::to_pb).collect(),
+        }
+    }
+
+    /// The kept output of a job as lines (see `log_read`).
+    pub fn read_logs(&self, spec: log_read::ReadSpec) -> Result<log_read::LogStream, JobError> {
+        if self.host_logs.history().get(spec.job_id.as_str()).is_none() {
+            return Err(JobError::NotFound(spec.job_id));
+        }
+        let slot = self.log_reads.take(1).ok_or(JobError::TooManyLogReads {
+            limit: self.log_reads.limit(),
+        })?;
+        Ok(log_read::start(
+            self.root.clone(),
+            self.host_logs.history().clone(),
+            spec,
+            slot,
+        ))
+    }
+
     /// Stops every job; called when the agent itself is asked to exit.
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
@@ -545,6 +591,9 @@ impl Jobs {
             }
         });
         futures::future::join_all(stops).await;
+        // The exits just recorded reach the job records before the agent exits.
+        let logs = self.host_logs.clone();
+        let _ = tokio::task::spawn_blocking(move || logs.flush(HOST_LOG_FLUSH)).await;
         // Anything that survived the stop stays on record for the next run to find.
         let _ = self.save_state_soon().await;
         for j in &jobs {
@@ -572,6 +621,8 @@ impl Jobs {
 struct Prepared {
     label: String,
     what: String,
+    /// The whole command, for the job's record.
+    command: String,
     cmd: std::process::Command,
 }
 
@@ -626,6 +677,7 @@ impl StartAll {
         for Prepared {
             label,
             what,
+            command,
             mut cmd,
         } in std::mem::take(&mut self.commands)
         {
@@ -655,6 +707,9 @@ impl StartAll {
             };
             let pid = child.id();
             let index = job.add_process(&label, pid, start, pidfd, Instant::now());
+            if let Some(log) = job.output_log() {
+                log.started(&job.workspace, index, &label, &command, pid);
+            }
             crate::metrics::add(&crate::metrics::COUNTERS.processes_started, 1);
             let stdout = child.stdout.take().map(OwnedFd::from);
             let stderr = child.stderr.take().map(OwnedFd::from);
@@ -672,6 +727,28 @@ fn describe(spec: &ProcessSpec) -> String {
     match &spec.command {
         spec::Command::Argv(a) => a.first().cloned().unwrap_or_default(),
         spec::Command::Shell(_) => "/bin/sh".to_string(),
+    }
+}
+
+/// A process's command as its record shows it: the shell text, or the argv quoted for a
+/// shell where a word needs it.
+fn command_text(spec: &ProcessSpec) -> String {
+    match &spec.command {
+        spec::Command::Shell(s) => s.clone(),
+        spec::Command::Argv(a) => a
+            .iter()
+            .map(|w| {
+                let plain = !w.is_empty()
+                    && w.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+                if plain {
+                    w.clone()
+                } else {
+                    format!("'{}'", w.replace('\'', "'\\''"))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }
 

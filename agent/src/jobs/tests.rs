@@ -35,6 +35,7 @@ fn jobs(lease: Duration) -> (tempfile::TempDir, Arc<Jobs>) {
         JobsConfig {
             lease_timeout: lease,
             grace: Duration::from_millis(300),
+            host_logs: Default::default(),
         },
     )
     .unwrap();
@@ -579,6 +580,7 @@ async fn processes_and_watch_streams_are_bounded_per_agent_and_per_job() {
     let config = JobsConfig {
         lease_timeout: Duration::from_secs(30),
         grace: Duration::from_millis(300),
+        host_logs: Default::default(),
     };
     let jobs = Jobs::start_with(root, config, limits).unwrap();
     let sleepers = |n| {
@@ -800,4 +802,130 @@ async fn a_restart_replaces_a_stopped_job_but_a_plain_spawn_does_not() {
             .any(|e| matches!(&e.event, Some(Event::Started(s)) if s.label != "t1")),
         "the new job's events only: {events:?}"
     );
+}
+
+/// Lines read back through ReadLogs, as (label, stream, text), and the closing record.
+async fn read_logs(
+    jobs: &Jobs,
+    r: pb::ReadLogsRequest,
+) -> (Vec<(String, i32, String)>, pb::JobRecord) {
+    let mut s = jobs
+        .read_logs(log_read::ReadSpec::try_from(r).unwrap())
+        .unwrap();
+    let mut lines = Vec::new();
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .expect("logs in time")
+    {
+        match m.unwrap().msg.unwrap() {
+            pb::log_chunk::Msg::Lines(l) => lines.extend(
+                l.lines
+                    .iter()
+                    .map(|t| (l.label.clone(), l.stream, String::from_utf8_lossy(t).into())),
+            ),
+            pb::log_chunk::Msg::End(rec) => return (lines, rec),
+        }
+    }
+    panic!("no end message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_kept_in_files_with_a_record_rotated_at_its_cap() {
+    let d = tempfile::tempdir().unwrap();
+    let root = Root::new(d.path()).unwrap();
+    std::fs::create_dir_all(root.path().join("ws")).unwrap();
+    let config = JobsConfig {
+        lease_timeout: Duration::from_secs(30),
+        grace: Duration::from_millis(300),
+        host_logs: host_log::HostLogConfig {
+            max_file_bytes: 1000,
+            ..Default::default()
+        },
+    };
+    let jobs = Jobs::start(root, config).unwrap();
+    let procs = vec![
+        shell("server0", "seq 1 500; echo oops >&2; exit 3"),
+        shell("../odd label", "echo x"),
+    ];
+    jobs.spawn_pb(spawn_req("jl", procs)).await.unwrap();
+    collect_until_exited(&jobs, "jl", 2).await;
+    jobs.host_logs.flush(Duration::from_secs(5));
+
+    let dir = d.path().join(".dglrun/jobs/jl");
+    let cur = std::fs::read_to_string(dir.join("server0.out")).unwrap();
+    let old = std::fs::read_to_string(dir.join("server0.out.1")).unwrap();
+    assert!(
+        cur.len() <= 1000 && old.len() <= 1000,
+        "{} {}",
+        cur.len(),
+        old.len()
+    );
+    assert!(cur.ends_with("500\n"), "{cur}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("server0.err")).unwrap(),
+        "oops\n"
+    );
+    assert_eq!(std::fs::read_to_string(dir.join("p1.out")).unwrap(), "x\n");
+
+    let rec = jobs.job_records(None).jobs;
+    assert_eq!(rec.len(), 1);
+    let r = &rec[0];
+    assert!(r.ended_unix_ms >= r.started_unix_ms && r.started_unix_ms > 0);
+    assert_eq!(r.processes[0].code, 3);
+    assert_eq!(r.processes[0].command, "seq 1 500; echo oops >&2; exit 3");
+    assert_eq!(r.processes[1].stdout_file, ".dglrun/jobs/jl/p1.out");
+    assert_eq!(r.lost_lines, 0);
+    let on_disk: history::JobRecord =
+        serde_json::from_slice(&std::fs::read(dir.join("job.json")).unwrap()).unwrap();
+    assert_eq!(on_disk.to_pb(), *r);
+
+    // The last lines, across the rotation, of stdout only.
+    let (lines, end) = read_logs(
+        &jobs,
+        pb::ReadLogsRequest {
+            job_id: "jl".into(),
+            labels: vec!["server0".into()],
+            stream: pb::OutputStream::Stdout as i32,
+            tail: 3,
+            follow: false,
+            resume: Vec::new(),
+        },
+    )
+    .await;
+    let texts: Vec<&str> = lines.iter().map(|l| l.2.as_str()).collect();
+    assert_eq!(texts, ["498", "499", "500"]);
+    assert_eq!(end.job_id, "jl");
+    // Everything that is still kept, in order.
+    let (lines, _) = read_logs(
+        &jobs,
+        pb::ReadLogsRequest {
+            job_id: "jl".into(),
+            labels: vec!["server0".into()],
+            stream: pb::OutputStream::Stdout as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    let n: Vec<u32> = lines.iter().map(|l| l.2.parse().unwrap()).collect();
+    assert_eq!(*n.last().unwrap(), 500);
+    assert!(n.windows(2).all(|w| w[1] == w[0] + 1), "{n:?}");
+
+    // A reader that already had all but the last two lines gets only those.
+    let (rest, _) = read_logs(
+        &jobs,
+        pb::ReadLogsRequest {
+            job_id: "jl".into(),
+            labels: vec!["server0".into()],
+            stream: pb::OutputStream::Stdout as i32,
+            resume: vec![pb::LogResume {
+                label: "server0".into(),
+                stream: pb::OutputStream::Stdout as i32,
+                lines: n.len() as u64 - 2,
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let texts: Vec<&str> = rest.iter().map(|l| l.2.as_str()).collect();
+    assert_eq!(texts, ["499", "500"]);
 }

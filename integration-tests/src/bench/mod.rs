@@ -9,6 +9,7 @@ pub mod copy;
 pub mod floor;
 pub mod launch;
 pub mod links;
+pub mod logs;
 pub mod proc;
 pub mod rsh;
 pub mod scale;

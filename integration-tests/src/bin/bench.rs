@@ -5,11 +5,14 @@
 //!     cargo build --release --bins
 //!     cargo run --release -p dglrun-integration-tests --bin bench -- [WHICH...] [OPTIONS]
 //!
-//! WHICH: launch, teardown, scale, copy, broadcast, compress, links, rsh (default: all). Options:
+//! WHICH: launch, teardown, scale, copy, broadcast, compress, links, rsh, logs (default: all).
+//! Options:
 //! --reps N (5), --size-gib G (copy set, 2), --bcast-gib G (1), --bcast-hosts 1,4,16, --dir DIR
 //! (agent roots and generated data for copy/broadcast/compress/links; default /dev/shm),
 //! --scale-agents N (256), --link-mbit M (links: the hosts' rate, 1000), --link-mib M (links:
-//! each of the 4 partitions, 256), --rsh-mib N (stream size of the rsh throughput, 256), --no-ssh.
+//! each of the 4 partitions, 256), --rsh-mib N (stream size of the rsh throughput, 256),
+//! --logs-mib N (the finished job's output `logs` reads back, 1024), --logs-rate N (lines a
+//! second the job prints while the agent's cost is measured, 100000), --no-ssh.
 
 // Test code throughout: a failed unwrap is a failed test, and a test may set its own
 // environment and sleep.
@@ -40,6 +43,8 @@ fn main() -> Result<()> {
     let mut which: Vec<String> = Vec::new();
     let mut ssh = true;
     let mut rsh_mib = 256usize;
+    let mut logs_mib = 1024u64;
+    let mut logs_rate = 100_000u64;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
@@ -59,16 +64,19 @@ fn main() -> Result<()> {
             "--link-mib" => opts.link_mib = value()?.parse::<u64>()?.max(1),
             "--no-ssh" => ssh = false,
             "--rsh-mib" => rsh_mib = value()?.parse::<usize>()?.max(1),
+            "--logs-mib" => logs_mib = value()?.parse::<u64>()?.max(1),
+            "--logs-rate" => logs_rate = value()?.parse::<u64>()?.max(100),
             "-h" | "--help" => {
                 println!(
-                    "bench [launch|teardown|scale|copy|broadcast|compress|links|rsh...] [--reps N] \
-                     [--size-gib G] [--bcast-gib G] [--bcast-hosts 1,4,16] [--dir DIR] \
-                     [--scale-agents N] [--link-mbit M] [--link-mib M] [--rsh-mib N] [--no-ssh]"
+                    "bench [launch|teardown|scale|copy|broadcast|compress|links|rsh|logs...] \
+                     [--reps N] [--size-gib G] [--bcast-gib G] [--bcast-hosts 1,4,16] [--dir DIR] \
+                     [--scale-agents N] [--link-mbit M] [--link-mib M] [--rsh-mib N] \
+                     [--logs-mib N] [--logs-rate N] [--no-ssh]"
                 );
                 return Ok(());
             }
             w @ ("launch" | "teardown" | "scale" | "copy" | "broadcast" | "compress" | "links"
-            | "rsh") => which.push(w.into()),
+            | "rsh" | "logs") => which.push(w.into()),
             other => bail!("unknown argument {other} (try --help)"),
         }
     }
@@ -82,6 +90,7 @@ fn main() -> Result<()> {
             "compress",
             "links",
             "rsh",
+            "logs",
         ]
         .map(String::from)
         .to_vec();
@@ -126,6 +135,12 @@ fn main() -> Result<()> {
         match bench::rsh::run(&opts, ssh, rsh_mib) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::error("rsh", &e)),
+        }
+    }
+    if has("logs") {
+        match bench::logs::run(&opts, logs_mib, logs_rate) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::error("logs", &e)),
         }
     }
     println!();
