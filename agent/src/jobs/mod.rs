@@ -26,6 +26,7 @@ pub mod reaper;
 pub mod recover;
 pub mod session;
 pub mod slots;
+pub mod sockets;
 pub mod spec;
 pub mod state_file;
 pub mod stop;
