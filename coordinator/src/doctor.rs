@@ -182,10 +182,15 @@ async fn check_host(
             return r;
         }
     };
-    r.agent = match cheap::timed_hello(&host).await {
-        Ok((hello, offset)) => cheap::agent_check(&hello, offset),
-        Err(e) => Check::bad(Status::Fail, "no answer", e),
-    };
+    match cheap::timed_hello(&host).await {
+        Ok((hello, offset)) => r.agent = cheap::agent_check(&hello, offset),
+        // Connected, then silent (its link cut, the agent stopped): every other call would
+        // wait as long, the partition check's without bound.
+        Err(e) => {
+            r.agent = Check::bad(Status::Fail, "no answer", e);
+            return r;
+        }
+    }
     r.interface = interface_check(&host.hello, ip);
     let ports = cheap::server_ports(server_port, o.num_servers);
     let script = host_probe::script(o.setup.as_deref(), &o.python);

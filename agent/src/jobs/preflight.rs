@@ -198,13 +198,26 @@ fn size(root: &Root, file: &ReadFile) -> Result<Option<u64>, String> {
 }
 
 /// What listens on `ports` where a bind of `ip` would collide, and which process holds it.
+/// With an address, a port that can be bound there is free without a look at the socket
+/// tables, whose `/proc` text costs the kernel milliseconds to write on a busy host.
 fn port_holders(
     ports: &BTreeSet<u16>,
     ip: Option<IpAddr>,
 ) -> Result<Vec<pb::PortHolder>, PreflightError> {
+    let busy: BTreeSet<u16> = match ip {
+        Some(ip) => ports
+            .iter()
+            .copied()
+            .filter(|&p| sockets::bind_fails(ip, p))
+            .collect(),
+        None => ports.clone(),
+    };
+    if busy.is_empty() {
+        return Ok(Vec::new());
+    }
     let held: Vec<sockets::Listener> = sockets::listeners()?
         .into_iter()
-        .filter(|l| ports.contains(&l.port) && l.blocks(ip))
+        .filter(|l| busy.contains(&l.port) && l.blocks(ip))
         .collect();
     let who = sockets::holders(&held.iter().map(|l| l.inode).collect());
     let mut out: Vec<pb::PortHolder> = held
@@ -218,6 +231,15 @@ fn port_holders(
             }
         })
         .collect();
+    // In use, yet no listener: a socket bound there and not listening holds it all the same.
+    for &port in &busy {
+        if ip.is_some() && !out.iter().any(|h| h.port == u32::from(port)) {
+            out.push(pb::PortHolder {
+                port: port.into(),
+                ..Default::default()
+            });
+        }
+    }
     // A dual-stack server has a socket in each table: one line per port and holder.
     out.sort_by_key(|h| (h.port, h.pid));
     out.dedup_by(|a, b| (a.port, a.pid) == (b.port, b.pid));

@@ -43,6 +43,17 @@ impl Listener {
     }
 }
 
+/// Whether a server binding `ip:port` as DGL's does (SO_REUSEADDR, so connections in
+/// TIME_WAIT do not count) would fail now because the port is taken. An address not on this
+/// host, or any other failure, says nothing about the port: false.
+pub fn bind_fails(ip: IpAddr, port: u16) -> bool {
+    // std sets SO_REUSEADDR before the bind; the socket is closed at once.
+    matches!(
+        std::net::TcpListener::bind((ip, port)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse
+    )
+}
+
 /// Every socket in LISTEN state in either table; a missing tcp6 (IPv6 disabled) adds none.
 pub fn listeners() -> Result<Vec<Listener>, TableError> {
     let mut all = Vec::new();
@@ -205,6 +216,16 @@ mod tests {
         assert!(on("10.0.0.1").blocks(a));
         assert!(!on("127.0.0.1").blocks(a));
         assert!(on("127.0.0.1").blocks(None));
+    }
+
+    #[test]
+    fn a_bound_port_fails_a_bind_and_a_closed_one_does_not() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let ip = "127.0.0.1".parse().unwrap();
+        assert!(bind_fails(ip, port));
+        drop(l);
+        assert!(!bind_fails(ip, port));
     }
 
     #[test]

@@ -116,7 +116,10 @@ pub fn ports_check(listening: &[pb::PortHolder], ports: &[u16]) -> Check {
     let who: Vec<String> = listening
         .iter()
         .map(|l| match l.pid {
-            0 => format!("{} by a process of another user", l.port),
+            0 => format!(
+                "{} by a process the agent cannot see (another user's?)",
+                l.port
+            ),
             pid => format!("{} by pid {pid} ({})", l.port, l.command),
         })
         .collect();
