@@ -30,6 +30,7 @@ pub mod pb {
 /// answer it UNIMPLEMENTED and fail every launch.
 /// 5: Preflight reports who listens on the job's server ports, /dev/shm's free space and the
 /// partition's size; an agent of version 4 would leave them out and every port look free.
+/// Session clients send keepalives, without which an agent of version 5 ends a session.
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Variables of the agent's environment whose presence (never value) Hello reports: a
