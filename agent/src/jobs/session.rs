@@ -167,7 +167,9 @@ impl Jobs {
                 return Err(e);
             }
         };
-        let _ = self.save_state_soon().await;
+        // Not waited for: the command already runs, and after a crash the marker scan finds it
+        // without the record; a write on the way to the first byte would slow every rsh.
+        drop(self.save_state_soon());
         tracing::info!(job = %id, pid = forked.pid, requester = %spec.requester, "session started");
         let (tx, rx) = mpsc::channel(OUTPUT_MESSAGES);
         let started = session_output::Msg::Started(pb::SessionStarted {
