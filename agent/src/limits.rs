@@ -9,6 +9,10 @@ pub const MAX_CONCURRENT_TRANSFERS: usize = 64;
 pub const MAX_FILES_PER_PREPARE: usize = 100_000;
 /// Files Preflight may read, and its free-port address length.
 pub const MAX_PREFLIGHT_FILES: usize = 16;
+/// Server ports Preflight looks up (DGL's `--num_servers` of one machine is a handful).
+pub const MAX_PREFLIGHT_PORTS: usize = 256;
+/// Files whose sizes Preflight reports (one machine's partition files).
+pub const MAX_PREFLIGHT_SIZES: usize = 64;
 
 /// Jobs an agent holds at once.
 pub const MAX_JOBS: usize = 64;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use dglrun_proto::pb::{self, agent_server::Agent};
-use dglrun_proto::{PROTOCOL_VERSION, VERSION};
+use dglrun_proto::PROTOCOL_VERSION;
 use tonic::{Request, Response, Status, Streaming};
 
 use tokio::sync::Semaphore;
@@ -71,7 +71,7 @@ impl Agent for AgentService {
         .unwrap_or(0);
         Ok(Response::new(pb::HelloReply {
             protocol_version: PROTOCOL_VERSION,
-            agent_version: VERSION.to_string(),
+            agent_version: crate::test_hooks::reported_version(),
             hostname: nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
@@ -81,7 +81,7 @@ impl Agent for AgentService {
             pid: std::process::id(),
             interfaces: host_facts::interfaces(),
             env_set: host_facts::env_set(),
-            unix_time_ms: host_facts::unix_time_ms(),
+            unix_time_ms: crate::test_hooks::reported_clock(host_facts::unix_time_ms()),
         }))
     }
 

@@ -76,11 +76,14 @@ impl From<PreflightError> for Status {
     fn from(e: PreflightError) -> Self {
         let msg = e.to_string();
         match e {
-            PreflightError::TooManyFiles(_) | PreflightError::BadAddress(_) => {
-                Status::invalid_argument(msg)
-            }
+            PreflightError::TooManyFiles(_)
+            | PreflightError::TooManyPorts(_)
+            | PreflightError::TooManySizes(_)
+            | PreflightError::BadPort(_)
+            | PreflightError::BadAddress { .. } => Status::invalid_argument(msg),
             PreflightError::Workspace(c) => Status::from(c),
             PreflightError::Bind { .. } => Status::failed_precondition(msg),
+            PreflightError::Sockets(_) => Status::internal(crate::jobs::error_chain(&e)),
             PreflightError::Blocking(b) => b.into(),
         }
     }

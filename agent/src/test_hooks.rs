@@ -25,3 +25,40 @@ pub async fn before_spawn() {
         tokio::time::sleep(d).await;
     }
 }
+
+/// Milliseconds (signed) added to the wall clock Hello reports: a host whose clock is off.
+pub const CLOCK_OFFSET_VAR: &str = "DGL_AGENT_TEST_CLOCK_OFFSET_MS";
+/// The version Hello reports instead of the agent's own: an agent of another release.
+pub const VERSION_VAR: &str = "DGL_AGENT_TEST_VERSION";
+
+/// `ms` moved by [`CLOCK_OFFSET_VAR`].
+pub fn reported_clock(ms: u64) -> u64 {
+    static OFFSET: OnceLock<i64> = OnceLock::new();
+    let offset = *OFFSET.get_or_init(|| {
+        let Some(o) = std::env::var(CLOCK_OFFSET_VAR)
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+        else {
+            return 0;
+        };
+        tracing::warn!(
+            "{CLOCK_OFFSET_VAR} is set: Hello reports a clock {o} ms off (a test setting)"
+        );
+        o
+    });
+    ms.saturating_add_signed(offset)
+}
+
+/// The version Hello reports.
+pub fn reported_version() -> String {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION
+        .get_or_init(|| match std::env::var(VERSION_VAR) {
+            Ok(v) if !v.is_empty() => {
+                tracing::warn!("{VERSION_VAR} is set: Hello reports version {v} (a test setting)");
+                v
+            }
+            _ => dglrun_proto::VERSION.to_string(),
+        })
+        .clone()
+}

@@ -5,13 +5,14 @@
 //! root); the rest from one probe process per host (`probe`), run as a job would run: the
 //! GPUs on its PATH, /dev/shm, who listens on DGL's server ports, the Python the job would use.
 
+pub mod cheap;
 mod host_probe;
 mod partition;
 pub mod table;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dglrun_proto::pb;
 use serde::Serialize;
@@ -23,8 +24,6 @@ use host_probe::Facts;
 
 /// A probe imports torch and dgl: seconds on a cold cache.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(90);
-/// A clock further off than this is flagged (leases and logs compare times across hosts).
-const CLOCK_TOLERANCE_MS: i64 = 2000;
 
 #[derive(Clone, Debug)]
 pub struct DoctorOptions {
@@ -63,14 +62,14 @@ pub struct Check {
 }
 
 impl Check {
-    fn ok(detail: impl Into<String>) -> Self {
+    pub(crate) fn ok(detail: impl Into<String>) -> Self {
         Self {
             status: Status::Ok,
             detail: detail.into(),
             fix: None,
         }
     }
-    fn bad(status: Status, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn bad(status: Status, detail: impl Into<String>, fix: impl Into<String>) -> Self {
         Self {
             status,
             detail: detail.into(),
@@ -147,19 +146,8 @@ fn partition_sizes(pc: &PartConfig, machines: usize) -> anyhow::Result<Vec<u64>>
             .map(|m| m.len())
             .map_err(|e| anyhow::anyhow!("{}: {e}", f.local.display()))
     };
-    let shared: u64 = pc
-        .shared_files()
-        .iter()
-        .map(size)
-        .sum::<anyhow::Result<u64>>()?;
     (0..machines)
-        .map(|i| {
-            Ok(shared
-                + pc.part_files(i)
-                    .iter()
-                    .map(size)
-                    .sum::<anyhow::Result<u64>>()?)
-        })
+        .map(|i| cheap::partition_size(&cheap::partition_files(pc, i), size))
         .collect()
 }
 
@@ -194,86 +182,70 @@ async fn check_host(
             return r;
         }
     };
-    r.agent = agent_check(&host).await;
-    r.interface = interface_check(&host.hello, ip);
-    if let Some(files) = files {
-        r.partition = partition::check(&host, files).await;
+    match cheap::timed_hello(&host).await {
+        Ok((hello, offset)) => r.agent = cheap::agent_check(&hello, offset),
+        // Connected, then silent (its link cut, the agent stopped): every other call would
+        // wait as long, the partition check's without bound.
+        Err(e) => {
+            r.agent = Check::bad(Status::Fail, "no answer", e);
+            return r;
+        }
     }
-    let ports: Vec<u16> = (0..o.num_servers)
-        .filter_map(|j| server_port.checked_add(j as u16))
-        .collect();
-    let script = host_probe::script(o.setup.as_deref(), &o.python, &ports);
-    match crate::probe::run(&host, &o.workspace, &script, PROBE_TIMEOUT).await {
+    r.interface = interface_check(&host.hello, ip);
+    let ports = cheap::server_ports(server_port, o.num_servers);
+    let script = host_probe::script(o.setup.as_deref(), &o.python);
+    // The partition check comes last: a PrepareFiles that finds files missing holds the
+    // workspace for a copy, and the probe could not start there then.
+    let (preflight, probe) = tokio::join!(
+        host_facts(&host, &o.workspace, ip, &ports),
+        crate::probe::run(&host, &o.workspace, &script, PROBE_TIMEOUT)
+    );
+    match preflight {
+        Ok(reply) => {
+            r.ports = cheap::ports_check(&reply.listening, &ports);
+            r.disk = disk_check(host.hello.free_bytes, reply.shm_free_bytes, need);
+        }
+        Err(e) => {
+            let c = Check::bad(Status::Fail, "cannot ask", format!("Preflight: {e}"));
+            (r.ports, r.disk) = (c.clone(), c);
+        }
+    }
+    match probe {
         Err(e) => {
             let c = Check::bad(
                 Status::Fail,
                 "probe failed",
                 format!("{e:#}; see the agent's log"),
             );
-            (r.python, r.gpus, r.disk, r.ports) = (c.clone(), c.clone(), c.clone(), c);
+            (r.python, r.gpus) = (c.clone(), c);
         }
         Ok(out) => {
             let f = host_probe::parse(&out);
             r.python = python_check(&f, &o.python);
             r.gpus = gpus_check(&f);
-            r.disk = disk_check(host.hello.free_bytes, f.shm_free, need);
-            r.ports = ports_check(&f, &ports);
         }
+    }
+    if let Some(files) = files {
+        r.partition = partition::check(&host, files).await;
     }
     r
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-async fn agent_check(host: &Host) -> Check {
-    // A second Hello, timed: the agent's clock is compared with the middle of the round trip.
-    let t0 = now_ms();
-    let hello = host
-        .client
-        .clone()
-        .hello(pb::HelloRequest {
-            protocol_version: dglrun_proto::PROTOCOL_VERSION,
-            client_version: dglrun_proto::VERSION.to_string(),
-        })
-        .await;
-    let t1 = now_ms();
-    let h = match hello {
-        Ok(h) => h.into_inner(),
-        Err(s) => return Check::bad(Status::Fail, "no answer", s.message().to_string()),
-    };
-    let version = format!("{} (protocol {})", h.agent_version, h.protocol_version);
-    if h.unix_time_ms == 0 {
-        return Check::bad(
-            Status::Warn,
-            format!("{version}, clock unknown"),
-            "an older dgl-agent: update it to the coordinator's version",
-        );
-    }
-    let offset = h.unix_time_ms as i64 - (t0 + t1) / 2;
-    let detail = format!("{version}, clock {offset:+} ms");
-    if offset.abs() > CLOCK_TOLERANCE_MS {
-        return Check::bad(
-            Status::Warn,
-            detail,
-            "the host's clock is off from this one's: run NTP (chrony, systemd-timesyncd) there",
-        );
-    }
-    if h.agent_version != dglrun_proto::VERSION {
-        return Check::bad(
-            Status::Warn,
-            detail,
-            format!(
-                "the agent is version {}, dgl-coord {}: install the same version everywhere",
-                h.agent_version,
-                dglrun_proto::VERSION
-            ),
-        );
-    }
-    Check::ok(detail)
+/// What the agent itself reports of the host (who holds the server ports, /dev/shm).
+async fn host_facts(
+    host: &Host,
+    workspace: &str,
+    ip: IpAddr,
+    ports: &[u16],
+) -> Result<pb::PreflightReply, String> {
+    let mut client = host.client.clone();
+    cheap::bounded(client.preflight(pb::PreflightRequest {
+        workspace: workspace.to_string(),
+        listening_ports: ports.iter().map(|&p| p.into()).collect(),
+        listening_ip: ip.to_string(),
+        ..Default::default()
+    }))
+    .await
 }
 
 fn interface_check(hello: &pb::HelloReply, ip: IpAddr) -> Check {
@@ -350,7 +322,7 @@ fn gpus_check(f: &Facts) -> Check {
     }
 }
 
-fn gib(b: u64) -> String {
+pub(crate) fn gib(b: u64) -> String {
     format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
@@ -361,54 +333,20 @@ fn disk_check(root_free: u64, shm_free: Option<u64>, need: Option<u64>) -> Check
         return Check::ok(detail);
     };
     let detail = format!("{detail}, partition {}", gib(need));
-    let mut short = Vec::new();
+    let mut fixes = Vec::new();
     if root_free < need {
-        short.push("the agent root");
+        fixes.push(
+            "the agent root cannot hold the partition this host loads: free space there"
+                .to_string(),
+        );
     }
-    if shm_free.is_some_and(|s| s < need) {
-        short.push("/dev/shm");
+    if let Some(shm) = cheap::shm_short(shm_free, Some(need)) {
+        fixes.extend(shm.fix);
     }
-    if short.is_empty() {
+    if fixes.is_empty() {
         return Check::ok(detail);
     }
-    Check::bad(
-        Status::Fail,
-        detail,
-        format!(
-            "{} cannot hold the partition this host loads: free space there (DGL's servers \
-             load the partition into /dev/shm; mount it larger with `mount -o remount,size=...`)",
-            short.join(" and ")
-        ),
-    )
-}
-
-fn ports_check(f: &Facts, ports: &[u16]) -> Check {
-    let held: Vec<&host_probe::Listener> = f
-        .listeners
-        .iter()
-        .filter(|l| ports.contains(&l.port))
-        .collect();
-    let list = ports
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    if held.is_empty() {
-        return Check::ok(format!("{list} free"));
-    }
-    let who: Vec<String> = held
-        .iter()
-        .map(|l| match &l.pid {
-            Some(pid) => format!("{} by pid {pid} ({})", l.port, l.command),
-            None => format!("{} by a process of another user", l.port),
-        })
-        .collect();
-    Check::bad(
-        Status::Fail,
-        format!("held: {}", who.join("; ")),
-        "a server of an earlier job? stop it (dgl-coord kill --ip_config ..., or kill the pid) \
-         or use other ports in ip_config",
-    )
+    Check::bad(Status::Fail, detail, fixes.join("; "))
 }
 
 /// Python, dgl or torch versions that differ between hosts are flagged on every host that

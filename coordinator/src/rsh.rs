@@ -21,6 +21,8 @@ pub const FAILED: u8 = 255;
 const STDIN_CHUNK: usize = 256 << 10;
 /// Input messages queued for the stream (each at most [`STDIN_CHUNK`]).
 const INPUT_MESSAGES: usize = 4;
+/// How often the agent hears from a session's client: well within its lease (10 s default).
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One `rsh` invocation.
 #[derive(Clone, Debug)]
@@ -89,6 +91,7 @@ pub async fn run(opts: RshOptions, access: &AgentAccess) -> u8 {
     // The channel is new and has room.
     let _ = tx.try_send(pb::SessionInput { msg: Some(start) });
     let signals = tokio::spawn(forward_signals(tx.clone()));
+    let keepalive = tokio::spawn(keep_alive(tx.clone()));
     let with_stdin = opts.stdin;
     std::thread::spawn(move || pump_stdin(tx, with_stdin));
     let outcome = match host
@@ -96,7 +99,9 @@ pub async fn run(opts: RshOptions, access: &AgentAccess) -> u8 {
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
     {
-        Ok(resp) => receive(resp.into_inner()).await,
+        Ok(resp) => receive(resp.into_inner())
+            .await
+            .map_err(|e| format!("{}: {e}", opts.host)),
         Err(s) if s.code() == tonic::Code::Unimplemented => Err(format!(
             "{}: dgl-agent {} has no sessions; run dgl-agent {} there",
             opts.host,
@@ -106,6 +111,7 @@ pub async fn run(opts: RshOptions, access: &AgentAccess) -> u8 {
         Err(s) => Err(format!("{}: {}", opts.host, s.message())),
     };
     signals.abort();
+    keepalive.abort();
     match outcome {
         Ok(Ended::Code(c)) => (c & 0xff) as u8,
         Ok(Ended::Signal(s)) => {
@@ -137,7 +143,7 @@ async fn receive(mut out: tonic::Streaming<pb::SessionOutput>) -> Result<Ended, 
             Ok(Some(m)) => m.msg,
             Ok(None) => return Err("the agent ended the session without an exit status".into()),
             Err(s) if s.code() == tonic::Code::Cancelled => return Ok(Ended::Interrupted),
-            Err(s) => return Err(format!("session lost: {}", s.message())),
+            Err(s) => return Err(format!("connection lost: {}", s.message())),
         };
         // A closed local stdout (`rsh host cmd | head`) ends the session, as with ssh.
         let written = match msg {
@@ -186,6 +192,20 @@ fn pump_stdin(tx: mpsc::Sender<pb::SessionInput>, enabled: bool) {
     }
     let eof = session_input::Msg::StdinEof(true);
     let _ = tx.blocking_send(pb::SessionInput { msg: Some(eof) });
+}
+
+/// Tells the agent every [`KEEPALIVE`] that this end is still there: an agent that hears
+/// nothing for its lease stops the command (a lost link, long before HTTP/2's keepalive).
+async fn keep_alive(tx: mpsc::Sender<pb::SessionInput>) {
+    let mut tick = tokio::time::interval(KEEPALIVE);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let msg = session_input::Msg::Keepalive(true);
+        if tx.send(pb::SessionInput { msg: Some(msg) }).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Forwards the first SIGINT, SIGTERM or SIGHUP; a second one ends `rsh` (the agent then

@@ -69,6 +69,7 @@ async fn a_fifo_at_ip_config_is_refused_naming_it_and_hello_stays_fast() {
                     workspace: "ws".into(),
                     read_files: vec!["ip_config.txt".into()],
                     free_port_on: String::new(),
+                    ..Default::default()
                 })
                 .await
             })

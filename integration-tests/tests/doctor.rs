@@ -268,3 +268,44 @@ fn a_host_missing_its_partition_fails_the_partition_check_by_digest() {
         "{r:?}"
     );
 }
+
+#[test]
+fn a_clock_off_is_warned_then_failed_and_another_version_warned() {
+    let mut c = TestCluster::start(2);
+    c.set_agent_env(0, &[("DGL_AGENT_TEST_CLOCK_OFFSET_MS", "5000")]);
+    c.set_agent_env(
+        1,
+        &[
+            ("DGL_AGENT_TEST_CLOCK_OFFSET_MS", "-60000"),
+            ("DGL_AGENT_TEST_VERSION", "0.0.1"),
+        ],
+    );
+    let setup = standin_setup();
+    let (r, reports) = doctor(&c, &["--setup", &setup]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    let (s, detail) = status(&reports, 0, "agent");
+    assert_eq!(s, "warn", "{r:?}");
+    assert!(
+        detail.contains("clock +49") || detail.contains("clock +50"),
+        "{r:?}"
+    );
+    let (s, detail) = status(&reports, 1, "agent");
+    assert_eq!(s, "fail", "{r:?}");
+    assert!(
+        detail.starts_with("0.0.1 (protocol") && detail.contains("clock -"),
+        "{r:?}"
+    );
+    let fix = reports[1]["agent"]["fix"].as_str().unwrap();
+    assert!(
+        fix.contains("NTP") && fix.contains("the agent is version 0.0.1"),
+        "{r:?}"
+    );
+
+    // Another version alone is a warning: doctor passes.
+    c.set_agent_env(0, &[]);
+    c.set_agent_env(1, &[("DGL_AGENT_TEST_VERSION", "0.0.1")]);
+    let (r, reports) = doctor(&c, &["--setup", &setup]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert_eq!(status(&reports, 0, "agent").0, "ok", "{r:?}");
+    assert_eq!(status(&reports, 1, "agent").0, "warn", "{r:?}");
+}

@@ -28,7 +28,10 @@ pub mod pb {
 /// requester; a coordinator of version 2 would take a `stopped` event for nothing and wait.
 /// 4: WaitListening (trainers start once the servers listen); an agent of version 3 would
 /// answer it UNIMPLEMENTED and fail every launch.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: Preflight reports who listens on the job's server ports, /dev/shm's free space and the
+/// partition's size; an agent of version 4 would leave them out and every port look free.
+/// Session clients send keepalives, without which an agent of version 5 ends a session.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Variables of the agent's environment whose presence (never value) Hello reports: a
 /// process inherits them, and dglrun sets none of these itself where the agent already has it.

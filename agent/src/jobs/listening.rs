@@ -6,7 +6,6 @@
 //! their servers listen lose seconds; the coordinator starts them once every agent answers.
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,12 +27,6 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 pub const MAX_WAITS: usize = 64;
 /// How often the tables are read: far below DGL's 3 s retry, a fraction of a ms of CPU each.
 const POLL: Duration = Duration::from_millis(20);
-/// Bytes read of one table (150 per socket: enough for hundreds of thousands of sockets).
-const MAX_TABLE_BYTES: u64 = 64 << 20;
-/// Socket tables of the agent's network namespace.
-const TABLES: [&str; 2] = ["/proc/net/tcp", "/proc/net/tcp6"];
-/// `st` of a listening socket in those tables (`TCP_LISTEN`).
-const LISTEN: &str = "0A";
 
 static WAITS: Semaphore = Semaphore::const_new(MAX_WAITS);
 
@@ -67,12 +60,8 @@ pub enum ListeningError {
     },
     #[error("port {ports} not listening after {:.1}s", .after.as_secs_f64())]
     TimedOut { ports: String, after: Duration },
-    #[error("cannot read the socket table {path}")]
-    Table {
-        path: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Table(#[from] super::sockets::TableError),
     #[error(transparent)]
     Blocking(#[from] BlockingError),
 }
@@ -87,7 +76,7 @@ impl From<ListeningError> for Status {
             ListeningError::TooManyWaits => Status::resource_exhausted(msg),
             ListeningError::Exited { .. } => Status::failed_precondition(msg),
             ListeningError::TimedOut { .. } => Status::deadline_exceeded(msg),
-            ListeningError::Table { .. } | ListeningError::Blocking(_) => Status::internal(msg),
+            ListeningError::Table(_) | ListeningError::Blocking(_) => Status::internal(msg),
         }
     }
 }
@@ -187,61 +176,17 @@ fn port_list(ports: &[u16]) -> String {
     v.join(", ")
 }
 
-/// Ports with a socket in LISTEN state in either table; a missing tcp6 (IPv6 disabled) is empty.
+/// Ports with a socket in LISTEN state in either table.
 fn listening_ports() -> Result<BTreeSet<u16>, ListeningError> {
-    let mut ports = BTreeSet::new();
-    for path in TABLES {
-        let mut text = String::new();
-        match std::fs::File::open(path) {
-            Ok(f) => f
-                .take(MAX_TABLE_BYTES)
-                .read_to_string(&mut text)
-                .map_err(|source| ListeningError::Table { path, source })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(ListeningError::Table { path, source }),
-        };
-        ports.extend(parse_table(&text));
-    }
-    Ok(ports)
-}
-
-/// Local ports of the LISTEN rows of a `/proc/net/tcp[6]` table (header line skipped;
-/// `local_address` is `HEXADDR:HEXPORT`, `st` the fourth field).
-fn parse_table(text: &str) -> impl Iterator<Item = u16> + '_ {
-    text.lines().skip(1).filter_map(|line| {
-        let mut f = line.split_whitespace();
-        let local = f.nth(1)?;
-        let st = f.nth(1)?;
-        if st != LISTEN {
-            return None;
-        }
-        let (_, port) = local.rsplit_once(':')?;
-        u16::from_str_radix(port, 16).ok()
-    })
+    Ok(super::sockets::listeners()?
+        .into_iter()
+        .map(|l| l.port)
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:7582 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
-   1: 0100007F:7583 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
-   2: 024D12C6:B7D9 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
-";
-    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0 100 0 0 10 0
-";
-
-    #[test]
-    fn only_listening_rows_count() {
-        let v: Vec<u16> = parse_table(TCP).collect();
-        // 0x7583 is an established connection, not a listener.
-        assert_eq!(v, vec![0x7582, 47065]);
-        assert_eq!(parse_table(TCP6).collect::<Vec<_>>(), vec![22]);
-        assert_eq!(parse_table("header only\n").count(), 0);
-        assert_eq!(parse_table("h\n 0: garbage\n").count(), 0);
-    }
 
     #[test]
     fn requests_are_bounded() {

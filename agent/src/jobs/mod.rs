@@ -32,6 +32,7 @@ pub mod recover;
 pub mod retention;
 pub mod session;
 pub mod slots;
+pub mod sockets;
 pub mod spec;
 pub mod stacks;
 pub mod state_file;

@@ -4,14 +4,16 @@
 //! with a timeout, so a FIFO, a device or a hung mount at a path the coordinator names
 //! cannot stall the agent.
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::net::IpAddr;
 
 use dglrun_proto::pb;
 
+use super::sockets::{self, TableError};
 use crate::blocking::{self, BlockingError};
 use crate::confine::{ConfineError, Root, WirePath};
-use crate::limits::MAX_PREFLIGHT_FILES;
+use crate::limits::{MAX_PREFLIGHT_FILES, MAX_PREFLIGHT_PORTS, MAX_PREFLIGHT_SIZES};
 
 /// Largest file Preflight returns.
 const MAX_FILE_BYTES: u64 = 1 << 20;
@@ -20,8 +22,16 @@ const MAX_FILE_BYTES: u64 = 1 << 20;
 pub enum PreflightError {
     #[error("{0} files to read exceed the agent's limit of {MAX_PREFLIGHT_FILES}")]
     TooManyFiles(usize),
-    #[error("free_port_on: {0:?} is not an IP address")]
-    BadAddress(String),
+    #[error("{0} ports to look up exceed the agent's limit of {MAX_PREFLIGHT_PORTS}")]
+    TooManyPorts(usize),
+    #[error("{0} file sizes asked exceed the agent's limit of {MAX_PREFLIGHT_SIZES}")]
+    TooManySizes(usize),
+    #[error("listening_ports: {0} is not a port")]
+    BadPort(u32),
+    #[error("{field}: {value:?} is not an IP address")]
+    BadAddress { field: &'static str, value: String },
+    #[error(transparent)]
+    Sockets(#[from] TableError),
     #[error("workspace: {0}")]
     Workspace(#[source] ConfineError),
     #[error("cannot bind a port on {ip} on this host: {source}")]
@@ -40,6 +50,10 @@ pub struct Preflight {
     pub workspace: WirePath,
     pub read_files: Vec<ReadFile>,
     pub free_port_on: Option<IpAddr>,
+    /// Ports whose listeners to report, on `listening_ip` (None: any address).
+    pub listening_ports: BTreeSet<u16>,
+    pub listening_ip: Option<IpAddr>,
+    pub sizes_of: Vec<ReadFile>,
 }
 
 /// A file Preflight is asked to read: relative to the workspace (or absolute inside the
@@ -57,30 +71,47 @@ impl Preflight {
         if req.read_files.len() > MAX_PREFLIGHT_FILES {
             return Err(PreflightError::TooManyFiles(req.read_files.len()));
         }
+        if req.listening_ports.len() > MAX_PREFLIGHT_PORTS {
+            return Err(PreflightError::TooManyPorts(req.listening_ports.len()));
+        }
+        if req.sizes_of.len() > MAX_PREFLIGHT_SIZES {
+            return Err(PreflightError::TooManySizes(req.sizes_of.len()));
+        }
         let workspace = root
             .parse(&req.workspace)
             .map_err(PreflightError::Workspace)?;
-        let free_port_on = match req.free_port_on.as_str() {
-            "" => None,
-            ip => Some(
-                ip.parse()
-                    .map_err(|_| PreflightError::BadAddress(ip.to_string()))?,
-            ),
+        let ip = |field: &'static str, value: String| match value.as_str() {
+            "" => Ok(None),
+            v => v
+                .parse()
+                .map(Some)
+                .map_err(|_| PreflightError::BadAddress { field, value }),
         };
-        let read_files = req
-            .read_files
-            .into_iter()
-            .map(|p| {
-                let path = workspace
-                    .join(root, &p)
-                    .and_then(|w| w.check_not_reserved().map(|()| w));
-                ReadFile { shown: p, path }
+        let free_port_on = ip("free_port_on", req.free_port_on)?;
+        let listening_ip = ip("listening_ip", req.listening_ip)?;
+        let listening_ports = req
+            .listening_ports
+            .iter()
+            .map(|&p| match u16::try_from(p) {
+                Ok(port) if port != 0 => Ok(port),
+                _ => Err(PreflightError::BadPort(p)),
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
+        let in_workspace = |p: String| {
+            let path = workspace
+                .join(root, &p)
+                .and_then(|w| w.check_not_reserved().map(|()| w));
+            ReadFile { shown: p, path }
+        };
+        let read_files = req.read_files.into_iter().map(in_workspace).collect();
+        let sizes_of = req.sizes_of.into_iter().map(in_workspace).collect();
         Ok(Self {
             workspace,
             read_files,
             free_port_on,
+            listening_ports,
+            listening_ip,
+            sizes_of,
         })
     }
 }
@@ -130,10 +161,96 @@ fn check_blocking(root: &Root, req: &Preflight) -> Result<pb::PreflightReply, Pr
         }
         reply.files.push(fc);
     }
+    for f in &req.sizes_of {
+        let mut fs = pb::FileSize {
+            path: f.shown.clone(),
+            ..Default::default()
+        };
+        match size(root, f) {
+            Ok(Some(n)) => (fs.exists, fs.size) = (true, n),
+            Ok(None) => {}
+            Err(e) => (fs.exists, fs.error) = (true, e),
+        }
+        reply.sizes.push(fs);
+    }
     if let Some(ip) = req.free_port_on {
         reply.free_port = free_port(ip)?;
     }
+    if !req.listening_ports.is_empty() {
+        reply.listening = port_holders(&req.listening_ports, req.listening_ip)?;
+        reply.shm_free_bytes = shm_free();
+    }
     Ok(reply)
+}
+
+/// Size of a regular file; None when it does not exist.
+fn size(root: &Root, file: &ReadFile) -> Result<Option<u64>, String> {
+    let p = &file.shown;
+    let wire = file.path.as_ref().map_err(|e| e.to_string())?;
+    match root.open_regular(p, wire.rel()) {
+        Ok(f) => f
+            .metadata()
+            .map(|m| Some(m.len()))
+            .map_err(|e| format!("cannot stat {p}: {e}")),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(format!("cannot open {p}: {e}")),
+    }
+}
+
+/// What listens on `ports` where a bind of `ip` would collide, and which process holds it.
+/// With an address, a port that can be bound there is free without a look at the socket
+/// tables, whose `/proc` text costs the kernel milliseconds to write on a busy host.
+fn port_holders(
+    ports: &BTreeSet<u16>,
+    ip: Option<IpAddr>,
+) -> Result<Vec<pb::PortHolder>, PreflightError> {
+    let busy: BTreeSet<u16> = match ip {
+        Some(ip) => ports
+            .iter()
+            .copied()
+            .filter(|&p| sockets::bind_fails(ip, p))
+            .collect(),
+        None => ports.clone(),
+    };
+    if busy.is_empty() {
+        return Ok(Vec::new());
+    }
+    let held: Vec<sockets::Listener> = sockets::listeners()?
+        .into_iter()
+        .filter(|l| busy.contains(&l.port) && l.blocks(ip))
+        .collect();
+    let who = sockets::holders(&held.iter().map(|l| l.inode).collect());
+    let mut out: Vec<pb::PortHolder> = held
+        .iter()
+        .map(|l| {
+            let (pid, command) = who.get(&l.inode).cloned().unwrap_or_default();
+            pb::PortHolder {
+                port: l.port.into(),
+                pid,
+                command,
+            }
+        })
+        .collect();
+    // In use, yet no listener: a socket bound there and not listening holds it all the same.
+    for &port in &busy {
+        if ip.is_some() && !out.iter().any(|h| h.port == u32::from(port)) {
+            out.push(pb::PortHolder {
+                port: port.into(),
+                ..Default::default()
+            });
+        }
+    }
+    // A dual-stack server has a socket in each table: one line per port and holder.
+    out.sort_by_key(|h| (h.port, h.pid));
+    out.dedup_by(|a, b| (a.port, a.pid) == (b.port, b.pid));
+    Ok(out)
+}
+
+/// Free bytes of /dev/shm, where DGL's servers keep the partition they serve.
+fn shm_free() -> Option<u64> {
+    rustix::fs::statvfs("/dev/shm")
+        .ok()
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// The file's bytes; None when it does not exist. Only regular files are read (a FIFO or a
@@ -176,6 +293,7 @@ mod tests {
             workspace: ws.into(),
             read_files: files.iter().map(|s| s.to_string()).collect(),
             free_port_on: "127.0.0.1".into(),
+            ..Default::default()
         }
     }
 
@@ -271,7 +389,7 @@ mod fuzz {
         ) {
             let d = tempfile::tempdir().unwrap();
             let root = Root::new(d.path()).unwrap();
-            let req = pb::PreflightRequest { workspace: ws, read_files: files, free_port_on: ip };
+            let req = pb::PreflightRequest { workspace: ws, read_files: files, free_port_on: ip, ..Default::default() };
             if let Ok(p) = Preflight::parse(&root, req) {
                 prop_assert!(p.read_files.len() <= MAX_PREFLIGHT_FILES);
                 prop_assert!(p.workspace.rel().components().all(|c| matches!(c, Component::Normal(_))));

@@ -45,6 +45,9 @@ const READ_SIZE: usize = 64 << 10;
 /// After the command exited, a pipe that stays silent this long is no longer waited for (a
 /// background process may hold it open forever; it is stopped next).
 pub const DRAIN_IDLE: Duration = Duration::from_secs(2);
+/// Silence from a client that ends its session, however short the agent's lease: three of
+/// the client's 2 s keepalives.
+const MIN_SILENCE: Duration = Duration::from_secs(6);
 /// The label of a session's process in ListJobs.
 const LABEL: &str = "rsh";
 
@@ -164,7 +167,9 @@ impl Jobs {
                 return Err(e);
             }
         };
-        let _ = self.save_state_soon().await;
+        // Not waited for: the command already runs, and after a crash the marker scan finds it
+        // without the record; a write on the way to the first byte would slow every rsh.
+        drop(self.save_state_soon());
         tracing::info!(job = %id, pid = forked.pid, requester = %spec.requester, "session started");
         let (tx, rx) = mpsc::channel(OUTPUT_MESSAGES);
         let started = session_output::Msg::Started(pb::SessionStarted {
@@ -269,7 +274,8 @@ impl Run {
             }
         }
         let reaper = self.jobs.reaper.clone();
-        let mut feeder = tokio::spawn(feed_input(input, stdin, pid, reaper));
+        let (heard_tx, heard) = watch::channel(Some(Instant::now()));
+        let mut feeder = tokio::spawn(feed_input(input, stdin, pid, reaper, heard_tx));
         let mut input_open = true;
         let lease = self.job.state().lease;
         let mut renew = tokio::time::interval(lease / 4);
@@ -283,7 +289,21 @@ impl Run {
                     }
                 }
                 _ = self.tx.closed() => break Ended::ClientGone("the client went away".into()),
-                _ = renew.tick() => self.job.renew(),
+                _ = renew.tick() => {
+                    // A client sends a keepalive every 2 s: silence for the lease means its
+                    // link is gone, long before HTTP/2's keepalive would say so. (Once it
+                    // closed its side, and while its stdin waits for the pipe, only the
+                    // connection's keepalive can tell.)
+                    let silent = *heard.borrow();
+                    let bound = lease.max(MIN_SILENCE);
+                    if let Some(since) = silent.filter(|s| input_open && s.elapsed() > bound) {
+                        break Ended::ClientGone(format!(
+                            "nothing from the client for {:.1} s",
+                            since.elapsed().as_secs_f64()
+                        ));
+                    }
+                    self.job.renew();
+                }
             }
         };
         feeder.abort();
@@ -394,12 +414,14 @@ async fn forward_output(
     }
 }
 
-/// Writes the client's stdin to the command and forwards its signals.
+/// Writes the client's stdin to the command and forwards its signals. `heard` holds since when
+/// it has been waiting for the client's next message (None while it writes to the pipe).
 async fn feed_input<S>(
     mut input: S,
     stdin: Option<OwnedFd>,
     pid: u32,
     reaper: Arc<Reaper>,
+    heard: watch::Sender<Option<Instant>>,
 ) -> InputEnd
 where
     S: Stream<Item = Result<pb::SessionInput, Status>> + Send + Unpin,
@@ -411,6 +433,7 @@ where
             Some(Err(s)) => return InputEnd::Broken(s.message().to_string()),
             Some(Ok(m)) => m.msg,
         };
+        heard.send_replace(None);
         match msg {
             Some(session_input::Msg::Stdin(data)) => {
                 if let Some(w) = writer.as_mut() {
@@ -432,8 +455,9 @@ where
                     "a session client asked for a signal that is not forwarded"
                 ),
             },
-            Some(session_input::Msg::Start(_)) | None => {}
+            Some(session_input::Msg::Start(_) | session_input::Msg::Keepalive(_)) | None => {}
         }
+        heard.send_replace(Some(Instant::now()));
     }
 }
 

@@ -294,6 +294,7 @@ async fn preflight_reports_live_jobs_of_the_workspace() {
                     workspace: "ws".into(),
                     read_files: vec![],
                     free_port_on: String::new(),
+                    ..Default::default()
                 },
             )
             .unwrap(),

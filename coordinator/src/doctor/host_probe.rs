@@ -16,9 +16,9 @@ for m in ("dgl", "torch"):
 print("doctor-python " + json.dumps(r), flush=True)
 "#;
 
-/// The probe's shell text: `setup` first (it may change PATH), then the facts, then `python`.
-pub(super) fn script(setup: Option<&str>, python: &str, ports: &[u16]) -> String {
-    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+/// The probe's shell text: `setup` first (it may change PATH), then the GPUs, then `python`.
+/// (Ports and /dev/shm the agent reports itself, in Preflight.)
+pub(super) fn script(setup: Option<&str>, python: &str) -> String {
     let py = shlex::try_quote(PYTHON_PROBE).map_or_else(|_| "''".into(), |q| q.to_string());
     format!(
         r#"{setup}
@@ -29,20 +29,9 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   [ "$rc" = 0 ] || printf '%s\n' "$gpus" | tail -n 1 | sed 's/^/doctor-gpu-error /'
   echo "doctor-gpus-listed $rc"
 fi
-df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {{ print "doctor-shm-kib", $4 }}'
-for p in {ports}; do
-  hex=$(printf '%04X' "$p")
-  for ino in $(awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h {{ print $10 }}' /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
-    pid=$(find /proc/[0-9]*/fd -lname "socket:\[$ino\]" 2>/dev/null | head -n 1 | cut -d/ -f3)
-    cmd=
-    [ -n "$pid" ] && cmd=$(tr '\0' ' ' </proc/"$pid"/cmdline 2>/dev/null | cut -c1-100)
-    echo "doctor-listen $p ${{pid:--}} $cmd"
-  done
-done
 {python} -c {py}
 "#,
         setup = setup.unwrap_or(""),
-        ports = ports.join(" "),
     )
 }
 
@@ -55,21 +44,12 @@ pub(super) struct Python {
     pub import_error: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Listener {
-    pub port: u16,
-    pub pid: Option<u32>,
-    pub command: String,
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Facts {
     /// None: no nvidia-smi on the PATH.
     pub gpus: Option<Vec<String>>,
     /// nvidia-smi is there but failed (a driver problem).
     pub gpu_error: Option<String>,
-    pub shm_free: Option<u64>,
-    pub listeners: Vec<Listener>,
     pub python: Option<Python>,
     /// Why there is no `python` (its last line of stderr).
     pub python_error: Option<String>,
@@ -93,23 +73,6 @@ pub(super) fn parse(out: &ProbeOutput) -> Facts {
                 }
             }
             "doctor-gpu-error" => f.gpu_error = Some(rest.to_string()),
-            "doctor-shm-kib" => {
-                f.shm_free = rest
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-                    .map(|k| k.saturating_mul(1024))
-            }
-            "doctor-listen" => {
-                let mut w = rest.splitn(3, ' ');
-                if let Some(port) = w.next().and_then(|p| p.parse().ok()) {
-                    f.listeners.push(Listener {
-                        port,
-                        pid: w.next().and_then(|p| p.parse().ok()),
-                        command: w.next().unwrap_or_default().trim().to_string(),
-                    });
-                }
-            }
             "doctor-python" => f.python = serde_json::from_str(rest).ok(),
             _ => {}
         }
@@ -132,8 +95,6 @@ mod tests {
                 "doctor-gpu GPU 0: NVIDIA A100 (UUID: GPU-1)",
                 "doctor-gpu GPU 1: NVIDIA A100 (UUID: GPU-2)",
                 "doctor-gpus-listed 0",
-                "doctor-shm-kib 1024",
-                "doctor-listen 30050 4242 python3 train.py --x",
                 r#"doctor-python {"executable": "/usr/bin/python3", "version": "3.11.2", "dgl": "2.1.0", "import_error": "torch: ModuleNotFoundError: x"}"#,
             ]
             .map(String::from)
@@ -143,15 +104,6 @@ mod tests {
         };
         let f = parse(&out);
         assert_eq!(f.gpus.as_ref().map(Vec::len), Some(2));
-        assert_eq!(f.shm_free, Some(1 << 20));
-        assert_eq!(
-            f.listeners,
-            vec![Listener {
-                port: 30050,
-                pid: Some(4242),
-                command: "python3 train.py --x".into()
-            }]
-        );
         let py = f.python.unwrap();
         assert_eq!((py.dgl.as_deref(), py.torch), (Some("2.1.0"), None));
     }

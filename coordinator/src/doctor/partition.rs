@@ -5,6 +5,8 @@
 //! for up to 30 s (`COPY_IDLE`): a launch into that workspace is refused meanwhile, as it
 //! would be while a copy runs.
 
+use std::time::Duration;
+
 use dglrun_proto::pb;
 
 use super::{Check, DoctorOptions, Status};
@@ -52,21 +54,32 @@ pub(super) async fn expected(
     ))
 }
 
+/// Longest wait for PrepareFiles: an agent whose hash cache is cold hashes the files already
+/// there (about 2 GB/s), so this is past a large partition's time, and still a bound.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
+
 pub(super) async fn check(host: &Host, files: &[pb::FileManifest]) -> Check {
-    let reply = host
-        .client
-        .clone()
-        .prepare_files(pb::PrepareFilesRequest {
-            files: files.to_vec(),
-        })
-        .await;
-    let reply = match reply {
-        Ok(r) => r.into_inner(),
-        Err(s) => {
+    let mut client = host.client.clone();
+    let call = client.prepare_files(pb::PrepareFilesRequest {
+        files: files.to_vec(),
+    });
+    let reply = match tokio::time::timeout(PREPARE_TIMEOUT, call).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(s)) => {
             return Check::bad(
                 Status::Fail,
                 "cannot ask",
                 format!("PrepareFiles: {}", s.message()),
+            )
+        }
+        Err(_) => {
+            return Check::bad(
+                Status::Fail,
+                "no answer",
+                format!(
+                    "PrepareFiles did not answer within {} s: is the host's link or disk hung?",
+                    PREPARE_TIMEOUT.as_secs()
+                ),
             )
         }
     };

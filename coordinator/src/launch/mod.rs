@@ -14,6 +14,7 @@ pub mod events;
 #[allow(unreachable_pub)] // follow.rs is being changed elsewhere; narrow its items then
 mod follow;
 pub mod gpus;
+pub mod host_checks;
 pub mod host_env;
 mod internal_events;
 pub mod logdir;

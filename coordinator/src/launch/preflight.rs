@@ -1,12 +1,14 @@
 //! Checks on every host before anything starts: the workspace, ip_config and part_config are
 //! there and agree with each other and with the local ip_config; no process of an earlier job
-//! of the same workspace is still alive; and machine 0's agent picks the master port.
+//! of the same workspace is still alive; and machine 0's agent picks the master port. Then
+//! doctor's cheap checks (`host_checks`): clock, server ports, /dev/shm.
 
 use std::path::Path;
 use std::time::Duration;
 
 use dglrun_proto::pb;
 
+use super::host_checks;
 use super::plan::LaunchOptions;
 use super::sink::Sink;
 use crate::cluster::Host;
@@ -125,12 +127,22 @@ pub async fn check_all(
     dry_run: bool,
 ) -> anyhow::Result<Checked> {
     let replies = preflight_all(hosts, o, dry_run).await;
+    let partitions: Vec<Vec<String>> = hosts
+        .iter()
+        .zip(&replies)
+        .map(|(h, r)| {
+            r.as_ref()
+                .map(|r| host_checks::partition_paths(r, o, h.rank))
+                .unwrap_or_default()
+        })
+        .collect();
     let Reviewed {
         free_port,
         live,
         findings,
     } = review(hosts, replies, o, local)?;
     if dry_run && live.is_empty() {
+        host_checks::check_all(hosts, o, local, &partitions).await?;
         return Ok(Checked {
             master_port: 0,
             findings,
@@ -159,6 +171,8 @@ pub async fn check_all(
         }
         stop_stale(hosts, &live, grace).await?;
     }
+    // After the stale jobs are gone: their servers held the ports.
+    host_checks::check_all(hosts, o, local, &partitions).await?;
     Ok(Checked {
         master_port,
         findings,
@@ -182,6 +196,7 @@ async fn preflight_all(
             } else {
                 String::new()
             },
+            ..Default::default()
         };
         async move { client.preflight(req).await.map(|r| r.into_inner()) }
     });
