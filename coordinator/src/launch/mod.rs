@@ -218,12 +218,14 @@ pub async fn run(o: LaunchOptions, r: RunOptions) -> anyhow::Result<u8> {
             let req = supervised::request(
                 &hosts,
                 &planned,
-                &job_id,
-                &o.workspace,
-                r.lease,
-                r.grace,
-                servers.as_ref(),
-                &r.policy,
+                supervised::Terms {
+                    job_id: &job_id,
+                    workspace: &o.workspace,
+                    lease: r.lease,
+                    grace: r.grace,
+                    servers: servers.as_ref(),
+                    policy: &r.policy,
+                },
             );
             detach(&hosts, req, &r).await
         }

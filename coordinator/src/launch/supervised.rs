@@ -36,20 +36,21 @@ fn millis(d: Duration) -> u32 {
     d.as_millis().min(u32::MAX as u128) as u32
 }
 
+/// What a supervising agent needs besides the hosts and the plan: the driver's options.
+pub struct Terms<'a> {
+    pub job_id: &'a str,
+    pub workspace: &'a str,
+    pub lease: Duration,
+    pub grace: Duration,
+    pub servers: Option<&'a ServerPorts>,
+    pub policy: &'a JobPolicy,
+}
+
 /// dgl-coord's side: the plan and the driver's options as machine 0's agent takes them.
-pub fn request(
-    hosts: &[Host],
-    plan: &[PlannedProcess],
-    job_id: &str,
-    workspace: &str,
-    lease: Duration,
-    grace: Duration,
-    servers: Option<&ServerPorts>,
-    policy: &JobPolicy,
-) -> pb::SuperviseRequest {
+pub fn request(hosts: &[Host], plan: &[PlannedProcess], t: Terms<'_>) -> pb::SuperviseRequest {
     pb::SuperviseRequest {
-        job_id: job_id.to_string(),
-        workspace: workspace.to_string(),
+        job_id: t.job_id.to_string(),
+        workspace: t.workspace.to_string(),
         hosts: hosts
             .iter()
             .map(|h| pb::SupervisedHost {
@@ -65,26 +66,28 @@ pub fn request(
                     )
                     .map(|p| driver::to_spec(p, 0))
                     .collect(),
-                server_ports: servers
+                server_ports: t
+                    .servers
                     .and_then(|s| s.per_machine.get(h.rank))
                     .map(|ports| ports.iter().map(|&p| u32::from(p)).collect())
                     .unwrap_or_default(),
             })
             .collect(),
-        lease_ms: millis(lease),
-        grace_ms: millis(grace),
-        wait_servers_ms: servers.map_or(0, |s| millis(s.timeout).max(1)),
-        max_restarts: policy.restart.max_restarts,
-        restart_backoff_ms: millis(policy.restart.first_backoff),
-        restart_on: policy
+        lease_ms: millis(t.lease),
+        grace_ms: millis(t.grace),
+        wait_servers_ms: t.servers.map_or(0, |s| millis(s.timeout).max(1)),
+        max_restarts: t.policy.restart.max_restarts,
+        restart_backoff_ms: millis(t.policy.restart.first_backoff),
+        restart_on: t
+            .policy
             .restart
             .restart_on
             .iter()
             .flatten()
             .map(|&c| u32::from(c))
             .collect(),
-        stall_timeout_ms: policy.watchdog.stall_timeout.map_or(0, millis),
-        start_timeout_ms: policy.watchdog.start_timeout.map_or(0, millis),
+        stall_timeout_ms: t.policy.watchdog.stall_timeout.map_or(0, millis),
+        start_timeout_ms: t.policy.watchdog.start_timeout.map_or(0, millis),
     }
 }
 
