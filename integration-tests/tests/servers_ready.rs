@@ -88,3 +88,38 @@ fn a_server_that_exits_before_listening_fails_the_launch_before_any_trainer() {
         "no trainer may start: {r:?}"
     );
 }
+
+/// Another process of the host listening on the job's port, on another address (another
+/// job's server, another user's), is not the job's server: the trainers still wait.
+#[test]
+fn a_port_held_on_another_address_of_the_host_does_not_start_the_trainers() {
+    let c = TestCluster::with_workspace(MACHINES);
+    let port = 30050;
+    let other = std::net::Ipv4Addr::new(127, 254, rand::random::<u8>() | 1, 7);
+    let _held = std::net::TcpListener::bind((other, port)).expect("bind another address");
+    let r = run(
+        c.launch(
+            &[
+                "--num_trainers",
+                "1",
+                "--trainer-mode",
+                "direct",
+                "--wait-servers",
+            ],
+            "python3 fake_dgl.py --listen-delay 1",
+        ),
+        Duration::from_secs(90),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    let last_listen = times(&r.stdout, "server", "listens since")
+        .into_iter()
+        .fold(f64::MIN, f64::max);
+    let first_start = times(&r.stdout, "trainer", "started at")
+        .into_iter()
+        .fold(f64::MAX, f64::min);
+    assert!(
+        first_start >= last_listen,
+        "a trainer started at {first_start:.3}, before the last server listened at \
+         {last_listen:.3}, as if {other}:{port} were the job's: {r:?}"
+    );
+}

@@ -6,6 +6,7 @@
 //! their servers listen lose seconds; the coordinator starts them once every agent answers.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,8 @@ pub struct WaitSpec {
     pub ports: BTreeSet<u16>,
     /// At most [`MAX_WAIT`].
     pub timeout: Duration,
+    /// The servers' address; None: a socket on any address counts.
+    pub ip: Option<IpAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +50,8 @@ pub enum ListeningError {
     Ports(String),
     #[error("WaitListening timeout_ms {0} is past the limit of {limit} ms", limit = MAX_WAIT.as_millis())]
     Timeout(u32),
+    #[error("WaitListening ip {0:?} is not an IP address")]
+    Ip(String),
     #[error("the agent already serves {MAX_WAITS} WaitListening calls, its limit")]
     TooManyWaits,
     #[error(transparent)]
@@ -72,7 +77,9 @@ impl From<ListeningError> for Status {
         match e {
             ListeningError::Invalid(i) => i.into(),
             ListeningError::Job(j) => j.into(),
-            ListeningError::Ports(_) | ListeningError::Timeout(_) => Status::invalid_argument(msg),
+            ListeningError::Ports(_) | ListeningError::Timeout(_) | ListeningError::Ip(_) => {
+                Status::invalid_argument(msg)
+            }
             ListeningError::TooManyWaits => Status::resource_exhausted(msg),
             ListeningError::Exited { .. } => Status::failed_precondition(msg),
             ListeningError::TimedOut { .. } => Status::deadline_exceeded(msg),
@@ -101,10 +108,15 @@ impl TryFrom<pb::WaitListeningRequest> for WaitSpec {
         if timeout > MAX_WAIT {
             return Err(ListeningError::Timeout(r.timeout_ms));
         }
+        let ip = match r.ip.as_str() {
+            "" => None,
+            s => Some(s.parse().map_err(|_| ListeningError::Ip(r.ip.clone()))?),
+        };
         Ok(Self {
             job_id,
             ports,
             timeout,
+            ip,
         })
     }
 }
@@ -126,12 +138,12 @@ impl Jobs {
             if job.state().stopping {
                 return Err(JobError::Stopping(job.id.clone()).into());
             }
-            let listening = blocking::run(
-                "reading /proc/net/tcp",
-                blocking::FS_TIMEOUT,
-                listening_ports,
-            )
-            .await??;
+            let ip = spec.ip;
+            let listening =
+                blocking::run("reading /proc/net/tcp", blocking::FS_TIMEOUT, move || {
+                    listening_ports(ip)
+                })
+                .await??;
             let missing: Vec<u16> = spec.ports.difference(&listening).copied().collect();
             if missing.is_empty() {
                 let waited = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
@@ -176,10 +188,11 @@ fn port_list(ports: &[u16]) -> String {
     v.join(", ")
 }
 
-/// Ports with a socket in LISTEN state in either table.
-fn listening_ports() -> Result<BTreeSet<u16>, ListeningError> {
+/// Ports with a socket in LISTEN state in either table, on `ip` or the wildcard address.
+fn listening_ports(ip: Option<IpAddr>) -> Result<BTreeSet<u16>, ListeningError> {
     Ok(super::sockets::listeners()?
         .into_iter()
+        .filter(|l| ip.is_none() || l.blocks(ip))
         .map(|l| l.port)
         .collect())
 }
@@ -194,6 +207,7 @@ mod tests {
             job_id: "j".into(),
             ports,
             timeout_ms,
+            ip: String::new(),
         };
         assert!(WaitSpec::try_from(req(vec![30050, 30051], 1000)).is_ok());
         assert!(WaitSpec::try_from(req(vec![], 1000)).is_err());

@@ -81,6 +81,9 @@ pub async fn wait_all(hosts: &[Host], job_id: &str, ports: &ServerPorts) -> Resu
                 .get(h.rank)
                 .map_or_else(Vec::new, |p| p.iter().copied().map(u32::from).collect()),
             timeout_ms: ports.timeout.as_millis().min(u32::MAX as u128) as u32,
+            // DGL's servers bind the ip_config address, which is where dgl-coord reaches the
+            // agent.
+            ip: h.addr.ip().to_string(),
         };
         let mut client = h.client.clone();
         let (host, name) = (h.rank, h.name());
