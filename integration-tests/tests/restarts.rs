@@ -312,8 +312,17 @@ fn a_stalled_job_is_detected_within_the_timeout_plus_a_second_and_restarts_as_a_
     );
     let (code, text) = live.finish(Duration::from_secs(120));
     assert_eq!(code, 124, "{text}");
-    // Who is waiting where: each trainer's last line and its age.
+    // Who is waiting where: each trainer's last line and its age, then every stack (or, on an
+    // agent without py-spy, why there is none).
     assert!(text.contains("trainer0: last line "), "{text}");
+    assert!(
+        text.contains("the stack of every process of the stalled job:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sleep_forever") || text.contains("py-spy is not installed"),
+        "{text}"
+    );
     assert!(text.contains("\"trainer 0 hanging\""), "{text}");
     assert!(
         text.contains("attempt 1 failed (stalled: no progress for 3s"),

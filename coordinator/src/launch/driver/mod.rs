@@ -216,8 +216,9 @@ fn millis(d: Duration) -> u32 {
 }
 
 impl Io {
-    /// Feeds `input` to the state machine and carries out what it asks.
-    fn apply(&mut self, job: &mut Job, input: Input) {
+    /// Feeds `input` to the state machine and carries out what it asks, in order: a stack dump
+    /// is over before the stops that follow it go out.
+    async fn apply(&mut self, job: &mut Job, input: Input) {
         let mut actions = std::mem::take(&mut self.actions);
         job.handle(input, Instant::now(), &mut actions);
         for a in actions.drain(..) {
@@ -233,7 +234,7 @@ impl Io {
                 } => self.out.lost_lines(machine, &ip, count, &name),
                 Action::Exited { who, pid, exit } => self.out.exited(&who, pid, &exit),
                 Action::Stop { hosts, force } => self.send_stops(&hosts, force),
-                Action::DumpStacks => self.dump_stacks(),
+                Action::DumpStacks => self.dump_stacks().await,
             }
         }
         self.actions = actions;
@@ -266,13 +267,13 @@ impl Io {
             }
             // A signal that arrived while spawning is handled before the next phase.
             for sig in signals.pending() {
-                self.apply(job, Input::Signal(sig));
+                self.apply(job, Input::Signal(sig)).await;
             }
             if job.is_stopping() {
                 return;
             }
         }
-        self.apply(job, Input::AllStarted);
+        self.apply(job, Input::AllStarted).await;
     }
 
     /// `--wait-servers`: until every server port listens, a server fails, or a signal.
@@ -290,12 +291,12 @@ impl Io {
                             text: e.to_string(),
                             message: e.message,
                         };
-                        self.apply(job, input);
+                        self.apply(job, input).await;
                     }
                     return;
                 },
-                sig = signals.recv() => self.apply(job, Input::Signal(sig)),
-                _ = sleep_until(job.wakeup()) => self.apply(job, Input::Tick),
+                sig = signals.recv() => self.apply(job, Input::Signal(sig)).await,
+                _ = sleep_until(job.wakeup()) => self.apply(job, Input::Tick).await,
             }
         }
     }
@@ -308,9 +309,18 @@ impl Io {
         }
     }
 
-    /// The stalled job's processes still exist here: this is where their stacks are taken.
-    fn dump_stacks(&mut self) {
-        tracing::info!(job = %self.o.job_id, "stall: stack dump of every process requested");
+    /// The stalled job's processes still exist here: this is where their stacks are taken,
+    /// as `dgl-coord stacks` takes them (py-spy on every host, bounded by its timeouts).
+    async fn dump_stacks(&mut self) {
+        let report = crate::stacks::dump(&self.hosts, &self.o.job_id, false).await;
+        let mut text = format!(
+            "the stack of every process of the stalled job:\n{}",
+            report.render_text()
+        );
+        for e in &report.errors {
+            text.push_str(&format!("\nno stacks from {e}"));
+        }
+        self.out.note(text.trim_end());
     }
 
     /// The running job: events, signals and stops until the state machine says it is over.
@@ -319,11 +329,11 @@ impl Io {
         while !job.is_finished() {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(m) => self.apply(job, Input::Msg(m)),
+                    Some(m) => self.apply(job, Input::Msg(m)).await,
                     None => break,
                 },
-                sig = signals.recv() => self.apply(job, Input::Signal(sig)),
-                _ = sleep_until(job.wakeup()) => self.apply(job, Input::Tick),
+                sig = signals.recv() => self.apply(job, Input::Signal(sig)).await,
+                _ = sleep_until(job.wakeup()) => self.apply(job, Input::Tick).await,
                 _ = sleep_until(job.drain_deadline()) => break,
                 _ = flush.tick() => self.out.flush(),
             }
@@ -365,7 +375,7 @@ impl Io {
                 },
                 Err(error) => Input::SpawnFailed { host, error },
             };
-            self.apply(job, input);
+            self.apply(job, input).await;
         }
     }
 
