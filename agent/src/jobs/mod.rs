@@ -343,7 +343,27 @@ impl Jobs {
         // Open sessions have a bound of their own and take none of the launches' jobs.
         let launches = map.len().saturating_sub(self.sessions.used());
         if launches >= MAX_JOBS && !map.contains_key(&req.job_id) {
-            return Err(JobError::TooManyJobs(MAX_JOBS));
+            // A finished job stays a minute for its watchers (its record and logs stay on
+            // disk): a new job takes the place of the one that finished first, and only jobs
+            // still running make the agent refuse.
+            let oldest = map
+                .iter()
+                .filter_map(|(id, j)| {
+                    // What the lease monitor would forget after its minute: every process
+                    // exited, a watcher saw every exit, no stop still looking for leftovers.
+                    let st = j.state();
+                    let done = st.finished_at?;
+                    (st.exits_seen && !(st.stopping && !st.clean)).then(|| (done, id.clone()))
+                })
+                .min()
+                .map(|(_, id)| id);
+            match oldest.and_then(|id| map.remove(&id)) {
+                Some(old) => {
+                    tracing::debug!(job = %old.id, "finished job forgotten for a new one");
+                    old.forget();
+                }
+                None => return Err(JobError::TooManyJobs(MAX_JOBS)),
+            }
         }
         // A restart replaces the job it follows once nothing of that one is left; its
         // watchers' streams end with it.

@@ -930,3 +930,44 @@ async fn output_is_kept_in_files_with_a_record_rotated_at_its_cap() {
     let texts: Vec<&str> = rest.iter().map(|l| l.2.as_str()).collect();
     assert_eq!(texts, ["499", "500"]);
 }
+
+/// Jobs running at once are bounded; jobs that finished make room for new ones instead of
+/// refusing them for the minute they stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_make_room_and_only_running_ones_count_against_the_bound() {
+    let (d, jobs) = jobs(Duration::from_secs(30));
+    let req = |i: usize, script: &str| {
+        let ws = format!("ws{i}");
+        std::fs::create_dir_all(d.path().join(&ws)).unwrap();
+        pb::SpawnRequest {
+            workspace: ws,
+            ..spawn_req(&format!("j{i}"), vec![shell("t0", script)])
+        }
+    };
+    for i in 0..crate::limits::MAX_JOBS {
+        jobs.spawn_pb(req(i, "true")).await.unwrap();
+        collect_until_exited(&jobs, &format!("j{i}"), 1).await;
+    }
+    // Every slot holds a finished job: each new job takes the place of the oldest.
+    for i in 0..crate::limits::MAX_JOBS {
+        let n = crate::limits::MAX_JOBS + i;
+        jobs.spawn_pb(req(n, "sleep 30"))
+            .await
+            .unwrap_or_else(|e| panic!("job {n} refused while finished jobs took the slots: {e}"));
+    }
+    let refused = jobs
+        .spawn_pb(req(3 * crate::limits::MAX_JOBS, "sleep 30"))
+        .await
+        .expect_err("every slot runs a job");
+    assert!(refused.message().contains("jobs, its limit"), "{refused}");
+    for i in 0..crate::limits::MAX_JOBS {
+        let _ = jobs
+            .stop_pb(pb::StopRequest {
+                job_id: format!("j{}", crate::limits::MAX_JOBS + i),
+                grace_ms: 100,
+                force: true,
+                requester: "test".into(),
+            })
+            .await;
+    }
+}
