@@ -353,7 +353,7 @@ impl Jobs {
                     // exited, a watcher saw every exit, no stop still looking for leftovers.
                     let st = j.state();
                     let done = st.finished_at?;
-                    (st.exits_seen && !(st.stopping && !st.clean)).then(|| (done, id.clone()))
+                    (st.exits_seen && (st.clean || !st.stopping)).then(|| (done, id.clone()))
                 })
                 .min()
                 .map(|(_, id)| id);
