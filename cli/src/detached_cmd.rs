@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dglrun_coordinator::config::IpConfig;
-use dglrun_coordinator::{attach, detached, ops};
+use dglrun_coordinator::{attach, detached};
 
 use crate::access::AccessArgs;
 
@@ -118,27 +118,14 @@ pub(crate) async fn wait(args: WaitArgs) -> anyhow::Result<u8> {
 
 /// `kill --job JOB`: every host stops its part; the supervising agent records the stop.
 pub(crate) async fn stop(args: StopArgs) -> anyhow::Result<u8> {
-    anyhow::ensure!(
-        args.grace.is_finite() && args.grace >= 0.0,
-        "--grace must be a number of seconds, not {}",
-        args.grace
-    );
-    let ips = IpConfig::load(&args.ip_config)?;
-    let report = ops::kill(
-        &ips,
-        &args.access.access()?,
+    crate::ops_cmd::stop_jobs(
+        "stop",
+        &args.ip_config,
+        &args.access,
         Some(&args.job),
-        Duration::from_secs_f64(args.grace),
+        args.grace,
         args.force,
+        args.json,
     )
-    .await;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.render());
-    }
-    for e in &report.errors {
-        eprintln!("dgl-coord stop: {e}");
-    }
-    Ok(if report.ok() { 0 } else { 1 })
+    .await
 }

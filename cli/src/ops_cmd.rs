@@ -67,27 +67,49 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<u8> {
 
 /// Exit 0 when every host was reached and every job asked for is stopped or over, 1 otherwise.
 pub(crate) async fn kill(args: KillArgs) -> anyhow::Result<u8> {
+    stop_jobs(
+        "kill",
+        &args.ip_config,
+        &args.access,
+        args.job.as_deref(),
+        args.grace,
+        args.force,
+        args.json,
+    )
+    .await
+}
+
+/// Stops `job` (every job when None) on every machine of `ip_config` and reports per host;
+/// `kill` and `stop` both. Exit 0 when every agent answered.
+pub(crate) async fn stop_jobs(
+    command: &str,
+    ip_config: &std::path::Path,
+    access: &AccessArgs,
+    job: Option<&str>,
+    grace: f64,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<u8> {
     anyhow::ensure!(
-        args.grace.is_finite() && args.grace >= 0.0,
-        "--grace must be a number of seconds, not {}",
-        args.grace
+        grace.is_finite() && grace >= 0.0,
+        "--grace must be a number of seconds, not {grace}"
     );
-    let ips = IpConfig::load(&args.ip_config)?;
+    let ips = IpConfig::load(ip_config)?;
     let report = ops::kill(
         &ips,
-        &args.access.access()?,
-        args.job.as_deref(),
-        Duration::from_secs_f64(args.grace),
-        args.force,
+        &access.access()?,
+        job,
+        Duration::from_secs_f64(grace),
+        force,
     )
     .await;
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.render());
     }
     for e in &report.errors {
-        eprintln!("dgl-coord kill: {e}");
+        eprintln!("dgl-coord {command}: {e}");
     }
     Ok(if report.ok() { 0 } else { 1 })
 }

@@ -12,10 +12,6 @@ use crate::config::IpConfig;
 use crate::launch::summary;
 use crate::ops;
 
-/// The exit code of a job whose trainers were stopped from outside, as `launch` gives it
-/// when another command stopped the job (SIGTERM's 128 + 15).
-const STOPPED_EXIT: u8 = 143;
-
 /// How long `JobRecords` may take on an agent that did answer Hello.
 const RECORDS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -202,7 +198,9 @@ pub fn merge(hosts: Vec<(usize, String, Vec<pb::JobRecord>)>) -> Vec<JobSummary>
                 JobState::Running => None,
                 // An end nobody saw is no success.
                 JobState::Interrupted => Some(worst.max(1)),
-                JobState::Finished if worst == 0 && cut_short => Some(STOPPED_EXIT),
+                JobState::Finished if worst == 0 && cut_short => {
+                    Some(crate::launch::driver::STOPPED_BY_OTHER_EXIT)
+                }
                 JobState::Finished => Some(worst),
             };
             let command = all()
