@@ -22,8 +22,8 @@ use dglrun_integration_tests::{fake_dgl, TestCluster, WS};
 use serde_json::Value;
 
 const MACHINES: usize = 2;
-// Each cluster below has DGL server ports of its own (30151, ...): the other tests' servers
-// listen on 30050 at the same time, and a socket table shows a port on every address.
+// Each cluster below has DGL server ports of its own (30151, ...), apart from the 30050 that
+// the other tests' servers use at the same time.
 
 /// Every trainer and server record: (role, id, DGLRUN_RESTART_COUNT, TORCHELASTIC_RESTART_COUNT).
 fn attempts_seen(c: &TestCluster) -> Vec<(String, String, String, String)> {
