@@ -114,12 +114,8 @@ pub async fn run(
             config.tls.clone(),
             config.insecure_plaintext,
         )
-        .map_err(|e| format!("cannot set up access to the other agents: {e}")),
-        None => Err(
-            "this agent has no token (it admits certified TLS peers only): it reaches \
-                     the other agents with its token, so detached jobs need agents sharing one"
-                .to_string(),
-        ),
+        .map_err(crate::supervise::NoPeerAccess::Setup),
+        None => Err(crate::supervise::NoPeerAccess::NoToken),
     };
     let supervisor = crate::supervise::Supervisor::start(root.state_dir(), access);
     let service = AgentService::new(root.clone(), files, jobs.clone()).with_supervisor(supervisor);

@@ -206,7 +206,7 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::SuperviseReply>, Status> {
         let req = req.into_inner();
         JobId::parse(req.job_id.clone())?;
-        let s = Supervision::parse(req).map_err(Status::invalid_argument)?;
+        let s = Supervision::parse(req).map_err(crate::status::supervise)?;
         Ok(Response::new(self.supervisor.supervise(s).await?))
     }
 

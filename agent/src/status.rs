@@ -6,11 +6,23 @@ use std::io;
 
 use tonic::Status;
 
+use dglrun_coordinator::launch::supervised::SuperviseError;
+
 use crate::blocking::BlockingError;
 use crate::confine::ConfineError;
 use crate::files::FilesError;
 use crate::jobs::preflight::PreflightError;
 use crate::workspace::Held;
+
+/// A detached job refused: the request's fault, or the other agents out of reach. (A function,
+/// not `From`: both types are foreign to this crate.)
+pub(crate) fn supervise(e: SuperviseError) -> Status {
+    if e.is_bad_request() {
+        Status::invalid_argument(e.to_string())
+    } else {
+        Status::failed_precondition(e.to_string())
+    }
+}
 
 /// Another job or copy holds the workspace: the caller may try again once it is done.
 impl From<Held> for Status {

@@ -56,9 +56,23 @@ struct Entry {
     n: u64,
 }
 
+/// Why this agent cannot reach the other agents of its cluster, so it supervises nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum NoPeerAccess {
+    #[error(
+        "this agent has no token (it admits certified TLS peers only): it reaches the other \
+         agents with its token, so detached jobs need agents sharing one"
+    )]
+    NoToken,
+    #[error("cannot set up access to the other agents: {0}")]
+    Setup(#[source] dglrun_coordinator::cluster::AccessError),
+    #[error("this agent was not set up to supervise jobs")]
+    Disabled,
+}
+
 pub struct Supervisor {
     /// How this agent reaches the others; the reason it cannot when it has no token.
-    access: Result<AgentAccess, String>,
+    access: Result<AgentAccess, NoPeerAccess>,
     entries: Mutex<BTreeMap<String, Entry>>,
     next: Mutex<u64>,
     dir: PathBuf,
@@ -89,13 +103,10 @@ fn bounded(mut text: String) -> String {
 impl Supervisor {
     /// One that supervises nothing and keeps no file.
     pub fn disabled() -> Arc<Self> {
-        Self::new(
-            PathBuf::new(),
-            Err("this agent was not set up to supervise jobs".to_string()),
-        )
+        Self::new(PathBuf::new(), Err(NoPeerAccess::Disabled))
     }
 
-    fn new(dir: PathBuf, access: Result<AgentAccess, String>) -> Arc<Self> {
+    fn new(dir: PathBuf, access: Result<AgentAccess, NoPeerAccess>) -> Arc<Self> {
         Arc::new(Self {
             access,
             entries: Mutex::new(BTreeMap::new()),
@@ -108,7 +119,7 @@ impl Supervisor {
 
     /// Reads what the previous run left in `state_dir`; a job it was still supervising is
     /// recorded as lost.
-    pub fn start(state_dir: PathBuf, access: Result<AgentAccess, String>) -> Arc<Self> {
+    pub fn start(state_dir: PathBuf, access: Result<AgentAccess, NoPeerAccess>) -> Arc<Self> {
         let s = Self::new(state_dir, access);
         let records = match std::fs::read(s.dir.join(FILE_NAME)) {
             Ok(b) => serde_json::from_slice::<Vec<Record>>(&b).unwrap_or_else(|e| {
@@ -249,14 +260,17 @@ impl Supervisor {
     /// Supervise: checks, reaches every agent, starts the driver; answers once every process
     /// started or starting failed. The driver runs on whatever becomes of this call.
     pub async fn supervise(self: &Arc<Self>, s: Supervision) -> Result<pb::SuperviseReply, Status> {
-        let access = self.access.clone().map_err(Status::failed_precondition)?;
+        let access = match &self.access {
+            Ok(a) => a.clone(),
+            Err(e) => return Err(Status::failed_precondition(e.to_string())),
+        };
         let job_id = s.job_id.clone();
         self.reserve(&job_id)?;
         let hosts = match supervised::connect(&s, &access).await {
             Ok(h) => h,
             Err(e) => {
                 self.entries.lock().remove(&job_id);
-                return Err(Status::failed_precondition(e));
+                return Err(crate::status::supervise(e));
             }
         };
         self.save().await;
@@ -370,7 +384,7 @@ mod tests {
     #[test]
     fn a_job_running_when_the_agent_stopped_is_recorded_as_lost() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Supervisor::start(dir.path().to_path_buf(), Err("no".into()));
+        let s = Supervisor::start(dir.path().to_path_buf(), Err(NoPeerAccess::NoToken));
         s.insert("j1", 1, None);
         s.insert(
             "j2",
@@ -383,7 +397,7 @@ mod tests {
             }),
         );
         s.save_now();
-        let again = Supervisor::start(dir.path().to_path_buf(), Err("no".into()));
+        let again = Supervisor::start(dir.path().to_path_buf(), Err(NoPeerAccess::NoToken));
         let recs = again.snapshot();
         assert_eq!(recs.len(), 2);
         let j1 = recs[0].outcome.as_ref().unwrap();

@@ -203,7 +203,7 @@ pub(crate) fn main(args: Vec<OsString>) -> u8 {
     match done {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("dgl-coord rcp: {e}");
+            eprintln!("dgl-coord rcp: {e:#}");
             FAILED
         }
     }

@@ -20,6 +20,7 @@ pub use dglrun_proto::error_chain;
 
 use crate::config::IpConfig;
 
+pub mod call;
 mod transport;
 
 pub use transport::{ConnectFailure, Peer};

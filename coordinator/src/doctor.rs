@@ -17,6 +17,7 @@ use std::time::Duration;
 use dglrun_proto::pb;
 use serde::Serialize;
 
+use crate::cluster::call::CallError;
 use crate::cluster::{self, AgentAccess, Host};
 use crate::config::{IpConfig, PartConfig};
 use crate::launch::host_env::{address_on, AddressOn};
@@ -187,7 +188,7 @@ async fn check_host(
         // Connected, then silent (its link cut, the agent stopped): every other call would
         // wait as long, the partition check's without bound.
         Err(e) => {
-            r.agent = Check::bad(Status::Fail, "no answer", e);
+            r.agent = Check::bad(Status::Fail, "no answer", e.to_string());
             return r;
         }
     }
@@ -237,7 +238,7 @@ async fn host_facts(
     workspace: &str,
     ip: IpAddr,
     ports: &[u16],
-) -> Result<pb::PreflightReply, String> {
+) -> Result<pb::PreflightReply, CallError> {
     let mut client = host.client.clone();
     cheap::bounded(client.preflight(pb::PreflightRequest {
         workspace: workspace.to_string(),

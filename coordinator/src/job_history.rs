@@ -83,29 +83,34 @@ pub struct JobsReport {
     pub unreachable: Vec<Unreachable>,
 }
 
+/// Why one host gave no job records.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordsError {
+    #[error(transparent)]
+    Connect(#[from] crate::cluster::ConnectError),
+    #[error("no job records within {} s", RECORDS_TIMEOUT.as_secs())]
+    Silent,
+    #[error("the agent keeps no job records (an agent from before host-side logs: upgrade it)")]
+    Unsupported,
+    #[error("cannot read the job records: {}", .0.message())]
+    Refused(Box<tonic::Status>),
+}
+
 /// One host's records, or why it could not give them.
 pub(crate) async fn records(
     machine: usize,
     ip: std::net::IpAddr,
     access: &AgentAccess,
     job: &str,
-) -> Result<(Host, Vec<pb::JobRecord>), String> {
-    let mut host = ops::connect(machine, ip, access)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(Host, Vec<pb::JobRecord>), RecordsError> {
+    let mut host = ops::connect(machine, ip, access).await?;
     let call = host.client.job_records(pb::JobRecordsRequest {
         job_id: job.to_string(),
     });
     match tokio::time::timeout(RECORDS_TIMEOUT, call).await {
-        Err(_) => Err(format!(
-            "no job records within {} s",
-            RECORDS_TIMEOUT.as_secs()
-        )),
-        Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => Err(
-            "the agent keeps no job records (an agent from before host-side logs: upgrade it)"
-                .to_string(),
-        ),
-        Ok(Err(s)) => Err(format!("cannot read the job records: {}", s.message())),
+        Err(_) => Err(RecordsError::Silent),
+        Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => Err(RecordsError::Unsupported),
+        Ok(Err(s)) => Err(RecordsError::Refused(Box::new(s))),
         Ok(Ok(r)) => Ok((host, r.into_inner().jobs)),
     }
 }
@@ -129,7 +134,7 @@ pub async fn jobs(ips: &IpConfig, access: &AgentAccess) -> JobsReport {
             Err(error) => unreachable.push(Unreachable {
                 machine,
                 address,
-                error,
+                error: error.to_string(),
             }),
         }
     }

@@ -164,10 +164,10 @@ async fn read_host(
             Ok(Read::Done) => return,
             Ok(Read::Broken(e)) => e,
             Err(e) if broken_since.is_none() => {
-                let _ = tx.send(failed(e)).await;
+                let _ = tx.send(failed(e.to_string())).await;
                 return;
             }
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         let resumable = opts.follow && opts.tail == 0;
         let since = *broken_since.get_or_insert_with(Instant::now);
@@ -179,6 +179,15 @@ async fn read_host(
     }
 }
 
+/// Why a host could not be asked for its logs at all.
+#[derive(Debug, thiserror::Error)]
+enum AskError {
+    #[error(transparent)]
+    Records(#[from] job_history::RecordsError),
+    #[error("{}", .0.message())]
+    Refused(Box<tonic::Status>),
+}
+
 /// One ReadLogs call, resumed after what `delivered` counts. Err: the host could not be
 /// asked at all.
 async fn read_once(
@@ -188,7 +197,7 @@ async fn read_once(
     opts: &LogsOptions,
     tx: &mpsc::Sender<HostMsg>,
     delivered: &mut std::collections::BTreeMap<(String, i32), u64>,
-) -> Result<Read, String> {
+) -> Result<Read, AskError> {
     let address = format!("{ip}:{}", access.port);
     let mut host = match job_history::records(machine, ip, access, &opts.job).await {
         Ok((_, r)) if r.is_empty() => {
@@ -196,7 +205,7 @@ async fn read_once(
             return Ok(Read::Done);
         }
         Ok((host, _)) => host,
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     let req = pb::ReadLogsRequest {
         job_id: opts.job.clone(),
@@ -219,7 +228,7 @@ async fn read_once(
             let _ = tx.send(HostMsg::Unknown).await;
             return Ok(Read::Done);
         }
-        Err(s) => return Err(s.message().to_string()),
+        Err(s) => return Err(AskError::Refused(Box::new(s))),
     };
     loop {
         match stream.message().await {

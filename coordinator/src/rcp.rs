@@ -10,9 +10,12 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::{anyhow, bail, Context, Result};
+
 use crate::cluster::{self, AgentAccess};
 use crate::copy::plan::{self, Content, CopyPlan, MachinePlan, Placement, Source};
 use crate::copy::{hashing, scripts, send, Progress, ProgressMode, SendOptions};
+use crate::launch::command::quote;
 use crate::rsh::{resolve, run_quietly};
 
 /// One upload.
@@ -25,24 +28,19 @@ pub struct Upload {
     pub recursive: bool,
 }
 
-/// The shell word for `s` on the host.
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-fn file_name(p: &Path) -> Result<String, String> {
+fn file_name(p: &Path) -> Result<String> {
     let name = p
         .canonicalize()
         .ok()
         .and_then(|c| c.file_name().map(|n| n.to_os_string()))
         .or_else(|| p.file_name().map(|n| n.to_os_string()))
-        .ok_or_else(|| format!("{}: no file name", p.display()))?;
+        .with_context(|| format!("{}: no file name", p.display()))?;
     name.into_string()
-        .map_err(|n| format!("{}: not valid UTF-8", Path::new(&n).display()))
+        .map_err(|n| anyhow!("{}: not valid UTF-8", Path::new(&n).display()))
 }
 
 /// The files to send and where each lands on the host, below `dest_dir` or as `dest`.
-fn placements(u: &Upload, dest_is_dir: bool) -> Result<(Vec<Source>, Vec<Placement>), String> {
+fn placements(u: &Upload, dest_is_dir: bool) -> Result<(Vec<Source>, Vec<Placement>)> {
     use std::os::unix::fs::PermissionsExt;
     let dest = if u.dest.is_empty() {
         "."
@@ -52,7 +50,7 @@ fn placements(u: &Upload, dest_is_dir: bool) -> Result<(Vec<Source>, Vec<Placeme
     let mut sources = Vec::new();
     let mut placed = Vec::new();
     for src in &u.sources {
-        let meta = std::fs::metadata(src).map_err(|e| format!("{}: {e}", src.display()))?;
+        let meta = std::fs::metadata(src).with_context(|| src.display().to_string())?;
         let target = if dest_is_dir {
             plan::remote_join(&[dest, &file_name(src)?])
         } else {
@@ -60,9 +58,9 @@ fn placements(u: &Upload, dest_is_dir: bool) -> Result<(Vec<Source>, Vec<Placeme
         };
         if meta.is_dir() {
             if !u.recursive {
-                return Err(format!("{}: not a regular file (use -r)", src.display()));
+                bail!("{}: not a regular file (use -r)", src.display());
             }
-            let folder = scripts::scan(src).map_err(|e| e.to_string())?;
+            let folder = scripts::scan(src)?;
             for f in folder.files {
                 placed.push(Placement {
                     source: sources.len(),
@@ -85,26 +83,30 @@ fn placements(u: &Upload, dest_is_dir: bool) -> Result<(Vec<Source>, Vec<Placeme
                 content: Content::File(src.clone()),
             });
         } else {
-            return Err(format!("{}: not a regular file", src.display()));
+            bail!("{}: not a regular file", src.display());
         }
     }
     Ok((sources, placed))
 }
 
-/// Sends `u`; the error is one line for `dgl-coord rcp: ` to prefix.
-pub async fn upload(u: Upload, access: &AgentAccess) -> Result<(), String> {
-    let ip = resolve(&u.host, access.port).await?;
+/// Sends `u`; the error, shown with `{:#}`, is one line for `dgl-coord rcp: ` to prefix.
+pub async fn upload(u: Upload, access: &AgentAccess) -> Result<()> {
+    let ip = resolve(&u.host, access.port)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let mut host = cluster::connect(0, ip, access)
         .await
-        .map_err(|e| format!("{}: {e}", u.host))?;
+        .with_context(|| u.host.clone())?;
     let dest_is_dir = u.dest.is_empty()
         || u.dest.ends_with('/')
         || u.sources.len() > 1
-        || run_quietly(&mut host, &format!("test -d {}", sh_quote(&u.dest)), |_| {
-            Ok(())
-        })
+        || run_quietly(
+            &mut host,
+            &format!("test -d {}", quote(&u.dest)),
+            |_| Ok(()),
+        )
         .await
-        .map_err(|e| format!("{}: {e}", u.host))?
+        .map_err(|e| anyhow!("{}: {e}", u.host))?
             == 0;
     let (sources, files) = placements(&u, dest_is_dir)?;
     if files.is_empty() {
@@ -122,8 +124,7 @@ pub async fn upload(u: Upload, access: &AgentAccess) -> Result<(), String> {
         hashing::default_cache_path(),
         progress.clone(),
     )
-    .await
-    .map_err(|e| format!("{e:#}"))?;
+    .await?;
     let reports = send::send(
         &plan,
         &digests,
@@ -134,7 +135,7 @@ pub async fn upload(u: Upload, access: &AgentAccess) -> Result<(), String> {
         None,
     )
     .await
-    .map_err(|e| format!("{}: {e:#}", u.host))?;
+    .with_context(|| u.host.clone())?;
     let mut problems = Vec::new();
     for r in &reports {
         problems.extend(r.errors.iter().cloned());
@@ -147,7 +148,7 @@ pub async fn upload(u: Upload, access: &AgentAccess) -> Result<(), String> {
     if reports.iter().all(|r| r.ok()) {
         Ok(())
     } else {
-        Err(format!("{}: {}", u.host, problems.join("; ")))
+        bail!("{}: {}", u.host, problems.join("; "))
     }
 }
 
@@ -157,12 +158,14 @@ pub async fn download(
     src: &str,
     local: &Path,
     access: &AgentAccess,
-) -> Result<(), String> {
+) -> Result<()> {
     use std::io::Write;
-    let ip = resolve(host_name, access.port).await?;
+    let ip = resolve(host_name, access.port)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let mut host = cluster::connect(0, ip, access)
         .await
-        .map_err(|e| format!("{host_name}: {e}"))?;
+        .with_context(|| host_name.to_string())?;
     let target = if local.is_dir() {
         let name = src.rsplit('/').find(|s| !s.is_empty()).unwrap_or(src);
         local.join(name)
@@ -176,16 +179,16 @@ pub async fn download(
             .map(|n| n.to_string_lossy())
             .unwrap_or_default()
     ));
-    let mut file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let command = format!("test -f {q} && exec cat {q}", q = sh_quote(src));
+    let mut file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
+    let command = format!("test -f {q} && exec cat {q}", q = quote(src));
     let code = run_quietly(&mut host, &command, |b| file.write_all(b)).await;
     let done = match code {
         Ok(0) => file
             .sync_all()
             .and_then(|_| std::fs::rename(&tmp, &target))
-            .map_err(|e| format!("{}: {e}", target.display())),
-        Ok(_) => Err(format!("{host_name}:{src}: no such regular file")),
-        Err(e) => Err(format!("{host_name}: {e}")),
+            .with_context(|| target.display().to_string()),
+        Ok(_) => Err(anyhow!("{host_name}:{src}: no such regular file")),
+        Err(e) => Err(anyhow!("{host_name}: {e}")),
     };
     if done.is_err() {
         let _ = std::fs::remove_file(&tmp);

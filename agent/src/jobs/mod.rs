@@ -758,16 +758,7 @@ fn command_text(spec: &ProcessSpec) -> String {
         spec::Command::Shell(s) => s.clone(),
         spec::Command::Argv(a) => a
             .iter()
-            .map(|w| {
-                let plain = !w.is_empty()
-                    && w.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
-                if plain {
-                    w.clone()
-                } else {
-                    format!("'{}'", w.replace('\'', "'\\''"))
-                }
-            })
+            .map(|w| dglrun_coordinator::launch::command::quote(w))
             .collect::<Vec<_>>()
             .join(" "),
     }

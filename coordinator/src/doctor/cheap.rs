@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dglrun_proto::pb;
 
 use super::{gib, Check, Status};
+use crate::cluster::call::{self, CallError};
 use crate::cluster::Host;
 use crate::config::part_config::NamedFile;
 use crate::config::PartConfig;
@@ -28,17 +29,13 @@ fn now_ms() -> i64 {
 /// `call`'s reply, or why there is none (its error, or no answer within [`CALL_TIMEOUT`]).
 pub async fn bounded<T>(
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(s)) => Err(s.message().to_string()),
-        Err(_) => Err(format!("no answer within {} s", CALL_TIMEOUT.as_secs())),
-    }
+) -> Result<T, CallError> {
+    call::bounded(CALL_TIMEOUT, call).await
 }
 
 /// A Hello, timed: the agent's reply and its clock's offset from this host's (None: an agent
 /// that does not report its clock), compared with the middle of the round trip.
-pub async fn timed_hello(host: &Host) -> Result<(pb::HelloReply, Option<i64>), String> {
+pub async fn timed_hello(host: &Host) -> Result<(pb::HelloReply, Option<i64>), CallError> {
     let mut client = host.client.clone();
     let t0 = now_ms();
     let h = bounded(client.hello(pb::HelloRequest {

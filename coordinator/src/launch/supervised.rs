@@ -32,6 +32,53 @@ pub const MAX_RESTARTS: u32 = 10_000;
 /// How long the supervising agent waits for each other agent's Hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why machine 0's agent refuses a `Supervise` request. Every variant but `Unreachable` is a
+/// request that breaks a bound or does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error("a supervised job has 1 to {MAX_HOSTS} machines, not {0}")]
+    Machines(usize),
+    #[error("grace_ms {0} is over {secs} s", secs = MAX_GRACE.as_secs())]
+    Grace(u32),
+    #[error("wait_servers_ms {0} is over {secs} s", secs = MAX_WAIT_SERVERS.as_secs())]
+    WaitServers(u32),
+    #[error("max_restarts {0} is over {MAX_RESTARTS}")]
+    MaxRestarts(u32),
+    #[error("restart_on code {0} is over 255")]
+    RestartOn(u32),
+    #[error("machines must come in order: machine {machine} at position {rank}")]
+    Order { machine: u32, rank: usize },
+    #[error("machine {rank}: agent address {address:?} is not IP:PORT")]
+    Address { rank: usize, address: String },
+    #[error("machine {rank}: {count} processes, at most {MAX_PROCESSES_PER_HOST}")]
+    Processes { rank: usize, count: usize },
+    #[error("machine {rank}: server port {port} out of range")]
+    ServerPort { rank: usize, port: u32 },
+    #[error("machine {machine} {label}: role {role:?} is none of server, trainer, trainer-group")]
+    Role {
+        machine: usize,
+        label: String,
+        role: String,
+    },
+    #[error("machine {machine} {label}: no command")]
+    NoCommand { machine: usize, label: String },
+    /// Each unreachable agent, as `cluster::connect` or the timeout says it.
+    #[error(
+        "machine 0's agent cannot reach every other agent, so it cannot supervise a detached \
+         job (the agents of one cluster must share a token and reach each other on the agent \
+         port): {list}",
+        list = .0.join("; ")
+    )]
+    Unreachable(Vec<String>),
+}
+
+impl SuperviseError {
+    /// Whether the request itself is at fault (as against the cluster around it).
+    pub fn is_bad_request(&self) -> bool {
+        !matches!(self, Self::Unreachable(_))
+    }
+}
+
 fn millis(d: Duration) -> u32 {
     d.as_millis().min(u32::MAX as u128) as u32
 }
@@ -114,28 +161,17 @@ fn role(name: &str) -> Option<Role> {
 impl Supervision {
     /// Checks the request's shape and bounds; the processes themselves are checked by the
     /// agent of their host when they are spawned.
-    pub fn parse(r: pb::SuperviseRequest) -> Result<Self, String> {
+    pub fn parse(r: pb::SuperviseRequest) -> Result<Self, SuperviseError> {
         if r.hosts.is_empty() || r.hosts.len() > MAX_HOSTS {
-            return Err(format!(
-                "a supervised job has 1 to {MAX_HOSTS} machines, not {}",
-                r.hosts.len()
-            ));
+            return Err(SuperviseError::Machines(r.hosts.len()));
         }
         let grace = Duration::from_millis(u64::from(r.grace_ms));
         if grace > MAX_GRACE {
-            return Err(format!(
-                "grace_ms {} is over {} s",
-                r.grace_ms,
-                MAX_GRACE.as_secs()
-            ));
+            return Err(SuperviseError::Grace(r.grace_ms));
         }
         let wait = Duration::from_millis(u64::from(r.wait_servers_ms));
         if wait > MAX_WAIT_SERVERS {
-            return Err(format!(
-                "wait_servers_ms {} is over {} s",
-                r.wait_servers_ms,
-                MAX_WAIT_SERVERS.as_secs()
-            ));
+            return Err(SuperviseError::WaitServers(r.wait_servers_ms));
         }
         let policy = policy(&r)?;
         let mut agents = Vec::with_capacity(r.hosts.len());
@@ -143,23 +179,21 @@ impl Supervision {
         let mut ports = Vec::with_capacity(r.hosts.len());
         for (rank, h) in r.hosts.into_iter().enumerate() {
             if h.machine as usize != rank {
-                return Err(format!(
-                    "machines must come in order: machine {} at position {rank}",
-                    h.machine
-                ));
+                return Err(SuperviseError::Order {
+                    machine: h.machine,
+                    rank,
+                });
             }
-            let addr: SocketAddr = h.address.parse().map_err(|_| {
-                format!(
-                    "machine {rank}: agent address {:?} is not IP:PORT",
-                    h.address
-                )
+            let addr: SocketAddr = h.address.parse().map_err(|_| SuperviseError::Address {
+                rank,
+                address: h.address.clone(),
             })?;
             agents.push(addr);
             if h.processes.len() > MAX_PROCESSES_PER_HOST {
-                return Err(format!(
-                    "machine {rank}: {} processes, at most {MAX_PROCESSES_PER_HOST}",
-                    h.processes.len()
-                ));
+                return Err(SuperviseError::Processes {
+                    rank,
+                    count: h.processes.len(),
+                });
             }
             for p in h.processes {
                 plan.push(planned(rank, p)?);
@@ -171,9 +205,9 @@ impl Supervision {
                     u16::try_from(p)
                         .ok()
                         .filter(|&p| p != 0)
-                        .ok_or_else(|| format!("machine {rank}: server port {p} out of range"))
+                        .ok_or(SuperviseError::ServerPort { rank, port: p })
                 })
-                .collect::<Result<Vec<u16>, String>>()?;
+                .collect::<Result<Vec<u16>, _>>()?;
             ports.push(machine_ports);
         }
         let servers = (!wait.is_zero()).then_some(ServerPorts {
@@ -194,18 +228,15 @@ impl Supervision {
 }
 
 /// Restart and watchdog settings as the attached driver takes them.
-fn policy(r: &pb::SuperviseRequest) -> Result<JobPolicy, String> {
+fn policy(r: &pb::SuperviseRequest) -> Result<JobPolicy, SuperviseError> {
     if r.max_restarts > MAX_RESTARTS {
-        return Err(format!(
-            "max_restarts {} is over {MAX_RESTARTS}",
-            r.max_restarts
-        ));
+        return Err(SuperviseError::MaxRestarts(r.max_restarts));
     }
     let restart_on = r
         .restart_on
         .iter()
-        .map(|&c| u8::try_from(c).map_err(|_| format!("restart_on code {c} is over 255")))
-        .collect::<Result<Vec<u8>, String>>()?;
+        .map(|&c| u8::try_from(c).map_err(|_| SuperviseError::RestartOn(c)))
+        .collect::<Result<Vec<u8>, _>>()?;
     let ms = |v: u32| (v > 0).then(|| Duration::from_millis(u64::from(v)));
     Ok(JobPolicy {
         restart: RestartPolicy {
@@ -220,17 +251,23 @@ fn policy(r: &pb::SuperviseRequest) -> Result<JobPolicy, String> {
     })
 }
 
-fn planned(machine: usize, p: pb::ProcessSpec) -> Result<PlannedProcess, String> {
-    let role = role(&p.role).ok_or_else(|| {
-        format!(
-            "machine {machine} {}: role {:?} is none of server, trainer, trainer-group",
-            p.label, p.role
-        )
-    })?;
+fn planned(machine: usize, p: pb::ProcessSpec) -> Result<PlannedProcess, SuperviseError> {
+    let Some(role) = role(&p.role) else {
+        return Err(SuperviseError::Role {
+            machine,
+            label: p.label,
+            role: p.role,
+        });
+    };
     let command = match p.command {
         Some(pb::process_spec::Command::Argv(a)) => CommandLine::Argv(a.args),
         Some(pb::process_spec::Command::Shell(s)) => CommandLine::Shell(s),
-        None => return Err(format!("machine {machine} {}: no command", p.label)),
+        None => {
+            return Err(SuperviseError::NoCommand {
+                machine,
+                label: p.label,
+            })
+        }
     };
     Ok(PlannedProcess {
         machine,
@@ -244,7 +281,7 @@ fn planned(machine: usize, p: pb::ProcessSpec) -> Result<PlannedProcess, String>
 
 /// The supervising agent's side: reaches every machine's agent (itself included). A host
 /// it cannot reach refuses the detached launch before anything started.
-pub async fn connect(s: &Supervision, access: &AgentAccess) -> Result<Vec<Host>, String> {
+pub async fn connect(s: &Supervision, access: &AgentAccess) -> Result<Vec<Host>, SuperviseError> {
     let attempts = s.agents.iter().enumerate().map(|(rank, addr)| async move {
         let access = access.with_port(addr.port());
         match tokio::time::timeout(CONNECT_TIMEOUT, cluster::connect(rank, addr.ip(), &access))
@@ -266,12 +303,7 @@ pub async fn connect(s: &Supervision, access: &AgentAccess) -> Result<Vec<Host>,
         }
     }
     if !errors.is_empty() {
-        return Err(format!(
-            "machine 0's agent cannot reach every other agent, so it cannot supervise a \
-             detached job (the agents of one cluster must share a token and reach each other \
-             on the agent port): {}",
-            errors.join("; ")
-        ));
+        return Err(SuperviseError::Unreachable(errors));
     }
     Ok(hosts)
 }
@@ -428,7 +460,7 @@ mod tests {
             ),
         ];
         for (r, want) in cases {
-            let e = Supervision::parse(r).unwrap_err();
+            let e = Supervision::parse(r).unwrap_err().to_string();
             assert!(e.contains(want), "{e} (wanted {want})");
         }
     }
