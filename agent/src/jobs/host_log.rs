@@ -29,7 +29,8 @@ use parking_lot::Mutex;
 use rustix::fs::OFlags;
 
 use super::history::{now_ms, History, JobRecord, ProcessRecord, JOBS_DIR, RECORD_NAME};
-use super::output::Piece;
+use super::lines::Piece;
+use super::retention::{self, Retention};
 use super::spec::JobId;
 use crate::confine::{Dir, Root};
 
@@ -47,18 +48,15 @@ const MAX_RECORD_BYTES: u64 = 16 << 20;
 pub struct HostLogConfig {
     /// A stream's file is rotated past this size.
     pub max_file_bytes: u64,
-    /// Finished jobs are deleted, oldest first, while all jobs' files take more.
-    pub max_total_bytes: u64,
-    /// Finished jobs older than this are deleted.
-    pub max_age: Duration,
+    /// When finished jobs' files are deleted.
+    pub retention: Retention,
 }
 
 impl Default for HostLogConfig {
     fn default() -> Self {
         Self {
             max_file_bytes: 256 << 20,
-            max_total_bytes: 4 << 30,
-            max_age: Duration::from_secs(14 * 24 * 3600),
+            retention: Retention::default(),
         }
     }
 }
@@ -262,7 +260,7 @@ struct Writer {
     next_retention: Instant,
 }
 
-pub(super) fn name(s: &str) -> &OsStr {
+fn name(s: &str) -> &OsStr {
     OsStr::new(s)
 }
 
@@ -628,7 +626,7 @@ impl Writer {
                 return;
             }
         };
-        for job in super::retention::enforce(&dir, &self.history, &self.config) {
+        for job in retention::enforce(&dir, &self.history, &self.config.retention) {
             self.jobs.remove(job.as_str());
         }
     }

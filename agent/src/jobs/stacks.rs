@@ -25,9 +25,10 @@ use tokio::sync::Semaphore;
 use tonic::Status;
 
 use super::error::JobError;
+use super::proc_stat::ProcEntry;
 use super::reaper::{Exit, Reaper};
 use super::spec::{InvalidRequest, JobId};
-use super::tree::{self, ProcEntry};
+use super::tree;
 use super::Jobs;
 use crate::blocking::{self, BlockingError};
 
