@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use dglrun_proto::token::{default_token_path, read_or_create, Token, TOKEN_ENV};
 
 use crate::jobs::host_log::HostLogConfig;
+use crate::jobs::retention::Retention;
 use crate::jobs::JobsConfig;
 use crate::server::AgentConfig;
 
@@ -252,8 +253,10 @@ impl Effective {
         })?;
         Ok(HostLogConfig {
             max_file_bytes: size("log-max-file-size", &self.log_max_file_size)?,
-            max_total_bytes: size("log-max-total-size", &self.log_max_total_size)?,
-            max_age: age,
+            retention: Retention {
+                max_total_bytes: size("log-max-total-size", &self.log_max_total_size)?,
+                max_age: age,
+            },
         })
     }
 

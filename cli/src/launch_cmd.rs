@@ -372,6 +372,25 @@ fn omp_threads(v: &str) -> Result<OmpThreads, String> {
     }
 }
 
+/// `--trainers-per-host`: the counts it gives, and whether they come from each host's GPUs
+/// (`gpus`).
+fn trainers_per_host(value: Option<&str>) -> anyhow::Result<(Option<Vec<u32>>, bool)> {
+    match value {
+        Some("gpus") => Ok((None, true)),
+        Some(v) => Ok((Some(parse_host_counts(v)?), false)),
+        None => Ok((None, false)),
+    }
+}
+
+/// `--num_omp_threads`: the count it gives, and whether each host's own is meant (`host`).
+fn omp_threads_of(value: Option<OmpThreads>) -> (Option<u32>, bool) {
+    match value {
+        Some(OmpThreads::Count(n)) => (Some(n), false),
+        Some(OmpThreads::Host) => (None, true),
+        None => (None, false),
+    }
+}
+
 /// `2,2,1`, or `@FILE` with the counts separated by commas, spaces or lines.
 pub(crate) fn parse_host_counts(value: &str) -> anyhow::Result<Vec<u32>> {
     let (text, origin) = match value.strip_prefix('@') {
@@ -412,7 +431,20 @@ impl JobArgs {
         ip_config: String,
         started: Instant,
     ) -> anyhow::Result<(LaunchOptions, RunOptions)> {
-        if let Some(msg) = dglrun_coordinator::config::workspace::unexpanded_tilde(&workspace) {
+        self.check_flags(&workspace)?;
+        let udf_command = self.user_command()?;
+        let lease = seconds("lease-timeout", self.lease_timeout)?;
+        if lease < Duration::from_millis(500) {
+            return Err(UsageError("--lease-timeout must be at least 0.5 seconds".into()).into());
+        }
+        let options = self.launch_options(workspace, part_config, ip_config, udf_command)?;
+        let run = self.run_options(lease, started)?;
+        Ok((options, run))
+    }
+
+    /// Refuses what dgl-coord cannot do as asked; notes the ssh flags it ignores.
+    fn check_flags(&self, workspace: &str) -> anyhow::Result<()> {
+        if let Some(msg) = dglrun_coordinator::config::workspace::unexpanded_tilde(workspace) {
             return Err(UsageError(msg).into());
         }
         if self.keep_alive {
@@ -426,52 +458,60 @@ impl JobArgs {
                 "note: --ssh_port/--ssh_username are ignored: dgl-coord talks to dgl-agent, not ssh",
             );
         }
+        Ok(())
+    }
+
+    /// The one quoted user command, its Python replaced by `--python`'s.
+    fn user_command(&self) -> anyhow::Result<String> {
         let udf_command = match self.command.as_slice() {
             [c] => c.clone(),
             // argv::preprocess_args explains these; reached only when it was bypassed.
             _ => anyhow::bail!("give the user command as one quoted argument"),
         };
-        let udf_command = match &self.python {
+        match &self.python {
             Some(p) => launch::command::replace_python(&udf_command, p)
-                .map_err(|e| anyhow::anyhow!("--python {p}: {e}"))?,
-            None => udf_command,
-        };
-        let lease = seconds("lease-timeout", self.lease_timeout)?;
-        if lease < Duration::from_millis(500) {
-            return Err(UsageError("--lease-timeout must be at least 0.5 seconds".into()).into());
+                .map_err(|e| anyhow::anyhow!("--python {p}: {e}")),
+            None => Ok(udf_command),
         }
-        let options = LaunchOptions {
+    }
+
+    fn launch_options(
+        &self,
+        workspace: String,
+        part_config: String,
+        ip_config: String,
+        udf_command: String,
+    ) -> anyhow::Result<LaunchOptions> {
+        let (trainers_per_host, trainers_from_gpus) =
+            trainers_per_host(self.trainers_per_host.as_deref())?;
+        let (num_omp_threads, omp_per_host) = omp_threads_of(self.num_omp_threads);
+        Ok(LaunchOptions {
             workspace,
             num_trainers: self.num_trainers.unwrap_or(0),
-            trainers_per_host: self
-                .trainers_per_host
-                .as_deref()
-                .filter(|v| *v != "gpus")
-                .map(parse_host_counts)
-                .transpose()?,
+            trainers_per_host,
             gpus_per_trainer: self.gpus_per_trainer,
-            trainers_from_gpus: self.trainers_per_host.as_deref() == Some("gpus"),
-            setup: self.setup,
-            python: self.python,
+            trainers_from_gpus,
+            setup: self.setup.clone(),
+            python: self.python.clone(),
             num_samplers: self.num_samplers,
             num_servers: self.num_servers,
             part_config,
             ip_config,
             num_server_threads: self.num_server_threads,
-            num_omp_threads: match self.num_omp_threads {
-                Some(OmpThreads::Count(n)) => Some(n),
-                _ => None,
-            },
-            omp_per_host: self.num_omp_threads == Some(OmpThreads::Host),
-            graph_format: self.graph_format,
+            num_omp_threads,
+            omp_per_host,
+            graph_format: self.graph_format.clone(),
             extra_envs: parse_extra_envs(&self.extra_envs)?,
             udf_command,
             trainer_mode: match self.trainer_mode {
                 Mode::Torchrun => TrainerMode::Torchrun,
                 Mode::Direct => TrainerMode::Direct,
             },
-        };
-        let run = RunOptions {
+        })
+    }
+
+    fn run_options(self, lease: Duration, started: Instant) -> anyhow::Result<RunOptions> {
+        Ok(RunOptions {
             access: self.access.access()?,
             grace: seconds("grace", self.grace)?,
             lease,
@@ -495,8 +535,7 @@ impl JobArgs {
                     start_timeout: self.start_timeout.filter(|d| !d.is_zero()),
                 },
             },
-        };
-        Ok((options, run))
+        })
     }
 }
 
@@ -523,6 +562,27 @@ pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_host_flags_give_counts_or_each_hosts_own() {
+        let cases = [
+            (None, (None, false)),
+            (Some("gpus"), (None, true)),
+            (Some("2,1"), (Some(vec![2, 1]), false)),
+        ];
+        for (value, want) in cases {
+            assert_eq!(trainers_per_host(value).unwrap(), want, "{value:?}");
+        }
+        assert!(trainers_per_host(Some("gpu")).is_err());
+        let cases = [
+            (None, (None, false)),
+            (Some(OmpThreads::Count(4)), (Some(4), false)),
+            (Some(OmpThreads::Host), (None, true)),
+        ];
+        for (value, want) in cases {
+            assert_eq!(omp_threads_of(value), want, "{value:?}");
+        }
+    }
 
     #[test]
     fn host_counts_from_a_list_or_a_file() {

@@ -164,9 +164,12 @@ fn process_status(p: &pb::ProcessRecord) -> String {
     }
 }
 
+/// One host's record of a job: its machine, its address, the record.
+type Part = (usize, String, pb::JobRecord);
+
 /// Merges each host's records by job id, newest job first.
 pub fn merge(hosts: Vec<(usize, String, Vec<pb::JobRecord>)>) -> Vec<JobSummary> {
-    let mut by_id: BTreeMap<String, Vec<(usize, String, pb::JobRecord)>> = BTreeMap::new();
+    let mut by_id: BTreeMap<String, Vec<Part>> = BTreeMap::new();
     for (machine, address, records) in hosts {
         for r in records {
             by_id
@@ -177,90 +180,7 @@ pub fn merge(hosts: Vec<(usize, String, Vec<pb::JobRecord>)>) -> Vec<JobSummary>
     }
     let mut jobs: Vec<JobSummary> = by_id
         .into_iter()
-        .map(|(job_id, mut parts)| {
-            parts.sort_by_key(|p| p.0);
-            let running = parts.iter().any(|(_, _, r)| r.ended_unix_ms == 0);
-            let interrupted = parts
-                .iter()
-                .any(|(_, _, r)| r.interrupted || r.processes.iter().any(|p| p.lost));
-            let all = || parts.iter().flat_map(|(_, _, r)| r.processes.iter());
-            let worst = all()
-                .filter(|p| !p.running && !p.lost)
-                .map(exited)
-                .filter(summary::is_failure)
-                .map(|e| summary::exit_code(&e))
-                .max()
-                .unwrap_or(0);
-            let state = match (running, interrupted) {
-                (true, _) => JobState::Running,
-                (false, true) => JobState::Interrupted,
-                (false, false) => JobState::Finished,
-            };
-            // A trainer stopped before it ended (Ctrl-C, `kill`, a lease that ran out): the
-            // job did not succeed, whoever stopped it. Servers are stopped on success too.
-            let cut_short = all().any(|p| p.stopped_by_agent && p.label.starts_with("trainer"));
-            let exit_code = match state {
-                JobState::Running => None,
-                // An end nobody saw is no success.
-                JobState::Interrupted => Some(worst.max(1)),
-                JobState::Finished if worst == 0 && cut_short => {
-                    Some(crate::launch::driver::STOPPED_BY_OTHER_EXIT)
-                }
-                JobState::Finished => Some(worst),
-            };
-            let command = all()
-                .find(|p| p.label.starts_with("trainer"))
-                .or_else(|| all().next())
-                .map(|p| p.command.clone())
-                .unwrap_or_default();
-            JobSummary {
-                started_unix_ms: parts
-                    .iter()
-                    .map(|(_, _, r)| r.started_unix_ms)
-                    .min()
-                    .unwrap_or(0),
-                ended_unix_ms: (!running).then(|| {
-                    parts
-                        .iter()
-                        .map(|(_, _, r)| r.ended_unix_ms)
-                        .max()
-                        .unwrap_or(0)
-                }),
-                exit_code,
-                command,
-                workspace: parts
-                    .first()
-                    .map(|(_, _, r)| r.workspace.clone())
-                    .unwrap_or_default(),
-                stopped_by: parts
-                    .iter()
-                    .map(|(_, _, r)| r.stopped_by.clone())
-                    .find(|s| !s.is_empty()),
-                hosts: parts
-                    .into_iter()
-                    .map(|(machine, address, r)| HostPart {
-                        machine,
-                        address,
-                        processes: r
-                            .processes
-                            .iter()
-                            .map(|p| ProcessPart {
-                                label: p.label.clone(),
-                                pid: p.pid,
-                                command: p.command.clone(),
-                                status: process_status(p),
-                                started_unix_ms: p.started_unix_ms,
-                                ended_unix_ms: (!p.running).then_some(p.ended_unix_ms),
-                            })
-                            .collect(),
-                        lost_lines: r.lost_lines,
-                        log_error: (!r.log_error.is_empty()).then_some(r.log_error),
-                    })
-                    .collect(),
-                state,
-                job_id,
-            }
-        })
+        .map(|(job_id, parts)| summarize(job_id, parts))
         .collect();
     jobs.sort_by(|a, b| {
         b.started_unix_ms
@@ -268,6 +188,102 @@ pub fn merge(hosts: Vec<(usize, String, Vec<pb::JobRecord>)>) -> Vec<JobSummary>
             .then_with(|| a.job_id.cmp(&b.job_id))
     });
     jobs
+}
+
+/// One job from every host's part of it.
+fn summarize(job_id: String, mut parts: Vec<Part>) -> JobSummary {
+    parts.sort_by_key(|p| p.0);
+    let running = parts.iter().any(|(_, _, r)| r.ended_unix_ms == 0);
+    let interrupted = parts
+        .iter()
+        .any(|(_, _, r)| r.interrupted || r.processes.iter().any(|p| p.lost));
+    let all = || parts.iter().flat_map(|(_, _, r)| r.processes.iter());
+    let worst = all()
+        .filter(|p| !p.running && !p.lost)
+        .map(exited)
+        .filter(summary::is_failure)
+        .map(|e| summary::exit_code(&e))
+        .max()
+        .unwrap_or(0);
+    let state = job_state(running, interrupted);
+    // A trainer stopped before it ended (Ctrl-C, `kill`, a lease that ran out): the job did
+    // not succeed, whoever stopped it. Servers are stopped on success too.
+    let cut_short = all().any(|p| p.stopped_by_agent && p.label.starts_with("trainer"));
+    let command = all()
+        .find(|p| p.label.starts_with("trainer"))
+        .or_else(|| all().next())
+        .map(|p| p.command.clone())
+        .unwrap_or_default();
+    JobSummary {
+        started_unix_ms: parts
+            .iter()
+            .map(|(_, _, r)| r.started_unix_ms)
+            .min()
+            .unwrap_or(0),
+        ended_unix_ms: (!running).then(|| {
+            parts
+                .iter()
+                .map(|(_, _, r)| r.ended_unix_ms)
+                .max()
+                .unwrap_or(0)
+        }),
+        exit_code: job_exit_code(state, worst, cut_short),
+        command,
+        workspace: parts
+            .first()
+            .map(|(_, _, r)| r.workspace.clone())
+            .unwrap_or_default(),
+        stopped_by: parts
+            .iter()
+            .map(|(_, _, r)| r.stopped_by.clone())
+            .find(|s| !s.is_empty()),
+        hosts: parts.into_iter().map(host_part).collect(),
+        state,
+        job_id,
+    }
+}
+
+fn job_state(running: bool, interrupted: bool) -> JobState {
+    match (running, interrupted) {
+        (true, _) => JobState::Running,
+        (false, true) => JobState::Interrupted,
+        (false, false) => JobState::Finished,
+    }
+}
+
+/// The job's code as srun gives it, from the worst code of a process that failed on its own
+/// and whether a trainer was stopped before it ended; None while it runs.
+fn job_exit_code(state: JobState, worst: u8, cut_short: bool) -> Option<u8> {
+    match state {
+        JobState::Running => None,
+        // An end nobody saw is no success.
+        JobState::Interrupted => Some(worst.max(1)),
+        JobState::Finished if worst == 0 && cut_short => {
+            Some(crate::launch::driver::STOPPED_BY_OTHER_EXIT)
+        }
+        JobState::Finished => Some(worst),
+    }
+}
+
+fn host_part((machine, address, r): Part) -> HostPart {
+    HostPart {
+        machine,
+        address,
+        processes: r.processes.iter().map(process_part).collect(),
+        lost_lines: r.lost_lines,
+        log_error: (!r.log_error.is_empty()).then_some(r.log_error),
+    }
+}
+
+fn process_part(p: &pb::ProcessRecord) -> ProcessPart {
+    ProcessPart {
+        label: p.label.clone(),
+        pid: p.pid,
+        command: p.command.clone(),
+        status: process_status(p),
+        started_unix_ms: p.started_unix_ms,
+        ended_unix_ms: (!p.running).then_some(p.ended_unix_ms),
+    }
 }
 
 /// UTC time of a Unix time in milliseconds, `2026-12-01 11:36:12`.
@@ -372,6 +388,32 @@ mod tests {
             ended_unix_ms: ended,
             processes: p,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_job_state_and_code_come_from_its_ends() {
+        use JobState::{Finished, Interrupted, Running};
+        let stopped = crate::launch::driver::STOPPED_BY_OTHER_EXIT;
+        // (running, interrupted, worst, cut_short) -> (state, code)
+        let cases = [
+            ((true, false, 0, false), (Running, None)),
+            ((true, true, 3, true), (Running, None)),
+            ((false, true, 0, false), (Interrupted, Some(1))),
+            ((false, true, 7, false), (Interrupted, Some(7))),
+            ((false, false, 0, false), (Finished, Some(0))),
+            ((false, false, 0, true), (Finished, Some(stopped))),
+            // A process's own failure outranks a stop.
+            ((false, false, 2, true), (Finished, Some(2))),
+            ((false, false, 137, false), (Finished, Some(137))),
+        ];
+        for ((running, interrupted, worst, cut_short), want) in cases {
+            let state = job_state(running, interrupted);
+            assert_eq!(
+                (state, job_exit_code(state, worst, cut_short)),
+                want,
+                "{running} {interrupted} {worst} {cut_short}"
+            );
         }
     }
 

@@ -32,7 +32,32 @@ pub async fn run(
     timeout: Duration,
 ) -> anyhow::Result<ProbeOutput> {
     let job_id = format!("dglrun-probe-m{}-{:08x}", host.rank, rand::random::<u32>());
-    let mut client = host.client.clone();
+    spawn(host, &job_id, workspace, script, timeout)
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: cannot start a probe: {}", host.name(), s.message()))?;
+    let result = tokio::time::timeout(timeout, follow(host, &job_id)).await;
+    // Stopped in every case: a job holds its workspace until stopped, even once its process
+    // has exited, and a launch may follow into the same workspace.
+    stop(host, job_id).await;
+    match result {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(s)) => anyhow::bail!("{}: probe failed: {}", host.name(), s.message()),
+        Err(_) => anyhow::bail!(
+            "{}: probe did not finish within {} s",
+            host.name(),
+            timeout.as_secs()
+        ),
+    }
+}
+
+/// Starts the probe as a job of its own, its lease outliving the timeout.
+async fn spawn(
+    host: &Host,
+    job_id: &str,
+    workspace: &str,
+    script: &str,
+    timeout: Duration,
+) -> Result<(), tonic::Status> {
     let spec = pb::ProcessSpec {
         label: "probe".into(),
         role: "probe".into(),
@@ -40,52 +65,42 @@ pub async fn run(
         env: Default::default(),
         cwd: String::new(),
     };
-    client
+    host.client
+        .clone()
         .spawn(pb::SpawnRequest {
-            job_id: job_id.clone(),
+            job_id: job_id.to_string(),
             workspace: workspace.to_string(),
             processes: vec![spec],
             lease_ms: (timeout + Duration::from_secs(5)).as_millis() as u32,
             restart: false,
         })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: cannot start a probe: {}", host.name(), s.message()))?;
-    let follow = async {
-        let mut stream = client
-            .watch(pb::WatchRequest {
-                job_id: job_id.clone(),
-                after_seq: 0,
-            })
-            .await?
-            .into_inner();
-        let mut out = ProbeOutput::default();
-        while let Some(ev) = stream.message().await? {
-            match ev.event {
-                Some(Event::Line(l)) => {
-                    let text = String::from_utf8_lossy(&l.text).to_string();
-                    let to = if l.stream == pb::OutputStream::Stderr as i32 {
-                        &mut out.stderr
-                    } else {
-                        &mut out.stdout
-                    };
-                    if to.len() < MAX_LINES {
-                        to.push(text);
-                    }
-                }
-                Some(Event::Exited(e)) => {
-                    out.code = e.code;
-                    return Ok(out);
-                }
-                _ => {}
-            }
+        .await?;
+    Ok(())
+}
+
+/// The probe's output, watched until it exits.
+async fn follow(host: &Host, job_id: &str) -> Result<ProbeOutput, tonic::Status> {
+    let mut stream = host
+        .client
+        .clone()
+        .watch(pb::WatchRequest {
+            job_id: job_id.to_string(),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let mut out = ProbeOutput::default();
+    while let Some(ev) = stream.message().await? {
+        if out.add(ev.event) {
+            return Ok(out);
         }
-        Err(tonic::Status::aborted(
-            "the probe's events ended before it exited",
-        ))
-    };
-    let result = tokio::time::timeout(timeout, follow).await;
-    // Stopped in every case: a job holds its workspace until stopped, even once its process
-    // has exited, and a launch may follow into the same workspace.
+    }
+    Err(tonic::Status::aborted(
+        "the probe's events ended before it exited",
+    ))
+}
+
+async fn stop(host: &Host, job_id: String) {
     let _ = host
         .client
         .clone()
@@ -96,13 +111,81 @@ pub async fn run(
             requester: crate::ops::requester("dgl-coord probe"),
         })
         .await;
-    match result {
-        Ok(Ok(out)) => Ok(out),
-        Ok(Err(s)) => anyhow::bail!("{}: probe failed: {}", host.name(), s.message()),
-        Err(_) => anyhow::bail!(
-            "{}: probe did not finish within {} s",
-            host.name(),
-            timeout.as_secs()
-        ),
+}
+
+impl ProbeOutput {
+    /// Takes in one of the probe's events: a line (up to [`MAX_LINES`] a stream), or its exit;
+    /// true once it exited.
+    fn add(&mut self, event: Option<Event>) -> bool {
+        match event {
+            Some(Event::Line(l)) => {
+                let to = if l.stream == pb::OutputStream::Stderr as i32 {
+                    &mut self.stderr
+                } else {
+                    &mut self.stdout
+                };
+                if to.len() < MAX_LINES {
+                    to.push(String::from_utf8_lossy(&l.text).to_string());
+                }
+                false
+            }
+            Some(Event::Exited(e)) => {
+                self.code = e.code;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(stream: pb::OutputStream, text: &str) -> Option<Event> {
+        Some(Event::Line(pb::OutputLine {
+            stream: stream as i32,
+            text: text.as_bytes().to_vec(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn a_probe_keeps_its_lines_by_stream_until_it_exits() {
+        use pb::OutputStream::{Stderr, Stdout};
+        let exit = Some(Event::Exited(pb::ProcessExited {
+            code: 3,
+            ..Default::default()
+        }));
+        // (event, whether it ends the probe)
+        let cases = [
+            (line(Stdout, "a"), false),
+            (line(Stderr, "oops"), false),
+            (None, false),
+            (line(Stdout, "b"), false),
+            (exit, true),
+        ];
+        let mut out = ProbeOutput::default();
+        for (event, ends) in cases {
+            assert_eq!(out.add(event.clone()), ends, "{event:?}");
+        }
+        assert_eq!(
+            (out.stdout, out.stderr, out.code),
+            (
+                vec!["a".to_string(), "b".into()],
+                vec!["oops".to_string()],
+                3
+            )
+        );
+    }
+
+    #[test]
+    fn a_stream_keeps_at_most_its_bound_of_lines() {
+        let mut out = ProbeOutput::default();
+        for i in 0..MAX_LINES + 5 {
+            assert!(!out.add(line(pb::OutputStream::Stdout, &i.to_string())));
+        }
+        assert_eq!(out.stdout.len(), MAX_LINES);
+        assert_eq!(out.stdout.last().map(String::as_str), Some("999"));
     }
 }

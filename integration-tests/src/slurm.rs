@@ -23,10 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::netns::SLURM_BLOCK;
 use crate::{alive, fixtures_dir};
-
-/// The third octet of the cluster's block, 198.18.255.0/24: `netns` never draws it.
-pub const BLOCK: u8 = 255;
 
 /// What the packages provide and the script calls.
 const TOOLS: &[&str] = &[
@@ -119,7 +117,7 @@ impl SlurmCluster {
             .args(["up", &nodes.to_string()])
             .env("RS_NO_INSTALL", "1")
             .env("RS_PREFIX", &prefix)
-            .env("RS_SUBNET", BLOCK.to_string())
+            .env("RS_SUBNET", SLURM_BLOCK.to_string())
             .env_remove("SLURM_CONF")
             .stdin(Stdio::null())
             .output()
@@ -168,7 +166,7 @@ impl SlurmCluster {
     }
 
     pub fn node_ip(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(198, 18, BLOCK, 11 + i as u8)
+        Ipv4Addr::new(198, 18, SLURM_BLOCK, 11 + i as u8)
     }
 
     fn node_ns(&self, i: usize) -> String {

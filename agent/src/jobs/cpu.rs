@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::tree::{self, ScanError};
+use super::proc_stat;
+use super::tree::ScanError;
 
 /// One process's place in the tree and the CPU time it and its reaped children used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,7 +19,7 @@ pub struct CpuEntry {
 
 /// Parses `/proc/<pid>/stat` for the tree and the times (fields 4, 14 to 17 and 22).
 pub fn parse(text: &str) -> Option<CpuEntry> {
-    let base = tree::parse_stat(text)?;
+    let base = proc_stat::parse_stat(text)?;
     let close = text.rfind(')')?;
     // After the comm: state (3), ppid (4), ..., utime is field 14, the 12th after the comm.
     let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();

@@ -29,7 +29,8 @@ use parking_lot::Mutex;
 use rustix::fs::OFlags;
 
 use super::history::{now_ms, History, JobRecord, ProcessRecord, JOBS_DIR, RECORD_NAME};
-use super::output::Piece;
+use super::lines::Piece;
+use super::retention::{self, Retention};
 use super::spec::JobId;
 use crate::confine::{Dir, Root};
 
@@ -47,20 +48,26 @@ const MAX_RECORD_BYTES: u64 = 16 << 20;
 pub struct HostLogConfig {
     /// A stream's file is rotated past this size.
     pub max_file_bytes: u64,
-    /// Finished jobs are deleted, oldest first, while all jobs' files take more.
-    pub max_total_bytes: u64,
-    /// Finished jobs older than this are deleted.
-    pub max_age: Duration,
+    /// When finished jobs' files are deleted.
+    pub retention: Retention,
 }
 
 impl Default for HostLogConfig {
     fn default() -> Self {
         Self {
             max_file_bytes: 256 << 20,
-            max_total_bytes: 4 << 30,
-            max_age: Duration::from_secs(14 * 24 * 3600),
+            retention: Retention::default(),
         }
     }
+}
+
+/// How and when a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ended {
+    code: i32,
+    signal: i32,
+    stopped_by_agent: bool,
+    at: u64,
 }
 
 enum Msg {
@@ -80,10 +87,7 @@ enum Msg {
     Exited {
         job: Arc<str>,
         index: u32,
-        code: i32,
-        signal: i32,
-        stopped_by_agent: bool,
-        at: u64,
+        end: Ended,
     },
     Stopped {
         job: Arc<str>,
@@ -224,10 +228,12 @@ impl JobLog {
         self.logs.control(Msg::Exited {
             job: self.job.clone(),
             index,
-            code,
-            signal,
-            stopped_by_agent,
-            at: now_ms(),
+            end: Ended {
+                code,
+                signal,
+                stopped_by_agent,
+                at: now_ms(),
+            },
         });
     }
 
@@ -262,25 +268,18 @@ struct Writer {
     next_retention: Instant,
 }
 
-pub(super) fn name(s: &str) -> &OsStr {
+fn name(s: &str) -> &OsStr {
     OsStr::new(s)
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Msg>, overflow: Arc<Mutex<VecDeque<Msg>>>) {
-        let drain = |w: &mut Self| loop {
-            let next = overflow.lock().pop_front();
-            match next {
-                Some(m) => w.handle(m, &overflow),
-                None => break,
-            }
-        };
         let mut last_tick = Instant::now();
         loop {
             let msg = match rx.try_recv() {
                 Ok(m) => Some(m),
                 Err(TryRecvError::Empty) => {
-                    drain(&mut self);
+                    self.drain_overflow(&overflow);
                     match rx.recv_timeout(TICK) {
                         Ok(m) => Some(m),
                         Err(RecvTimeoutError::Timeout) => None,
@@ -300,7 +299,7 @@ impl Writer {
                 }
             }
         }
-        drain(&mut self);
+        self.drain_overflow(&overflow);
         self.count_dropped();
     }
 
@@ -309,40 +308,9 @@ impl Writer {
             Msg::Started {
                 job,
                 workspace,
-                mut process,
+                process,
                 dropped,
-            } => {
-                let now = now_ms();
-                let exists = self
-                    .history
-                    .update(&job, |r| {
-                        r.ended_unix_ms = None;
-                        process.stem = r.stem_for(process.index, &process.label);
-                        r.processes.push(process.clone());
-                    })
-                    .is_some();
-                if !exists {
-                    let mut r = JobRecord {
-                        job_id: job.to_string(),
-                        workspace,
-                        started_unix_ms: now,
-                        ..JobRecord::default()
-                    };
-                    process.stem = r.stem_for(process.index, &process.label);
-                    r.processes.push(process);
-                    self.history.insert(r);
-                }
-                self.jobs
-                    .entry(job.clone())
-                    .or_insert_with(|| JobFiles {
-                        dir: None,
-                        files: HashMap::new(),
-                        dropped: Arc::default(),
-                        error_logged: false,
-                    })
-                    .dropped = dropped;
-                self.save(&job);
-            }
+            } => self.started(&job, workspace, process, dropped),
             Msg::Lines {
                 job,
                 index,
@@ -352,47 +320,11 @@ impl Writer {
             } => {
                 if self.stem(&job, index).is_none() {
                     // Its start is still queued behind the channel.
-                    loop {
-                        let next = overflow.lock().pop_front();
-                        match next {
-                            Some(m) => self.handle(m, overflow),
-                            None => break,
-                        }
-                    }
+                    self.drain_overflow(overflow);
                 }
                 self.write(&job, index, stderr, &bytes, lines);
             }
-            Msg::Exited {
-                job,
-                index,
-                code,
-                signal,
-                stopped_by_agent,
-                at,
-            } => {
-                let ended = self.history.update(&job, |r| {
-                    if let Some(p) = r.processes.iter_mut().rev().find(|p| p.index == index) {
-                        p.ended_unix_ms = Some(at);
-                        p.code = Some(code);
-                        p.signal = signal;
-                        p.stopped_by_agent = stopped_by_agent;
-                    }
-                    let all = r.processes.iter().all(|p| p.ended_unix_ms.is_some());
-                    if all {
-                        r.ended_unix_ms = Some(at);
-                    }
-                    all
-                });
-                if let Some(files) = self.jobs.get_mut(&job) {
-                    files.files.remove(&(index, false));
-                    files.files.remove(&(index, true));
-                }
-                self.save(&job);
-                if ended == Some(true) {
-                    // A finished job may make the oldest one go.
-                    self.next_retention = Instant::now();
-                }
-            }
+            Msg::Exited { job, index, end } => self.exited(&job, index, &end),
             Msg::Stopped { job, by } => {
                 self.history.update(&job, |r| {
                     r.stopped_by.get_or_insert(by);
@@ -403,6 +335,63 @@ impl Writer {
                 self.count_dropped();
                 let _ = done.send(());
             }
+        }
+    }
+
+    /// Handles the record changes that found the channel full, in order.
+    fn drain_overflow(&mut self, overflow: &Mutex<VecDeque<Msg>>) {
+        loop {
+            let next = overflow.lock().pop_front();
+            match next {
+                Some(m) => self.handle(m, overflow),
+                None => break,
+            }
+        }
+    }
+
+    fn started(
+        &mut self,
+        job: &Arc<str>,
+        workspace: PathBuf,
+        process: ProcessRecord,
+        dropped: Arc<AtomicU64>,
+    ) {
+        let exists = self
+            .history
+            .update(job, |r| add_process(r, process.clone()))
+            .is_some();
+        if !exists {
+            let mut r = JobRecord {
+                job_id: job.to_string(),
+                workspace,
+                started_unix_ms: now_ms(),
+                ..JobRecord::default()
+            };
+            add_process(&mut r, process);
+            self.history.insert(r);
+        }
+        self.jobs
+            .entry(job.clone())
+            .or_insert_with(|| JobFiles {
+                dir: None,
+                files: HashMap::new(),
+                dropped: Arc::default(),
+                error_logged: false,
+            })
+            .dropped = dropped;
+        self.save(job);
+    }
+
+    fn exited(&mut self, job: &Arc<str>, index: u32, end: &Ended) {
+        let ended = self.history.update(job, |r| record_exit(r, index, end));
+        if let Some(files) = self.jobs.get_mut(job) {
+            files.files.remove(&(index, false));
+            files.files.remove(&(index, true));
+        }
+        self.save(job);
+        if ended == Some(true) {
+            // A finished job may make the oldest one go.
+            self.next_retention = Instant::now();
         }
     }
 
@@ -628,10 +617,33 @@ impl Writer {
                 return;
             }
         };
-        for job in super::retention::enforce(&dir, &self.history, &self.config) {
+        for job in retention::enforce(&dir, &self.history, &self.config.retention) {
             self.jobs.remove(job.as_str());
         }
     }
+}
+
+/// Adds a process that started to its job's record: the job runs again until it ends too.
+fn add_process(r: &mut JobRecord, mut process: ProcessRecord) {
+    r.ended_unix_ms = None;
+    process.stem = r.stem_for(process.index, &process.label);
+    r.processes.push(process);
+}
+
+/// Records how process `index` (its latest start) ended; true once every process of the job
+/// has ended, which ends the job at the same time.
+fn record_exit(r: &mut JobRecord, index: u32, end: &Ended) -> bool {
+    if let Some(p) = r.processes.iter_mut().rev().find(|p| p.index == index) {
+        p.ended_unix_ms = Some(end.at);
+        p.code = Some(end.code);
+        p.signal = end.signal;
+        p.stopped_by_agent = end.stopped_by_agent;
+    }
+    let all = r.processes.iter().all(|p| p.ended_unix_ms.is_some());
+    if all {
+        r.ended_unix_ms = Some(end.at);
+    }
+    all
 }
 
 /// How much of `rest` goes into a file with `room` bytes left: whole lines that fit, or (in
@@ -663,7 +675,70 @@ fn read_record(dir: &Dir) -> std::io::Result<JobRecord> {
 
 #[cfg(test)]
 mod tests {
-    use super::fitting;
+    use super::*;
+
+    fn process(index: u32, label: &str, ended: Option<u64>) -> ProcessRecord {
+        ProcessRecord {
+            index,
+            label: label.into(),
+            stem: label.into(),
+            ended_unix_ms: ended,
+            ..ProcessRecord::default()
+        }
+    }
+
+    #[test]
+    fn a_job_ends_with_its_last_process() {
+        let end = Ended {
+            code: 3,
+            signal: 0,
+            stopped_by_agent: true,
+            at: 50,
+        };
+        type Procs = &'static [(u32, Option<u64>)];
+        // (processes: index and end, the index that exits, every process over, the job's end)
+        let cases: &[(Procs, u32, bool, Option<u64>)] = &[
+            (&[(0, None), (1, None)], 0, false, None),
+            (&[(0, Some(10)), (1, None)], 1, true, Some(50)),
+            // A restarted process: its latest start is the one that ended.
+            (&[(0, Some(10)), (0, None)], 0, true, Some(50)),
+            // An index the record does not know changes nothing.
+            (&[(0, None)], 7, false, None),
+        ];
+        for (procs, index, over, job_end) in cases {
+            let mut r = JobRecord::default();
+            for (i, ended) in procs.iter() {
+                r.processes.push(process(*i, "x", *ended));
+            }
+            assert_eq!(
+                record_exit(&mut r, *index, &end),
+                *over,
+                "{procs:?} {index}"
+            );
+            assert_eq!(r.ended_unix_ms, *job_end, "{procs:?} {index}");
+            let latest = r.processes.iter().rev().find(|p| p.index == *index);
+            if let Some(p) = latest {
+                assert_eq!(
+                    (p.ended_unix_ms, p.code, p.stopped_by_agent),
+                    (Some(50), Some(3), true)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_started_process_reopens_its_job_under_a_stem_of_its_own() {
+        let mut r = JobRecord {
+            ended_unix_ms: Some(9),
+            ..JobRecord::default()
+        };
+        r.processes.push(process(0, "trainer", Some(9)));
+        add_process(&mut r, process(0, "trainer", None));
+        add_process(&mut r, process(1, "server", None));
+        assert_eq!(r.ended_unix_ms, None);
+        let stems: Vec<&str> = r.processes.iter().map(|p| p.stem.as_str()).collect();
+        assert_eq!(stems, ["trainer", "p0", "server"]);
+    }
 
     #[test]
     fn a_file_takes_whole_lines_up_to_its_cap() {

@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use super::cgroup::{Cgroups, JobCgroup};
 use super::host_log::JobLog;
+use super::lines::Piece;
 use super::log::EventLog;
-use super::output::Piece;
 use super::pidfd::PidFd;
 use super::process::{AGENT_VAR, JOB_ID_VAR};
 use super::reaper::Exit;
@@ -27,7 +27,7 @@ use super::tree::{MemberQuery, Seed};
 pub struct Proc {
     pub label: String,
     pub pid: u32,
-    /// Start time in clock ticks after boot (see `tree::ProcEntry::start`).
+    /// Start time in clock ticks after boot (see `proc_stat::ProcEntry::start`).
     pub start_ticks: Option<u64>,
     pub started: Instant,
     pub exit: Option<pb::ProcessExited>,

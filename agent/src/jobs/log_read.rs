@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::history::{History, JobRecord};
-use super::output::{LineSplitter, Piece, MAX_LINE};
+use super::lines::{LineSplitter, Piece, MAX_LINE};
 use super::slots::Slots;
 use super::spec::JobId;
 use crate::confine::{Dir, Root};

@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags};
 
-use super::tree;
+use super::proc_stat::start_time;
 
 #[derive(Debug)]
 pub struct PidFd(OwnedFd);
@@ -49,16 +49,16 @@ impl PidFd {
 }
 
 /// Sends `sig` to `pid` only if it is still the process that started at `start` (clock ticks
-/// after boot, see `tree::ProcEntry::start`). False when it is gone or is another process.
+/// after boot, see `proc_stat::ProcEntry::start`). False when it is gone or is another process.
 pub fn signal_exact(pid: i32, start: u64, sig: Signal) -> bool {
     let proc_root = Path::new("/proc");
     match PidFd::open(pid) {
         // The pidfd pins the process: if the start time still matches now, it is the one we
         // mean, and a signal through the pidfd cannot reach anything else.
-        Ok(fd) => tree::start_time(proc_root, pid) == Some(start) && fd.signal(sig).is_ok(),
+        Ok(fd) => start_time(proc_root, pid) == Some(start) && fd.signal(sig).is_ok(),
         // Kernels before 5.3: check, then signal (a reuse in between is vanishingly unlikely).
         Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-            tree::start_time(proc_root, pid) == Some(start)
+            start_time(proc_root, pid) == Some(start)
                 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok()
         }
         Err(_) => false,

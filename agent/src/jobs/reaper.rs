@@ -37,7 +37,7 @@ pub struct Spawned {
     pub child: Child,
     /// Its exit status, once reaped.
     pub exit: oneshot::Receiver<Exit>,
-    /// Its start time (see `tree::ProcEntry::start`), recorded so a later run of the agent
+    /// Its start time (see `proc_stat::ProcEntry::start`), recorded so a later run of the agent
     /// never mistakes a process that reused the pid for this one.
     pub start: Option<u64>,
     /// A pidfd for it, opened before it could be reaped; None only on kernels before 5.3.
@@ -101,7 +101,7 @@ impl Reaper {
         let child = cmd.spawn()?;
         // Read while the registry is locked: the child cannot be reaped yet, so its pid cannot
         // have been reused by another process (a zombie still has its start time).
-        let start = super::tree::start_time(std::path::Path::new("/proc"), child.id() as i32);
+        let start = super::proc_stat::start_time(std::path::Path::new("/proc"), child.id() as i32);
         let pidfd = match PidFd::open(child.id() as i32) {
             Ok(fd) => Some(fd),
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => None,

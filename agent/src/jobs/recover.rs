@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use super::pidfd::signal_exact;
+use super::proc_stat::ProcEntry;
 use super::process::{AGENT_VAR, JOB_ID_VAR};
 use super::state_file::{self, Record};
-use super::tree::{self, MemberQuery, ProcEntry};
+use super::tree::{self, MemberQuery};
 
 const PROC: &str = "/proc";
 const POLL: Duration = Duration::from_millis(20);
@@ -236,13 +237,14 @@ fn ancestors(pid: i32, all: &[ProcEntry]) -> HashSet<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::proc_stat;
     use std::io::Read;
     use std::process::{Command, Stdio};
 
     fn pid_alive(pid: i32) -> bool {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|s| tree::parse_stat(&s))
+            .and_then(|s| proc_stat::parse_stat(&s))
             .is_some_and(|p| p.is_alive())
     }
 
@@ -250,7 +252,7 @@ mod tests {
     fn a_pid_with_another_start_time_is_never_signalled() {
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id() as i32;
-        let start = tree::start_time(Path::new(PROC), pid).unwrap();
+        let start = proc_stat::start_time(Path::new(PROC), pid).unwrap();
         assert!(!signal_exact(pid, start + 1, Signal::SIGKILL));
         assert!(pid_alive(pid));
         assert!(signal_exact(pid, start, Signal::SIGKILL));

@@ -3,12 +3,32 @@
 //! size bound, or while more than [`MAX_RECORDS`] finished jobs are kept. A running job is
 //! never deleted (its size still counts). Each deletion is logged with its reason.
 
+use std::ffi::OsStr;
+use std::time::Duration;
+
 use super::history::{now_ms, History};
-use super::host_log::{name, HostLogConfig};
 use crate::confine::Dir;
 
 /// Finished jobs kept at most, whatever their size.
 pub const MAX_RECORDS: usize = 1000;
+
+/// The bounds on finished jobs' logs and records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retention {
+    /// Finished jobs are deleted, oldest first, while all jobs' files take more.
+    pub max_total_bytes: u64,
+    /// Finished jobs older than this are deleted.
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_total_bytes: 4 << 30,
+            max_age: Duration::from_secs(14 * 24 * 3600),
+        }
+    }
+}
 
 /// A job as retention sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,7 +41,7 @@ struct Kept {
 
 /// Deletes what the rules say from `jobs` (the jobs directory) and `history`; returns the ids
 /// deleted. Blocking.
-pub(super) fn enforce(jobs: &Dir, history: &History, config: &HostLogConfig) -> Vec<String> {
+pub(super) fn enforce(jobs: &Dir, history: &History, config: &Retention) -> Vec<String> {
     let kept: Vec<Kept> = history
         .all()
         .into_iter()
@@ -48,7 +68,7 @@ pub(super) fn enforce(jobs: &Dir, history: &History, config: &HostLogConfig) -> 
 }
 
 /// The jobs to delete, oldest first, each with why.
-fn choose(now_ms: u64, kept: Vec<Kept>, config: &HostLogConfig) -> Vec<(Kept, String)> {
+fn choose(now_ms: u64, kept: Vec<Kept>, config: &Retention) -> Vec<(Kept, String)> {
     let mut total: u64 = kept.iter().map(|k| k.bytes).sum();
     let mut finished: Vec<Kept> = kept.into_iter().filter(|k| k.ended_ms.is_some()).collect();
     finished.sort_by_key(|k| (k.ended_ms, k.job.clone()));
@@ -78,7 +98,7 @@ fn choose(now_ms: u64, kept: Vec<Kept>, config: &HostLogConfig) -> Vec<(Kept, St
 
 /// Bytes of the files in a job's directory.
 fn dir_bytes(jobs: &Dir, job: &str) -> u64 {
-    let Ok(d) = jobs.open_subdir(name(job)) else {
+    let Ok(d) = jobs.open_subdir(OsStr::new(job)) else {
         return 0;
     };
     let names = d.names().unwrap_or_default();
@@ -90,7 +110,7 @@ fn dir_bytes(jobs: &Dir, job: &str) -> u64 {
 }
 
 fn remove_job_dir(jobs: &Dir, job: &str) -> std::io::Result<()> {
-    match jobs.open_subdir(name(job)) {
+    match jobs.open_subdir(OsStr::new(job)) {
         Ok(d) => {
             for n in d.names()? {
                 d.unlink(&n)?;
@@ -99,13 +119,12 @@ fn remove_job_dir(jobs: &Dir, job: &str) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     }
-    jobs.remove_dir(name(job))
+    jobs.remove_dir(OsStr::new(job))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn k(job: &str, ended_ms: Option<u64>, bytes: u64) -> Kept {
         Kept {
@@ -115,7 +134,7 @@ mod tests {
         }
     }
 
-    fn chosen(now: u64, kept: Vec<Kept>, config: &HostLogConfig) -> Vec<String> {
+    fn chosen(now: u64, kept: Vec<Kept>, config: &Retention) -> Vec<String> {
         choose(now, kept, config)
             .into_iter()
             .map(|(k, _)| k.job)
@@ -124,8 +143,7 @@ mod tests {
 
     #[test]
     fn oldest_finished_jobs_go_first_and_running_ones_never() {
-        let config = HostLogConfig {
-            max_file_bytes: 1,
+        let config = Retention {
             max_total_bytes: 100,
             max_age: Duration::from_secs(10),
         };

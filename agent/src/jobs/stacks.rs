@@ -25,9 +25,10 @@ use tokio::sync::Semaphore;
 use tonic::Status;
 
 use super::error::JobError;
-use super::reaper::{Exit, Reaper};
+use super::proc_stat::ProcEntry;
+use super::reaper::{Exit, Reaper, Spawned};
 use super::spec::{InvalidRequest, JobId};
-use super::tree::{self, ProcEntry};
+use super::tree;
 use super::Jobs;
 use crate::blocking::{self, BlockingError};
 
@@ -126,7 +127,7 @@ pub struct Labelled {
 }
 
 /// What a launched process is, from the label the launch gave it.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Server,
     Trainer,
@@ -175,39 +176,57 @@ pub fn label_members(
     seeds: &[(i32, String)],
     parents: &HashMap<i32, i32>,
 ) -> Vec<Labelled> {
-    let by_pid: HashMap<i32, &Member> = members.iter().map(|m| (m.entry.pid, m)).collect();
-    let seed_index: HashMap<i32, usize> = seeds
+    let family = Family {
+        by_pid: members.iter().map(|m| (m.entry.pid, m)).collect(),
+        seeds,
+        seed_index: seeds
+            .iter()
+            .enumerate()
+            .map(|(i, (pid, _))| (*pid, i))
+            .collect(),
+        parents,
+    };
+    let mut named: Vec<Named<'_>> = members
         .iter()
-        .enumerate()
-        .map(|(i, (pid, _))| (*pid, i))
+        .filter(|m| m.python)
+        .map(|m| family.name(m))
         .collect();
-    let is_python = |pid: i32| by_pid.get(&pid).is_some_and(|m| m.python);
-    let mut named: Vec<Named<'_>> = Vec::new();
-    for m in members.iter().filter(|m| m.python) {
-        // Up to the launched process it descends from, through Python ancestors only counted.
-        let mut chain = vec![m.entry.pid];
-        let mut at = m.entry.pid;
-        let mut seed = seed_index.get(&at).copied();
-        while seed.is_none() {
-            match parents.get(&at) {
-                Some(&p) if p > 1 && !chain.contains(&p) => {
-                    chain.push(p);
-                    at = p;
-                    seed = seed_index.get(&at).copied();
-                }
-                _ => break,
-            }
-        }
+    named.sort_by_key(|n| n.key);
+    let labels = numbered_labels(&named);
+    named
+        .iter()
+        .zip(labels)
+        .map(|(n, label)| Labelled {
+            pid: n.member.entry.pid,
+            start: n.member.entry.start,
+            label,
+            role: n.role,
+            command: n.member.command.clone(),
+        })
+        .collect()
+}
+
+/// What a member's name is read from: the scan and the launched processes.
+struct Family<'a> {
+    by_pid: HashMap<i32, &'a Member>,
+    seeds: &'a [(i32, String)],
+    /// A launched process's pid to its launch order.
+    seed_index: HashMap<i32, usize>,
+    parents: &'a HashMap<i32, i32>,
+}
+
+impl<'a> Family<'a> {
+    fn name(&self, m: &'a Member) -> Named<'a> {
         let start = m.entry.start.unwrap_or(0);
+        let (seed, chain) = self.ancestry(m.entry.pid);
         let Some(si) = seed else {
-            named.push(Named {
+            return Named {
                 key: (usize::MAX, 0, start, m.entry.pid),
                 base: "orphan".into(),
                 member: m,
                 role: "orphan",
                 numbered: false,
-            });
-            continue;
+            };
         };
         // Python processes from the launched one down to m's parent, outermost first.
         let above: Vec<i32> = chain
@@ -215,44 +234,89 @@ pub fn label_members(
             .skip(1)
             .rev()
             .copied()
-            .filter(|&p| is_python(p))
+            .filter(|&p| self.by_pid.get(&p).is_some_and(|a| a.python))
             .collect();
         let depth = above.len();
-        let seed_label = seeds[si].1.clone();
-        let worker_label = |pid: i32| {
-            by_pid
-                .get(&pid)
-                .and_then(|w| w.local_rank.clone())
-                .map_or_else(|| format!("{seed_label} worker"), |r| format!("trainer{r}"))
-        };
-        let key = (si, depth, start, m.entry.pid);
-        let kind = kind(&seed_label);
+        let seed_label = &self.seeds[si].1;
+        let kind = kind(seed_label);
         // The rank process m belongs to (a trainer, a server...), for helpers and samplers.
         let owner = match (kind, depth) {
-            (Kind::Torchrun, d) if d >= 2 => worker_label(above[1]),
+            (Kind::Torchrun, d) if d >= 2 => self.worker_label(above[1], seed_label),
             _ => seed_label.clone(),
         };
-        let (base, role, numbered) = match (kind, depth, helper(&m.command)) {
-            (_, d, Some(h)) if d > 0 => (format!("{owner} {h}"), "helper", false),
-            (Kind::Server, 0, _) => (seed_label, "server", false),
-            (Kind::Trainer, 0, _) => (seed_label, "trainer", false),
-            (Kind::Torchrun, 0, _) => (seed_label, "torchrun", false),
-            (Kind::Torchrun, 1, _) => (worker_label(m.entry.pid), "trainer", false),
-            (Kind::Trainer | Kind::Torchrun, _, _) => (format!("{owner} sampler"), "sampler", true),
-            (Kind::Other, 0, _) => (seed_label, "process", false),
-            (Kind::Server | Kind::Other, _, _) => (format!("{owner} child"), "child", true),
+        let (base, role, numbered) = naming(kind, depth, helper(&m.command));
+        let base = match base {
+            Base::Launched => seed_label.clone(),
+            Base::Worker => self.worker_label(m.entry.pid, seed_label),
+            Base::Owned(word) => format!("{owner} {word}"),
         };
-        let entry = Named {
-            key,
+        Named {
+            key: (si, depth, start, m.entry.pid),
             base,
             member: m,
             role,
             numbered,
-        };
-        named.push(entry);
+        }
     }
-    named.sort_by_key(|n| n.key);
-    // Numbered by start time within each owner (ties by pid).
+
+    /// The launched process `pid` descends from (its launch order), if any, and the pids from
+    /// `pid` up to it.
+    fn ancestry(&self, pid: i32) -> (Option<usize>, Vec<i32>) {
+        let mut chain = vec![pid];
+        let mut at = pid;
+        let mut seed = self.seed_index.get(&at).copied();
+        while seed.is_none() {
+            match self.parents.get(&at) {
+                Some(&p) if p > 1 && !chain.contains(&p) => {
+                    chain.push(p);
+                    at = p;
+                    seed = self.seed_index.get(&at).copied();
+                }
+                _ => break,
+            }
+        }
+        (seed, chain)
+    }
+
+    /// A torchrun worker's name: `trainer<LOCAL_RANK>`, or `<torchrun's label> worker`.
+    fn worker_label(&self, pid: i32, seed_label: &str) -> String {
+        self.by_pid
+            .get(&pid)
+            .and_then(|w| w.local_rank.clone())
+            .map_or_else(|| format!("{seed_label} worker"), |r| format!("trainer{r}"))
+    }
+}
+
+/// Where a member's label comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Base {
+    /// The launched process's own label.
+    Launched,
+    /// A torchrun worker's name (`Family::worker_label`).
+    Worker,
+    /// `<owner> <word>`: under the rank process it belongs to.
+    Owned(&'static str),
+}
+
+/// How a Python member is named, from the kind of launched process it descends from, the
+/// Python processes between them (`depth`) and the multiprocessing helper it runs: its
+/// label's base, its role, and whether it is numbered.
+fn naming(kind: Kind, depth: usize, helper: Option<&'static str>) -> (Base, &'static str, bool) {
+    match (kind, depth, helper) {
+        (_, d, Some(h)) if d > 0 => (Base::Owned(h), "helper", false),
+        (Kind::Server, 0, _) => (Base::Launched, "server", false),
+        (Kind::Trainer, 0, _) => (Base::Launched, "trainer", false),
+        (Kind::Torchrun, 0, _) => (Base::Launched, "torchrun", false),
+        (Kind::Torchrun, 1, _) => (Base::Worker, "trainer", false),
+        (Kind::Trainer | Kind::Torchrun, _, _) => (Base::Owned("sampler"), "sampler", true),
+        (Kind::Other, 0, _) => (Base::Launched, "process", false),
+        (Kind::Server | Kind::Other, _, _) => (Base::Owned("child"), "child", true),
+    }
+}
+
+/// Each member's label: its base, with a number by start time within the base (ties by pid)
+/// when it is numbered.
+fn numbered_labels(named: &[Named<'_>]) -> Vec<String> {
     let mut numbering: Vec<(u64, i32, usize)> = named
         .iter()
         .enumerate()
@@ -267,17 +331,7 @@ pub fn label_members(
         labels[i] = format!("{}{k}", named[i].base);
         *k += 1;
     }
-    named
-        .iter()
-        .zip(labels)
-        .map(|(n, label)| Labelled {
-            pid: n.member.entry.pid,
-            start: n.member.entry.start,
-            label,
-            role: n.role,
-            command: n.member.command.clone(),
-        })
-        .collect()
+    labels
 }
 
 /// `py-spy` on `path` (the agent's PATH): the first executable file of that name.
@@ -415,28 +469,8 @@ fn yama_note() -> Option<String> {
 /// Runs `py-spy dump --pid P` for one process.
 async fn dump_one(py_spy: &Path, p: &Labelled, native: bool) -> Dump {
     let _slot = DUMPS.acquire().await.ok();
-    let mut cmd = Command::new(py_spy);
-    cmd.arg("dump").arg("--pid").arg(p.pid.to_string());
-    if native {
-        cmd.arg("--native");
-    }
-    cmd.env_remove("DGL_AGENT_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let spawned = tokio::task::spawn_blocking(move || {
-        let reaper = Reaper::get().map_err(|e| e.to_string())?;
-        reaper.spawn(&mut cmd).map_err(|e| e.to_string())
-    })
-    .await;
-    let mut spawned = match spawned {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Dump {
-                error: format!("cannot start {}: {e}", py_spy.display()),
-                ..Dump::default()
-            }
-        }
+    let mut spawned = match start_py_spy(py_spy, p.pid, native).await {
+        Ok(s) => s,
         Err(e) => {
             return Dump {
                 error: format!("cannot start {}: {e}", py_spy.display()),
@@ -469,26 +503,14 @@ async fn dump_one(py_spy: &Path, p: &Labelled, native: bool) -> Dump {
             truncated,
             error: String::new(),
         },
-        Ok((_, _, err, exit)) => {
-            let text = String::from_utf8_lossy(&err);
-            let text = text.trim();
-            let status = match exit {
-                Exit::Code(c) => format!("exit {c}"),
-                Exit::Signal(s) => format!("signal {s}"),
-            };
-            let said = if text.is_empty() {
-                "no message".to_string()
-            } else {
-                text.replace('\n', "; ")
-            };
-            Dump {
-                error: format!(
-                    "py-spy failed ({status}): {said}{}",
-                    yama_note().unwrap_or_default()
-                ),
-                ..Dump::default()
-            }
-        }
+        Ok((_, _, err, exit)) => Dump {
+            error: format!(
+                "{}{}",
+                py_spy_failure(exit, &err),
+                yama_note().unwrap_or_default()
+            ),
+            ..Dump::default()
+        },
         Err(_) => Dump {
             error: format!(
                 "py-spy did not finish within {} s; it was killed",
@@ -497,6 +519,41 @@ async fn dump_one(py_spy: &Path, p: &Labelled, native: bool) -> Dump {
             ..Dump::default()
         },
     }
+}
+
+/// Starts py-spy on `pid` through the reaper, its output on pipes.
+async fn start_py_spy(py_spy: &Path, pid: i32, native: bool) -> Result<Spawned, String> {
+    let mut cmd = Command::new(py_spy);
+    cmd.arg("dump").arg("--pid").arg(pid.to_string());
+    if native {
+        cmd.arg("--native");
+    }
+    cmd.env_remove("DGL_AGENT_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    tokio::task::spawn_blocking(move || {
+        let reaper = Reaper::get().map_err(|e| e.to_string())?;
+        reaper.spawn(&mut cmd).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// What a failed py-spy said: how it ended and its error output, on one line.
+fn py_spy_failure(exit: Exit, stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    let status = match exit {
+        Exit::Code(c) => format!("exit {c}"),
+        Exit::Signal(s) => format!("signal {s}"),
+    };
+    let said = if text.is_empty() {
+        "no message".to_string()
+    } else {
+        text.replace('\n', "; ")
+    };
+    format!("py-spy failed ({status}): {said}")
 }
 
 /// A py-spy still running when its dump ends (the timeout, or the call dropped with its
@@ -679,6 +736,69 @@ mod tests {
                 (600, "orphan".into(), "orphan"),
             ]
         );
+    }
+
+    #[test]
+    fn a_member_is_named_by_what_it_descends_from_and_how_deep() {
+        use Base::{Launched, Owned, Worker};
+        let cases = [
+            // (kind, depth, helper) -> (base, role, numbered)
+            ((Kind::Server, 0, None), (Launched, "server", false)),
+            ((Kind::Trainer, 0, None), (Launched, "trainer", false)),
+            ((Kind::Torchrun, 0, None), (Launched, "torchrun", false)),
+            ((Kind::Other, 0, None), (Launched, "process", false)),
+            ((Kind::Torchrun, 1, None), (Worker, "trainer", false)),
+            (
+                (Kind::Trainer, 1, None),
+                (Owned("sampler"), "sampler", true),
+            ),
+            (
+                (Kind::Torchrun, 2, None),
+                (Owned("sampler"), "sampler", true),
+            ),
+            ((Kind::Server, 1, None), (Owned("child"), "child", true)),
+            ((Kind::Other, 3, None), (Owned("child"), "child", true)),
+            (
+                (Kind::Trainer, 1, Some("forkserver")),
+                (Owned("forkserver"), "helper", false),
+            ),
+            (
+                (Kind::Torchrun, 2, Some("resource_tracker")),
+                (Owned("resource_tracker"), "helper", false),
+            ),
+            // A launched process is itself whatever it runs.
+            (
+                (Kind::Trainer, 0, Some("forkserver")),
+                (Launched, "trainer", false),
+            ),
+        ];
+        for ((kind, depth, helper), want) in cases {
+            assert_eq!(
+                naming(kind, depth, helper),
+                want,
+                "{kind:?} {depth} {helper:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_dump_says_how_py_spy_ended_and_what_it_said() {
+        let cases = [
+            (Exit::Code(1), "", "py-spy failed (exit 1): no message"),
+            (
+                Exit::Signal(9),
+                " \n",
+                "py-spy failed (signal 9): no message",
+            ),
+            (
+                Exit::Code(1),
+                "Error: Permission denied\nTry sudo\n",
+                "py-spy failed (exit 1): Error: Permission denied; Try sudo",
+            ),
+        ];
+        for (exit, stderr, want) in cases {
+            assert_eq!(py_spy_failure(exit, stderr.as_bytes()), want, "{stderr:?}");
+        }
     }
 
     #[test]

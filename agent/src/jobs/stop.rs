@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use super::pidfd;
-use super::tree::{self, MemberQuery, ProcEntry, ScanError, Seed};
+use super::proc_stat::ProcEntry;
+use super::tree::{self, MemberQuery, ScanError, Seed};
 
 /// How often /proc is rescanned while waiting for processes to go: first after
 /// [`FIRST_POLL`] (most processes die at once on SIGTERM), then ever less often up to [`POLL`].

@@ -89,7 +89,7 @@ async fn collect_until_exited(jobs: &Jobs, id: &str, n: usize) -> Vec<pb::JobEve
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| tree::parse_stat(&s))
+        .and_then(|s| proc_stat::parse_stat(&s))
         .is_some_and(|p| p.is_alive())
 }
 
@@ -661,7 +661,7 @@ fn an_exited_child_is_never_a_member_seed() {
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let pid = child.id();
     let pidfd = pidfd::PidFd::open(pid as i32).unwrap();
-    let start = tree::start_time(Path::new("/proc"), pid as i32);
+    let start = proc_stat::start_time(Path::new("/proc"), pid as i32);
     let index = job.add_process("t0", pid, start, Some(pidfd), Instant::now());
     let deadline = Instant::now() + Duration::from_secs(5);
     while alive(pid as i32) {
