@@ -15,16 +15,18 @@ use dglrun_integration_tests::netns::{start_or_skip, NetCluster};
 use dglrun_integration_tests::run::{run, Run};
 
 /// The cluster, or None (with the reason printed, and a failure under CI) when namespaces or
-/// mpirun are missing.
+/// Open MPI are missing.
 fn cluster(test: &str) -> Option<NetCluster> {
-    let has_mpirun = Command::new("mpirun")
+    let open_mpi = Command::new("mpirun")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_mpirun {
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Open MPI")
+        });
+    if !open_mpi {
         cannot_run(
             test,
-            "mpirun is not installed (apt-get install openmpi-bin)",
+            "Open MPI's mpirun is not installed (apt-get install openmpi-bin)",
         );
         return None;
     }
