@@ -449,6 +449,7 @@ if [[ ${E2E_LAUNCHPY:-1} == 1 ]]; then
     section "$name"
     [[ -f $DGL_TOOLS/launch.py ]] || { echo "FAIL: no launch.py in $DGL_TOOLS (set DGL_TOOLS)" >&2; exit 1; }
     coord shims --dir "$WORK/shims" --token-file "$TOKEN" --agent-port "$AGENT_PORT" >/dev/null
+    started=$SECONDS
     set +e
     (cd "$WORK/root0" && exec ip netns exec "$NS_COORD" env -u PYTHONPATH PATH="$WORK/shims:$PATH" \
         timeout --foreground -s INT -k 60 "$TIMEOUT" "$PY" -c \
@@ -460,6 +461,7 @@ if [[ ${E2E_LAUNCHPY:-1} == 1 ]]; then
         2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     set -e
+    took=$((SECONDS - started))
     if ((status == 124)); then
         problem "launch.py did not finish within ${TIMEOUT}s (E2E_TIMEOUT); stopped it with SIGINT"
     elif ((status != 0)); then
@@ -493,7 +495,7 @@ if [[ ${E2E_LAUNCHPY:-1} == 1 ]]; then
     done
     losses=$(grep -o 'E2E_LOSS rank=' "$log" | wc -l || true)
     ((${#PROBLEMS[@]} == 0)) || echo "(log of this launch: $log)"
-    verdict "$name" "$HOSTS trainers, $losses loss lines, launch.py exited 0, nothing left running"
+    verdict "$name" "$HOSTS trainers, $losses loss lines, launch.py exited 0 after ${took}s, nothing left running"
 fi
 
 # The control: the same job with dglrun's interface variables emptied (gloo then falls back to
