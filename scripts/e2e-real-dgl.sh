@@ -24,7 +24,10 @@
 # fail or hang; E2E_CONTROL_TIMEOUT seconds, default 120),
 # E2E_BIN_DIR (test the dgl-agent and dgl-coord in this directory; implies --no-build),
 # E2E_LAUNCH_FLAGS (words added to each launch's flags, e.g. "--max-restarts 1"),
-# E2E_TRAIN_FLAGS (words added to train_dist.py's, e.g. --fail_on_first_attempt).
+# E2E_TRAIN_FLAGS (words added to train_dist.py's, e.g. --fail_on_first_attempt),
+# E2E_LAUNCHPY=0 (skip the launch of the same job by DGL's own launch.py over the ssh of
+# `dgl-coord shims`), DGL_TOOLS (the directory holding DGL's unmodified launch.py; default
+# integration-tests/fixtures/dgl-tools).
 #
 # Needs root (network and mount namespaces), iproute2 (`ip`) and util-linux (`unshare`).
 # Without dgl/torch it prints how to get them and exits 0 with SKIP.
@@ -33,6 +36,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 E2E_DIR=$REPO/integration-tests/e2e
+DGL_TOOLS=${DGL_TOOLS:-$REPO/integration-tests/fixtures/dgl-tools}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/dglrun-e2e
 VENV=$CACHE/venv
 
@@ -430,6 +434,69 @@ for run in $RUNS; do
     fi
     FAILED=$((FAILED | failed_before))
 done
+
+# DGL's own launch.py, unmodified, with the ssh of `dgl-coord shims` first on PATH: the same
+# job, started over the agents. launch.py reads ip_config and part_config from --workspace
+# locally and runs `cd WORKSPACE; ...` on every host, whose shell starts in the agent's root:
+# so it runs from machine 0's root with the workspace the copy made there. The interface
+# variables are passed as its users pass them (--extra_envs takes every word up to the next
+# option, hence not last); multiprocessing's "spawn" keeps launch.py's
+# clean-up process from inheriting a thread's half-started ssh (README, "Tools that shell
+# out to ssh").
+if [[ ${E2E_LAUNCHPY:-1} == 1 ]]; then
+    name="launch.py over the shims: DGL's own launch.py (torchrun, 1 trainer, 0 samplers, 1 server)"
+    log=$WORK/launch-launchpy.log
+    section "$name"
+    [[ -f $DGL_TOOLS/launch.py ]] || { echo "FAIL: no launch.py in $DGL_TOOLS (set DGL_TOOLS)" >&2; exit 1; }
+    coord shims --dir "$WORK/shims" --token-file "$TOKEN" --agent-port "$AGENT_PORT" >/dev/null
+    started=$SECONDS
+    set +e
+    (cd "$WORK/root0" && exec ip netns exec "$NS_COORD" env -u PYTHONPATH PATH="$WORK/shims:$PATH" \
+        timeout --foreground -s INT -k 60 "$TIMEOUT" "$PY" -c \
+        "import multiprocessing as m, runpy, sys; m.set_start_method('spawn'); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+        "$DGL_TOOLS/launch.py" --workspace ws --num_trainers 1 --num_samplers 0 --num_servers 1 \
+        --extra_envs GLOO_SOCKET_IFNAME=eth0 TP_SOCKET_IFNAME=eth0 PYTHONUNBUFFERED=1 \
+        --num_omp_threads 1 --part_config "data/$GRAPH.json" --ip_config ip_config.txt \
+        "$PY code/train_dist.py --graph_name $GRAPH --ip_config ip_config.txt --num_epochs 2 --max_steps 3") \
+        2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    took=$((SECONDS - started))
+    if ((status == 124)); then
+        problem "launch.py did not finish within ${TIMEOUT}s (E2E_TIMEOUT); stopped it with SIGINT"
+    elif ((status != 0)); then
+        problem "launch.py exited $status"
+    fi
+    # One trainer a host: rank m runs on machine m (launch.py's node rank), unlabelled.
+    for ((r = 0; r < HOSTS; r++)); do
+        line=$(grep -F "E2E_START rank=$r " "$log" | head -n 1 || true)
+        if [[ -z $line ]]; then
+            problem "rank $r printed no E2E_START line"
+            continue
+        fi
+        if [[ $line != *" world=$HOSTS "* || $line != *" machine_ip=$(host_ip "$r") "* || $line != *" partition=$r "* ]]; then
+            problem "rank $r: expected world=$HOSTS machine_ip=$(host_ip "$r") partition=$r, got: $line"
+        fi
+        grep -qF "E2E_LOSS rank=$r " "$log" || problem "rank $r printed no loss line"
+        grep -qF "E2E_DONE rank=$r " "$log" || problem "rank $r did not finish (no E2E_DONE line)"
+    done
+    if grep -q 'E2E_ERROR' "$log"; then
+        problem "$(grep -m1 -o 'E2E_ERROR.*' "$log")"
+    fi
+    for ((m = 0; m < HOSTS; m++)); do
+        for ((tries = 0; tries < 50; tries++)); do
+            left=$(leftovers "$m")
+            [[ -z $left ]] && break
+            sleep 0.2
+        done
+        if [[ -n $left ]]; then
+            problem "processes left on m$m 10 s after launch.py: $(ps -o pid=,args= -p "${left// /,}" | cut -c1-150 | tr '\n' ';')"
+        fi
+    done
+    losses=$(grep -o 'E2E_LOSS rank=' "$log" | wc -l || true)
+    ((${#PROBLEMS[@]} == 0)) || echo "(log of this launch: $log)"
+    verdict "$name" "$HOSTS trainers, $losses loss lines, launch.py exited 0 after ${took}s, nothing left running"
+fi
 
 # The control: the same job with dglrun's interface variables emptied (gloo then falls back to
 # the hostname, a loopback address) must fail or hang; the runs above show dglrun's fix.
