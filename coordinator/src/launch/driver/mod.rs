@@ -112,9 +112,8 @@ pub async fn run_reporting_start(
     o: DriverOptions,
     out: Sink,
     mut signals: Signals,
-    started: Option<tokio::sync::oneshot::Sender<()>>,
+    mut started: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> anyhow::Result<u8> {
-    let requester = crate::ops::requester("dgl-coord launch");
     let names: Vec<HostName> = hosts
         .iter()
         .map(|h| HostName {
@@ -130,76 +129,101 @@ pub async fn run_reporting_start(
         tx: mpsc::channel(1).0,
         tasks: JoinSet::new(),
         out,
-        requester,
+        requester: crate::ops::requester("dgl-coord launch"),
         actions: Vec::new(),
         restarts: 0,
     };
-    let policy = io.o.policy.clone();
-    let mut started = started;
     let mut attempts = Vec::new();
     loop {
+        let job = io.attempt(names.clone(), &mut signals, &mut started).await;
+        if let Some(code) = io.after_attempt(&job, &mut attempts, &mut signals).await {
+            return Ok(code);
+        }
+    }
+}
+
+impl Io {
+    /// One run of the whole job, from its first spawn to its last exit.
+    async fn attempt(
+        &mut self,
+        names: Vec<HostName>,
+        signals: &mut Signals,
+        started: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Job {
         let (tx, rx) = mpsc::channel(4096);
-        io.tx = tx;
+        self.tx = tx;
         let facts = JobFacts {
-            job_id: io.o.job_id.clone(),
-            lease: io.o.lease,
-            requester: io.requester.clone(),
-            started: io.o.started,
-            restarts: io.restarts,
+            job_id: self.o.job_id.clone(),
+            lease: self.o.lease,
+            requester: self.requester.clone(),
+            started: self.o.started,
+            restarts: self.restarts,
             attempt_started: Instant::now(),
-            watchdog: policy.watchdog.clone(),
+            watchdog: self.o.policy.watchdog.clone(),
         };
-        let mut job = Job::new(&io.plan, names.clone(), facts);
-        io.start(&mut job, &mut signals).await;
+        let mut job = Job::new(&self.plan, names, facts);
+        self.start(&mut job, signals).await;
         // A detached launch returns once the first attempt has every process running.
         if let (false, Some(tx)) = (job.is_stopping(), started.take()) {
             let _ = tx.send(());
         }
-        io.follow(&mut job, rx, &mut signals).await;
+        self.follow(&mut job, rx, signals).await;
         // The attempt's watch, renew and poll tasks end here; the next one starts its own.
-        io.tasks = JoinSet::new();
-        let attempt = ending::attempt(&job, Instant::now());
+        self.tasks = JoinSet::new();
+        job
+    }
+
+    /// After an attempt: the exit code when the job is over, None when it starts again.
+    async fn after_attempt(
+        &mut self,
+        job: &Job,
+        attempts: &mut Vec<super::events::AttemptSummary>,
+        signals: &mut Signals,
+    ) -> Option<u8> {
+        let policy = self.o.policy.restart.clone();
+        let attempt = ending::attempt(job, Instant::now());
         let reason = job.stopping.as_ref().map(|s| &s.reason);
         let decision = restart::decide(
-            &policy.restart,
+            &policy,
             reason,
             attempt.exit_code,
-            io.restarts,
+            self.restarts,
             rand::random(),
         );
         let failed = attempt.error.clone().unwrap_or_default();
-        if policy.restart.max_restarts > 0 {
+        if policy.max_restarts > 0 {
             attempts.push(attempt);
         }
         match decision {
             restart::Decision::Restart(wait) => {
-                io.out.note(&format!(
+                self.out.note(&format!(
                     "attempt {} failed ({failed}); starting the whole job again in {} \
                      (restart {} of {})",
-                    io.restarts + 1,
+                    self.restarts + 1,
                     stall::human(wait),
-                    io.restarts + 1,
-                    policy.restart.max_restarts
+                    self.restarts + 1,
+                    policy.max_restarts
                 ));
-                io.out.flush();
-                if let Some(sig) = io.pause(wait, &mut signals).await {
-                    io.out.note(&format!(
+                self.out.flush();
+                if let Some(sig) = self.pause(wait, signals).await {
+                    self.out.note(&format!(
                         "{} during the wait: not starting the job again",
                         super::summary::signal_name(sig)
                     ));
-                    return Ok(io.finish(&job, attempts));
+                    return Some(self.finish(job, std::mem::take(attempts)));
                 }
-                io.restarts += 1;
+                self.restarts += 1;
+                None
             }
             restart::Decision::Exhausted => {
-                io.out.note(&format!(
+                self.out.note(&format!(
                     "no restart left: the job failed {} times (--max-restarts {})",
-                    io.restarts + 1,
-                    policy.restart.max_restarts
+                    self.restarts + 1,
+                    policy.max_restarts
                 ));
-                return Ok(io.finish(&job, attempts));
+                Some(self.finish(job, std::mem::take(attempts)))
             }
-            restart::Decision::Finish => return Ok(io.finish(&job, attempts)),
+            restart::Decision::Finish => Some(self.finish(job, std::mem::take(attempts))),
         }
     }
 }
