@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -159,7 +159,8 @@ impl Cgroups {
         let procs = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.join("cgroup.procs"))?;
-        Ok(JobCgroup { dir, procs })
+        let dir_fd = open_dir(&dir)?;
+        Ok(JobCgroup { dir, dir_fd, procs })
     }
 
     /// Removes the agent's directory and every job cgroup in it that is empty (at exit).
@@ -224,6 +225,10 @@ impl Cgroups {
                     Ok(f) => f,
                     Err(_) => continue,
                 },
+                dir_fd: match open_dir(&path) {
+                    Ok(fd) => fd,
+                    Err(_) => continue,
+                },
                 dir: path,
             };
             match cg.pids() {
@@ -248,17 +253,33 @@ impl Drop for Cgroups {
     }
 }
 
-/// One job's cgroup. `cgroup.procs` stays open so that a child can move itself in between
-/// fork and exec without allocating or opening anything.
+/// One job's cgroup. The directory stays open for `CLONE_INTO_CGROUP` (see `fork_into`), and
+/// `cgroup.procs` so that a child forked the other way can move itself in between fork and
+/// exec without allocating or opening anything.
 #[derive(Debug)]
 pub struct JobCgroup {
     dir: PathBuf,
+    dir_fd: OwnedFd,
     procs: File,
+}
+
+fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    Ok(rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 impl JobCgroup {
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The cgroup's directory, for clone3's `CLONE_INTO_CGROUP`.
+    pub fn dir_fd(&self) -> BorrowedFd<'_> {
+        self.dir_fd.as_fd()
     }
 
     /// The descriptor a child writes `0` to, between fork and exec, to enter the cgroup.

@@ -16,6 +16,7 @@
 pub mod cgroup;
 pub mod cpu;
 pub mod error;
+pub mod fork_into;
 pub mod history;
 pub mod host_log;
 pub mod job;
