@@ -138,7 +138,11 @@ pub fn spawn(plan: &Plan, cwd: BorrowedFd<'_>, cgroup: BorrowedFd<'_>) -> Result
     let (stderr_r, stderr_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
     let ends = ChildEnds {
-        stdio: [stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()],
+        stdio: [
+            stdin_r.as_raw_fd(),
+            stdout_w.as_raw_fd(),
+            stderr_w.as_raw_fd(),
+        ],
         cwd: cwd.as_raw_fd(),
         status: status_w.as_raw_fd(),
     };
@@ -256,7 +260,11 @@ mod tests {
             v.iter()
                 .take_while(|p| !p.is_null())
                 // SAFETY: NUL-terminated strings owned by the plan.
-                .map(|p| unsafe { std::ffi::CStr::from_ptr(*p) }.to_string_lossy().into())
+                .map(|p| {
+                    unsafe { std::ffi::CStr::from_ptr(*p) }
+                        .to_string_lossy()
+                        .into()
+                })
                 .collect()
         };
         assert_eq!(words(&plan.argv), ["/bin/sh", "-c", "echo hi"]);

@@ -29,10 +29,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
+use super::fork_into::{self, ForkError};
 use super::job::Job;
 use super::reaper::{Exit, Reaper};
 use super::spec::{self, InvalidRequest, JobId, ProcessProblem, ProcessSpec};
-use super::fork_into::{self, ForkError};
 use super::{cgroup, error_chain, process, slots, stop_job, stopped, JobError, Jobs};
 use crate::limits::{MAX_ARGV_BYTES, MAX_JOBS, MAX_SESSIONS};
 
@@ -234,7 +234,14 @@ fn fork(
             Ok(s) => {
                 let c = s.child;
                 let pid = c.pid as u32;
-                return Ok(added(job, pid, s.start, s.pidfd, s.exit, [c.stdin, c.stdout, c.stderr].map(Some)));
+                return Ok(added(
+                    job,
+                    pid,
+                    s.start,
+                    s.pidfd,
+                    s.exit,
+                    [c.stdin, c.stdout, c.stderr].map(Some),
+                ));
             }
             Err(ForkError::Unsupported(e)) => {
                 tracing::debug!(job = %job.id, "{e}; the child enters its cgroup itself");
@@ -266,7 +273,14 @@ fn spawn_command(
         child.stdout.take().map(OwnedFd::from),
         child.stderr.take().map(OwnedFd::from),
     ];
-    Ok(added(job, child.id(), spawned.start, spawned.pidfd, spawned.exit, stdio))
+    Ok(added(
+        job,
+        child.id(),
+        spawned.start,
+        spawned.pidfd,
+        spawned.exit,
+        stdio,
+    ))
 }
 
 fn start_error(source: std::io::Error) -> JobError {
@@ -412,11 +426,7 @@ impl Run {
     }
 
     /// Until the command exits or its client is gone, renewing the job's lease meanwhile.
-    async fn wait_for_end(
-        &self,
-        exit: &mut oneshot::Receiver<Exit>,
-        pumps: &mut Pumps,
-    ) -> Ended {
+    async fn wait_for_end(&self, exit: &mut oneshot::Receiver<Exit>, pumps: &mut Pumps) -> Ended {
         let mut input_open = true;
         let lease = self.job.state().lease;
         let mut renew = tokio::time::interval(lease / 4);

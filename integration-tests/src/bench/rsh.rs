@@ -233,8 +233,20 @@ fn time_launch_py(ws: &std::path::Path, ssh_port: u16, path: &std::ffi::OsStr) -
         .arg(fixtures_dir().join("dgl-tools").join("launch.py"))
         .arg("--workspace")
         .arg(ws)
-        .args(["--num_trainers", "1", "--num_samplers", "0", "--num_servers", "1"])
-        .args(["--part_config", "data/g.json", "--ip_config", "ip_config.txt"])
+        .args([
+            "--num_trainers",
+            "1",
+            "--num_samplers",
+            "0",
+            "--num_servers",
+            "1",
+        ])
+        .args([
+            "--part_config",
+            "data/g.json",
+            "--ip_config",
+            "ip_config.txt",
+        ])
         .args(["--ssh_port", &ssh_port.to_string(), "--extra_envs"])
         .arg(format!(
             "PYTHONPATH={}",
@@ -247,8 +259,8 @@ fn time_launch_py(ws: &std::path::Path, ssh_port: u16, path: &std::ffi::OsStr) -
         .stdin(Stdio::null());
     let t = Instant::now();
     // Its lines are of no interest; its errors go to stderr as they come.
-    let (status, _) = super::run_lines(cmd, Duration::from_secs(300), |_, _| {})
-        .context("launch.py")?;
+    let (status, _) =
+        super::run_lines(cmd, Duration::from_secs(300), |_, _| {}).context("launch.py")?;
     let secs = t.elapsed().as_secs_f64();
     ensure!(status.success(), "launch.py exited {status}");
     Ok(secs)

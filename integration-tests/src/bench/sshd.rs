@@ -114,7 +114,8 @@ fn sshd_command(prefix: &[&str], sshd: &Path, config: &Path, empty: &Path) -> Co
     use std::ffi::OsStr;
     let mut words: Vec<&OsStr> = prefix.iter().map(OsStr::new).collect();
     if nix::unistd::geteuid().is_root() {
-        words.extend(["unshare", "--mount", "--propagation", "private", "sh", "-c"].map(OsStr::new));
+        words
+            .extend(["unshare", "--mount", "--propagation", "private", "sh", "-c"].map(OsStr::new));
         words.push(OsStr::new(
             "if [ -f \"$HOME/.bashrc\" ]; then mount --bind \"$1\" \"$HOME/.bashrc\" \
              || exit 1; fi; shift; exec \"$@\"",
@@ -122,7 +123,12 @@ fn sshd_command(prefix: &[&str], sshd: &Path, config: &Path, empty: &Path) -> Co
         words.push(OsStr::new("sshd"));
         words.push(empty.as_os_str());
     }
-    words.extend([sshd.as_os_str(), OsStr::new("-D"), OsStr::new("-f"), config.as_os_str()]);
+    words.extend([
+        sshd.as_os_str(),
+        OsStr::new("-D"),
+        OsStr::new("-f"),
+        config.as_os_str(),
+    ]);
     let mut cmd = Command::new(words[0]);
     cmd.args(&words[1..]);
     cmd
