@@ -4,9 +4,11 @@
 //! process tree the agent can follow); it cannot leave its cgroup without write access to
 //! the hierarchy above it. So where the agent may create cgroups (root on the unified
 //! hierarchy, a systemd unit with `Delegate=yes`, a Slurm job cgroup), each job gets
-//! `<agent's cgroup>/dglrun-<root hash>/job-<id>`; a child is moved into it between fork and
-//! exec (it writes `0` to the job's `cgroup.procs`), and Stop ends with `cgroup.kill`. The
-//! marker scan stays as the fallback and runs in both modes.
+//! `<agent's cgroup>/dglrun-<root hash>/job-<id>`; a session's command is born in it
+//! (`fork_into`), a launch's process moves itself in between fork and exec (it writes `0` to
+//! the job's `cgroup.procs`), and Stop ends with `cgroup.kill`. The marker scan stays as the
+//! fallback and runs in both modes: a process may also leave the cgroup (a tmux server moved
+//! into a systemd scope keeps the marker).
 //!
 //! No controller is enabled anywhere, so the cgroup "no internal processes" rule does not
 //! apply: the agent stays where it was started and creates its cgroups beside itself. The
