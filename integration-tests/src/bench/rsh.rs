@@ -231,6 +231,12 @@ fn time_launch_py(ws: &std::path::Path, ssh_port: u16, path: &std::ffi::OsStr) -
              runpy.run_path(sys.argv[0], run_name='__main__')\n",
         )
         .arg(fixtures_dir().join("dgl-tools").join("launch.py"))
+        // `--extra_envs` takes every word up to the next option: not last.
+        .arg("--extra_envs")
+        .arg(format!(
+            "PYTHONPATH={}",
+            fixtures_dir().join("pythonpath").display()
+        ))
         .arg("--workspace")
         .arg(ws)
         .args([
@@ -247,11 +253,7 @@ fn time_launch_py(ws: &std::path::Path, ssh_port: u16, path: &std::ffi::OsStr) -
             "--ip_config",
             "ip_config.txt",
         ])
-        .args(["--ssh_port", &ssh_port.to_string(), "--extra_envs"])
-        .arg(format!(
-            "PYTHONPATH={}",
-            fixtures_dir().join("pythonpath").display()
-        ))
+        .args(["--ssh_port", &ssh_port.to_string()])
         .arg(format!("{} nothing.py", python()))
         .current_dir(ws)
         .env("PATH", path)
