@@ -40,6 +40,9 @@ struct CloneArgs {
 
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
+/// What `Command::arg` stores for an argument with a NUL byte in it.
+const NUL_ARGUMENT: &str = "<string-with-nul>";
+
 /// What the child execs, every string made before the clone (the child may not allocate).
 pub struct Plan {
     path: CString,
@@ -72,6 +75,11 @@ impl Plan {
         let mut strings = Vec::new();
         strings.push(path.clone());
         for a in cmd.get_args() {
+            // std keeps an argument holding a NUL byte as this text and refuses to spawn the
+            // command: left to std, which says so.
+            if a == NUL_ARGUMENT {
+                return None;
+            }
             strings.push(cstr(a)?);
         }
         let argc = strings.len();
@@ -273,5 +281,47 @@ mod tests {
         assert!(!env.iter().any(|e| e.starts_with("PATH=")), "{env:?}");
         assert!(Plan::of(&Command::new("sh")).is_none());
         assert!(Plan::of(Command::new("/bin/sh").arg("a\0b")).is_none());
+    }
+
+    #[test]
+    fn a_child_is_born_in_the_cgroup_and_a_failed_exec_is_the_error() {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let cgroups = match super::super::cgroup::Cgroups::detect(&dir.path().join("root")) {
+            Ok(c) => c,
+            Err(e) => {
+                // CI runs where the agent may make cgroups.
+                assert!(std::env::var_os("CI").is_none(), "no cgroup here: {e}");
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let cg = cgroups.create_job("fork-into-test").unwrap();
+        let cwd = OwnedFd::from(std::fs::File::open(dir.path()).unwrap());
+        let reaper = super::super::reaper::Reaper::get().unwrap();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "pwd; cat /proc/self/cgroup"]);
+        let plan = Plan::of(&cmd).unwrap();
+        let s = reaper
+            .spawn_forked(|| spawn(&plan, cwd.as_fd(), cg.dir_fd()))
+            .unwrap();
+        let mut out = String::new();
+        std::fs::File::from(s.child.stdout)
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(
+            s.exit.blocking_recv().unwrap(),
+            super::super::reaper::Exit::Code(0)
+        );
+        let pwd = dir.path().canonicalize().unwrap();
+        assert!(out.starts_with(&format!("{}\n", pwd.display())), "{out}");
+        assert!(out.contains("/job-fork-into-test\n"), "{out}");
+        let bad = Plan::of(&Command::new("/nonexistent/program")).unwrap();
+        match reaper.spawn_forked(|| spawn(&bad, cwd.as_fd(), cg.dir_fd())) {
+            Err(ForkError::Failed(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT)),
+            Err(e) => panic!("{e}"),
+            Ok(s) => panic!("spawned {}", s.child.pid),
+        }
     }
 }
