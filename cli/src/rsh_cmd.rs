@@ -248,7 +248,11 @@ pub(crate) fn main(args: Vec<OsString>) -> u8 {
         stdin: !p.no_stdin,
         quiet: p.quiet,
     };
-    match tokio::runtime::Runtime::new() {
+    // One thread: a session is one stream, and worker threads would only add their start.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match runtime {
         Ok(rt) => rt.block_on(rsh::run(opts, &access)),
         Err(e) => {
             eprintln!("dgl-coord rsh: cannot start the async runtime: {e}");

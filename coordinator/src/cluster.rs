@@ -246,36 +246,23 @@ pub fn service(channel: Channel, access: &AgentAccess) -> anyhow::Result<Service
     Ok(InterceptedService::new(channel, meta))
 }
 
-/// Connects to one agent and shakes hands.
-pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Host, ConnectError> {
-    let addr = SocketAddr::new(ip, access.port);
-    let unreachable = |reason: String| ConnectError::Unreachable { rank, addr, reason };
-    let (channel, diag) = access
-        .diagnosed_channel(addr)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let not_an_agent = || {
-        let peer = diag.lock().ok().and_then(|d| *d)?;
-        let what = match peer {
-            Peer::Http1 => "an HTTP/1 server answered",
-            Peer::NotHttp2 => "the server there does not speak HTTP/2",
-        };
-        Some(format!(
-            "not a dgl-agent: {what} (is {} the agent's port? see --agent-port / {AGENT_PORT_ENV})",
-            addr.port()
-        ))
-    };
-    let service = service(channel, access).map_err(|e| unreachable(e.to_string()))?;
-    let mut client = AgentClient::new(service.clone())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let hello = client
-        .hello(HelloRequest {
-            protocol_version: PROTOCOL_VERSION,
-            client_version: VERSION.to_string(),
-        })
-        .await
-        .map_err(|s| match (not_an_agent(), s.code()) {
+/// A connection to one agent before any call: the first call on it checks the token and the
+/// version (every call does), so a single call needs no Hello first (`rsh`).
+pub struct Opened {
+    pub rank: usize,
+    pub addr: SocketAddr,
+    pub client: Client,
+    pub service: Service,
+    diag: transport::Diagnosis,
+}
+
+impl Opened {
+    /// What a failed call on this connection says about the agent, as `connect` reports it:
+    /// not an agent at all, unreachable, or refusing (token, version).
+    pub fn failure(&self, s: &tonic::Status) -> ConnectError {
+        let (rank, addr) = (self.rank, self.addr);
+        let unreachable = |reason: String| ConnectError::Unreachable { rank, addr, reason };
+        match (self.not_an_agent(), s.code()) {
             // What the server's first bytes said decides, whatever code the failed call got
             // (hyper reports the same garbage as unavailable, internal or cancelled).
             (Some(why), _) => unreachable(why),
@@ -287,16 +274,67 @@ pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Ho
                 addr,
                 reason: s.message().to_string(),
             },
-        })?
-        .into_inner();
-    Ok(Host {
+        }
+    }
+
+    fn not_an_agent(&self) -> Option<String> {
+        let peer = self.diag.lock().ok().and_then(|d| *d)?;
+        let what = match peer {
+            Peer::Http1 => "an HTTP/1 server answered",
+            Peer::NotHttp2 => "the server there does not speak HTTP/2",
+        };
+        Some(format!(
+            "not a dgl-agent: {what} (is {} the agent's port? see --agent-port / {AGENT_PORT_ENV})",
+            self.addr.port()
+        ))
+    }
+
+    /// Shakes hands: the agent's Hello, or what its failure means.
+    pub async fn hello(mut self) -> Result<Host, ConnectError> {
+        let hello = self
+            .client
+            .hello(HelloRequest {
+                protocol_version: PROTOCOL_VERSION,
+                client_version: VERSION.to_string(),
+            })
+            .await
+            .map_err(|s| self.failure(&s))?
+            .into_inner();
+        Ok(Host {
+            rank: self.rank,
+            ip: self.addr.ip(),
+            addr: self.addr,
+            client: self.client,
+            service: self.service,
+            hello,
+        })
+    }
+}
+
+/// Connects to one agent, without a call yet.
+pub async fn open(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Opened, ConnectError> {
+    let addr = SocketAddr::new(ip, access.port);
+    let unreachable = |reason: String| ConnectError::Unreachable { rank, addr, reason };
+    let (channel, diag) = access
+        .diagnosed_channel(addr)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let service = service(channel, access).map_err(|e| unreachable(e.to_string()))?;
+    let client = AgentClient::new(service.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(Opened {
         rank,
-        ip,
         addr,
         client,
         service,
-        hello,
+        diag,
     })
+}
+
+/// Connects to one agent and shakes hands.
+pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Host, ConnectError> {
+    open(rank, ip, access).await?.hello().await
 }
 
 /// Connects to every machine's agent at once; fails naming every agent that could not be reached.

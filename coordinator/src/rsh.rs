@@ -6,7 +6,6 @@
 //! second one ends `rsh` at once, which ends the stream, and the agent then stops the whole
 //! remote tree (as it does when `rsh` is killed or the link is lost).
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 
 use dglrun_proto::pb::{self, session_input, session_output};
@@ -67,21 +66,11 @@ pub async fn run(opts: RshOptions, access: &AgentAccess) -> u8 {
         Ok(ip) => ip,
         Err(e) => return fail(e),
     };
-    let mut host = match cluster::connect(0, ip, access).await {
-        Ok(h) => h,
-        Err(ConnectError::Unreachable { addr, reason, .. }) => {
-            return fail(format!(
-                "connect to host {} port {}: {reason}",
-                opts.host,
-                addr.port()
-            ))
-        }
-        Err(ConnectError::Refused { addr, reason, .. }) => {
-            return fail(format!(
-                "{} ({addr}): the agent refused: {reason}",
-                opts.host
-            ))
-        }
+    // No Hello first: the Session call itself carries the token and version checks, and one
+    // round trip less is a good part of a short command's time.
+    let opened = match cluster::open(0, ip, access).await {
+        Ok(o) => o,
+        Err(e) => return fail(connect_message(&opts.host, e)),
     };
     let (tx, rx) = mpsc::channel(INPUT_MESSAGES);
     let start = session_input::Msg::Start(pb::SessionStart {
@@ -94,21 +83,37 @@ pub async fn run(opts: RshOptions, access: &AgentAccess) -> u8 {
     let keepalive = tokio::spawn(keep_alive(tx.clone()));
     let with_stdin = opts.stdin;
     std::thread::spawn(move || pump_stdin(tx, with_stdin));
-    let outcome = match host
-        .client
+    let mut client = opened.client.clone();
+    let outcome = match client
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
     {
         Ok(resp) => receive(resp.into_inner())
             .await
             .map_err(|e| format!("{}: {e}", opts.host)),
-        Err(s) if s.code() == tonic::Code::Unimplemented => Err(format!(
-            "{}: dgl-agent {} has no sessions; run dgl-agent {} there",
-            opts.host,
-            host.hello.agent_version,
-            dglrun_proto::VERSION
-        )),
-        Err(s) => Err(format!("{}: {}", opts.host, s.message())),
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            let version = match opened.hello().await {
+                Ok(h) => h.hello.agent_version,
+                Err(_) => "(unknown version)".to_string(),
+            };
+            Err(format!(
+                "{}: dgl-agent {version} has no sessions; run dgl-agent {} there",
+                opts.host,
+                dglrun_proto::VERSION
+            ))
+        }
+        Err(s) => Err(match opened.failure(&s) {
+            // Refusals of the call itself (a blank command, the agent's session bound).
+            ConnectError::Refused { .. }
+                if !matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                format!("{}: {}", opts.host, s.message())
+            }
+            e => connect_message(&opts.host, e),
+        }),
     };
     signals.abort();
     keepalive.abort();
@@ -128,6 +133,18 @@ pub async fn run(opts: RshOptions, access: &AgentAccess) -> u8 {
     }
 }
 
+/// ssh's words for a host that cannot be reached or refuses.
+fn connect_message(host: &str, e: ConnectError) -> String {
+    match e {
+        ConnectError::Unreachable { addr, reason, .. } => {
+            format!("connect to host {host} port {}: {reason}", addr.port())
+        }
+        ConnectError::Refused { addr, reason, .. } => {
+            format!("{host} ({addr}): the agent refused: {reason}")
+        }
+    }
+}
+
 enum Ended {
     Code(i32),
     Signal(i32),
@@ -137,7 +154,6 @@ enum Ended {
 
 /// Writes the command's output here until its exit arrives.
 async fn receive(mut out: tonic::Streaming<pb::SessionOutput>) -> Result<Ended, String> {
-    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     loop {
         let msg = match out.message().await {
             Ok(Some(m)) => m.msg,
@@ -147,12 +163,8 @@ async fn receive(mut out: tonic::Streaming<pb::SessionOutput>) -> Result<Ended, 
         };
         // A closed local stdout (`rsh host cmd | head`) ends the session, as with ssh.
         let written = match msg {
-            Some(session_output::Msg::Stdout(b)) => {
-                stdout.write_all(&b).and_then(|_| stdout.flush())
-            }
-            Some(session_output::Msg::Stderr(b)) => {
-                stderr.write_all(&b).and_then(|_| stderr.flush())
-            }
+            Some(session_output::Msg::Stdout(b)) => write_out(b, true).await,
+            Some(session_output::Msg::Stderr(b)) => write_out(b, false).await,
             Some(session_output::Msg::Exit(e)) if e.signal != 0 => {
                 return Ok(Ended::Signal(e.signal))
             }
@@ -163,6 +175,23 @@ async fn receive(mut out: tonic::Streaming<pb::SessionOutput>) -> Result<Ended, 
             return Ok(Ended::Interrupted);
         }
     }
+}
+
+/// Writes `bytes` to stdout or stderr off the runtime's thread: a local reader that stops
+/// reading (a pager) blocks only the write, never the keepalives that keep the session alive.
+async fn write_out(bytes: impl AsRef<[u8]> + Send + 'static, stdout: bool) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        if stdout {
+            let mut o = std::io::stdout().lock();
+            o.write_all(bytes.as_ref()).and_then(|()| o.flush())
+        } else {
+            let mut e = std::io::stderr().lock();
+            e.write_all(bytes.as_ref()).and_then(|()| e.flush())
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Streams local stdin, then its end of file. On a thread of its own, blocked in read(2):

@@ -123,6 +123,7 @@ fn the_rsh_benchmark_measures_its_figures() {
     for figure in [
         "rsh: `dgl-coord rsh HOST true`",
         "rsh: 4 MiB through `rsh HOST cat`",
+        "rsh: launch.py, do-nothing job on 4 hosts, over the shims",
     ] {
         let row = r
             .stdout

@@ -279,3 +279,46 @@ fn unreachable_refused_or_unknown_hosts_exit_255_with_ssh_like_messages() {
         "{err}"
     );
 }
+
+/// Pids of the processes whose command line is exactly `words`.
+fn pids_with_cmdline(words: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = words
+        .iter()
+        .flat_map(|w| [w.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+#[test]
+fn the_command_is_born_in_its_jobs_cgroup_which_stops_what_escaped_the_tree() {
+    let c = TestCluster::start(1);
+    if !c.agent_log(0).contains("a cgroup v2 per job") {
+        dglrun_integration_tests::cannot_run(
+            "the_command_is_born_in_its_jobs_cgroup_which_stops_what_escaped_the_tree",
+            "the agent cannot make cgroups here",
+        );
+        return;
+    }
+    let ip = c.ip(0).to_string();
+    let out = output(rsh(&c, &[&ip, "cat /proc/self/cgroup"]));
+    let own = text(&out.stdout);
+    let unified = own.lines().find_map(|l| l.strip_prefix("0::"));
+    assert!(
+        unified.is_some_and(|p| p.contains("/dglrun-") && p.contains("/job-rsh-")),
+        "{own}"
+    );
+    // No marker and no parent in the job: only the cgroup still holds it.
+    let secs = format!("{}", 3000 + rand::random::<u16>() % 1000);
+    let command = format!("env -i setsid sleep {secs} </dev/null >/dev/null 2>&1 & echo started");
+    let out = output(rsh(&c, &[&ip, &command]));
+    assert_eq!(text(&out.stdout), "started\n", "{}", text(&out.stderr));
+    let left = wait_gone(
+        &pids_with_cmdline(&["sleep", &secs]),
+        Duration::from_secs(10),
+    );
+    assert!(left.is_empty(), "left after the session: {left:?}");
+}

@@ -4,9 +4,11 @@
 //! process tree the agent can follow); it cannot leave its cgroup without write access to
 //! the hierarchy above it. So where the agent may create cgroups (root on the unified
 //! hierarchy, a systemd unit with `Delegate=yes`, a Slurm job cgroup), each job gets
-//! `<agent's cgroup>/dglrun-<root hash>/job-<id>`; a child is moved into it between fork and
-//! exec (it writes `0` to the job's `cgroup.procs`), and Stop ends with `cgroup.kill`. The
-//! marker scan stays as the fallback and runs in both modes.
+//! `<agent's cgroup>/dglrun-<root hash>/job-<id>`; a session's command is born in it
+//! (`fork_into`), a launch's process moves itself in between fork and exec (it writes `0` to
+//! the job's `cgroup.procs`), and Stop ends with `cgroup.kill`. The marker scan stays as the
+//! fallback and runs in both modes: a process may also leave the cgroup (a tmux server moved
+//! into a systemd scope keeps the marker).
 //!
 //! No controller is enabled anywhere, so the cgroup "no internal processes" rule does not
 //! apply: the agent stays where it was started and creates its cgroups beside itself. The
@@ -17,7 +19,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -159,7 +161,8 @@ impl Cgroups {
         let procs = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.join("cgroup.procs"))?;
-        Ok(JobCgroup { dir, procs })
+        let dir_fd = open_dir(&dir)?;
+        Ok(JobCgroup { dir, dir_fd, procs })
     }
 
     /// Removes the agent's directory and every job cgroup in it that is empty (at exit).
@@ -224,6 +227,10 @@ impl Cgroups {
                     Ok(f) => f,
                     Err(_) => continue,
                 },
+                dir_fd: match open_dir(&path) {
+                    Ok(fd) => fd,
+                    Err(_) => continue,
+                },
                 dir: path,
             };
             match cg.pids() {
@@ -248,17 +255,33 @@ impl Drop for Cgroups {
     }
 }
 
-/// One job's cgroup. `cgroup.procs` stays open so that a child can move itself in between
-/// fork and exec without allocating or opening anything.
+/// One job's cgroup. The directory stays open for `CLONE_INTO_CGROUP` (see `fork_into`), and
+/// `cgroup.procs` so that a child forked the other way can move itself in between fork and
+/// exec without allocating or opening anything.
 #[derive(Debug)]
 pub struct JobCgroup {
     dir: PathBuf,
+    dir_fd: OwnedFd,
     procs: File,
+}
+
+fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    Ok(rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 impl JobCgroup {
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The cgroup's directory, for clone3's `CLONE_INTO_CGROUP`.
+    pub fn dir_fd(&self) -> BorrowedFd<'_> {
+        self.dir_fd.as_fd()
     }
 
     /// The descriptor a child writes `0` to, between fork and exec, to enter the cgroup.

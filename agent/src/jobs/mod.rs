@@ -10,12 +10,14 @@
 //!   `stop` terminates them all; `lease` stops jobs whose coordinator went silent.
 //! * `state_file` records the running jobs under the root; `recover` reads it when the agent
 //!   starts and stops whatever a previous run of the agent left behind.
-//! * `session` runs one command the way ssh does, as a job of its own with byte streams.
+//! * `session` runs one command the way ssh does, as a job of its own with byte streams,
+//!   forked straight into the job's cgroup by `fork_into`.
 //! * `stacks` dumps the Python stack of every Python process of a job (py-spy).
 
 pub mod cgroup;
 pub mod cpu;
 pub mod error;
+pub mod fork_into;
 pub mod history;
 pub mod host_log;
 pub mod job;

@@ -32,6 +32,14 @@ pub enum Exit {
     Signal(i32),
 }
 
+/// A process the reaper forked through `fork_into`.
+pub struct SpawnedForked {
+    pub child: super::fork_into::Child,
+    pub exit: oneshot::Receiver<Exit>,
+    pub start: Option<u64>,
+    pub pidfd: Option<PidFd>,
+}
+
 /// A process the reaper started.
 pub struct Spawned {
     pub child: Child,
@@ -97,20 +105,51 @@ impl Reaper {
     /// Spawns `cmd` and registers it; its exit status arrives on the returned receiver.
     /// Blocking (fork/exec): call from a blocking context.
     pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<Spawned> {
-        let mut reg = self.lock();
+        let reg = self.lock();
         let child = cmd.spawn()?;
+        let (exit, start, pidfd) = self.register(reg, child.id() as i32)?;
+        Ok(Spawned {
+            child,
+            exit,
+            start,
+            pidfd,
+        })
+    }
+
+    /// As [`spawn`](Self::spawn), for a child that `fork` starts by other means than
+    /// `Command` (see `fork_into`), under the same lock.
+    pub fn spawn_forked(
+        &self,
+        fork: impl FnOnce() -> Result<super::fork_into::Child, super::fork_into::ForkError>,
+    ) -> Result<SpawnedForked, super::fork_into::ForkError> {
+        let reg = self.lock();
+        let child = fork()?;
+        let (exit, start, pidfd) = self.register(reg, child.pid)?;
+        Ok(SpawnedForked {
+            child,
+            exit,
+            start,
+            pidfd,
+        })
+    }
+
+    /// Registers the new child `pid` and unlocks the registry: its exit receiver, its start
+    /// time and its pidfd. A child no pidfd could be opened for is killed (not stoppable
+    /// safely), and reaped like an adopted orphan.
+    fn register(
+        &self,
+        mut reg: parking_lot::MutexGuard<'_, Registry>,
+        pid: i32,
+    ) -> std::io::Result<(oneshot::Receiver<Exit>, Option<u64>, Option<PidFd>)> {
         // Read while the registry is locked: the child cannot be reaped yet, so its pid cannot
         // have been reused by another process (a zombie still has its start time).
-        let start = super::proc_stat::start_time(std::path::Path::new("/proc"), child.id() as i32);
-        let pidfd = match PidFd::open(child.id() as i32) {
+        let start = super::proc_stat::start_time(std::path::Path::new("/proc"), pid);
+        let pidfd = match PidFd::open(pid) {
             Ok(fd) => Some(fd),
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => None,
             Err(e) => {
-                // Not stoppable safely without it; the child is not reaped yet, so its pid is
-                // still its own.
-                // The reaper collects it like an adopted orphan.
-                let mut child = child;
-                let _ = child.kill();
+                // Not reaped yet, so the pid is still the child's own.
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
                 drop(reg);
                 self.spawned.notify_one();
                 return Err(std::io::Error::new(
@@ -120,15 +159,10 @@ impl Reaper {
             }
         };
         let (tx, rx) = oneshot::channel();
-        reg.waiting.insert(child.id() as i32, tx);
+        reg.waiting.insert(pid, tx);
         drop(reg);
         self.spawned.notify_one();
-        Ok(Spawned {
-            child,
-            exit: rx,
-            start,
-            pidfd,
-        })
+        Ok((rx, start, pidfd))
     }
 
     /// Sends `sigs` to process group `pgid` only while its leader is a child this agent

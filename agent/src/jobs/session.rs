@@ -16,7 +16,7 @@
 //! link lost: the server's keepalive then closes the connection), the whole tree is stopped.
 //! Either way the job is forgotten at once.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
+use super::fork_into::{self, ForkError};
 use super::job::Job;
 use super::reaper::{Exit, Reaper};
 use super::spec::{self, InvalidRequest, JobId, ProcessProblem, ProcessSpec};
@@ -104,6 +105,9 @@ struct Forked {
     stderr: Option<OwnedFd>,
 }
 
+/// What a running session holds against the agent's bounds: a session and a process.
+type SessionSlots = (slots::Slots, slots::Slots);
+
 impl Jobs {
     /// Starts `spec` as a session job fed by `input`; its output is the returned stream.
     pub async fn session<S>(
@@ -114,6 +118,43 @@ impl Jobs {
     where
         S: Stream<Item = Result<pb::SessionInput, Status>> + Send + Unpin + 'static,
     {
+        let slots = self.session_slots()?;
+        let (job, cmd, cwd) = self.session_job(&spec)?;
+        let (j, cgroups, reaper) = (job.clone(), self.cgroups.clone(), self.reaper.clone());
+        let forked = tokio::task::spawn_blocking(move || fork(&j, cmd, cwd, cgroups, &reaper))
+            .await
+            .map_err(|e| JobError::Task("session", e))
+            .and_then(|r| r);
+        let forked = match forked {
+            Ok(f) => f,
+            Err(e) => {
+                self.remove(job.id.as_str());
+                return Err(e);
+            }
+        };
+        // Not waited for: the command already runs, and after a crash the marker scan finds it
+        // without the record; a write on the way to the first byte would slow every rsh.
+        drop(self.save_state_soon());
+        tracing::info!(job = %job.id, pid = forked.pid, requester = %spec.requester, "session started");
+        let (tx, rx) = mpsc::channel(OUTPUT_MESSAGES);
+        let started = session_output::Msg::Started(pb::SessionStarted {
+            job_id: job.id.to_string(),
+            pid: forked.pid,
+        });
+        // The channel is new and has room: this cannot fail.
+        let _ = tx.try_send(Ok(pb::SessionOutput { msg: Some(started) }));
+        let run = Run {
+            jobs: self.clone(),
+            job,
+            tx,
+            slots,
+        };
+        tokio::spawn(run.supervise(forked, input));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// A session and a process off the agent's bounds, or the error naming the bound.
+    fn session_slots(&self) -> Result<SessionSlots, JobError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(JobError::ShuttingDown);
         }
@@ -128,8 +169,18 @@ impl Jobs {
                 asked: 1,
                 limit: self.processes.limit(),
             })?;
+        Ok((session_slot, process_slot))
+    }
+
+    /// The session's job, registered (sessions take no workspace lease: ssh holds none, and
+    /// they have their own bound), its command and a copy of its working directory's fd.
+    fn session_job(
+        self: &Arc<Self>,
+        spec: &SessionSpec,
+    ) -> Result<(Arc<Job>, std::process::Command, OwnedFd), JobError> {
         let id = JobId::session(NEXT_SESSION.fetch_add(1, Ordering::Relaxed));
         let cwd = self.root.open_workdir(".")?;
+        let cwd_fd = cwd.fd.try_clone().map_err(start_error)?;
         let process = ProcessSpec {
             label: LABEL.to_string(),
             role: "session".to_string(),
@@ -147,56 +198,27 @@ impl Jobs {
             self.limits.watches_per_job,
         ));
         {
-            // Sessions take no workspace lease (ssh holds none) and have their own bound.
             let mut map = self.map();
             if map.len() >= MAX_JOBS + MAX_SESSIONS {
                 return Err(JobError::TooManyJobs(MAX_JOBS));
             }
-            map.insert(id.clone(), job.clone());
+            map.insert(id, job.clone());
         }
         self.lease_wake.notify_one();
-        let (j, cgroups, reaper) = (job.clone(), self.cgroups.clone(), self.reaper.clone());
-        let forked = tokio::task::spawn_blocking(move || fork(&j, cmd, cgroups, &reaper))
-            .await
-            .map_err(|e| JobError::Task("session", e))
-            .and_then(|r| r);
-        let forked = match forked {
-            Ok(f) => f,
-            Err(e) => {
-                self.remove(id.as_str());
-                return Err(e);
-            }
-        };
-        // Not waited for: the command already runs, and after a crash the marker scan finds it
-        // without the record; a write on the way to the first byte would slow every rsh.
-        drop(self.save_state_soon());
-        tracing::info!(job = %id, pid = forked.pid, requester = %spec.requester, "session started");
-        let (tx, rx) = mpsc::channel(OUTPUT_MESSAGES);
-        let started = session_output::Msg::Started(pb::SessionStarted {
-            job_id: id.to_string(),
-            pid: forked.pid,
-        });
-        // The channel is new and has room: this cannot fail.
-        let _ = tx.try_send(Ok(pb::SessionOutput { msg: Some(started) }));
-        let run = Run {
-            jobs: self.clone(),
-            job,
-            tx,
-            slots: (session_slot, process_slot),
-        };
-        tokio::spawn(run.supervise(forked, input));
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok((job, cmd, cwd_fd))
     }
 }
 
-/// Forks the command into `job` (blocking: fork and exec).
+/// Forks the command into `job` (blocking: fork and exec): straight into the job's cgroup
+/// where the kernel allows it (see `fork_into`), else as `cmd` says, the child moving itself
+/// into the cgroup before its exec.
 fn fork(
     job: &Arc<Job>,
-    mut cmd: std::process::Command,
+    cmd: std::process::Command,
+    cwd: OwnedFd,
     cgroups: Option<Arc<cgroup::Cgroups>>,
     reaper: &Reaper,
 ) -> Result<Forked, JobError> {
-    use std::os::unix::process::CommandExt;
     let cgroup = cgroups
         .as_ref()
         .map(|c| job.cgroup_in(c))
@@ -205,29 +227,89 @@ fn fork(
             job: job.id.clone(),
             source,
         })?;
-    if let Some(cg) = &cgroup {
+    let plan = cgroup.as_ref().and_then(|_| fork_into::Plan::of(&cmd));
+    if let (Some(cg), Some(plan)) = (&cgroup, plan) {
+        let forked = reaper.spawn_forked(|| fork_into::spawn(&plan, cwd.as_fd(), cg.dir_fd()));
+        match forked {
+            Ok(s) => {
+                let c = s.child;
+                let pid = c.pid as u32;
+                return Ok(added(
+                    job,
+                    pid,
+                    s.start,
+                    s.pidfd,
+                    s.exit,
+                    [c.stdin, c.stdout, c.stderr].map(Some),
+                ));
+            }
+            Err(ForkError::Unsupported(e)) => {
+                tracing::debug!(job = %job.id, "{e}; the child enters its cgroup itself");
+            }
+            Err(ForkError::Failed(source)) => return Err(start_error(source)),
+        }
+    }
+    spawn_command(job, cmd, cgroup.as_deref(), reaper)
+}
+
+/// `cmd` spawned as std does it, entering `cgroup` between fork and exec.
+fn spawn_command(
+    job: &Arc<Job>,
+    mut cmd: std::process::Command,
+    cgroup: Option<&cgroup::JobCgroup>,
+    reaper: &Reaper,
+) -> Result<Forked, JobError> {
+    use std::os::unix::process::CommandExt;
+    if let Some(cg) = cgroup {
         let fd = cg.procs_fd();
         // SAFETY: `enter` only calls write(2) on a descriptor the job's cgroup keeps open for
         // the job's life; it allocates nothing (async-signal-safe).
         unsafe { cmd.pre_exec(move || cgroup::enter(fd)) };
     }
-    let spawned = reaper.spawn(&mut cmd).map_err(|source| JobError::Start {
+    let spawned = reaper.spawn(&mut cmd).map_err(start_error)?;
+    let mut child = spawned.child;
+    let stdio = [
+        child.stdin.take().map(OwnedFd::from),
+        child.stdout.take().map(OwnedFd::from),
+        child.stderr.take().map(OwnedFd::from),
+    ];
+    Ok(added(
+        job,
+        child.id(),
+        spawned.start,
+        spawned.pidfd,
+        spawned.exit,
+        stdio,
+    ))
+}
+
+fn start_error(source: std::io::Error) -> JobError {
+    JobError::Start {
         label: LABEL.to_string(),
         what: "/bin/sh".to_string(),
         source,
-    })?;
-    let mut child = spawned.child;
-    let pid = child.id();
-    let index = job.add_process(LABEL, pid, spawned.start, spawned.pidfd, Instant::now());
+    }
+}
+
+/// The forked command, added to `job`.
+fn added(
+    job: &Job,
+    pid: u32,
+    start: Option<u64>,
+    pidfd: Option<super::pidfd::PidFd>,
+    exit: oneshot::Receiver<Exit>,
+    [stdin, stdout, stderr]: [Option<OwnedFd>; 3],
+) -> Forked {
+    let index = job.add_process(LABEL, pid, start, pidfd, Instant::now());
     crate::metrics::add(&crate::metrics::COUNTERS.processes_started, 1);
-    Ok(Forked {
+    Forked {
         index,
         pid,
-        exit: spawned.exit,
-        stdin: child.stdin.take().map(OwnedFd::from),
-        stdout: child.stdout.take().map(OwnedFd::from),
-        stderr: child.stderr.take().map(OwnedFd::from),
-    })
+        exit,
+        stdin,
+        stdout,
+        stderr,
+    }
 }
 
 /// How the input side ended.
@@ -244,12 +326,24 @@ enum Ended {
     ClientGone(String),
 }
 
+type OutputSender = mpsc::Sender<Result<pb::SessionOutput, Status>>;
+
 struct Run {
     jobs: Arc<Jobs>,
     job: Arc<Job>,
-    tx: mpsc::Sender<Result<pb::SessionOutput, Status>>,
+    tx: OutputSender,
     /// Given back when the session is over.
-    slots: (slots::Slots, slots::Slots),
+    slots: SessionSlots,
+}
+
+/// The tasks moving the command's bytes: its output readers and its stdin feeder.
+struct Pumps {
+    readers: Vec<tokio::task::JoinHandle<()>>,
+    /// Tells the readers the command exited (they then stop at the first silence).
+    exited: watch::Sender<bool>,
+    feeder: tokio::task::JoinHandle<InputEnd>,
+    /// Since when the feeder has waited for the client's next message.
+    heard: watch::Receiver<Option<Instant>>,
 }
 
 impl Run {
@@ -265,62 +359,11 @@ impl Run {
             stdout,
             stderr,
         } = forked;
-        let (exited_tx, exited_rx) = watch::channel(false);
-        let mut readers = Vec::new();
-        for (fd, stdout) in [(stdout, true), (stderr, false)] {
-            if let Some(fd) = fd {
-                let (tx, rx) = (self.tx.clone(), exited_rx.clone());
-                readers.push(tokio::spawn(forward_output(fd, stdout, tx, rx)));
-            }
-        }
-        let reaper = self.jobs.reaper.clone();
-        let (heard_tx, heard) = watch::channel(Some(Instant::now()));
-        let mut feeder = tokio::spawn(feed_input(input, stdin, pid, reaper, heard_tx));
-        let mut input_open = true;
-        let lease = self.job.state().lease;
-        let mut renew = tokio::time::interval(lease / 4);
-        let ended = loop {
-            tokio::select! {
-                e = &mut exit => break Ended::Exited(e.unwrap_or(Exit::Code(-1))),
-                r = &mut feeder, if input_open => {
-                    input_open = false;
-                    if let Ok(InputEnd::Broken(why)) = r {
-                        break Ended::ClientGone(why);
-                    }
-                }
-                _ = self.tx.closed() => break Ended::ClientGone("the client went away".into()),
-                _ = renew.tick() => {
-                    // A client sends a keepalive every 2 s: silence for the lease means its
-                    // link is gone, long before HTTP/2's keepalive would say so. (Once it
-                    // closed its side, and while its stdin waits for the pipe, only the
-                    // connection's keepalive can tell.)
-                    let silent = *heard.borrow();
-                    let bound = lease.max(MIN_SILENCE);
-                    if let Some(since) = silent.filter(|s| input_open && s.elapsed() > bound) {
-                        break Ended::ClientGone(format!(
-                            "nothing from the client for {:.1} s",
-                            since.elapsed().as_secs_f64()
-                        ));
-                    }
-                    self.job.renew();
-                }
-            }
-        };
-        feeder.abort();
+        let mut pumps = self.start_pumps(input, stdin, stdout, stderr, pid);
+        let ended = self.wait_for_end(&mut exit, &mut pumps).await;
+        pumps.feeder.abort();
         let reported = match ended {
-            Ended::Exited(code) => {
-                self.job.mark_reaped(index);
-                let _ = exited_tx.send(true);
-                for r in readers {
-                    let _ = r.await;
-                }
-                self.job.record_exit(index, code);
-                let (code, signal) = match code {
-                    Exit::Code(c) => (c, 0),
-                    Exit::Signal(s) => (-1, s),
-                };
-                Some(pb::SessionExit { code, signal })
-            }
+            Ended::Exited(code) => Some(self.drain_and_record(index, code, pumps).await),
             Ended::ClientGone(why) => {
                 tracing::info!(job = %self.job.id, "session ended before its command: {why}; stopping it");
                 stopped::announce(
@@ -346,22 +389,113 @@ impl Run {
             let _ = tokio::time::timeout(grace, &mut exit).await;
         }
         drop(self.tx);
-        match stopped {
-            Ok(outcome) if outcome.remaining == 0 => {
-                if outcome.signalled > 0 {
-                    tracing::info!(job = %self.job.id, signalled = outcome.signalled, "session's processes stopped");
-                }
-                self.jobs.remove(self.job.id.as_str());
-            }
-            // The job stays, stopping: the lease monitor retries the stop.
-            Ok(outcome) => {
-                tracing::warn!(job = %self.job.id, remaining = outcome.remaining, "processes of the session survived the stop")
-            }
-            Err(e) => {
-                tracing::error!(job = %self.job.id, "cannot stop the session's processes: {}", error_chain(&e))
+        forget(&self.jobs, &self.job, stopped);
+        drop(self.slots);
+    }
+
+    /// Starts forwarding the command's stdout and stderr to the client and the client's
+    /// stdin and signals to the command.
+    fn start_pumps<S>(
+        &self,
+        input: S,
+        stdin: Option<OwnedFd>,
+        stdout: Option<OwnedFd>,
+        stderr: Option<OwnedFd>,
+        pid: u32,
+    ) -> Pumps
+    where
+        S: Stream<Item = Result<pb::SessionInput, Status>> + Send + Unpin + 'static,
+    {
+        let (exited, exited_rx) = watch::channel(false);
+        let mut readers = Vec::new();
+        for (fd, stdout) in [(stdout, true), (stderr, false)] {
+            if let Some(fd) = fd {
+                let (tx, rx) = (self.tx.clone(), exited_rx.clone());
+                readers.push(tokio::spawn(forward_output(fd, stdout, tx, rx)));
             }
         }
-        drop(self.slots);
+        let reaper = self.jobs.reaper.clone();
+        let (heard_tx, heard) = watch::channel(Some(Instant::now()));
+        let feeder = tokio::spawn(feed_input(input, stdin, pid, reaper, heard_tx));
+        Pumps {
+            readers,
+            exited,
+            feeder,
+            heard,
+        }
+    }
+
+    /// Until the command exits or its client is gone, renewing the job's lease meanwhile.
+    async fn wait_for_end(&self, exit: &mut oneshot::Receiver<Exit>, pumps: &mut Pumps) -> Ended {
+        let mut input_open = true;
+        let lease = self.job.state().lease;
+        let mut renew = tokio::time::interval(lease / 4);
+        loop {
+            tokio::select! {
+                e = &mut *exit => return Ended::Exited(e.unwrap_or(Exit::Code(-1))),
+                r = &mut pumps.feeder, if input_open => {
+                    input_open = false;
+                    if let Ok(InputEnd::Broken(why)) = r {
+                        return Ended::ClientGone(why);
+                    }
+                }
+                _ = self.tx.closed() => return Ended::ClientGone("the client went away".into()),
+                _ = renew.tick() => {
+                    // A client sends a keepalive every 2 s: silence for the lease means its
+                    // link is gone, long before HTTP/2's keepalive would say so. (Once it
+                    // closed its side, and while its stdin waits for the pipe, only the
+                    // connection's keepalive can tell.)
+                    let silent = *pumps.heard.borrow();
+                    let bound = lease.max(MIN_SILENCE);
+                    if let Some(since) = silent.filter(|s| input_open && s.elapsed() > bound) {
+                        return Ended::ClientGone(format!(
+                            "nothing from the client for {:.1} s",
+                            since.elapsed().as_secs_f64()
+                        ));
+                    }
+                    self.job.renew();
+                }
+            }
+        }
+    }
+
+    /// After the command's exit: its output read to the end (or the first silence), the exit
+    /// recorded; the exit as the client gets it.
+    async fn drain_and_record(&self, index: u32, code: Exit, pumps: Pumps) -> pb::SessionExit {
+        self.job.mark_reaped(index);
+        let _ = pumps.exited.send(true);
+        for r in pumps.readers {
+            let _ = r.await;
+        }
+        self.job.record_exit(index, code);
+        let (code, signal) = match code {
+            Exit::Code(c) => (c, 0),
+            Exit::Signal(s) => (-1, s),
+        };
+        pb::SessionExit { code, signal }
+    }
+}
+
+/// Drops the session's job once its stop found nothing left; otherwise it stays, stopping,
+/// and the lease monitor retries the stop.
+fn forget(
+    jobs: &Jobs,
+    job: &Job,
+    stopped: Result<super::stop::StopOutcome, super::tree::ScanError>,
+) {
+    match stopped {
+        Ok(outcome) if outcome.remaining == 0 => {
+            if outcome.signalled > 0 {
+                tracing::info!(job = %job.id, signalled = outcome.signalled, "session's processes stopped");
+            }
+            jobs.remove(job.id.as_str());
+        }
+        Ok(outcome) => {
+            tracing::warn!(job = %job.id, remaining = outcome.remaining, "processes of the session survived the stop")
+        }
+        Err(e) => {
+            tracing::error!(job = %job.id, "cannot stop the session's processes: {}", error_chain(&e))
+        }
     }
 }
 
@@ -370,7 +504,7 @@ impl Run {
 async fn forward_output(
     fd: OwnedFd,
     stdout: bool,
-    tx: mpsc::Sender<Result<pb::SessionOutput, Status>>,
+    tx: OutputSender,
     mut exited: watch::Receiver<bool>,
 ) {
     let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {

@@ -70,6 +70,7 @@ pub fn snapshot(proc_root: &Path) -> Result<Vec<ProcEntry>, ScanError> {
     };
     let dir = std::fs::read_dir(proc_root).map_err(list_err)?;
     let mut out = Vec::new();
+    let mut buf = Vec::with_capacity(STAT_BYTES);
     for entry in dir {
         let entry = entry.map_err(list_err)?;
         let name = entry.file_name();
@@ -78,17 +79,43 @@ pub fn snapshot(proc_root: &Path) -> Result<Vec<ProcEntry>, ScanError> {
             continue;
         }
         let path = entry.path().join("stat");
-        let text = match std::fs::read_to_string(&path) {
+        let text = match read_stat(&path, &mut buf) {
             Ok(t) => t,
             Err(e) if vanished(&e) => continue,
             Err(source) => return Err(ScanError::Read { path, source }),
         };
-        if let Some(p) = parse_stat(&text) {
+        if let Some(p) = parse_stat(text) {
             out.push(p);
         }
     }
     Ok(out)
 }
+
+/// One `/proc/<pid>/stat` into `buf`: a stop scans every process on the host after each
+/// command, so one open, one read and one close each (procfs hands the whole line to the first
+/// read when the buffer holds it), not the size probe and growing reads of `read_to_string`.
+fn read_stat<'b>(path: &Path, buf: &'b mut Vec<u8>) -> io::Result<&'b str> {
+    let mut f = std::fs::File::open(path)?;
+    buf.clear();
+    let mut filled = 0;
+    loop {
+        if filled == buf.capacity() {
+            buf.reserve(STAT_BYTES);
+        }
+        buf.resize(buf.capacity(), 0);
+        let n = f.read(&mut buf[filled..])?;
+        filled += n;
+        // A short read of a procfs file is its end.
+        if n == 0 || filled < buf.len() {
+            break;
+        }
+    }
+    buf.truncate(filled);
+    std::str::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Room for a stat line: 52 numbers and a name of at most 64 bytes.
+const STAT_BYTES: usize = 1024;
 
 /// A process's initial environment (bounded); None when it is gone or not readable.
 pub fn read_environ(proc_root: &Path, pid: i32) -> Result<Option<Vec<u8>>, ScanError> {

@@ -89,16 +89,79 @@ fn client_opts(key: &Path) -> Vec<String> {
     .to_vec()
 }
 
-/// An sshd_config listening on `addr:port` only, with `hostkey` and `auth`.
-fn config(addr: &str, port: u16, hostkey: &Path, auth: &Path) -> String {
+/// An sshd_config listening on port `port` of each of `addrs` only, with `hostkey` and `auth`.
+fn config(addrs: &[String], port: u16, hostkey: &Path, auth: &Path) -> String {
+    let listen: String = addrs
+        .iter()
+        .map(|a| format!("ListenAddress {a}\n"))
+        .collect();
     format!(
-        "Port {port}\nListenAddress {addr}\nHostKey {}\nAuthorizedKeysFile {}\n\
+        "Port {port}\n{listen}HostKey {}\nAuthorizedKeysFile {}\n\
          PidFile none\nStrictModes no\nPermitRootLogin yes\nPasswordAuthentication no\n\
          KbdInteractiveAuthentication no\nUsePAM no\nUseDNS no\nMaxStartups 1000\n\
          MaxSessions 1000\nLogLevel ERROR\nSubsystem sftp internal-sftp\n",
         hostkey.display(),
         auth.display()
     )
+}
+
+/// `sshd -D -f config`, started so that the shells it runs read no `~/.bashrc`: sshd runs each
+/// command through the login shell, and bash reads `~/.bashrc` then; whatever that does (here:
+/// pyenv's init, hundreds of milliseconds on a loaded machine) would be counted against every
+/// ssh. As root, in a mount namespace of its own an empty file stands in for it. `prefix`
+/// (`ip netns exec NS`) runs first.
+fn sshd_command(prefix: &[&str], sshd: &Path, config: &Path, empty: &Path) -> Command {
+    use std::ffi::OsStr;
+    let mut words: Vec<&OsStr> = prefix.iter().map(OsStr::new).collect();
+    if nix::unistd::geteuid().is_root() {
+        words
+            .extend(["unshare", "--mount", "--propagation", "private", "sh", "-c"].map(OsStr::new));
+        words.push(OsStr::new(
+            "if [ -f \"$HOME/.bashrc\" ]; then mount --bind \"$1\" \"$HOME/.bashrc\" \
+             || exit 1; fi; shift; exec \"$@\"",
+        ));
+        words.push(OsStr::new("sshd"));
+        words.push(empty.as_os_str());
+    }
+    words.extend([
+        sshd.as_os_str(),
+        OsStr::new("-D"),
+        OsStr::new("-f"),
+        config.as_os_str(),
+    ]);
+    let mut cmd = Command::new(words[0]);
+    cmd.args(&words[1..]);
+    cmd
+}
+
+/// `ssh` and `scp` wrappers in `dir` that add the client options for `key`: first on PATH,
+/// they let a tool that runs plain `ssh IP CMD` and `scp FILE IP:DIR` reach these sshds.
+fn write_wrappers(dir: &Path, key: &Path) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    // Temp dir paths hold no quote.
+    let opts = client_opts(key)
+        .iter()
+        .map(|o| format!("'{o}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    for tool in ["ssh", "scp"] {
+        let real = find(tool, &[]).with_context(|| format!("{tool} not found"))?;
+        let w = dir.join(tool);
+        fs::write(
+            &w,
+            format!("#!/bin/sh\nexec {} {opts} \"$@\"\n", real.display()),
+        )?;
+        fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+/// `dir` first on PATH.
+fn path_with(dir: &Path) -> std::ffi::OsString {
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![dir.to_path_buf()];
+    paths.extend(std::env::split_paths(&rest));
+    std::env::join_paths(paths).unwrap_or(rest)
 }
 
 /// The sshd binary, after installing it if missing; as root, with its privilege separation
@@ -113,17 +176,24 @@ fn sshd_binary() -> Result<PathBuf> {
 }
 
 impl Sshd {
+    /// An sshd on 127.0.0.1.
     pub fn start() -> Result<Sshd> {
+        Self::start_on(&["127.0.0.1".to_string()])
+    }
+
+    /// An sshd on one port of each of `addrs` (loopback addresses), with `ssh`/`scp` wrappers
+    /// for callers of plain `ssh -p PORT ADDR` ([`Sshd::path_env`]).
+    pub fn start_on(addrs: &[String]) -> Result<Sshd> {
         let sshd = sshd_binary()?;
         let dir = tempfile::tempdir()?;
         let (key, hostkey, auth) = make_keys(dir.path())?;
+        write_wrappers(&dir.path().join("bin"), &key)?;
+        let empty = dir.path().join("empty-bashrc");
+        fs::write(&empty, "")?;
         let port = super::free_port()?;
         let config = dir.path().join("sshd_config");
-        fs::write(&config, self::config("127.0.0.1", port, &hostkey, &auth))?;
-        let child = Command::new(&sshd)
-            .arg("-D")
-            .arg("-f")
-            .arg(&config)
+        fs::write(&config, self::config(addrs, port, &hostkey, &auth))?;
+        let child = sshd_command(&[], &sshd, &config, &empty)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("sshd.log"))?)
@@ -136,22 +206,30 @@ impl Sshd {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
+        for addr in addrs {
+            loop {
+                if TcpStream::connect((addr.as_str(), port)).is_ok() {
+                    break;
+                }
+                if let Ok(Some(st)) = s.child.try_wait() {
+                    bail!("sshd exited at start ({st})");
+                }
+                if Instant::now() > deadline {
+                    bail!("sshd not listening on {addr}:{port}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            if let Ok(Some(st)) = s.child.try_wait() {
-                bail!("sshd exited at start ({st})");
-            }
-            if Instant::now() > deadline {
-                bail!("sshd not listening on 127.0.0.1:{port}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
         // One login to make sure keys and config work.
-        let st = s.ssh().arg("true").status()?;
+        let first = addrs.first().context("no address for sshd")?;
+        let st = s.ssh_to(first).arg("true").status()?;
         ensure!(st.success(), "ssh to the loopback sshd failed");
         Ok(s)
+    }
+
+    /// PATH with the `ssh`/`scp` wrappers first (the port is the caller's to give: `-p`).
+    pub fn path_env(&self) -> std::ffi::OsString {
+        path_with(&self._dir.path().join("bin"))
     }
 
     fn client_opts(&self, port_flag: &str) -> Vec<String> {
@@ -162,8 +240,13 @@ impl Sshd {
 
     /// `ssh <opts> 127.0.0.1` (append the remote command).
     pub fn ssh(&self) -> Command {
+        self.ssh_to("127.0.0.1")
+    }
+
+    /// `ssh <opts> ADDR` (append the remote command).
+    pub fn ssh_to(&self, addr: &str) -> Command {
         let mut c = Command::new("ssh");
-        c.args(self.client_opts("-p")).arg("127.0.0.1");
+        c.args(self.client_opts("-p")).arg(addr);
         c
     }
 
@@ -214,22 +297,7 @@ impl NsSshd {
         let dir = tempfile::tempdir()?;
         let (key, hostkey, auth) = make_keys(dir.path())?;
         let path_dir = dir.path().join("bin");
-        fs::create_dir_all(&path_dir)?;
-        // Temp dir paths hold no quote.
-        let opts = client_opts(&key)
-            .iter()
-            .map(|o| format!("'{o}'"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        for tool in ["ssh", "scp"] {
-            let real = find(tool, &[]).with_context(|| format!("{tool} not found"))?;
-            let w = path_dir.join(tool);
-            fs::write(
-                &w,
-                format!("#!/bin/sh\nexec {} {opts} \"$@\"\n", real.display()),
-            )?;
-            fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        }
+        write_wrappers(&path_dir, &key)?;
         let empty = dir.path().join("empty-bashrc");
         fs::write(&empty, "")?;
         let mut s = NsSshd {
@@ -241,25 +309,9 @@ impl NsSshd {
             let config = s._dir.path().join(format!("sshd{i}_config"));
             fs::write(
                 &config,
-                self::config(&addr.to_string(), 22, &hostkey, &auth),
+                self::config(&[addr.to_string()], 22, &hostkey, &auth),
             )?;
-            // sshd runs each command through the login shell, and bash reads ~/.bashrc then:
-            // whatever it does (here: pyenv's rehash, seconds on a loaded machine) would be
-            // counted against every scp. In a mount namespace of its own, an empty file
-            // stands in for it.
-            let child = Command::new("ip")
-                .args(["netns", "exec", ns, "unshare", "--mount", "--propagation"])
-                .args(["private", "sh", "-c"])
-                .arg(
-                    "if [ -f \"$HOME/.bashrc\" ]; then mount --bind \"$1\" \"$HOME/.bashrc\" \
-                     || exit 1; fi; shift; exec \"$@\"",
-                )
-                .arg("sshd")
-                .arg(&empty)
-                .arg(&sshd)
-                .arg("-D")
-                .arg("-f")
-                .arg(&config)
+            let child = sshd_command(&["ip", "netns", "exec", ns], &sshd, &config, &empty)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(fs::File::create(
@@ -300,10 +352,7 @@ impl NsSshd {
 
     /// PATH with the wrappers first.
     pub fn path_env(&self) -> std::ffi::OsString {
-        let rest = std::env::var_os("PATH").unwrap_or_default();
-        let mut paths = vec![self.path_dir.clone()];
-        paths.extend(std::env::split_paths(&rest));
-        std::env::join_paths(paths).unwrap_or(rest)
+        path_with(&self.path_dir)
     }
 }
 
