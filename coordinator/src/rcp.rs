@@ -128,7 +128,7 @@ pub async fn upload(u: Upload, access: &AgentAccess) -> Result<(), String> {
         &plan,
         &digests,
         vec![host],
-        access,
+        send::Connections::Later(access),
         SendOptions::default(),
         progress,
         None,
