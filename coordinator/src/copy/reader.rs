@@ -68,10 +68,6 @@ pub struct ChunkMsg {
     pub held: Option<Arc<OwnedSemaphorePermit>>,
 }
 
-/// Called with a chunk's length before the reader takes room for it; may block, holding the
-/// reader back (`send`'s pacing of hosts that are ahead of the others).
-pub type Pace = Arc<dyn Fn(usize) + Send + Sync>;
-
 /// Set when the reader fails: the streams it fed ended early, and this says why.
 #[derive(Clone, Default)]
 pub struct ReadError(Arc<Mutex<Option<String>>>);
@@ -129,7 +125,6 @@ pub fn spawn(
     compression: Compression,
     seen: Option<Metadata>,
     budget: Option<Budget>,
-    pace: Option<Pace>,
 ) -> Vec<Feed> {
     let error = ReadError::default();
     let mut outs = Vec::new();
@@ -147,7 +142,6 @@ pub fn spawn(
         let check = Check {
             seen: seen.as_ref(),
             budget: budget.as_ref(),
-            pace: pace.as_ref(),
         };
         if let Err(e) = fan_out(&content, size, &mut outs, compression, check) {
             // Set before the senders drop: a stream that sees its end can then find the cause.
@@ -168,8 +162,6 @@ struct Check<'a> {
     seen: Option<&'a Metadata>,
     /// Room for the chunk, taken before it is read.
     budget: Option<&'a Budget>,
-    /// Called before the room is taken.
-    pace: Option<&'a Pace>,
 }
 
 fn fan_out(
@@ -194,9 +186,6 @@ fn fan_out(
     let mut offset = start;
     while offset < size && !outs.is_empty() {
         let len = (size - offset).min(CHUNK_SIZE as u64) as usize;
-        if let Some(pace) = check.pace {
-            pace(len);
-        }
         let held = check
             .budget
             .and_then(|b| b.read_blocking(len))
@@ -339,7 +328,6 @@ mod tests {
                     compression,
                     None,
                     None,
-                    None,
                 );
                 // Concurrently, as the hosts' streams do: the reader goes at the slowest one's
                 // pace.
@@ -371,7 +359,6 @@ mod tests {
             Compression::Zstd { level: 3 },
             None,
             None,
-            None,
         );
         let got = futures::future::join_all(feeds.into_iter().map(chunks)).await;
         let kinds: Vec<_> = got[0].iter().map(|c| (c.compression, c.len)).collect();
@@ -401,7 +388,6 @@ mod tests {
             Compression::None,
             None,
             None,
-            None,
         );
         let second = feeds.pop().unwrap();
         drop(feeds);
@@ -429,7 +415,6 @@ mod tests {
             Compression::None,
             Some(seen),
             None,
-            None,
         );
         let feed = feeds.pop().unwrap();
         let err = feed.error.clone();
@@ -452,7 +437,6 @@ mod tests {
             Compression::None,
             None,
             Some(budget.clone()),
-            None,
         );
         let mut feed = feeds.pop().unwrap();
         let first = feed.rx.recv().await.unwrap();
@@ -480,7 +464,6 @@ mod tests {
             100,
             &[0],
             Compression::None,
-            None,
             None,
             None,
         );

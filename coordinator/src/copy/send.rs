@@ -23,7 +23,7 @@ use super::hashing::Digests;
 use super::plan::{Content, CopyPlan};
 use super::progress::Progress;
 use super::put_wire;
-use super::reader::{self, ChunkMsg, Compression, Feed, Pace};
+use super::reader::{self, ChunkMsg, Compression, Feed};
 use super::retry::{self, status_text, Backoff};
 use super::summary::HostReport;
 use super::tally::{self, Delivered, Target};
@@ -88,8 +88,6 @@ struct HostCtx {
     sending: AtomicUsize,
     /// Bytes not yet handed to a connection.
     left: AtomicU64,
-    /// Bytes of its single-host sources its readers have yet to read (`Pacer`).
-    unread: AtomicU64,
 }
 
 /// How busy one connection is, for [`HostCtx::put_connection`].
@@ -111,8 +109,6 @@ impl Drop for Carrying {
         if let Some(u) = self.ctx.hosts[self.host].carrying.get(self.conn) {
             u.bodies.fetch_sub(1, Ordering::Relaxed);
         }
-        // A host no longer sending holds nobody back.
-        self.ctx.pacer.moved();
     }
 }
 
@@ -172,13 +168,7 @@ struct SourceCtx {
 }
 
 impl SourceCtx {
-    fn feeds(
-        &self,
-        offsets: &[u64],
-        compression: Compression,
-        budget: &Budget,
-        pace: Option<Pace>,
-    ) -> Vec<Feed> {
+    fn feeds(&self, offsets: &[u64], compression: Compression, budget: &Budget) -> Vec<Feed> {
         reader::spawn(
             self.content.clone(),
             self.origin.clone(),
@@ -187,7 +177,6 @@ impl SourceCtx {
             compression,
             self.seen.clone(),
             Some(budget.clone()),
-            pace,
         )
     }
 
@@ -218,7 +207,6 @@ struct Ctx {
     /// Wakes the dispatcher: a stream's body ended or a transfer ended, so room, a slot or a
     /// host's turn may be free.
     wake: Notify,
-    pacer: Pacer,
 }
 
 impl Ctx {
@@ -288,11 +276,8 @@ pub async fn send(
         }
     };
     let mut host_ctxs = host_ctxs(&hosts, further, opts.jobs).await;
-    let left = bytes_left(&by_source, &sizes, hosts.len(), false);
-    let unread = bytes_left(&by_source, &sizes, hosts.len(), true);
-    for ((h, left), unread) in host_ctxs.iter_mut().zip(left).zip(unread) {
+    for (h, left) in host_ctxs.iter_mut().zip(bytes_left(&by_source, &sizes)) {
         h.left = AtomicU64::new(left);
-        h.unread = AtomicU64::new(unread);
     }
     let ctx = Arc::new(Ctx {
         hosts: host_ctxs,
@@ -303,7 +288,6 @@ pub async fn send(
         opts,
         interrupt,
         wake: Notify::new(),
-        pacer: Pacer::default(),
     });
     let started = Instant::now();
     tracing::debug!(
@@ -387,19 +371,21 @@ async fn host_ctxs(hosts: &[Host], further: Further, jobs: usize) -> Vec<HostCtx
             last_done: Mutex::new(None),
             sending: AtomicUsize::new(0),
             left: AtomicU64::new(0),
-            unread: AtomicU64::new(0),
         });
     }
     out
 }
 
-/// Per host, the bytes its transfers will send (with `single`, of sources for it alone).
-fn bytes_left(by_source: &[Vec<Target>], sizes: &[u64], hosts: usize, single: bool) -> Vec<u64> {
+/// Per host, the bytes its transfers will send.
+fn bytes_left(by_source: &[Vec<Target>], sizes: &[u64]) -> Vec<u64> {
+    let hosts = by_source
+        .iter()
+        .flatten()
+        .map(|t| t.host + 1)
+        .max()
+        .unwrap_or(0);
     let mut left = vec![0u64; hosts];
     for (s, targets) in by_source.iter().enumerate() {
-        if single && targets.len() != 1 {
-            continue;
-        }
         for t in targets {
             if let Some(l) = left.get_mut(t.host) {
                 *l += sizes[s].saturating_sub(t.offset);
@@ -686,15 +672,7 @@ async fn transfer(
     targets.sort_by_key(|t| t.host);
     let src = &ctx.sources[source];
     let offsets: Vec<u64> = targets.iter().map(|t| t.offset).collect();
-    let pace = match targets.as_slice() {
-        [one] => Some(Pacer::pace(
-            &ctx,
-            one.host,
-            src.size.saturating_sub(one.offset),
-        )),
-        _ => None,
-    };
-    let feeds = src.feeds(&offsets, ctx.opts.compression, &ctx.budget, pace);
+    let feeds = src.feeds(&offsets, ctx.opts.compression, &ctx.budget);
     let deliveries = targets
         .into_iter()
         .zip(feeds)
@@ -712,98 +690,6 @@ async fn transfer(
     drop(room);
     ctx.wake.notify_one();
     out
-}
-
-/// Keeps the hosts of single-host sources level, so they finish together: a host's reader
-/// waits while some other host still sending has more than `PACE_SLACK` more bytes to read.
-/// When the master's link is what they share, TCP does not split it evenly (over a 9 s copy
-/// one host got 21% of the link and another 26%), and the host left alone at the end ran
-/// at a fraction of the link: a single stream far away is held back by the kernel's send
-/// buffer. Held back, a host ahead leaves its share to the others. A host with no stream
-/// handing chunks over (between files, or waiting to retry) holds nobody back.
-#[derive(Default)]
-struct Pacer {
-    lock: parking_lot::Mutex<()>,
-    moved: parking_lot::Condvar,
-}
-
-/// How far ahead of the others a host may read: two chunks, so hosts level within about a
-/// quarter of a second at 1 Gbit/s shared by four, with a chunk to spare against stop-and-go.
-const PACE_SLACK: u64 = 2 * dglrun_proto::CHUNK_SIZE as u64;
-
-/// A re-check at least this often: a wake-up between a check and the wait is not waited for
-/// long.
-const PACE_RECHECK: Duration = Duration::from_millis(20);
-
-impl Pacer {
-    /// The reader's hook for one file of `host`, `bytes` from where it starts: waits while the
-    /// host is ahead, then counts the chunk read. Whatever it did not count when the reader
-    /// ends (failed, or stopped) is taken off the host's unread bytes then.
-    fn pace(ctx: &Arc<Ctx>, host: usize, bytes: u64) -> Pace {
-        let file = Arc::new(PacedFile {
-            ctx: ctx.clone(),
-            host,
-            uncounted: AtomicU64::new(bytes),
-        });
-        Arc::new(move |len: usize| file.read(len as u64))
-    }
-
-    fn ahead(ctx: &Ctx, host: usize) -> bool {
-        if ctx.interrupted() {
-            return false;
-        }
-        let mine = ctx.hosts[host].unread.load(Ordering::Relaxed);
-        ctx.hosts.iter().enumerate().any(|(i, h)| {
-            i != host
-                && h.carrying
-                    .iter()
-                    .any(|c| c.bodies.load(Ordering::Relaxed) > 0)
-                && h.unread.load(Ordering::Relaxed) > mine.saturating_add(PACE_SLACK)
-        })
-    }
-
-    fn moved(&self) {
-        let _g = self.lock.lock();
-        self.moved.notify_all();
-    }
-}
-
-/// The pacing of one file's reader.
-struct PacedFile {
-    ctx: Arc<Ctx>,
-    host: usize,
-    uncounted: AtomicU64,
-}
-
-impl PacedFile {
-    /// On the reader's thread: blocks while the host is ahead.
-    fn read(&self, len: u64) {
-        let pacer = &self.ctx.pacer;
-        {
-            let mut g = pacer.lock.lock();
-            while Pacer::ahead(&self.ctx, self.host) {
-                pacer.moved.wait_for(&mut g, PACE_RECHECK);
-            }
-        }
-        let len = len.min(self.uncounted.load(Ordering::Relaxed));
-        self.uncounted.fetch_sub(len, Ordering::Relaxed);
-        self.count(len);
-    }
-
-    fn count(&self, len: u64) {
-        let unread = &self.ctx.hosts[self.host].unread;
-        let _ = unread.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-            Some(u.saturating_sub(len))
-        });
-        self.ctx.pacer.moved();
-    }
-}
-
-impl Drop for PacedFile {
-    fn drop(&mut self) {
-        let rest = self.uncounted.swap(0, Ordering::Relaxed);
-        self.count(rest);
-    }
 }
 
 /// What a stream gives back once its whole body is handed to the connection: its host no
@@ -1004,7 +890,7 @@ async fn try_once(
     }
     *offset = state.map_or(0, |s| s.resume_offset.min(m.size));
     match src
-        .feeds(&[*offset], ctx.opts.compression, &ctx.budget, None)
+        .feeds(&[*offset], ctx.opts.compression, &ctx.budget)
         .pop()
     {
         Some(f) => put(h, m, *offset, f, ctx, wire, end).await,
