@@ -11,9 +11,7 @@
 //! - Streams: a stream holds at most two encoded messages (one h2 is still writing, one being
 //!   handed over: hyper asks for the next only once h2's 400 KiB send buffer of the stream has
 //!   drained, but the previous message's buffer lives until its last byte is written), so it
-//!   reserves two chunks (or twice its file, if smaller); once its body has ended it holds at
-//!   most the last one, and a stream alone on its file gives half back ([`Budget::spare`])
-//!   while it waits for the agent's reply. A source whose
+//!   reserves two chunks (or twice its file, if smaller) for its whole life. A source whose
 //!   hosts need more than the pool is sent to them in groups, each reading the file again
 //!   (from the page cache): a whole group's room is taken at once, so no group can wait on
 //!   another while holding part of the pool.
@@ -76,22 +74,6 @@ impl Budget {
             .saturating_mul(n)
             .min(self.stream_units);
         self.streams.clone().try_acquire_many_owned(want).ok()
-    }
-
-    /// Half of one stream's room, split off `permit` (one stream of a `size`-byte file): what
-    /// the stream no longer needs once its last message is handed to h2.
-    pub fn spare(
-        &self,
-        permit: &mut OwnedSemaphorePermit,
-        size: u64,
-    ) -> Option<OwnedSemaphorePermit> {
-        permit.split((self.stream_cost(size) / 2) as usize)
-    }
-
-    /// That half taken again, waiting for it.
-    pub async fn stream_half(&self, size: u64) -> Option<OwnedSemaphorePermit> {
-        let n = self.stream_cost(size) / 2;
-        self.streams.clone().acquire_many_owned(n).await.ok()
     }
 
     /// Bytes of the read-ahead pool not held right now.
