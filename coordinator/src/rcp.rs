@@ -129,7 +129,7 @@ pub async fn upload(u: Upload, access: &AgentAccess) -> Result<()> {
         &plan,
         &digests,
         vec![host],
-        access,
+        send::Connections::Later(access),
         SendOptions::default(),
         progress,
         None,

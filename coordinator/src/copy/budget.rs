@@ -66,14 +66,14 @@ impl Budget {
     }
 
     /// Room for `n` streams (at most [`Budget::group`]) of a `size`-byte file, held until the
-    /// permit drops.
-    pub async fn streams(&self, size: u64, n: usize) -> Option<OwnedSemaphorePermit> {
+    /// permit drops; `None` when the pool has not that much free now.
+    pub fn try_streams(&self, size: u64, n: usize) -> Option<OwnedSemaphorePermit> {
         let n = u32::try_from(n.min(self.group(size))).unwrap_or(1);
         let want = self
             .stream_cost(size)
             .saturating_mul(n)
             .min(self.stream_units);
-        self.streams.clone().acquire_many_owned(want).await.ok()
+        self.streams.clone().try_acquire_many_owned(want).ok()
     }
 
     /// Bytes of the read-ahead pool not held right now.

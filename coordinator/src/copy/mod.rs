@@ -9,6 +9,7 @@
 
 pub mod alloc;
 pub mod budget;
+pub mod connections;
 pub mod hashing;
 pub mod plan;
 pub mod progress;
@@ -105,25 +106,36 @@ pub async fn run_until(
     let progress = Progress::new(opts.progress);
     let before_sending = async {
         // 2. Every agent, before the (possibly long) hashing: an unreachable one fails fast.
+        let addrs: Vec<_> = ip
+            .machines
+            .iter()
+            .map(|m| std::net::SocketAddr::new(m.ip, opts.access.port))
+            .collect();
+        let further = connections::Further::open(&addrs, &opts.access, opts.send.connections);
         let hosts = cluster::connect_all(&ip, &opts.access)
             .await
             .context("nothing was sent to any host")?;
+        tracing::debug!(
+            "every agent answered Hello {:?} after start",
+            started.elapsed()
+        );
         // 3. Digests of the local files.
         let digests =
             hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
-        anyhow::Ok((hosts, digests))
+        anyhow::Ok((hosts, digests, further))
     };
-    let (hosts, digests) = tokio::select! {
+    let (hosts, digests, further) = tokio::select! {
         r = before_sending => r?,
         () = interrupted(interrupt.clone()) => return Err(InterruptedBeforeSending.into()),
     };
+    tracing::debug!("hashed {:?} after start", started.elapsed());
 
     // 4. Prepare, check disk, send, verify.
     let hosts = send::send(
         &plan,
         &digests,
         hosts,
-        &opts.access,
+        send::Connections::Opening(further),
         opts.send.clone(),
         progress,
         interrupt,

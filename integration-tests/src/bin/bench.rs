@@ -12,7 +12,8 @@
 //! --scale-agents N (256), --link-mbit M (links: the hosts' rate, 1000), --link-mib M (links:
 //! each of the 4 partitions, 256), --rsh-mib N (stream size of the rsh throughput, 256),
 //! --logs-mib N (the finished job's output `logs` reads back, 1024), --logs-rate N (lines a
-//! second the job prints while the agent's cost is measured, 100000), --no-ssh.
+//! second the job prints while the agent's cost is measured, 100000), --links-only abc (the
+//! scenarios of `links` to run, all three), --no-ssh.
 
 // Test code throughout: a failed unwrap is a failed test, and a test may set its own
 // environment and sleep.
@@ -45,6 +46,7 @@ fn main() -> Result<()> {
     let mut rsh_mib = 256usize;
     let mut logs_mib = 1024u64;
     let mut logs_rate = 100_000u64;
+    let mut links_only = String::from("abc");
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
@@ -62,6 +64,7 @@ fn main() -> Result<()> {
             "--scale-agents" => opts.scale_agents = value()?.parse::<usize>()?.clamp(1, 1000),
             "--link-mbit" => opts.link_mbit = value()?.parse::<u64>()?.clamp(1, 10_000),
             "--link-mib" => opts.link_mib = value()?.parse::<u64>()?.max(1),
+            "--links-only" => links_only = value()?,
             "--no-ssh" => ssh = false,
             "--rsh-mib" => rsh_mib = value()?.parse::<usize>()?.max(1),
             "--logs-mib" => logs_mib = value()?.parse::<u64>()?.max(1),
@@ -71,7 +74,7 @@ fn main() -> Result<()> {
                     "bench [launch|teardown|scale|copy|broadcast|compress|links|rsh|logs...] \
                      [--reps N] [--size-gib G] [--bcast-gib G] [--bcast-hosts 1,4,16] [--dir DIR] \
                      [--scale-agents N] [--link-mbit M] [--link-mib M] [--rsh-mib N] \
-                     [--logs-mib N] [--logs-rate N] [--no-ssh]"
+                     [--logs-mib N] [--logs-rate N] [--links-only abc] [--no-ssh]"
                 );
                 return Ok(());
             }
@@ -126,7 +129,7 @@ fn main() -> Result<()> {
         }
     }
     if has("links") {
-        match bench::links::run(&opts, opts.link_mbit, opts.link_mib, ssh) {
+        match bench::links::run(&opts, opts.link_mbit, opts.link_mib, ssh, &links_only) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::error("links", &e)),
         }

@@ -169,6 +169,8 @@ fn cpu_now(net: &Net) -> Cpu {
 /// One timed run on `net`: wall seconds, the counters at its start and end, CPU used.
 struct Run {
     secs: f64,
+    /// The 1-minute load average at the end.
+    load: f64,
     start: Sample,
     end: Sample,
     cpu: Cpu,
@@ -184,6 +186,7 @@ fn measured(net: &Net, f: impl FnOnce() -> Result<()>) -> Result<Run> {
     let c1 = cpu_now(net);
     Ok(Run {
         secs,
+        load: load_average(),
         start,
         end,
         cpu: Cpu {
@@ -195,16 +198,32 @@ fn measured(net: &Net, f: impl FnOnce() -> Result<()>) -> Result<Run> {
     })
 }
 
-fn dglrun(net: &Net, pc: &Path, cache: &Path) -> Result<Run> {
+/// One `dgl-coord copy`: the run, and when each host got its last file (seconds after
+/// sending began, from the copy's report).
+fn dglrun(net: &Net, pc: &Path, cache: &Path) -> Result<(Run, Vec<f64>)> {
     net.clear_roots();
     let ip = net.cluster.ip_config_file(30050);
+    let mut done = Vec::new();
     let run = measured(net, || {
         let (_, report) = timed_copy(net.cluster.coord(), pc, &ip, cache, &[])?;
         ensure!(report["ok"] == true, "copy failed: {report}");
+        done = report["hosts"]
+            .as_array()
+            .map(|hs| hs.iter().filter_map(|h| h["seconds"].as_f64()).collect())
+            .unwrap_or_default();
         Ok(())
     })?;
     net.clear_roots();
-    Ok(run)
+    Ok((run, done))
+}
+
+/// The 1-minute load average: a figure taken while other work held the cores is no link
+/// figure.
+fn load_average() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// DGL's copy_files.py, unmodified, from the master's namespace: for each host in turn,
@@ -268,10 +287,11 @@ fn print_run(title: &str, net: &Net, run: &Run, samples: &[Sample], bytes: u64) 
     let c = &run.cpu;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     println!(
-        "  payload {:.0} MB/s; CPU: machine {:.0}% of {cores} cores busy, coordinator (and \
-         its children) {:.2} s, agents {:.2} s\n",
+        "  payload {:.0} MB/s; CPU: machine {:.0}% of {cores} cores busy (load average {:.1} \
+         after), coordinator (and its children) {:.2} s, agents {:.2} s\n",
         bytes as f64 / run.secs / 1e6,
         100.0 * c.machine_busy / c.machine_total.max(1e-9),
+        run.load,
         c.children,
         c.agents
     );
@@ -313,17 +333,23 @@ fn scenario(s: &Scenario, set: &Set, reps: usize, ssh: bool, work: &Path) -> Res
     let mut fig = Figures::default();
     let mut shown = Vec::new();
     for rep in 0..reps {
-        let run = dglrun(&net, &set.pc, &set.cache)?;
+        let (run, done) = dglrun(&net, &set.pc, &set.cache)?;
         let busy: Vec<f64> = net
             .links
             .iter()
             .map(|l| l.busy(&run.start, &run.end))
             .collect();
         eprintln!(
-            "bench links ({}) rep {rep}: dglrun {:.2}s, busy {:?}",
+            "bench links ({}) rep {rep}: dglrun {:.2}s, busy {:?}, hosts done at {:?} s after \
+             sending began; machine {:.0}% busy, load {:.1}",
             s.name,
             run.secs,
-            busy.iter().map(|b| (b * 100.0).round()).collect::<Vec<_>>()
+            busy.iter().map(|b| (b * 100.0).round()).collect::<Vec<_>>(),
+            done.iter()
+                .map(|t| (t * 100.0).round() / 100.0)
+                .collect::<Vec<_>>(),
+            100.0 * run.cpu.machine_busy / run.cpu.machine_total.max(1e-9),
+            run.load
         );
         fig.secs.push(run.secs);
         fig.master_busy.push(busy[0]);
@@ -386,7 +412,8 @@ fn make_set(work: &Path, part_mib: u64) -> Result<Set> {
 }
 
 /// `mbit`: the hosts' link rate (the master's is 10x in (b)); `part_mib`: each partition.
-pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>> {
+/// `only`: the scenarios to run, by letter (`"ac"`: (a) and (c)).
+pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool, only: &str) -> Result<Vec<Row>> {
     if let Some(why) = crate::netns::unavailable() {
         anyhow::bail!("cannot make network namespaces ({why})");
     }
@@ -424,8 +451,13 @@ pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>>
         rtt: None,
         baseline: false,
     };
-    let fa = scenario(&a, &set, reps, ssh, work.path());
+    let fa = if only.contains('a') {
+        scenario(&a, &set, reps, ssh, work.path())
+    } else {
+        Err(anyhow::anyhow!("not run (--links-only {only})"))
+    };
     match &fa {
+        Err(_) if !only.contains('a') => {}
         Ok(f) => rows.extend([
             Row::new(
                 format!(
@@ -449,8 +481,9 @@ pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>>
         rtt: None,
         baseline: true,
     };
-    match scenario(&b, &set, reps, ssh, work.path()) {
-        Ok(f) => {
+    match (only.contains('b')).then(|| scenario(&b, &set, reps, ssh, work.path())) {
+        None => {}
+        Some(Ok(f)) => {
             rows.extend([
                 Row::new(
                     format!(
@@ -486,7 +519,7 @@ pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>>
                 ));
             }
         }
-        Err(e) => rows.push(Row::error("links (b)", &e)),
+        Some(Err(e)) => rows.push(Row::error("links (b)", &e)),
     }
 
     let c = Scenario {
@@ -496,8 +529,9 @@ pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>>
         rtt: Some(RTT),
         baseline: false,
     };
-    match scenario(&c, &set, reps, ssh, work.path()) {
-        Ok(f) => {
+    match (only.contains('c')).then(|| scenario(&c, &set, reps, ssh, work.path())) {
+        None => {}
+        Some(Ok(f)) => {
             rows.push(Row::new(
                 format!(
                     "links (c) (a) + {} ms RTT: master link busy",
@@ -522,7 +556,7 @@ pub fn run(opts: &Opts, mbit: u64, part_mib: u64, ssh: bool) -> Result<Vec<Row>>
                 Err(_) => rows.push(Row::new("links (c): copy time", "s", &f.secs, "", None)),
             }
         }
-        Err(e) => rows.push(Row::error("links (c)", &e)),
+        Some(Err(e)) => rows.push(Row::error("links (c)", &e)),
     }
     Ok(rows)
 }
