@@ -82,9 +82,33 @@ pub async fn run_until(
     interrupt: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> anyhow::Result<CopyReport> {
     let started = Instant::now();
-    // 1. Inputs, all checked before any host is contacted.
-    // These errors already say what failed and why; `msg` keeps anyhow from printing their
-    // source a second time.
+    let (ip, plan) = inputs(&opts)?;
+    let progress = Progress::new(opts.progress);
+    let ready = before_sending(&opts, &ip, &plan, &progress, started);
+    let (hosts, digests, further) = tokio::select! {
+        r = ready => r?,
+        () = interrupted(interrupt.clone()) => return Err(InterruptedBeforeSending.into()),
+    };
+    tracing::debug!("hashed {:?} after start", started.elapsed());
+
+    // 4. Prepare, check disk, send, verify.
+    let hosts = send::send(
+        &plan,
+        &digests,
+        hosts,
+        send::Connections::Opening(further),
+        opts.send.clone(),
+        progress,
+        interrupt,
+    )
+    .await?;
+    Ok(report(&opts, &plan, hosts, digests.stats, started))
+}
+
+/// 1. Inputs, all checked before any host is contacted.
+fn inputs(opts: &CopyOptions) -> anyhow::Result<(IpConfig, plan::CopyPlan)> {
+    // These errors already say what failed and why; `one_line` keeps anyhow from printing
+    // their source a second time.
     let ip = IpConfig::load(&opts.ip_config).map_err(one_line)?;
     let pc = PartConfig::load(&opts.part_config).map_err(one_line)?;
     let scripts = opts
@@ -102,45 +126,44 @@ pub async fn run_until(
         scripts: scripts.as_ref(),
     })?;
     hashing::check_sources(&plan.sources, &opts.part_config)?;
+    Ok((ip, plan))
+}
 
-    let progress = Progress::new(opts.progress);
-    let before_sending = async {
-        // 2. Every agent, before the (possibly long) hashing: an unreachable one fails fast.
-        let addrs: Vec<_> = ip
-            .machines
-            .iter()
-            .map(|m| std::net::SocketAddr::new(m.ip, opts.access.port))
-            .collect();
-        let further = connections::Further::open(&addrs, &opts.access, opts.send.connections);
-        let hosts = cluster::connect_all(&ip, &opts.access)
-            .await
-            .context("nothing was sent to any host")?;
-        tracing::debug!(
-            "every agent answered Hello {:?} after start",
-            started.elapsed()
-        );
-        // 3. Digests of the local files.
-        let digests =
-            hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
-        anyhow::Ok((hosts, digests, further))
-    };
-    let (hosts, digests, further) = tokio::select! {
-        r = before_sending => r?,
-        () = interrupted(interrupt.clone()) => return Err(InterruptedBeforeSending.into()),
-    };
-    tracing::debug!("hashed {:?} after start", started.elapsed());
+/// Steps 2 and 3: every agent, before the (possibly long) hashing, so that an unreachable one
+/// fails fast (each host's further connections open meanwhile); then the local files' digests.
+async fn before_sending(
+    opts: &CopyOptions,
+    ip: &IpConfig,
+    plan: &plan::CopyPlan,
+    progress: &std::sync::Arc<Progress>,
+    started: Instant,
+) -> anyhow::Result<(Vec<cluster::Host>, hashing::Digests, connections::Further)> {
+    let addrs: Vec<_> = ip
+        .machines
+        .iter()
+        .map(|m| std::net::SocketAddr::new(m.ip, opts.access.port))
+        .collect();
+    let further = connections::Further::open(&addrs, &opts.access, opts.send.connections);
+    let hosts = cluster::connect_all(ip, &opts.access)
+        .await
+        .context("nothing was sent to any host")?;
+    tracing::debug!(
+        "every agent answered Hello {:?} after start",
+        started.elapsed()
+    );
+    let digests =
+        hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
+    Ok((hosts, digests, further))
+}
 
-    // 4. Prepare, check disk, send, verify.
-    let hosts = send::send(
-        &plan,
-        &digests,
-        hosts,
-        send::Connections::Opening(further),
-        opts.send.clone(),
-        progress,
-        interrupt,
-    )
-    .await?;
+/// 5. What the copy did, for the report.
+fn report(
+    opts: &CopyOptions,
+    plan: &plan::CopyPlan,
+    hosts: Vec<HostReport>,
+    hashing: hashing::HashStats,
+    started: Instant,
+) -> CopyReport {
     let ok = hosts.iter().all(HostReport::ok);
     let interrupted = hosts
         .iter()
@@ -148,7 +171,7 @@ pub async fn run_until(
         .any(|f| f.status == FileOutcome::Interrupted);
     let bytes_sent = hosts.iter().map(|h| h.bytes_sent).sum();
     let wire_bytes = hosts.iter().map(|h| h.wire_bytes).sum();
-    Ok(CopyReport {
+    CopyReport {
         ok,
         interrupted,
         hosts,
@@ -156,13 +179,13 @@ pub async fn run_until(
         wire_bytes,
         compression: opts.send.compression,
         seconds: started.elapsed().as_secs_f64(),
-        hashing: digests.stats,
+        hashing,
         launch: summary::LaunchHint {
             workspace: opts.workspace.clone(),
             part_config: plan.launch_part_config.clone(),
             ip_config: plan.launch_ip_config.clone(),
         },
-    })
+    }
 }
 
 fn one_line(e: impl std::fmt::Display) -> anyhow::Error {

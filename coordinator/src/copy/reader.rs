@@ -11,7 +11,9 @@
 use std::fs::{File, Metadata};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use dglrun_proto::compress::Packer;
@@ -74,11 +76,11 @@ pub struct ReadError(Arc<Mutex<Option<String>>>);
 
 impl ReadError {
     pub fn get(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.lock().clone()
     }
 
     fn set(&self, e: String) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        *self.0.lock() = Some(e);
     }
 }
 

@@ -5,7 +5,9 @@ use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -146,16 +148,16 @@ impl HostCtx {
     }
 
     fn dead(&self) -> Option<String> {
-        self.dead.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.dead.lock().clone()
     }
 
     fn give_up(&self, reason: String) {
-        let mut d = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = self.dead.lock();
         d.get_or_insert(reason);
     }
 
     fn done_now(&self) {
-        *self.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.last_done.lock() = Some(Instant::now());
     }
 }
 
@@ -303,7 +305,7 @@ pub async fn send(
     verify(&ctx, &mut reports).await;
     tracing::debug!("verified {:?} after sending began", started.elapsed());
     for (h, r) in ctx.hosts.iter().zip(&mut reports) {
-        let last = *h.last_done.lock().unwrap_or_else(|p| p.into_inner());
+        let last = *h.last_done.lock();
         tally::count(
             r,
             last.map_or(0.0, |t| t.duration_since(started).as_secs_f64()),
