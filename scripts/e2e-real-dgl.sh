@@ -354,6 +354,24 @@ leftovers() {
     echo "${out[*]}"
 }
 
+# An E2E_ERROR line in LOG, or a process left on a host 10 s after WHAT ended: a problem.
+check_errors_and_leftovers() {
+    local log=$1 what=$2 m tries left
+    if grep -q 'E2E_ERROR' "$log"; then
+        problem "$(grep -m1 -o 'E2E_ERROR.*' "$log")"
+    fi
+    for ((m = 0; m < HOSTS; m++)); do
+        for ((tries = 0; tries < 50; tries++)); do
+            left=$(leftovers "$m")
+            [[ -z $left ]] && break
+            sleep 0.2
+        done
+        if [[ -n $left ]]; then
+            problem "processes left on m$m 10 s after $what: $(ps -o pid=,args= -p "${left// /,}" | cut -c1-150 | tr '\n' ';')"
+        fi
+    done
+}
+
 check_run() { # name mode trainers log status
     local name=$1 mode=$2 trainers=$3 log=$4 status=$5
     local world=$((HOSTS * trainers)) r m t label line left
@@ -381,21 +399,9 @@ check_run() { # name mode trainers log status
         grep -qF "[$label] E2E_DONE rank=$r " "$log" ||
             problem "rank $r did not finish (no E2E_DONE line labelled [$label])"
     done
-    if grep -q 'E2E_ERROR' "$log"; then
-        problem "$(grep -m1 -o 'E2E_ERROR.*' "$log")"
-    fi
     # Nothing of the job may be left on any host: servers, trainers, torchrun's agent process
     # and the sampler processes the trainers forked.
-    for ((m = 0; m < HOSTS; m++)); do
-        for ((tries = 0; tries < 50; tries++)); do
-            left=$(leftovers "$m")
-            [[ -z $left ]] && break
-            sleep 0.2
-        done
-        if [[ -n $left ]]; then
-            problem "processes left on m$m 10 s after the job: $(ps -o pid=,args= -p "${left// /,}" | cut -c1-150 | tr '\n' ';')"
-        fi
-    done
+    check_errors_and_leftovers "$log" "the job"
     local losses
     losses=$(grep -o 'E2E_LOSS rank=' "$log" | wc -l || true)
     verdict "$name" "$world trainers, $losses loss lines, dgl-coord exited 0, nothing left running"
@@ -480,19 +486,7 @@ if [[ ${E2E_LAUNCHPY:-1} == 1 ]]; then
         grep -qF "E2E_LOSS rank=$r " "$log" || problem "rank $r printed no loss line"
         grep -qF "E2E_DONE rank=$r " "$log" || problem "rank $r did not finish (no E2E_DONE line)"
     done
-    if grep -q 'E2E_ERROR' "$log"; then
-        problem "$(grep -m1 -o 'E2E_ERROR.*' "$log")"
-    fi
-    for ((m = 0; m < HOSTS; m++)); do
-        for ((tries = 0; tries < 50; tries++)); do
-            left=$(leftovers "$m")
-            [[ -z $left ]] && break
-            sleep 0.2
-        done
-        if [[ -n $left ]]; then
-            problem "processes left on m$m 10 s after launch.py: $(ps -o pid=,args= -p "${left// /,}" | cut -c1-150 | tr '\n' ';')"
-        fi
-    done
+    check_errors_and_leftovers "$log" "launch.py"
     losses=$(grep -o 'E2E_LOSS rank=' "$log" | wc -l || true)
     ((${#PROBLEMS[@]} == 0)) || echo "(log of this launch: $log)"
     verdict "$name" "$HOSTS trainers, $losses loss lines, launch.py exited 0 after ${took}s, nothing left running"

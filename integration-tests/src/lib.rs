@@ -102,6 +102,45 @@ pub fn fixtures_dir() -> PathBuf {
     repo_dir().join("integration-tests/fixtures")
 }
 
+/// `PYTHON -c ... TOOL` for one of DGL's tools (`fixtures/dgl-tools`), unmodified, with
+/// multiprocessing's "spawn" start method.
+///
+/// launch.py and distgraphlaunch.py fork their clean-up process (the default "fork") while
+/// their threads are starting `ssh` through subprocess. A fork inside one thread's window
+/// between pipe() and exec() keeps that thread's exec-status pipe open in the clean-up process:
+/// the thread never returns and the tool deadlocks, over ssh as over the shims (seen under
+/// load). A spawned clean-up process inherits no such pipe.
+pub fn dgl_tool(python: &str, tool: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg("-c")
+        .arg(
+            "import multiprocessing, runpy, sys\n\
+             multiprocessing.set_start_method('spawn')\n\
+             sys.argv = sys.argv[1:]\n\
+             runpy.run_path(sys.argv[0], run_name='__main__')\n",
+        )
+        .arg(fixtures_dir().join("dgl-tools").join(tool));
+    cmd
+}
+
+/// `dgl-coord shims --dir DIR` run as `coord` (a `dgl-coord` set up for some agents); panics
+/// naming what it printed when it fails. Returns DIR.
+pub fn write_shims(mut coord: std::process::Command, dir: PathBuf) -> PathBuf {
+    let out = coord
+        .arg("shims")
+        .arg("--dir")
+        .arg(&dir)
+        .output()
+        .expect("run dgl-coord shims");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("ssh").exists(), "no ssh shim in {}", dir.display());
+    dir
+}
+
 /// A block of loopback addresses no other test uses: 127.B.C.2, 127.B.C.3, ...
 fn unique_ip_block() -> (u8, u8) {
     // Tests run as separate processes in parallel; a random block makes collisions unlikely,

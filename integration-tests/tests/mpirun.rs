@@ -36,20 +36,7 @@ fn cluster(test: &str) -> Option<NetCluster> {
 /// Writes the shims for `c`'s agents (port and token file from the coordinator's environment);
 /// returns their directory.
 fn shims(c: &NetCluster) -> PathBuf {
-    let dir = c.dir.path().join("shims");
-    let out = c
-        .coord()
-        .arg("shims")
-        .arg("--dir")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
+    dglrun_integration_tests::write_shims(c.coord(), c.dir.path().join("shims"))
 }
 
 /// `mpirun` in the coordinator's namespace running `sh -c COMMAND` as one rank per host, as

@@ -24,40 +24,13 @@ const WORKLOAD: &str = "python3 fake_dgl.py --graph-name g --ip_config ip_config
 
 /// Writes the shims for `c`'s agents; returns their directory.
 fn shims(c: &TestCluster) -> PathBuf {
-    let dir = c.dir.path().join("shims");
-    let out = c
-        .coord()
-        .arg("shims")
-        .arg("--dir")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(dir.join("ssh").exists());
-    dir
+    dglrun_integration_tests::write_shims(c.coord(), c.dir.path().join("shims"))
 }
 
-/// `python3 TOOL` for one of DGL's tools, unmodified, with multiprocessing's "spawn" start method.
-///
-/// launch.py and distgraphlaunch.py fork their clean-up process (the default "fork") while
-/// their threads are starting `ssh` through subprocess. A fork inside one thread's window
-/// between pipe() and exec() keeps that thread's exec-status pipe open in the clean-up process:
-/// the thread never returns and the tool deadlocks, over ssh as over the shims (seen under
-/// load). A spawned clean-up process inherits no such pipe.
+/// `python3 TOOL` for one of DGL's tools (see the harness's `dgl_tool`).
 fn dgl_tool(tool: &str) -> Command {
-    let mut cmd = Command::new("python3");
-    cmd.arg("-c")
-        .arg(
-            "import multiprocessing, runpy, sys\n\
-             multiprocessing.set_start_method('spawn')\n\
-             sys.argv = sys.argv[1:]\n\
-             runpy.run_path(sys.argv[0], run_name='__main__')\n",
-        )
-        .arg(fixtures_dir().join("dgl-tools").join(tool))
+    let mut cmd = dglrun_integration_tests::dgl_tool("python3", tool);
+    cmd
         // Lines of the clean-up process arrive when printed, so a test can wait for them.
         .env("PYTHONUNBUFFERED", "1");
     cmd

@@ -52,10 +52,11 @@ pub fn start_time(proc_root: &Path, pid: i32) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn p(pid: i32, ppid: i32, pgid: i32, state: char) -> ProcEntry {
+    /// A live entry with no start time, for tests of what reads entries.
+    pub(crate) fn p(pid: i32, ppid: i32, pgid: i32, state: char) -> ProcEntry {
         ProcEntry {
             pid,
             ppid,

@@ -294,17 +294,8 @@ pub fn whole_groups(members: &[ProcEntry], all: &[ProcEntry], own_pgid: i32) -> 
 
 #[cfg(test)]
 mod tests {
+    use super::super::proc_stat::tests::p;
     use super::*;
-
-    fn p(pid: i32, ppid: i32, pgid: i32, state: char) -> ProcEntry {
-        ProcEntry {
-            pid,
-            ppid,
-            pgid,
-            state,
-            start: None,
-        }
-    }
 
     #[test]
     fn environ_marker_matches_whole_entries_only() {

@@ -222,15 +222,8 @@ fn python() -> &'static str {
 /// the sshd wrappers first) and `ssh_port` for its `ssh -p`. Started with multiprocessing's
 /// "spawn", as its users should (see README: its fork can deadlock while threads start ssh).
 fn time_launch_py(ws: &std::path::Path, ssh_port: u16, path: &std::ffi::OsStr) -> Result<f64> {
-    let mut cmd = Command::new(python());
-    cmd.arg("-c")
-        .arg(
-            "import multiprocessing, runpy, sys\n\
-             multiprocessing.set_start_method('spawn')\n\
-             sys.argv = sys.argv[1:]\n\
-             runpy.run_path(sys.argv[0], run_name='__main__')\n",
-        )
-        .arg(fixtures_dir().join("dgl-tools").join("launch.py"))
+    let mut cmd = crate::dgl_tool(python(), "launch.py");
+    cmd
         // `--extra_envs` takes every word up to the next option: not last.
         .arg("--extra_envs")
         .arg(format!(
