@@ -91,9 +91,7 @@ fn placements(u: &Upload, dest_is_dir: bool) -> Result<(Vec<Source>, Vec<Placeme
 
 /// Sends `u`; the error, shown with `{:#}`, is one line for `dgl-coord rcp: ` to prefix.
 pub async fn upload(u: Upload, access: &AgentAccess) -> Result<()> {
-    let ip = resolve(&u.host, access.port)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let ip = resolve(&u.host, access.port).await?;
     let mut host = cluster::connect(0, ip, access)
         .await
         .with_context(|| u.host.clone())?;
@@ -160,9 +158,7 @@ pub async fn download(
     access: &AgentAccess,
 ) -> Result<()> {
     use std::io::Write;
-    let ip = resolve(host_name, access.port)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let ip = resolve(host_name, access.port).await?;
     let mut host = cluster::connect(0, ip, access)
         .await
         .with_context(|| host_name.to_string())?;

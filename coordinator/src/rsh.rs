@@ -36,23 +36,51 @@ pub struct RshOptions {
     pub quiet: bool,
 }
 
+/// Why a session gave no exit status, worded as ssh words its own.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("Could not resolve hostname {host}: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error(
+        "dgl-agent {agent} has no sessions; run dgl-agent {} there",
+        dglrun_proto::VERSION
+    )]
+    NoSessions { agent: String },
+    /// The agent refused the session; its message says why.
+    #[error("{}", .0.message())]
+    Refused(Box<tonic::Status>),
+    #[error("the agent ended the session without an exit status")]
+    NoExit,
+    #[error("connection lost: {}", .0.message())]
+    Lost(Box<tonic::Status>),
+    /// The local side could not take the output.
+    #[error("{0}")]
+    Output(#[from] std::io::Error),
+}
+
 /// The address of `host`: an address as given, else the first the resolver returns (IPv4
 /// first, as ip_config holds IPv4 only).
-pub async fn resolve(host: &str, port: u16) -> Result<IpAddr, String> {
+pub async fn resolve(host: &str, port: u16) -> Result<IpAddr, SessionError> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok(ip);
     }
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
         .await
-        .map_err(|e| format!("Could not resolve hostname {host}: {e}"))?
+        .map_err(|e| SessionError::Resolve {
+            host: host.to_string(),
+            reason: e.to_string(),
+        })?
         .collect();
     addrs
         .iter()
         .find(|a| a.is_ipv4())
         .or(addrs.first())
         .map(SocketAddr::ip)
-        .ok_or_else(|| format!("Could not resolve hostname {host}: no address"))
+        .ok_or_else(|| SessionError::Resolve {
+            host: host.to_string(),
+            reason: "no address".to_string(),
+        })
 }
 
 /// Runs the session; returns the exit status `rsh` exits with. Messages go to stderr,
@@ -64,7 +92,7 @@ pub async fn run(opts: RshOptions, access: &AgentAccess) -> u8 {
     };
     let ip = match resolve(&opts.host, access.port).await {
         Ok(ip) => ip,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     // No Hello first: the Session call itself carries the token and version checks, and one
     // round trip less is a good part of a short command's time.
@@ -153,13 +181,13 @@ enum Ended {
 }
 
 /// Writes the command's output here until its exit arrives.
-async fn receive(mut out: tonic::Streaming<pb::SessionOutput>) -> Result<Ended, String> {
+async fn receive(mut out: tonic::Streaming<pb::SessionOutput>) -> Result<Ended, SessionError> {
     loop {
         let msg = match out.message().await {
             Ok(Some(m)) => m.msg,
-            Ok(None) => return Err("the agent ended the session without an exit status".into()),
+            Ok(None) => return Err(SessionError::NoExit),
             Err(s) if s.code() == tonic::Code::Cancelled => return Ok(Ended::Interrupted),
-            Err(s) => return Err(format!("connection lost: {}", s.message())),
+            Err(s) => return Err(SessionError::Lost(Box::new(s))),
         };
         // A closed local stdout (`rsh host cmd | head`) ends the session, as with ssh.
         let written = match msg {
@@ -275,7 +303,7 @@ pub async fn run_quietly(
     host: &mut crate::cluster::Host,
     command: &str,
     mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> Result<i32, String> {
+) -> Result<i32, SessionError> {
     let start = session_input::Msg::Start(pb::SessionStart {
         command: command.to_string(),
         requester: crate::ops::requester("dgl-coord rcp"),
@@ -289,19 +317,21 @@ pub async fn run_quietly(
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|s| match s.code() {
-            tonic::Code::Unimplemented => format!(
-                "dgl-agent {} has no sessions; run dgl-agent {} there",
-                host.hello.agent_version,
-                dglrun_proto::VERSION
-            ),
-            _ => s.message().to_string(),
+            tonic::Code::Unimplemented => SessionError::NoSessions {
+                agent: host.hello.agent_version.clone(),
+            },
+            _ => SessionError::Refused(Box::new(s)),
         })?
         .into_inner();
     loop {
-        match out.message().await.map_err(|s| s.message().to_string())? {
-            None => return Err("the agent ended the session without an exit status".into()),
+        match out
+            .message()
+            .await
+            .map_err(|s| SessionError::Refused(Box::new(s)))?
+        {
+            None => return Err(SessionError::NoExit),
             Some(m) => match m.msg {
-                Some(session_output::Msg::Stdout(b)) => sink(&b).map_err(|e| e.to_string())?,
+                Some(session_output::Msg::Stdout(b)) => sink(&b)?,
                 Some(session_output::Msg::Exit(e)) if e.signal != 0 => return Ok(128 + e.signal),
                 Some(session_output::Msg::Exit(e)) => return Ok(e.code),
                 _ => {}
