@@ -473,7 +473,7 @@ async fn dump_one(py_spy: &Path, p: &Labelled, native: bool) -> Dump {
         Ok(s) => s,
         Err(e) => {
             return Dump {
-                error: format!("cannot start {}: {e}", py_spy.display()),
+                error: format!("cannot start {}: {e:#}", py_spy.display()),
                 ..Dump::default()
             }
         }
@@ -522,7 +522,7 @@ async fn dump_one(py_spy: &Path, p: &Labelled, native: bool) -> Dump {
 }
 
 /// Starts py-spy on `pid` through the reaper, its output on pipes.
-async fn start_py_spy(py_spy: &Path, pid: i32, native: bool) -> Result<Spawned, String> {
+async fn start_py_spy(py_spy: &Path, pid: i32, native: bool) -> anyhow::Result<Spawned> {
     let mut cmd = Command::new(py_spy);
     cmd.arg("dump").arg("--pid").arg(pid.to_string());
     if native {
@@ -532,12 +532,7 @@ async fn start_py_spy(py_spy: &Path, pid: i32, native: bool) -> Result<Spawned, 
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    tokio::task::spawn_blocking(move || {
-        let reaper = Reaper::get().map_err(|e| e.to_string())?;
-        reaper.spawn(&mut cmd).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    tokio::task::spawn_blocking(move || Ok(Reaper::get()?.spawn(&mut cmd)?)).await?
 }
 
 /// What a failed py-spy said: how it ended and its error output, on one line.
