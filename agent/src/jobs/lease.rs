@@ -102,14 +102,16 @@ pub(super) fn check(jobs: &Arc<Jobs>, now: Instant) -> Option<Instant> {
 
 /// Stops a job whose lease ran out, if anything of it still runs, and says so in the log.
 async fn expire(job: Arc<Job>, grace: Duration) {
-    {
+    let first = {
         let mut st = job.state();
+        let first = !st.stopping;
         // A Spawn forking right now sees this when it is done and stops what it started.
         st.stopping = true;
         if st.clean {
             return;
         }
-    }
+        first
+    };
     let query = job.member_query();
     let pids = tokio::task::spawn_blocking(move || {
         tree::members(Path::new("/proc"), &query)
@@ -134,11 +136,10 @@ async fn expire(job: Arc<Job>, grace: Duration) {
     let lease = job.state().lease;
     tracing::warn!(job = %job.id, ?pids, lease_ms = lease.as_millis() as u64,
         "lease expired: no word from the coordinator; stopping the job's processes");
-    super::stopped::announce(&job, pb::StopCause::LeaseExpired, "lease expiry");
-    // `announce` records nothing once `stopping` is set (above); the job's record still
-    // says who stopped it.
-    if let Some(log) = job.output_log() {
-        log.stopped("lease expiry");
+    // Watchers (and the job's record) learn why before the first signal; a job that a Stop
+    // was already stopping keeps that Stop's requester.
+    if first {
+        job.record_stopped(pb::StopCause::LeaseExpired, "lease expiry");
     }
     stop_and_log(&job, grace, "after its lease expired").await;
 }

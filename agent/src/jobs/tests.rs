@@ -420,6 +420,32 @@ async fn a_job_spawned_on_an_idle_agent_wakes_the_lease_monitor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_expiry_is_told_to_the_watchers_before_the_exits() {
+    let (_d, jobs) = jobs(Duration::from_secs(30));
+    let mut req = spawn_req("j-expiring", vec![shell("t0", "sleep 60")]);
+    req.lease_ms = 200;
+    jobs.spawn_pb(req).await.unwrap();
+    let events = collect_until_exited(&jobs, "j-expiring", 1).await;
+    let stops: Vec<(usize, &pb::JobStopped)> = events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match &e.event {
+            Some(Event::Stopped(s)) => Some((i, s)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stops.len(), 1, "{events:?}");
+    let (at, stop) = stops[0];
+    assert_eq!(stop.cause, pb::StopCause::LeaseExpired as i32, "{events:?}");
+    assert_eq!(stop.by, "lease expiry");
+    let exit = events
+        .iter()
+        .position(|e| matches!(e.event, Some(Event::Exited(_))))
+        .unwrap();
+    assert!(at < exit, "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_lease_expired_is_closed() {
     let (_d, jobs) = jobs(Duration::from_secs(30));
     let mut req = spawn_req("j-closed", vec![shell("t0", "true")]);
