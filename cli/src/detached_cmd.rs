@@ -35,17 +35,8 @@ pub(crate) struct StopArgs {
     #[arg(long = "ip_config", alias = "ip-config")]
     ip_config: PathBuf,
 
-    /// Seconds between SIGTERM and SIGKILL.
-    #[arg(long, default_value_t = 5.0)]
-    grace: f64,
-
-    /// SIGKILL at once.
-    #[arg(long)]
-    force: bool,
-
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    how: crate::ops_cmd::StopFlags,
 
     #[command(flatten)]
     access: AccessArgs,
@@ -123,9 +114,7 @@ pub(crate) async fn stop(args: StopArgs) -> anyhow::Result<u8> {
         &args.ip_config,
         &args.access,
         Some(&args.job),
-        args.grace,
-        args.force,
-        args.json,
+        &args.how,
     )
     .await
 }

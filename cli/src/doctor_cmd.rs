@@ -63,11 +63,7 @@ pub(crate) async fn run(args: DoctorArgs) -> anyhow::Result<u8> {
         rel_data_path: args.rel_data_path,
     };
     let reports = doctor::run(&o, &args.access.access()?).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
-    } else {
-        print!("{}", doctor::table::render(&reports));
-    }
+    crate::ops_cmd::print_report(args.json, &reports, |r| doctor::table::render(r))?;
     Ok(if reports.iter().any(|r| r.failed()) {
         1
     } else {

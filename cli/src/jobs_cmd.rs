@@ -70,11 +70,7 @@ pub(crate) struct LogsArgs {
 pub(crate) async fn jobs(args: JobsArgs) -> anyhow::Result<u8> {
     let ips = IpConfig::load(&args.ip_config)?;
     let report = job_history::jobs(&ips, &args.access.access()?).await;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", job_history::render(&report));
-    }
+    crate::ops_cmd::print_report(args.json, &report, job_history::render)?;
     Ok(if report.unreachable.is_empty() { 0 } else { 1 })
 }
 

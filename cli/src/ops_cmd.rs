@@ -33,6 +33,16 @@ pub(crate) struct KillArgs {
     #[arg(long)]
     job: Option<String>,
 
+    #[command(flatten)]
+    how: StopFlags,
+
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+/// How `kill` and `stop` stop, and how they report.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub(crate) struct StopFlags {
     /// Seconds between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 5.0)]
     grace: f64,
@@ -44,20 +54,27 @@ pub(crate) struct KillArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
 
-    #[command(flatten)]
-    access: AccessArgs,
+/// A report as JSON (`--json`) or as its text, on stdout.
+pub(crate) fn print_report<T: serde::Serialize>(
+    json: bool,
+    report: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", text(report));
+    }
+    Ok(())
 }
 
 /// Exit 0 when every agent answered, 1 otherwise.
 pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     let ips = IpConfig::load(&args.ip_config)?;
     let hosts = ops::status(&ips, &args.access.access()?).await;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&hosts)?);
-    } else {
-        print!("{}", ops::render_status(&hosts));
-    }
+    print_report(args.json, &hosts, |h| ops::render_status(h))?;
     Ok(if hosts.iter().all(|h| h.reachable && h.error.is_none()) {
         0
     } else {
@@ -72,9 +89,7 @@ pub(crate) async fn kill(args: KillArgs) -> anyhow::Result<u8> {
         &args.ip_config,
         &args.access,
         args.job.as_deref(),
-        args.grace,
-        args.force,
-        args.json,
+        &args.how,
     )
     .await
 }
@@ -86,10 +101,9 @@ pub(crate) async fn stop_jobs(
     ip_config: &std::path::Path,
     access: &AccessArgs,
     job: Option<&str>,
-    grace: f64,
-    force: bool,
-    json: bool,
+    how: &StopFlags,
 ) -> anyhow::Result<u8> {
+    let StopFlags { grace, force, json } = *how;
     anyhow::ensure!(
         grace.is_finite() && grace >= 0.0,
         "--grace must be a number of seconds, not {grace}"
@@ -103,11 +117,7 @@ pub(crate) async fn stop_jobs(
         force,
     )
     .await;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.render());
-    }
+    print_report(json, &report, |r| r.render())?;
     for e in &report.errors {
         eprintln!("dgl-coord {command}: {e}");
     }
