@@ -12,7 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dglrun_integration_tests::run::{reader, run, wait_with_timeout};
@@ -196,14 +197,19 @@ for i in range(n):
     time.sleep(0.005)
 "#;
 
-#[test]
-fn logs_follow_sees_every_line_once_in_order_and_ends_with_the_job() {
-    let c = with_workspace(2, &[]);
+/// Launches `slow.py LINES` with `trainers` trainers a host, and once the agents list the job,
+/// `logs JOB --follow --stream stdout`: the job's id, the launch, the follow, and the follow's stdout and
+/// stderr as they are read.
+fn follow_slow_job(
+    c: &TestCluster,
+    trainers: &str,
+    lines: u32,
+) -> (String, Child, Child, JoinHandle<String>, JoinHandle<String>) {
     for i in 0..c.len() {
         fs::write(c.root(i).join(WS).join("slow.py"), SLOW).unwrap();
     }
-    let mut launch = c
-        .launch_direct("2", &[], "python3 slow.py 600")
+    let launch = c
+        .launch_direct(trainers, &[], &format!("python3 slow.py {lines}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -212,14 +218,14 @@ fn logs_follow_sees_every_line_once_in_order_and_ends_with_the_job() {
     // The job as soon as the agents know it.
     let deadline = Instant::now() + Duration::from_secs(30);
     let id = loop {
-        let (_, report) = jobs(&c);
+        let (_, report) = jobs(c);
         if let Some(j) = report["jobs"].as_array().and_then(|a| a.first()) {
             break j["job_id"].as_str().unwrap().to_string();
         }
         assert!(Instant::now() < deadline, "no job listed");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut follow = coord(&c, &["logs", &id, "--follow", "--stream", "stdout"]);
+    let mut follow = coord(c, &["logs", &id, "--follow", "--stream", "stdout"]);
     let mut follow = follow
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -228,6 +234,13 @@ fn logs_follow_sees_every_line_once_in_order_and_ends_with_the_job() {
         .unwrap();
     let out = reader(follow.stdout.take().unwrap());
     let err = reader(follow.stderr.take().unwrap());
+    (id, launch, follow, out, err)
+}
+
+#[test]
+fn logs_follow_sees_every_line_once_in_order_and_ends_with_the_job() {
+    let c = with_workspace(2, &[]);
+    let (_, mut launch, mut follow, out, err) = follow_slow_job(&c, "2", 600);
     let launched = wait_with_timeout(&mut launch, Duration::from_secs(90)).expect("launch ends");
     assert!(launched.success(), "{launched:?}");
     let followed = wait_with_timeout(&mut follow, Duration::from_secs(30))
@@ -493,34 +506,7 @@ fn a_job_running_when_its_agent_died_is_recorded_as_interrupted() {
 #[test]
 fn logs_follow_resumes_across_an_agent_restart_without_a_line_twice() {
     let mut c = with_workspace(2, &[]);
-    for i in 0..c.len() {
-        fs::write(c.root(i).join(WS).join("slow.py"), SLOW).unwrap();
-    }
-    let mut launch = c
-        .launch_direct("1", &[], "python3 slow.py 100000")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let id = loop {
-        let (_, report) = jobs(&c);
-        if let Some(j) = report["jobs"].as_array().and_then(|a| a.first()) {
-            break j["job_id"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "no job listed");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut follow = coord(&c, &["logs", &id, "--follow", "--stream", "stdout"]);
-    let mut follow = follow
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = reader(follow.stdout.take().unwrap());
-    let err = reader(follow.stderr.take().unwrap());
+    let (id, mut launch, mut follow, out, err) = follow_slow_job(&c, "1", 100000);
     std::thread::sleep(Duration::from_millis(1500));
     c.restart_agent(1);
     let followed = wait_with_timeout(&mut follow, Duration::from_secs(60))
