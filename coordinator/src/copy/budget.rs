@@ -1,84 +1,112 @@
 //! The coordinator's bound on the chunk bytes it holds, across all hosts.
 //!
-//! Two kinds of buffer hold a chunk: the reader's (one per source, shared by every host that
-//! gets it) and the PutFile stream's (tonic encodes each message into a buffer of its own, so
-//! a chunk sent to 64 hosts is 64 buffers until HTTP/2 has written them). Each kind has its
-//! own pool, so a stream waiting for room never holds what the readers need, and the other
-//! way round: neither can starve the other into a deadlock.
+//! A chunk's room is taken by its reader before the read and travels with the chunk's bytes
+//! ([`Budget::seal`]): it comes back when the last holder drops them, that is once HTTP/2 has
+//! written the chunk to every connection it goes to (the PutFile body hands the reader's
+//! `Bytes` to h2 as they are, so a chunk sent to 64 hosts is one buffer). The bound is thus
+//! exact, whatever holds a chunk: the queue to a stream, hyper, or h2's send buffer.
 //!
-//! - Read-ahead: a reader takes room for a chunk before reading it; the room is freed when
-//!   every host has taken the chunk.
-//! - Streams: a stream holds at most two encoded messages (one h2 is still writing, one being
-//!   handed over: hyper asks for the next only once h2's 400 KiB send buffer of the stream has
-//!   drained, but the previous message's buffer lives until its last byte is written), so it
-//!   reserves two chunks (or twice its file, if smaller) for its whole life. A source whose
-//!   hosts need more than the pool is sent to them in groups, each reading the file again
-//!   (from the page cache): a whole group's room is taken at once, so no group can wait on
-//!   another while holding part of the pool.
+//! Only readers take room, and a held chunk only waits for its connections, never for room,
+//! so no wait can close a cycle. Chunk buffers are reused: a fresh 4 MiB buffer costs a page
+//! fault and a zeroed page per 4 KiB, a few percent of the coordinator's CPU when it only
+//! sends. At most the bound's worth of them exist, held or waiting for reuse.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Permits count KiB: a semaphore holds at most `u32::MAX` permits per acquire.
 const UNIT: usize = 1024;
 
-/// The two pools of one copy.
+/// The bound of one copy, and its chunk buffers.
 #[derive(Clone, Debug)]
 pub struct Budget {
-    read: Arc<Semaphore>,
-    streams: Arc<Semaphore>,
-    read_units: u32,
-    stream_units: u32,
+    room: Arc<Semaphore>,
+    units: u32,
     chunk: usize,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// Room for one chunk, taken by [`Budget::take_blocking`].
+#[derive(Debug)]
+pub struct Room {
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Budget {
-    /// `bytes` in all: a quarter for read-ahead, the rest for streams; each pool holds at
-    /// least two chunks.
+    /// `bytes` in all, at least two chunks.
     pub fn new(bytes: usize, chunk: usize) -> Self {
-        let read = units((bytes / 4).max(2 * chunk));
-        let streams = units(bytes.saturating_sub(bytes / 4).max(2 * chunk));
+        let units = units(bytes.max(2 * chunk));
         Self {
-            read: Arc::new(Semaphore::new(read as usize)),
-            streams: Arc::new(Semaphore::new(streams as usize)),
-            read_units: read,
-            stream_units: streams,
+            room: Arc::new(Semaphore::new(units as usize)),
+            units,
             chunk,
+            spare: Arc::default(),
         }
     }
 
     /// Room for a chunk of `len` bytes about to be read. Blocking: for the reader's thread.
-    pub fn read_blocking(&self, len: usize) -> Option<OwnedSemaphorePermit> {
-        let n = units(len).min(self.read_units);
-        futures::executor::block_on(self.read.clone().acquire_many_owned(n)).ok()
+    pub fn take_blocking(&self, len: usize) -> Option<Room> {
+        let n = units(len).min(self.units);
+        futures::executor::block_on(self.room.clone().acquire_many_owned(n))
+            .ok()
+            .map(|p| Room { _permit: p })
     }
 
-    /// What one stream of a `size`-byte file reserves.
-    fn stream_cost(&self, size: u64) -> u32 {
-        let size = usize::try_from(size).unwrap_or(usize::MAX);
-        units(size.min(self.chunk).saturating_mul(2)).clamp(1, self.stream_units)
+    /// A buffer of at least `len` bytes to read a chunk into: a spare one when there is one.
+    pub fn buffer(&self, len: usize) -> Vec<u8> {
+        if len <= self.chunk {
+            if let Some(b) = self.spare.lock().pop() {
+                return b;
+            }
+        }
+        vec![0; len.max(self.chunk)]
     }
 
-    /// How many hosts can be sent a `size`-byte file at once.
-    pub fn group(&self, size: u64) -> usize {
-        (self.stream_units / self.stream_cost(size)).max(1) as usize
+    /// Gives back a buffer from [`Budget::buffer`] that is not sent after all.
+    pub fn recycle(&self, buf: Vec<u8>) {
+        if buf.len() == self.chunk {
+            self.spare.lock().push(buf);
+        }
     }
 
-    /// Room for `n` streams (at most [`Budget::group`]) of a `size`-byte file, held until the
-    /// permit drops; `None` when the pool has not that much free now.
-    pub fn try_streams(&self, size: u64, n: usize) -> Option<OwnedSemaphorePermit> {
-        let n = u32::try_from(n.min(self.group(size))).unwrap_or(1);
-        let want = self
-            .stream_cost(size)
-            .saturating_mul(n)
-            .min(self.stream_units);
-        self.streams.clone().try_acquire_many_owned(want).ok()
+    /// The first `len` bytes of `buf`, holding `room` until the last clone is dropped; a
+    /// chunk-sized buffer then goes back for reuse, before the room is free for the next read.
+    pub fn seal(&self, buf: Vec<u8>, len: usize, room: Room) -> Bytes {
+        let len = len.min(buf.len());
+        Bytes::from_owner(Held {
+            buf,
+            len,
+            budget: self.clone(),
+            _room: room,
+        })
     }
 
-    /// Bytes of the read-ahead pool not held right now.
-    pub fn read_available(&self) -> usize {
-        self.read.available_permits() * UNIT
+    /// Bytes of the bound not held right now.
+    pub fn available(&self) -> usize {
+        self.room.available_permits() * UNIT
+    }
+}
+
+/// A sealed chunk. Fields drop after `drop` runs: the buffer is spare before the room is free.
+struct Held {
+    buf: Vec<u8>,
+    len: usize,
+    budget: Budget,
+    _room: Room,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.recycle(std::mem::take(&mut self.buf));
     }
 }
 
@@ -91,16 +119,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn big_files_go_to_a_few_hosts_at_a_time_and_small_ones_to_all() {
-        let mib = 1 << 20;
-        let b = Budget::new(64 * mib, 4 * mib);
-        // 48 MiB for streams, 8 MiB per stream of a big file.
-        assert_eq!(b.group(1 << 30), 6);
-        assert_eq!(b.group(4 * mib as u64), 6);
-        // A 1 KiB config: 2 KiB a stream.
-        assert!(b.group(1024) >= 64 * 256);
-        // The floor: one stream of two chunks, whatever was asked.
-        let tiny = Budget::new(0, 4 * mib);
-        assert_eq!(tiny.group(1 << 30), 1);
+    fn a_chunks_room_comes_back_when_its_last_clone_is_dropped() {
+        let c = 64 * UNIT;
+        let b = Budget::new(2 * c, c);
+        let room = b.take_blocking(c).unwrap();
+        let mut buf = b.buffer(c);
+        buf[0] = 7;
+        let bytes = b.seal(buf, 10, room);
+        let copy = bytes.clone();
+        assert_eq!((bytes.len(), bytes[0]), (10, 7));
+        assert_eq!(b.available(), c);
+        drop(bytes);
+        assert_eq!(b.available(), c);
+        drop(copy);
+        assert_eq!(b.available(), 2 * c);
+        // The buffer is reused, whatever it held.
+        let again = b.buffer(c);
+        assert_eq!((again.len(), again[0]), (c, 7));
+    }
+
+    #[test]
+    fn the_bound_holds_at_least_two_chunks_and_a_buffer_fits_any_request() {
+        let c = 64 * UNIT;
+        let b = Budget::new(0, c);
+        assert_eq!(b.available(), 2 * c);
+        assert_eq!(b.buffer(3 * c).len(), 3 * c);
+        // Only chunk-sized buffers are kept.
+        b.recycle(vec![0; 3 * c]);
+        assert_eq!(b.buffer(1).len(), c);
     }
 }

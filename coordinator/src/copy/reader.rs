@@ -19,9 +19,9 @@ use bytes::Bytes;
 use dglrun_proto::compress::Packer;
 use dglrun_proto::pb;
 use dglrun_proto::CHUNK_SIZE;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
-use super::budget::Budget;
+use super::budget::{Budget, Room};
 
 use super::plan::Content;
 
@@ -66,8 +66,6 @@ pub struct ChunkMsg {
     /// What is sent: the chunk's bytes, or its zstd frame.
     pub data: Bytes,
     pub compression: pb::Compression,
-    /// The reader's share of the in-flight bound: released once every host has taken the chunk.
-    pub held: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 /// Set when the reader fails: the streams it fed ended early, and this says why.
@@ -188,36 +186,37 @@ fn fan_out(
     let mut offset = start;
     while offset < size && !outs.is_empty() {
         let len = (size - offset).min(CHUNK_SIZE as u64) as usize;
-        let held = check
-            .budget
-            .and_then(|b| b.read_blocking(len))
-            .map(Arc::new);
-        let chunk = source
-            .next(len)
+        let room = check.budget.and_then(|b| b.take_blocking(len));
+        let mut buf = check.budget.map_or_else(|| vec![0; len], |b| b.buffer(len));
+        let n = source
+            .next(&mut buf[..len])
             .map_err(|e| format!("cannot read at offset {offset}: {e}"))?;
         // After the read: a write that the chunk saw has updated the mtime by then.
         source.check(seen)?;
-        if chunk.len() < len {
+        if n < len {
             return Err(FanOutError::Read(format!(
                 "the file shrank while being copied (ended at {} of {size} bytes)",
-                offset + chunk.len() as u64
+                offset + n as u64
             )));
         }
-        // Once for all hosts; the raw chunk is dropped as soon as its frame is made.
-        let msg = match packer.as_mut().and_then(|p| p.pack(&chunk)) {
-            Some(frame) => ChunkMsg {
-                offset,
-                len: len as u64,
-                data: Bytes::from(frame),
-                compression: pb::Compression::Zstd,
-                held,
-            },
+        // Once for all hosts; the raw chunk is given back as soon as its frame is made.
+        let msg = match packer.as_mut().and_then(|p| p.pack(&buf[..len])) {
+            Some(frame) => {
+                if let Some(b) = check.budget {
+                    b.recycle(buf);
+                }
+                ChunkMsg {
+                    offset,
+                    len: len as u64,
+                    data: sealed(check.budget, room, frame.len(), frame),
+                    compression: pb::Compression::Zstd,
+                }
+            }
             None => ChunkMsg {
                 offset,
                 len: len as u64,
-                data: chunk,
+                data: sealed(check.budget, room, len, buf),
                 compression: pb::Compression::None,
-                held,
             },
         };
         // A host whose stream ended (failed, or will retry on its own) drops out.
@@ -225,6 +224,17 @@ fn fan_out(
         offset += len as u64;
     }
     Ok(())
+}
+
+/// The first `len` bytes of `buf`, holding their room in the bound while any host has them.
+fn sealed(budget: Option<&Budget>, room: Option<Room>, len: usize, mut buf: Vec<u8>) -> Bytes {
+    match (budget, room) {
+        (Some(b), Some(room)) => b.seal(buf, len, room),
+        _ => {
+            buf.truncate(len);
+            Bytes::from(buf)
+        }
+    }
 }
 
 /// Sequential chunks of a file or of bytes in memory.
@@ -263,20 +273,27 @@ impl<'a> Chunks<'a> {
         }
     }
 
-    /// Up to `len` bytes; fewer only at the end of the data.
-    fn next(&mut self, len: usize) -> std::io::Result<Bytes> {
+    /// Fills `buf`; returns fewer bytes only at the end of the data.
+    fn next(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Self::File(f, _) => {
-                // read_to_end fills spare capacity without zeroing it first.
-                let mut buf = Vec::with_capacity(len);
-                f.take(len as u64).read_to_end(&mut buf)?;
-                Ok(Bytes::from(buf))
+                let mut n = 0;
+                while n < buf.len() {
+                    match f.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(n)
             }
             Self::Bytes(b, at) => {
-                let end = (*at + len).min(b.len());
-                let out = Bytes::copy_from_slice(b.get(*at..end).unwrap_or(&[]));
-                *at = end;
-                Ok(out)
+                let src = b.get(*at..).unwrap_or(&[]);
+                let n = src.len().min(buf.len());
+                buf[..n].copy_from_slice(&src[..n]);
+                *at += n;
+                Ok(n)
             }
         }
     }
@@ -429,8 +446,8 @@ mod tests {
     async fn the_reader_holds_no_more_than_its_share_of_the_budget() {
         let c = CHUNK_SIZE;
         let data = vec![9u8; 6 * c];
-        // Two chunks for the readers.
-        let budget = Budget::new(8 * c, c);
+        // Two chunks in all.
+        let budget = Budget::new(2 * c, c);
         let mut feeds = spawn(
             Content::Bytes(data.clone()),
             "f".into(),
@@ -445,14 +462,14 @@ mod tests {
         // With the first chunk held here, the reader gets one more and then waits for room.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert_eq!(feed.rx.len(), 1);
-        assert_eq!(budget.read_available(), 0);
+        assert_eq!(budget.available(), 0);
         drop(first);
         let mut offsets = Vec::new();
         while let Some(m) = feed.rx.recv().await {
             offsets.push(m.offset);
         }
         assert_eq!(offsets.len(), 5);
-        assert_eq!(budget.read_available(), 2 * c);
+        assert_eq!(budget.available(), 2 * c);
     }
 
     #[tokio::test]

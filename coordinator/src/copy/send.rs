@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -68,6 +68,10 @@ impl Default for SendOptions {
         }
     }
 }
+
+/// Chunks a job keeps in flight to run at its link's pace: one in h2's send buffer, one queued
+/// behind it, one being read.
+const READ_AHEAD_CHUNKS: usize = 3;
 
 /// A PrepareFiles request stays well under the message limit and the agent's file limit.
 const PREPARE_BATCH_BYTES: usize = 4 << 20;
@@ -206,6 +210,10 @@ struct Ctx {
     interrupt: Option<watch::Receiver<bool>>,
     /// Chunk bytes held at once, over all sources and hosts.
     budget: Budget,
+    /// Jobs whose bodies are still being handed over, and how many may be: each keeps a few
+    /// chunks queued ahead of its streams, so more would only wait for room.
+    reading: AtomicUsize,
+    max_reading: usize,
     /// Wakes the dispatcher: a stream's body ended or a transfer ended, so room, a slot or a
     /// host's turn may be free.
     wake: Notify,
@@ -281,6 +289,7 @@ pub async fn send(
     for (h, left) in host_ctxs.iter_mut().zip(bytes_left(&by_source, &sizes)) {
         h.left = AtomicU64::new(left);
     }
+    let max_reading = (opts.max_in_flight / (READ_AHEAD_CHUNKS * dglrun_proto::CHUNK_SIZE)).max(1);
     let ctx = Arc::new(Ctx {
         hosts: host_ctxs,
         sources: source_ctxs(plan, hashed),
@@ -289,6 +298,8 @@ pub async fn send(
         budget: Budget::new(opts.max_in_flight, dglrun_proto::CHUNK_SIZE),
         opts,
         interrupt,
+        reading: AtomicUsize::new(0),
+        max_reading,
         wake: Notify::new(),
     });
     let started = Instant::now();
@@ -417,16 +428,26 @@ struct Job {
     targets: Vec<Target>,
 }
 
-/// What a started transfer holds until it ends.
+/// What a started transfer holds: its hosts' slots until it ends, its place among the
+/// readers until every body is handed over.
 struct Permits {
-    streams: Option<OwnedSemaphorePermit>,
+    reading: Arc<Reading>,
     slots: Vec<OwnedSemaphorePermit>,
 }
 
-/// Starts transfers as room, host slots and hosts' turns allow. Sources for several hosts
-/// (configs, scripts: small) go first, in plan order, each to as many hosts at once as the
-/// in-flight bound has room for. Then single-host sources (partitions): whenever room frees,
-/// the next file goes to the host with the fewest streams still sending, and of those to the
+/// One job counted in [`Ctx::reading`] while any of its bodies is still being handed over.
+struct Reading(Arc<Ctx>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.reading.fetch_sub(1, Ordering::Relaxed);
+        self.0.wake.notify_one();
+    }
+}
+
+/// Starts transfers as readers, host slots and hosts' turns allow. Sources for several hosts
+/// (configs, scripts: small) go first, in plan order, each to up to `max_streams` hosts at
+/// once. Then single-host sources (partitions): whenever a reader's place frees, the next file goes to the host with the fewest streams still sending, and of those to the
 /// one with the most bytes left. With a first-come queue the room a host's stream freed went
 /// to whichever file queued first, often another host's: one host got two streams while
 /// another idled for a second or more (`bench links`). A host's next file starts once its
@@ -440,10 +461,7 @@ async fn transfer_all(ctx: &Arc<Ctx>, by_source: Vec<Vec<Target>>) -> Vec<Delive
             [] => {}
             [one] => own[one.host].push_back(Job { source: s, targets }),
             _ => {
-                let group = ctx
-                    .budget
-                    .group(ctx.sources[s].size)
-                    .min(ctx.opts.max_streams.max(1));
+                let group = ctx.opts.max_streams.max(1);
                 shared.extend(targets.chunks(group).map(|g| Job {
                     source: s,
                     targets: g.to_vec(),
@@ -490,7 +508,7 @@ async fn transfer_all(ctx: &Arc<Ctx>, by_source: Vec<Vec<Target>>) -> Vec<Delive
 
 /// The next job that can start now, with what it holds, taken off its queue.
 fn next_job(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     shared: &mut VecDeque<Job>,
     own: &mut [VecDeque<Job>],
 ) -> Option<(Job, Permits)> {
@@ -534,18 +552,19 @@ fn turns(hosts: impl Iterator<Item = HostTurn>) -> Vec<usize> {
     hosts.into_iter().map(|t| t.host).collect()
 }
 
-/// Room for the job's streams and a slot on each of its hosts, if all are free now.
-fn try_permits(ctx: &Ctx, job: &Job) -> Option<Permits> {
-    let streams = ctx
-        .budget
-        .try_streams(ctx.sources[job.source].size, job.targets.len())?;
+/// A place among the readers and a slot on each of the job's hosts, if all are free now.
+fn try_permits(ctx: &Arc<Ctx>, job: &Job) -> Option<Permits> {
+    if ctx.reading.load(Ordering::Relaxed) >= ctx.max_reading {
+        return None;
+    }
     let slots = job
         .targets
         .iter()
         .map(|t| ctx.hosts[t.host].slots.clone().try_acquire_owned().ok())
         .collect::<Option<Vec<_>>>()?;
+    ctx.reading.fetch_add(1, Ordering::Relaxed);
     Some(Permits {
-        streams: Some(streams),
+        reading: Arc::new(Reading(ctx.clone())),
         slots,
     })
 }
@@ -660,10 +679,7 @@ async fn transfer(
     mut targets: Vec<Target>,
     permits: Permits,
 ) -> Vec<Delivered> {
-    let Permits {
-        streams: room,
-        slots,
-    } = permits;
+    let Permits { reading, slots } = permits;
     // The feeds come in the targets' order.
     targets.sort_by_key(|t| t.host);
     let src = &ctx.sources[source];
@@ -677,33 +693,40 @@ async fn transfer(
             let end = Arc::new(BodyEnd {
                 ctx: ctx.clone(),
                 host: t.host,
-                ended: AtomicBool::new(false),
+                reading: Mutex::new(Some(reading.clone())),
             });
             deliver(ctx.clone(), source, t, feed, slot, end)
-        });
+        })
+        .collect::<Vec<_>>();
+    drop(reading);
     let out = futures::future::join_all(deliveries).await;
-    drop(room);
     ctx.wake.notify_one();
     out
 }
 
 /// Once a stream's whole body is handed to the connection its host no longer counts it as
-/// sending, so the host's next file may start while this one waits for the agent's reply.
-/// Its room in the bound stays until the reply: giving half of it back then (h2 holds at most
-/// the last chunk by that time) raised the coordinator's peak RSS from 66-83 MB to 104 MB in
-/// `bench copy` (1 GiB to 4 agents) for no measurable gain on 50 ms links.
+/// sending, and once every body of its job is, the job no longer counts among the readers:
+/// the host's next file may start while this one waits for the agent's reply. What h2 still
+/// holds of this one keeps its room in the bound until written (see `budget`), so the next
+/// file's reader reads as that room frees, with no gap on the link between the two files.
 struct BodyEnd {
     ctx: Arc<Ctx>,
     host: usize,
-    ended: AtomicBool,
+    /// Its job's place among the readers, given up here.
+    reading: Mutex<Option<Arc<Reading>>>,
 }
 
 impl BodyEnd {
     fn fire(&self) {
-        if !self.ended.swap(true, Ordering::Relaxed) {
+        let reading = self.reading.lock().take();
+        if reading.is_some() {
             self.ctx.hosts[self.host]
                 .sending
                 .fetch_sub(1, Ordering::Relaxed);
+            // Only then is the job's place free: the dispatcher it wakes must see this host
+            // as not sending, or a busier host with more bytes left takes the place and this
+            // one idles for a whole file.
+            drop(reading);
             self.ctx.wake.notify_one();
         }
     }
