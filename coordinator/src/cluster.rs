@@ -340,17 +340,34 @@ pub async fn connect(rank: usize, ip: IpAddr, access: &AgentAccess) -> Result<Ho
 /// Connects to every machine's agent at once; fails naming every agent that could not be reached.
 pub async fn connect_all(ips: &IpConfig, access: &AgentAccess) -> anyhow::Result<Vec<Host>> {
     let attempts = ips.machines.iter().map(|m| connect(m.rank, m.ip, access));
-    let results = futures::future::join_all(attempts).await;
-    let mut hosts = Vec::new();
+    all_or_every_error(futures::future::join_all(attempts).await)
+}
+
+/// Opens a connection to every machine's agent at once, without a call yet (TCP, and TLS
+/// where it is used, so a wrong token fails here off loopback); fails naming every agent that
+/// could not be reached.
+pub async fn open_all(ips: &IpConfig, access: &AgentAccess) -> anyhow::Result<Vec<Opened>> {
+    let attempts = ips.machines.iter().map(|m| open(m.rank, m.ip, access));
+    all_or_every_error(futures::future::join_all(attempts).await)
+}
+
+/// Every opened agent's Hello; fails naming every agent that refused or failed.
+pub async fn hello_all(opened: Vec<Opened>) -> anyhow::Result<Vec<Host>> {
+    let attempts = opened.into_iter().map(Opened::hello);
+    all_or_every_error(futures::future::join_all(attempts).await)
+}
+
+fn all_or_every_error<T>(results: Vec<Result<T, ConnectError>>) -> anyhow::Result<Vec<T>> {
+    let mut oks = Vec::new();
     let mut errors = Vec::new();
     for r in results {
         match r {
-            Ok(h) => hosts.push(h),
+            Ok(t) => oks.push(t),
             Err(e) => errors.push(e.to_string()),
         }
     }
     if !errors.is_empty() {
         anyhow::bail!("{}", errors.join("\n"));
     }
-    Ok(hosts)
+    Ok(oks)
 }

@@ -126,7 +126,10 @@ pub async fn upload(u: Upload, access: &AgentAccess) -> Result<()> {
     let reports = send::send(
         &plan,
         &digests,
-        vec![host],
+        send::Reached {
+            hosts: vec![host],
+            prepared: None,
+        },
         send::Connections::Later(access),
         SendOptions::default(),
         progress,

@@ -85,17 +85,16 @@ pub async fn run_until(
     let (ip, plan) = inputs(&opts)?;
     let progress = Progress::new(opts.progress);
     let ready = before_sending(&opts, &ip, &plan, &progress, started);
-    let (hosts, digests, further) = tokio::select! {
+    let (reached, digests, further) = tokio::select! {
         r = ready => r?,
         () = interrupted(interrupt.clone()) => return Err(InterruptedBeforeSending.into()),
     };
-    tracing::debug!("hashed {:?} after start", started.elapsed());
 
-    // 4. Prepare, check disk, send, verify.
+    // 4. Check disk, send, verify.
     let hosts = send::send(
         &plan,
         &digests,
-        hosts,
+        reached,
         send::Connections::Opening(further),
         opts.send.clone(),
         progress,
@@ -129,31 +128,60 @@ fn inputs(opts: &CopyOptions) -> anyhow::Result<(IpConfig, plan::CopyPlan)> {
     Ok((ip, plan))
 }
 
-/// Steps 2 and 3: every agent, before the (possibly long) hashing, so that an unreachable one
-/// fails fast (each host's further connections open meanwhile); then the local files' digests.
+/// Steps 2 and 3: a connection to every agent first, so that an unreachable one fails fast
+/// (each host's further connections open meanwhile); then at once every agent's Hello and the
+/// local files' digests, and as soon as those are known, PrepareFiles to every host. With the
+/// digests cached, PrepareFiles goes out on each connection alongside Hello (it carries the
+/// token and version checks too): one round trip fewer before the first byte. A failed Hello
+/// ends the copy without waiting for the hashing.
 async fn before_sending(
     opts: &CopyOptions,
     ip: &IpConfig,
     plan: &plan::CopyPlan,
     progress: &std::sync::Arc<Progress>,
     started: Instant,
-) -> anyhow::Result<(Vec<cluster::Host>, hashing::Digests, connections::Further)> {
+) -> anyhow::Result<(send::Reached, hashing::Digests, connections::Further)> {
     let addrs: Vec<_> = ip
         .machines
         .iter()
         .map(|m| std::net::SocketAddr::new(m.ip, opts.access.port))
         .collect();
     let further = connections::Further::open(&addrs, &opts.access, opts.send.connections);
-    let hosts = cluster::connect_all(ip, &opts.access)
+    let opened = cluster::open_all(ip, &opts.access)
         .await
         .context("nothing was sent to any host")?;
-    tracing::debug!(
-        "every agent answered Hello {:?} after start",
-        started.elapsed()
-    );
-    let digests =
-        hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
-    Ok((hosts, digests, further))
+    let clients: Vec<cluster::Client> = opened.iter().map(|o| o.client.clone()).collect();
+    let hellos = async {
+        let hosts = cluster::hello_all(opened)
+            .await
+            .context("nothing was sent to any host")?;
+        tracing::debug!(
+            "every agent answered Hello {:?} after start",
+            started.elapsed()
+        );
+        anyhow::Ok(hosts)
+    };
+    let prepared = async {
+        let digests =
+            hashing::hash_sources(&plan.sources, opts.cache_path.clone(), progress.clone()).await?;
+        tracing::debug!("hashed {:?} after start", started.elapsed());
+        let manifests = send::manifests(plan, &digests.digests);
+        let prepared = send::prepare_each(&clients, &manifests).await;
+        anyhow::Ok((digests, prepared))
+    };
+    tokio::pin!(hellos, prepared);
+    let (hosts, (digests, prepared)) = tokio::select! {
+        h = &mut hellos => (h?, prepared.await?),
+        p = &mut prepared => {
+            let p = p?;
+            (hellos.await?, p)
+        }
+    };
+    let reached = send::Reached {
+        hosts,
+        prepared: Some(prepared),
+    };
+    Ok((reached, digests, further))
 }
 
 /// 5. What the copy did, for the report.

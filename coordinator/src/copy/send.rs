@@ -248,13 +248,20 @@ pub enum Connections<'a> {
     Later(&'a AgentAccess),
 }
 
-/// Sends the plan to `hosts` (in ip_config order). Errors before anything is sent (a host
-/// refusing a path, too little disk) are returned as `Err`; failures while sending are in the
-/// reports.
+/// The agents a copy goes to, in ip_config order.
+pub struct Reached {
+    pub hosts: Vec<Host>,
+    /// Their answers to PrepareFiles (from [`prepare_each`] with [`manifests`]) when asked
+    /// already; else `send` asks.
+    pub prepared: Option<Vec<Prepared>>,
+}
+
+/// Sends the plan to the hosts reached. Errors before anything is sent (a host refusing a
+/// path, too little disk) are returned as `Err`; failures while sending are in the reports.
 pub async fn send(
     plan: &CopyPlan,
     hashed: &Digests,
-    hosts: Vec<Host>,
+    Reached { hosts, prepared }: Reached,
     further: Connections<'_>,
     opts: SendOptions,
     progress: Arc<Progress>,
@@ -266,7 +273,14 @@ pub async fn send(
     );
     let manifests = manifests(plan, &hashed.digests);
     let t0 = Instant::now();
-    let states = prepare_all(&hosts, &manifests).await?;
+    let prepared = match prepared {
+        Some(p) => p,
+        None => {
+            let clients: Vec<Client> = hosts.iter().map(|h| h.client.clone()).collect();
+            prepare_each(&clients, &manifests).await
+        }
+    };
+    let states = judge(&hosts, &manifests, prepared)?;
     tracing::debug!("prepared every host in {:?}", t0.elapsed());
     let sizes: Vec<u64> = hashed.digests.iter().map(|d| d.size).collect();
     let ids = hosts
@@ -326,7 +340,7 @@ pub async fn send(
 }
 
 /// Per host, per planned file: what is sent in PrepareFiles and PutFile headers.
-fn manifests(plan: &CopyPlan, digests: &[FileDigest]) -> Vec<Vec<pb::FileManifest>> {
+pub fn manifests(plan: &CopyPlan, digests: &[FileDigest]) -> Vec<Vec<pb::FileManifest>> {
     plan.machines
         .iter()
         .map(|m| {
@@ -338,18 +352,29 @@ fn manifests(plan: &CopyPlan, digests: &[FileDigest]) -> Vec<Vec<pb::FileManifes
         .collect()
 }
 
-/// What each host has, and whether it has room: nothing is sent before all agree.
-async fn prepare_all(
-    hosts: &[Host],
+/// One host's answer to PrepareFiles: each file's state, and the free bytes of its root.
+pub type Prepared = Result<(Vec<pb::FileState>, u64), Status>;
+
+/// Asks every host what it has of its files, all at once (`clients` in the hosts' order).
+pub async fn prepare_each(
+    clients: &[Client],
     manifests: &[Vec<pb::FileManifest>],
-) -> anyhow::Result<Vec<Vec<pb::FileState>>> {
-    let prepared = futures::future::join_all(
-        hosts
+) -> Vec<Prepared> {
+    futures::future::join_all(
+        clients
             .iter()
             .zip(manifests)
-            .map(|(h, ms)| prepare(h.client.clone(), ms)),
+            .map(|(c, ms)| prepare(c.clone(), ms)),
     )
-    .await;
+    .await
+}
+
+/// What each host has, and whether it has room: nothing is sent before all agree.
+fn judge(
+    hosts: &[Host],
+    manifests: &[Vec<pb::FileManifest>],
+    prepared: Vec<Prepared>,
+) -> anyhow::Result<Vec<Vec<pb::FileState>>> {
     let mut errors = Vec::new();
     let mut states = Vec::new();
     for ((h, ms), p) in hosts.iter().zip(manifests).zip(prepared) {
@@ -569,26 +594,31 @@ fn try_permits(ctx: &Arc<Ctx>, job: &Job) -> Option<Permits> {
     })
 }
 
-/// Every host must now report every file present (not after Ctrl-C: the user wants out, and
-/// the report says what is incomplete).
+/// Every host must still have the files it had before sending (not after Ctrl-C: the user
+/// wants out, and the report says what is incomplete). A host with none is not asked.
 async fn verify(ctx: &Ctx, reports: &mut [HostReport]) {
     let stopped = ctx.interrupted();
-    let verified = futures::future::join_all(ctx.hosts.iter().zip(&ctx.manifests).map(
-        |(h, ms)| async move {
+    let asks: Vec<Vec<usize>> = reports.iter().map(|r| tally::to_verify(&r.files)).collect();
+    let verified = futures::future::join_all(ctx.hosts.iter().zip(&ctx.manifests).zip(&asks).map(
+        |((h, ms), ask)| async move {
             if h.dead().is_some() || stopped {
                 return None;
             }
-            Some(prepare(h.client(), ms).await)
+            if ask.is_empty() {
+                return Some(Ok(Vec::new()));
+            }
+            let asked: Vec<_> = ask.iter().filter_map(|&i| ms.get(i).cloned()).collect();
+            Some(prepare(h.client(), &asked).await.map(|(st, _)| st))
         },
     ))
     .await;
-    for ((h, r), v) in ctx.hosts.iter().zip(reports).zip(verified) {
+    for (((h, r), v), ask) in ctx.hosts.iter().zip(reports).zip(verified).zip(&asks) {
         match v {
             None => r.errors.extend(h.dead()),
             Some(Err(s)) => r
                 .errors
                 .push(format!("cannot verify the files: {}", status_text(&s))),
-            Some(Ok((st, _))) => tally::check_present(&mut r.files, &st),
+            Some(Ok(st)) => tally::check_present(&mut r.files, ask, &st),
         }
     }
 }

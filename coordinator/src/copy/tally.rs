@@ -154,9 +154,20 @@ pub(super) fn record(reports: &mut [HostReport], d: Delivered) {
     }
 }
 
-/// Takes in the final PrepareFiles: a file that is not failed already must now be present.
-pub(super) fn check_present(files: &mut [FileReport], states: &[pb::FileState]) {
-    for (f, s) in files.iter_mut().zip(states) {
+/// The files the final PrepareFiles asks about: those found present before sending, which must
+/// still be. A file sent in this run needs no second look: the agent answered its PutFile only
+/// once it had checked the digest, fsynced and renamed it. So a fresh copy ends without one
+/// more round trip to every host.
+pub(super) fn to_verify(files: &[FileReport]) -> Vec<usize> {
+    (0..files.len())
+        .filter(|&i| files[i].status == FileOutcome::Skipped)
+        .collect()
+}
+
+/// Takes in the final PrepareFiles about `asked` (from [`to_verify`]): each must be present.
+pub(super) fn check_present(files: &mut [FileReport], asked: &[usize], states: &[pb::FileState]) {
+    for (&i, s) in asked.iter().zip(states) {
+        let Some(f) = files.get_mut(i) else { continue };
         if f.status != FileOutcome::Failed && s.status != FileStatus::Present as i32 {
             f.status = FileOutcome::Failed;
             f.error = Some(format!(
@@ -430,17 +441,13 @@ mod tests {
                 FileOutcome::Sent,
                 None,
             ),
+            // Not asked: its PutFile's answer said it was written and verified.
+            (FileOutcome::Sent, FileStatus::Send, FileOutcome::Sent, None),
             (
                 FileOutcome::Skipped,
                 FileStatus::Present,
                 FileOutcome::Skipped,
                 None,
-            ),
-            (
-                FileOutcome::Sent,
-                FileStatus::Send,
-                FileOutcome::Failed,
-                Some("not present"),
             ),
             (
                 FileOutcome::Skipped,
@@ -459,7 +466,9 @@ mod tests {
         for (before, on_host, after, error) in table {
             let err = (before == FileOutcome::Failed).then_some("refused");
             let mut files = vec![file(before, 0, err)];
-            check_present(&mut files, &[state("ws/f", on_host, 0)]);
+            let asked = to_verify(&files);
+            let states = vec![state("ws/f", on_host, 0); asked.len()];
+            check_present(&mut files, &asked, &states);
             assert_eq!(files[0].status, after, "{before:?} / {on_host:?}");
             match error {
                 None => assert_eq!(files[0].error, None),
