@@ -876,6 +876,19 @@ async fn output_is_kept_in_files_with_a_record_rotated_at_its_cap() {
     ];
     jobs.spawn_pb(spawn_req("jl", procs)).await.unwrap();
     collect_until_exited(&jobs, "jl", 2).await;
+    // The exits reach the record through the writer's queue, which the Watch events do not
+    // wait for: the record is final once it has an end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while jobs
+        .job_records(None)
+        .jobs
+        .first()
+        .is_none_or(|r| r.ended_unix_ms == 0)
+        && std::time::Instant::now() < deadline
+    {
+        jobs.host_logs.flush(Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     jobs.host_logs.flush(Duration::from_secs(5));
 
     let dir = d.path().join(".dglrun/jobs/jl");
