@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -94,9 +94,6 @@ struct HostCtx {
     /// Set once the agent is given up on: its remaining files fail at once.
     dead: Mutex<Option<String>>,
     last_done: Mutex<Option<Instant>>,
-    /// Streams still handing chunks to a connection (a stream whose body has ended only waits
-    /// for the agent's reply).
-    sending: AtomicUsize,
     /// Bytes not yet handed to a connection.
     left: AtomicU64,
 }
@@ -215,8 +212,8 @@ struct Ctx {
     interrupt: Option<watch::Receiver<bool>>,
     /// Chunk bytes held at once, over all sources and hosts.
     budget: Budget,
-    /// Jobs whose bodies are still being handed over, and how many may be ([`max_reading`]).
-    reading: AtomicUsize,
+    /// What the dispatcher orders by, and how many jobs may read at once ([`max_reading`]).
+    turns: Mutex<Turns>,
     max_reading: usize,
     /// Wakes the dispatcher: a stream's body ended or a transfer ended, so room, a slot or a
     /// host's turn may be free.
@@ -308,6 +305,7 @@ pub async fn send(
         h.left = AtomicU64::new(left);
     }
     let max_reading = max_reading(opts.max_in_flight, dglrun_proto::CHUNK_SIZE);
+    let hosts_len = host_ctxs.len();
     let ctx = Arc::new(Ctx {
         hosts: host_ctxs,
         sources: source_ctxs(plan, hashed),
@@ -316,7 +314,10 @@ pub async fn send(
         budget: Budget::new(opts.max_in_flight, dglrun_proto::CHUNK_SIZE),
         opts,
         interrupt,
-        reading: AtomicUsize::new(0),
+        turns: Mutex::new(Turns {
+            reading: 0,
+            sending: vec![0; hosts_len],
+        }),
         max_reading,
         wake: Notify::new(),
     });
@@ -411,7 +412,6 @@ async fn host_ctxs(hosts: &[Host], further: Further, jobs: usize) -> Vec<HostCtx
             slots: Arc::new(Semaphore::new(jobs.max(1))),
             dead: Mutex::new(None),
             last_done: Mutex::new(None),
-            sending: AtomicUsize::new(0),
             left: AtomicU64::new(0),
         });
     }
@@ -457,21 +457,24 @@ struct Job {
     targets: Vec<Target>,
 }
 
-/// What a started transfer holds: its hosts' slots until it ends, its place among the
-/// readers until every body is handed over.
+/// What a started transfer holds: its hosts' slots until it ends; per target, the end of its
+/// body, which gives back the host's count as sending and, with the job's last body, its place
+/// among the readers (also when dropped unfired, so a transfer that panicked frees them).
 struct Permits {
-    reading: Arc<Reading>,
+    ends: Vec<Arc<BodyEnd>>,
     slots: Vec<OwnedSemaphorePermit>,
 }
 
-/// One job counted in [`Ctx::reading`] while any of its bodies is still being handed over.
-struct Reading(Arc<Ctx>);
-
-impl Drop for Reading {
-    fn drop(&mut self) {
-        self.0.reading.fetch_sub(1, Ordering::Relaxed);
-        self.0.wake.notify_one();
-    }
+/// What the dispatcher orders by. Both counts change under one lock: a job's place among the
+/// readers is never free while its host still counts as sending. (When they were two atomics,
+/// given back in the other order, a busier host with more bytes left could take the place the
+/// dispatcher was woken for, and the host whose file had just ended idled for a whole file.)
+struct Turns {
+    /// Jobs whose bodies are still being handed over.
+    reading: usize,
+    /// Per host: its streams still handing chunks to a connection (a stream whose body has
+    /// ended only waits for the agent's reply).
+    sending: Vec<usize>,
 }
 
 /// Starts transfers as readers, host slots and hosts' turns allow. Sources for several hosts
@@ -506,9 +509,6 @@ async fn transfer_all(ctx: &Arc<Ctx>, by_source: Vec<Vec<Target>>) -> Vec<Delive
         tokio::pin!(woken);
         woken.as_mut().enable();
         while let Some((job, permits)) = next_job(ctx, &mut shared, &mut own) {
-            for t in &job.targets {
-                ctx.hosts[t.host].sending.fetch_add(1, Ordering::Relaxed);
-            }
             let targets = job.targets.clone();
             running.push((
                 targets,
@@ -541,20 +541,21 @@ fn next_job(
     shared: &mut VecDeque<Job>,
     own: &mut [VecDeque<Job>],
 ) -> Option<(Job, Permits)> {
+    let mut t = ctx.turns.lock();
     if let Some(job) = shared.front() {
-        let permits = try_permits(ctx, job)?;
+        let permits = try_permits(ctx, &mut t, job)?;
         return shared.pop_front().map(|j| (j, permits));
     }
-    let waiting = (0..own.len()).filter(|&h| !own[h].is_empty()).map(|h| {
-        let c = &ctx.hosts[h];
-        HostTurn {
+    let waiting: Vec<HostTurn> = (0..own.len())
+        .filter(|&h| !own[h].is_empty())
+        .map(|h| HostTurn {
             host: h,
-            sending: c.sending.load(Ordering::Relaxed),
-            left: c.left.load(Ordering::Relaxed),
-        }
-    });
-    for h in turns(waiting) {
-        if let Some(permits) = own[h].front().and_then(|j| try_permits(ctx, j)) {
+            sending: t.sending.get(h).copied().unwrap_or(0),
+            left: ctx.hosts[h].left.load(Ordering::Relaxed),
+        })
+        .collect();
+    for h in turns(waiting.into_iter()) {
+        if let Some(permits) = own[h].front().and_then(|j| try_permits(ctx, &mut t, j)) {
             return own[h].pop_front().map(|j| (j, permits));
         }
     }
@@ -581,9 +582,10 @@ fn turns(hosts: impl Iterator<Item = HostTurn>) -> Vec<usize> {
     hosts.into_iter().map(|t| t.host).collect()
 }
 
-/// A place among the readers and a slot on each of the job's hosts, if all are free now.
-fn try_permits(ctx: &Arc<Ctx>, job: &Job) -> Option<Permits> {
-    if ctx.reading.load(Ordering::Relaxed) >= ctx.max_reading {
+/// A place among the readers and a slot on each of the job's hosts, if all are free now;
+/// taken in `t` (the dispatcher's lock, held by the caller).
+fn try_permits(ctx: &Arc<Ctx>, t: &mut Turns, job: &Job) -> Option<Permits> {
+    if t.reading >= ctx.max_reading {
         return None;
     }
     let slots = job
@@ -591,11 +593,24 @@ fn try_permits(ctx: &Arc<Ctx>, job: &Job) -> Option<Permits> {
         .iter()
         .map(|t| ctx.hosts[t.host].slots.clone().try_acquire_owned().ok())
         .collect::<Option<Vec<_>>>()?;
-    ctx.reading.fetch_add(1, Ordering::Relaxed);
-    Some(Permits {
-        reading: Arc::new(Reading(ctx.clone())),
-        slots,
-    })
+    t.reading += 1;
+    let bodies = Arc::new(AtomicUsize::new(job.targets.len()));
+    let ends = job
+        .targets
+        .iter()
+        .map(|target| {
+            if let Some(n) = t.sending.get_mut(target.host) {
+                *n += 1;
+            }
+            Arc::new(BodyEnd {
+                ctx: ctx.clone(),
+                host: target.host,
+                bodies: bodies.clone(),
+                ended: AtomicBool::new(false),
+            })
+        })
+        .collect();
+    Some(Permits { ends, slots })
 }
 
 /// Every host must still have the files it had before sending (not after Ctrl-C: the user
@@ -713,9 +728,10 @@ async fn transfer(
     mut targets: Vec<Target>,
     permits: Permits,
 ) -> Vec<Delivered> {
-    let Permits { reading, slots } = permits;
+    let Permits { mut ends, slots } = permits;
     // The feeds come in the targets' order.
     targets.sort_by_key(|t| t.host);
+    ends.sort_by_key(|e| e.host);
     let src = &ctx.sources[source];
     let offsets: Vec<u64> = targets.iter().map(|t| t.offset).collect();
     let feeds = src.feeds(&offsets, ctx.opts.compression, &ctx.budget);
@@ -723,16 +739,8 @@ async fn transfer(
         .into_iter()
         .zip(feeds)
         .zip(slots)
-        .map(|((t, feed), slot)| {
-            let end = Arc::new(BodyEnd {
-                ctx: ctx.clone(),
-                host: t.host,
-                reading: Mutex::new(Some(reading.clone())),
-            });
-            deliver(ctx.clone(), source, t, feed, slot, end)
-        })
-        .collect::<Vec<_>>();
-    drop(reading);
+        .zip(ends)
+        .map(|(((t, feed), slot), end)| deliver(ctx.clone(), source, t, feed, slot, end));
     let out = futures::future::join_all(deliveries).await;
     ctx.wake.notify_one();
     out
@@ -746,23 +754,26 @@ async fn transfer(
 struct BodyEnd {
     ctx: Arc<Ctx>,
     host: usize,
-    /// Its job's place among the readers, given up here.
-    reading: Mutex<Option<Arc<Reading>>>,
+    /// Bodies of its job not ended yet: the last one gives up the job's place.
+    bodies: Arc<AtomicUsize>,
+    ended: AtomicBool,
 }
 
 impl BodyEnd {
     fn fire(&self) {
-        let reading = self.reading.lock().take();
-        if reading.is_some() {
-            self.ctx.hosts[self.host]
-                .sending
-                .fetch_sub(1, Ordering::Relaxed);
-            // Only then is the job's place free: the dispatcher it wakes must see this host
-            // as not sending, or a busier host with more bytes left takes the place and this
-            // one idles for a whole file.
-            drop(reading);
-            self.ctx.wake.notify_one();
+        if self.ended.swap(true, Ordering::Relaxed) {
+            return;
         }
+        {
+            let mut t = self.ctx.turns.lock();
+            if let Some(n) = t.sending.get_mut(self.host) {
+                *n = n.saturating_sub(1);
+            }
+            if self.bodies.fetch_sub(1, Ordering::Relaxed) == 1 {
+                t.reading = t.reading.saturating_sub(1);
+            }
+        }
+        self.ctx.wake.notify_one();
     }
 }
 
@@ -1028,6 +1039,78 @@ mod tests {
     fn among_hosts_equally_busy_the_one_with_most_left_goes_first() {
         let order = turns([turn(0, 0, 300), turn(1, 0, 700), turn(3, 0, 700)].into_iter());
         assert_eq!(order, [1, 3, 0]);
+    }
+
+    /// A dispatcher's context for `hosts` hosts with no connections (nothing is sent).
+    fn dispatch_ctx(hosts: usize, max_reading: usize) -> Arc<Ctx> {
+        let host = |i: usize| HostCtx {
+            name: format!("m{i}"),
+            root: String::new(),
+            clients: Vec::new(),
+            carrying: Vec::new(),
+            next_client: AtomicUsize::new(0),
+            slots: Arc::new(Semaphore::new(4)),
+            dead: Mutex::new(None),
+            last_done: Mutex::new(None),
+            left: AtomicU64::new(0),
+        };
+        Arc::new(Ctx {
+            hosts: (0..hosts).map(host).collect(),
+            sources: Vec::new(),
+            manifests: Vec::new(),
+            progress: Progress::new(super::super::ProgressMode::Quiet),
+            opts: SendOptions::default(),
+            interrupt: None,
+            budget: Budget::new(0, 1024),
+            turns: Mutex::new(Turns {
+                reading: 0,
+                sending: vec![0; hosts],
+            }),
+            max_reading,
+            wake: Notify::new(),
+        })
+    }
+
+    fn one_file(host: usize) -> Job {
+        Job {
+            source: 0,
+            targets: vec![Target {
+                host,
+                file: 0,
+                offset: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn the_place_a_body_frees_goes_to_its_host_and_an_unfired_end_frees_it_too() {
+        let ctx = dispatch_ctx(2, 2);
+        ctx.hosts[0].left.store(100, Ordering::Relaxed);
+        ctx.hosts[1].left.store(900, Ordering::Relaxed);
+        let mut shared = VecDeque::new();
+        let mut own = vec![
+            VecDeque::from([one_file(0), one_file(0)]),
+            VecDeque::from([one_file(1), one_file(1)]),
+        ];
+        let mut next =
+            || next_job(&ctx, &mut shared, &mut own).map(|(j, p)| (j.targets[0].host, p));
+        let (first, p_first) = next().unwrap();
+        let (second, p_second) = next().unwrap();
+        assert_eq!(
+            (first, second),
+            (1, 0),
+            "most left first, then the idle host"
+        );
+        assert!(next().is_none(), "both places are taken");
+        // Host 0's body is handed over: the place goes back to host 0, though host 1 has more
+        // bytes left and a file waiting too.
+        p_second.ends[0].fire();
+        let (third, _p_third) = next().unwrap();
+        assert_eq!(third, 0);
+        // A transfer that ended without firing (it panicked) frees its place when dropped.
+        assert!(next().is_none());
+        drop(p_first);
+        assert_eq!(next().map(|(h, _)| h), Some(1));
     }
 
     #[tokio::test]
