@@ -372,9 +372,27 @@ check_errors_and_leftovers() {
     done
 }
 
+# Rank R in LOG, its lines starting with LABEL ("[m0 trainer1] " under dgl-coord, "" under
+# launch.py): it started with DGL's view of machine M (its ip_config address, so partition M)
+# in a world of WORLD, printed a loss and finished.
+check_rank() {
+    local log=$1 r=$2 world=$3 m=$4 label=$5 line where=""
+    if [[ -n $label ]]; then where=" labelled ${label% }"; fi
+    line=$(grep -F "${label}E2E_START rank=$r " "$log" | head -n 1 || true)
+    if [[ -z $line ]]; then
+        problem "rank $r printed no E2E_START line$where"
+        return
+    fi
+    if [[ $line != *" world=$world "* || $line != *" machine_ip=$(host_ip "$m") "* || $line != *" partition=$m "* ]]; then
+        problem "rank $r: expected world=$world machine_ip=$(host_ip "$m") partition=$m, got: $line"
+    fi
+    grep -qF "${label}E2E_LOSS rank=$r " "$log" || problem "rank $r printed no loss line$where"
+    grep -qF "${label}E2E_DONE rank=$r " "$log" || problem "rank $r did not finish (no E2E_DONE line$where)"
+}
+
 check_run() { # name mode trainers log status
     local name=$1 mode=$2 trainers=$3 log=$4 status=$5
-    local world=$((HOSTS * trainers)) r m t label line left
+    local world=$((HOSTS * trainers)) r m t label
     if ((status == 124)); then
         problem "dgl-coord launch did not finish within ${TIMEOUT}s (E2E_TIMEOUT); stopped it with SIGINT"
     elif ((status != 0)); then
@@ -385,19 +403,7 @@ check_run() { # name mode trainers log status
         m=$((r / trainers))
         t=$((r % trainers))
         if [[ $mode == torchrun ]]; then label="m$m trainers"; else label="m$m trainer$t"; fi
-        line=$(grep -F "[$label] E2E_START rank=$r " "$log" | head -n 1 || true)
-        if [[ -z $line ]]; then
-            problem "rank $r printed no E2E_START line labelled [$label]"
-            continue
-        fi
-        # DGL took the right machine (by its address in ip_config) and so the right partition.
-        if [[ $line != *" world=$world "* || $line != *" machine_ip=$(host_ip "$m") "* || $line != *" partition=$m "* ]]; then
-            problem "rank $r: expected world=$world machine_ip=$(host_ip "$m") partition=$m, got: $line"
-        fi
-        grep -qF "[$label] E2E_LOSS rank=$r " "$log" ||
-            problem "rank $r printed no loss line labelled [$label]"
-        grep -qF "[$label] E2E_DONE rank=$r " "$log" ||
-            problem "rank $r did not finish (no E2E_DONE line labelled [$label])"
+        check_rank "$log" "$r" "$world" "$m" "[$label] "
     done
     # Nothing of the job may be left on any host: servers, trainers, torchrun's agent process
     # and the sampler processes the trainers forked.
@@ -475,16 +481,7 @@ if [[ ${E2E_LAUNCHPY:-1} == 1 ]]; then
     fi
     # One trainer a host: rank m runs on machine m (launch.py's node rank), unlabelled.
     for ((r = 0; r < HOSTS; r++)); do
-        line=$(grep -F "E2E_START rank=$r " "$log" | head -n 1 || true)
-        if [[ -z $line ]]; then
-            problem "rank $r printed no E2E_START line"
-            continue
-        fi
-        if [[ $line != *" world=$HOSTS "* || $line != *" machine_ip=$(host_ip "$r") "* || $line != *" partition=$r "* ]]; then
-            problem "rank $r: expected world=$HOSTS machine_ip=$(host_ip "$r") partition=$r, got: $line"
-        fi
-        grep -qF "E2E_LOSS rank=$r " "$log" || problem "rank $r printed no loss line"
-        grep -qF "E2E_DONE rank=$r " "$log" || problem "rank $r did not finish (no E2E_DONE line)"
+        check_rank "$log" "$r" "$HOSTS" "$r" ""
     done
     check_errors_and_leftovers "$log" "launch.py"
     losses=$(grep -o 'E2E_LOSS rank=' "$log" | wc -l || true)

@@ -43,12 +43,14 @@ pub struct SendOptions {
     pub backoff_cap: Duration,
     /// HTTP/2 connections per host (streams are spread over them).
     pub connections: usize,
-    /// PutFile streams open at once over all hosts (`max_in_flight` may allow fewer).
+    /// Hosts a file for several hosts (configs, scripts) is sent to at once: one reader, one
+    /// PutFile stream each; more hosts get it in further groups.
     pub max_streams: usize,
     /// How chunks travel.
     pub compression: Compression,
-    /// Chunk bytes the coordinator holds at once over all hosts (read ahead, and encoded for a
-    /// stream but not yet written to its connection); see `budget`.
+    /// Chunk bytes the coordinator holds at once over all hosts: read, and not yet written to
+    /// every connection they go to; see `budget`. Also sets how many jobs read at once
+    /// ([`max_reading`]).
     pub max_in_flight: usize,
 }
 
@@ -479,12 +481,13 @@ struct Turns {
 
 /// Starts transfers as readers, host slots and hosts' turns allow. Sources for several hosts
 /// (configs, scripts: small) go first, in plan order, each to up to `max_streams` hosts at
-/// once. Then single-host sources (partitions): whenever a reader's place frees, the next file goes to the host with the fewest streams still sending, and of those to the
-/// one with the most bytes left. With a first-come queue the room a host's stream freed went
-/// to whichever file queued first, often another host's: one host got two streams while
-/// another idled for a second or more (`bench links`). A host's next file starts once its
-/// previous one's body has been handed over, not after the agent's reply: on a link 50 ms
-/// away that reply is a round trip in which the host got nothing.
+/// once. Then single-host sources (partitions): whenever a reader's place frees, the next
+/// file goes to the host with the fewest streams still sending, and of those to the one with
+/// the most bytes left. With a first-come queue the place a host's stream freed went to
+/// whichever file queued first, often another host's: one host got two streams while another
+/// idled for a second or more (`bench links`). A host's next file starts once its previous
+/// one's body has been handed over, not after the agent's reply: on a link 50 ms away that
+/// reply is a round trip in which the host got nothing.
 async fn transfer_all(ctx: &Arc<Ctx>, by_source: Vec<Vec<Target>>) -> Vec<Delivered> {
     let mut shared: VecDeque<Job> = VecDeque::new();
     let mut own: Vec<VecDeque<Job>> = (0..ctx.hosts.len()).map(|_| VecDeque::new()).collect();
