@@ -354,12 +354,9 @@ leftovers() {
     echo "${out[*]}"
 }
 
-# An E2E_ERROR line in LOG, or a process left on a host 10 s after WHAT ended: a problem.
-check_errors_and_leftovers() {
-    local log=$1 what=$2 m tries left
-    if grep -q 'E2E_ERROR' "$log"; then
-        problem "$(grep -m1 -o 'E2E_ERROR.*' "$log")"
-    fi
+# A process left on a host 10 s after WHAT ended: a problem.
+check_leftovers() {
+    local what=$1 m tries left
     for ((m = 0; m < HOSTS; m++)); do
         for ((tries = 0; tries < 50; tries++)); do
             left=$(leftovers "$m")
@@ -370,6 +367,15 @@ check_errors_and_leftovers() {
             problem "processes left on m$m 10 s after $what: $(ps -o pid=,args= -p "${left// /,}" | cut -c1-150 | tr '\n' ';')"
         fi
     done
+}
+
+# An E2E_ERROR line in LOG, or a process left on a host 10 s after WHAT ended: a problem.
+check_errors_and_leftovers() {
+    local log=$1 what=$2
+    if grep -q 'E2E_ERROR' "$log"; then
+        problem "$(grep -m1 -o 'E2E_ERROR.*' "$log")"
+    fi
+    check_leftovers "$what"
 }
 
 # Rank R in LOG, its lines starting with LABEL ("[m0 trainer1] " under dgl-coord, "" under
@@ -510,14 +516,7 @@ if [[ ${E2E_CONTROL:-1} == 1 ]]; then
     if ((status == 0)); then
         problem "the job passed without dglrun's interface variables: the hosts do not show the problem"
     fi
-    for ((m = 0; m < HOSTS; m++)); do
-        for ((tries = 0; tries < 50; tries++)); do
-            left=$(leftovers "$m")
-            [[ -z $left ]] && break
-            sleep 0.2
-        done
-        [[ -z $left ]] || problem "processes left on m$m after the control run"
-    done
+    check_leftovers "the control run"
     verdict "$name" "failed or hung as expected (exit $status, log $log), nothing left running"
 fi
 
