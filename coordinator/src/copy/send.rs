@@ -796,29 +796,25 @@ async fn deliver(
     _slot: OwnedSemaphorePermit,
     end: Arc<BodyEnd>,
 ) -> Delivered {
-    let h = &ctx.hosts[t.host];
-    let src = &ctx.sources[source];
-    let m = &ctx.manifests[t.host][t.file];
+    let f = OneFile {
+        ctx: &ctx,
+        src: &ctx.sources[source],
+        h: &ctx.hosts[t.host],
+        m: &ctx.manifests[t.host][t.file],
+        wire: Arc::new(AtomicU64::new(0)),
+        end,
+    };
+    let (h, m) = (f.h, f.m);
     let mut offset = t.offset;
     let mut feed = Some(first);
     let mut attempt = 0u32;
-    let wire = Arc::new(AtomicU64::new(0));
     let result = loop {
         if let Some(reason) = h.dead() {
             break Err(Stop::Failed(format!("not sent: {reason}")));
         }
         // Ctrl-C drops the stream mid-file: the agent keeps what it verified as the partial.
         let Some(outcome) = ctx
-            .unless_interrupted(try_once(
-                &ctx,
-                src,
-                h,
-                m,
-                &mut offset,
-                feed.take(),
-                &wire,
-                &end,
-            ))
+            .unless_interrupted(try_once(&f, &mut offset, feed.take()))
             .await
         else {
             break Err(Stop::Interrupted);
@@ -831,7 +827,7 @@ async fn deliver(
             Err(Put::Local(e)) => break Err(Stop::Failed(e)),
             Err(Put::Remote(s)) => s,
         };
-        let wait = match after_failure(&ctx, src, h, m, &status, attempt) {
+        let wait = match after_failure(&f, &status, attempt) {
             Ok(wait) => wait,
             Err(e) => break Err(Stop::Failed(e)),
         };
@@ -854,20 +850,25 @@ async fn deliver(
         interrupted: matches!(result, Err(Stop::Interrupted)),
         result: result.map_err(|e| e.to_string()),
         resumed_from: offset,
-        wire_bytes: wire.load(Ordering::Relaxed),
+        wire_bytes: f.wire.load(Ordering::Relaxed),
     }
+}
+
+/// One file going to one host: what every attempt at it uses.
+struct OneFile<'a> {
+    ctx: &'a Ctx,
+    src: &'a SourceCtx,
+    h: &'a HostCtx,
+    m: &'a pb::FileManifest,
+    /// Chunk bytes handed to a connection, over all attempts.
+    wire: Arc<AtomicU64>,
+    end: Arc<BodyEnd>,
 }
 
 /// After attempt `attempt` failed with `status`: the wait before the next one (announced),
 /// or why there is none.
-fn after_failure(
-    ctx: &Ctx,
-    src: &SourceCtx,
-    h: &HostCtx,
-    m: &pb::FileManifest,
-    status: &Status,
-    attempt: u32,
-) -> Result<Duration, String> {
+fn after_failure(f: &OneFile<'_>, status: &Status, attempt: u32) -> Result<Duration, String> {
+    let OneFile { ctx, src, h, m, .. } = *f;
     // A chunk that fails its hash because the file changed would fail every time.
     if status.code() == Code::DataLoss {
         if let Some(e) = src.changed() {
@@ -908,20 +909,11 @@ enum Stop {
 
 /// One attempt: the shared reader's feed on the first, else the file re-prepared (moving
 /// `offset` to where the agent resumes) and read again from there.
-#[allow(clippy::too_many_arguments)]
-async fn try_once(
-    ctx: &Ctx,
-    src: &SourceCtx,
-    h: &HostCtx,
-    m: &pb::FileManifest,
-    offset: &mut u64,
-    feed: Option<Feed>,
-    wire: &Arc<AtomicU64>,
-    end: &Arc<BodyEnd>,
-) -> Result<u64, Put> {
-    if let Some(f) = feed {
-        return put(h, m, *offset, f, ctx, wire, end).await;
+async fn try_once(f: &OneFile<'_>, offset: &mut u64, feed: Option<Feed>) -> Result<u64, Put> {
+    if let Some(feed) = feed {
+        return put(f, *offset, feed).await;
     }
+    let OneFile { ctx, src, h, m, .. } = *f;
     let (st, _) = prepare(h.client(), std::slice::from_ref(m))
         .await
         .map_err(Put::Remote)?;
@@ -935,7 +927,7 @@ async fn try_once(
         .feeds(&[*offset], ctx.opts.compression, &ctx.budget)
         .pop()
     {
-        Some(f) => put(h, m, *offset, f, ctx, wire, end).await,
+        Some(feed) => put(f, *offset, feed).await,
         None => Err(Put::Local("internal error: no reader".into())),
     }
 }
@@ -958,17 +950,10 @@ enum Put {
 }
 
 /// One PutFile stream: header, then the feed's chunks. Returns the bytes the agent wrote;
-/// adds the chunk bytes handed to the connection to `wire`; fires `end` once the body is all
-/// handed over.
-async fn put(
-    h: &HostCtx,
-    m: &pb::FileManifest,
-    offset: u64,
-    feed: Feed,
-    ctx: &Ctx,
-    wire: &Arc<AtomicU64>,
-    end: &Arc<BodyEnd>,
-) -> Result<u64, Put> {
+/// adds the chunk bytes handed to the connection to `f.wire`; fires `f.end` once the body is
+/// all handed over.
+async fn put(f: &OneFile<'_>, offset: u64, feed: Feed) -> Result<u64, Put> {
+    let OneFile { ctx, h, m, .. } = *f;
     let header = put_wire::message_frame(&pb::PutFileMessage {
         msg: Some(Msg::Header(pb::PutFileHeader {
             manifest: Some(m.clone()),
@@ -976,8 +961,8 @@ async fn put(
         })),
     });
     let progress = ctx.progress.clone();
-    let wire = wire.clone();
-    let end = end.clone();
+    let wire = f.wire.clone();
+    let end = f.end.clone();
     let host = end.host;
     let ctx_left = end.ctx.clone();
     let chunks = ReceiverStream::new(feed.rx).flat_map(move |c: ChunkMsg| {
